@@ -1,0 +1,173 @@
+"""Kafka clients built from :class:`~stream_learner.config.Settings`, topic setup, dead letters.
+
+Every role gets its producers and consumers here, so security settings
+(SSL, SASL PLAIN/SCRAM) apply everywhere without code changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.errors import TopicAlreadyExistsError
+
+from .config import Settings
+from .errors import EventError
+
+log = structlog.get_logger(__name__)
+
+#: Dead-letter headers: where the record came from and why it was refused.
+H_SOURCE_TOPIC = "sl-source-topic"
+H_SOURCE_PARTITION = "sl-source-partition"
+H_SOURCE_OFFSET = "sl-source-offset"
+H_ERROR_KIND = "sl-error-kind"
+H_ERROR_FIELD = "sl-error-field"
+H_ERROR_MESSAGE = "sl-error-message"
+H_STAGE = "sl-stage"
+
+
+def kafka_options(settings: Settings) -> dict[str, Any]:
+    """Connection and security options shared by every kafka-python client.
+
+    >>> opts = kafka_options(Settings(security_protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512",
+    ...                               sasl_username="u", sasl_password="p"))
+    >>> opts["security_protocol"], opts["sasl_mechanism"], opts["sasl_plain_username"]
+    ('SASL_SSL', 'SCRAM-SHA-512', 'u')
+    """
+    opts: dict[str, Any] = {
+        "bootstrap_servers": settings.bootstrap_servers.split(","),
+        "client_id": settings.client_id,
+        "security_protocol": settings.security_protocol,
+    }
+    if settings.sasl_mechanism:
+        opts.update(
+            sasl_mechanism=settings.sasl_mechanism,
+            sasl_plain_username=settings.sasl_username,
+            sasl_plain_password=settings.sasl_password,
+        )
+    if settings.security_protocol in ("SSL", "SASL_SSL"):
+        opts["ssl_check_hostname"] = settings.ssl_check_hostname
+        for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_password"):
+            if getattr(settings, key):
+                opts[key] = getattr(settings, key)
+    return opts
+
+
+def make_producer(settings: Settings, **overrides: Any) -> KafkaProducer:
+    """An idempotent, acks=all producer: retries never duplicate or reorder a partition."""
+    opts = {
+        "acks": "all",
+        "enable_idempotence": True,
+        "linger_ms": 5,
+        "batch_size": 256 * 1024,
+        "max_request_size": max(settings.max_event_bytes * 2, 1 << 20),
+        **kafka_options(settings),
+        **overrides,
+    }
+    return KafkaProducer(**opts)
+
+
+def make_consumer(settings: Settings, group_id: str | None, **overrides: Any) -> KafkaConsumer:
+    """A consumer that never auto-commits: each role commits after its output is durable."""
+    opts = {
+        "group_id": group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "max_poll_records": 5000,
+        "fetch_max_bytes": 64 * 1024 * 1024,
+        "max_partition_fetch_bytes": 8 * 1024 * 1024,
+        **kafka_options(settings),
+        **overrides,
+    }
+    return KafkaConsumer(**opts)
+
+
+def ensure_topics(settings: Settings, *, timeout_s: float = 30.0) -> list[str]:
+    """Create every topic of DESIGN.md that does not exist yet; return those created.
+
+    Input topics get ``partitions_input`` partitions; the examples topic
+    ``partitions_examples``; model, drift and dead-letter topics one each
+    (the model topic is read in version order).
+    """
+    partitions = {
+        "predictions": settings.partitions_input,
+        "labels": settings.partitions_input,
+        "examples": settings.partitions_examples,
+    }
+    admin = KafkaAdminClient(request_timeout_ms=int(timeout_s * 1000), **kafka_options(settings))
+    try:
+        existing = set(admin.list_topics())
+        wanted = [
+            NewTopic(name, partitions.get(role, 1), settings.replication_factor)
+            for role, name in settings.topics.items()
+            if name not in existing
+        ]
+        if wanted:
+            try:
+                admin.create_topics(wanted, timeout_ms=int(timeout_s * 1000))
+            except TopicAlreadyExistsError:
+                pass  # another process won the race; the topic is there either way
+        return [t.name for t in wanted]
+    finally:
+        admin.close()
+
+
+def dead_letter_headers(
+    error: EventError | Exception, *, topic: str, partition: int, offset: int, stage: str
+) -> list[tuple[str, bytes]]:
+    """The headers that say where a dead letter came from and why it was refused.
+
+    >>> from stream_learner.errors import EventError
+    >>> dict(dead_letter_headers(EventError("wrong_type", "$.features.x", "expected number"),
+    ...                          topic="sl.predictions", partition=2, offset=41, stage="joiner"))[H_ERROR_FIELD]
+    b'$.features.x'
+    """
+    kind = getattr(error, "kind", type(error).__name__)
+    field = getattr(error, "field", "$")
+    message = getattr(error, "reason", str(error))
+    return [
+        (H_SOURCE_TOPIC, topic.encode()),
+        (H_SOURCE_PARTITION, str(partition).encode()),
+        (H_SOURCE_OFFSET, str(offset).encode()),
+        (H_ERROR_KIND, kind.encode()),
+        (H_ERROR_FIELD, field.encode()),
+        (H_ERROR_MESSAGE, message.encode()[:4096]),
+        (H_STAGE, stage.encode()),
+    ]
+
+
+class DeadLetters:
+    """Sends refused records, byte for byte, to the dead-letter topic.
+
+    The original key and value are kept so nothing is lost; the reason is in
+    the headers. The returned future resolves when the broker has the record,
+    so a caller commits its input offset only after that.
+    """
+
+    def __init__(self, producer: KafkaProducer, topic: str, stage: str) -> None:
+        self.producer = producer
+        self.topic = topic
+        self.stage = stage
+
+    def send(self, record: Any, error: Exception) -> Any:
+        """Dead-letter one consumed ``ConsumerRecord``; return the send future."""
+        log.warning(
+            "dead_letter",
+            stage=self.stage,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            error=str(error),
+        )
+        # Oversized values stay oversized for the DLQ too; truncating would
+        # lose data, so the producer's max_request_size leaves room for them.
+        return self.producer.send(
+            self.topic,
+            key=record.key,
+            value=record.value,
+            headers=dead_letter_headers(
+                error, topic=record.topic, partition=record.partition, offset=record.offset, stage=self.stage
+            ),
+        )

@@ -1,0 +1,146 @@
+"""The ``stream-learner`` command: one entry point, one sub-command per role.
+
+Every sub-command takes every setting as a flag (``--bootstrap-servers``,
+``--redis-url``, ...) plus ``--config FILE``; see :mod:`stream_learner.config`.
+Logging is configured here, once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import structlog
+
+from .config import FIELDS, Settings, env_name, flag_name, load_settings
+from .errors import StreamLearnerError
+from .logging import configure_logging
+from .metrics import Metrics
+
+log = structlog.get_logger("stream_learner")
+
+DEFAULT_STATE = Path(".stream-learner/local.json")
+
+
+def _settings_parser() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--config", metavar="FILE", help="TOML settings file (flags override it)")
+    group = parent.add_argument_group("settings (each also STREAM_LEARNER_<NAME> or a TOML key)")
+    hints = typing.get_type_hints(Settings)
+    for field in FIELDS:
+        # Flags default to None so only the ones given override env and TOML.
+        if hints[field] is bool:
+            group.add_argument(flag_name(field), dest=field, default=None,
+                               action=argparse.BooleanOptionalAction, help=f"env {env_name(field)}")
+        else:
+            group.add_argument(flag_name(field), dest=field, default=None, metavar="VALUE",
+                               help=f"env {env_name(field)}")
+    return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``stream-learner`` command."""
+    common = _settings_parser()
+    parser = argparse.ArgumentParser(prog="stream-learner", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", parents=[common],
+                          help="start local servers and run the pipeline end to end")
+    demo.add_argument("--events", type=int, default=20_000, help="predictions to send")
+    demo.set_defaults(func=cmd_demo)
+
+    local = sub.add_parser("local", parents=[common], help="local Tansu + Valkey servers for development")
+    local.add_argument("action", choices=["up", "down"])
+    local.add_argument("--state-file", type=Path, default=DEFAULT_STATE)
+    local.set_defaults(func=cmd_local)
+
+    topics = sub.add_parser("topics", parents=[common], help="create the topics that do not exist yet")
+    topics.add_argument("action", choices=["create"])
+    topics.set_defaults(func=cmd_topics)
+
+    config = sub.add_parser("config", parents=[common], help="print the effective settings (secrets masked)")
+    config.set_defaults(func=cmd_config)
+    return parser
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> int:
+    """Start local servers, send events through the SDK, read them back, print a summary."""
+    from .local import LocalServers
+    from .smoke import run_smoke
+
+    with LocalServers(settings) as servers:
+        summary = run_smoke(servers.settings, events=args.events, metrics=metrics)
+    print(json.dumps(summary, indent=2))
+    return 0 if summary["lost"] == 0 and summary["sdk_failed"] == 0 else 1
+
+
+def cmd_local(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> int:
+    """``local up`` starts servers in the background; ``local down`` stops them."""
+    from .local import LocalServers, stop_from_state, write_state
+
+    if args.action == "down":
+        stopped = stop_from_state(args.state_file)
+        print("stopped" if stopped else f"nothing recorded in {args.state_file}")
+        return 0
+    if args.state_file.exists():
+        print(f"already up (see {args.state_file}); run 'stream-learner local down' first", file=sys.stderr)
+        return 1
+    servers = LocalServers(settings).start()
+    write_state(args.state_file, servers)
+    print(f"export {env_name('bootstrap_servers')}={servers.bootstrap_servers}")
+    print(f"export {env_name('redis_url')}={servers.redis_url}")
+    return 0
+
+
+def cmd_topics(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> int:
+    """Create the topics of DESIGN.md that do not exist yet."""
+    from .bus import ensure_topics
+
+    created = ensure_topics(settings)
+    print(json.dumps({"created": created}))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> int:
+    """Print the effective settings with secrets masked."""
+    print(json.dumps(settings.redacted(), indent=2))
+    return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``stream-learner`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(config_file=args.config, flags={f: getattr(args, f) for f in FIELDS})
+    except StreamLearnerError as exc:
+        print(f"stream-learner: configuration error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    metrics = Metrics()
+    if settings.metrics_port is not None:
+        metrics.serve(settings.metrics_port)
+        log.info("metrics_listening", port=settings.metrics_port)
+    # SIGTERM (docker stop) takes the same clean path as Ctrl-C.
+    signal.signal(signal.SIGTERM, _interrupt)
+    func: Callable[[argparse.Namespace, Settings, Metrics], int] = args.func
+    try:
+        return func(args, settings, metrics)
+    except KeyboardInterrupt:
+        log.info("interrupted")
+        return 130
+    except StreamLearnerError as exc:
+        log.error("failed", error=str(exc))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

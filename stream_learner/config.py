@@ -1,0 +1,198 @@
+"""Settings: defaults, then environment, then a TOML file, then CLI flags.
+
+One :class:`Settings` object is built at the entry point and passed down;
+nothing reads the environment or a global later. Precedence, lowest first:
+
+1. the defaults below;
+2. environment variables ``STREAM_LEARNER_<NAME>`` (``STREAM_LEARNER_REDIS_URL``);
+3. the TOML file given with ``--config`` (an explicit file beats ambient
+   environment); keys are the setting names, and a table flattens into its
+   prefix (``[redis] url = ...`` is ``redis_url``; ``[kafka]`` keys need no
+   prefix);
+4. command-line flags (``--redis-url``), which always win.
+
+An unknown ``STREAM_LEARNER_*`` variable or TOML key, or an invalid value,
+fails at start with :class:`~stream_learner.errors.ConfigError` naming the
+setting and where it came from.
+
+>>> s = load_settings(env={"STREAM_LEARNER_METRICS_PORT": "9100"},
+...                   flags={"redis_url": "redis://cache:6379/1"})
+>>> s.metrics_port, s.redis_url, s.bootstrap_servers
+(9100, 'redis://cache:6379/1', '127.0.0.1:9092')
+>>> load_settings(env={"STREAM_LEARNER_METRICS_PORT": "http"})
+Traceback (most recent call last):
+...
+stream_learner.errors.ConfigError: invalid setting metrics_port (from environment variable STREAM_LEARNER_METRICS_PORT='http'): Expected `int`, got `str`
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+from .errors import ConfigError
+
+ENV_PREFIX = "STREAM_LEARNER_"
+
+Port = Annotated[int, Meta(ge=0, le=65535)]
+Positive = Annotated[int, Meta(ge=1)]
+TopicName = Annotated[str, Meta(min_length=1, max_length=249, pattern=r"^[A-Za-z0-9._-]+$")]
+
+
+class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Every setting of every role; see the README's configuration table."""
+
+    # Kafka connection; security settings are passed to kafka-python as they are.
+    bootstrap_servers: Annotated[str, Meta(min_length=1)] = "127.0.0.1:9092"
+    client_id: str = "stream-learner"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_password: str | None = None
+    ssl_check_hostname: bool = True
+
+    # Redis: rediss:// in the URL turns TLS on; AUTH from the URL or these.
+    redis_url: Annotated[str, Meta(pattern=r"^(redis|rediss|unix)://")] = "redis://127.0.0.1:6379/0"
+    redis_username: str | None = None
+    redis_password: str | None = None
+    redis_ssl_ca_certs: str | None = None
+    redis_ssl_certfile: str | None = None
+    redis_ssl_keyfile: str | None = None
+
+    # Topics (DESIGN.md, "Topics, keys, schemas").
+    topic_predictions: TopicName = "sl.predictions"
+    topic_labels: TopicName = "sl.labels"
+    topic_examples: TopicName = "sl.examples"
+    topic_models: TopicName = "sl.models"
+    topic_drift: TopicName = "sl.drift"
+    topic_dlq: TopicName = "sl.dlq"
+    # Partitions used when stream-learner creates the topics itself.
+    partitions_input: Positive = 3
+    partitions_examples: Positive = 1
+    replication_factor: Positive = 1
+
+    # Events larger than this are refused before decoding (dead-lettered).
+    max_event_bytes: Positive = 1 << 20
+
+    # Observability.
+    metrics_port: Port | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.security_protocol.startswith("SASL_"):
+            if self.sasl_mechanism is None:
+                raise ValueError("sasl_mechanism is required when security_protocol is SASL_*")
+            if not (self.sasl_username and self.sasl_password):
+                raise ValueError("sasl_username and sasl_password are required for SASL")
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise ValueError("ssl_certfile and ssl_keyfile must be set together")
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as a dict with secrets masked, for logging."""
+        return {
+            k: ("***" if k.endswith("password") and v else v)
+            for k, v in msgspec.structs.asdict(self).items()
+        }
+
+    @property
+    def topics(self) -> dict[str, str]:
+        """Role name -> topic name, for every topic of DESIGN.md."""
+        return {
+            "predictions": self.topic_predictions,
+            "labels": self.topic_labels,
+            "examples": self.topic_examples,
+            "models": self.topic_models,
+            "drift": self.topic_drift,
+            "dlq": self.topic_dlq,
+        }
+
+
+FIELDS: tuple[str, ...] = Settings.__struct_fields__
+
+
+def env_name(field: str) -> str:
+    """The environment variable of a setting (``redis_url`` -> ``STREAM_LEARNER_REDIS_URL``)."""
+    return ENV_PREFIX + field.upper()
+
+
+def flag_name(field: str) -> str:
+    """The command-line flag of a setting (``redis_url`` -> ``--redis-url``)."""
+    return "--" + field.replace("_", "-")
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
+    out: dict[str, tuple[Any, str]] = {}
+    for key, value in env.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        field = key[len(ENV_PREFIX):].lower()
+        if field not in FIELDS:
+            raise ConfigError(f"unknown setting in environment variable {key}")
+        # An empty variable means "unset" so compose files can blank a default.
+        out[field] = (None if value == "" else value, f"environment variable {key}={value!r}")
+    return out
+
+
+def _from_toml(path: Path) -> dict[str, tuple[Any, str]]:
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    out: dict[str, tuple[Any, str]] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            prefix = "" if key == "kafka" else f"{key}_"
+            items = [(prefix + k, v) for k, v in value.items()]
+        else:
+            items = [(key, value)]
+        for field, v in items:
+            if field not in FIELDS or isinstance(v, dict):
+                raise ConfigError(f"unknown setting {field!r} in config file {path}")
+            out[field] = (v, f"config file {path}")
+    return out
+
+
+def load_settings(
+    *,
+    env: Mapping[str, str] | None = None,
+    config_file: str | Path | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the settings from the environment, a TOML file and CLI flags.
+
+    ``env`` defaults to ``os.environ``; ``flags`` maps setting names to values
+    (``None`` values are ignored, so an argparse namespace can be passed as is).
+    """
+    layers = _from_env(os.environ if env is None else env)
+    if config_file is not None:
+        layers.update(_from_toml(Path(config_file)))
+    for field, value in (flags or {}).items():
+        if field not in FIELDS:
+            raise ConfigError(f"unknown setting {field!r} passed as a flag")
+        if value is not None:
+            layers[field] = (value, f"flag {flag_name(field)}={value!r}")
+    values = {field: value for field, (value, _) in layers.items()}
+    try:
+        return msgspec.convert(values, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        msg = str(exc)
+        m = re.search(r" - at `\$\.(\w+)`$", msg)
+        if m:
+            field = m.group(1)
+            where = layers[field][1] if field in layers else "default"
+            raise ConfigError(f"invalid setting {field} (from {where}): {msg[: m.start()]}") from None
+        raise ConfigError(f"invalid settings: {msg}") from None
