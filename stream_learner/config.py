@@ -22,7 +22,7 @@ setting and where it came from.
 >>> load_settings(env={"STREAM_LEARNER_METRICS_PORT": "http"})
 Traceback (most recent call last):
 ...
-stream_learner.errors.ConfigError: invalid setting metrics_port (from environment variable STREAM_LEARNER_METRICS_PORT='http'): Expected `int`, got `str`
+stream_learner.errors.ConfigError: invalid setting metrics_port (from environment variable STREAM_LEARNER_METRICS_PORT='http'): Expected `int | null`, got `str`
 """
 
 from __future__ import annotations

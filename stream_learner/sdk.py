@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import structlog
+from kafka import KafkaProducer
 
 from .bus import make_producer
 from .config import Settings
@@ -102,9 +103,10 @@ class PredictionLogger:
         self._room = threading.Condition(self._lock)
         self._wake = threading.Event()
         self._closing = False
-        # kafka-python 3 has no buffer_memory bound of its own: the bound is
-        # ours, counted until the broker acknowledges.
-        self._producer = make_producer(settings, **dict(producer_options or {}))
+        self._producer_options = dict(producer_options or {})
+        # Created by the background thread: kafka-python bootstraps in its
+        # constructor, and an application must start even when Kafka is down.
+        self._producer: KafkaProducer | None = None
         self._thread = threading.Thread(target=self._run, name="stream-learner-sdk", daemon=True)
         self._thread.start()
 
@@ -130,8 +132,8 @@ class PredictionLogger:
         event = PREDICTION.convert({
             "event_id": event_id,
             "request_id": request_id,
-            "model": model or self.model,
-            "model_version": model_version or self.model_version,
+            "model": self.model if model is None else model,
+            "model_version": self.model_version if model_version is None else model_version,
             "event_time": now_ms() if event_time is None else event_time,
             "features": features,
             "prediction": prediction,
@@ -154,7 +156,7 @@ class PredictionLogger:
             "request_id": request_id,
             "event_time": now_ms() if event_time is None else event_time,
             "label": label,
-            "model": model or self.model,
+            "model": self.model if model is None else model,
         })
         return self._enqueue(self.settings.topic_labels, request_id, encode(event), "label", event_id)
 
@@ -182,7 +184,8 @@ class PredictionLogger:
         self._closing = True
         self._wake.set()
         self._thread.join(timeout_s)
-        self._producer.close(timeout=timeout_s)
+        if self._producer is not None:
+            self._producer.close(timeout=timeout_s)
         # Anything still unacknowledged after close is lost: count it as failed.
         with self._lock:
             if self._buffered_events:
@@ -231,7 +234,24 @@ class PredictionLogger:
             self.metrics.sdk_events.labels(type=kind, outcome="sent" if ok else "failed").inc()
             self.metrics.sdk_buffered_bytes.set(self._buffered_bytes)
 
+    def _connect(self) -> KafkaProducer | None:
+        """Create the producer, retrying with backoff until it works or we close."""
+        backoff = 0.1
+        while not self._closing:
+            try:
+                # kafka-python 3 has no buffer_memory bound of its own: the
+                # bound is ours, counted until the broker acknowledges.
+                return make_producer(self.settings, **self._producer_options)
+            except Exception as exc:  # noqa: BLE001 - keep buffering, try again
+                log.warning("sdk_connect_failed", error=str(exc), retry_in_s=backoff)
+                self._wake.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+        return None
+
     def _run(self) -> None:
+        self._producer = self._connect()
+        if self._producer is None:
+            return
         queue, send = self._queue, self._producer.send
         while True:
             self._wake.wait(0.1)

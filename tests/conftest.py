@@ -1,0 +1,36 @@
+"""Test session: one real Tansu broker and one real Valkey server, started here.
+
+Each test that needs topics gets its own fresh, uniquely named set through the
+``settings`` fixture, so tests never see each other's records.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import msgspec
+import pytest
+
+from stream_learner.bus import ensure_topics
+from stream_learner.config import Settings
+from stream_learner.local import LocalServers
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServers]:
+    """The session's real local servers."""
+    with LocalServers(Settings(partitions_input=3), workdir=tmp_path_factory.mktemp("servers")) as srv:
+        yield srv
+
+
+@pytest.fixture
+def settings(servers: LocalServers) -> Settings:
+    """Settings pointing at the local servers, with a fresh set of topics for this test."""
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    fresh = msgspec.structs.replace(
+        servers.settings,
+        **{f"topic_{role}": f"{prefix}.{role}" for role in servers.settings.topics},
+    )
+    ensure_topics(fresh)
+    return fresh

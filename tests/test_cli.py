@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from stream_learner.cli import main
+
+
+def test_config_error_exits_2_and_names_the_setting(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "--metrics-port", "abc"]) == 2
+    err = capsys.readouterr().err
+    assert "metrics_port" in err and "flag --metrics-port='abc'" in err
+
+
+def test_config_prints_effective_settings_masked(capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    monkeypatch.setenv("STREAM_LEARNER_REDIS_PASSWORD", "hunter2")
+    assert main(["config", "--bootstrap-servers", "k:9092"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["bootstrap_servers"] == "k:9092"
+    assert shown["redis_password"] == "***"
+
+
+def test_console_script_is_installed() -> None:
+    out = subprocess.run([sys.executable, "-m", "stream_learner.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "demo" in out.stdout and "local" in out.stdout
+
+
+def test_local_up_and_down(tmp_path) -> None:
+    state = tmp_path / "local.json"
+    up = subprocess.run([sys.executable, "-m", "stream_learner.cli", "local", "up", "--state-file", str(state)],
+                        capture_output=True, text=True, timeout=60)
+    assert up.returncode == 0, up.stderr
+    assert "STREAM_LEARNER_BOOTSTRAP_SERVERS=127.0.0.1:" in up.stdout
+    recorded = json.loads(state.read_text())
+    import redis
+
+    assert redis.Redis.from_url(recorded["redis_url"]).ping()
+    down = subprocess.run([sys.executable, "-m", "stream_learner.cli", "local", "down", "--state-file", str(state)],
+                          capture_output=True, text=True, timeout=60)
+    assert down.returncode == 0 and "stopped" in down.stdout
+    assert not state.exists()

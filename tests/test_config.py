@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stream_learner.bus import kafka_options
+from stream_learner.config import FIELDS, Settings, env_name, load_settings
+from stream_learner.errors import ConfigError
+
+
+def test_defaults_when_nothing_is_set() -> None:
+    s = load_settings(env={})
+    assert s == Settings()
+    assert s.topics["predictions"] == "sl.predictions"
+
+
+def test_precedence_flags_over_toml_over_env(tmp_path: Path) -> None:
+    cfg = tmp_path / "sl.toml"
+    cfg.write_text('metrics_port = 9200\n[redis]\nurl = "redis://toml:6379/0"\n[topic]\nlabels = "toml.labels"\n')
+    env = {
+        "STREAM_LEARNER_METRICS_PORT": "9100",
+        "STREAM_LEARNER_REDIS_URL": "redis://env:6379/0",
+        "STREAM_LEARNER_CLIENT_ID": "from-env",
+    }
+    s = load_settings(env=env, config_file=cfg, flags={"redis_url": "redis://flag:6379/0", "log_level": None})
+    assert s.redis_url == "redis://flag:6379/0"  # flag beats TOML and env
+    assert s.metrics_port == 9200  # TOML beats env
+    assert s.topic_labels == "toml.labels"  # tables flatten into their prefix
+    assert s.client_id == "from-env"  # env beats the default
+    assert s.log_level == "info"  # a None flag does not override
+
+
+def test_kafka_table_needs_no_prefix(tmp_path: Path) -> None:
+    cfg = tmp_path / "sl.toml"
+    cfg.write_text('[kafka]\nbootstrap_servers = "k1:9092,k2:9092"\n')
+    assert load_settings(env={}, config_file=cfg).bootstrap_servers == "k1:9092,k2:9092"
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({"STREAM_LEARNER_METRICS_PORT": "99999"}, "metrics_port"),
+        ({"STREAM_LEARNER_LOG_LEVEL": "loud"}, "log_level"),
+        ({"STREAM_LEARNER_REDIS_URL": "http://x"}, "redis_url"),
+        ({"STREAM_LEARNER_TOPIC_DLQ": "bad topic"}, "topic_dlq"),
+        ({"STREAM_LEARNER_SECURITY_PROTOCOL": "KERBEROS"}, "security_protocol"),
+        ({"STREAM_LEARNER_BOOTSTRAP_SERVER": "x:1"}, "STREAM_LEARNER_BOOTSTRAP_SERVER"),
+    ],
+)
+def test_invalid_setting_is_named(env: dict[str, str], names: str) -> None:
+    with pytest.raises(ConfigError, match=names):
+        load_settings(env=env)
+
+
+def test_invalid_value_names_its_source(tmp_path: Path) -> None:
+    cfg = tmp_path / "sl.toml"
+    cfg.write_text("max_event_bytes = -1\n")
+    with pytest.raises(ConfigError, match=r"max_event_bytes \(from config file .*sl.toml\)"):
+        load_settings(env={}, config_file=cfg)
+    with pytest.raises(ConfigError, match=r"unknown setting 'nope'"):
+        cfg.write_text("nope = 1\n")
+        load_settings(env={}, config_file=cfg)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(env={}, config_file=tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        cfg.write_text("= =\n")
+        load_settings(env={}, config_file=cfg)
+
+
+def test_sasl_needs_mechanism_and_credentials() -> None:
+    with pytest.raises(ConfigError, match="sasl_mechanism is required"):
+        load_settings(env={"STREAM_LEARNER_SECURITY_PROTOCOL": "SASL_SSL"})
+    with pytest.raises(ConfigError, match="sasl_username and sasl_password"):
+        load_settings(env={"STREAM_LEARNER_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+                           "STREAM_LEARNER_SASL_MECHANISM": "PLAIN"})
+
+
+def test_security_settings_pass_through_to_kafka_python() -> None:
+    s = load_settings(env={
+        "STREAM_LEARNER_SECURITY_PROTOCOL": "SASL_SSL",
+        "STREAM_LEARNER_SASL_MECHANISM": "SCRAM-SHA-256",
+        "STREAM_LEARNER_SASL_USERNAME": "svc",
+        "STREAM_LEARNER_SASL_PASSWORD": "s3cret",
+        "STREAM_LEARNER_SSL_CAFILE": "/etc/ca.pem",
+        "STREAM_LEARNER_SSL_CHECK_HOSTNAME": "false",
+    })
+    opts = kafka_options(s)
+    assert opts["security_protocol"] == "SASL_SSL"
+    assert opts["sasl_mechanism"] == "SCRAM-SHA-256"
+    assert (opts["sasl_plain_username"], opts["sasl_plain_password"]) == ("svc", "s3cret")
+    assert opts["ssl_cafile"] == "/etc/ca.pem"
+    assert opts["ssl_check_hostname"] is False
+    assert s.redacted()["sasl_password"] == "***"
+
+
+def test_plaintext_passes_no_ssl_options() -> None:
+    opts = kafka_options(Settings(ssl_cafile="/etc/ca.pem"))
+    assert "ssl_cafile" not in opts and opts["security_protocol"] == "PLAINTEXT"
+
+
+def test_every_field_is_settable_from_its_env_variable() -> None:
+    import msgspec
+
+    defaults = msgspec.structs.asdict(Settings())
+    for field in FIELDS:
+        value = defaults[field]
+        if value is None:
+            continue
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        assert getattr(load_settings(env={env_name(field): text}), field) == value, field

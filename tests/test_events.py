@@ -1,0 +1,211 @@
+"""The wire contract: typed events, the JSON Schema files, and fixtures agree."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from stream_learner import events
+from stream_learner.errors import EventError
+from stream_learner.schemas import SCHEMAS, render
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+CODECS = {
+    "prediction.v1": events.PREDICTION,
+    "label.v1": events.LABEL,
+    "example.v1": events.EXAMPLE,
+    "manifest.v1": events.MANIFEST,
+    "drift.v1": events.DRIFT,
+}
+
+
+def validator(name: str) -> jsonschema.Draft202012Validator:
+    schema = json.loads((ROOT / "schemas" / f"{name}.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+VALIDATORS = {name: validator(name) for name in SCHEMAS}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_schema_files_are_generated_from_the_code(name: str) -> None:
+    committed = (ROOT / "schemas" / f"{name}.json").read_text()
+    assert committed == render(name), f"schemas/{name}.json is stale: python -m stream_learner.schemas write schemas/"
+
+
+def _fixture_files() -> list[Path]:
+    return sorted(FIXTURES.glob("v*/*.json"))
+
+
+@pytest.mark.parametrize("path", _fixture_files(), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_stored_fixtures_still_validate_and_decode(path: Path) -> None:
+    name = f"{path.stem.split('_')[0]}.{path.parent.name}"
+    data = path.read_bytes()
+    VALIDATORS[name].validate(json.loads(data))
+    event = CODECS[name].decode(data)
+    # What we would write back is valid too, and decodes to the same event.
+    assert CODECS[name].decode(events.encode(event)) == event
+    VALIDATORS[name].validate(json.loads(events.encode(event)))
+
+
+def test_every_schema_has_fixtures() -> None:
+    covered = {f"{p.stem.split('_')[0]}.{p.parent.name}" for p in _fixture_files()}
+    assert covered == set(SCHEMAS)
+
+
+# -- property-based: what the encoder writes validates; what the files refuse, the decoder refuses --
+
+names = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1, max_size=12)
+finite = st.floats(allow_nan=False, allow_infinity=False)
+features = st.dictionaries(names, st.one_of(st.none(), finite, st.integers(-(2**53), 2**53)), max_size=20)
+probs = st.dictionaries(names, st.floats(0, 1), min_size=1, max_size=5)
+times = st.integers(0, 2**53)
+sources = st.builds(events.Source, names, st.integers(0, 1000), st.integers(0, 2**62))
+
+predictions = st.builds(
+    events.PredictionEvent, event_id=names, request_id=names, model=names, model_version=names,
+    event_time=times, features=features, prediction=st.one_of(finite, probs),
+)
+labels = st.builds(
+    events.LabelEvent, event_id=names, request_id=names, event_time=times,
+    label=st.one_of(names, finite), model=st.one_of(st.none(), names),
+)
+examples = st.builds(
+    events.ExampleEvent, example_id=names, kind=st.sampled_from(["labeled", "unlabeled", "late"]),
+    request_id=names, model=names, model_version=names, features=features,
+    prediction=st.one_of(finite, probs), label=st.one_of(st.none(), names, finite),
+    prediction_event_id=names, prediction_time=times, prediction_source=st.one_of(st.none(), sources),
+    label_event_id=st.one_of(st.none(), names), label_time=st.one_of(st.none(), times),
+    label_source=st.one_of(st.none(), sources),
+)
+drifts = st.builds(
+    events.DriftEvent, event_id=names, model=names, event_time=times,
+    kind=st.sampled_from(["warning", "drift", "status"]), detector=names, signal=names,
+    model_version=st.one_of(st.none(), st.integers(0, 10**6)), value=st.one_of(st.none(), finite),
+    actions=st.lists(names, max_size=3), details=st.dictionaries(names, st.one_of(finite, names), max_size=3),
+)
+STRATEGIES = {"prediction.v1": predictions, "label.v1": labels, "example.v1": examples, "drift.v1": drifts}
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_encoder_output_validates_and_round_trips(name: str, data: st.DataObject) -> None:
+    event = data.draw(STRATEGIES[name])
+    raw = events.encode(event)
+    VALIDATORS[name].validate(json.loads(raw))
+    assert CODECS[name].decode(raw) == event
+
+
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**64), 2**64), st.floats(), names, st.just("")),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(names, inner, max_size=3)),
+    max_leaves=8,
+)
+
+
+def _mutate(doc: Any, draw: Any) -> Any:
+    """Replace, delete or add one value somewhere inside a valid document."""
+    if not isinstance(doc, dict) or not doc:
+        return draw(json_values)
+    key = draw(st.sampled_from(sorted(doc)))
+    action = draw(st.sampled_from(["replace", "delete", "descend", "add"]))
+    out = dict(doc)
+    if action == "replace":
+        out[key] = draw(json_values)
+    elif action == "delete":
+        del out[key]
+    elif action == "add":
+        out[draw(names)] = draw(json_values)
+    else:
+        out[key] = _mutate(doc[key], draw)
+    return out
+
+
+def _json_bytes(doc: Any) -> bytes:
+    # allow_nan: NaN/Infinity tokens are exactly the kind of bad input we must refuse.
+    return json.dumps(doc, allow_nan=True).encode()
+
+
+def _schema_accepts(name: str, doc: Any) -> bool:
+    # Python's json reads NaN/Infinity tokens that no JSON Schema reader would see
+    # as numbers; a document holding them is not valid JSON, so the files refuse it.
+    def finite_everywhere(x: Any) -> bool:
+        if isinstance(x, float):
+            return math.isfinite(x)
+        if isinstance(x, dict):
+            return all(map(finite_everywhere, x.values()))
+        if isinstance(x, list):
+            return all(map(finite_everywhere, x))
+        return True
+
+    return finite_everywhere(doc) and VALIDATORS[name].is_valid(doc)
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_decoder_refuses_what_the_schema_refuses(name: str, data: st.DataObject) -> None:
+    valid = json.loads(events.encode(data.draw(STRATEGIES[name])))
+    doc = _mutate(valid, data.draw)
+    raw = _json_bytes(doc)
+    if _schema_accepts(name, doc):
+        return  # the decoder may accept (or, for 1.0 written as an integer, refuse)
+    with pytest.raises(EventError) as refused:
+        CODECS[name].decode(raw)
+    assert refused.value.field.startswith("$") and refused.value.reason
+
+
+@settings(max_examples=300, deadline=None)
+@given(doc=json_values)
+def test_decoder_refuses_arbitrary_json_that_the_schema_refuses(doc: Any) -> None:
+    for name in STRATEGIES:
+        if not _schema_accepts(name, doc):
+            with pytest.raises(EventError):
+                CODECS[name].decode(_json_bytes(doc))
+
+
+@settings(max_examples=300, deadline=None)
+@given(blob=st.binary(max_size=200))
+def test_arbitrary_bytes_never_crash_the_decoder(blob: bytes) -> None:
+    try:
+        events.PREDICTION.decode(blob)
+    except EventError as exc:
+        assert exc.kind in {"malformed_json", "missing_field", "wrong_type", "invalid_value", "non_finite"}
+
+
+def test_manifest_round_trip() -> None:
+    data = (FIXTURES / "v1" / "manifest.json").read_bytes()
+    manifest = events.MANIFEST.decode(data)
+    assert manifest.version == 3 and manifest.weights.chunks == 1
+    bad = json.loads(data)
+    bad["weights"]["sha256"] = "not-hex"
+    assert not VALIDATORS["manifest.v1"].is_valid(bad)
+    with pytest.raises(EventError, match=r"\$\.weights\.sha256"):
+        events.MANIFEST.decode(json.dumps(bad).encode())
+
+
+def test_class_names_are_normalised() -> None:
+    assert events.class_name(1) == events.class_name(1.0) == events.class_name("1") == "1"
+
+
+def test_event_ids_are_unique() -> None:
+    assert len({events.new_event_id() for _ in range(1000)}) == 1000
+
+
+def test_msgspec_struct_and_schema_agree_on_required_fields() -> None:
+    for name, struct in SCHEMAS.items():
+        schema = json.loads((ROOT / "schemas" / f"{name}.json").read_text())
+        body = schema["$defs"][struct.__name__]
+        required = {f.encode_name for f in msgspec.structs.fields(struct) if f.required}
+        assert set(body["required"]) == required, name
