@@ -78,6 +78,9 @@ def make_consumer(settings: Settings, group_id: str | None, **overrides: Any) ->
         "max_poll_records": 5000,
         "fetch_max_bytes": 64 * 1024 * 1024,
         "max_partition_fetch_bytes": 8 * 1024 * 1024,
+        "session_timeout_ms": settings.consumer_session_timeout_ms,
+        "heartbeat_interval_ms": min(3000, settings.consumer_session_timeout_ms // 3),
+        "max_poll_interval_ms": settings.consumer_max_poll_interval_ms,
         **kafka_options(settings),
         **overrides,
     }

@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--events", type=int, default=20_000, help="predictions to send")
     demo.set_defaults(func=cmd_demo)
 
+    joiner = sub.add_parser("joiner", parents=[common],
+                            help="join predictions and labels into examples (consumer group)")
+    joiner.set_defaults(func=cmd_joiner)
+
     local = sub.add_parser("local", parents=[common], help="local Tansu + Valkey servers for development")
     local.add_argument("action", choices=["up", "down"])
     local.add_argument("--state-file", type=Path, default=DEFAULT_STATE)
@@ -77,6 +81,20 @@ def cmd_demo(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> 
         summary = run_smoke(servers.settings, events=args.events, metrics=metrics)
     print(json.dumps(summary, indent=2))
     return 0 if summary["lost"] == 0 and summary["sdk_failed"] == 0 else 1
+
+
+def cmd_joiner(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> int:
+    """Run the joiner until SIGTERM or Ctrl-C."""
+    import threading
+
+    from .join.joiner import Joiner
+
+    stop = threading.Event()
+    # Finish the current cycle, then stop: nothing half-done to recover from.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    Joiner(settings, metrics=metrics).run(stop)
+    return 0
 
 
 def cmd_local(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> int:

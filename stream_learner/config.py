@@ -62,6 +62,11 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     ssl_password: str | None = None
     ssl_check_hostname: bool = True
 
+    # Consumer groups. Tansu waits a whole rebalance timeout (= max poll
+    # interval) on every join, so tests and the demo use short values.
+    consumer_session_timeout_ms: Annotated[int, Meta(ge=1000)] = 45_000
+    consumer_max_poll_interval_ms: Annotated[int, Meta(ge=1000)] = 300_000
+
     # Redis: rediss:// in the URL turns TLS on; AUTH from the URL or these.
     redis_url: Annotated[str, Meta(pattern=r"^(redis|rediss|unix)://")] = "redis://127.0.0.1:6379/0"
     redis_username: str | None = None
@@ -85,6 +90,27 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # Events larger than this are refused before decoding (dead-lettered).
     max_event_bytes: Positive = 1 << 20
 
+    # Joiner (README, "The joiner"). Times are event-time milliseconds unless
+    # they say wall-clock.
+    joiner_group_id: str = "stream-learner-joiner"
+    joiner_window_ms: Positive = 10 * 60 * 1000
+    joiner_allowed_lateness_ms: Annotated[int, Meta(ge=0)] = 0
+    joiner_late_retention_ms: Annotated[int, Meta(ge=0)] = 24 * 3600 * 1000
+    joiner_orphan_retention_ms: Annotated[int, Meta(ge=0)] = 3600 * 1000
+    # Wall-clock safety net: Redis drops any join state older than this.
+    joiner_state_ttl_ms: Positive = 7 * 24 * 3600 * 1000
+    # Wall-clock: a caught-up partition silent this long stops holding the watermark back.
+    joiner_idle_timeout_ms: Positive = 60 * 1000
+    # When every input is idle, let the watermark follow the wall clock.
+    joiner_idle_advance: bool = True
+    joiner_max_poll_records: Positive = 5000
+    joiner_max_expire_per_poll: Positive = 20000
+    # Wall-clock: unacknowledged emissions of a crashed joiner are re-emitted after this.
+    joiner_outbox_lease_ms: Positive = 30 * 1000
+    # Wait for Redis to fsync its AOF before committing input offsets.
+    joiner_wait_aof: bool = True
+    joiner_redis_prefix: Annotated[str, Meta(min_length=1)] = "sl:{j}:"
+
     # Observability.
     metrics_port: Port | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -98,6 +124,10 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
                 raise ValueError("sasl_username and sasl_password are required for SASL")
         if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
             raise ValueError("ssl_certfile and ssl_keyfile must be set together")
+        if self.joiner_state_ttl_ms < self.joiner_window_ms + self.joiner_late_retention_ms:
+            raise ValueError(
+                "joiner_state_ttl_ms must be at least joiner_window_ms + joiner_late_retention_ms"
+            )
 
     def redacted(self) -> dict[str, Any]:
         """The settings as a dict with secrets masked, for logging."""

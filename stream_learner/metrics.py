@@ -35,6 +35,26 @@ class Metrics:
         self.kafka_commit_seconds = Histogram(
             "stream_learner_kafka_commit_seconds", "Time to commit consumer offsets.", registry=r)
 
+        self.joiner_events = Counter(
+            "stream_learner_joiner_events_total", "Input records read by the joiner, by topic.", ["topic"], registry=r)
+        self.joiner_joins = Counter(
+            "stream_learner_joiner_joins_total",
+            "Join outcomes: labeled, unlabeled, late examples; early_label stored; orphan_label_dropped.",
+            ["kind"], registry=r)
+        self.joiner_duplicates = Counter(
+            "stream_learner_joiner_duplicates_total", "Events that had already been applied.", registry=r)
+        self.joiner_redis_seconds = Histogram(
+            "stream_learner_joiner_redis_seconds", "Round-trip time of one join step in Redis.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0), registry=r)
+        self.joiner_retries = Counter(
+            "stream_learner_joiner_retries_total", "Retries while a dependency was unavailable.",
+            ["dependency"], registry=r)
+        self.joiner_watermark_lag = Gauge(
+            "stream_learner_joiner_watermark_lag_seconds", "Wall clock minus the event-time watermark.", registry=r)
+        self.joiner_consumer_lag = Gauge(
+            "stream_learner_joiner_consumer_lag_records", "Records not yet read on the assigned partitions.",
+            registry=r)
+
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
         """Expose ``/metrics`` on ``port`` from a background thread."""
         start_http_server(port, addr=addr, registry=self.registry)

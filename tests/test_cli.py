@@ -9,6 +9,16 @@ import pytest
 from stream_learner.cli import main
 
 
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    # main() configures structlog for the process; later tests must not log
+    # into this test's captured (and then closed) stderr.
+    yield
+    import structlog
+
+    structlog.reset_defaults()
+
+
 def test_config_error_exits_2_and_names_the_setting(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "--metrics-port", "abc"]) == 2
     err = capsys.readouterr().err

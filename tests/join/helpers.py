@@ -1,0 +1,91 @@
+"""Helpers for joiner tests: produce events, read examples back."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable
+
+from kafka import TopicPartition
+
+from stream_learner.bus import make_consumer, make_producer
+from stream_learner.config import Settings
+from stream_learner.events import EXAMPLE, ExampleEvent, LabelEvent, PredictionEvent, encode
+from stream_learner.join.joiner import Joiner
+
+
+def prediction(i: int | str, t: int, **kw: object) -> PredictionEvent:
+    req = f"req-{i}"
+    fields = dict(event_id=f"p-{i}", request_id=req, model="m", model_version="1", event_time=t,
+                  features={"x": float(hash(req) % 100)}, prediction={"a": 0.7, "b": 0.3})
+    fields.update(kw)
+    return PredictionEvent(**fields)  # type: ignore[arg-type]
+
+
+def label(i: int | str, t: int, value: str = "a", **kw: object) -> LabelEvent:
+    fields = dict(event_id=f"l-{i}", request_id=f"req-{i}", event_time=t, label=value)
+    fields.update(kw)
+    return LabelEvent(**fields)  # type: ignore[arg-type]
+
+
+def produce(settings: Settings, events: Iterable[PredictionEvent | LabelEvent | tuple[str, bytes]]) -> None:
+    """Send events in order (a ``(topic, raw bytes)`` pair sends raw bytes)."""
+    producer = make_producer(settings)
+    for ev in events:
+        if isinstance(ev, tuple):
+            producer.send(ev[0], key=b"raw", value=ev[1])
+        else:
+            topic = settings.topic_predictions if isinstance(ev, PredictionEvent) else settings.topic_labels
+            producer.send(topic, key=ev.request_id.encode(), value=encode(ev))
+    producer.flush()
+    producer.close()
+
+
+def advance_all(settings: Settings, t: int, partitions: int = 3, tag: str = "tick") -> None:
+    """Put one prediction and one label at event time ``t`` on every input partition.
+
+    The watermark is the minimum over partitions, so a test moves it by
+    moving every partition (the events join each other and are ignored).
+    """
+    producer = make_producer(settings)
+    for p in range(partitions):
+        req = f"{tag}-{t}-{p}"
+        producer.send(settings.topic_predictions, key=req.encode(), partition=p,
+                      value=encode(prediction(f"{tag}-{t}-{p}", t)))
+        producer.send(settings.topic_labels, key=req.encode(), partition=p,
+                      value=encode(label(f"{tag}-{t}-{p}", t)))
+    producer.flush()
+    producer.close()
+
+
+def read_examples(settings: Settings, timeout_s: float = 5.0, expect: int | None = None) -> list[ExampleEvent]:
+    """Every example on the examples topic (waits for ``expect`` of them if given)."""
+    consumer = make_consumer(settings, group_id=None)
+    parts = [TopicPartition(settings.topic_examples, p)
+             for p in sorted(consumer.partitions_for_topic(settings.topic_examples) or [])]
+    consumer.assign(parts)
+    consumer.seek_to_beginning(*parts)
+    out: list[ExampleEvent] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and (expect is None or len(out) < expect):
+        for records in consumer.poll(200).values():
+            out.extend(EXAMPLE.decode(r.value) for r in records)
+    consumer.close()
+    return out
+
+
+class RunningJoiner:
+    """A joiner in a background thread, stopped cleanly on exit."""
+
+    def __init__(self, settings: Settings, **kw: object) -> None:
+        self.joiner = Joiner(settings, poll_timeout_ms=100, **kw)  # type: ignore[arg-type]
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.joiner.run, args=(self.stop,), daemon=True)
+
+    def __enter__(self) -> Joiner:
+        self.thread.start()
+        return self.joiner
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(30)
