@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from kafka import TopicPartition
 
@@ -58,8 +58,10 @@ def advance_all(settings: Settings, t: int, partitions: int = 3, tag: str = "tic
     producer.close()
 
 
-def read_examples(settings: Settings, timeout_s: float = 5.0, expect: int | None = None) -> list[ExampleEvent]:
-    """Every example on the examples topic (waits for ``expect`` of them if given)."""
+def read_examples(settings: Settings, timeout_s: float = 5.0, expect: int | None = None,
+                  until: Callable[[list[ExampleEvent]], bool] | None = None) -> list[ExampleEvent]:
+    """Every example on the examples topic, waiting up to ``timeout_s`` for
+    ``expect`` of them or for ``until(examples)`` to hold."""
     consumer = make_consumer(settings, group_id=None)
     parts = [TopicPartition(settings.topic_examples, p)
              for p in sorted(consumer.partitions_for_topic(settings.topic_examples) or [])]
@@ -67,11 +69,23 @@ def read_examples(settings: Settings, timeout_s: float = 5.0, expect: int | None
     consumer.seek_to_beginning(*parts)
     out: list[ExampleEvent] = []
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and (expect is None or len(out) < expect):
+    def done() -> bool:
+        return (expect is not None and len(out) >= expect) or (until is not None and until(out))
+
+    while time.monotonic() < deadline and not done():
         for records in consumer.poll(200).values():
             out.extend(EXAMPLE.decode(r.value) for r in records)
     consumer.close()
     return out
+
+
+def wait_until(condition, timeout_s: float = 20.0, what: str = "condition") -> None:
+    """Poll ``condition()`` until it is true; fail the test after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.05)
 
 
 class RunningJoiner:

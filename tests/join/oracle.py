@@ -1,0 +1,113 @@
+"""An offline oracle of the join semantics, to check a joiner's output against.
+
+Given every prediction and label event of a stream (duplicates allowed), it
+computes the examples a correct joiner emits once the watermark has passed
+every deadline, assuming each input partition is in event-time order and no
+state is garbage-collected early (retentions larger than the stream):
+
+* a prediction (the first one per request id) whose label's event time is at
+  most ``prediction.event_time + window`` gives one ``labeled`` example;
+* otherwise one ``unlabeled`` example (no label in it), plus a ``late`` one
+  if a label exists;
+* a label whose prediction never comes is an orphan: nothing is emitted.
+
+>>> from tests.join.helpers import label, prediction
+>>> out = expected_examples([prediction(1, 0), label(1, 10), prediction(2, 0), label(2, 11),
+...                          prediction(3, 0), label(4, 5)], window_ms=10)
+>>> sorted((x.kind, x.request_id, x.label_event_id) for x in out.examples.values())
+[('labeled', 'req-1', 'l-1'), ('late', 'req-2', 'l-2'), ('unlabeled', 'req-2', None), ('unlabeled', 'req-3', None)]
+>>> out.orphans
+['req-4']
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from stream_learner.events import ExampleEvent, LabelEvent, PredictionEvent
+from stream_learner.join.joiner import example_id
+
+
+@dataclass(frozen=True)
+class Expected:
+    """One example the joiner must emit."""
+
+    example_id: str
+    kind: str
+    request_id: str
+    prediction_event_id: str
+    label_event_id: str | None
+    label: object
+    prediction_time: int
+    label_time: int | None
+
+    def key(self) -> tuple[str, str, str]:
+        return (self.example_id, self.kind, self.request_id)
+
+
+@dataclass
+class OracleResult:
+    """The examples by id, and the request ids of orphan labels."""
+
+    examples: dict[str, Expected] = field(default_factory=dict)
+    orphans: list[str] = field(default_factory=list)
+
+    def keys(self) -> set[tuple[str, str, str]]:
+        return {x.key() for x in self.examples.values()}
+
+    def counts(self) -> Counter[str]:
+        return Counter(x.kind for x in self.examples.values())
+
+
+def expected_examples(events: Iterable[PredictionEvent | LabelEvent], window_ms: int) -> OracleResult:
+    """What a correct joiner emits for ``events`` (any order; duplicates ignored)."""
+    predictions: dict[str, PredictionEvent] = {}
+    labels: dict[str, LabelEvent] = {}
+    for ev in events:
+        target = predictions if isinstance(ev, PredictionEvent) else labels
+        target.setdefault(ev.request_id, ev)  # type: ignore[arg-type]
+    out = OracleResult()
+
+    def add(kind: str, p: PredictionEvent, lab: LabelEvent | None) -> None:
+        eid = example_id(kind, p.event_id, lab.event_id if lab else None)
+        out.examples[eid] = Expected(eid, kind, p.request_id, p.event_id, lab.event_id if lab else None,
+                                     lab.label if lab else None, p.event_time, lab.event_time if lab else None)
+
+    for req, p in predictions.items():
+        lab = labels.get(req)
+        if lab is not None and lab.event_time <= p.event_time + window_ms:
+            add("labeled", p, lab)
+        else:
+            add("unlabeled", p, None)
+            if lab is not None:
+                add("late", p, lab)
+    out.orphans = sorted(req for req in labels if req not in predictions)
+    return out
+
+
+def mismatches(examples: Iterable[ExampleEvent], oracle: OracleResult, limit: int = 10) -> list[str]:
+    """Human-readable differences between examples read back and the oracle (empty: they agree)."""
+    got: dict[str, ExampleEvent] = {}
+    for x in examples:
+        got.setdefault(x.example_id, x)
+    problems: list[str] = []
+    missing = [oracle.examples[k] for k in oracle.examples.keys() - got.keys()]
+    extra = [got[k] for k in got.keys() - oracle.examples.keys()]
+    if missing:
+        problems.append(f"{len(missing)} missing, e.g. {sorted(missing, key=lambda e: e.request_id)[:limit]}")
+    if extra:
+        problems.append(f"{len(extra)} extra, e.g. {sorted(extra, key=lambda e: e.request_id)[:limit]}")
+    wrong = []
+    for k in got.keys() & oracle.examples.keys():
+        x, e = got[k], oracle.examples[k]
+        actual = (x.kind, x.request_id, x.prediction_event_id, x.label_event_id, x.label,
+                  x.prediction_time, x.label_time)
+        wanted = (e.kind, e.request_id, e.prediction_event_id, e.label_event_id, e.label,
+                  e.prediction_time, e.label_time)
+        if actual != wanted:
+            wrong.append(f"{k}: got {actual}, expected {wanted}")
+    if wrong:
+        problems.append(f"{len(wrong)} with wrong fields, e.g. {wrong[:limit]}")
+    return problems
