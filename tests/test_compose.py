@@ -38,8 +38,6 @@ CHECKPOINT_MESSAGE_BYTES = 10 * 1024 * 1024
 #: Roles whose sub-command is being built right now. While the CLI does not have
 #: it yet the command check is an expected failure; once it lands the entry is
 #: inert and the check applies as to any other role.
-PENDING_ROLES = {"joiner": "the joiner role is being built now"}
-
 # ${NAME}, ${NAME:-default}, ${NAME-default}; anything else compose supports
 # (${NAME:?err}, ${NAME:+alt}) is refused so the checks never guess.
 _INTERPOLATION = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?-)(?P<default>[^}]*))?\}")
@@ -314,8 +312,6 @@ def test_command_is_a_real_subcommand_or_in_the_learning_profile(name):
     choices = _subcommands()
     if LEARNING_PROFILE in (service.get("profiles") or []):
         return
-    if cmd[0] in PENDING_ROLES and cmd[0] not in choices:
-        pytest.xfail(PENDING_ROLES[cmd[0]])
     assert cmd[0] in choices, f"{name}: stream-learner has no sub-command {cmd[0]!r}"
     try:
         build_parser().parse_args(cmd)  # the whole command line parses

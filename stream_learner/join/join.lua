@@ -76,53 +76,10 @@ for _ = 1, n_acks do
   end
 end
 
--- 2. the watermark: min over all input partitions of their max event time
--- (Flink's rule), skipping partitions caught up and silent for idle_timeout.
-for _, part in ipairs(parts) do
-  local name, max_time, caught_up = part[1], part[2], part[3]
-  if max_time >= 0 then
-    local old = tonumber(redis.call('HGET', WM, name) or '-1')
-    if max_time > old then redis.call('HSET', WM, name, max_time) end
-  end
-  if caught_up then
-    if tonumber(redis.call('HGET', CU, name) or '0') == 0 then redis.call('HSET', CU, name, now) end
-  else
-    redis.call('HSET', CU, name, 0)
-  end
-end
+-- 2. the events of this poll, under the watermark of the previous call: an
+-- event must not be judged by a watermark that later events of its own batch
+-- moved.
 local wm = tonumber(redis.call('GET', WMV) or '-1')
-local reported = redis.call('HGETALL', CU)
--- Until every input partition has reported, one of them may still hold old
--- events: the watermark waits.
-local blocked = #reported / 2 < n_total
-local lowest, any_active = nil, false
-for k = 1, #reported, 2 do
-  local since = tonumber(reported[k + 1])
-  if not (since > 0 and now - since >= idle_timeout) then
-    any_active = true
-    local t = redis.call('HGET', WM, reported[k])
-    if not t then
-      blocked = true  -- active but no event yet: nothing known about its time
-    elseif lowest == nil or tonumber(t) < lowest then
-      lowest = tonumber(t)
-    end
-  end
-end
-local candidate = -1
-if blocked then
-  candidate = -1
-elseif any_active then
-  candidate = lowest - lateness
-elseif #reported > 0 and idle_advance then
-  -- Every input is caught up and silent: let wall-clock time close windows.
-  candidate = now - idle_timeout
-end
-if candidate > wm then
-  wm = candidate
-  redis.call('SET', WMV, wm)
-end
-
--- 3. the events of this poll.
 local n_events = tonumber(ARGV[i]); i = i + 1
 for _ = 1, n_events do
   local typ, req, t, src, payload = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3], ARGV[i + 4]
@@ -185,6 +142,51 @@ for _ = 1, n_events do
       dup = dup + 1
     end
   end
+end
+
+-- 3. the watermark: min over all input partitions of their max event time
+-- (Flink's rule), skipping partitions caught up and silent for idle_timeout.
+for _, part in ipairs(parts) do
+  local name, max_time, caught_up = part[1], part[2], part[3]
+  if max_time >= 0 then
+    local old = tonumber(redis.call('HGET', WM, name) or '-1')
+    if max_time > old then redis.call('HSET', WM, name, max_time) end
+  end
+  if caught_up then
+    if tonumber(redis.call('HGET', CU, name) or '0') == 0 then redis.call('HSET', CU, name, now) end
+  else
+    redis.call('HSET', CU, name, 0)
+  end
+end
+local reported = redis.call('HGETALL', CU)
+-- Until every input partition has reported, one of them may still hold old
+-- events: the watermark waits.
+local blocked = #reported / 2 < n_total
+local lowest, any_active = nil, false
+for k = 1, #reported, 2 do
+  local since = tonumber(reported[k + 1])
+  if not (since > 0 and now - since >= idle_timeout) then
+    any_active = true
+    local t = redis.call('HGET', WM, reported[k])
+    if not t then
+      blocked = true  -- active but no event yet: nothing known about its time
+    elseif lowest == nil or tonumber(t) < lowest then
+      lowest = tonumber(t)
+    end
+  end
+end
+local candidate = -1
+if blocked then
+  candidate = -1
+elseif any_active then
+  candidate = lowest - lateness
+elseif #reported > 0 and idle_advance then
+  -- Every input is caught up and silent: let wall-clock time close windows.
+  candidate = now - idle_timeout
+end
+if candidate > wm then
+  wm = candidate
+  redis.call('SET', WMV, wm)
 end
 
 -- 4. windows that the watermark closed: unlabeled examples.

@@ -11,7 +11,11 @@ state is garbage-collected early (retentions larger than the stream):
   if a label exists;
 * a label whose prediction never comes is an orphan: nothing is emitted.
 
->>> from tests.join.helpers import label, prediction
+>>> def prediction(i, t):
+...     return PredictionEvent(event_id=f"p-{i}", request_id=f"req-{i}", model="m", model_version="1",
+...                            event_time=t, features={}, prediction=0.5)
+>>> def label(i, t):
+...     return LabelEvent(event_id=f"l-{i}", request_id=f"req-{i}", event_time=t, label="a")
 >>> out = expected_examples([prediction(1, 0), label(1, 10), prediction(2, 0), label(2, 11),
 ...                          prediction(3, 0), label(4, 5)], window_ms=10)
 >>> sorted((x.kind, x.request_id, x.label_event_id) for x in out.examples.values())
@@ -88,20 +92,30 @@ def expected_examples(events: Iterable[PredictionEvent | LabelEvent], window_ms:
 
 
 def mismatches(examples: Iterable[ExampleEvent], oracle: OracleResult, limit: int = 10) -> list[str]:
-    """Human-readable differences between examples read back and the oracle (empty: they agree)."""
+    """Human-readable differences between examples read back and the oracle (empty: they agree).
+
+    Duplicates (same example id) are allowed, but each copy must carry the expected fields.
+    """
+    everything = list(examples)
     got: dict[str, ExampleEvent] = {}
-    for x in examples:
+    for x in everything:
         got.setdefault(x.example_id, x)
     problems: list[str] = []
-    missing = [oracle.examples[k] for k in oracle.examples.keys() - got.keys()]
-    extra = [got[k] for k in got.keys() - oracle.examples.keys()]
+    missing = [(e.kind, e.request_id, e.prediction_event_id, e.label_event_id, e.example_id)
+               for e in (oracle.examples[k] for k in oracle.examples.keys() - got.keys())]
+    extra = [(x.kind, x.request_id, x.prediction_event_id, x.label_event_id, x.example_id)
+             for x in (got[k] for k in got.keys() - oracle.examples.keys())]
     if missing:
-        problems.append(f"{len(missing)} missing, e.g. {sorted(missing, key=lambda e: e.request_id)[:limit]}")
+        problems.append(f"{len(missing)} missing (kind, request, prediction id, label id, example id), "
+                        f"e.g. {sorted(missing, key=lambda e: e[1])[:limit]}")
     if extra:
-        problems.append(f"{len(extra)} extra, e.g. {sorted(extra, key=lambda e: e.request_id)[:limit]}")
+        problems.append(f"{len(extra)} extra, e.g. {sorted(extra, key=lambda e: e[1])[:limit]}")
     wrong = []
-    for k in got.keys() & oracle.examples.keys():
-        x, e = got[k], oracle.examples[k]
+    for x in everything:
+        e = oracle.examples.get(x.example_id)
+        if e is None:
+            continue
+        k = x.example_id
         actual = (x.kind, x.request_id, x.prediction_event_id, x.label_event_id, x.label,
                   x.prediction_time, x.label_time)
         wanted = (e.kind, e.request_id, e.prediction_event_id, e.label_event_id, e.label,
