@@ -15,6 +15,7 @@ import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import msgspec
 import structlog
 
 from .config import FIELDS, Settings, env_name, flag_name, load_settings
@@ -77,10 +78,17 @@ def cmd_demo(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> 
     from .local import LocalServers
     from .smoke import run_smoke
 
-    with LocalServers(settings) as servers:
+    # Short windows and idle timeout: the demo's traffic stops after a few seconds.
+    demo = msgspec.structs.replace(
+        settings, joiner_window_ms=2000, joiner_idle_timeout_ms=1000,
+        consumer_session_timeout_ms=6000, consumer_max_poll_interval_ms=3000,
+    )
+    with LocalServers(demo) as servers:
         summary = run_smoke(servers.settings, events=args.events, metrics=metrics)
     print(json.dumps(summary, indent=2))
-    return 0 if summary["lost"] == 0 and summary["sdk_failed"] == 0 else 1
+    ok = summary["lost"] == 0 and summary["sdk_failed"] == 0 and all(
+        summary["examples_joined"].get(k, 0) == n for k, n in summary["examples_expected"].items())
+    return 0 if ok else 1
 
 
 def cmd_joiner(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> int:

@@ -19,7 +19,7 @@ from kafka import TopicPartition
 from .bus import DeadLetters, make_consumer, make_producer
 from .config import Settings
 from .errors import EventError
-from .events import LABEL, PREDICTION, Codec
+from .events import LABEL, PREDICTION, Codec, now_ms
 from .metrics import Metrics
 from .sdk import PredictionLogger
 
@@ -94,22 +94,36 @@ def decode_topics(
 
 def run_smoke(settings: Settings, events: int = 10_000, bad: int = 5, metrics: Metrics | None = None,
               seed: int = 7) -> dict[str, object]:
-    """Send ``events`` predictions (and labels for half) through the SDK, plus
-    ``bad`` malformed records, then read everything back; return a summary."""
+    """The foundation end to end; return a summary.
+
+    Sends ``events`` predictions through the SDK with labels for 70% (within
+    the window), late labels for 10% and none for 20%, plus ``bad`` malformed
+    records; reads everything back and decodes it; then runs a joiner until
+    every example is out, and checks the counts against what was sent.
+    """
     rng = random.Random(seed)
+    window = settings.joiner_window_ms
     sent_ids: set[str] = set()
+    expected = Counter[str]()
     t0 = time.monotonic()
+    start_ms = now_ms()
     with PredictionLogger(settings=settings, model="demo", model_version="1", metrics=metrics) as sdk:
         for i in range(events):
             features = {f"f{j}": rng.gauss(0, 1) for j in range(16)}
             p = rng.random()
-            event_id = sdk.log_prediction(f"req-{i}", features, {"yes": p, "no": 1 - p})
-            if event_id:
-                sent_ids.add(event_id)
-            if i % 2 == 0:
-                label_id = sdk.log_label(f"req-{i}", "yes" if rng.random() < p else "no")
-                if label_id:
-                    sent_ids.add(label_id)
+            t = start_ms + i // 10
+            sent_ids.add(sdk.log_prediction(f"req-{i}", features, {"yes": p, "no": 1 - p}, event_time=t) or "")
+            fate = rng.random()
+            if fate < 0.7:
+                delay, kinds = rng.randrange(window), ["labeled"]
+            elif fate < 0.8:
+                delay, kinds = window + 1 + rng.randrange(window), ["unlabeled", "late"]
+            else:
+                expected["unlabeled"] += 1
+                continue
+            expected.update(kinds)
+            label = "yes" if rng.random() < p else "no"
+            sent_ids.add(sdk.log_label(f"req-{i}", label, event_time=t + delay) or "")
     produce_s = time.monotonic() - t0
     stats = sdk.stats
     raw = make_producer(settings)
@@ -123,6 +137,7 @@ def run_smoke(settings: Settings, events: int = 10_000, bad: int = 5, metrics: M
     raw.close()
     report = decode_topics(settings, expected=stats.sent + bad, metrics=metrics)
     lost = sent_ids - report.event_ids
+    joined = run_joiner_until(settings, expected, metrics=metrics)
     return {
         "sdk_sent": stats.sent,
         "sdk_failed": stats.failed,
@@ -130,6 +145,25 @@ def run_smoke(settings: Settings, events: int = 10_000, bad: int = 5, metrics: M
         "decoded": dict(report.decoded),
         "dead_letters": dict(report.dead_letters),
         "lost": len(lost),
+        "examples_expected": dict(expected),
+        "examples_joined": joined,
         "produce_seconds": round(produce_s, 3),
         "consume_seconds": round(report.seconds, 3),
     }
+
+
+def run_joiner_until(settings: Settings, expected: Counter[str], *, metrics: Metrics | None = None,
+                     timeout_s: float = 120.0) -> dict[str, int]:
+    """Run a joiner in this process until it emitted ``expected`` examples (or time ran out)."""
+    from .join.joiner import Joiner
+
+    joiner = Joiner(settings, metrics=metrics, poll_timeout_ms=100)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline and any(
+            joiner.counts.examples[kind] < n for kind, n in expected.items()
+        ):
+            joiner.step()
+    finally:
+        joiner.close()
+    return dict(joiner.counts.examples)

@@ -52,3 +52,13 @@ def test_local_up_and_down(tmp_path) -> None:
                           capture_output=True, text=True, timeout=60)
     assert down.returncode == 0 and "stopped" in down.stdout
     assert not state.exists()
+
+
+def test_demo_runs_end_to_end() -> None:
+    out = subprocess.run([sys.executable, "-m", "stream_learner.cli", "demo", "--events", "2000"],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout)
+    assert summary["lost"] == 0 and summary["decoded"]["prediction"] == 2000
+    assert summary["examples_joined"] == summary["examples_expected"]
+    assert sum(summary["dead_letters"].values()) == 5
