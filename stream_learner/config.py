@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -111,6 +112,35 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     joiner_wait_aof: bool = True
     joiner_redis_prefix: Annotated[str, Meta(min_length=1)] = "sl:{j}:"
 
+    # Trainer (README, "The trainer").
+    trainer_model: Annotated[str, Meta(min_length=1)] = "default"
+    trainer_task: Literal["binary", "multiclass", "regression"] = "binary"
+    trainer_classes: list[str] = msgspec.field(default_factory=lambda: ["0", "1"])
+    trainer_features: list[str] = []
+    trainer_architecture: Annotated[str, Meta(min_length=1)] = "mlp"
+    trainer_hidden: list[Annotated[int, Meta(ge=1)]] = msgspec.field(default_factory=lambda: [64])
+    trainer_seed: int = 0
+    trainer_batch_size: Positive = 64
+    trainer_max_wait_ms: Positive = 500
+    trainer_optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    trainer_lr: Annotated[float, Meta(gt=0)] = 0.005
+    trainer_weight_decay: Annotated[float, Meta(ge=0)] = 0.0
+    trainer_clip_norm: Annotated[float, Meta(ge=0)] = 1.0
+    trainer_spike_factor: Annotated[float, Meta(gt=1)] = 5.0
+    trainer_spike_warmup_batches: Annotated[int, Meta(ge=0)] = 20
+    trainer_pseudo_enabled: bool = True
+    trainer_pseudo_threshold: Annotated[float, Meta(ge=0, le=1)] = 0.9
+    trainer_pseudo_weight: Annotated[float, Meta(ge=0)] = 0.3
+    trainer_dedup_window: Positive = 100_000
+    trainer_metrics_window: Positive = 1000
+    trainer_checkpoint_every_examples: Positive = 10_000
+    trainer_checkpoint_every_s: Annotated[float, Meta(gt=0)] = 30.0
+    trainer_state_store: Literal["directory", "redis"] = "directory"
+    trainer_state_dir: str = ".stream-learner/trainer-state"
+    trainer_signing_key: str | None = None
+    trainer_group_id: str = "stream-learner-trainer"
+    trainer_chunk_bytes: Annotated[int, Meta(ge=1024)] = 512 * 1024
+
     # Observability.
     metrics_port: Port | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -162,6 +192,18 @@ def flag_name(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
+#: Settings that are lists: an environment variable or flag gives them comma-separated.
+LIST_FIELDS = frozenset(
+    name for name, hint in typing.get_type_hints(Settings).items() if typing.get_origin(hint) is list
+)
+
+
+def _split_lists(field: str, value: Any) -> Any:
+    if field in LIST_FIELDS and isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
 def _from_env(env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
     out: dict[str, tuple[Any, str]] = {}
     for key, value in env.items():
@@ -171,7 +213,7 @@ def _from_env(env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
         if field not in FIELDS:
             raise ConfigError(f"unknown setting in environment variable {key}")
         # An empty variable means "unset" so compose files can blank a default.
-        out[field] = (None if value == "" else value, f"environment variable {key}={value!r}")
+        out[field] = (None if value == "" else _split_lists(field, value), f"environment variable {key}={value!r}")
     return out
 
 
@@ -214,7 +256,7 @@ def load_settings(
         if field not in FIELDS:
             raise ConfigError(f"unknown setting {field!r} passed as a flag")
         if value is not None:
-            layers[field] = (value, f"flag {flag_name(field)}={value!r}")
+            layers[field] = (_split_lists(field, value), f"flag {flag_name(field)}={value!r}")
     values = {field: value for field, (value, _) in layers.items()}
     try:
         return msgspec.convert(values, Settings, strict=False)

@@ -107,5 +107,8 @@ def test_every_field_is_settable_from_its_env_variable() -> None:
         value = defaults[field]
         if value is None:
             continue
-        text = str(value).lower() if isinstance(value, bool) else str(value)
+        if isinstance(value, list):
+            text = ",".join(map(str, value))
+        else:
+            text = str(value).lower() if isinstance(value, bool) else str(value)
         assert getattr(load_settings(env={env_name(field): text}), field) == value, field

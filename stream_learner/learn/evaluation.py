@@ -1,0 +1,82 @@
+"""Prequential metrics: cumulative and rolling means with JSON-able state.
+
+>>> m = Mean(window=2)
+>>> for v in (1.0, 0.0, 0.0):
+...     m.update(v)
+>>> m.cumulative, m.rolling
+(0.3333333333333333, 0.0)
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any
+
+
+class Mean:
+    """A cumulative mean and a mean over the last ``window`` values."""
+
+    def __init__(self, window: int = 1000) -> None:
+        self.window = window
+        self._reset()
+
+    def _reset(self) -> None:
+        self.n = 0
+        self.total = 0.0
+        self.recent: deque[float] = deque(maxlen=self.window)
+
+    def update(self, value: float) -> None:
+        """Add one value."""
+        self.n += 1
+        self.total += value
+        self.recent.append(value)
+
+    @property
+    def cumulative(self) -> float:
+        """Mean of every value so far (NaN before any)."""
+        return self.total / self.n if self.n else math.nan
+
+    @property
+    def rolling(self) -> float:
+        """Mean of the last ``window`` values (recomputed exactly, not drifted by float error)."""
+        return math.fsum(self.recent) / len(self.recent) if self.recent else math.nan
+
+    def state(self) -> dict[str, Any]:
+        """JSON-able state."""
+        return {"n": self.n, "total": self.total, "recent": list(self.recent)}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state` returned."""
+        self._reset()
+        self.n, self.total = int(state["n"]), float(state["total"])
+        self.recent.extend(float(v) for v in state["recent"])
+
+
+class Scoreboard:
+    """Named :class:`Mean` metrics (``accuracy``, ``log_loss``, ``served_accuracy``, ...)."""
+
+    def __init__(self, names: list[str], window: int = 1000) -> None:
+        self.means = {name: Mean(window) for name in names}
+
+    def update(self, name: str, value: float) -> None:
+        """Add one value to metric ``name``."""
+        self.means[name].update(value)
+
+    def summary(self) -> dict[str, float]:
+        """``<name>`` (cumulative) and ``<name>_rolling`` for every metric with data; finite only."""
+        out: dict[str, float] = {}
+        for name, mean in self.means.items():
+            if mean.n:
+                out[name] = mean.cumulative
+                out[f"{name}_rolling"] = mean.rolling
+        return {k: v for k, v in out.items() if math.isfinite(v)}
+
+    def state(self) -> dict[str, Any]:
+        """JSON-able state."""
+        return {name: m.state() for name, m in self.means.items()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state` returned."""
+        for name, s in state.items():
+            self.means[name].restore(s)

@@ -1,0 +1,506 @@
+"""The online learner: prequential evaluation, mini-batch updates, zero-distance pseudo-labels.
+
+No Kafka here: the trainer role feeds it chunks of examples and snapshots
+its state. A chunk is processed atomically, in this order:
+
+1. drop duplicates (by example id, over a bounded window) and examples of
+   other models; refuse examples whose label the model cannot use;
+2. featurize the chunk (statistics that have not seen it), predict every
+   example with the current model (prequential: predicted before learned);
+3. score labeled and late examples (cumulative and rolling accuracy and log
+   loss, or MAE and RMSE, and the same for what the application *served*);
+   feed the drift detectors example by example;
+4. pseudo-label the unlabeled examples whose confidence reaches the
+   threshold (they train with ``pseudo_weight``); a late label trains on the
+   truth and records whether the earlier pseudo-label was right;
+5. one optimizer step on the chunk's trainable examples, unless the loss or a
+   gradient is not finite (batch skipped) or the loss spikes beyond
+   ``spike_factor`` times its running average (model and optimizer rolled
+   back to the last good state, batch skipped);
+6. apply the drift policy's actions.
+
+Everything the next chunk depends on is in :meth:`OnlineLearner.state_dict`,
+so a learner restored from it and fed the same chunks ends bit-identical to
+one that never stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..events import ExampleEvent, class_name
+from .evaluation import Scoreboard
+from .featurizer import Featurizer
+from .models import ModelSpec, build_model
+
+_EPS = 1e-15
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """How the learner trains (see the README's trainer settings)."""
+
+    model_name: str
+    spec: ModelSpec
+    optimizer: str = "adam"
+    lr: float = 0.01
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    spike_factor: float = 5.0
+    spike_warmup_batches: int = 20
+    pseudo_enabled: bool = True
+    pseudo_threshold: float = 0.9
+    pseudo_weight: float = 0.3
+    dedup_window: int = 100_000
+    pseudo_memory: int = 100_000
+    metrics_window: int = 1000
+    feature_clip: float = 10.0
+    feature_abs_max: float = 1e9
+
+
+@dataclass
+class Rejected:
+    """An example the model cannot learn from, with the reason (for the dead-letter topic)."""
+
+    index: int
+    kind: str
+    reason: str
+
+
+@dataclass
+class ChunkResult:
+    """What processing one chunk did."""
+
+    trained: bool = False
+    loss: float = math.nan
+    rejected: list[Rejected] = field(default_factory=list)
+    findings: list[Any] = field(default_factory=list)
+    confidences: list[float] = field(default_factory=list)
+
+
+def make_optimizer(name: str, params: Any, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """The optimizer named in the settings (``adam``, ``adamw`` or ``sgd``)."""
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}: use adam, adamw or sgd")
+
+
+class _Trainable:
+    """A model with its optimizer and last good state (for rollback)."""
+
+    def __init__(self, config: LearnerConfig) -> None:
+        self.model: nn.Module = build_model(config.spec)
+        self.optimizer = make_optimizer(config.optimizer, self.model.parameters(), config.lr,
+                                        config.weight_decay)
+        self.good: tuple[dict[str, Any], dict[str, Any]] | None = None
+
+    def remember_good(self) -> None:
+        self.good = (copy.deepcopy(self.model.state_dict()), copy.deepcopy(self.optimizer.state_dict()))
+
+    def rollback(self) -> bool:
+        if self.good is None:
+            return False
+        self.model.load_state_dict(self.good[0])
+        self.optimizer.load_state_dict(copy.deepcopy(self.good[1]))
+        return True
+
+
+class OnlineLearner:
+    """Learns one model from a stream of joined examples, chunk by chunk."""
+
+    def __init__(self, config: LearnerConfig, *, drift: Any | None = None) -> None:
+        self.config = config
+        self.spec = config.spec
+        self.drift = drift  # a stream_learner.drift monitor + policy, or None
+        self._reset()
+
+    def _reset(self) -> None:
+        c = self.config
+        self.classes = [class_name(x) for x in self.spec.classes]
+        self.class_index = {name: i for i, name in enumerate(self.classes)}
+        self.regression = self.spec.task == "regression"
+        self.featurizer = Featurizer(self.spec.features, clip=c.feature_clip, abs_max=c.feature_abs_max)
+        self.main = _Trainable(c)
+        self.challenger: _Trainable | None = None
+        names = (["mae", "rmse_sq", "served_mae", "served_rmse_sq"] if self.regression
+                 else ["accuracy", "log_loss", "served_accuracy", "served_log_loss", "pseudo_precision"])
+        self.scores = Scoreboard(names, c.metrics_window)
+        self.challenger_scores = Scoreboard(["accuracy"], c.metrics_window)
+        self.champion_scores = Scoreboard(["accuracy"], c.metrics_window)
+        # Target standardization for regression (count, mean, m2).
+        self.target = np.zeros(3, dtype=np.float64)
+        self.seen: OrderedDict[bytes, None] = OrderedDict()
+        self.pseudo: OrderedDict[str, int] = OrderedDict()
+        self.loss_ema = math.nan
+        self.good_batches = 0
+        self.lr_boost_left = 0
+        self.examples_seen = 0
+        self.counts = {
+            "labeled": 0, "pseudo": 0, "pseudo_skipped": 0, "late": 0, "duplicates": 0, "other_model": 0,
+            "rejected": 0, "batches": 0, "skipped_non_finite": 0, "rollbacks": 0,
+        }
+
+    # -- the chunk ---------------------------------------------------------------
+
+    def process(self, chunk: Sequence[ExampleEvent]) -> ChunkResult:
+        """Evaluate, then learn from one chunk of examples (see the module docstring)."""
+        result = ChunkResult()
+        rows: list[ExampleEvent] = []
+        for i, ex in enumerate(chunk):
+            digest = hashlib.blake2b(ex.example_id.encode(), digest_size=16).digest()
+            if digest in self.seen:
+                self.counts["duplicates"] += 1
+                continue
+            self.seen[digest] = None
+            if len(self.seen) > self.config.dedup_window:
+                self.seen.popitem(last=False)
+            if ex.model != self.config.model_name:
+                self.counts["other_model"] += 1
+                continue
+            if ex.kind != "unlabeled" and (reason := self._label_problem(ex.label)):
+                self.counts["rejected"] += 1
+                result.rejected.append(Rejected(i, "invalid_label", reason))
+                continue
+            rows.append(ex)
+        self.examples_seen += len(chunk)
+        if not rows:
+            return result
+
+        x = self.featurizer.transform([ex.features for ex in rows])
+        with torch.no_grad():
+            self.main.model.eval()
+            out = self.main.model(x)
+            challenger_out = None
+            if self.challenger is not None:
+                self.challenger.model.eval()
+                challenger_out = self.challenger.model(x)
+        targets, weights, keep = self._evaluate_and_target(rows, out, challenger_out, result)
+        if keep:
+            idx = torch.tensor(keep, dtype=torch.long)
+            result.loss = self._step(self.main, x[idx], targets, weights, result, count=True)
+            if self.challenger is not None:
+                self._step(self.challenger, x[idx], targets, weights, None, count=False)
+        return result
+
+    def _label_problem(self, label: Any) -> str | None:
+        if label is None:
+            return "a labeled example has no label"
+        if self.regression:
+            if isinstance(label, str):
+                return f"regression label must be a number, got {label!r}"
+            if not abs(label) <= self.config.feature_abs_max:
+                return f"label {label!r} is out of range"
+            return None
+        if class_name(label) not in self.class_index:
+            return f"label {class_name(label)!r} is not one of the model's classes {self.classes}"
+        return None
+
+    def _evaluate_and_target(self, rows: list[ExampleEvent], out: torch.Tensor,
+                             challenger_out: torch.Tensor | None,
+                             result: ChunkResult) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Prequential scoring and drift input, then the training targets of the chunk."""
+        c = self.config
+        keep: list[int] = []
+        ys: list[float] = []
+        ws: list[float] = []
+        if self.regression:
+            mean, std = self._target_mean_std()
+            preds = (out[:, 0].double() * std + mean).tolist()
+            for i, ex in enumerate(rows):
+                if ex.kind == "unlabeled":
+                    self.counts["pseudo_skipped"] += 1  # no confidence for a regression value
+                    continue
+                y = float(ex.label)  # type: ignore[arg-type]
+                err = preds[i] - y
+                self.scores.update("mae", abs(err))
+                self.scores.update("rmse_sq", err * err)
+                if isinstance(ex.prediction, float):
+                    self.scores.update("served_mae", abs(ex.prediction - y))
+                    self.scores.update("served_rmse_sq", (ex.prediction - y) ** 2)
+                self._observe("loss", err * err, result)
+                self.counts["late" if ex.kind == "late" else "labeled"] += 1
+                keep.append(i)
+                ys.append(y)
+                ws.append(1.0)
+            self._update_target_stats(np.array(ys, dtype=np.float64))
+            ys_std = [(y - mean) / std for y in ys]
+            return torch.tensor(ys_std, dtype=torch.float32), torch.tensor(ws, dtype=torch.float32), keep
+
+        probs = torch.softmax(out.double(), dim=1)
+        conf, arg = probs.max(dim=1)
+        conf_l, arg_l = conf.tolist(), arg.tolist()
+        challenger_arg = challenger_out.argmax(dim=1).tolist() if challenger_out is not None else None
+        for i, ex in enumerate(rows):
+            self._observe("confidence", conf_l[i], result)
+            result.confidences.append(conf_l[i])
+            if ex.kind == "unlabeled":
+                if c.pseudo_enabled and conf_l[i] >= c.pseudo_threshold:
+                    keep.append(i)
+                    ys.append(arg_l[i])
+                    ws.append(c.pseudo_weight)
+                    self.pseudo[ex.prediction_event_id] = arg_l[i]
+                    if len(self.pseudo) > c.pseudo_memory:
+                        self.pseudo.popitem(last=False)
+                    self.counts["pseudo"] += 1
+                else:
+                    self.counts["pseudo_skipped"] += 1
+                continue
+            y = self.class_index[class_name(ex.label)]  # type: ignore[arg-type]
+            p_y = float(probs[i, y])
+            correct = arg_l[i] == y
+            self.scores.update("accuracy", 1.0 if correct else 0.0)
+            loss = -math.log(max(p_y, _EPS))
+            self.scores.update("log_loss", loss)
+            served = self._served(ex.prediction)
+            if served is not None:
+                self.scores.update("served_accuracy", 1.0 if served[0] == y else 0.0)
+                self.scores.update("served_log_loss", -math.log(max(served[1].get(y, 0.0), _EPS)))
+            if challenger_arg is not None:
+                self.challenger_scores.update("accuracy", 1.0 if challenger_arg[i] == y else 0.0)
+                self.champion_scores.update("accuracy", 1.0 if correct else 0.0)
+            self._observe("error", 0.0 if correct else 1.0, result)
+            self._observe("loss", loss, result)
+            if ex.kind == "late":
+                self.counts["late"] += 1
+                pseudo = self.pseudo.pop(ex.prediction_event_id, None)
+                if pseudo is not None:
+                    self.scores.update("pseudo_precision", 1.0 if pseudo == y else 0.0)
+            else:
+                self.counts["labeled"] += 1
+            keep.append(i)
+            ys.append(y)
+            ws.append(1.0)
+        return torch.tensor(ys, dtype=torch.long), torch.tensor(ws, dtype=torch.float32), keep
+
+    def _served(self, prediction: Any) -> tuple[int, dict[int, float]] | None:
+        """The class the application served and its probabilities, by class index."""
+        if not isinstance(prediction, dict):
+            return None
+        probs = {self.class_index[class_name(k)]: v for k, v in prediction.items() if class_name(k) in self.class_index}
+        if not probs:
+            return None
+        return max(probs, key=lambda k: probs[k]), probs
+
+    def _observe(self, signal: str, value: float, result: ChunkResult) -> None:
+        if self.drift is not None:
+            result.findings.extend(self.drift.observe(signal, value, index=self.examples_seen))
+
+    def _step(self, t: _Trainable, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
+              result: ChunkResult | None, *, count: bool) -> float:
+        """One optimizer step; returns the batch loss (NaN when skipped)."""
+        c = self.config
+        t.model.train()
+        out = t.model(x)
+        if self.regression:
+            per = (out[:, 0] - y) ** 2
+        else:
+            per = nn.functional.cross_entropy(out, y, reduction="none")
+        loss = (per * w).sum() / w.sum()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            if count:
+                self.counts["skipped_non_finite"] += 1
+            return math.nan
+        if count and self.good_batches >= c.spike_warmup_batches and value > c.spike_factor * self.loss_ema:
+            # The current weights produce an abnormal loss: go back to the last
+            # weights that did not, and do not learn from this batch.
+            if t.rollback():
+                self.counts["rollbacks"] += 1
+            return math.nan
+        t.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = [p.grad for p in t.model.parameters() if p.grad is not None]
+        if not all(bool(torch.isfinite(g).all()) for g in grads):
+            t.optimizer.zero_grad(set_to_none=True)
+            if count:
+                self.counts["skipped_non_finite"] += 1
+            return math.nan
+        if c.clip_norm > 0:
+            nn.utils.clip_grad_norm_(t.model.parameters(), c.clip_norm)
+        t.remember_good()
+        t.optimizer.step()
+        if count:
+            self.counts["batches"] += 1
+            self.good_batches += 1
+            self.loss_ema = value if math.isnan(self.loss_ema) else 0.9 * self.loss_ema + 0.1 * value
+            if self.lr_boost_left > 0:
+                self.lr_boost_left -= 1
+                if self.lr_boost_left == 0:
+                    self.set_lr(c.lr)
+        return value
+
+    # -- regression target statistics ---------------------------------------------
+
+    def _target_mean_std(self) -> tuple[float, float]:
+        n, mean, m2 = self.target
+        std = math.sqrt(m2 / (n - 1)) if n > 1 else 1.0
+        return float(mean), std if std > 1e-12 else 1.0
+
+    def _update_target_stats(self, ys: np.ndarray | None) -> None:
+        if ys is None or ys.size == 0:
+            return
+        n, mean, m2 = self.target
+        n_b, mean_b = float(ys.size), float(ys.mean())
+        m2_b = float(((ys - mean_b) ** 2).sum())
+        total = n + n_b
+        delta = mean_b - mean
+        self.target = np.array([total, mean + delta * n_b / total, m2 + m2_b + delta * delta * n * n_b / total])
+
+    # -- drift policy actions ---------------------------------------------------------
+
+    def set_lr(self, lr: float) -> None:
+        """Set the learning rate of the main model's optimizer."""
+        for group in self.main.optimizer.param_groups:
+            group["lr"] = lr
+
+    def boost_lr(self, factor: float, steps: int) -> None:
+        """Multiply the learning rate by ``factor`` for the next ``steps`` batches."""
+        self.set_lr(self.config.lr * factor)
+        self.lr_boost_left = steps
+
+    def reset_optimizer(self) -> None:
+        """Forget the optimizer's moments (a fresh optimizer on the same weights)."""
+        c = self.config
+        self.main.optimizer = make_optimizer(c.optimizer, self.main.model.parameters(), c.lr, c.weight_decay)
+        self.lr_boost_left = 0
+
+    def start_challenger(self) -> bool:
+        """Start a fresh challenger model (no-op if one runs); True if started."""
+        if self.challenger is not None:
+            return False
+        self.challenger = _Trainable(self.config)
+        self.challenger_scores = Scoreboard(["accuracy"], self.config.metrics_window)
+        self.champion_scores = Scoreboard(["accuracy"], self.config.metrics_window)
+        return True
+
+    def promote_challenger_if_better(self) -> bool:
+        """Replace the main model by the challenger if it scored better since it started."""
+        if self.challenger is None:
+            return False
+        ch, champ = self.challenger_scores.means["accuracy"], self.champion_scores.means["accuracy"]
+        better = ch.n > 0 and ch.cumulative > champ.cumulative
+        if better:
+            self.main = self.challenger
+        self.challenger = None
+        return better
+
+    # -- state ---------------------------------------------------------------------------
+
+    def summary(self) -> dict[str, float]:
+        """Current metrics (RMSE as the root of the mean squared error)."""
+        out = self.scores.summary()
+        for key in [k for k in out if "rmse_sq" in k]:
+            out[key.replace("rmse_sq", "rmse")] = math.sqrt(out.pop(key))
+        return out
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Everything needed to continue bit-identically: (tensors, JSON-able meta)."""
+        tensors: dict[str, torch.Tensor] = {}
+        meta: dict[str, Any] = {}
+        for name, t in (("main", self.main), ("challenger", self.challenger)):
+            if t is None:
+                continue
+            _put_trainable(tensors, meta, name, t)
+        tensors.update(self.featurizer.state_dict())
+        tensors["target"] = torch.from_numpy(self.target.copy())
+        seen = list(self.seen)
+        tensors["dedup"] = (torch.frombuffer(bytearray(b"".join(seen)), dtype=torch.uint8).reshape(len(seen), 16)
+                            if seen else torch.zeros((0, 16), dtype=torch.uint8))
+        meta.update(
+            featurizer_counts=self.featurizer.counts, scores=self.scores.state(),
+            challenger_scores=self.challenger_scores.state(), champion_scores=self.champion_scores.state(),
+            pseudo=list(self.pseudo.items()), loss_ema=self.loss_ema, good_batches=self.good_batches,
+            lr_boost_left=self.lr_boost_left, examples_seen=self.examples_seen, counts=self.counts,
+            drift=self.drift.state() if self.drift is not None else None,
+        )
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self._reset()
+        _get_trainable(tensors, meta, "main", self.main)
+        if "challenger.model" in meta:
+            self.challenger = _Trainable(self.config)
+            _get_trainable(tensors, meta, "challenger", self.challenger)
+        self.featurizer.load_state_dict(tensors)
+        self.featurizer.counts = dict(meta["featurizer_counts"])
+        self.target = tensors["target"].numpy().astype(np.float64).copy()
+        self.seen = OrderedDict((bytes(row.tolist()), None) for row in tensors["dedup"])
+        self.scores.restore(meta["scores"])
+        self.challenger_scores.restore(meta["challenger_scores"])
+        self.champion_scores.restore(meta["champion_scores"])
+        self.pseudo = OrderedDict((k, int(v)) for k, v in meta["pseudo"])
+        self.loss_ema = float(meta["loss_ema"])
+        self.good_batches = int(meta["good_batches"])
+        self.lr_boost_left = int(meta["lr_boost_left"])
+        self.examples_seen = int(meta["examples_seen"])
+        self.counts = dict(meta["counts"])
+        if self.drift is not None and meta.get("drift") is not None:
+            self.drift.restore(meta["drift"])
+
+
+def _put_optimizer(tensors: dict[str, torch.Tensor], prefix: str, state: dict[str, Any]) -> dict[str, Any]:
+    """Flatten an optimizer state_dict: tensors by name, the rest JSON-able."""
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, per_param in state["state"].items():
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{prefix}.{idx}.{key}"] = value.detach().clone()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    return {"param_groups": state["param_groups"], "scalars": scalars,
+            "tensor_keys": sorted(f"{idx}.{k}" for idx, p in state["state"].items()
+                                  for k, v in p.items() if isinstance(v, torch.Tensor))}
+
+
+def _get_optimizer(tensors: dict[str, torch.Tensor], prefix: str, meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name in meta["tensor_keys"]:
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = tensors[f"{prefix}.{name}"].clone()
+    for idx, scalars in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(scalars)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _put_trainable(tensors: dict[str, torch.Tensor], meta: dict[str, Any], name: str, t: _Trainable) -> None:
+    for key, value in t.model.state_dict().items():
+        tensors[f"{name}.model.{key}"] = value.detach().clone()
+    meta[f"{name}.model"] = sorted(t.model.state_dict())
+    meta[f"{name}.optimizer"] = _put_optimizer(tensors, f"{name}.optimizer", t.optimizer.state_dict())
+    if t.good is not None:
+        for key, value in t.good[0].items():
+            tensors[f"{name}.good.model.{key}"] = value.detach().clone()
+        meta[f"{name}.good.optimizer"] = _put_optimizer(tensors, f"{name}.good.optimizer", t.good[1])
+
+
+def _get_trainable(tensors: dict[str, torch.Tensor], meta: dict[str, Any], name: str, t: _Trainable) -> None:
+    t.model.load_state_dict({key: tensors[f"{name}.model.{key}"] for key in meta[f"{name}.model"]})
+    t.optimizer.load_state_dict(_get_optimizer(tensors, f"{name}.optimizer", meta[f"{name}.optimizer"]))
+    if f"{name}.good.optimizer" in meta:
+        t.good = ({key: tensors[f"{name}.good.model.{key}"].clone() for key in meta[f"{name}.model"]},
+                  _get_optimizer(tensors, f"{name}.good.optimizer", meta[f"{name}.good.optimizer"]))
+
+
+def weights_of(learner: OnlineLearner) -> dict[str, torch.Tensor]:
+    """The servable weights: model parameters plus the featurizer statistics a server needs."""
+    tensors = {f"model.{k}": v.detach().clone().contiguous() for k, v in learner.main.model.state_dict().items()}
+    tensors.update(learner.featurizer.state_dict())
+    tensors["target"] = torch.from_numpy(learner.target.copy())
+    return tensors
+
+

@@ -1,0 +1,93 @@
+"""Built-in models (logistic regression, MLP) and user models from a factory.
+
+Every model maps a float32 batch ``[B, n_features]`` to ``[B, n_outputs]``:
+class logits for classification (binary is two classes, so one softmax code
+path serves both), one value for regression (in standardized target units).
+
+A user model is named ``package.module:function``; the function is called
+as ``function(n_features=..., n_outputs=..., **params)`` and must return an
+``nn.Module``.
+
+>>> spec = ModelSpec(kind="mlp", task="binary", features=["a", "b"], classes=["no", "yes"], hidden=[8])
+>>> model = build_model(spec)
+>>> model(torch.zeros(3, 2)).shape
+torch.Size([3, 2])
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+Task = Literal["binary", "multiclass", "regression"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to build: the architecture config stored in every manifest."""
+
+    kind: str  # "logreg", "mlp" or "package.module:function"
+    task: Task
+    features: Sequence[str]
+    classes: Sequence[str] = ()
+    hidden: Sequence[int] = (64,)
+    seed: int = 0
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.task in ("binary", "multiclass"):
+            if len(self.classes) < 2 or (self.task == "binary" and len(self.classes) != 2):
+                raise ValueError(f"task {self.task} needs {'two' if self.task == 'binary' else 'two or more'} "
+                                 f"classes, got {list(self.classes)}")
+            if len(set(self.classes)) != len(self.classes):
+                raise ValueError("a class is named twice")
+        if self.kind not in ("logreg", "mlp") and ":" not in self.kind:
+            raise ValueError(f"model kind must be logreg, mlp or package.module:function, not {self.kind!r}")
+
+    @property
+    def n_outputs(self) -> int:
+        """Logits per class, or one regression value."""
+        return 1 if self.task == "regression" else len(self.classes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form, as written into a manifest's ``architecture``."""
+        d = asdict(self)
+        d["features"], d["classes"], d["hidden"] = list(self.features), list(self.classes), list(self.hidden)
+        return d
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """A freshly initialised model; the same spec and seed give the same weights."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(spec.seed)
+    try:
+        n_in, n_out = len(spec.features), spec.n_outputs
+        if spec.kind == "logreg":
+            return nn.Linear(n_in, n_out)
+        if spec.kind == "mlp":
+            layers: list[nn.Module] = []
+            width = n_in
+            for h in spec.hidden:
+                layers += [nn.Linear(width, h), nn.ReLU()]
+                width = h
+            layers.append(nn.Linear(width, n_out))
+            return nn.Sequential(*layers)
+        module_name, _, func_name = spec.kind.partition(":")
+        factory = getattr(importlib.import_module(module_name), func_name)
+        model = factory(n_features=n_in, n_outputs=n_out, **spec.params)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{spec.kind} returned {type(model).__name__}, not an nn.Module")
+        return model
+    finally:
+        # Building a model must not move the caller's global RNG.
+        torch.random.set_rng_state(generator_state)
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

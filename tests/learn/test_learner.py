@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+import math
+
+import msgspec
+import pytest
+import torch
+
+from stream_learner.learn.learner import LearnerConfig, OnlineLearner
+from stream_learner.learn.models import ModelSpec
+
+from .streams import AGRAWAL_FEATURES, agrawal_examples
+
+
+def config(**kw) -> LearnerConfig:
+    spec = ModelSpec(kind=kw.pop("kind", "mlp"), task="binary", features=AGRAWAL_FEATURES, classes=["0", "1"],
+                     hidden=[32])
+    return LearnerConfig(model_name="m", spec=spec, **kw)
+
+
+def chunks(examples, size=64):
+    for i in range(0, len(examples), size):
+        yield examples[i:i + size]
+
+
+def test_learns_agrawal_better_than_chance() -> None:
+    learner = OnlineLearner(config())
+    for chunk in chunks(agrawal_examples(6000)):
+        learner.process(chunk)
+    summary = learner.summary()
+    assert summary["accuracy_rolling"] > 0.8, summary
+    assert learner.counts["labeled"] == 6000 and learner.counts["batches"] > 80
+
+
+def test_restore_is_bit_identical() -> None:
+    stream = agrawal_examples(3000, unlabeled=0.3)
+    a = OnlineLearner(config())
+    for chunk in chunks(stream[:1600]):
+        a.process(chunk)
+    tensors, meta = a.state_dict()
+    meta = msgspec.json.decode(msgspec.json.encode(meta))  # as stored
+    b = OnlineLearner(config())
+    b.load_state_dict({k: v.clone() for k, v in tensors.items()}, meta)
+    for chunk in chunks(stream[1600:]):
+        a.process(chunk)
+        b.process(chunk)
+    for (ka, va), (kb, vb) in zip(a.main.model.state_dict().items(), b.main.model.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    assert a.counts == b.counts and a.summary() == b.summary()
+
+
+def test_duplicates_and_other_models_are_not_learned() -> None:
+    stream = agrawal_examples(200)
+    learner = OnlineLearner(config())
+    learner.process(stream[:100] + stream[:50] + agrawal_examples(10, model="other", seed=9))
+    assert learner.counts["duplicates"] == 50 and learner.counts["other_model"] == 10
+    assert learner.counts["labeled"] == 100
+
+
+def test_unknown_class_is_rejected_with_a_reason() -> None:
+    ex = msgspec.structs.replace(agrawal_examples(1)[0], label="maybe")
+    result = OnlineLearner(config()).process([ex])
+    assert result.rejected[0].reason.startswith("label 'maybe' is not one of")
+
+
+def test_pseudo_labels_and_late_correction() -> None:
+    learner = OnlineLearner(config(pseudo_threshold=0.0))
+    base = agrawal_examples(2000)
+    for chunk in chunks(base):
+        learner.process(chunk)
+    unl = agrawal_examples(64, seed=5, unlabeled=1.0)
+    learner.process(unl)
+    assert learner.counts["pseudo"] == 64
+    late = [msgspec.structs.replace(x, kind="late", label="1", example_id=x.example_id + "-late") for x in unl]
+    learner.process(late)
+    assert learner.counts["late"] == 64
+    assert 0.0 <= learner.summary()["pseudo_precision"] <= 1.0
+    assert learner.scores.means["pseudo_precision"].n == 64
+
+
+def test_high_threshold_skips_pseudo_steps() -> None:
+    learner = OnlineLearner(config(pseudo_threshold=1.01))
+    learner.process(agrawal_examples(64, unlabeled=1.0))
+    assert learner.counts["pseudo"] == 0 and learner.counts["pseudo_skipped"] == 64
+
+
+def test_absurd_features_never_reach_the_weights() -> None:
+    learner = OnlineLearner(config())
+    stream = agrawal_examples(3000)
+    poisoned = [msgspec.structs.replace(x, features={**x.features, "salary": 1e300}) if i % 100 == 0 else x
+                for i, x in enumerate(stream)]
+    for chunk in chunks(poisoned):
+        learner.process(chunk)
+    assert all(torch.isfinite(p).all() for p in learner.main.model.parameters())
+    assert learner.featurizer.counts["out_of_range"] == 30
+    assert math.isfinite(learner.featurizer.mean.sum())
+
+
+def test_loss_spike_rolls_back() -> None:
+    learner = OnlineLearner(config(spike_warmup_batches=5, spike_factor=3.0))
+    stream = agrawal_examples(2000)
+    for chunk in chunks(stream):
+        learner.process(chunk)
+    before = {k: v.clone() for k, v in learner.main.model.state_dict().items()}
+    # Damage the weights as a bad update would; the next batch's loss spikes.
+    with torch.no_grad():
+        for p in learner.main.model.parameters():
+            p.mul_(-50)
+    learner.process(agrawal_examples(64, seed=3))
+    assert learner.counts["rollbacks"] == 1
+    # Rolled back to the last good weights: those of before the last good step.
+    after = learner.main.model.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # not the damaged ones either
+    assert all((after[k] - before[k]).abs().max() < 1.0 for k in before)
+
+
+@pytest.mark.parametrize("kind", ["logreg", "mlp"])
+def test_both_builtin_models_train(kind: str) -> None:
+    learner = OnlineLearner(config(kind=kind))
+    for chunk in chunks(agrawal_examples(1000)):
+        learner.process(chunk)
+    assert learner.counts["batches"] > 10
