@@ -212,8 +212,9 @@ def _from_env(env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
         field = key[len(ENV_PREFIX):].lower()
         if field not in FIELDS:
             raise ConfigError(f"unknown setting in environment variable {key}")
-        # An empty variable means "unset" so compose files can blank a default.
-        out[field] = (None if value == "" else _split_lists(field, value), f"environment variable {key}={value!r}")
+        if value == "":
+            continue  # empty means unset, so compose files can pass ${VAR:-} through
+        out[field] = (_split_lists(field, value), f"environment variable {key}={value!r}")
     return out
 
 

@@ -130,12 +130,17 @@ class ExampleEvent(Struct, frozen=True, kw_only=True):
 
 
 class WeightsInfo(Struct, frozen=True, kw_only=True):
-    """How a checkpoint's safetensors bytes are laid out on the model topic."""
+    """How a checkpoint's safetensors bytes are laid out on the model topic.
+
+    ``chunk_offsets[i]`` is the offset of chunk ``i`` in the partition that
+    holds the manifest (chunks are produced, and acknowledged, before it).
+    """
 
     format: Literal["safetensors"]
     size: Count
     chunks: Annotated[int, Meta(ge=1)]
     sha256: Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]
+    chunk_offsets: list[Annotated[int, Meta(ge=0)]] = []
 
 
 class Signature(Struct, frozen=True, kw_only=True):
