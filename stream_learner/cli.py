@@ -11,6 +11,7 @@ import argparse
 import json
 import signal
 import sys
+import threading
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -59,6 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
                             help="join predictions and labels into examples (consumer group)")
     joiner.set_defaults(func=cmd_joiner)
 
+    trainer = sub.add_parser("trainer", parents=[common],
+                             help="train the model online from the examples topic and publish checkpoints")
+    trainer.set_defaults(func=cmd_trainer)
+
+    run = sub.add_parser("run", parents=[common], help="joiner and trainer in one process (small deployments)")
+    run.set_defaults(func=cmd_run)
+
+    keys = sub.add_parser("keys", parents=[common], help="checkpoint signing keys")
+    keys.add_argument("action", choices=["generate"])
+    keys.add_argument("--out", type=Path, required=True, help="directory for signing.pem and signing.pub.pem")
+    keys.set_defaults(func=cmd_keys)
+
     local = sub.add_parser("local", parents=[common], help="local Tansu + Valkey servers for development")
     local.add_argument("action", choices=["up", "down"])
     local.add_argument("--state-file", type=Path, default=DEFAULT_STATE)
@@ -91,17 +104,64 @@ def cmd_demo(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> 
     return 0 if ok else 1
 
 
-def cmd_joiner(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> int:
-    """Run the joiner until SIGTERM or Ctrl-C."""
-    import threading
-
-    from .join.joiner import Joiner
-
-    stop = threading.Event()
+def _stop_on_signals() -> threading.Event:
     # Finish the current cycle, then stop: nothing half-done to recover from.
+    stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    Joiner(settings, metrics=metrics).run(stop)
+    return stop
+
+
+def cmd_joiner(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> int:
+    """Run the joiner until SIGTERM or Ctrl-C."""
+    from .join.joiner import Joiner
+
+    Joiner(settings, metrics=metrics).run(_stop_on_signals())
+    return 0
+
+
+def cmd_trainer(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> int:
+    """Run the trainer until SIGTERM or Ctrl-C."""
+    from .learn.trainer import build_trainer
+
+    build_trainer(settings, metrics=metrics).run(_stop_on_signals())
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> int:
+    """Joiner and trainer in one process, each in its own thread, stopped together."""
+    from .join.joiner import Joiner
+    from .learn.trainer import build_trainer
+
+    stop = _stop_on_signals()
+    trainer = build_trainer(settings, metrics=metrics)
+    joiner = Joiner(settings, metrics=metrics)
+    threads = [threading.Thread(target=role.run, args=(stop,), name=name)
+               for name, role in (("joiner", joiner), ("trainer", trainer))]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        for t in threads:
+            t.join(0.5)
+        if not all(t.is_alive() for t in threads):
+            stop.set()  # one role died: stop the other rather than run half a pipeline
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> int:
+    """Write a new Ed25519 key pair: the trainer keeps the private key, serving nodes the public one."""
+    import os
+
+    from .checkpoint.signing import generate_keypair
+
+    private_pem, public_pem = generate_keypair()
+    args.out.mkdir(parents=True, exist_ok=True)
+    private_path, public_path = args.out / "signing.pem", args.out / "signing.pub.pem"
+    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(private_pem)
+    public_path.write_bytes(public_pem)
+    print(json.dumps({"private_key": str(private_path), "public_key": str(public_path)}))
     return 0
 
 

@@ -55,6 +55,18 @@ class Metrics:
             "stream_learner_joiner_consumer_lag_records", "Records not yet read on the assigned partitions.",
             registry=r)
 
+        self.trainer_examples = Counter(
+            "stream_learner_trainer_examples_total", "Example records the trainer applied.", registry=r)
+        self.trainer_loss = Gauge(
+            "stream_learner_trainer_batch_loss", "Training loss of the last mini-batch.", registry=r)
+        self.trainer_drifts = Counter(
+            "stream_learner_trainer_drift_total", "Drift findings, by kind and detector.", ["kind", "detector"],
+            registry=r)
+        self.trainer_checkpoints = Counter(
+            "stream_learner_trainer_checkpoints_total", "Checkpoints published.", registry=r)
+        self.trainer_version = Gauge(
+            "stream_learner_trainer_model_version", "Version of the last published checkpoint.", registry=r)
+
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
         """Expose ``/metrics`` on ``port`` from a background thread."""
         start_http_server(port, addr=addr, registry=self.registry)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -423,11 +424,13 @@ class OnlineLearner:
         meta.update(
             featurizer_counts=self.featurizer.counts, scores=self.scores.state(),
             challenger_scores=self.challenger_scores.state(), champion_scores=self.champion_scores.state(),
-            pseudo=list(self.pseudo.items()), loss_ema=self.loss_ema, good_batches=self.good_batches,
+            pseudo=[[k, v] for k, v in self.pseudo.items()],
+            loss_ema=None if math.isnan(self.loss_ema) else self.loss_ema, good_batches=self.good_batches,
             lr_boost_left=self.lr_boost_left, examples_seen=self.examples_seen, counts=self.counts,
             drift=self.drift.state() if self.drift is not None else None,
         )
-        return tensors, meta
+        # Tuples (Adam's betas) become lists, as they will when stored as JSON.
+        return tensors, json.loads(json.dumps(meta, allow_nan=False))
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
@@ -444,7 +447,7 @@ class OnlineLearner:
         self.challenger_scores.restore(meta["challenger_scores"])
         self.champion_scores.restore(meta["champion_scores"])
         self.pseudo = OrderedDict((k, int(v)) for k, v in meta["pseudo"])
-        self.loss_ema = float(meta["loss_ema"])
+        self.loss_ema = math.nan if meta["loss_ema"] is None else float(meta["loss_ema"])
         self.good_batches = int(meta["good_batches"])
         self.lr_boost_left = int(meta["lr_boost_left"])
         self.examples_seen = int(meta["examples_seen"])
@@ -494,13 +497,3 @@ def _get_trainable(tensors: dict[str, torch.Tensor], meta: dict[str, Any], name:
     if f"{name}.good.optimizer" in meta:
         t.good = ({key: tensors[f"{name}.good.model.{key}"].clone() for key in meta[f"{name}.model"]},
                   _get_optimizer(tensors, f"{name}.good.optimizer", meta[f"{name}.good.optimizer"]))
-
-
-def weights_of(learner: OnlineLearner) -> dict[str, torch.Tensor]:
-    """The servable weights: model parameters plus the featurizer statistics a server needs."""
-    tensors = {f"model.{k}": v.detach().clone().contiguous() for k, v in learner.main.model.state_dict().items()}
-    tensors.update(learner.featurizer.state_dict())
-    tensors["target"] = torch.from_numpy(learner.target.copy())
-    return tensors
-
-

@@ -1,0 +1,95 @@
+"""The trainer role against the real local broker (and Valkey for the Redis state store)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import pytest
+import torch
+
+from stream_learner.bus import make_producer
+from stream_learner.checkpoint.reader import read_latest
+from stream_learner.checkpoint.signing import generate_keypair, load_public_key
+from stream_learner.config import Settings
+from stream_learner.events import encode
+from stream_learner.learn.trainer import Trainer
+
+from .streams import AGRAWAL_FEATURES, agrawal_examples
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> tuple[Path, Path]:
+    private_pem, public_pem = generate_keypair()
+    (tmp_path / "k.pem").write_bytes(private_pem)
+    (tmp_path / "k.pub.pem").write_bytes(public_pem)
+    return tmp_path / "k.pem", tmp_path / "k.pub.pem"
+
+
+@pytest.fixture
+def tsettings(settings: Settings, keys, tmp_path: Path) -> Settings:
+    return msgspec.structs.replace(
+        settings, trainer_model="m", trainer_features=AGRAWAL_FEATURES, trainer_classes=["0", "1"],
+        trainer_hidden=[16], trainer_signing_key=str(keys[0]), trainer_state_dir=str(tmp_path / "state"),
+        trainer_checkpoint_every_examples=1000, trainer_checkpoint_every_s=3600, trainer_max_wait_ms=200,
+        trainer_group_id=f"{settings.topic_examples}-trainer",
+    )
+
+
+def produce_examples(settings: Settings, examples) -> None:
+    producer = make_producer(settings)
+    for ex in examples:
+        producer.send(settings.topic_examples, key=ex.request_id.encode(), value=encode(ex))
+    producer.flush()
+    producer.close()
+
+
+def run_until(trainer: Trainer, applied: int, max_steps: int = 10_000) -> None:
+    for _ in range(max_steps):
+        trainer.step()
+        if sum(trainer.offsets.values()) >= applied and not trainer.buffer:
+            return
+    raise AssertionError(f"applied only {trainer.offsets} of {applied}")
+
+
+def test_trains_and_publishes_signed_checkpoints(tsettings: Settings, keys) -> None:
+    produce_examples(tsettings, agrawal_examples(3000))
+    trainer = Trainer(tsettings)
+    try:
+        run_until(trainer, 3000)
+        trainer.checkpoint()
+    finally:
+        trainer.close()
+    versions = [m.version for m in trainer.published]
+    assert versions == list(range(1, len(versions) + 1)) and len(versions) >= 3
+    latest = read_latest(tsettings, tsettings.topic_models, load_public_key(keys[1]), "m")
+    assert latest.manifest.version == versions[-1]
+    assert latest.manifest.counts["labeled"] == 3000
+    assert latest.manifest.input_offsets[0].offset == 3000
+    assert latest.manifest.metrics["accuracy"] > 0.6
+    assert latest.manifest.feature_spec == AGRAWAL_FEATURES
+    assert set(latest.tensors) >= {"model.0.weight", "featurizer.mean"}
+
+
+def test_restart_resumes_from_its_state_not_from_kafka(tsettings: Settings) -> None:
+    stream = agrawal_examples(2000)
+    produce_examples(tsettings, stream)
+    first = Trainer(tsettings)
+    try:
+        run_until(first, 1000, max_steps=50)
+    except AssertionError:
+        pass
+    finally:
+        first.close()
+    # Resume: the restored trainer continues at its last checkpoint's offsets.
+    second = Trainer(tsettings)
+    resumed_at = dict(second.offsets)
+    try:
+        run_until(second, 2000)
+        second.checkpoint()
+    finally:
+        second.close()
+    assert first.published and resumed_at == {0: first.published[-1].input_offsets[0].offset}
+    assert second.learner.counts["labeled"] == 2000  # none applied twice, none skipped
+    versions = [m.version for m in first.published + second.published]
+    assert versions == list(range(1, len(versions) + 1))
