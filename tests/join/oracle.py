@@ -110,6 +110,13 @@ def mismatches(examples: Iterable[ExampleEvent], oracle: OracleResult, limit: in
                         f"e.g. {sorted(missing, key=lambda e: e[1])[:limit]}")
     if extra:
         problems.append(f"{len(extra)} extra, e.g. {sorted(extra, key=lambda e: e[1])[:limit]}")
+    if missing and extra:
+        # A hint for the reader of a failure: the commonest way to get both at once.
+        carrying = {x[1] for x in extra if x[0] == "unlabeled" and x[3] is not None}
+        instead = sum(1 for e in missing if e[0] == "unlabeled" and e[1] in carrying)
+        if instead:
+            problems.append(f"{instead} of the missing are unlabeled examples emitted instead with the "
+                            f"(late) label in them, under another example id")
     wrong = []
     for x in everything:
         e = oracle.examples.get(x.example_id)
