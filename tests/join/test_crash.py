@@ -14,7 +14,6 @@ oracle (:mod:`.oracle`) exactly.
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
@@ -29,9 +28,10 @@ import redis
 from kafka import KafkaConsumer, TopicPartition
 
 from stream_learner.bus import make_consumer, make_producer
-from stream_learner.config import FIELDS, Settings, env_name, load_settings
+from stream_learner.config import Settings, load_settings
 from stream_learner.events import EXAMPLE, ExampleEvent, LabelEvent, PredictionEvent, encode
 
+from ..procs import settings_env
 from .helpers import advance_all, label, prediction
 from .oracle import OracleResult, expected_examples, mismatches
 
@@ -52,23 +52,6 @@ def joiner_settings(settings: Settings) -> Settings:
         joiner_group_id=f"{settings.topic_predictions}-crash-joiner",
         joiner_redis_prefix="{" + settings.topic_predictions + "}:", log_format="json",
     )
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment that makes ``stream-learner`` load exactly ``settings``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_LEARNER_")}
-    defaults = Settings()
-    for field in FIELDS:
-        value = getattr(settings, field)
-        if value == getattr(defaults, field) or value is None:
-            continue
-        if isinstance(value, bool):
-            env[env_name(field)] = "true" if value else "false"
-        elif isinstance(value, (list, tuple)):
-            env[env_name(field)] = ",".join(map(str, value))
-        else:
-            env[env_name(field)] = str(value)
-    return env
 
 
 def generate(n: int, seed: int) -> list[PredictionEvent | LabelEvent]:

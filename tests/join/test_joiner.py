@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,10 +12,11 @@ import pytest
 from kafka import TopicPartition
 
 from stream_learner.bus import H_ERROR_KIND, H_SOURCE_TOPIC, make_consumer
-from stream_learner.config import Settings, env_name
+from stream_learner.config import Settings
 from stream_learner.events import ExampleEvent
 from stream_learner.join.joiner import example_id
 
+from ..procs import settings_env
 from .helpers import RunningJoiner, advance_all, label, prediction, produce, read_examples, wait_until
 
 T0 = 1_767_225_600_000
@@ -150,14 +150,6 @@ def test_metrics_count_what_the_joiner_did(jsettings: Settings) -> None:
     assert sample("stream_learner_joiner_watermark_lag_seconds") > 0
 
 
-def joiner_env(s: Settings) -> dict[str, str]:
-    env = dict(os.environ)
-    for field, value in msgspec.structs.asdict(s).items():
-        if value is not None:
-            env[env_name(field)] = str(value).lower() if isinstance(value, bool) else str(value)
-    return env
-
-
 def test_two_joiner_processes_in_one_group(jsettings: Settings, tmp_path) -> None:
     n = 3000
     events = []
@@ -167,7 +159,7 @@ def test_two_joiner_processes_in_one_group(jsettings: Settings, tmp_path) -> Non
             events.append(label(i, T0 + i + 50))
     produce(jsettings, events)
     advance_all(jsettings, T0 + n + 10 * W)
-    procs = [subprocess.Popen([sys.executable, "-m", "stream_learner.cli", "joiner"], env=joiner_env(jsettings),
+    procs = [subprocess.Popen([sys.executable, "-m", "stream_learner.cli", "joiner"], env=settings_env(jsettings),
                               stderr=(tmp_path / f"joiner{k}.log").open("w")) for k in range(2)]
     try:
         examples = read_examples(jsettings, expect=n, timeout_s=90)

@@ -2,38 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
-import msgspec
-import pytest
-import torch
 
 from stream_learner.bus import make_producer
 from stream_learner.checkpoint.reader import read_latest
-from stream_learner.checkpoint.signing import generate_keypair, load_public_key
+from stream_learner.checkpoint.signing import load_public_key
 from stream_learner.config import Settings
 from stream_learner.events import encode
 from stream_learner.learn.trainer import Trainer
 
 from .streams import AGRAWAL_FEATURES, agrawal_examples
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> tuple[Path, Path]:
-    private_pem, public_pem = generate_keypair()
-    (tmp_path / "k.pem").write_bytes(private_pem)
-    (tmp_path / "k.pub.pem").write_bytes(public_pem)
-    return tmp_path / "k.pem", tmp_path / "k.pub.pem"
-
-
-@pytest.fixture
-def tsettings(settings: Settings, keys, tmp_path: Path) -> Settings:
-    return msgspec.structs.replace(
-        settings, trainer_model="m", trainer_features=AGRAWAL_FEATURES, trainer_classes=["0", "1"],
-        trainer_hidden=[16], trainer_signing_key=str(keys[0]), trainer_state_dir=str(tmp_path / "state"),
-        trainer_checkpoint_every_examples=1000, trainer_checkpoint_every_s=3600, trainer_max_wait_ms=200,
-        trainer_group_id=f"{settings.topic_examples}-trainer",
-    )
 
 
 def produce_examples(settings: Settings, examples) -> None:

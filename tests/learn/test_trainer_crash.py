@@ -31,7 +31,7 @@ from stream_learner.learn.trainer import Trainer
 
 from ..procs import settings_env
 from .streams import agrawal_examples
-from .test_trainer import keys, produce_examples, tsettings  # noqa: F401 - fixtures
+from .test_trainer import produce_examples
 
 N = 100_000
 KILLS = 10

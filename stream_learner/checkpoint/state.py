@@ -1,0 +1,195 @@
+"""The trainer's state store: one atomic snapshot, on disk or in Redis.
+
+A :class:`Snapshot` is everything the trainer needs to resume exactly where
+it was: named tensors (weights, optimizer moments, ...) and JSON-able
+``meta`` (the examples offsets applied, the dedup window, detector state,
+the last version, ...). A store keeps the latest one; :meth:`StateStore.save`
+is atomic (a reader sees the old snapshot or the new one, never a mix) and
+durable when it returns.
+
+**The order the trainer follows** (DESIGN.md, "Delivery"):
+
+1. apply a batch of examples to the model;
+2. ``store.save(snapshot)``, the snapshot including the offsets just applied
+   and the version about to be published; wait for it to return;
+3. only then :func:`~stream_learner.checkpoint.publish.publish_checkpoint`
+   the checkpoint that snapshot describes.
+
+So a published version is never lost: a serving node never runs a model the
+trainer could forget. On restart the trainer calls ``store.load()``,
+restores the model, seeks its input to ``meta``'s offsets (offsets committed
+to Kafka are for monitoring only), and, if it may have crashed between 2 and
+3, publishes the snapshot's checkpoint again; readers take the newest
+manifest, so a version published twice is harmless.
+
+Snapshots are encoded with safetensors (``meta`` as a JSON string in the
+safetensors metadata under ``"meta"``). Pickle is never used, for writing or
+reading.
+
+>>> import tempfile, torch
+>>> with tempfile.TemporaryDirectory() as tmp:
+...     store = DirectoryStateStore(tmp)
+...     print(store.load())
+...     store.save(Snapshot({"w": torch.ones(2)}, {"offsets": {"0": 41}, "version": 3}))
+...     restored = store.load()
+None
+>>> restored.tensors["w"], restored.meta
+(tensor([1., 1.]), {'offsets': {'0': 41}, 'version': 3})
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import redis
+import structlog
+import torch
+
+from .codec import decode_tensors, encode_tensors
+from .errors import CheckpointError
+
+log = structlog.get_logger(__name__)
+
+#: Written into every snapshot, checked on load.
+FORMAT = "stream-learner-state/1"
+STATE_FILE = "state.safetensors"
+_TMP_PREFIX = ".state-"
+_TMP_SUFFIX = ".tmp"
+
+
+@dataclass(frozen=True, eq=False)  # tensors have no truth value: no ==
+class Snapshot:
+    """The trainer's full state: named tensors and JSON-able metadata."""
+
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+
+
+@runtime_checkable
+class StateStore(Protocol):
+    """Where the trainer keeps its latest snapshot."""
+
+    def save(self, snapshot: Snapshot) -> None:
+        """Replace the stored snapshot, atomically and durably."""
+        ...
+
+    def load(self) -> Snapshot | None:
+        """The stored snapshot, or ``None`` if none was ever saved."""
+        ...
+
+
+def encode_snapshot(snapshot: Snapshot) -> bytes:
+    """A snapshot as safetensors bytes.
+
+    Raises ``ValueError`` if ``meta`` would not come back equal from JSON
+    (a tuple, a non-string key, NaN, an object): the trainer would resume
+    from something other than what it saved.
+    """
+    try:
+        text = json.dumps(snapshot.meta, allow_nan=False, sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"snapshot meta is not JSON: {exc}") from None
+    if json.loads(text) != snapshot.meta:
+        raise ValueError("snapshot meta does not survive JSON unchanged (tuples or non-string keys?)")
+    return encode_tensors(snapshot.tensors, {"format": FORMAT, "meta": text})
+
+
+def decode_snapshot(data: bytes) -> Snapshot:
+    """The snapshot :func:`encode_snapshot` wrote; :class:`CheckpointError` for anything else."""
+    tensors, metadata = decode_tensors(data)
+    if metadata.get("format") != FORMAT or "meta" not in metadata:
+        raise CheckpointError(f"not a stream-learner state snapshot (format {metadata.get('format')!r})")
+    try:
+        meta = json.loads(metadata["meta"])
+    except ValueError as exc:
+        raise CheckpointError(f"state snapshot meta is not JSON: {exc}") from None
+    return Snapshot(tensors, meta)
+
+
+class DirectoryStateStore:
+    """Snapshots in ``<path>/state.safetensors``, replaced atomically.
+
+    ``save`` writes a temporary file in the same directory, fsyncs it,
+    renames it over the state file (``os.replace``, atomic on POSIX) and
+    fsyncs the directory, so after a crash or power loss the file holds the
+    old snapshot or the new one. One writer per directory.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.file = self.path / STATE_FILE
+        # A writer killed mid-save leaves its temporary file; it is garbage.
+        for leftover in self.path.glob(f"{_TMP_PREFIX}*{_TMP_SUFFIX}"):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+
+    def save(self, snapshot: Snapshot) -> None:
+        """Replace the snapshot atomically; durable when this returns."""
+        data = encode_snapshot(snapshot)
+        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.file)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        # The rename itself is durable only once the directory entry is.
+        dir_fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def load(self) -> Snapshot | None:
+        """The last saved snapshot, or ``None`` if there is none."""
+        try:
+            data = self.file.read_bytes()
+        except FileNotFoundError:
+            return None
+        return decode_snapshot(data)
+
+
+class RedisStateStore:
+    """Snapshots in one Redis string (``SET``, which is atomic).
+
+    With ``wait_aof`` (the default), ``save`` returns only after Redis has
+    fsynced the write to its append-only file (``WAITAOF``); on a server
+    without AOF the wait is turned off with a warning, and a Redis crash may
+    then lose the last snapshot. ``client`` must return bytes (no
+    ``decode_responses``). A Redis string holds at most 512 MB.
+    """
+
+    def __init__(self, client: redis.Redis, key: str, *, wait_aof: bool = True) -> None:
+        self.client = client
+        self.key = key
+        self.wait_aof = wait_aof
+
+    def save(self, snapshot: Snapshot) -> None:
+        """Replace the snapshot atomically; durable (AOF) when this returns."""
+        self.client.set(self.key, encode_snapshot(snapshot))
+        if self.wait_aof:
+            try:
+                self.client.execute_command("WAITAOF", 1, 0, 0)
+            except redis.ResponseError as exc:
+                log.warning("state_store_not_durable", key=self.key, reason=str(exc))
+                self.wait_aof = False
+
+    def load(self) -> Snapshot | None:
+        """The last saved snapshot, or ``None`` if there is none."""
+        data = self.client.get(self.key)
+        if data is None:
+            return None
+        if not isinstance(data, bytes):
+            raise CheckpointError("the Redis client decodes responses; the state store needs bytes")
+        return decode_snapshot(data)

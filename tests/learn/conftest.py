@@ -1,0 +1,31 @@
+"""Fixtures of the trainer tests: a signing key pair and trainer settings on fresh topics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from stream_learner.checkpoint.signing import generate_keypair
+from stream_learner.config import Settings
+
+from .streams import AGRAWAL_FEATURES
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> tuple[Path, Path]:
+    private_pem, public_pem = generate_keypair()
+    (tmp_path / "k.pem").write_bytes(private_pem)
+    (tmp_path / "k.pub.pem").write_bytes(public_pem)
+    return tmp_path / "k.pem", tmp_path / "k.pub.pem"
+
+
+@pytest.fixture
+def tsettings(settings: Settings, keys, tmp_path: Path) -> Settings:
+    return msgspec.structs.replace(
+        settings, trainer_model="m", trainer_features=AGRAWAL_FEATURES, trainer_classes=["0", "1"],
+        trainer_hidden=[16], trainer_signing_key=str(keys[0]), trainer_state_dir=str(tmp_path / "state"),
+        trainer_checkpoint_every_examples=1000, trainer_checkpoint_every_s=3600, trainer_max_wait_ms=200,
+        trainer_group_id=f"{settings.topic_examples}-trainer",
+    )
