@@ -140,6 +140,15 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     trainer_signing_key: str | None = None
     trainer_group_id: str = "stream-learner-trainer"
     trainer_chunk_bytes: Annotated[int, Meta(ge=1024)] = 512 * 1024
+    # Drift (README, "Drift"): ADWIN on the error, Page-Hinkley on the loss,
+    # ADWIN on the confidence (label-free); what to do when they fire.
+    trainer_drift_enabled: bool = True
+    trainer_drift_challenger_on_warning: bool = False
+    trainer_drift_on_drift: list[Literal["promote_challenger_if_better", "optimizer_reset", "lr_boost",
+                                         "checkpoint"]] = msgspec.field(
+        default_factory=lambda: ["promote_challenger_if_better", "lr_boost", "checkpoint"])
+    trainer_drift_lr_boost_factor: Annotated[float, Meta(gt=1)] = 2.0
+    trainer_drift_lr_boost_batches: Positive = 100
 
     # Observability.
     metrics_port: Port | None = None

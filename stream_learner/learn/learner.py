@@ -150,6 +150,14 @@ class OnlineLearner:
         self.good_batches = 0
         self.lr_boost_left = 0
         self.examples_seen = 0
+        self.chunk_base = 0
+        # Each detector's estimate before the latest value, to tell worse from better.
+        self.estimates: dict[str, float] = {}
+        self.drift_names: dict[str, list[str]] = {}
+        if self.drift is not None:
+            for name, det in self.drift.detectors.items():
+                self.drift_names.setdefault(det.signal, []).append(name)
+        self.drift_counts: dict[str, dict[str, int]] = {}
         self.counts = {
             "labeled": 0, "pseudo": 0, "pseudo_skipped": 0, "late": 0, "duplicates": 0, "other_model": 0,
             "rejected": 0, "batches": 0, "skipped_non_finite": 0, "rollbacks": 0,
@@ -177,6 +185,7 @@ class OnlineLearner:
                 result.rejected.append(Rejected(i, "invalid_label", reason))
                 continue
             rows.append(ex)
+        self.chunk_base = self.examples_seen  # drift findings are indexed chunk_base + row
         self.examples_seen += len(chunk)
         if not rows:
             return result
@@ -232,7 +241,7 @@ class OnlineLearner:
                 if isinstance(ex.prediction, float):
                     self.scores.update("served_mae", abs(ex.prediction - y))
                     self.scores.update("served_rmse_sq", (ex.prediction - y) ** 2)
-                self._observe("loss", err * err, result)
+                self._observe("loss", err * err, result, i)
                 self.counts["late" if ex.kind == "late" else "labeled"] += 1
                 keep.append(i)
                 ys.append(y)
@@ -246,7 +255,7 @@ class OnlineLearner:
         conf_l, arg_l = conf.tolist(), arg.tolist()
         challenger_arg = challenger_out.argmax(dim=1).tolist() if challenger_out is not None else None
         for i, ex in enumerate(rows):
-            self._observe("confidence", conf_l[i], result)
+            self._observe("confidence", conf_l[i], result, i)
             result.confidences.append(conf_l[i])
             if ex.kind == "unlabeled":
                 if c.pseudo_enabled and conf_l[i] >= c.pseudo_threshold:
@@ -273,8 +282,8 @@ class OnlineLearner:
             if challenger_arg is not None:
                 self.challenger_scores.update("accuracy", 1.0 if challenger_arg[i] == y else 0.0)
                 self.champion_scores.update("accuracy", 1.0 if correct else 0.0)
-            self._observe("error", 0.0 if correct else 1.0, result)
-            self._observe("loss", loss, result)
+            self._observe("error", 0.0 if correct else 1.0, result, i)
+            self._observe("loss", loss, result, i)
             if ex.kind == "late":
                 self.counts["late"] += 1
                 pseudo = self.pseudo.pop(ex.prediction_event_id, None)
@@ -296,9 +305,30 @@ class OnlineLearner:
             return None
         return max(probs, key=lambda k: probs[k]), probs
 
-    def _observe(self, signal: str, value: float, result: ChunkResult) -> None:
-        if self.drift is not None:
-            result.findings.extend(self.drift.observe(signal, value, index=self.examples_seen))
+    def _observe(self, signal: str, value: float, result: ChunkResult, row: int) -> None:
+        if self.drift is None:
+            return
+        findings = self.drift.observe(signal, value, index=self.chunk_base + row)
+        detectors = self.drift.detectors
+        for finding in findings:
+            det = detectors[finding.detector]
+            before = self.estimates.get(finding.detector, math.nan)
+            after = det.estimation
+            per = self.drift_counts.setdefault(
+                finding.detector, {"warning": 0, "drift": 0, "improvement": 0, "last_drift_index": -1})
+            # Detectors see any change of the mean; only a change for the worse
+            # (error or loss up, confidence down) is a drift to act on. The model
+            # getting better, as it does while it learns, is counted, not acted on.
+            worse = after < before if signal == "confidence" else after > before
+            if not worse:
+                per["improvement"] += 1
+                continue
+            per[finding.kind.value] += 1
+            if finding.kind.value == "drift":
+                per["last_drift_index"] = finding.index
+            result.findings.append(finding)
+        for name in self.drift_names.get(signal, ()):
+            self.estimates[name] = detectors[name].estimation
 
     def _step(self, t: _Trainable, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
               result: ChunkResult | None, *, count: bool) -> float:
@@ -427,6 +457,7 @@ class OnlineLearner:
             pseudo=[[k, v] for k, v in self.pseudo.items()],
             loss_ema=None if math.isnan(self.loss_ema) else self.loss_ema, good_batches=self.good_batches,
             lr_boost_left=self.lr_boost_left, examples_seen=self.examples_seen, counts=self.counts,
+            drift_counts=self.drift_counts, estimates=self.estimates,
             drift=self.drift.state() if self.drift is not None else None,
         )
         # Tuples (Adam's betas) become lists, as they will when stored as JSON.
@@ -452,6 +483,8 @@ class OnlineLearner:
         self.lr_boost_left = int(meta["lr_boost_left"])
         self.examples_seen = int(meta["examples_seen"])
         self.counts = dict(meta["counts"])
+        self.drift_counts = meta["drift_counts"]
+        self.estimates = {k: float(v) for k, v in meta["estimates"].items()}
         if self.drift is not None and meta.get("drift") is not None:
             self.drift.restore(meta["drift"])
 

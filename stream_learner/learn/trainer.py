@@ -50,6 +50,10 @@ from ..checkpoint.reader import make_reader_consumer, read_latest
 from ..checkpoint.signing import load_private_key
 from ..checkpoint.state import DirectoryStateStore, RedisStateStore, Snapshot, StateStore
 from ..config import Settings
+from ..drift import (
+    Checkpoint, DriftFinding, DriftMonitor, DriftPolicy, LrBoost, OptimizerReset, PromoteChallengerIfBetter,
+    StartChallenger, drift_event,
+)
 from ..errors import ConfigError, EventError
 from ..events import EXAMPLE, CheckpointManifest, Codec, Source, encode, now_ms
 from ..metrics import Metrics
@@ -90,8 +94,10 @@ def state_store(settings: Settings) -> StateStore:
 class Trainer:
     """One trainer process for one model. ``run()`` loops; ``step()`` is one poll.
 
-    ``drift`` is an optional :class:`stream_learner.drift.DriftMonitor`-like
-    object; ``on_checkpoint`` is called with every published manifest.
+    ``drift`` is a :class:`~stream_learner.drift.DriftMonitor` (or None for
+    none) and ``policy`` the :class:`~stream_learner.drift.DriftPolicy` that
+    answers its findings; ``on_checkpoint`` is called with every published
+    manifest.
     """
 
     def __init__(
@@ -99,7 +105,8 @@ class Trainer:
         settings: Settings,
         *,
         metrics: Metrics | None = None,
-        drift: Any | None = None,
+        drift: DriftMonitor | None = None,
+        policy: DriftPolicy | None = None,
         store: StateStore | None = None,
         poll_timeout_ms: int = 100,
         on_checkpoint: Callable[[CheckpointManifest], None] | None = None,
@@ -112,6 +119,7 @@ class Trainer:
         self.private_key = load_private_key(settings.trainer_signing_key)
         self.public_key = self.private_key.public_key()
         self.learner = OnlineLearner(learner_config(settings), drift=drift)
+        self.policy = policy or DriftPolicy()
         self.store = store or state_store(settings)
         self.poll_timeout_ms = poll_timeout_ms
         self.on_checkpoint = on_checkpoint
@@ -218,8 +226,9 @@ class Trainer:
             self.metrics.dead_letters.labels(stage="trainer", kind=rejected.kind).inc()
         for future in dead:
             future.get(timeout=60)
+        event_time = max((x.label_time or x.prediction_time for x in examples), default=0)
         for finding in result.findings:
-            self._on_drift(finding)
+            self._on_drift(finding, event_time)
         for record in records:
             self.offsets[record.partition] = record.offset + 1
         self.since_checkpoint += len(records)
@@ -227,27 +236,27 @@ class Trainer:
         if not math.isnan(result.loss):
             self.metrics.trainer_loss.set(result.loss)
 
-    def _on_drift(self, finding: Any) -> None:
-        """Apply a drift finding's policy actions and emit its drift event."""
-        actions = self.learner.drift.policy.decide(finding) if self.learner.drift is not None else []
+    def _on_drift(self, finding: DriftFinding, event_time: int) -> None:
+        """Apply a drift finding's policy actions and emit its drift event (at a chunk boundary)."""
+        actions = self.policy.decide(finding, challenger_active=self.learner.challenger is not None)
         for action in actions:
-            name = type(action).__name__
-            if name == "LrBoost":
+            if isinstance(action, LrBoost):
                 self.learner.boost_lr(action.factor, action.steps)
-            elif name == "OptimizerReset":
+            elif isinstance(action, OptimizerReset):
                 self.learner.reset_optimizer()
-            elif name == "StartChallenger":
+            elif isinstance(action, StartChallenger):
                 self.learner.start_challenger()
-            elif name == "PromoteChallenger":
-                self.learner.promote_challenger_if_better()
-            elif name == "ForceCheckpoint":
+            elif isinstance(action, PromoteChallengerIfBetter):
+                promoted = self.learner.promote_challenger_if_better()
+                log.info("challenger", promoted=promoted)
+            elif isinstance(action, Checkpoint):
                 self.force_checkpoint = True
-        event = self.learner.drift.event(finding, actions, model=self.settings.trainer_model,
-                                         model_version=self.version)
+        event = drift_event(finding, actions, model=self.settings.trainer_model, event_time=event_time,
+                            model_version=self.version or None)
         self.producer.send(self.settings.topic_drift, key=self.settings.trainer_model.encode(), value=encode(event))
-        self.metrics.trainer_drifts.labels(kind=finding.kind, detector=finding.detector).inc()
-        log.warning("drift", detector=finding.detector, signal=finding.signal, kind=finding.kind,
-                    actions=[type(a).__name__ for a in actions])
+        self.metrics.trainer_drifts.labels(kind=finding.kind.value, detector=finding.detector).inc()
+        log.warning("drift", detector=finding.detector, signal=finding.signal, kind=finding.kind.value,
+                    index=finding.index, actions=event.actions)
 
     # -- checkpoints ---------------------------------------------------------------------
 
@@ -267,7 +276,7 @@ class Trainer:
                     "duplicates": c["duplicates"], "rollbacks": c["rollbacks"],
                     "skipped_non_finite": c["skipped_non_finite"], "batches": c["batches"]},
             metrics=self.learner.summary(),
-            drift_state=self.learner.drift.summary() if self.learner.drift is not None else {},
+            drift_state=self.learner.drift_counts,
             feature_spec=list(self.learner.spec.features),
             architecture=self.learner.spec.to_dict(),
             weights=weights_info(weights, self.settings.trainer_chunk_bytes),
@@ -322,5 +331,17 @@ def servable_weights(state_tensors: dict[str, torch.Tensor]) -> dict[str, torch.
 
 
 def build_trainer(settings: Settings, *, metrics: Metrics | None = None, **kwargs: Any) -> Trainer:
-    """The trainer the settings describe."""
-    return Trainer(settings, metrics=metrics, **kwargs)
+    """The trainer the settings describe, with its drift detectors and policy."""
+    monitor, policy = drift_from_settings(settings)
+    return Trainer(settings, metrics=metrics, drift=monitor, policy=policy, **kwargs)
+
+
+def drift_from_settings(settings: Settings) -> tuple[DriftMonitor | None, DriftPolicy]:
+    """The default detectors (if drift detection is on) and the configured policy."""
+    policy = DriftPolicy(
+        challenger_on_warning=settings.trainer_drift_challenger_on_warning,
+        on_drift=settings.trainer_drift_on_drift,
+        lr_boost_factor=settings.trainer_drift_lr_boost_factor,
+        lr_boost_steps=settings.trainer_drift_lr_boost_batches,
+    )
+    return (DriftMonitor.from_config(None) if settings.trainer_drift_enabled else None), policy

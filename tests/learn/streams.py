@@ -31,3 +31,10 @@ def agrawal_examples(n: int, *, seed: int = 1, unlabeled: float = 0.0, model: st
 
 
 AGRAWAL_FEATURES = ["salary", "commission", "age", "elevel", "car", "zipcode", "hvalue", "hyears", "loan"]
+
+
+def abrupt_drift(n: int, at: int, *, seed: int = 1, model: str = "m") -> list[ExampleEvent]:
+    """Agrawal concept 0 for ``at`` examples, then concept 4 (an abrupt drift), ``n`` in all."""
+    before = agrawal_examples(at, seed=seed, model=model, classification_function=0)
+    after = agrawal_examples(n - at, seed=seed + 1000, model=model, classification_function=4)
+    return before + after

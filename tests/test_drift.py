@@ -1,0 +1,625 @@
+"""Drift detectors, their pickle-free state, the monitor, the policy and drift events (unit tests: no servers).
+
+Streams are seeded, so every number below is reproducible. Each detector case
+runs through one suite (River style): it detects an abrupt change in time,
+stays quiet on a stationary stream, and resumes exactly from JSON state.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+import tomllib
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import numpy as np
+import pytest
+from river import drift as river_drift
+from river import stats as river_stats
+from river.datasets import synth
+
+from stream_learner import events
+from stream_learner.drift import (
+    ADWIN,
+    ADWINDetector,
+    Alert,
+    Checkpoint,
+    Detector,
+    DriftConfig,
+    DriftFinding,
+    DriftMonitor,
+    DriftPolicy,
+    DriftStateError,
+    IncompatibleStateError,
+    LrBoost,
+    OptimizerReset,
+    PageHinkleyDetector,
+    PromoteChallengerIfBetter,
+    Signal,
+    StartChallenger,
+    drift_event,
+    drift_event_id,
+    from_jsonable,
+    load_drift_config,
+    to_jsonable,
+)
+from stream_learner.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+N = 4000
+CHANGE = 2000
+SEEDS = range(5)
+
+
+# --------------------------------------------------------------------------- synthetic signals
+
+Sampler = Callable[[random.Random, bool], float]
+
+
+def error(rng: random.Random, shifted: bool) -> float:
+    """0/1 prequential error: the error rate goes from 10% to 50%."""
+    return float(rng.random() < (0.5 if shifted else 0.1))
+
+
+def loss(rng: random.Random, shifted: bool) -> float:
+    """Per-example loss, exponential: its mean goes from 0.3 to 0.8."""
+    return rng.expovariate(1 / (0.8 if shifted else 0.3))
+
+
+def confidence(rng: random.Random, shifted: bool) -> float:
+    """Max class probability, Beta: its mean goes from 0.8 to 0.625 (inputs moved away from the training data)."""
+    return rng.betavariate(5, 3) if shifted else rng.betavariate(8, 2)
+
+
+def feature(rng: random.Random, shifted: bool) -> float:
+    """A standardized feature whose mean moves by half a standard deviation."""
+    return rng.gauss(0.5 if shifted else 0.0, 1.0)
+
+
+def stream(sample: Sampler, seed: int, n: int = N, changes: tuple[int, ...] = (CHANGE,)) -> list[float]:
+    """``n`` values of ``sample``, switching between the base and the shifted regime at each change."""
+    rng = random.Random(seed)
+    shifted, out = False, []
+    for i in range(n):
+        if i in changes:
+            shifted = not shifted
+        out.append(sample(rng, shifted))
+    return out
+
+
+@dataclass(frozen=True)
+class Case:
+    make: Callable[[], Detector]
+    sample: Sampler
+    max_delay: int
+
+
+CASES = {
+    "adwin-error": Case(lambda: ADWINDetector("error"), error, 200),
+    "adwin-error-no-warning": Case(lambda: ADWINDetector("error", warning_delta=None), error, 200),
+    "page-hinkley-loss": Case(lambda: PageHinkleyDetector("loss"), loss, 300),
+    "page-hinkley-loss-warning": Case(lambda: PageHinkleyDetector("loss", warning_threshold=25.0), loss, 300),
+    "adwin-confidence": Case(lambda: ADWINDetector("confidence"), confidence, 300),
+    "adwin-feature": Case(lambda: ADWINDetector("feature:tenure_months"), feature, 500),
+}
+case_params = pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
+
+
+def signals_of(det: Detector, values: list[float]) -> list[Signal]:
+    return [det.update(x) for x in values]
+
+
+def first(signals: list[Signal], kind: Signal, start: int = 0) -> int | None:
+    return next((i for i, s in enumerate(signals) if s is kind and i >= start), None)
+
+
+# --------------------------------------------------------------------------- every detector
+
+
+@case_params
+@pytest.mark.parametrize("seed", SEEDS)
+def test_detects_an_abrupt_change_in_time(case: Case, seed: int) -> None:
+    signals = signals_of(case.make(), stream(case.sample, seed))
+    assert first(signals, Signal.DRIFT) is not None, "missed the change"
+    detected = first(signals, Signal.DRIFT)
+    assert CHANGE <= detected <= CHANGE + case.max_delay, f"drift at {detected}, change at {CHANGE}"
+
+
+@case_params
+@pytest.mark.parametrize("seed", SEEDS)
+def test_stays_quiet_on_a_stationary_stream(case: Case, seed: int) -> None:
+    signals = signals_of(case.make(), stream(case.sample, 100 + seed, changes=()))
+    assert [(i, s) for i, s in enumerate(signals) if s is not Signal.NONE] == []
+
+
+@case_params
+def test_state_round_trips_through_json_and_resumes_identically(case: Case) -> None:
+    # Changes in both halves, so the resumed half also sees drifts (and the resets after them).
+    values = stream(case.sample, 7, n=10_000, changes=(2500, 6000, 8000))
+    original = case.make()
+    signals_of(original, values[:5000])
+
+    saved = json.dumps(original.state(), allow_nan=False)  # strict JSON: no NaN/Infinity tokens, no bytes
+    resumed = case.make()
+    resumed.restore(json.loads(saved))
+    assert resumed.state() == original.state()
+
+    after = []
+    for i, x in enumerate(values[5000:]):
+        a, b = original.update(x), resumed.update(x)
+        assert a is b, f"signals differ {i} values after the restore"
+        assert original.estimation == resumed.estimation  # type: ignore[attr-defined]
+        if i % 50 == 0:
+            assert original.state() == resumed.state()
+        after.append(a)
+    assert original.state() == resumed.state()
+    assert Signal.DRIFT in after, "the resumed half should exercise a drift"
+
+
+@case_params
+def test_state_saved_on_the_drift_example_resumes_with_the_pending_reset(case: Case) -> None:
+    # River detectors drop their window on the update *after* a drift: a snapshot taken right then must keep that.
+    values = stream(case.sample, 3, n=6000)
+    probe = signals_of(case.make(), values)
+    cut = first(probe, Signal.DRIFT)
+    assert cut is not None
+    original = case.make()
+    signals_of(original, values[: cut + 1])
+    resumed = case.make()
+    resumed.restore(json.loads(json.dumps(original.state())))
+    assert signals_of(original, values[cut + 1 :]) == signals_of(resumed, values[cut + 1 :])
+    assert original.state() == resumed.state()
+
+
+@case_params
+def test_non_finite_values_are_refused(case: Case) -> None:
+    det = case.make()
+    for bad in (math.nan, math.inf):
+        with pytest.raises(ValueError, match="not a finite number"):
+            det.update(bad)
+    assert det.state() == case.make().state()
+
+
+@case_params
+def test_detectors_implement_the_protocol(case: Case) -> None:
+    det = case.make()
+    assert isinstance(det, Detector)
+    assert det.signal in ("error", "loss", "confidence") or det.signal.startswith("feature:")
+
+
+# --------------------------------------------------------------------------- error detector specifics
+
+
+def test_error_detector_on_a_real_concept_drift() -> None:
+    # A deployed model that learned SEA concept 0 (x0 + x1 > 8) meets concept 3 (threshold 9.5) from 2000 on.
+    # ConceptDriftStream overflows math.exp when width is tiny next to position: width >= position / 100.
+    data = synth.ConceptDriftStream(
+        stream=synth.SEA(variant=0, noise=0.1, seed=1),
+        drift_stream=synth.SEA(variant=3, noise=0.1, seed=2),
+        position=CHANGE, width=CHANGE // 100, seed=3,
+    )
+    det = ADWINDetector("error")
+    signals = [det.update((x[0] + x[1] > 8) != y) for x, y in itertools.islice(data, N)]
+    detected = first(signals, Signal.DRIFT)
+    assert detected is not None and CHANGE <= detected <= CHANGE + 1000
+    assert 0.15 < det.estimation < 0.3  # the window kept after the cut sees the new error rate (~0.2)
+
+
+def test_error_detector_warns_before_a_moderate_drift() -> None:
+    warned_first = 0
+    for seed in range(10):
+        signals = signals_of(ADWINDetector("error"), stream(lambda r, s: float(r.random() < (0.2 if s else 0.1)),
+                                                            seed, n=8000))
+        warning, drift = first(signals, Signal.WARNING, CHANGE), first(signals, Signal.DRIFT, CHANGE)
+        assert drift is not None
+        warned_first += warning is not None and warning < drift
+    assert warned_first >= 8
+
+
+def test_without_warning_delta_there_are_no_warnings() -> None:
+    values = stream(lambda r, s: float(r.random() < (0.2 if s else 0.1)), 0, n=8000)
+    assert Signal.WARNING not in signals_of(ADWINDetector("error", warning_delta=None), values)
+
+
+# --------------------------------------------------------------------------- the ADWIN port
+
+
+ADWIN_PARAMS = [
+    {},
+    {"delta": 0.05, "clock": 1},
+    {"delta": 0.2, "clock": 7, "max_buckets": 2, "min_window_length": 1, "grace_period": 0},
+    {"delta": 1e-5, "clock": 16, "max_buckets": 9, "min_window_length": 20, "grace_period": 100},
+]
+
+
+@pytest.mark.parametrize("params", ADWIN_PARAMS, ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()) or "defaults")
+@pytest.mark.parametrize("sample", [error, loss, feature], ids=lambda f: f.__name__)
+def test_adwin_port_matches_rivers_signals_and_estimates_bit_for_bit(params: dict[str, Any], sample: Sampler) -> None:
+    values = stream(sample, 11, n=20_000, changes=(3000, 8000, 9000, 15000))
+    ours, rivers = ADWIN(**params), river_drift.ADWIN(**params)
+    detections = 0
+    for i, x in enumerate(values):
+        ours.update(x)
+        rivers.update(x)
+        assert ours.drift_detected == rivers.drift_detected, f"step {i}"
+        assert (ours.width, ours.total, ours.variance, ours.estimation) == \
+            (rivers.width, rivers.total, rivers.variance, rivers.estimation), f"step {i}"
+        detections += ours.drift_detected
+    assert detections >= 3
+
+
+def test_rivers_rust_adwin_is_refused_by_the_serializer() -> None:
+    # Its only state is an opaque bincode blob of a Rust struct; a malformed blob panics (a BaseException).
+    with pytest.raises(DriftStateError, match="not in the allowlist"):
+        to_jsonable(river_drift.ADWIN())
+
+
+def test_adwin_refuses_parameters_that_break_its_arithmetic() -> None:
+    for bad in ({"delta": 0.0}, {"delta": 1.5}, {"clock": 0}, {"clock": 2.5}, {"min_window_length": 0}):
+        with pytest.raises(ValueError):
+            ADWIN(**bad)
+
+
+# --------------------------------------------------------------------------- the restricted serializer
+
+
+def test_serializer_round_trips_the_tagged_types() -> None:
+    rng = random.Random(5)
+    rng.random()
+    mean = river_stats.Mean()
+    for x in (1.0, 2.0, 4.0):
+        mean.update(x)
+    obj = {
+        "tuple": (1, 2.5, None, "s"),
+        "deque": deque([1.0, math.inf], maxlen=5),
+        3: [True, -math.inf, {"nested": (1,)}],
+        "nan": math.nan,
+        "f32": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "i64": np.array([1, -2], dtype=np.int64),
+        "np_scalars": [np.float64(0.5), np.int32(7), np.bool_(True)],
+        "rng": rng,
+        "mean": mean,
+    }
+    data = json.loads(json.dumps(to_jsonable(obj), allow_nan=False))
+    back = from_jsonable(data)
+
+    assert back["tuple"] == (1, 2.5, None, "s")
+    assert back["deque"] == deque([1.0, math.inf]) and back["deque"].maxlen == 5
+    assert back[3] == [True, -math.inf, {"nested": (1,)}]
+    assert math.isnan(back["nan"])
+    assert back["f32"].dtype == np.float32 and np.array_equal(back["f32"], obj["f32"])
+    assert back["i64"].dtype == np.int64 and np.array_equal(back["i64"], obj["i64"])
+    assert back["np_scalars"] == [0.5, 7, True]
+    assert [back["rng"].random() for _ in range(3)] == [rng.random() for _ in range(3)]
+    assert type(back["mean"]) is river_stats.Mean
+    assert (back["mean"].n, back["mean"].get()) == (mean.n, mean.get())
+
+
+class MyMean(river_stats.Mean):
+    pass
+
+
+@pytest.mark.parametrize("obj", [
+    object(),
+    lambda: None,
+    MyMean(),  # a subclass of an allowlisted class is another class
+    river_drift.KSWIN(seed=1),
+    np.array([object()]),
+    b"bytes",
+    {1, 2},
+], ids=["object", "lambda", "subclass", "kswin", "object-array", "bytes", "set"])
+def test_serializer_refuses_what_is_not_allowlisted(obj: Any) -> None:
+    with pytest.raises(DriftStateError):
+        to_jsonable(obj)
+
+
+MEAN = {"$obj": "river.stats.Mean", "params": {}, "attrs": {"n": 1.0, "_mean": 2.0}}
+PH_PARAMS = {"min_instances": 30, "delta": 0.005, "threshold": 50.0, "alpha": 0.9999, "mode": "up"}
+
+
+def _nested(depth: int) -> list[Any]:
+    out: list[Any] = []
+    for _ in range(depth):
+        out = [out]
+    return out
+
+
+@pytest.mark.parametrize("data", [
+    {"$obj": "os.system", "params": {}, "attrs": {}},
+    {"$obj": "builtins.eval", "params": {}, "attrs": {}},
+    {"$obj": "river.drift.KSWIN", "params": {}, "attrs": {}},
+    {**MEAN, "attrs": {"n": 1.0}},                                        # an attribute missing
+    {**MEAN, "attrs": {**MEAN["attrs"], "update": 1}},                    # an attribute it does not have
+    {**MEAN, "params": {"x": 1}},                                         # a parameter it does not take
+    {"$obj": "river.drift.PageHinkley", "params": {**PH_PARAMS, "mode": MEAN}, "attrs": {}},  # objects never reach constructors
+    {"$obj": "river.drift.PageHinkley", "params": {**PH_PARAMS, "mode": "sideways"}, "attrs": {}},
+    {"$ndarray": [1], "dtype": "object", "shape": [1]},
+    {"$ndarray": [1.0, 2.0], "dtype": "float64", "shape": [3]},
+    {"$ndarray": [[1.0]], "dtype": "float64", "shape": [1]},
+    {"$random": [3, [1, 2], None]},
+    {"$random": [3, [0] * 625, {"a": 1}]},
+    {"$float": "1e999"},
+    {"$dict": [[[1], 2]]},                                                # unhashable key
+    {"$set": [1]},
+    {"$tuple": [1], "extra": 1},
+    {"plain": "dict"},
+    _nested(40),
+], ids=lambda d: json.dumps(d)[:40])
+def test_deserializer_refuses_malformed_or_unlisted_state(data: Any) -> None:
+    with pytest.raises(DriftStateError):
+        from_jsonable(data)
+
+
+def test_restore_refuses_state_of_other_parameters_or_kinds_and_changes_nothing() -> None:
+    det = ADWINDetector("error")
+    signals_of(det, stream(error, 1))
+    before = det.state()
+    with pytest.raises(IncompatibleStateError, match="params"):
+        det.restore(ADWINDetector("error", delta=0.01).state())
+    with pytest.raises(IncompatibleStateError, match="kind"):
+        det.restore(PageHinkleyDetector("error").state())
+    with pytest.raises(IncompatibleStateError, match="signal"):
+        det.restore(ADWINDetector("confidence").state())
+    corrupted = json.loads(json.dumps(before))
+    corrupted["drift"]["$obj"] = "os.system"
+    with pytest.raises(DriftStateError):
+        det.restore(corrupted)
+    with pytest.raises(DriftStateError):
+        det.restore({"format": 99})
+    assert det.state() == before
+
+
+# --------------------------------------------------------------------------- the monitor
+
+
+def feed(monitor: DriftMonitor, seed: int, start: int, stop: int) -> list[DriftFinding]:
+    """Every signal of examples start..stop-1; the concept changes at 2500 and 6000."""
+    rng = random.Random(seed)
+    findings = []
+    for i in range(stop):
+        shifted = 2500 <= i < 6000
+        values = {"error": error(rng, shifted), "loss": loss(rng, shifted), "confidence": confidence(rng, shifted)}
+        if i >= start:
+            for signal, value in values.items():
+                findings += monitor.observe(signal, value, index=i)
+    return findings
+
+
+def test_default_monitor_watches_error_loss_and_confidence() -> None:
+    monitor = DriftMonitor.from_config()
+    assert {n: d.signal for n, d in monitor.detectors.items()} == {
+        "adwin_error": "error", "page_hinkley_loss": "loss", "adwin_confidence": "confidence"}
+    assert monitor.signals == {"error", "loss", "confidence"}
+
+
+def test_monitor_routes_each_signal_to_its_detectors_and_reports_findings() -> None:
+    monitor = DriftMonitor([ADWINDetector("error"), PageHinkleyDetector("error", name="ph_error", delta=0.05,
+                                                                      threshold=20.0), ADWINDetector("confidence")])
+    findings = []
+    for i, x in enumerate(stream(error, 0)):
+        findings += monitor.observe("error", x, index=i)
+    assert {f.detector for f in findings} == {"adwin_error", "ph_error"}  # confidence was never fed
+    assert {(f.detector, f.kind) for f in findings} >= {("adwin_error", Signal.DRIFT), ("ph_error", Signal.DRIFT)}
+    assert all(f.signal == "error" and f.value in (0.0, 1.0) and CHANGE <= f.index <= CHANGE + 300 for f in findings)
+    assert monitor.observe("feature:age", 3.0, index=N) == []  # nobody watches it
+    with pytest.raises(ValueError, match="not a finite number"):
+        monitor.observe("error", math.nan, index=N)
+
+
+def test_monitor_accepts_any_detector_implementing_the_protocol() -> None:
+    class Threshold:
+        name, signal = "too_unsure", "confidence"
+
+        def update(self, value: float) -> Signal:
+            return Signal.DRIFT if value < 0.2 else Signal.NONE
+
+        def state(self) -> dict[str, Any]:
+            return {}
+
+        def restore(self, state: dict[str, Any]) -> None:
+            pass
+
+    monitor = DriftMonitor([Threshold()])
+    assert monitor.observe("confidence", 0.1, index=9) == [DriftFinding("too_unsure", "confidence", Signal.DRIFT, 0.1, 9)]
+    with pytest.raises(TypeError):
+        DriftMonitor([object()])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="two detectors"):
+        DriftMonitor([ADWINDetector("error"), ADWINDetector("error")])
+
+
+def test_monitor_state_round_trips_and_resumes_identically() -> None:
+    original = DriftMonitor.from_config()
+    feed(original, 4, 0, 5000)
+    resumed = DriftMonitor.from_config()
+    assert resumed.restore(json.loads(json.dumps(original.state(), allow_nan=False))) == {}
+    assert resumed.state() == original.state()
+    later_original = feed(original, 4, 5000, 9000)
+    assert later_original, "the second half has a drift back at 6000"
+    assert feed(resumed, 4, 5000, 9000) == later_original
+    assert resumed.state() == original.state()
+
+
+def test_monitor_restore_after_a_config_change_starts_changed_detectors_fresh() -> None:
+    old = DriftMonitor.from_config()
+    feed(old, 5, 0, 3000)
+    saved = json.loads(json.dumps(old.state()))
+    new = DriftMonitor.from_config({"detectors": [
+        {"name": "adwin_error", "kind": "adwin", "signal": "error", "params": {"delta": 0.001}},  # retuned
+        {"name": "adwin_confidence", "kind": "adwin", "signal": "confidence"},                  # unchanged
+        {"name": "adwin_plan", "kind": "adwin", "signal": "feature:plan"},                      # new
+    ]})                                                                                         # loss: dropped
+    fresh = new.restore(saved)
+    assert set(fresh) == {"adwin_error", "adwin_plan"}
+    assert "params" in fresh["adwin_error"] and fresh["adwin_plan"] == "no saved state"
+    assert new.detectors["adwin_confidence"].state() == saved["detectors"]["adwin_confidence"]
+    assert new.detectors["adwin_error"].state() == ADWINDetector("error", delta=0.001).state()
+    # The restored detector is the one the monitor feeds.
+    new.observe("confidence", 0.5, index=3000)
+    assert new.detectors["adwin_confidence"].state() != saved["detectors"]["adwin_confidence"]
+
+
+def test_monitor_restore_of_a_malformed_state_changes_nothing() -> None:
+    old = DriftMonitor.from_config()
+    feed(old, 6, 0, 3000)
+    saved = json.loads(json.dumps(old.state()))
+    saved["detectors"]["adwin_confidence"]["drift"]["attrs"]["_totals"] = {"$obj": "os.system", "params": {}, "attrs": {}}
+    monitor = DriftMonitor.from_config()
+    before = monitor.state()
+    with pytest.raises(DriftStateError):
+        monitor.restore(saved)
+    assert monitor.state() == before  # adwin_error, restored before the failure, was not swapped in
+    with pytest.raises(DriftStateError):
+        monitor.restore({"detectors": {}})
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def test_config_from_toml() -> None:
+    table = tomllib.loads("""
+        [drift.policy]
+        challenger_on_warning = true
+        on_drift = ["checkpoint", "optimizer_reset"]
+        lr_boost_factor = 4
+
+        [[drift.detectors]]
+        name = "adwin_error"
+        kind = "adwin"
+        signal = "error"
+        params = { delta = 0.001, warning_delta = 0.01, clock = 16 }
+
+        [[drift.detectors]]
+        name = "ph_loss"
+        kind = "page_hinkley"
+        signal = "loss"
+        params = { threshold = 80, warning_threshold = 40 }
+    """)["drift"]
+    config = load_drift_config(table)
+    monitor, policy = DriftMonitor.from_config(config), DriftPolicy.from_config(config)
+    assert list(monitor.detectors) == ["adwin_error", "ph_loss"]
+    error_det = monitor.detectors["adwin_error"]
+    assert isinstance(error_det, ADWINDetector) and (error_det.delta, error_det.warning_delta, error_det.clock) == \
+        (0.001, 0.01, 16)
+    assert (policy.challenger_on_warning, policy.on_drift, policy.lr_boost_factor) == \
+        (True, ("checkpoint", "optimizer_reset"), 4.0)
+    assert DriftMonitor.from_config(table).state() == monitor.state()
+
+
+@pytest.mark.parametrize("table, message", [
+    ({"detectors": [{"name": "e", "kind": "adwin", "signal": "errors"}]}, "signal"),
+    ({"detectors": [{"name": "e", "kind": "kswin", "signal": "error"}]}, "kind"),
+    ({"detectors": [{"name": "e", "kind": "adwin", "signal": "error", "params": {"deltaa": 0.1}}]}, "deltaa"),
+    ({"detectors": [{"name": "e", "kind": "adwin", "signal": "error", "params": {"delta": 2}}]}, "delta"),
+    ({"detectors": [{"name": "e", "kind": "page_hinkley", "signal": "loss",
+                     "params": {"warning_threshold": 60}}]}, "warning_threshold"),
+    ({"detectors": [{"name": "e", "kind": "adwin", "signal": "error"}] * 2}, "unique"),
+    ({"policy": {"on_drift": ["reboot"]}}, "on_drift"),
+    ({"policy": {"lr_boost_factor": 0.5}}, "lr_boost_factor"),
+    ({"policy": {"lr_boost_steps": 0}}, "lr_boost_steps"),
+    ({"polcy": {}}, "polcy"),
+])
+def test_bad_config_fails_at_start_naming_the_setting(table: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_drift_config(table)
+
+
+# --------------------------------------------------------------------------- the policy
+
+
+def finding(kind: Signal, index: int = 2047) -> DriftFinding:
+    return DriftFinding("adwin_error", "error", kind, 1.0, index)
+
+
+WARNING, DRIFT = finding(Signal.WARNING), finding(Signal.DRIFT)
+
+
+def test_warning_starts_a_challenger_only_when_enabled_and_none_runs() -> None:
+    assert DriftPolicy().decide(WARNING) == [Alert()]
+    enabled = DriftPolicy(challenger_on_warning=True)
+    assert enabled.decide(WARNING) == [Alert(), StartChallenger()]
+    assert enabled.decide(WARNING, challenger_active=True) == [Alert()]
+    # A drift never starts one: it acts now.
+    assert StartChallenger() not in enabled.decide(DRIFT)
+
+
+@pytest.mark.parametrize("option, active, expected", [
+    ("lr_boost", False, [LrBoost(factor=3.0, steps=250)]),
+    ("optimizer_reset", False, [OptimizerReset()]),
+    ("checkpoint", False, [Checkpoint()]),
+    ("promote_challenger_if_better", False, []),
+    ("promote_challenger_if_better", True, [PromoteChallengerIfBetter()]),
+])
+def test_each_drift_option_produces_its_action(option: str, active: bool, expected: list[Any]) -> None:
+    policy = DriftPolicy(on_drift=[option], lr_boost_factor=3.0, lr_boost_steps=250)
+    assert policy.decide(DRIFT, challenger_active=active) == [Alert(), *expected]
+
+
+def test_drift_actions_come_in_execution_order_whatever_the_config_order() -> None:
+    options = ["checkpoint", "lr_boost", "optimizer_reset", "promote_challenger_if_better"]
+    for order in itertools.permutations(options):
+        assert [a.kind for a in DriftPolicy(on_drift=order).decide(DRIFT, challenger_active=True)] == \
+            ["alert", "promote_challenger_if_better", "optimizer_reset", "lr_boost", "checkpoint"]
+    assert DriftPolicy(on_drift=()).decide(DRIFT) == [Alert()]  # the alert is always there
+    assert [a.kind for a in DriftPolicy().decide(DRIFT)] == ["alert", "lr_boost", "checkpoint"]
+
+
+def test_policy_refuses_unknown_actions_and_weak_boosts() -> None:
+    with pytest.raises(ValueError, match="unknown drift actions"):
+        DriftPolicy(on_drift=["alert", "reboot"])
+    with pytest.raises(ValueError):
+        DriftPolicy(lr_boost_factor=1.0)
+
+
+def test_actions_of_several_findings_merge() -> None:
+    policy = DriftPolicy()
+    actions = policy.decide(DRIFT) + policy.decide(finding(Signal.DRIFT, 2047))
+    assert list(dict.fromkeys(actions)) == policy.decide(DRIFT)
+
+
+# --------------------------------------------------------------------------- drift events
+
+
+DRIFT_SCHEMA = jsonschema.Draft202012Validator(json.loads((ROOT / "schemas" / "drift.v1.json").read_text()))
+
+
+def test_drift_event_is_valid_and_its_id_is_the_same_on_a_replay() -> None:
+    actions = DriftPolicy(lr_boost_factor=3.0, lr_boost_steps=250).decide(DRIFT)
+    event = drift_event(DRIFT, actions, model="churn", event_time=1_767_225_600_000, model_version=12)
+    replayed = drift_event(finding(Signal.DRIFT), actions, model="churn", event_time=1_767_225_600_000,
+                           model_version=12)
+    assert event == replayed
+    assert event.event_id == drift_event_id("churn", "adwin_error", 2047)
+    assert (event.kind, event.detector, event.signal, event.value, event.actions) == \
+        ("drift", "adwin_error", "error", 1.0, ["alert", "lr_boost", "checkpoint"])
+    assert event.details == {"index": 2047, "lr_boost_factor": 3.0, "lr_boost_steps": 250}
+    wire = events.encode(event)
+    DRIFT_SCHEMA.validate(json.loads(wire))
+    assert events.DRIFT.decode(wire) == event
+
+
+def test_drift_event_ids_differ_by_model_detector_and_example() -> None:
+    ids = {drift_event_id(m, d, i) for m, d, i in itertools.product(["churn", "fraud"], ["a", "b"], [1, 2])}
+    assert len(ids) == 8
+    assert drift_event_id("a:b", "c", 1) != drift_event_id("a", "b:c", 1)
+
+
+def test_warning_event() -> None:
+    event = drift_event(WARNING, DriftPolicy(challenger_on_warning=True).decide(WARNING), model="churn",
+                        event_time=1)
+    assert (event.kind, event.actions) == ("warning", ["alert", "start_challenger"])
+    DRIFT_SCHEMA.validate(json.loads(events.encode(event)))
+
+
+def test_drift_config_defaults_are_the_documented_ones() -> None:
+    config = DriftConfig()
+    assert [(d.name, d.kind, d.signal) for d in config.detectors] == [
+        ("adwin_error", "adwin", "error"), ("page_hinkley_loss", "page_hinkley", "loss"),
+        ("adwin_confidence", "adwin", "confidence")]
+    assert config.policy.on_drift == ("promote_challenger_if_better", "lr_boost", "checkpoint")
