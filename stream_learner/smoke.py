@@ -1,13 +1,15 @@
-"""The smoke pipeline: SDK -> broker -> a consumer that decodes, counts and dead-letters.
+"""The main job until the full demo exists: SDK -> broker -> decoder -> joiner -> trainer.
 
-It is the main job until the joiner and trainer exist, and the end-to-end
-check of the foundation: every event the SDK acknowledged is read back and
-decoded, and every malformed record lands in the dead-letter topic with the
-reason in its headers.
+An end-to-end check of what is built: every event the SDK acknowledged is
+read back and decoded, every malformed record lands in the dead-letter topic
+with the reason in its headers, the joiner emits exactly the examples the
+sent events call for, and the trainer learns them and publishes signed
+checkpoints.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections import Counter
@@ -102,6 +104,7 @@ def run_smoke(settings: Settings, events: int = 10_000, bad: int = 5, metrics: M
     every example is out, and checks the counts against what was sent.
     """
     rng = random.Random(seed)
+    truth = [rng.gauss(0, 1) for _ in range(16)]  # the concept the trainer should learn
     window = settings.joiner_window_ms
     sent_ids: set[str] = set()
     expected = Counter[str]()
@@ -110,9 +113,12 @@ def run_smoke(settings: Settings, events: int = 10_000, bad: int = 5, metrics: M
     with PredictionLogger(settings=settings, model="demo", model_version="1", metrics=metrics) as sdk:
         for i in range(events):
             features = {f"f{j}": rng.gauss(0, 1) for j in range(16)}
-            p = rng.random()
+            z = sum(w * features[f"f{j}"] for j, w in enumerate(truth))
+            p = 1 / (1 + math.exp(-z))
+            served = rng.random()  # the deployed model knows nothing yet
             t = start_ms + i // 10
-            sent_ids.add(sdk.log_prediction(f"req-{i}", features, {"yes": p, "no": 1 - p}, event_time=t) or "")
+            sent_ids.add(sdk.log_prediction(f"req-{i}", features, {"yes": served, "no": 1 - served},
+                                            event_time=t) or "")
             fate = rng.random()
             if fate < 0.7:
                 delay, kinds = rng.randrange(window), ["labeled"]
@@ -138,6 +144,7 @@ def run_smoke(settings: Settings, events: int = 10_000, bad: int = 5, metrics: M
     report = decode_topics(settings, expected=stats.sent + bad, metrics=metrics)
     lost = sent_ids - report.event_ids
     joined = run_joiner_until(settings, expected, metrics=metrics)
+    trained = run_trainer_until(settings, sum(expected.values()), metrics=metrics)
     return {
         "sdk_sent": stats.sent,
         "sdk_failed": stats.failed,
@@ -147,6 +154,7 @@ def run_smoke(settings: Settings, events: int = 10_000, bad: int = 5, metrics: M
         "lost": len(lost),
         "examples_expected": dict(expected),
         "examples_joined": joined,
+        "trainer": trained,
         "produce_seconds": round(produce_s, 3),
         "consume_seconds": round(report.seconds, 3),
     }
@@ -167,3 +175,40 @@ def run_joiner_until(settings: Settings, expected: Counter[str], *, metrics: Met
     finally:
         joiner.close()
     return dict(joiner.counts.examples)
+
+
+def run_trainer_until(settings: Settings, examples: int, *, metrics: Metrics | None = None,
+                      timeout_s: float = 120.0) -> dict[str, object]:
+    """Train the demo model on the joined examples; return what its last checkpoint says."""
+    import tempfile
+    from pathlib import Path
+
+    import msgspec
+
+    from .checkpoint.signing import generate_keypair
+    from .learn.trainer import build_trainer
+
+    workdir = Path(tempfile.mkdtemp(prefix="stream-learner-demo-"))
+    private_pem, _ = generate_keypair()
+    (workdir / "signing.pem").write_bytes(private_pem)
+    trainer_settings = msgspec.structs.replace(
+        settings, trainer_model="demo", trainer_features=[f"f{j}" for j in range(16)],
+        trainer_classes=["no", "yes"], trainer_signing_key=str(workdir / "signing.pem"),
+        trainer_state_dir=str(workdir / "state"), trainer_checkpoint_every_examples=5000,
+    )
+    trainer = build_trainer(trainer_settings, metrics=metrics)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline and (sum(trainer.offsets.values()) < examples or trainer.buffer):
+            trainer.step()
+        last = trainer.checkpoint()
+    finally:
+        trainer.close()
+    return {
+        "versions_published": [m.version for m in trainer.published],
+        "counts": last.counts,
+        "accuracy": round(last.metrics.get("accuracy", float("nan")), 4),
+        "accuracy_rolling": round(last.metrics.get("accuracy_rolling", float("nan")), 4),
+        "served_accuracy": round(last.metrics.get("served_accuracy", float("nan")), 4),
+        "pseudo_precision": round(last.metrics.get("pseudo_precision", float("nan")), 4),
+    }
