@@ -18,6 +18,11 @@ Phases:
                 settings and ``max_poll_records`` as the joiner) assigned to
                 the 6 input partitions, reading the 2N records without
                 decoding: the ceiling for a Python consumer.
+   consume + produce -- the same consumer, and per poll one example-sized
+                record produced for every prediction record (every prediction
+                yields one example), flushed and acknowledged as the joiner
+                does before it commits; no Redis, no decoding. The Kafka I/O
+                that any kafka-python joiner pays: its ceiling.
 3. joiner    -- a fresh ``Joiner`` (new group id, new Redis prefix) steps
                 until it has consumed the 2N records; every labeled example
                 is out by then. The clock starts when the first non-empty
@@ -29,9 +34,12 @@ Phases:
                 every remaining window, and the examples are checked:
                 exactly the expected labeled and unlabeled counts (plus one
                 labeled example per partition for those sentinels), no late
-                ones, and the same number of records on the examples topic.
-                Run twice, with ``joiner_max_poll_records`` 5000 and 500,
-                each after its own raw-consume baseline.
+                ones, and the examples topic read back holds exactly that
+                many records, all with distinct example ids. Window 5 s,
+                late and orphan retention 10 s (state is collected during
+                the run, as in a steady state). Run twice, with
+                ``joiner_max_poll_records`` 5000 and 500, each on its own
+                copy of the input topics and after its own two baselines.
 4. round trips -- ``INFO commandstats`` deltas over each joiner run: the
                 commands that clients sent (``EVALSHA``, ``WAITAOF``, one-off
                 ``SCRIPT LOAD`` / connection setup) per poll, and, apart, the
@@ -68,11 +76,11 @@ import heapq
 import importlib.metadata
 import itertools
 import json
+import logging
 import os
 import pstats
 import random
 import re
-import statistics
 import sys
 import time
 import uuid
@@ -82,14 +90,15 @@ from typing import Any
 
 import msgspec
 import redis
+import redis.utils
 from kafka import KafkaAdminClient, TopicPartition
 from kafka.admin import NewTopic
 
 from stream_learner.bus import kafka_options, make_consumer, make_producer
 from stream_learner.config import Settings
-from stream_learner.events import EXAMPLE, LabelEvent, PredictionEvent, encode
-from stream_learner.join.joiner import Joiner
-from stream_learner.join.store import RedisJoinStore
+from stream_learner.events import EXAMPLE, LABEL, PREDICTION, LabelEvent, PredictionEvent, Source, encode
+from stream_learner.join.joiner import Joiner, build_example
+from stream_learner.join.store import Emission, RedisJoinStore, StoredLabel, StoredPrediction
 from stream_learner.local import LocalServers
 from stream_learner.logging import configure_logging
 from stream_learner.redis_conn import redis_options
@@ -273,20 +282,95 @@ def phase_raw_consume(settings: Settings, n: int, max_poll_records: int) -> dict
     return {"seconds": t1 - t0, "records": seen - first, "events_per_s": (seen - first) / (t1 - t0)}
 
 
+def sample_example(settings: Settings) -> bytes:
+    """An encoded labeled example as the joiner builds it from the workload's first prediction and label."""
+    pred = lab = None
+    for role, _, value in event_stream(50, seed=SEED, tag="r"):
+        if role == "prediction" and pred is None:
+            pred = PREDICTION.decode(value)
+        elif role == "label" and pred is not None and lab is None:
+            candidate = LABEL.decode(value)
+            if candidate.request_id == pred.request_id:
+                lab = candidate
+    assert pred is not None and lab is not None
+    emission = Emission("labeled", StoredPrediction(pred, Source(settings.topic_predictions, 0, 123456)),
+                        StoredLabel(lab, Source(settings.topic_labels, 0, 123456)))
+    return encode(build_example(emission))
+
+
+def phase_consume_produce(settings: Settings, n: int, max_poll_records: int, tag: str,
+                          example: bytes) -> dict[str, float]:
+    """The Kafka I/O any kafka-python joiner does, and nothing else.
+
+    A group-less consumer reads the 2N inputs (values not decoded) and, per
+    poll, produces one example-sized record for every prediction record
+    (every prediction yields exactly one example) with ``make_producer``,
+    flushes and waits for every acknowledgement, as the joiner does before
+    it commits. No Redis, no decoding, no commit. Timed like the joiner.
+    """
+    topic = f"bench.floor.{tag}"
+    create_topics(settings, {topic: 1})
+    consumer = make_consumer(settings, None, max_poll_records=max_poll_records)
+    producer = make_producer(settings)
+    try:
+        producer.send(topic, key=b"warmup", value=example).get(timeout=30)  # connected before the clock
+        tps = [TopicPartition(t, p) for t in (settings.topic_predictions, settings.topic_labels)
+               for p in range(PARTITIONS)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        seen, first, produced, t0 = 0, 0, 0, None
+        predictions = settings.topic_predictions
+        send = producer.send
+        deadline = time.monotonic() + STEP_TIMEOUT_S
+        while seen < n:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"consume+produce read only {seen}/{n} records")
+            batch = consumer.poll(timeout_ms=100)
+            futures = [send(topic, key=r.key, value=example)
+                       for tp, records in batch.items() if tp.topic == predictions for r in records]
+            producer.flush()
+            for f in futures:
+                f.get(timeout=60)
+            got = sum(len(r) for r in batch.values())
+            seen += got
+            produced += len(futures)
+            if got and t0 is None:
+                t0, first = time.perf_counter(), got
+        t1 = time.perf_counter()
+    finally:
+        consumer.close()
+        producer.close()
+    assert t0 is not None
+    return {"seconds": t1 - t0, "records": seen - first, "produced": produced,
+            "example_bytes": len(example), "events_per_s": (seen - first) / (t1 - t0)}
+
+
 # -- instrumentation ----------------------------------------------------------
 
 
-class CountingRedis(redis.Redis):
-    """A redis-py client that counts the commands it sends (the joiner's round trips, client side)."""
+def counting_connection_class(sent: dict[str, int]) -> type[redis.Connection]:
+    """A redis-py connection class that counts the commands sent through it into ``sent``.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.sent: dict[str, int] = {}
+    It counts at the connection, so the joiner's own calls (the store sends
+    ``EVALSHA`` and ``WAITAOF`` on a connection it holds, not through
+    ``execute_command``) are seen along with connection setup and health checks.
+    """
 
-    def execute_command(self, *args: Any, **options: Any) -> Any:
-        name = str(args[0]).lower()
-        self.sent[name] = self.sent.get(name, 0) + 1
-        return super().execute_command(*args, **options)
+    def count(name: Any) -> None:
+        key = (name.decode() if isinstance(name, bytes) else str(name)).lower()
+        sent[key] = sent.get(key, 0) + 1
+
+    class CountingConnection(redis.Connection):
+        def send_command(self, *args: Any, **kwargs: Any) -> None:
+            count(args[0])
+            super().send_command(*args, **kwargs)
+
+        def pack_commands(self, commands: Any) -> Any:
+            for command in commands:
+                count(command[0])
+            return super().pack_commands(commands)
+
+    return CountingConnection
 
 
 class Stages:
@@ -296,7 +380,8 @@ class Stages:
     that shadow the bound methods ``step`` calls.
     """
 
-    NAMES = ("poll", "progress", "redis_step", "build_examples", "produce", "wait_aof", "commit", "observe")
+    NAMES = ("poll", "decode", "progress", "redis_send", "build_examples", "produce", "commit",
+             "redis_receive", "observe")
 
     def __init__(self, joiner: Joiner) -> None:
         self.seconds = dict.fromkeys(self.NAMES, 0.0)
@@ -304,10 +389,11 @@ class Stages:
         self.active = False
         self._wrap(joiner.consumer, "poll", "poll")
         self._wrap(joiner, "_progress", "progress")
-        self._wrap(joiner.store, "step", "redis_step")
-        self._wrap(joiner, "_example", "build_examples")
+        self._wrap(joiner.store, "send", "redis_send")
+        self._wrap(joiner.store, "receive", "redis_receive")
+        self._wrap(joiner, "_examples", "build_examples")
         self._wrap(joiner, "_produce", "produce")
-        self._wrap(joiner.store, "wait_durable", "wait_aof")
+        self._wrap(joiner, "_decode", "decode")
         self._wrap(joiner, "_commit", "commit")
         self._wrap(joiner, "_observe", "observe")
 
@@ -338,7 +424,10 @@ def commandstats_delta(before: dict[str, dict[str, float]],
     for name, stats in after.items():
         calls = stats["calls"] - before.get(name, {}).get("calls", 0)
         if calls and name not in OWN_COMMANDS:
-            out[name] = {"calls": calls, "usec": stats["usec"] - before.get(name, {}).get("usec", 0)}
+            b = before.get(name, {})
+            out[name] = {"calls": calls, "usec": stats["usec"] - b.get("usec", 0),
+                         "errors": (stats.get("failed_calls", 0) + stats.get("rejected_calls", 0)
+                                    - b.get("failed_calls", 0) - b.get("rejected_calls", 0))}
     return out
 
 
@@ -391,7 +480,9 @@ def phase_joiner(settings: Settings, admin: redis.Redis, tag: str, max_poll_reco
     create_topics(s, {s.topic_examples: 1})
     gc.collect()
     stats0 = valkey_commandstats(admin)
-    client = CountingRedis.from_url(s.redis_url, **redis_options(s))
+    sent: dict[str, int] = {}
+    client = redis.Redis.from_url(s.redis_url, connection_class=counting_connection_class(sent),
+                                  **redis_options(s))
     t_created = time.perf_counter()
     joiner = Joiner(s, poll_timeout_ms=100, redis_client=client)
     stages = Stages(joiner)
@@ -423,7 +514,7 @@ def phase_joiner(settings: Settings, admin: redis.Redis, tag: str, max_poll_reco
         counts_main = json.loads(json.dumps(joiner.counts.__dict__))
         polls = joiner.counts.polls
         stats1 = valkey_commandstats(admin)
-        sent = dict(client.sent)
+        sent = dict(sent)
         if consumed(joiner) != n or joiner.counts.examples["labeled"] != expected["labeled"]:
             raise SystemExit(f"after consuming: counts={joiner.counts}, expected {n} events and "
                              f"{expected['labeled']} labeled examples")
@@ -461,7 +552,12 @@ def phase_joiner(settings: Settings, admin: redis.Redis, tag: str, max_poll_reco
     delta = commandstats_delta(stats0, stats1)
     client_cmds = {k: v for k, v in delta.items() if k not in SCRIPT_COMMANDS}
     script_cmds = {k: v for k, v in delta.items() if k in SCRIPT_COMMANDS}
-    per_poll_cmds = {k: v["calls"] for k, v in client_cmds.items() if k in ("evalsha", "eval", "waitaof")}
+    # A call that failed (the first EVALSHA answers NOSCRIPT; redis-py loads the script and retries)
+    # is a one-off, counted apart from the per-poll calls.
+    per_poll_cmds = {k: v["calls"] - v["errors"] for k, v in client_cmds.items()
+                     if k in ("evalsha", "eval", "waitaof")}
+    one_off = {k: v["calls"] for k, v in client_cmds.items() if k not in per_poll_cmds}
+    one_off.update({f"{k} (failed)": v["errors"] for k, v in client_cmds.items() if k in per_poll_cmds and v["errors"]})
     timed_polls = polls - polls0
     seconds = t1 - t0
     records = n - first
@@ -485,7 +581,7 @@ def phase_joiner(settings: Settings, admin: redis.Redis, tag: str, max_poll_reco
             "script_commands": script_cmds,
             "round_trips_per_poll": sum(per_poll_cmds.values()) / polls,
             "round_trips_per_poll_by_command": {k: v / polls for k, v in per_poll_cmds.items()},
-            "one_off_commands": {k: v["calls"] for k, v in client_cmds.items() if k not in per_poll_cmds},
+            "one_off_commands": one_off,
             "client_side_sent": sent,
             "client_side_round_trips_per_poll": sum(sent.values()) / polls,
             "script_commands_per_poll": sum(v["calls"] for v in script_cmds.values()) / polls,
@@ -541,7 +637,9 @@ def phase_memory(settings: Settings, admin: redis.Redis, servers: LocalServers, 
                 "valkey_keys": admin.dbsize(),
                 "due": admin.zcard(p + "due"),
                 "gc": admin.zcard(p + "gc"),
-                "outbox": admin.zcard(p + "ob"),
+                "orphan": admin.zcard(p + "orphan"),
+                "outbox_entries": admin.zcard(p + "ob"),
+                "watermark_event_ms_after_t0": int(admin.get(p + "wmv") or T0 - 1) - T0,
                 "examples": dict(joiner.counts.examples),
                 "orphans_dropped": joiner.counts.orphans_dropped,
             }
@@ -582,15 +680,19 @@ def print_report(result: dict[str, Any]) -> None:
     print(f"\nN={result['predictions']} predictions + {result['labels']} labels = {result['input_events']} "
           f"input events; expected {result['expected']['labeled']} labeled, "
           f"{result['expected']['unlabeled']} unlabeled\n")
-    head = (f"{'run':<22} {'events/s':>10} {'raw/s':>10} {'ratio':>6} {'rec/poll':>8} "
-            f"{'rt/poll':>7} {'lua cmds/ev':>11} {'join wait':>9}")
+    head = (f"{'run':<22} {'events/s':>9} {'raw/s':>9} {'ratio':>6} {'c+p/s':>9} {'c+p ratio':>9} "
+            f"{'vs c+p':>6} {'rec/poll':>8} {'rt/poll':>7} {'lua cmds/ev':>11} {'join wait':>9}")
     print(head)
     print("-" * len(head))
     for r in runs:
-        print(f"joiner max_poll={r['max_poll_records']:<7} {r['events_per_s']:>10,.0f} "
-              f"{r['baseline']['events_per_s']:>10,.0f} {r['ratio']:>6.2f} {r['records_per_poll']:>8.0f} "
+        cp = r["consume_produce"]
+        print(f"joiner max_poll={r['max_poll_records']:<7} {r['events_per_s']:>9,.0f} "
+              f"{r['baseline']['events_per_s']:>9,.0f} {r['ratio']:>6.3f} {cp['events_per_s']:>9,.0f} "
+              f"{cp['ratio']:>9.3f} {r['ratio_to_consume_produce']:>6.3f} {r['records_per_poll']:>8.0f} "
               f"{r['redis']['round_trips_per_poll']:>7.3f} {r['redis']['script_commands_per_event']:>11.2f} "
               f"{r['group_join_seconds']:>8.1f}s")
+    print("(ratio: joiner / raw consume; c+p: consume + produce one example per prediction, no Redis; "
+          "vs c+p: joiner / c+p)")
     print()
     for r in runs:
         rd = r["redis"]
@@ -611,13 +713,13 @@ def print_report(result: dict[str, Any]) -> None:
     if m:
         print(f"\nmemory over {m['events']:,} input events (chunks of {m['chunk']:,}; ratios: last / sample at "
               f"{m['first_after_warmup_events']:,}):")
-        print(f"  joiner RSS (MiB):      " + " ".join(f"{x['joiner_rss_bytes'] / 2**20:.0f}" for x in m["samples"])
+        print("  joiner RSS (MiB):      " + " ".join(f"{x['joiner_rss_bytes'] / 2**20:.0f}" for x in m["samples"])
               + f"   ratio {m['rss_ratio']:.3f}")
-        print(f"  Valkey used (MiB):     " + " ".join(f"{x['valkey_used_memory'] / 2**20:.1f}" for x in m["samples"])
+        print("  Valkey used (MiB):     " + " ".join(f"{x['valkey_used_memory'] / 2**20:.1f}" for x in m["samples"])
               + f"   ratio {m['valkey_used_memory_ratio']:.3f}")
-        print(f"  Valkey keys:           " + " ".join(str(x["valkey_keys"]) for x in m["samples"])
+        print("  Valkey keys:           " + " ".join(str(x["valkey_keys"]) for x in m["samples"])
               + f"   ratio {m['valkey_keys_ratio']:.3f}")
-        print(f"  Tansu RSS (MiB):       " + " ".join(f"{(x['tansu_rss_bytes'] or 0) / 2**20:.0f}"
+        print("  Tansu RSS (MiB):       " + " ".join(f"{(x['tansu_rss_bytes'] or 0) / 2**20:.0f}"
                                                     for x in m["samples"]) + "   (in-memory broker: grows by design)")
         print(f"  joiner throughput while interleaved: {m['events'] / m['joiner_seconds']:,.0f} events/s "
               f"(includes one group join); phase wall {m['wall_seconds']:.0f}s")
@@ -633,11 +735,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="joiner_max_poll_records of each joiner run")
     ap.add_argument("--profile", type=Path, default=None,
                     help="cProfile the timed loop of the first joiner run into this file")
+    ap.add_argument("--kafka-log-level", default="ERROR",
+                    help="level of kafka-python's loggers (WARNING shows its I/O thread's "
+                         "'blocking the event loop' warnings while the joiner holds the GIL)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     configure_logging("warning")
+    logging.getLogger("kafka").setLevel(args.kafka_log_level.upper())
     info = machine_info()
     info["redis_py"] = importlib.metadata.version("redis")
+    info["hiredis_available"] = bool(redis.utils.HIREDIS_AVAILABLE)
 
     t_all = time.perf_counter()
     result: dict[str, Any] = {"benchmark": "joiner", "partitions": PARTITIONS, "features": N_FEATURES,
@@ -648,6 +755,7 @@ def main(argv: list[str] | None = None) -> int:
         admin = redis.Redis.from_url(settings.redis_url)
         info["valkey"] = admin.info("server").get("valkey_version") or admin.info("server")["redis_version"]
 
+        example = sample_example(settings)
         runs = []
         for i, mp in enumerate(args.max_poll):
             tag = f"run{i + 1}-mp{mp}"
@@ -667,11 +775,16 @@ def main(argv: list[str] | None = None) -> int:
             result.update(predictions=counts["prediction"], labels=counts["label"], input_events=n,
                           expected=expected)
             base = phase_raw_consume(s, n, mp)
+            floor = phase_consume_produce(s, n, mp, tag, example)
             run = phase_joiner(s, admin, tag, mp, expected, profile=args.profile if i == 0 else None)
             run["baseline"] = base
             run["ratio"] = run["events_per_s"] / base["events_per_s"]
+            run["consume_produce"] = floor
+            run["ratio_to_consume_produce"] = run["events_per_s"] / floor["events_per_s"]
+            floor["ratio"] = floor["events_per_s"] / base["events_per_s"]
             runs.append(run)
-            print(f"max_poll_records={mp}: raw consume {base['events_per_s']:,.0f}/s, joiner "
+            print(f"max_poll_records={mp}: raw consume {base['events_per_s']:,.0f}/s, consume+produce "
+                  f"{floor['events_per_s']:,.0f}/s (ratio {floor['ratio']:.2f}), joiner "
                   f"{run['events_per_s']:,.0f}/s (ratio {run['ratio']:.2f}), "
                   f"{run['redis']['round_trips_per_poll']:.3f} round trips/poll, group join "
                   f"{run['group_join_seconds']:.1f}s; examples verified "

@@ -2,28 +2,44 @@
 --
 -- Applies a batch of prediction and label events to the join state, advances
 -- the watermark, closes windows and garbage-collects, and returns the examples
--- to emit. Everything a call emits is also recorded in an outbox and kept
--- until the joiner acknowledges it (after the broker has the examples), so a
--- crash between this call and the produce never loses an example: the outbox
--- is claimed and re-emitted, with the same deterministic example ids.
+-- to emit. Everything a call emits is also written to the outbox, as one
+-- entry per call, and kept until the joiner acknowledges the entry (after the
+-- broker has its examples), so a crash between this call and the produce
+-- never loses an example: the entry is claimed and re-emitted, with the same
+-- deterministic example ids.
 --
 -- Keys (all share one hash tag, so one Redis Cluster slot):
---   KEYS[1] prefix, e.g. "sl:{j}:"; per request: prefix.."r:"..request_id (hash)
--- Hash fields of a request: st (state), p/ps (prediction payload/source),
---   pt (prediction event time), l/ls/lt (label payload/source/time).
--- States: w waiting for label, e label waiting for prediction (early),
---   j joined (labeled), x window closed unlabeled, t late label joined.
--- Other keys: due (zset request -> window deadline), gc (zset request ->
---   event time at which the state is deleted), wm (hash partition -> max event
---   time), cu (hash partition -> wall ms since caught up, 0 if lagging),
---   wmv (the watermark, monotonic), ob (zset "kind|request" -> lease wall ms).
+--   KEYS[1] prefix, e.g. "sl:{j}:"; per request: prefix.."r:"..request_id, a
+--   string: one state letter, then, while the state still needs its event,
+--   the stored event as the joiner sent it: the event time (8-byte
+--   big-endian double), then the msgpack array [event, source], which this
+--   script never looks inside, it only copies it into emissions.
+-- States: w prediction waiting for its label, e label waiting for its
+--   prediction (early), x window closed unlabeled (keeps the prediction for
+--   a late label), j joined (labeled), t late label joined. j and t keep
+--   only their letter, to recognise duplicates: their events are in the
+--   outbox entry that emitted them, until it is acknowledged.
+-- Other keys: due (zset request -> window deadline: the predictions whose
+--   window is open, waiting or already joined), gc (zset request -> event time
+--   at which the state is deleted: x, j and t after their window closed, and
+--   e at its orphan deadline plus 0.5, which marks it as an orphan), wm (hash
+--   partition -> max event time), cu (hash partition -> wall ms since caught
+--   up, 0 if lagging), wmv (the watermark, monotonic), ob (zset outbox token
+--   -> lease wall ms), ob:<token> (string: the emissions of one call).
+-- TTL (the wall-clock safety net): set when a request's state is created,
+--   ttl for a prediction, ttl + orphan_retention for an early label (it
+--   covers the wait for its prediction); transitions keep it.
 --
 -- ARGV: now, window, late_retention, orphan_retention, ttl, idle_timeout,
 --   idle_advance, max_expire, allowed_lateness, claim_before,
---   n_total (input partitions that exist), n_parts, {part, max_time, caught_up}*, n_acks, {member}*,
---   n_events, {type, request, time, source, payload}*
--- Returns: {watermark, duplicates, orphans_dropped, early_labels, n_emitted,
---   {kind, request, p, ps, l, ls}*}
+--   n_total (input partitions that exist), token (unique to this call),
+--   then three msgpack arrays: acks {token}*, partitions {{part, max_time,
+--   caught_up}}*, events {{type 'P'|'L', request, time, stored event}}*.
+-- Returns: {watermark, duplicates, orphans_dropped, early_labels, more_to_claim,
+--   emissions, {claimed_token, claimed_emissions}*}. Emissions are one msgpack
+--   array of [kind, [prediction, source], [label, source] or nil]; '' when
+--   none. The caller acknowledges this call's token (when emissions is not
+--   '') and every claimed token once the broker has their examples.
 
 local P = KEYS[1]
 local now = tonumber(ARGV[1])
@@ -37,109 +53,121 @@ local max_expire = tonumber(ARGV[8])
 local lateness = tonumber(ARGV[9])
 local claim_before = tonumber(ARGV[10])
 local n_total = tonumber(ARGV[11])
+local token = ARGV[12]
+local acks = cmsgpack.unpack(ARGV[13])
+local parts = cmsgpack.unpack(ARGV[14])
+local events = cmsgpack.unpack(ARGV[15])
 
-local DUE, GC, WM, CU, WMV, OB = P .. 'due', P .. 'gc', P .. 'wm', P .. 'cu', P .. 'wmv', P .. 'ob'
--- The first five slots are filled at the end; unpack() would overflow Lua's stack.
-local out = {0, 0, 0, 0, 0}
-local dup, orphans, early, n_emit = 0, 0, 0, 0
+local DUE, GC, WM, CU, WMV = P .. 'due', P .. 'gc', P .. 'wm', P .. 'cu', P .. 'wmv'
+local OB, OBX, R = P .. 'ob', P .. 'ob:', P .. 'r:'
+-- How many outbox entries one call claims; more are claimed by the next calls.
+local MAX_CLAIM = 8
+-- unpack() pushes its values on Lua's C stack: variadic commands go in chunks.
+local CHUNK = 1000
 
-local function emit(kind, req, key)
-  local v = redis.call('HMGET', key, 'p', 'ps', 'l', 'ls')
-  out[#out + 1] = kind
-  out[#out + 1] = req
-  out[#out + 1] = v[1] or ''
-  out[#out + 1] = v[2] or ''
-  out[#out + 1] = v[3] or ''
-  out[#out + 1] = v[4] or ''
+-- Emissions are built as msgpack bytes: fixarray(3) header and kind, then the
+-- stored prediction, then the stored label or nil.
+local LABELED = '\147' .. cmsgpack.pack('labeled')
+local UNLABELED = '\147' .. cmsgpack.pack('unlabeled')
+local LATE = '\147' .. cmsgpack.pack('late')
+local NIL = '\192'
+local buf, n_emit = {}, 0
+local dup, orphans, early = 0, 0, 0
+
+local function emit(kind, p, l)
+  local n = #buf
+  buf[n + 1] = kind
+  buf[n + 2] = p
+  buf[n + 3] = l
   n_emit = n_emit + 1
-  redis.call('ZADD', OB, now, kind .. '|' .. req)
 end
 
--- 1. acknowledged emissions: the broker has them; drop payloads no longer needed.
-local i = 12
-local n_parts = tonumber(ARGV[i]); i = i + 1
-local parts = {}
-for _ = 1, n_parts do
-  parts[#parts + 1] = {ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2] == '1'}
-  i = i + 3
+local function array_header(n)
+  if n < 16 then return string.char(144 + n) end
+  if n < 65536 then return string.char(220, math.floor(n / 256), n % 256) end
+  return string.char(221, math.floor(n / 16777216) % 256, math.floor(n / 65536) % 256,
+                     math.floor(n / 256) % 256, n % 256)
 end
-local n_acks = tonumber(ARGV[i]); i = i + 1
-for _ = 1, n_acks do
-  local member = ARGV[i]; i = i + 1
-  if redis.call('ZREM', OB, member) == 1 then
-    local req = string.sub(member, 3)
-    local key = P .. 'r:' .. req
-    local st = redis.call('HGET', key, 'st')
-    if st == 'j' or st == 't' then
-      redis.call('HDEL', key, 'p', 'l')
-    end
+
+-- Sorted-set updates (ZADD score member ...) collected and sent in chunks.
+local function zadd_all(key, pairs_)
+  for a = 1, #pairs_, 2 * CHUNK do
+    redis.call('ZADD', key, unpack(pairs_, a, math.min(#pairs_, a + 2 * CHUNK - 1)))
+  end
+end
+
+-- 1. acknowledged outbox entries: the broker has their examples.
+if #acks > 0 then
+  local keys = {}
+  for k = 1, #acks do keys[k] = OBX .. acks[k] end
+  for a = 1, #acks, CHUNK do
+    local b = math.min(#acks, a + CHUNK - 1)
+    redis.call('DEL', unpack(keys, a, b))
+    redis.call('ZREM', OB, unpack(acks, a, b))
   end
 end
 
 -- 2. the events of this poll, under the watermark of the previous call: an
 -- event must not be judged by a watermark that later events of its own batch
--- moved.
+-- moved. A request's value is its state letter, then (w, e, x) the stored
+-- event: its event time (8 bytes), then the msgpack the joiner packed.
 local wm = tonumber(redis.call('GET', WMV) or '-1')
-local n_events = tonumber(ARGV[i]); i = i + 1
-for _ = 1, n_events do
-  local typ, req, t, src, payload = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3], ARGV[i + 4]
-  i = i + 5
-  local key = P .. 'r:' .. req
-  local st = redis.call('HGET', key, 'st')
+local W, E, X = string.byte('w'), string.byte('e'), string.byte('x')
+local sub, byte, unpack_time = string.sub, string.byte, struct.unpack
+for _, ev in ipairs(events) do
+  local typ, req, t, val = ev[1], ev[2], ev[3], ev[4]
+  local key = R .. req
+  local v = redis.call('GET', key)
   if typ == 'P' then
     local deadline = t + window
-    if not st then
-      redis.call('HSET', key, 'st', 'w', 'p', payload, 'ps', src, 'pt', t)
-      redis.call('PEXPIRE', key, ttl)
+    if not v then
       if deadline < wm then
         -- The window closed before the prediction arrived.
-        redis.call('HSET', key, 'st', 'x')
+        redis.call('SET', key, 'x' .. val, 'PX', ttl)
         redis.call('ZADD', GC, deadline + late_ret, req)
-        emit('U', req, key)
+        emit(UNLABELED, sub(val, 9), NIL)
       else
+        redis.call('SET', key, 'w' .. val, 'PX', ttl)
         redis.call('ZADD', DUE, deadline, req)
       end
-    elseif st == 'e' then
-      redis.call('HSET', key, 'p', payload, 'ps', src, 'pt', t)
-      redis.call('PEXPIRE', key, ttl)
+    elseif byte(v) == E then
+      -- Replaces the early label's orphan deadline.
       redis.call('ZADD', GC, deadline + late_ret, req)
-      local lt = tonumber(redis.call('HGET', key, 'lt'))
-      if lt <= deadline then
-        redis.call('HSET', key, 'st', 'j')
-        emit('L', req, key)
+      if unpack_time('>d', v, 2) <= deadline then
+        redis.call('SET', key, 'j', 'KEEPTTL')
+        emit(LABELED, sub(val, 9), sub(v, 10))
       else
-        redis.call('HSET', key, 'st', 't')
-        emit('U', req, key)
-        emit('T', req, key)
+        redis.call('SET', key, 't', 'KEEPTTL')
+        emit(UNLABELED, sub(val, 9), NIL)
+        emit(LATE, sub(val, 9), sub(v, 10))
       end
     else
       dup = dup + 1
     end
   else
-    if not st then
-      redis.call('HSET', key, 'st', 'e', 'l', payload, 'ls', src, 'lt', t)
-      redis.call('PEXPIRE', key, ttl)
-      redis.call('ZADD', GC, t + orphan_ret, req)
+    if not v then
+      redis.call('SET', key, 'e' .. val, 'PX', ttl + orphan_ret)
+      redis.call('ZADD', GC, t + orphan_ret + 0.5, req)
       early = early + 1
-    elseif st == 'w' then
-      local pt = tonumber(redis.call('HGET', key, 'pt'))
-      redis.call('HSET', key, 'l', payload, 'ls', src, 'lt', t)
-      redis.call('ZREM', DUE, req)
-      redis.call('ZADD', GC, pt + window + late_ret, req)
-      if t <= pt + window then
-        redis.call('HSET', key, 'st', 'j')
-        emit('L', req, key)
-      else
-        -- In event time the window had closed: unlabeled first, then late.
-        redis.call('HSET', key, 'st', 't')
-        emit('U', req, key)
-        emit('T', req, key)
-      end
-    elseif st == 'x' then
-      redis.call('HSET', key, 'st', 't', 'l', payload, 'ls', src, 'lt', t)
-      emit('T', req, key)
     else
-      dup = dup + 1
+      local st = byte(v)
+      if st == W then
+        -- It stays in due: the window's close moves it to gc.
+        if t <= unpack_time('>d', v, 2) + window then
+          redis.call('SET', key, 'j', 'KEEPTTL')
+          emit(LABELED, sub(v, 10), sub(val, 9))
+        else
+          -- In event time the window had closed: unlabeled first, then late.
+          redis.call('SET', key, 't', 'KEEPTTL')
+          emit(UNLABELED, sub(v, 10), NIL)
+          emit(LATE, sub(v, 10), sub(val, 9))
+        end
+      elseif st == X then
+        redis.call('SET', key, 't', 'KEEPTTL')
+        emit(LATE, sub(v, 10), sub(val, 9))
+      else
+        dup = dup + 1
+      end
     end
   end
 end
@@ -188,42 +216,76 @@ if candidate > wm then
   wm = candidate
   redis.call('SET', WMV, wm)
 end
+local below_wm = string.format('(%d', wm)
 
--- 4. windows that the watermark closed: unlabeled examples.
-local closed = redis.call('ZRANGEBYSCORE', DUE, '-inf', string.format('(%d', wm), 'LIMIT', 0, max_expire)
-for _, req in ipairs(closed) do
-  local key = P .. 'r:' .. req
-  redis.call('ZREM', DUE, req)
-  if redis.call('HGET', key, 'st') == 'w' then
-    local pt = tonumber(redis.call('HGET', key, 'pt'))
-    redis.call('HSET', key, 'st', 'x')
-    redis.call('ZADD', GC, pt + window + late_ret, req)
-    emit('U', req, key)
+-- 4. windows that the watermark closed (the lowest ranks of due): a
+-- prediction still waiting gives an unlabeled example; every closed one
+-- (waiting or joined) moves to gc, kept late_retention more.
+local closed = redis.call('ZRANGEBYSCORE', DUE, '-inf', below_wm, 'WITHSCORES', 'LIMIT', 0, max_expire)
+if #closed > 0 then
+  redis.call('ZREMRANGEBYRANK', DUE, 0, #closed / 2 - 1)
+  local collect = {}
+  for k = 1, #closed, 2 do
+    local req = closed[k]
+    local key = R .. req
+    local v = redis.call('GET', key)
+    local st = v and sub(v, 1, 1)
+    if st == 'w' then
+      redis.call('SETRANGE', key, 0, 'x')
+      emit(UNLABELED, sub(v, 10), NIL)
+    end
+    if st == 'w' or st == 'j' or st == 't' then
+      collect[#collect + 1] = tonumber(closed[k + 1]) + late_ret
+      collect[#collect + 1] = req
+    end
   end
+  zadd_all(GC, collect)
 end
 
--- 5. state past its retention: deleted; a label that never met its prediction is an orphan.
-local old = redis.call('ZRANGEBYSCORE', GC, '-inf', string.format('(%d', wm), 'LIMIT', 0, max_expire)
-for _, req in ipairs(old) do
-  local key = P .. 'r:' .. req
-  if redis.call('HGET', key, 'st') == 'e' then orphans = orphans + 1 end
-  redis.call('ZREM', GC, req)
-  redis.call('DEL', key)
+-- 5. state past its retention: deleted. An early label still waiting for
+-- its prediction has a deadline with a half millisecond added (event times
+-- are whole milliseconds): it is an orphan.
+local old = redis.call('ZRANGEBYSCORE', GC, '-inf', below_wm, 'WITHSCORES', 'LIMIT', 0, max_expire)
+if #old > 0 then
+  local keys = {}
+  for k = 1, #old, 2 do
+    keys[#keys + 1] = R .. old[k]
+    local score = tonumber(old[k + 1])
+    if score ~= math.floor(score) then orphans = orphans + 1 end
+  end
+  redis.call('ZREMRANGEBYRANK', GC, 0, #keys - 1)
+  for a = 1, #keys, CHUNK do redis.call('DEL', unpack(keys, a, math.min(#keys, a + CHUNK - 1))) end
 end
 
--- 6. emissions whose joiner never acknowledged them (it crashed): emit again.
+-- 6. outbox entries whose joiner never acknowledged them (it crashed): this
+-- caller takes them over (a new lease) and emits them again.
+local out = {0, 0, 0, 0, 0, ''}
 if claim_before >= 0 then
-  local stale = redis.call('ZRANGEBYSCORE', OB, '-inf', string.format('(%d', claim_before), 'LIMIT', 0, max_expire)
-  for _, member in ipairs(stale) do
-    local kind, req = string.sub(member, 1, 1), string.sub(member, 3)
-    local key = P .. 'r:' .. req
-    if redis.call('EXISTS', key) == 1 then
-      emit(kind, req, key)
+  local stale = redis.call('ZRANGEBYSCORE', OB, '-inf', string.format('(%d', claim_before),
+                           'LIMIT', 0, MAX_CLAIM + 1)
+  if #stale > MAX_CLAIM then
+    out[5] = 1
+    stale[#stale] = nil
+  end
+  for _, tok in ipairs(stale) do
+    local blob = redis.call('GET', OBX .. tok)
+    if blob then
+      redis.call('ZADD', OB, now, tok)
+      out[#out + 1] = tok
+      out[#out + 1] = blob
     else
-      redis.call('ZREM', OB, member)
+      redis.call('ZREM', OB, tok)
     end
   end
 end
 
-out[1], out[2], out[3], out[4], out[5] = wm, dup, orphans, early, n_emit
+-- 7. this call's emissions: one outbox entry, leased to the caller.
+if n_emit > 0 then
+  local blob = array_header(n_emit) .. table.concat(buf)
+  redis.call('SET', OBX .. token, blob)
+  redis.call('ZADD', OB, now, token)
+  out[6] = blob
+end
+
+out[1], out[2], out[3], out[4] = wm, dup, orphans, early
 return out

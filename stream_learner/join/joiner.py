@@ -4,15 +4,27 @@ Each cycle of :meth:`Joiner.step`, in this order:
 
 1. poll a batch from the prediction and label topics (consumer group);
 2. decode it; refused records are sent to the dead-letter topic;
-3. one atomic Redis call (:class:`~stream_learner.join.store.RedisJoinStore`):
-   acknowledge the previous cycle's emissions, advance the watermark, apply
-   the events, close windows, collect state past retention, and, on start
-   or when a lease ran out, claim emissions nobody acknowledged;
-4. build the examples (deterministic example ids) and produce them with the
-   idempotent producer; wait until the broker has all of them and the dead
-   letters;
-5. wait until Redis has the step in its append-only file;
-6. commit the input offsets.
+3. send one atomic Redis call (:class:`~stream_learner.join.store.RedisJoinStore`)
+   and, right behind it on the same connection, ``WAITAOF``: acknowledge the
+   outbox entries whose examples the broker already has, advance the
+   watermark, apply the events, close windows, collect state past retention,
+   record this call's emissions as one outbox entry, and, on start, after a
+   failed call or when a lease ran out, claim entries nobody acknowledged;
+4. while Redis runs it: build the *previous* cycle's examples (deterministic
+   example ids) and produce them with the idempotent producer; wait until
+   the broker has all of them and the previous cycle's dead letters; then
+   commit the previous cycle's input offsets (its Redis call was durable
+   before that cycle ended);
+5. read this call's reply and the ``WAITAOF`` reply: the step is now in
+   Redis's append-only file; its emissions are produced in the next cycle,
+   and its outbox entry is acknowledged in the cycle after that.
+
+So a batch's offsets are committed only after its Redis step is durable and
+its examples are acknowledged by the broker, and an outbox entry is
+acknowledged only after the broker has its examples. When the previous
+cycle left something to produce, step 1 does not wait for records (a poll
+with no timeout): an idle joiner produces its last examples at once. ``close``
+produces what is left, commits, and acknowledges it.
 
 A crash anywhere re-delivers the uncommitted inputs, which have no second
 effect on the state, and the outbox holds every emission not yet
@@ -27,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,12 +53,12 @@ from kafka.structs import OffsetAndMetadata
 from ..bus import DeadLetters, make_consumer, make_producer
 from ..config import Settings
 from ..errors import EventError
-from ..events import (
-    LABEL, PREDICTION, Codec, ExampleEvent, LabelEvent, PredictionEvent, Source, encode,
-)
+from ..events import LABEL, PREDICTION, Codec, ExampleEvent, Source, encode
 from ..metrics import Metrics
 from ..redis_conn import make_redis
-from .store import Emission, PartitionProgress, RedisJoinStore, StepResult, wall_ms
+from .store import (
+    Emission, JoinInput, PartitionProgress, RedisJoinStore, StepResult, pack_label, pack_prediction, wall_ms,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -63,24 +76,14 @@ def example_id(kind: str, prediction_event_id: str, label_event_id: str | None) 
     return digest.hexdigest()
 
 
-def source_string(topic: str, partition: int, offset: int) -> str:
-    """How a record's origin is stored in the join state."""
-    return f"{topic}/{partition}/{offset}"
-
-
-def parse_source(text: str | None) -> Source | None:
-    """The inverse of :func:`source_string` (topic names cannot contain ``/``)."""
-    if not text:
-        return None
-    topic, partition, offset = text.rsplit("/", 2)
-    return Source(topic, int(partition), int(offset))
-
-
-def build_example(emission: Emission, prediction: PredictionEvent, label: LabelEvent | None) -> ExampleEvent:
+def build_example(emission: Emission) -> ExampleEvent:
     """The joined example for one emission."""
+    prediction = emission.prediction.event
+    stored_label = emission.label
+    label = stored_label.event if stored_label is not None else None
     return ExampleEvent(
         example_id=example_id(emission.kind, prediction.event_id, label.event_id if label else None),
-        kind=emission.kind,  # type: ignore[arg-type]
+        kind=emission.kind,
         request_id=prediction.request_id,
         model=prediction.model,
         model_version=prediction.model_version,
@@ -89,10 +92,10 @@ def build_example(emission: Emission, prediction: PredictionEvent, label: LabelE
         label=label.label if label else None,
         prediction_event_id=prediction.event_id,
         prediction_time=prediction.event_time,
-        prediction_source=parse_source(emission.prediction_source),
+        prediction_source=emission.prediction.source,
         label_event_id=label.event_id if label else None,
         label_time=label.event_time if label else None,
-        label_source=parse_source(emission.label_source),
+        label_source=stored_label.source if stored_label is not None else None,
     )
 
 
@@ -108,6 +111,36 @@ class JoinerCounts:
     dead_letters: int = 0
     polls: int = 0
     redis_calls: int = 0
+
+
+@dataclass
+class _Call:
+    """One Redis join step: what it sends, and whether it is on the wire."""
+
+    progress: list[PartitionProgress]
+    events: list[JoinInput]
+    acks: list[str]
+    sent: bool = False
+    now: int = 0
+    claim: int = -1
+    started: float = 0.0
+
+
+@dataclass
+class _Output:
+    """What a cycle leaves for the next one: examples to produce, offsets to commit after them."""
+
+    emissions: list[Emission]
+    tokens: list[str]
+    dead: list[Any]
+    offsets: dict[TopicPartition, int]
+
+    def __bool__(self) -> bool:
+        return bool(self.emissions or self.tokens or self.dead or self.offsets)
+
+
+_RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
+              redis.exceptions.TryAgainError, KafkaError)
 
 
 class Joiner:
@@ -142,17 +175,23 @@ class Joiner:
         self.consumer.subscribe(list(self.topics))
         self.producer: KafkaProducer = make_producer(settings)
         self.dead_letters = DeadLetters(self.producer, settings.topic_dlq, stage="joiner")
+        # Outbox tokens whose examples the broker has: acknowledged by the next Redis call.
         self._acks: list[str] = []
-        # On start, claim every unacknowledged emission: a previous run of
+        # The last cycle's output: produced and committed while the next Redis call runs.
+        self._output: _Output | None = None
+        # On start, claim every unacknowledged outbox entry: a previous run of
         # this (or any) joiner may have died before producing it. Re-emitting
         # a live peer's emission only duplicates an example id, never loses one.
+        # Claiming everything means the entries leased before this moment (the
+        # entries a claim re-leases are then not claimed again).
         self._claim_all = True
+        self._claim_from: int | None = None
         self._next_claim = 0
 
     # -- the loop -------------------------------------------------------------
 
     def run(self, stop: threading.Event | None = None) -> None:
-        """Run cycles until ``stop`` is set, then acknowledge and close."""
+        """Run cycles until ``stop`` is set, then produce what is left, acknowledge and close."""
         stop = stop or threading.Event()
         log.info("joiner_started", group=self.settings.joiner_group_id, topics=list(self.topics))
         try:
@@ -162,61 +201,87 @@ class Joiner:
             self.close()
 
     def step(self) -> int:
-        """One poll -> join -> produce -> commit cycle; return the records polled."""
-        batch = self.consumer.poll(timeout_ms=self.poll_timeout_ms)
+        """One cycle (see the module docstring); return the records polled."""
+        previous = self._output
+        # With examples still to produce, do not wait for records: produce them now.
+        batch = self.consumer.poll(timeout_ms=0 if previous else self.poll_timeout_ms)
         self.counts.polls += 1
-        events: list[tuple[str, str, int, str, bytes]] = []
-        max_times: dict[TopicPartition, int] = {}
-        offsets: dict[TopicPartition, int] = {}
-        dead: list[Any] = []
-        for tp, records in batch.items():
-            role = self.topics[tp.topic]
-            codec = self.codecs[tp.topic]
-            typ = "P" if role == "prediction" else "L"
-            top = -1
-            for record in records:
-                try:
-                    event = codec.decode(record.value)
-                except EventError as exc:
-                    dead.append(self.dead_letters.send(record, exc))
-                    self.counts.dead_letters += 1
-                    self.metrics.dead_letters.labels(stage="joiner", kind=exc.kind).inc()
-                    continue
-                events.append((typ, event.request_id, event.event_time,
-                               source_string(tp.topic, tp.partition, record.offset), record.value))
-                top = max(top, event.event_time)
-            self.counts.events[role] += len(records)
-            self.metrics.joiner_events.labels(topic=tp.topic).inc(len(records))
-            max_times[tp] = top
-            offsets[tp] = records[-1].offset + 1
-
-        progress = self._progress(max_times)
-        result = self._with_retry("redis", lambda: self._timed_step(progress, events))
+        events, max_times, offsets, dead = self._decode(batch)
+        call = _Call(self._progress(max_times), events, self._acks)
+        self._acks = []
+        try:
+            self._send(call)
+        except _RETRYABLE:
+            pass  # sent again, with backoff, when its reply is awaited
+        if previous:
+            # Redis runs this cycle's call meanwhile.
+            self._finish(previous)
+        self._output = None
+        result = self._with_retry("redis", lambda: self._receive(call))
         self._account(result)
-
-        examples = [self._example(e) for e in result.emissions]
-        self._with_retry("kafka", lambda: self._produce([x for x in examples if x is not None], dead))
-        self._with_retry("redis", self.store.wait_durable)
-        if offsets:
-            self._commit(offsets)
-        # Acknowledged at the next step, in the same Redis call: the broker has them now.
-        self._acks = [e.member for e in result.emissions]
+        self._output = _Output(result.emissions, result.tokens, dead, offsets)
         self._observe(result.watermark)
         return sum(len(r) for r in batch.values())
 
     def close(self) -> None:
-        """Acknowledge what was emitted, then close the clients."""
+        """Produce and commit what the last cycles left, acknowledge it, then close the clients.
+
+        Nothing here retries: what is not acknowledged stays in the outbox,
+        and a joiner emits it again.
+        """
         try:
-            if self._acks:
-                self.store.step(progress=[], acks=self._acks, events=[], now_ms=self.clock())
+            for _ in range(3):
+                output, self._output = self._output, None
+                if output:
+                    self._finish(output, retry=False)
+                if not self._acks:
+                    break
+                # An acknowledging step with no events; it may still close windows (idle advance).
+                result = self.store.step(progress=[], acks=self._acks, events=[], now_ms=self.clock(),
+                                         durable=True)
                 self._acks = []
-        except redis.RedisError as exc:
+                self._account(result)
+                self._output = _Output(result.emissions, result.tokens, [], {})
+        except (redis.RedisError, KafkaError) as exc:
             log.warning("joiner_final_ack_failed", error=str(exc))  # the outbox re-emits them
+        self.store.close()
         self.consumer.close(autocommit=False)
         self.producer.close()
         log.info("joiner_stopped", counts=self.counts.__dict__)
 
     # -- parts of a step --------------------------------------------------------
+
+    def _decode(self, batch: dict[TopicPartition, list[Any]]) -> tuple[
+            list[JoinInput], dict[TopicPartition, int], dict[TopicPartition, int], list[Any]]:
+        """Decode a poll: the join inputs, max event time and next offset per partition, dead-letter futures."""
+        events: list[JoinInput] = []
+        append = events.append
+        max_times: dict[TopicPartition, int] = {}
+        offsets: dict[TopicPartition, int] = {}
+        dead: list[Any] = []
+        for tp, records in batch.items():
+            topic, partition = tp.topic, tp.partition
+            role = self.topics[topic]
+            decode = self.codecs[topic].decode
+            typ, pack = ("P", pack_prediction) if role == "prediction" else ("L", pack_label)
+            top = -1
+            for record in records:
+                try:
+                    event = decode(record.value)
+                except EventError as exc:
+                    dead.append(self.dead_letters.send(record, exc))
+                    self.counts.dead_letters += 1
+                    self.metrics.dead_letters.labels(stage="joiner", kind=exc.kind).inc()
+                    continue
+                t = event.event_time
+                append((typ, event.request_id, t, pack(event, Source(topic, partition, record.offset))))
+                if t > top:
+                    top = t
+            self.counts.events[role] += len(records)
+            self.metrics.joiner_events.labels(topic=topic).inc(len(records))
+            max_times[tp] = top
+            offsets[tp] = records[-1].offset + 1
+        return events, max_times, offsets, dead
 
     def _progress(self, max_times: dict[TopicPartition, int]) -> list[PartitionProgress]:
         progress = []
@@ -233,51 +298,85 @@ class Joiner:
     def _total_partitions(self) -> int:
         return sum(len(self.consumer.partitions_for_topic(t) or ()) for t in self.topics)
 
-    def _timed_step(self, progress: list[PartitionProgress],
-                    events: list[tuple[str, str, int, str, bytes]]) -> StepResult:
+    def _send(self, call: _Call) -> None:
+        """Send a Redis join step (and WAITAOF behind it) without waiting for the reply."""
         now = self.clock()
         claim = -1
         if self._claim_all:
-            claim = now + 1
+            if self._claim_from is None:
+                self._claim_from = now
+            claim = self._claim_from
         elif now >= self._next_claim:
             claim = now - self.settings.joiner_outbox_lease_ms
-        start = time.perf_counter()
-        # A call that failed may have run on the server all the same (a timeout
-        # after execution), its emissions then sit unacknowledged in the
-        # outbox: claim everything on the next try so they are not delayed.
-        self._claim_all = True
-        result = self.store.step(progress=progress, acks=self._acks, events=events, now_ms=now,
-                                 claim_before_ms=claim, total_partitions=self._total_partitions())
-        self._claim_all = False
-        if claim >= 0:
-            self._next_claim = now + self.settings.joiner_outbox_lease_ms
-        self.metrics.joiner_redis_seconds.observe(time.perf_counter() - start)
+        call.now, call.claim, call.started = now, claim, time.perf_counter()
+        self.store.send(progress=call.progress, acks=call.acks, events=call.events, now_ms=now,
+                        claim_before_ms=claim, total_partitions=self._total_partitions(), durable=True)
+        call.sent = True
+
+    def _receive(self, call: _Call) -> StepResult:
+        """The reply of a sent step (sending it first if it is not on the wire); durable when it returns."""
+        if not call.sent:
+            self._send(call)
+        try:
+            result = self.store.receive()
+        except BaseException:
+            # The call may have run on the server all the same (a timeout after
+            # execution); its emissions then sit unacknowledged in the outbox:
+            # claim everything on the next try so they are not delayed.
+            call.sent = False
+            self._claim_all, self._claim_from = True, None
+            raise
+        if result.more_to_claim:
+            if not self._claim_all:
+                self._next_claim = 0  # claim the rest with the next call
+        else:
+            self._claim_all, self._claim_from = False, None
+            if call.claim >= 0:
+                self._next_claim = call.now + self.settings.joiner_outbox_lease_ms
+        self.metrics.joiner_redis_seconds.observe(time.perf_counter() - call.started)
         self.counts.redis_calls += 1
-        self._acks = []  # applied atomically with the step
         return result
 
-    def _example(self, emission: Emission) -> ExampleEvent | None:
-        try:
-            prediction = PREDICTION.decode(emission.prediction)
-            label = LABEL.decode(emission.label) if emission.label else None
-        except EventError as exc:
-            # Stored payloads were valid when stored; only a schema change can get here.
-            log.error("joiner_stored_payload_invalid", request_id=emission.request_id, error=str(exc))
-            return None
-        return build_example(emission, prediction, label)
+    def _finish(self, output: _Output, retry: bool = True) -> None:
+        """Produce a cycle's examples, commit its offsets, and queue its outbox tokens for acknowledgement."""
+        if output.emissions or output.dead:
+            examples = self._examples(output.emissions)
+            if retry:
+                self._with_retry("kafka", lambda: self._produce(examples, output.dead))
+            else:
+                self._produce(examples, output.dead)
+        if output.offsets:
+            self._commit(output.offsets, retry)
+        # Acknowledged by the next Redis call: the broker has them now.
+        self._acks += output.tokens
+
+    def _examples(self, emissions: list[Emission]) -> list[ExampleEvent]:
+        return [build_example(e) for e in emissions]
 
     def _produce(self, examples: list[ExampleEvent], dead: list[Any]) -> None:
         topic = self.settings.topic_examples
-        futures = [self.producer.send(topic, key=x.request_id.encode(), value=encode(x)) for x in examples]
+        partition = None
+        if examples:
+            # The default partitioner maps every key to the only partition of a
+            # one-partition topic: name it, and skip the key hashing.
+            partitions = self.producer.partitions_for(topic)
+            if len(partitions) == 1:
+                partition = next(iter(partitions))
+        send = self.producer.send
+        futures = [send(topic, key=x.request_id.encode(), value=encode(x), partition=partition) for x in examples]
         self.producer.flush()
         for future in futures + dead:
             future.get(timeout=60)  # raises if the broker refused: retried, nothing committed
 
-    def _commit(self, offsets: dict[TopicPartition, int]) -> None:
+    def _commit(self, offsets: dict[TopicPartition, int], retry: bool = True) -> None:
         start = time.perf_counter()
+        commit = lambda: self.consumer.commit(  # noqa: E731
+            {tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()})
         try:
-            self._with_retry("kafka", lambda: self.consumer.commit(
-                {tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()}))
+            if retry:
+                self._with_retry("kafka", commit)
+            else:
+                commit()
         except CommitFailedError as exc:
             # Our partitions moved to another joiner; it re-reads these inputs,
             # which have no second effect, and our examples are already out.
@@ -293,8 +392,7 @@ class Joiner:
                 result = action()
             except CommitFailedError:
                 raise
-            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
-                    redis.exceptions.TryAgainError, KafkaError) as exc:
+            except _RETRYABLE as exc:
                 if not paused:
                     self.consumer.pause(*self.consumer.assignment())
                     paused = True
@@ -317,9 +415,9 @@ class Joiner:
         m.joiner_duplicates.inc(result.duplicates)
         m.joiner_joins.labels(kind="orphan_label_dropped").inc(result.orphans_dropped)
         m.joiner_joins.labels(kind="early_label").inc(result.early_labels)
-        for e in result.emissions:
-            c.examples[e.kind] += 1
-            m.joiner_joins.labels(kind=e.kind).inc()
+        for kind, n in Counter(e.kind for e in result.emissions).items():
+            c.examples[kind] += n
+            m.joiner_joins.labels(kind=kind).inc(n)
 
     def _observe(self, watermark: int) -> None:
         if watermark >= 0:
