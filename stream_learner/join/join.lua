@@ -109,68 +109,106 @@ end
 
 -- 2. the events of this poll, under the watermark of the previous call: an
 -- event must not be judged by a watermark that later events of its own batch
--- moved. A request's value is its state letter, then (w, e, x) the stored
--- event: its event time (8 bytes), then the msgpack the joiner packed.
+-- moved. The batch's states are read with one MGET (per chunk) up front and
+-- followed in `state` as the events change them; each changed request is
+-- written once, after the events (a prediction and its label in one batch
+-- cost one SET), with its TTL if the batch created it, keeping its TTL
+-- otherwise. The sorted-set updates are sent after the events too (ZADD
+-- applies its pairs in order, so the last score given for a request wins).
 local wm = tonumber(redis.call('GET', WMV) or '-1')
-local W, E, X = string.byte('w'), string.byte('e'), string.byte('x')
-local sub, byte, unpack_time = string.sub, string.byte, struct.unpack
-for _, ev in ipairs(events) do
+local byte, unpack_time = string.byte, struct.unpack
+local W, E, X, J, T = byte('w'), byte('e'), byte('x'), byte('j'), byte('t')
+-- The value of a joined (j) or late-joined (t) request: the head of a stored
+-- event (fixarray, fixstr, letter) with nothing after it.
+local JOINED, LATE_JOINED = '\148\161j', '\148\161t'
+local keys = {}
+for k, ev in ipairs(events) do keys[k] = R .. ev[2] end
+local state = {}
+for a = 1, #keys, CHUNK do
+  local b = math.min(#keys, a + CHUNK - 1)
+  local values = redis.call('MGET', unpack(keys, a, b))
+  for k = a, b do state[keys[k]] = values[k - a + 1] end
+end
+local changed, is_changed, new_ttl = {}, {}, {}
+local function put(key, value, ttl_if_created)
+  if not is_changed[key] then
+    is_changed[key] = true
+    changed[#changed + 1] = key
+  end
+  if ttl_if_created then new_ttl[key] = ttl_if_created end
+  state[key] = value
+end
+local to_due, to_gc = {}, {}
+local function later(list, score, req)
+  list[#list + 1] = score
+  list[#list + 1] = req
+end
+
+for k, ev in ipairs(events) do
   local typ, req, t, val = ev[1], ev[2], ev[3], ev[4]
-  local key = R .. req
-  local v = redis.call('GET', key)
+  local key = keys[k]
+  local v = state[key]
   if typ == 'P' then
     local deadline = t + window
     if not v then
       if deadline < wm then
         -- The window closed before the prediction arrived.
-        redis.call('SET', key, 'x' .. val, 'PX', ttl)
-        redis.call('ZADD', GC, deadline + late_ret, req)
-        emit(UNLABELED, sub(val, 9), NIL)
+        put(key, string.sub(val, 1, 2) .. 'x' .. string.sub(val, 4), ttl)
+        later(to_gc, deadline + late_ret, req)
+        emit(UNLABELED, val, NIL)
       else
-        redis.call('SET', key, 'w' .. val, 'PX', ttl)
-        redis.call('ZADD', DUE, deadline, req)
+        put(key, val, ttl)
+        later(to_due, deadline, req)
       end
-    elseif byte(v) == E then
+    elseif byte(v, 3) == E then
       -- Replaces the early label's orphan deadline.
-      redis.call('ZADD', GC, deadline + late_ret, req)
-      if unpack_time('>d', v, 2) <= deadline then
-        redis.call('SET', key, 'j', 'KEEPTTL')
-        emit(LABELED, sub(val, 9), sub(v, 10))
+      later(to_gc, deadline + late_ret, req)
+      if unpack_time('>d', v, 5) <= deadline then
+        put(key, JOINED)
+        emit(LABELED, val, v)
       else
-        redis.call('SET', key, 't', 'KEEPTTL')
-        emit(UNLABELED, sub(val, 9), NIL)
-        emit(LATE, sub(val, 9), sub(v, 10))
+        put(key, LATE_JOINED)
+        emit(UNLABELED, val, NIL)
+        emit(LATE, val, v)
       end
     else
       dup = dup + 1
     end
+  elseif not v then
+    put(key, val, ttl + orphan_ret)
+    later(to_gc, t + orphan_ret + 0.5, req)
+    early = early + 1
   else
-    if not v then
-      redis.call('SET', key, 'e' .. val, 'PX', ttl + orphan_ret)
-      redis.call('ZADD', GC, t + orphan_ret + 0.5, req)
-      early = early + 1
-    else
-      local st = byte(v)
-      if st == W then
-        -- It stays in due: the window's close moves it to gc.
-        if t <= unpack_time('>d', v, 2) + window then
-          redis.call('SET', key, 'j', 'KEEPTTL')
-          emit(LABELED, sub(v, 10), sub(val, 9))
-        else
-          -- In event time the window had closed: unlabeled first, then late.
-          redis.call('SET', key, 't', 'KEEPTTL')
-          emit(UNLABELED, sub(v, 10), NIL)
-          emit(LATE, sub(v, 10), sub(val, 9))
-        end
-      elseif st == X then
-        redis.call('SET', key, 't', 'KEEPTTL')
-        emit(LATE, sub(v, 10), sub(val, 9))
+    local st = byte(v, 3)
+    if st == W then
+      -- It stays in due: the window's close moves it to gc.
+      if t <= unpack_time('>d', v, 5) + window then
+        put(key, JOINED)
+        emit(LABELED, v, val)
       else
-        dup = dup + 1
+        -- In event time the window had closed: unlabeled first, then late.
+        put(key, LATE_JOINED)
+        emit(UNLABELED, v, NIL)
+        emit(LATE, v, val)
       end
+    elseif st == X then
+      put(key, LATE_JOINED)
+      emit(LATE, v, val)
+    else
+      dup = dup + 1
     end
   end
 end
+for _, key in ipairs(changed) do
+  local ms = new_ttl[key]
+  if ms then
+    redis.call('SET', key, state[key], 'PX', ms)
+  else
+    redis.call('SET', key, state[key], 'KEEPTTL')
+  end
+end
+zadd_all(DUE, to_due)
+zadd_all(GC, to_gc)
 
 -- 3. the watermark: min over all input partitions of their max event time
 -- (Flink's rule), skipping partitions caught up and silent for idle_timeout.
@@ -225,18 +263,21 @@ local closed = redis.call('ZRANGEBYSCORE', DUE, '-inf', below_wm, 'WITHSCORES', 
 if #closed > 0 then
   redis.call('ZREMRANGEBYRANK', DUE, 0, #closed / 2 - 1)
   local collect = {}
-  for k = 1, #closed, 2 do
-    local req = closed[k]
-    local key = R .. req
-    local v = redis.call('GET', key)
-    local st = v and sub(v, 1, 1)
-    if st == 'w' then
-      redis.call('SETRANGE', key, 0, 'x')
-      emit(UNLABELED, sub(v, 10), NIL)
-    end
-    if st == 'w' or st == 'j' or st == 't' then
-      collect[#collect + 1] = tonumber(closed[k + 1]) + late_ret
-      collect[#collect + 1] = req
+  for a = 1, #closed, 2 * CHUNK do
+    local b = math.min(#closed, a + 2 * CHUNK - 1)
+    local ks = {}
+    for k = a, b, 2 do ks[#ks + 1] = R .. closed[k] end
+    local values = redis.call('MGET', unpack(ks))
+    for k = a, b, 2 do
+      local v = values[(k - a) / 2 + 1]
+      local st = v and byte(v, 3)
+      if st == W then
+        redis.call('SETRANGE', ks[(k - a) / 2 + 1], 2, 'x')
+        emit(UNLABELED, v, NIL)
+      end
+      if st == W or st == J or st == T then
+        later(collect, tonumber(closed[k + 1]) + late_ret, closed[k])
+      end
     end
   end
   zadd_all(GC, collect)

@@ -53,15 +53,24 @@ log = structlog.get_logger(__name__)
 
 
 class StoredPrediction(msgspec.Struct, array_like=True, frozen=True):
-    """A prediction as the join state keeps it: the decoded event and where it was read."""
+    """A prediction as the join state keeps it: the decoded event and where it was read.
 
+    ``state`` and ``time`` lead, at fixed offsets, for ``join.lua``: the
+    state letter of the request (``w`` when packed; the script changes it in
+    place) and the event time as a float (msgpack float64).
+    """
+
+    state: str
+    time: float
     event: PredictionEvent
     source: Source | None
 
 
 class StoredLabel(msgspec.Struct, array_like=True, frozen=True):
-    """A label as the join state keeps it: the decoded event and where it was read."""
+    """A label as the join state keeps it (state ``e``), like :class:`StoredPrediction`."""
 
+    state: str
+    time: float
     event: LabelEvent
     source: Source | None
 
@@ -84,25 +93,22 @@ _raw_list = msgspec.msgpack.Decoder(list[msgspec.Raw])
 _one_emission = msgspec.msgpack.Decoder(Emission)
 
 
-_stored_header = struct.Struct(">BId").pack
+_str32_header = struct.Struct(">BI").pack
 
 
-def _stored(event_time: int, data: bytes) -> msgspec.Raw:
-    """The event time (a big-endian double) then ``data``, as one msgpack str.
-
-    A str, because Redis's ``cmsgpack`` does not read msgpack's bin type.
-    """
-    return msgspec.Raw(_stored_header(0xDB, 8 + len(data), event_time) + data)
+def _lua_string(data: bytes) -> msgspec.Raw:
+    """``data`` as a msgpack str: Redis's ``cmsgpack`` does not read msgpack's bin type."""
+    return msgspec.Raw(_str32_header(0xDB, len(data)) + data)
 
 
 def pack_prediction(event: PredictionEvent, source: Source | None) -> msgspec.Raw:
     """What the join state stores for a prediction, framed for :meth:`RedisJoinStore.send`."""
-    return _stored(event.event_time, _pack(StoredPrediction(event, source)))
+    return _lua_string(_pack(StoredPrediction("w", float(event.event_time), event, source)))
 
 
 def pack_label(event: LabelEvent, source: Source | None) -> msgspec.Raw:
     """What the join state stores for a label, framed for :meth:`RedisJoinStore.send`."""
-    return _stored(event.event_time, _pack(StoredLabel(event, source)))
+    return _lua_string(_pack(StoredLabel("e", float(event.event_time), event, source)))
 
 
 def decode_emissions(blob: bytes) -> list[Emission]:
