@@ -22,3 +22,22 @@ def settings_env(settings: Settings) -> dict[str, str]:
         else:
             env[env_name(field)] = str(value)
     return env
+
+
+def read_topic(settings: Settings, topic: str, *, partition: int = 0) -> list:
+    """Every record of one partition of ``topic``, from the beginning to its current end."""
+    from kafka import TopicPartition
+
+    from stream_learner.bus import make_consumer
+
+    consumer = make_consumer(settings, group_id=None)
+    tp = TopicPartition(topic, partition)
+    consumer.assign([tp])
+    consumer.seek_to_beginning(tp)
+    end = consumer.end_offsets([tp])[tp]
+    records: list = []
+    while consumer.position(tp) < end:
+        for batch in consumer.poll(1000).values():
+            records.extend(batch)
+    consumer.close()
+    return records

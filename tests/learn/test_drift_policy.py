@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import msgspec
 import pytest
-from kafka import TopicPartition
-
-from stream_learner.bus import make_consumer
 from stream_learner.config import Settings
 from stream_learner.events import DRIFT
 from stream_learner.learn.trainer import Trainer, build_trainer
 
+from ..procs import read_topic
 from .streams import abrupt_drift
 from .test_trainer import produce_examples
 
@@ -30,16 +28,7 @@ def run(settings: Settings, **overrides) -> Trainer:
 
 
 def drift_events(settings: Settings) -> list:
-    consumer = make_consumer(settings, group_id=None)
-    tp = TopicPartition(settings.topic_drift, 0)
-    consumer.assign([tp])
-    consumer.seek_to_beginning(tp)
-    end = consumer.end_offsets([tp])[tp]
-    out = []
-    while consumer.position(tp) < end:
-        out += [DRIFT.decode(r.value) for batch in consumer.poll(1000).values() for r in batch]
-    consumer.close()
-    return out
+    return [DRIFT.decode(r.value) for r in read_topic(settings, settings.topic_drift)]
 
 
 def test_abrupt_drift_is_detected_and_announced(tsettings: Settings) -> None:

@@ -20,16 +20,14 @@ from pathlib import Path
 
 import msgspec
 import torch
-from kafka import TopicPartition
 
-from stream_learner.bus import make_consumer
 from stream_learner.checkpoint.reader import read_latest
 from stream_learner.checkpoint.signing import load_public_key
 from stream_learner.config import Settings
 from stream_learner.events import MANIFEST
 from stream_learner.learn.trainer import Trainer
 
-from ..procs import settings_env
+from ..procs import read_topic, settings_env
 from .streams import agrawal_examples
 from .test_trainer import produce_examples
 
@@ -50,17 +48,8 @@ def stream() -> list:
 
 
 def manifests(settings: Settings) -> list:
-    consumer = make_consumer(settings, group_id=None)
-    tp = TopicPartition(settings.topic_models, 0)
-    consumer.assign([tp])
-    consumer.seek_to_beginning(tp)
-    end = consumer.end_offsets([tp])[tp]
-    out = []
-    while consumer.position(tp) < end:
-        for records in consumer.poll(1000).values():
-            out += [MANIFEST.decode(r.value) for r in records if dict(r.headers).get("sl-type") == b"manifest"]
-    consumer.close()
-    return out
+    return [MANIFEST.decode(r.value) for r in read_topic(settings, settings.topic_models)
+            if dict(r.headers).get("sl-type") == b"manifest"]
 
 
 def test_sigkilled_trainer_matches_an_uninterrupted_one(tsettings: Settings, keys, tmp_path: Path) -> None:
