@@ -120,14 +120,17 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     trainer_architecture: Annotated[str, Meta(min_length=1)] = "mlp"
     trainer_hidden: list[Annotated[int, Meta(ge=1)]] = msgspec.field(default_factory=lambda: [64])
     trainer_seed: int = 0
-    trainer_batch_size: Positive = 64
+    trainer_batch_size: Positive = 32
     trainer_max_wait_ms: Positive = 500
     trainer_optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    trainer_lr: Annotated[float, Meta(gt=0)] = 0.005
+    trainer_lr: Annotated[float, Meta(gt=0)] = 0.01
     trainer_weight_decay: Annotated[float, Meta(ge=0)] = 0.0
     trainer_clip_norm: Annotated[float, Meta(ge=0)] = 1.0
     trainer_spike_factor: Annotated[float, Meta(gt=1)] = 5.0
     trainer_spike_warmup_batches: Annotated[int, Meta(ge=0)] = 20
+    trainer_spike_patience: Annotated[int, Meta(ge=0)] = 3
+    # Small models run faster (and reproducibly) on one thread.
+    trainer_torch_threads: Positive = 1
     trainer_pseudo_enabled: bool = True
     trainer_pseudo_threshold: Annotated[float, Meta(ge=0, le=1)] = 0.9
     trainer_pseudo_weight: Annotated[float, Meta(ge=0)] = 0.3

@@ -16,7 +16,9 @@ its state. A chunk is processed atomically, in this order:
 5. one optimizer step on the chunk's trainable examples, unless the loss or a
    gradient is not finite (batch skipped) or the loss spikes beyond
    ``spike_factor`` times its running average (model and optimizer rolled
-   back to the last good state, batch skipped);
+   back to the last good state, batch skipped; after ``spike_patience``
+   spikes in a row the new loss level is accepted as a concept change and
+   learned);
 6. apply the drift policy's actions.
 
 Everything the next chunk depends on is in :meth:`OnlineLearner.state_dict`,
@@ -59,6 +61,7 @@ class LearnerConfig:
     clip_norm: float = 1.0
     spike_factor: float = 5.0
     spike_warmup_batches: int = 20
+    spike_patience: int = 3
     pseudo_enabled: bool = True
     pseudo_threshold: float = 0.9
     pseudo_weight: float = 0.3
@@ -110,13 +113,31 @@ class _Trainable:
         self.good: tuple[dict[str, Any], dict[str, Any]] | None = None
 
     def remember_good(self) -> None:
-        self.good = (copy.deepcopy(self.model.state_dict()), copy.deepcopy(self.optimizer.state_dict()))
+        if self.good is None or self.good[1]["state"].keys() != self.optimizer.state_dict()["state"].keys():
+            self.good = (copy.deepcopy(self.model.state_dict()), copy.deepcopy(self.optimizer.state_dict()))
+            return
+        # Copy into the tensors kept last time: a deep copy per step cost ~30% of training time.
+        for key, value in self.model.state_dict().items():
+            self.good[0][key].copy_(value)
+        current = self.optimizer.state_dict()
+        for idx, per_param in current["state"].items():
+            kept = self.good[1]["state"][idx]
+            for key, value in per_param.items():
+                if isinstance(value, torch.Tensor):
+                    kept[key].copy_(value)
+                else:
+                    kept[key] = value
+        self.good[1]["param_groups"] = copy.deepcopy(current["param_groups"])
 
     def rollback(self) -> bool:
         if self.good is None:
             return False
+        # The learning rate is policy (a drift's boost), not state to roll back.
+        lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.model.load_state_dict(self.good[0])
         self.optimizer.load_state_dict(copy.deepcopy(self.good[1]))
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
         return True
 
 
@@ -148,6 +169,7 @@ class OnlineLearner:
         self.pseudo: OrderedDict[str, int] = OrderedDict()
         self.loss_ema = math.nan
         self.good_batches = 0
+        self.spikes_in_a_row = 0
         self.lr_boost_left = 0
         self.examples_seen = 0
         self.chunk_base = 0
@@ -346,12 +368,20 @@ class OnlineLearner:
             if count:
                 self.counts["skipped_non_finite"] += 1
             return math.nan
-        if count and self.good_batches >= c.spike_warmup_batches and value > c.spike_factor * self.loss_ema:
+        spike = count and self.good_batches >= c.spike_warmup_batches and value > c.spike_factor * self.loss_ema
+        if spike and self.spikes_in_a_row < c.spike_patience:
             # The current weights produce an abnormal loss: go back to the last
             # weights that did not, and do not learn from this batch.
+            self.spikes_in_a_row += 1
             if t.rollback():
                 self.counts["rollbacks"] += 1
             return math.nan
+        if spike:
+            # The loss stayed high for spike_patience batches in a row: not a
+            # bad update but a new level (a concept drift). Accept it and learn.
+            self.loss_ema = value
+        if count:
+            self.spikes_in_a_row = 0
         t.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grads = [p.grad for p in t.model.parameters() if p.grad is not None]
@@ -456,6 +486,7 @@ class OnlineLearner:
             challenger_scores=self.challenger_scores.state(), champion_scores=self.champion_scores.state(),
             pseudo=[[k, v] for k, v in self.pseudo.items()],
             loss_ema=None if math.isnan(self.loss_ema) else self.loss_ema, good_batches=self.good_batches,
+            spikes_in_a_row=self.spikes_in_a_row,
             lr_boost_left=self.lr_boost_left, examples_seen=self.examples_seen, counts=self.counts,
             drift_counts=self.drift_counts, estimates=self.estimates,
             drift=self.drift.state() if self.drift is not None else None,
@@ -480,6 +511,7 @@ class OnlineLearner:
         self.pseudo = OrderedDict((k, int(v)) for k, v in meta["pseudo"])
         self.loss_ema = math.nan if meta["loss_ema"] is None else float(meta["loss_ema"])
         self.good_batches = int(meta["good_batches"])
+        self.spikes_in_a_row = int(meta["spikes_in_a_row"])
         self.lr_boost_left = int(meta["lr_boost_left"])
         self.examples_seen = int(meta["examples_seen"])
         self.counts = dict(meta["counts"])

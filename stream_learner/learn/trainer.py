@@ -78,6 +78,7 @@ def learner_config(settings: Settings) -> LearnerConfig:
         model_name=settings.trainer_model, spec=spec, optimizer=settings.trainer_optimizer,
         lr=settings.trainer_lr, weight_decay=settings.trainer_weight_decay, clip_norm=settings.trainer_clip_norm,
         spike_factor=settings.trainer_spike_factor, spike_warmup_batches=settings.trainer_spike_warmup_batches,
+        spike_patience=settings.trainer_spike_patience,
         pseudo_enabled=settings.trainer_pseudo_enabled, pseudo_threshold=settings.trainer_pseudo_threshold,
         pseudo_weight=settings.trainer_pseudo_weight, dedup_window=settings.trainer_dedup_window,
         metrics_window=settings.trainer_metrics_window,
@@ -116,6 +117,7 @@ class Trainer:
                               "(generate one with `stream-learner keys generate`)")
         self.settings = settings
         self.metrics = metrics or Metrics()
+        torch.set_num_threads(settings.trainer_torch_threads)
         self.private_key = load_private_key(settings.trainer_signing_key)
         self.public_key = self.private_key.public_key()
         self.learner = OnlineLearner(learner_config(settings), drift=drift)

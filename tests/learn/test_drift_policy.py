@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 from stream_learner.config import Settings
+from stream_learner.drift import DriftFinding, Signal
 from stream_learner.events import DRIFT
 from stream_learner.learn.trainer import Trainer, build_trainer
 
@@ -65,14 +66,30 @@ def test_optimizer_reset(tsettings: Settings) -> None:
 
 
 def test_challenger_started_at_warning_and_settled_at_drift(tsettings: Settings) -> None:
-    trainer = run(tsettings, trainer_drift_challenger_on_warning=True,
-                  trainer_drift_on_drift=["promote_challenger_if_better"])
-    assert trainer.learner.counts["batches"] > 0
-    events = drift_events(tsettings)
-    warnings = [e for e in events if e.kind == "warning"]
-    assert any("start_challenger" in e.actions for e in warnings)
-    drifts = [e for e in events if e.kind == "drift"]
-    assert any("promote_challenger_if_better" in e.actions for e in drifts)
+    # Which detector fires first depends on the stream; drive the policy with
+    # a warning, then a drift, through the real trainer (its own detectors off).
+    s = msgspec.structs.replace(tsettings, trainer_drift_challenger_on_warning=True, trainer_drift_enabled=False,
+                                trainer_drift_on_drift=["promote_challenger_if_better"])
+    produce_examples(s, abrupt_drift(2000, 1000))
+    trainer = build_trainer(s)
+    try:
+        while sum(trainer.offsets.values()) < 1000:
+            trainer.step()
+        trainer._on_drift(DriftFinding("adwin_error", "error", Signal.WARNING, 1.0, 1000), event_time=1)
+        assert trainer.learner.challenger is not None
+        while sum(trainer.offsets.values()) < 2000 or trainer.buffer:
+            trainer.step()  # the challenger learns the new concept from scratch, beside the main model
+        main_before = trainer.learner.main
+        trainer._on_drift(DriftFinding("adwin_error", "error", Signal.DRIFT, 1.0, 2000), event_time=2)
+        assert trainer.learner.challenger is None  # promoted or dropped, never left running
+        challenger_won = trainer.learner.main is not main_before
+        assert challenger_won == (trainer.learner.challenger_scores.means["accuracy"].cumulative
+                                  > trainer.learner.champion_scores.means["accuracy"].cumulative)
+    finally:
+        trainer.close()
+    events = [e for e in drift_events(s) if e.details["index"] in (1000, 2000)]
+    assert [(e.kind, e.actions) for e in events] == [
+        ("warning", ["alert", "start_challenger"]), ("drift", ["alert", "promote_challenger_if_better"])]
 
 
 def test_no_detection_when_disabled(tsettings: Settings) -> None:
