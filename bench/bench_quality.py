@@ -1,0 +1,708 @@
+"""Quality benchmark: our online learner against River, side by side, on drifting and real streams.
+
+Everything runs in one process, in memory (no Kafka, no Redis): the learner
+is the real :class:`stream_learner.learn.learner.OnlineLearner`, fed chunks
+of ``batch_size`` :class:`~stream_learner.events.ExampleEvent` exactly as the
+trainer feeds it, and the drift policy's actions are applied after each
+chunk the way ``Trainer._on_drift`` applies them (checkpoint and alert
+actions are counted, there is nothing to publish). River's models run
+prequentially: ``predict_one`` then ``learn_one``, one example at a time.
+
+Streams (seeded; River's bundled generators and data only, nothing is
+downloaded):
+
+a. ``agrawal``  -- ``ConceptDriftStream(Agrawal(0, seed), Agrawal(2, seed+1),
+                   position=P, width=max(P // 100, 1))``: an abrupt drift at P.
+                   Function 2 agrees with function 0 on 46 % of the examples
+                   and is balanced (53 % positive), so no majority-class
+                   fallback can fake a recovery.
+b. ``sea``      -- ``ConceptDriftStream(SEA(0, seed), SEA(3, seed+1), ...)``:
+                   the threshold on x1 + x2 moves from 8 to 9.5 (13 % of the
+                   labels flip).
+c. ``shuttle``  -- River's bundled Statlog Shuttle. River 0.26 ships it as the
+                   ODDS *binary* anomaly version (49 097 rows, 7 % anomalies),
+                   not the 7-class original; the class list is collected from
+                   the data before learning and mapped to strings.
+
+Models, each on the same stream:
+
+* ours  -- ``OnlineLearner`` (MLP and logistic regression) configured from
+           the product defaults (``learner_config(Settings(...))``), with the
+           default drift detectors and policy (``drift_from_settings``) ON,
+           and with drift detection OFF; and the bench's ``tuned``
+           configuration (:data:`TUNED`, the findings in bench/README.md);
+* River -- ``StandardScaler() | LogisticRegression()`` (all three streams
+           are binary, so no one-vs-rest) and
+           ``HoeffdingAdaptiveTreeClassifier``;
+* majority -- the running majority class, for scale.
+
+Phases:
+
+1. main     -- every model on every stream, ``--repeat`` times, round-robin;
+               accuracy must be identical in every repeat (all seeded, torch
+               on one thread), the fastest repeat gives the examples/s.
+               Reported: prequential accuracy (cumulative, over examples
+               whose label exists); examples/s of the learning loop only (the
+               conversion into events happens before the clock starts); our
+               examples/s divided by that of River's best model (the more
+               accurate of the two on that stream). On the drifting streams:
+               the rolling accuracy (window ``WINDOW``) just before the
+               drift, its minimum after, and the **recovery**: the number of
+               examples after P until the rolling accuracy, over a window
+               that holds only post-drift examples, is back at 95 % of the
+               pre-drift level (never less than the window); the first drift
+               our detectors report once the transition has begun; the
+               number of drift findings; the batches the loss-spike guard
+               rolled back.
+2. missing  -- 50 % of the examples become ``unlabeled`` (label ``None``);
+               River predicts them but learns only the labeled ones; our MLP
+               runs with and without pseudo-label steps. Accuracy on the
+               labeled examples (what the learner itself scores), on every
+               example against its hidden true label, and on the unlabeled
+               ones; recovery against the true labels.
+3. threads  -- our default MLP with torch's intra-op threads at 1 and 2, on
+               a quiet machine and next to one CPU-bound process that the
+               bench starts and stops (``--threads-examples``, 0 skips it).
+4. ablation -- the tuned MLP with one setting changed at a time.
+5. sweep    -- (``--sweep`` only) learning rate x batch size x width around
+               the tuned MLP.
+
+Run::
+
+    .venv/bin/python bench/bench_quality.py [--examples N] [--drift-at P] [--seed S] [--repeat R] [--sweep]
+
+Results go to ``bench/results/quality.json``. The default run takes about
+4 min on the 2-core machine of bench/README.md; ``--sweep`` adds about 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import importlib.metadata
+import json
+import multiprocessing
+import os
+import random
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from river import datasets, linear_model, preprocessing, tree
+from river.datasets import synth
+
+from stream_learner.config import Settings
+from stream_learner.drift import (
+    DriftPolicy, LrBoost, OptimizerReset, PromoteChallengerIfBetter, StartChallenger,
+)
+from stream_learner.events import ExampleEvent
+from stream_learner.join.joiner import example_id
+from stream_learner.learn.learner import LearnerConfig, OnlineLearner
+from stream_learner.learn.trainer import drift_from_settings, learner_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_foundation import machine_info  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "quality.json"
+MODEL = "bench"
+SEED = 20240801
+WINDOW = 500  # rolling accuracy window for the recovery measure
+RECOVERY_LEVEL = 0.95
+UNLABELED_FRACTION = 0.5
+
+
+# -- streams ------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Stream:
+    name: str
+    description: str
+    features: list[str]
+    classes: list[str]  # our class names, in output order
+    xs: list[dict[str, float]]
+    ys: list[Any]  # River's native labels
+    drift_at: int | None
+
+    @property
+    def labels(self) -> list[str]:
+        return [str(y) for y in self.ys]
+
+
+def make_stream(name: str, n: int, at: int, seed: int) -> Stream:
+    if name == "agrawal":
+        width = max(at // 100, 1)
+        gen = synth.ConceptDriftStream(
+            synth.Agrawal(classification_function=0, seed=seed),
+            synth.Agrawal(classification_function=2, seed=seed + 1),
+            position=at, width=width, seed=seed)
+        desc = f"Agrawal f0 -> f2 at {at} (width {width})"
+        data = list(gen.take(n))
+        drift_at: int | None = at
+    elif name == "sea":
+        width = max(at // 100, 1)
+        gen = synth.ConceptDriftStream(synth.SEA(variant=0, seed=seed), synth.SEA(variant=3, seed=seed + 1),
+                                       position=at, width=width, seed=seed)
+        desc = f"SEA variant 0 -> 3 at {at} (width {width})"
+        data = list(gen.take(n))
+        drift_at = at
+    elif name == "shuttle":
+        data = list(datasets.Shuttle())[:n]
+        desc = f"Shuttle (River's bundled ODDS binary version), {len(data)} rows, no synthetic drift"
+        drift_at = None
+    else:
+        raise ValueError(f"unknown stream {name!r}")
+    xs = [{k: float(v) for k, v in x.items()} for x, _ in data]
+    ys = [y for _, y in data]  # River's own labels (Agrawal and Shuttle: int, SEA: bool)
+    features = list(data[0][0])
+    # The learner needs its class list up front: collect it from the data first.
+    classes = sorted({str(y) for y in ys})
+    return Stream(name, desc, features, classes, xs, ys, drift_at)
+
+
+def to_events(stream: Stream, unlabeled: Sequence[bool] | None = None) -> list[ExampleEvent]:
+    """The stream as joined examples (done once, before any clock starts)."""
+    k = len(stream.classes)
+    served = {c: 1.0 / k for c in stream.classes}  # a dummy served prediction
+    out = []
+    for i, (x, y) in enumerate(zip(stream.xs, stream.labels)):
+        kind = "unlabeled" if unlabeled is not None and unlabeled[i] else "labeled"
+        pid = f"p-{stream.name}-{i}"
+        lid = None if kind == "unlabeled" else f"l-{stream.name}-{i}"
+        out.append(ExampleEvent(
+            example_id=example_id(kind, pid, lid), kind=kind, request_id=f"r-{stream.name}-{i}", model=MODEL,
+            model_version="1", features=x, prediction=served, label=None if lid is None else y,
+            prediction_event_id=pid, prediction_time=i, label_event_id=lid,
+            label_time=None if lid is None else i + 1,
+        ))
+    return out
+
+
+# -- our learner --------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Ours:
+    """One configuration of our learner: a base (the product defaults, or TUNED) and what differs."""
+
+    architecture: str = "mlp"
+    drift: bool = True
+    base: str = "default"  # "default" or "tuned"
+    hidden: tuple[int, ...] | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    spike_factor: float | None = None
+    optimizer: str | None = None
+    pseudo: bool | None = None
+    on_drift: tuple[str, ...] | None = None
+    lr_boost_factor: float | None = None
+    lr_boost_batches: int | None = None
+    changed: tuple[str, ...] = ()  # the fields set on top of the base, for the label
+
+    def label(self) -> str:
+        parts = [f"{self.architecture} {'drift' if self.drift else 'no-drift'} {self.base}"]
+        for k in self.changed:
+            v = getattr(self, k)
+            if k == "spike_factor":
+                v = "off" if v >= 1e9 else v
+            elif k == "on_drift":
+                v = "+".join(a for a in v if a not in ("promote_challenger_if_better", "checkpoint"))
+            elif k == "pseudo":
+                v = "on" if v else "off"
+            elif isinstance(v, tuple):
+                v = list(v)
+            parts.append(f"{k}={v}")
+        return " ".join(parts)
+
+
+# What the bench calls "tuned": the product defaults except where the
+# findings in bench/README.md say otherwise: the loss-spike guard off (it
+# refuses every batch after an abrupt drift), learning rate 0.01 instead of
+# 0.005, batches of 32 instead of 64, and on a drift an optimizer reset plus a
+# 3x learning-rate boost for 100 batches (instead of a 2x boost).
+TUNED: dict[str, Any] = dict(
+    lr=0.01, batch_size=32, spike_factor=1e9,
+    on_drift=("promote_challenger_if_better", "optimizer_reset", "lr_boost", "checkpoint"),
+    lr_boost_factor=3.0, lr_boost_batches=100,
+)
+
+
+def default(architecture: str = "mlp", *, drift: bool = True, **changes: Any) -> Ours:
+    return Ours(architecture, drift, "default", **changes, changed=tuple(changes))
+
+
+def tuned(architecture: str = "mlp", *, drift: bool = True, **changes: Any) -> Ours:
+    return Ours(architecture, drift, "tuned", **{**TUNED, **changes}, changed=tuple(changes))
+
+
+def settings_for(stream: Stream, o: Ours) -> Settings:
+    kw: dict[str, Any] = dict(
+        trainer_model=MODEL, trainer_task="binary" if len(stream.classes) == 2 else "multiclass",
+        trainer_classes=stream.classes, trainer_features=stream.features, trainer_architecture=o.architecture,
+        trainer_drift_enabled=o.drift,
+    )
+    for field, key in (("hidden", "trainer_hidden"), ("lr", "trainer_lr"), ("batch_size", "trainer_batch_size"),
+                       ("optimizer", "trainer_optimizer"), ("pseudo", "trainer_pseudo_enabled"),
+                       ("on_drift", "trainer_drift_on_drift"), ("lr_boost_factor", "trainer_drift_lr_boost_factor"),
+                       ("lr_boost_batches", "trainer_drift_lr_boost_batches")):
+        v = getattr(o, field)
+        if v is not None:
+            kw[key] = list(v) if isinstance(v, tuple) else v
+    return Settings(**kw)
+
+
+def build_ours(stream: Stream, o: Ours) -> tuple[OnlineLearner, DriftPolicy, int, LearnerConfig]:
+    settings = settings_for(stream, o)
+    config = learner_config(settings)
+    if o.spike_factor is not None:
+        # Settings refuse a disabled guard (> 1 required, any finite value); the config takes any number.
+        config = dataclasses.replace(config, spike_factor=o.spike_factor)
+    monitor, policy = drift_from_settings(settings)
+    return OnlineLearner(config, drift=monitor), policy, settings.trainer_batch_size, config
+
+
+def apply_policy(learner: OnlineLearner, policy: DriftPolicy, finding: Any, log: dict[str, Any]) -> None:
+    """What ``Trainer._on_drift`` does with a finding, minus Kafka (alert and checkpoint are counted)."""
+    actions = policy.decide(finding, challenger_active=learner.challenger is not None)
+    for action in actions:
+        if isinstance(action, LrBoost):
+            learner.boost_lr(action.factor, action.steps)
+        elif isinstance(action, OptimizerReset):
+            learner.reset_optimizer()
+        elif isinstance(action, StartChallenger):
+            learner.start_challenger()
+        elif isinstance(action, PromoteChallengerIfBetter):
+            log["promoted"] += int(learner.promote_challenger_if_better())
+    log["findings"].append([finding.detector, finding.kind.value, finding.index, [a.kind for a in actions]])
+
+
+def run_ours(stream: Stream, events: list[ExampleEvent], o: Ours) -> dict[str, Any]:
+    learner, policy, batch, config = build_ours(stream, o)
+    preds: list[list[int]] = []
+    # Capture the prequential predictions (argmax of the logits the learner
+    # scores with) by shadowing one bound method on the instance; product code
+    # is unchanged and the capture costs one argmax per chunk.
+    original = learner._evaluate_and_target
+
+    def capture(rows: Any, out: torch.Tensor, challenger_out: Any, result: Any) -> Any:
+        preds.append(out.argmax(dim=1).tolist())
+        return original(rows, out, challenger_out, result)
+
+    learner._evaluate_and_target = capture  # type: ignore[method-assign]
+    chunks = [events[i:i + batch] for i in range(0, len(events), batch)]
+    log: dict[str, Any] = {"findings": [], "promoted": 0}
+    gc.collect()
+    t0 = time.perf_counter()
+    for chunk in chunks:
+        result = learner.process(chunk)
+        for finding in result.findings:
+            apply_policy(learner, policy, finding, log)
+    seconds = time.perf_counter() - t0
+    flat = [p for chunk_preds in preds for p in chunk_preds]
+    assert len(flat) == len(events), (len(flat), len(events))
+    summary = learner.summary()
+    drifts = [f for f in log["findings"] if f[1] == "drift"]
+    return {
+        "model": f"ours {o.label()}",
+        "family": "ours",
+        "config": {"architecture": o.architecture, "drift": o.drift, "batch_size": batch,
+                   "hidden": list(config.spec.hidden), "lr": config.lr, "optimizer": config.optimizer,
+                   "spike_factor": config.spike_factor, "clip_norm": config.clip_norm,
+                   "pseudo_enabled": config.pseudo_enabled, "pseudo_threshold": config.pseudo_threshold,
+                   "pseudo_weight": config.pseudo_weight,
+                   "policy": {"on_drift": list(policy.on_drift), "lr_boost_factor": policy.lr_boost_factor,
+                              "lr_boost_batches": policy.lr_boost_steps} if o.drift else None},
+        "pred_index": flat,
+        "seconds": seconds,
+        "learner_accuracy": summary.get("accuracy"),
+        "counts": dict(learner.counts),
+        "drift_findings": len(log["findings"]),
+        "drifts": [[f[0], f[2]] for f in drifts],
+        "promoted": log["promoted"],
+    }
+
+
+# -- River ----------------------------------------------------------------------
+
+
+RIVER_MODELS: dict[str, Callable[[int], Any]] = {
+    "river LogReg+scaler": lambda seed: preprocessing.StandardScaler() | linear_model.LogisticRegression(),
+    "river HAT": lambda seed: tree.HoeffdingAdaptiveTreeClassifier(seed=seed),
+}
+
+
+def run_river(name: str, stream: Stream, seed: int, learn_mask: Sequence[bool] | None = None) -> dict[str, Any]:
+    model = RIVER_MODELS[name](seed)
+    xs, ys = stream.xs, stream.ys
+    preds: list[Any] = []
+    append, predict, learn = preds.append, model.predict_one, model.learn_one
+    gc.collect()
+    t0 = time.perf_counter()
+    if learn_mask is None:
+        for x, y in zip(xs, ys):
+            append(predict(x))
+            learn(x, y)
+    else:
+        for x, y, m in zip(xs, ys, learn_mask):
+            append(predict(x))
+            if m:
+                learn(x, y)
+    seconds = time.perf_counter() - t0
+    return {"model": name, "family": "river", "preds": preds, "seconds": seconds}
+
+
+def run_majority(stream: Stream, learn_mask: Sequence[bool] | None = None) -> dict[str, Any]:
+    counts: Counter[Any] = Counter()
+    preds = []
+    t0 = time.perf_counter()
+    for i, y in enumerate(stream.ys):
+        preds.append(counts.most_common(1)[0][0] if counts else None)
+        if learn_mask is None or learn_mask[i]:
+            counts[y] += 1
+    return {"model": "majority class", "family": "baseline", "preds": preds, "seconds": time.perf_counter() - t0}
+
+
+# -- metrics ----------------------------------------------------------------------
+
+
+def correctness(stream: Stream, run: dict[str, Any]) -> np.ndarray:
+    if "pred_index" in run:
+        truth = [stream.classes.index(c) for c in stream.labels]
+        return np.array(run.pop("pred_index")) == np.array(truth)
+    preds = run.pop("preds")
+    return np.array([p is not None and p == y for p, y in zip(preds, stream.ys)])
+
+
+def rolling(correct: np.ndarray, window: int) -> np.ndarray:
+    """r[t] = mean of correct[t-window+1 .. t] (NaN before a full window)."""
+    c = np.concatenate([[0.0], np.cumsum(correct, dtype=np.float64)])
+    out = np.full(len(correct), np.nan)
+    out[window - 1:] = (c[window:] - c[:-window]) / window
+    return out
+
+
+def recovery(correct: np.ndarray, at: int, window: int = WINDOW, level: float = RECOVERY_LEVEL) -> dict[str, Any]:
+    r = rolling(correct, window)
+    pre = float(r[at - 1])
+    post = r[at + window - 1:]  # windows made only of post-drift examples
+    hit = np.nonzero(post >= level * pre)[0]
+    after = r[at:]
+    return {
+        "pre_drift_rolling": pre,
+        "min_rolling_after": float(np.nanmin(after)),
+        "examples_to_recover": int(hit[0] + window) if hit.size else None,
+        "final_rolling": float(r[-1]),
+        "post_drift_accuracy": float(correct[at:].mean()),
+    }
+
+
+def finish(stream: Stream, repeats: list[dict[str, Any]], labeled: np.ndarray | None = None) -> dict[str, Any]:
+    """Accuracy and recovery from the predictions, throughput from the fastest repeat.
+
+    Every repeat of a model must predict exactly the same (everything is
+    seeded and single-threaded), so only the timing differs between them.
+    """
+    corrects = [correctness(stream, r) for r in repeats]
+    correct = corrects[0]
+    assert all(np.array_equal(correct, c) for c in corrects[1:]), f"{repeats[0]['model']} is not deterministic"
+    run = repeats[0]
+    seconds = [r["seconds"] for r in repeats]
+    n = len(correct)
+    run["examples"] = n
+    run["seconds"] = min(seconds)
+    run["seconds_all"] = seconds
+    run["examples_per_s"] = n / run["seconds"]
+    run["us_per_example"] = run["seconds"] / n * 1e6
+    if labeled is None:
+        run["accuracy"] = float(correct.mean())
+    else:
+        run["accuracy"] = float(correct[labeled].mean())  # over examples whose label exists
+        run["accuracy_hidden_truth"] = float(correct.mean())  # every example, against its true label
+        run["accuracy_on_unlabeled"] = float(correct[~labeled].mean())
+    at = stream.drift_at
+    if at is not None:
+        # With missing labels, rolling accuracy and recovery are against the true label of every example.
+        run["pre_drift_accuracy"] = float(correct[:at].mean())
+        run.update(recovery(correct, at))
+        if "drifts" in run:
+            # The first drift our detectors reported once the transition had begun (width/2 before P).
+            width = max(at // 100, 1)
+            after = [i for _, i in run["drifts"] if i >= at - width // 2]
+            run["first_drift_after_change"] = after[0] - at if after else None
+    if run.get("learner_accuracy") is not None:
+        # Our capture must agree with what the learner scored itself (labeled examples only).
+        mine = run["accuracy"]
+        assert abs(mine - run["learner_accuracy"]) < 2e-3, (mine, run["learner_accuracy"])
+    return run
+
+
+def add_ratios(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    river = [r for r in runs if r["family"] == "river"]
+    best = max(river, key=lambda r: r["accuracy"])
+    for r in runs:
+        if r["family"] == "ours":
+            r["throughput_vs_river_best"] = r["examples_per_s"] / best["examples_per_s"]
+            r["accuracy_vs_river_best"] = r["accuracy"] - best["accuracy"]
+            r["meets_goal"] = bool(r["accuracy"] >= best["accuracy"] and r["throughput_vs_river_best"] >= 10)
+    return {"model": best["model"], "accuracy": best["accuracy"], "examples_per_s": best["examples_per_s"]}
+
+
+# -- phases ------------------------------------------------------------------------
+
+
+def main_configs() -> list[Ours]:
+    return [
+        default("mlp"), default("mlp", drift=False), default("logreg"), default("logreg", drift=False),
+        tuned("mlp"), tuned("mlp", drift=False), tuned("logreg"),
+    ]
+
+
+def ablation_configs() -> list[Ours]:
+    """One factor at a time away from TUNED (MLP, drift ON)."""
+    return [
+        tuned("mlp"), tuned("mlp", spike_factor=5.0),
+        tuned("mlp", lr=0.005), tuned("mlp", lr=0.03),
+        tuned("mlp", batch_size=16), tuned("mlp", batch_size=64), tuned("mlp", batch_size=256),
+        tuned("mlp", hidden=(16,)), tuned("mlp", hidden=(128,)), tuned("mlp", hidden=(64, 64)),
+        tuned("mlp", on_drift=("promote_challenger_if_better", "lr_boost", "checkpoint"), lr_boost_factor=2.0),
+        tuned("mlp", drift=False),
+    ]
+
+
+def sweep_configs() -> list[Ours]:
+    return [tuned("mlp", lr=lr, batch_size=batch, hidden=hidden)
+            for lr in (0.005, 0.01, 0.03) for batch in (16, 32, 64, 256) for hidden in ((32,), (64,), (128,))]
+
+
+def run_stream(stream: Stream, configs: list[Ours], seed: int, *, river: bool = True,
+               repeat: int = 1) -> dict[str, Any]:
+    events = to_events(stream)
+    jobs: list[Callable[[], dict[str, Any]]] = []
+    if river:
+        jobs += [lambda name=name: run_river(name, stream, seed) for name in RIVER_MODELS]
+        jobs.append(lambda: run_majority(stream))
+    jobs += [lambda o=o: run_ours(stream, events, o) for o in configs]
+    # Repeats go round all the models in turn, so a slow spell of the machine
+    # does not fall on one model only; each model keeps its fastest repeat.
+    raw: list[list[dict[str, Any]]] = [[] for _ in jobs]
+    for _ in range(repeat):
+        for i, job in enumerate(jobs):
+            raw[i].append(job())
+    runs = [finish(stream, r) for r in raw]
+    best = add_ratios(runs) if river else None
+    return {"stream": stream.name, "description": stream.description, "examples": len(stream.xs),
+            "drift_at": stream.drift_at, "classes": stream.classes, "features": stream.features,
+            "repeat": repeat, "river_best": best, "runs": runs}
+
+
+def run_missing(stream: Stream, seed: int) -> dict[str, Any]:
+    rng = random.Random(seed + 17)
+    unlabeled = [rng.random() < UNLABELED_FRACTION for _ in stream.xs]
+    labeled = ~np.array(unlabeled)
+    events = to_events(stream, unlabeled)
+    runs = []
+    for name in RIVER_MODELS:
+        runs.append(finish(stream, [run_river(name, stream, seed, learn_mask=labeled.tolist())], labeled))
+    runs.append(finish(stream, [run_majority(stream, learn_mask=labeled.tolist())], labeled))
+    for o in (default("mlp", pseudo=True), default("mlp", pseudo=False),
+              tuned("mlp", pseudo=True), tuned("mlp", pseudo=False)):
+        runs.append(finish(stream, [run_ours(stream, events, o)], labeled))
+    best = add_ratios(runs)
+    return {"stream": stream.name, "unlabeled_fraction": UNLABELED_FRACTION, "unlabeled": int((~labeled).sum()),
+            "river_best": best, "runs": runs}
+
+
+def _spin() -> None:
+    while True:
+        pass
+
+
+def run_threads(stream: Stream, n: int, main_threads: int) -> dict[str, Any]:
+    """Our MLP with torch's intra-op threads at 1 and 2, on the first ``n`` examples, on a quiet
+    machine and next to one busy process (a CPU-bound child this bench starts and stops)."""
+    head = dataclasses.replace(stream, xs=stream.xs[:n], ys=stream.ys[:n],
+                               drift_at=stream.drift_at if stream.drift_at and stream.drift_at < n else None)
+    events = to_events(head)
+    runs = []
+    try:
+        for contended in (False, True):
+            spinner = None
+            if contended:
+                spinner = multiprocessing.get_context("fork").Process(target=_spin, daemon=True)
+                spinner.start()
+            try:
+                for o in (default("mlp"),):
+                    for threads in (1, 2):
+                        torch.set_num_threads(threads)
+                        run = finish(head, [run_ours(head, events, o)])
+                        run.update(torch_threads=threads, contended=contended)
+                        run["model"] += f" threads={threads}{' +1 busy process' if contended else ''}"
+                        runs.append(run)
+            finally:
+                if spinner is not None:
+                    spinner.terminate()
+                    spinner.join()
+    finally:
+        torch.set_num_threads(main_threads)
+    return {"stream": stream.name, "examples": n, "drift_at": head.drift_at, "runs": runs}
+
+
+# -- output ---------------------------------------------------------------------------
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def print_main(res: dict[str, Any]) -> None:
+    print(f"\n== {res['stream']}: {res['description']}, {res['examples']} examples, "
+          f"best of {res['repeat']} timed repeats ==")
+    best = res["river_best"]
+    drift = res["drift_at"] is not None
+    head = f"{'model':<44} {'acc':>6} {'ex/s':>8} {'xRiver':>6}"
+    if drift:
+        head += f" {'pre':>6} {'min':>6} {'recover':>7} {'post':>6} {'detect':>6} {'drifts':>6} {'rollbk':>6}"
+    print(head)
+    print("-" * len(head))
+    for r in res["runs"]:
+        ratio = r.get("throughput_vs_river_best")
+        line = (f"{r['model']:<44} {r['accuracy']:>6.4f} {r['examples_per_s']:>8,.0f} "
+                f"{_fmt(ratio, '.2f') if ratio else '':>6}")
+        if drift:
+            ours = r["family"] == "ours"
+            line += (f" {r['pre_drift_rolling']:>6.3f} {r['min_rolling_after']:>6.3f} "
+                     f"{_fmt(r['examples_to_recover'], 'd'):>7} {r['post_drift_accuracy']:>6.3f} "
+                     f"{_fmt(r.get('first_drift_after_change'), 'd') if ours else '':>6} "
+                     f"{len(r['drifts']) if ours else '':>6} {r['counts']['rollbacks'] if ours else '':>6}")
+        print(line)
+    if best:
+        print(f"River's best: {best['model']} (accuracy {best['accuracy']:.4f}, {best['examples_per_s']:,.0f} ex/s); "
+              f"xRiver = our ex/s / its ex/s")
+
+
+def print_missing(res: dict[str, Any]) -> None:
+    print(f"\n== missing labels: {res['stream']}, {res['unlabeled']} of the examples unlabeled ==")
+    drift = "examples_to_recover" in res["runs"][0]
+    head = f"{'model':<44} {'acc(lab)':>8} {'acc(all)':>8} {'acc(unl)':>8} {'ex/s':>8} {'xRiver':>6} {'pseudo':>6}"
+    if drift:
+        head += f" {'recover':>7} {'post':>6}"
+    print(head)
+    print("-" * len(head))
+    for r in res["runs"]:
+        ratio = r.get("throughput_vs_river_best")
+        pseudo = r.get("counts", {}).get("pseudo", "")
+        line = (f"{r['model']:<44} {r['accuracy']:>8.4f} {r['accuracy_hidden_truth']:>8.4f} "
+                f"{r['accuracy_on_unlabeled']:>8.4f} {r['examples_per_s']:>8,.0f} "
+                f"{_fmt(ratio, '.2f') if ratio else '':>6} {pseudo:>6}")
+        if drift:
+            line += f" {_fmt(r['examples_to_recover'], 'd'):>7} {r['post_drift_accuracy']:>6.3f}"
+        print(line)
+
+
+def print_small(title: str, res: dict[str, Any]) -> None:
+    print(f"\n== {title}: {res['stream']} ==")
+    drift = res["drift_at"] is not None
+    for r in res["runs"]:
+        extra = (f" pre {r['pre_drift_rolling']:.3f} min {r['min_rolling_after']:.3f} "
+                 f"recover {_fmt(r['examples_to_recover'], 'd')} post {r['post_drift_accuracy']:.3f} "
+                 f"rollbacks {r['counts']['rollbacks']}") if drift else ""
+        print(f"{r['model']:<60} acc {r['accuracy']:.4f} {r['examples_per_s']:>8,.0f} ex/s{extra}")
+
+
+def versions() -> dict[str, Any]:
+    def version(dist: str) -> str | None:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {"river": version("river"), "torch": torch.__version__, "numpy": np.__version__,
+            "torch_threads": torch.get_num_threads()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--examples", type=int, default=50_000, help="synthetic stream length (Shuttle: all 49 097)")
+    ap.add_argument("--drift-at", type=int, default=25_000)
+    ap.add_argument("--seed", type=int, default=SEED)
+    ap.add_argument("--streams", default="agrawal,sea,shuttle")
+    ap.add_argument("--repeat", type=int, default=2,
+                    help="timed repeats of every model in the main tables (the fastest counts)")
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="torch intra-op threads for our learner (the threads phase compares 1 and 2)")
+    ap.add_argument("--threads-examples", type=int, default=5_000, help="examples in the threads phase (0: skip)")
+    ap.add_argument("--no-ablation", action="store_true")
+    ap.add_argument("--no-missing", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="add the lr x batch x width grid around TUNED")
+    ap.add_argument("--sweep-streams", default="agrawal,sea")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.torch_threads)
+    info = machine_info()
+    info.update(versions())
+    t_all = time.perf_counter()
+    names = [s for s in args.streams.split(",") if s]
+    streams = {name: make_stream(name, args.examples, args.drift_at, args.seed) for name in names}
+    result: dict[str, Any] = {
+        "benchmark": "quality", "seed": args.seed, "repeat": args.repeat, "examples": args.examples,
+        "drift_at": args.drift_at, "window": WINDOW, "recovery_level": RECOVERY_LEVEL,
+        "unlabeled_fraction": UNLABELED_FRACTION,
+        "tuned": {k: list(v) if isinstance(v, tuple) else v for k, v in TUNED.items()},
+        "machine": info, "main": [], "missing_labels": [], "threads": None, "ablation": [], "sweep": [],
+    }
+    phases: dict[str, float] = {}
+
+    def phase(name: str, t: float) -> None:
+        phases[name] = time.perf_counter() - t
+        print(f"({phases[name]:.0f} s)")
+
+    for name, stream in streams.items():
+        t = time.perf_counter()
+        res = run_stream(stream, main_configs(), args.seed, repeat=args.repeat)
+        result["main"].append(res)
+        print_main(res)
+        phase(f"main:{name}", t)
+    if not args.no_missing:
+        for name, stream in streams.items():
+            t = time.perf_counter()
+            res = run_missing(stream, args.seed)
+            result["missing_labels"].append(res)
+            print_missing(res)
+            phase(f"missing:{name}", t)
+    if args.threads_examples and "agrawal" in streams:
+        t = time.perf_counter()
+        res = run_threads(streams["agrawal"], args.threads_examples, args.torch_threads)
+        result["threads"] = res
+        print_small(f"torch intra-op threads, first {args.threads_examples} examples", res)
+        phase("threads", t)
+    if not args.no_ablation:
+        for name in [n for n in ("agrawal", "sea") if n in streams]:
+            t = time.perf_counter()
+            res = run_stream(streams[name], ablation_configs(), args.seed, river=False)
+            result["ablation"].append(res)
+            print_small("ablation (one factor away from TUNED, MLP, drift ON)", res)
+            phase(f"ablation:{name}", t)
+    if args.sweep:
+        for name in [n for n in args.sweep_streams.split(",") if n in streams]:
+            t = time.perf_counter()
+            res = run_stream(streams[name], sweep_configs(), args.seed, river=False)
+            result["sweep"].append(res)
+            print_small("sweep around TUNED", res)
+            phase(f"sweep:{name}", t)
+    info["loadavg_at_end"] = list(os.getloadavg())
+    result["phase_seconds"] = phases
+    result["wall_seconds"] = time.perf_counter() - t_all
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    print(f"\nwall {result['wall_seconds']:.0f} s; wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
