@@ -201,7 +201,8 @@ def run_trainer_until(settings: Settings, examples: int, *, metrics: Metrics | N
     try:
         while time.monotonic() < deadline and (sum(trainer.offsets.values()) < examples or trainer.buffer):
             trainer.step()
-        last = trainer.checkpoint()
+        # A checkpoint for what came after the last one, if anything did.
+        last = trainer.checkpoint() if trainer.since_checkpoint or not trainer.published else trainer.published[-1]
     finally:
         trainer.close()
     return {
