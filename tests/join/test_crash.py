@@ -5,9 +5,9 @@ ms before the prediction and produced first, some late, 2% of the events
 re-sent shortly after the original, 0.5% orphan labels) are produced in
 event-time order. A real ``stream-learner joiner`` process then works
 through them and is SIGKILLed at seeded random moments (0.3-3 s after it
-started, or, two runs in three, after it produced its first example from new
-input, so most kills hit it mid-cycle rather than while it starts or joins the
-group), at least ``KILLS`` times, restarted each time; a last run finishes.
+started, or, two runs in three, 0.05-0.8 s after it produced its first
+example from new input, so most kills hit it mid-cycle rather than while it
+starts or joins the group), at least ``KILLS`` times, restarted each time; a last run finishes.
 The examples topic, deduplicated by example id, must equal the offline
 oracle (:mod:`.oracle`) exactly.
 """
@@ -201,7 +201,9 @@ def test_joiner_sigkilled_at_random_loses_nothing_and_invents_nothing(
                     while time.monotonic() - spawned < 30 and reader.end() <= end_before + reclaimed:
                         reader.poll(50)
                     anchor = time.monotonic()
-                kill_at = anchor + rng.uniform(0.3, 3.0)
+                # Short runs once working: a fast joiner would otherwise finish the
+                # whole stream in a few runs and leave later kills nothing to interrupt.
+                kill_at = anchor + (rng.uniform(0.05, 0.8) if round_ % 3 else rng.uniform(0.3, 3.0))
                 while time.monotonic() < kill_at:
                     reader.poll(50)
                 assert proc.poll() is None, f"joiner exited on its own ({proc.returncode}):\n{tail(stderr_path)}"
