@@ -206,7 +206,7 @@ class Trainer:
             self._train(self.buffer[:size])
             del self.buffer[:size]
         waited = (time.monotonic() - self.buffer_since) * 1000 >= self.settings.trainer_max_wait_ms
-        if n == 0 and self.buffer and waited:
+        if n == 0 and self.buffer and waited and self._caught_up():
             self._train(self.buffer)
             self.buffer = []
         if self.since_checkpoint and (
@@ -216,6 +216,16 @@ class Trainer:
         ):
             self.checkpoint()
         return n
+
+    def _caught_up(self) -> bool:
+        """True when the broker holds nothing we have not read. An empty poll
+        alone is not enough: a slow fetch would then cut a partial chunk mid
+        stream, and chunk boundaries must depend on the stream only."""
+        for tp in self.consumer.assignment():
+            highwater = self.consumer.highwater(tp)
+            if highwater is None or self.consumer.position(tp) < highwater:
+                return False
+        return True
 
     def _train(self, records: list[Any]) -> None:
         examples, kept, dead = [], [], []
