@@ -44,8 +44,8 @@ Phases:
                 commands that clients sent (``EVALSHA``, ``WAITAOF``, one-off
                 ``SCRIPT LOAD`` / connection setup) per poll, and, apart, the
                 commands ``join.lua`` ran inside Redis (server work, which
-                grows with the batch). A client-side count of the joiner's
-                Redis calls cross-checks the first number.
+                grows with the batch). A client-side count of the commands
+                sent on the joiner's connections cross-checks the first number.
 5. memory    -- M input events (default 1M) streamed in chunks of 100k:
                 produce a chunk, step the joiner until it has consumed it,
                 sample this process's VmRSS and Valkey's ``used_memory``,
@@ -54,11 +54,16 @@ Phases:
                 last sample over the first one after warm-up is about 1.
 
 Each joiner step is broken into stages by wrapping the instance's own
-methods (poll, progress, Redis step, build examples, produce, WAITAOF,
-commit, observe; the rest is the decode loop and bookkeeping), so a slow
-joiner shows where its time goes without a profiler. ``--profile FILE``
-also runs cProfile over the timed loop of the 5000-record run (that run's
-rate is then not comparable).
+methods (poll, decode, progress, Redis send, build examples, produce,
+commit, Redis receive, observe; the rest, including the wait for the
+previous step's ``WAITAOF``, is bookkeeping), so a slow joiner shows where
+its time goes without a profiler. The joiner overlaps the Redis call of one
+batch with the produce of the previous one, so "Redis receive" is only the
+wait left over. Each timed phase also reports the CPU time per input event
+of this process, Valkey and Tansu (all threads, from /proc): on a small
+machine they compete for the same cores. ``--profile FILE`` also runs
+cProfile over the timed loop of the first run (that run's rate is then not
+comparable).
 
 Run::
 
@@ -97,7 +102,7 @@ from kafka.admin import NewTopic
 from stream_learner.bus import kafka_options, make_consumer, make_producer
 from stream_learner.config import Settings
 from stream_learner.events import EXAMPLE, LABEL, PREDICTION, LabelEvent, PredictionEvent, Source, encode
-from stream_learner.join.joiner import Joiner, build_example
+from stream_learner.join.joiner import Joiner, encode_example
 from stream_learner.join.store import Emission, RedisJoinStore, StoredLabel, StoredPrediction
 from stream_learner.local import LocalServers
 from stream_learner.logging import configure_logging
@@ -272,14 +277,15 @@ def phase_raw_consume(settings: Settings, n: int, max_poll_records: int) -> dict
             got = sum(len(r) for r in consumer.poll(timeout_ms=100).values())
             seen += got
             if got and t0 is None:
-                t0, first = time.perf_counter(), got
-        t1 = time.perf_counter()
+                t0, first, cpu0 = time.perf_counter(), got, cpu_seconds()
+        t1, cpu1 = time.perf_counter(), cpu_seconds()
     finally:
         consumer.close()
     if seen != n:
         raise SystemExit(f"raw consume read {seen} records, expected {n}")
     assert t0 is not None
-    return {"seconds": t1 - t0, "records": seen - first, "events_per_s": (seen - first) / (t1 - t0)}
+    return {"seconds": t1 - t0, "records": seen - first, "events_per_s": (seen - first) / (t1 - t0),
+            "cpu_us_per_event": cpu_per_record(cpu0, cpu1, seen - first)}
 
 
 def sample_example(settings: Settings) -> bytes:
@@ -293,9 +299,12 @@ def sample_example(settings: Settings) -> bytes:
             if candidate.request_id == pred.request_id:
                 lab = candidate
     assert pred is not None and lab is not None
-    emission = Emission("labeled", StoredPrediction(pred, Source(settings.topic_predictions, 0, 123456)),
-                        StoredLabel(lab, Source(settings.topic_labels, 0, 123456)))
-    return encode(build_example(emission))
+    emission = Emission("labeled", StoredPrediction(
+        "w", pred.event_time, pred.event_id, pred.request_id, pred.model, pred.model_version,
+        msgspec.json.encode(pred.features), msgspec.json.encode(pred.prediction),
+        Source(settings.topic_predictions, 0, 123456),
+    ), StoredLabel("e", lab.event_time, lab.event_id, lab.label, Source(settings.topic_labels, 0, 123456)))
+    return encode_example(emission)
 
 
 def phase_consume_produce(settings: Settings, n: int, max_poll_records: int, tag: str,
@@ -335,13 +344,14 @@ def phase_consume_produce(settings: Settings, n: int, max_poll_records: int, tag
             seen += got
             produced += len(futures)
             if got and t0 is None:
-                t0, first = time.perf_counter(), got
-        t1 = time.perf_counter()
+                t0, first, cpu0 = time.perf_counter(), got, cpu_seconds()
+        t1, cpu1 = time.perf_counter(), cpu_seconds()
     finally:
         consumer.close()
         producer.close()
     assert t0 is not None
     return {"seconds": t1 - t0, "records": seen - first, "produced": produced,
+            "cpu_us_per_event": cpu_per_record(cpu0, cpu1, seen - first),
             "example_bytes": len(example), "events_per_s": (seen - first) / (t1 - t0)}
 
 
@@ -431,6 +441,29 @@ def commandstats_delta(before: dict[str, dict[str, float]],
     return out
 
 
+#: Processes whose CPU time each timed phase reports (set in ``main``): this one, Valkey, Tansu.
+PIDS: dict[str, int | str] = {"bench": "self"}
+
+
+def cpu_seconds() -> dict[str, float]:
+    """User + system CPU seconds so far of each process in :data:`PIDS` (all threads), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for name, pid in PIDS.items():
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            out[name] = (int(fields[11]) + int(fields[12])) / tick
+        except OSError:
+            pass
+    return out
+
+
+def cpu_per_record(before: dict[str, float], after: dict[str, float], records: int) -> dict[str, float]:
+    """CPU microseconds per timed record of each process between two :func:`cpu_seconds` samples."""
+    return {k: 1e6 * (after[k] - before[k]) / records for k in after if k in before}
+
+
 def rss_bytes(pid: int | str = "self") -> int:
     """VmRSS of a process from /proc (no psutil)."""
     with open(f"/proc/{pid}/status") as f:
@@ -442,11 +475,14 @@ def rss_bytes(pid: int | str = "self") -> int:
 
 def step_until(joiner: Joiner, done: Callable[[], bool], what: str,
                timeout_s: float = STEP_TIMEOUT_S) -> None:
+    """Step until ``done()``, then finish the last cycle (the joiner produces a batch's examples,
+    and commits its offsets, during the next step)."""
     deadline = time.monotonic() + timeout_s
     while not done():
         if time.monotonic() > deadline:
             raise SystemExit(f"joiner timed out waiting for {what}: counts={joiner.counts}")
         joiner.step()
+    joiner.flush()
 
 
 def consumed(joiner: Joiner) -> int:
@@ -497,6 +533,7 @@ def phase_joiner(settings: Settings, admin: redis.Redis, tag: str, max_poll_reco
             first = joiner.step()
         t0 = time.perf_counter()
         join_wait = t0 - t_created
+        cpu0 = cpu_seconds()
         polls0 = joiner.counts.polls
         stages.active = True
         if profiler:
@@ -507,7 +544,8 @@ def phase_joiner(settings: Settings, admin: redis.Redis, tag: str, max_poll_reco
             if time.monotonic() > deadline:
                 raise SystemExit(f"joiner consumed only {consumed(joiner)}/{n} records: counts={joiner.counts}")
             step()
-        t1 = time.perf_counter()
+        joiner.flush()  # the last batch's examples and commit: inside the timed loop
+        t1, cpu1 = time.perf_counter(), cpu_seconds()
         if profiler:
             profiler.disable()
         stages.active = False
@@ -588,6 +626,7 @@ def phase_joiner(settings: Settings, admin: redis.Redis, tag: str, max_poll_reco
             "script_commands_per_event": sum(v["calls"] for v in script_cmds.values()) / n,
             "evalsha_server_usec_per_event": delta.get("evalsha", {}).get("usec", 0) / n,
         },
+        "cpu_us_per_event": cpu_per_record(cpu0, cpu1, records),
         "stages_seconds": stages.seconds,
         "stages_calls": stages.calls,
     }
@@ -637,7 +676,6 @@ def phase_memory(settings: Settings, admin: redis.Redis, servers: LocalServers, 
                 "valkey_keys": admin.dbsize(),
                 "due": admin.zcard(p + "due"),
                 "gc": admin.zcard(p + "gc"),
-                "orphan": admin.zcard(p + "orphan"),
                 "outbox_entries": admin.zcard(p + "ob"),
                 "watermark_event_ms_after_t0": int(admin.get(p + "wmv") or T0 - 1) - T0,
                 "examples": dict(joiner.counts.examples),
@@ -693,6 +731,12 @@ def print_report(result: dict[str, Any]) -> None:
               f"{r['group_join_seconds']:>8.1f}s")
     print("(ratio: joiner / raw consume; c+p: consume + produce one example per prediction, no Redis; "
           "vs c+p: joiner / c+p)")
+    print("\nCPU per timed input event, us (all threads of each process; the machine's other load not included):")
+    for r in runs:
+        for name, phase in (("raw consume", r["baseline"]), ("consume+produce", r["consume_produce"]), ("joiner", r)):
+            cpu = phase.get("cpu_us_per_event", {})
+            print(f"  max_poll={r['max_poll_records']:<5} {name:<16} wall {1e6 / phase['events_per_s']:6.1f}  "
+                  + "  ".join(f"{k} {v:6.1f}" for k, v in cpu.items()))
     print()
     for r in runs:
         rd = r["redis"]
@@ -753,6 +797,7 @@ def main(argv: list[str] | None = None) -> int:
     with LocalServers(Settings(partitions_input=PARTITIONS)) as srv:
         settings = srv.settings
         admin = redis.Redis.from_url(settings.redis_url)
+        PIDS.update({"valkey": srv.redis.pid if srv.redis else 0, "tansu": srv.kafka.pid if srv.kafka else 0})
         info["valkey"] = admin.info("server").get("valkey_version") or admin.info("server")["redis_version"]
 
         example = sample_example(settings)

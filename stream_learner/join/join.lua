@@ -10,36 +10,42 @@
 --
 -- Keys (all share one hash tag, so one Redis Cluster slot):
 --   KEYS[1] prefix, e.g. "sl:{j}:"; per request: prefix.."r:"..request_id, a
---   string: one state letter, then, while the state still needs its event,
---   the stored event as the joiner sent it: the event time (8-byte
---   big-endian double), then the msgpack array [event, source], which this
---   script never looks inside, it only copies it into emissions.
+--   string: the stored event as the joiner packed it, a msgpack array that
+--   begins with the request's state letter (byte 3) and the event time (a
+--   float64, bytes 5-12), which this script reads at those offsets (and
+--   changes the letter in place); it copies the rest into emissions without
+--   looking inside.
 -- States: w prediction waiting for its label, e label waiting for its
 --   prediction (early), x window closed unlabeled (keeps the prediction for
---   a late label), j joined (labeled), t late label joined. j and t keep
---   only their letter, to recognise duplicates: their events are in the
---   outbox entry that emitted them, until it is acknowledged.
+--   a late label), j joined (labeled), t late label joined. j and t keep only
+--   the array's first three bytes, to recognise duplicates: their events are
+--   in the outbox entry that emitted them, until it is acknowledged.
 -- Other keys: due (zset request -> window deadline: the predictions whose
 --   window is open, waiting or already joined), gc (zset request -> event time
 --   at which the state is deleted: x, j and t after their window closed, and
 --   e at its orphan deadline plus 0.5, which marks it as an orphan), wm (hash
 --   partition -> max event time), cu (hash partition -> wall ms since caught
 --   up, 0 if lagging), wmv (the watermark, monotonic), ob (zset outbox token
---   -> lease wall ms), ob:<token> (string: the emissions of one call).
+--   -> lease wall ms), ob:<token> (string: the emissions of one call), step
+--   (the token of the last call sent again after a failure).
 -- TTL (the wall-clock safety net): set when a request's state is created,
 --   ttl for a prediction, ttl + orphan_retention for an early label (it
 --   covers the wait for its prediction); transitions keep it.
+-- Redis calls: one SET per request the batch changes (a prediction and its
+--   label in one batch: one SET); reads (MGET), sorted-set updates (ZADD),
+--   removals (ZREMRANGEBYRANK, DEL) go in chunks for the whole batch.
 --
 -- ARGV: now, window, late_retention, orphan_retention, ttl, idle_timeout,
 --   idle_advance, max_expire, allowed_lateness, claim_before,
 --   n_total (input partitions that exist), token (unique to this call),
 --   then three msgpack arrays: acks {token}*, partitions {{part, max_time,
---   caught_up}}*, events {{type 'P'|'L', request, time, stored event}}*.
+--   caught_up}}*, events {{type 'P'|'L', request, time, stored event}}*, then
+--   mark ('1': write even if nothing changes, see 8).
 -- Returns: {watermark, duplicates, orphans_dropped, early_labels, more_to_claim,
 --   emissions, {claimed_token, claimed_emissions}*}. Emissions are one msgpack
---   array of [kind, [prediction, source], [label, source] or nil]; '' when
---   none. The caller acknowledges this call's token (when emissions is not
---   '') and every claimed token once the broker has their examples.
+--   array of [kind, stored prediction, stored label or nil]; '' when none.
+--   The caller acknowledges this call's token (when emissions is not '')
+--   and every claimed token once the broker has their examples.
 
 local P = KEYS[1]
 local now = tonumber(ARGV[1])
@@ -57,6 +63,7 @@ local token = ARGV[12]
 local acks = cmsgpack.unpack(ARGV[13])
 local parts = cmsgpack.unpack(ARGV[14])
 local events = cmsgpack.unpack(ARGV[15])
+local mark = ARGV[16] == '1'
 
 local DUE, GC, WM, CU, WMV = P .. 'due', P .. 'gc', P .. 'wm', P .. 'cu', P .. 'wmv'
 local OB, OBX, R = P .. 'ob', P .. 'ob:', P .. 'r:'
@@ -327,6 +334,11 @@ if n_emit > 0 then
   redis.call('ZADD', OB, now, token)
   out[6] = blob
 end
+
+-- 8. a call sent again after its reply was lost writes, even if it changes
+-- nothing: the WAITAOF behind it then also covers the first try's writes,
+-- sent on another connection.
+if mark then redis.call('SET', P .. 'step', token) end
 
 out[1], out[2], out[3], out[4] = wm, dup, orphans, early
 return out

@@ -4,27 +4,26 @@ Each cycle of :meth:`Joiner.step`, in this order:
 
 1. poll a batch from the prediction and label topics (consumer group);
 2. decode it; refused records are sent to the dead-letter topic;
-3. send one atomic Redis call (:class:`~stream_learner.join.store.RedisJoinStore`)
-   and, right behind it on the same connection, ``WAITAOF``: acknowledge the
+3. send one atomic Redis call (:class:`~stream_learner.join.store.RedisJoinStore`),
+   with ``WAITAOF`` right behind it on the same connection: acknowledge the
    outbox entries whose examples the broker already has, advance the
    watermark, apply the events, close windows, collect state past retention,
    record this call's emissions as one outbox entry, and, on start, after a
    failed call or when a lease ran out, claim entries nobody acknowledged;
-4. while Redis runs it: build the *previous* cycle's examples (deterministic
-   example ids) and produce them with the idempotent producer; wait until
-   the broker has all of them and the previous cycle's dead letters; then
-   commit the previous cycle's input offsets (its Redis call was durable
-   before that cycle ended);
-5. read this call's reply and the ``WAITAOF`` reply: the step is now in
-   Redis's append-only file; its emissions are produced in the next cycle,
-   and its outbox entry is acknowledged in the cycle after that.
+4. while Redis runs it, finish the *previous* cycle: wait until its Redis
+   call is durable (read its ``WAITAOF`` reply; if that reply is lost, run
+   the call again, durably), build its examples (deterministic example ids)
+   and produce them with the idempotent producer, wait until the broker has
+   all of them and the dead letters, then commit that cycle's input offsets;
+5. read this call's reply: its emissions are produced in the next cycle, and
+   its outbox entry is acknowledged by the call after that.
 
-So a batch's offsets are committed only after its Redis step is durable and
-its examples are acknowledged by the broker, and an outbox entry is
-acknowledged only after the broker has its examples. When the previous
+So a batch's input offsets are committed only after its Redis call is
+durable and its examples are acknowledged by the broker, and an outbox entry
+is acknowledged only after the broker has its examples. When the previous
 cycle left something to produce, step 1 does not wait for records (a poll
-with no timeout): an idle joiner produces its last examples at once. ``close``
-produces what is left, commits, and acknowledges it.
+with no timeout), so an idle joiner produces its last examples at once.
+:meth:`Joiner.close` finishes the last cycle and acknowledges it.
 
 A crash anywhere re-delivers the uncommitted inputs, which have no second
 effect on the state, and the outbox holds every emission not yet
@@ -44,6 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import redis
 import structlog
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
@@ -53,7 +53,7 @@ from kafka.structs import OffsetAndMetadata
 from ..bus import DeadLetters, make_consumer, make_producer
 from ..config import Settings
 from ..errors import EventError
-from ..events import LABEL, PREDICTION, Codec, ExampleEvent, Source, encode
+from ..events import LABEL, PREDICTION, Codec, ExampleEvent, Features, Prediction, Source
 from ..metrics import Metrics
 from ..redis_conn import make_redis
 from .store import (
@@ -76,26 +76,71 @@ def example_id(kind: str, prediction_event_id: str, label_event_id: str | None) 
     return digest.hexdigest()
 
 
-def build_example(emission: Emission) -> ExampleEvent:
-    """The joined example for one emission."""
-    prediction = emission.prediction.event
-    stored_label = emission.label
-    label = stored_label.event if stored_label is not None else None
-    return ExampleEvent(
-        example_id=example_id(emission.kind, prediction.event_id, label.event_id if label else None),
+class _ExampleOut(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """:class:`~stream_learner.events.ExampleEvent`'s fields, in its order, with the
+    features and the prediction as already-encoded JSON: encoding one gives
+    the bytes ``encode(ExampleEvent(...))`` gives, without their floats."""
+
+    example_id: str
+    kind: str
+    request_id: str
+    model: str
+    model_version: str
+    features: msgspec.Raw
+    prediction: msgspec.Raw
+    label: str | float | None
+    prediction_event_id: str
+    prediction_time: int
+    prediction_source: Source | None = None
+    label_event_id: str | None = None
+    label_time: int | None = None
+    label_source: Source | None = None
+
+
+_encode_out = msgspec.json.Encoder().encode
+_features = msgspec.json.Decoder(Features)
+_prediction = msgspec.json.Decoder(Prediction)
+
+
+def encode_example(emission: Emission) -> bytes:
+    """The record value of the joined example for one emission (JSON, as :func:`~stream_learner.events.encode`)."""
+    p, lab = emission.prediction, emission.label
+    return _encode_out(_ExampleOut(
+        example_id=example_id(emission.kind, p.event_id, lab.event_id if lab else None),
         kind=emission.kind,
-        request_id=prediction.request_id,
-        model=prediction.model,
-        model_version=prediction.model_version,
-        features=prediction.features,
-        prediction=prediction.prediction,
-        label=label.label if label else None,
-        prediction_event_id=prediction.event_id,
-        prediction_time=prediction.event_time,
-        prediction_source=emission.prediction.source,
-        label_event_id=label.event_id if label else None,
-        label_time=label.event_time if label else None,
-        label_source=stored_label.source if stored_label is not None else None,
+        request_id=p.request_id,
+        model=p.model,
+        model_version=p.model_version,
+        features=msgspec.Raw(p.features),
+        prediction=msgspec.Raw(p.prediction),
+        label=lab.label if lab else None,
+        prediction_event_id=p.event_id,
+        prediction_time=int(p.time),
+        prediction_source=p.source,
+        label_event_id=lab.event_id if lab else None,
+        label_time=int(lab.time) if lab else None,
+        label_source=lab.source if lab else None,
+    ))
+
+
+def build_example(emission: Emission) -> ExampleEvent:
+    """The joined example for one emission, decoded (the joiner itself sends :func:`encode_example`)."""
+    p, lab = emission.prediction, emission.label
+    return ExampleEvent(
+        example_id=example_id(emission.kind, p.event_id, lab.event_id if lab else None),
+        kind=emission.kind,
+        request_id=p.request_id,
+        model=p.model,
+        model_version=p.model_version,
+        features=_features.decode(p.features),
+        prediction=_prediction.decode(p.prediction),
+        label=lab.label if lab else None,
+        prediction_event_id=p.event_id,
+        prediction_time=int(p.time),
+        prediction_source=p.source,
+        label_event_id=lab.event_id if lab else None,
+        label_time=int(lab.time) if lab else None,
+        label_source=lab.source if lab else None,
     )
 
 
@@ -128,12 +173,17 @@ class _Call:
 
 @dataclass
 class _Output:
-    """What a cycle leaves for the next one: examples to produce, offsets to commit after them."""
+    """What a cycle leaves for the next one: examples to produce, offsets to commit after them.
+
+    ``call`` is the Redis step that made it, to run again if its durability
+    cannot be confirmed.
+    """
 
     emissions: list[Emission]
     tokens: list[str]
     dead: list[Any]
     offsets: dict[TopicPartition, int]
+    call: _Call | None = None
 
     def __bool__(self) -> bool:
         return bool(self.emissions or self.tokens or self.dead or self.offsets)
@@ -213,15 +263,31 @@ class Joiner:
             self._send(call)
         except _RETRYABLE:
             pass  # sent again, with backoff, when its reply is awaited
-        if previous:
-            # Redis runs this cycle's call meanwhile.
+        # Redis runs this cycle's call meanwhile.
+        confirmed = bool(previous) and self._confirm()
+        if confirmed:
             self._finish(previous)
         self._output = None
         result = self._with_retry("redis", lambda: self._receive(call))
         self._account(result)
-        self._output = _Output(result.emissions, result.tokens, dead, offsets)
+        if previous and not confirmed:
+            self._redo(previous)
+            self._finish(previous)
+        self._output = _Output(result.emissions, result.tokens, dead, offsets, call)
         self._observe(result.watermark)
         return sum(len(r) for r in batch.values())
+
+    def flush(self) -> None:
+        """Finish the last cycle now: produce its examples and commit its offsets.
+
+        :meth:`step` leaves that to the next cycle (it overlaps with the next
+        Redis call); a caller that stops stepping for a while calls this first.
+        """
+        output, self._output = self._output, None
+        if output:
+            if not self._confirm():
+                self._redo(output)
+            self._finish(output)
 
     def close(self) -> None:
         """Produce and commit what the last cycles left, acknowledge it, then close the clients.
@@ -233,6 +299,8 @@ class Joiner:
             for _ in range(3):
                 output, self._output = self._output, None
                 if output:
+                    if not self._confirm():
+                        break
                     self._finish(output, retry=False)
                 if not self._acks:
                     break
@@ -298,7 +366,7 @@ class Joiner:
     def _total_partitions(self) -> int:
         return sum(len(self.consumer.partitions_for_topic(t) or ()) for t in self.topics)
 
-    def _send(self, call: _Call) -> None:
+    def _send(self, call: _Call, again: bool = False) -> None:
         """Send a Redis join step (and WAITAOF behind it) without waiting for the reply."""
         now = self.clock()
         claim = -1
@@ -310,13 +378,14 @@ class Joiner:
             claim = now - self.settings.joiner_outbox_lease_ms
         call.now, call.claim, call.started = now, claim, time.perf_counter()
         self.store.send(progress=call.progress, acks=call.acks, events=call.events, now_ms=now,
-                        claim_before_ms=claim, total_partitions=self._total_partitions(), durable=True)
+                        claim_before_ms=claim, total_partitions=self._total_partitions(), durable=True,
+                        again=again)
         call.sent = True
 
     def _receive(self, call: _Call) -> StepResult:
-        """The reply of a sent step (sending it first if it is not on the wire); durable when it returns."""
+        """The reply of a sent step (sending it first if it is not on the wire); see :meth:`_confirm`."""
         if not call.sent:
-            self._send(call)
+            self._send(call, again=True)  # its first try may have run
         try:
             result = self.store.receive()
         except BaseException:
@@ -337,6 +406,31 @@ class Joiner:
         self.counts.redis_calls += 1
         return result
 
+    def _confirm(self) -> bool:
+        """Wait until the last cycle's Redis step is durable; False if that cannot be known."""
+        try:
+            self.store.wait_durable()
+        except _RETRYABLE as exc:
+            log.warning("joiner_step_durability_unknown", error=str(exc))
+            return False
+        return True
+
+    def _redo(self, output: _Output) -> None:
+        """Run a step whose durability is unknown again, durably, and add what it emits to ``output``.
+
+        Its events have no second effect if the first run is in Redis; its
+        outbox entry is then claimed (emitted twice: same example ids).
+        """
+        call = output.call
+        if call is None:
+            return
+        redone = self._with_retry("redis", lambda: self.store.step(
+            progress=call.progress, acks=[], events=call.events, now_ms=self.clock(),
+            claim_before_ms=call.now + 1, total_partitions=self._total_partitions(), durable=True, again=True))
+        self._account(redone)
+        output.emissions = output.emissions + redone.emissions
+        output.tokens = output.tokens + redone.tokens
+
     def _finish(self, output: _Output, retry: bool = True) -> None:
         """Produce a cycle's examples, commit its offsets, and queue its outbox tokens for acknowledgement."""
         if output.emissions or output.dead:
@@ -350,10 +444,11 @@ class Joiner:
         # Acknowledged by the next Redis call: the broker has them now.
         self._acks += output.tokens
 
-    def _examples(self, emissions: list[Emission]) -> list[ExampleEvent]:
-        return [build_example(e) for e in emissions]
+    def _examples(self, emissions: list[Emission]) -> list[tuple[bytes, bytes]]:
+        """(key, value) of each emission's example: keyed by request id."""
+        return [(e.prediction.request_id.encode(), encode_example(e)) for e in emissions]
 
-    def _produce(self, examples: list[ExampleEvent], dead: list[Any]) -> None:
+    def _produce(self, examples: list[tuple[bytes, bytes]], dead: list[Any]) -> None:
         topic = self.settings.topic_examples
         partition = None
         if examples:
@@ -363,7 +458,7 @@ class Joiner:
             if len(partitions) == 1:
                 partition = next(iter(partitions))
         send = self.producer.send
-        futures = [send(topic, key=x.request_id.encode(), value=encode(x), partition=partition) for x in examples]
+        futures = [send(topic, key=key, value=value, partition=partition) for key, value in examples]
         self.producer.flush()
         for future in futures + dead:
             future.get(timeout=60)  # raises if the broker refused: retried, nothing committed

@@ -18,17 +18,19 @@ The script's header documents the state machine; in short:
   may claim stale entries so a crashed joiner's emissions are emitted again.
 
 Events are stored as they will be emitted: :func:`pack_prediction` and
-:func:`pack_label` encode the decoded event and its source with msgpack
-(about half the bytes of the JSON record), the script copies these bytes
-into its emissions without looking inside, and the reply is one msgpack
-array per outbox entry that :func:`decode_emissions` turns into typed
-:class:`Emission` values in one C call.
+:func:`pack_label` pack what an example needs of the decoded event (the
+features and the prediction already encoded as the example's JSON) and its
+source with msgpack; the script copies these bytes into its emissions
+without looking inside, and the reply carries one msgpack array per outbox
+entry, which :func:`decode_emissions` turns into :class:`Emission` values in
+one C call (no float is decoded again).
 
-A step can also be split in two, :meth:`RedisJoinStore.send` and
+A step can also be split, :meth:`RedisJoinStore.send` then
 :meth:`RedisJoinStore.receive`, so that the caller works (produces the
-previous step's examples) while Redis runs the script. ``WAITAOF`` is sent
-right behind the ``EVALSHA``, on the same connection, so the reply of a
-step that :meth:`~RedisJoinStore.receive` returns is already durable.
+previous step's examples) while Redis runs the script. ``WAITAOF`` goes
+right behind the ``EVALSHA`` on the same connection, and its reply is read
+by :meth:`RedisJoinStore.wait_durable`; the store alternates two
+connections, so that reply can wait while the next step runs.
 """
 
 from __future__ import annotations
@@ -52,30 +54,46 @@ from ..events import ExampleKind, LabelEvent, PredictionEvent, Source
 log = structlog.get_logger(__name__)
 
 
-class StoredPrediction(msgspec.Struct, array_like=True, frozen=True):
-    """A prediction as the join state keeps it: the decoded event and where it was read.
+class StoredPrediction(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """A prediction as the join state keeps it, and as an emission returns it.
 
     ``state`` and ``time`` lead, at fixed offsets, for ``join.lua``: the
     state letter of the request (``w`` when packed; the script changes it in
-    place) and the event time as a float (msgpack float64).
+    place) and the event time (a msgpack float64). ``features`` and
+    ``prediction`` are kept as the JSON the example carries them in, encoded
+    once from the decoded event, so emitting an example decodes no floats.
     """
 
     state: str
     time: float
-    event: PredictionEvent
+    event_id: str
+    request_id: str
+    model: str
+    model_version: str
+    features: bytes
+    prediction: bytes
     source: Source | None
 
+    @property
+    def event_time(self) -> int:
+        return int(self.time)
 
-class StoredLabel(msgspec.Struct, array_like=True, frozen=True):
+
+class StoredLabel(msgspec.Struct, array_like=True, frozen=True, gc=False):
     """A label as the join state keeps it (state ``e``), like :class:`StoredPrediction`."""
 
     state: str
     time: float
-    event: LabelEvent
+    event_id: str
+    label: str | float
     source: Source | None
 
+    @property
+    def event_time(self) -> int:
+        return int(self.time)
 
-class Emission(msgspec.Struct, array_like=True, frozen=True):
+
+class Emission(msgspec.Struct, array_like=True, frozen=True, gc=False):
     """One example to emit: its kind and the stored events it is built from."""
 
     kind: ExampleKind
@@ -84,10 +102,11 @@ class Emission(msgspec.Struct, array_like=True, frozen=True):
 
     @property
     def request_id(self) -> str:
-        return self.prediction.event.request_id
+        return self.prediction.request_id
 
 
 _pack = msgspec.msgpack.Encoder().encode
+_json = msgspec.json.Encoder().encode
 _emissions = msgspec.msgpack.Decoder(list[Emission])
 _raw_list = msgspec.msgpack.Decoder(list[msgspec.Raw])
 _one_emission = msgspec.msgpack.Decoder(Emission)
@@ -103,12 +122,14 @@ def _lua_string(data: bytes) -> msgspec.Raw:
 
 def pack_prediction(event: PredictionEvent, source: Source | None) -> msgspec.Raw:
     """What the join state stores for a prediction, framed for :meth:`RedisJoinStore.send`."""
-    return _lua_string(_pack(StoredPrediction("w", float(event.event_time), event, source)))
+    return _lua_string(_pack(StoredPrediction(
+        "w", float(event.event_time), event.event_id, event.request_id, event.model, event.model_version,
+        _json(event.features), _json(event.prediction), source)))
 
 
 def pack_label(event: LabelEvent, source: Source | None) -> msgspec.Raw:
     """What the join state stores for a label, framed for :meth:`RedisJoinStore.send`."""
-    return _lua_string(_pack(StoredLabel("e", float(event.event_time), event, source)))
+    return _lua_string(_pack(StoredLabel("e", float(event.event_time), event.event_id, event.label, source)))
 
 
 def decode_emissions(blob: bytes) -> list[Emission]:
@@ -182,12 +203,23 @@ class JoinStore(Protocol):
         ...
 
 
+@dataclass
+class _Sent:
+    """A step on the wire: what was sent (to send it again), on which connection."""
+
+    args: list[Any]
+    token: str
+    wait: bool
+    conn: int
+
+
 class RedisJoinStore:
     """The join state in Redis (or Valkey), driven by ``join.lua``.
 
-    The script runs on one connection that this store holds (taken from the
-    client's pool on first use), so that ``WAITAOF`` covers exactly its
-    calls; other reads use the client as usual.
+    Steps run on two connections that this store holds (taken from the
+    client's pool on first use), used in turn: a step's ``WAITAOF`` reply can
+    then still be pending on one while the next step runs on the other.
+    Other reads use the client as usual.
     """
 
     SCRIPT = resources.files(__package__).joinpath("join.lua").read_text()
@@ -197,11 +229,16 @@ class RedisJoinStore:
         self.client = client
         self.settings = settings
         self._aof_wait = settings.joiner_wait_aof
-        self._conn: Any = None
+        self._conns: list[Any] = [None, None]
+        # A received step's WAITAOF reply not read yet, per connection.
+        self._unconfirmed = [False, False]
+        # A WAITAOF reply was lost with its connection: wait_durable() must fail once.
+        self._doubt = False
+        self._next = 0
         # Outbox tokens: unique to this store object, then a counter.
         self._token_prefix = uuid.uuid4().hex[:16] + ":"
         self._seq = itertools.count(1)
-        self._sent: tuple[list[bytes], str, bool] | None = None  # (args, token, WAITAOF sent)
+        self._sent: _Sent | None = None
         s = settings
         self._fixed = [s.joiner_window_ms, s.joiner_late_retention_ms, s.joiner_orphan_retention_ms,
                        s.joiner_state_ttl_ms, s.joiner_idle_timeout_ms, int(s.joiner_idle_advance),
@@ -219,11 +256,15 @@ class RedisJoinStore:
         claim_before_ms: int = -1,
         total_partitions: int = 0,
         durable: bool = False,
+        again: bool = False,
     ) -> StepResult:
-        """Run one join step (:meth:`send` then :meth:`receive`)."""
-        self.send(progress=progress, acks=acks, events=events, now_ms=now_ms,
-                  claim_before_ms=claim_before_ms, total_partitions=total_partitions, durable=durable)
-        return self.receive()
+        """Run one join step (:meth:`send`, :meth:`receive`, and with ``durable`` :meth:`wait_durable`)."""
+        self.send(progress=progress, acks=acks, events=events, now_ms=now_ms, claim_before_ms=claim_before_ms,
+                  total_partitions=total_partitions, durable=durable, again=again)
+        result = self.receive()
+        if durable:
+            self.wait_durable()
+        return result
 
     def send(
         self,
@@ -235,6 +276,7 @@ class RedisJoinStore:
         claim_before_ms: int = -1,
         total_partitions: int = 0,
         durable: bool = True,
+        again: bool = False,
     ) -> None:
         """Send one join step to Redis without waiting for it; :meth:`receive` returns its result.
 
@@ -242,116 +284,155 @@ class RedisJoinStore:
         this joiner owns; ``total_partitions`` counts those of all input
         topics, owned by anyone: the watermark does not move until each has
         reported. With ``durable``, a ``WAITAOF`` follows on the same
-        connection, and :meth:`receive` returns only once Redis has fsynced
-        the step. Every send uses a new outbox token, so a step sent again
-        after a failure never overwrites the entry of a first try that ran.
+        connection; :meth:`wait_durable` reads its reply. Every send uses a
+        new outbox token, so a step sent again after a failure never
+        overwrites the entry of a first try that ran; such a step is sent
+        with ``again``: it then writes even if it changes nothing, so its
+        ``WAITAOF`` also covers the first try.
         """
         token = f"{self._token_prefix}{next(self._seq)}"
         args = [
             "EVALSHA", self.SHA, 1, self.settings.joiner_redis_prefix, now_ms, *self._fixed,
             claim_before_ms, total_partitions, token, _pack(acks),
-            _pack([(p.name, p.max_event_time, p.caught_up) for p in progress]), _pack(events),
+            _pack([(p.name, p.max_event_time, p.caught_up) for p in progress]), _pack(events), int(again),
         ]
-        wait = durable and self._aof_wait
         if self._sent is not None:
-            self._drop_connection()  # the reply of an earlier send was never read
-            self._sent = None
-        self._send(args, wait)
-        self._sent = (args, token, wait)
+            self._drop(self._sent.conn)  # the reply of an earlier send was never read
+        index = self._next
+        self._next = 1 - index
+        if self._unconfirmed[index]:
+            self._confirm(index)  # normally read already (wait_durable); here it costs a wait
+        sent = _Sent(args, token, durable and self._aof_wait, index)
+        self._send(sent)
+        self._sent = sent
 
     def receive(self) -> StepResult:
-        """The result of the step :meth:`send` sent (durable if it asked so)."""
-        if self._sent is None:
-            raise RuntimeError("receive() without a step sent")
-        args, token, wait = self._sent
-        self._sent = None
+        """The result of the step :meth:`send` sent.
+
+        A step sent as ``durable`` is durable once :meth:`wait_durable` has
+        returned after this; until then its ``WAITAOF`` reply is pending.
+        """
+        sent, self._sent = self._sent, None
+        if sent is None:
+            raise redis.ConnectionError("no join step on the wire (its connection was dropped)")
         try:
-            reply, aof = self._read(wait)
+            reply = self._read(sent)
             if isinstance(reply, redis.exceptions.NoScriptError):
                 # A restarted Redis lost its script cache: load it, send the step again.
-                conn = self._conn
+                conn = self._conns[sent.conn]
                 conn.send_command("SCRIPT", "LOAD", self.SCRIPT)
                 conn.read_response()
-                self._send(args, wait)
-                reply, aof = self._read(wait)
+                self._send(sent)
+                reply = self._read(sent)
         except BaseException:
-            self._drop_connection()
+            self._drop(sent.conn)
             raise
-        if isinstance(aof, redis.ResponseError):
-            log.info("joiner_waitaof_unavailable", error=str(aof))  # no AOF: waiting is moot
-            self._aof_wait = False
         if isinstance(reply, Exception):
             raise reply
+        self._unconfirmed[sent.conn] = sent.wait
         result = StepResult(watermark=int(reply[0]), duplicates=int(reply[1]),
                             orphans_dropped=int(reply[2]), early_labels=int(reply[3]),
                             more_to_claim=bool(int(reply[4])))
         if reply[5]:
             result.emissions = decode_emissions(reply[5])
-            result.tokens.append(token)
+            result.tokens.append(sent.token)
         for i in range(6, len(reply), 2):
             result.tokens.append(reply[i].decode())
             result.emissions += decode_emissions(reply[i + 1])
         return result
 
-    def _send(self, args: list[Any], wait: bool) -> None:
-        if self._conn is None:
-            self._conn = self.client.connection_pool.get_connection()
-        conn = self._conn
-        commands = [args, ("WAITAOF", 1, 0, 0)] if wait else [args]
+    def wait_durable(self) -> None:
+        """Block until Redis has fsynced the steps received so far to its append-only file.
+
+        Reads the pending ``WAITAOF`` replies. Called before input offsets
+        are committed (and before their examples are produced), so a Redis
+        crash cannot lose state whose inputs Kafka already considers
+        consumed. If it raises, whether those steps are durable is unknown:
+        the caller runs them again (with ``again``: they have no second effect
+        if they ran, and the new try's ``WAITAOF`` covers the first).
+        A server without AOF (or without ``WAITAOF``) turns the wait off, once.
+        """
+        doubt, self._doubt = self._doubt, False
+        for index in (0, 1):
+            if self._unconfirmed[index]:
+                try:
+                    self._confirm(index)
+                finally:
+                    self._doubt = False  # a failure here raises: that says it
+        if doubt:
+            raise redis.ConnectionError("a join step's WAITAOF reply was lost: its durability is unknown")
+
+    def _confirm(self, index: int) -> None:
+        try:
+            self._live(index).read_response()
+        except redis.ResponseError as exc:
+            log.info("joiner_waitaof_unavailable", error=str(exc))  # no AOF: waiting is moot
+            self._aof_wait = False
+        except BaseException:
+            self._drop(index)  # and _doubt is set
+            raise
+        self._unconfirmed[index] = False
+
+    def _send(self, sent: _Sent) -> None:
+        conn = self._conns[sent.conn]
+        if conn is None:
+            conn = self._conns[sent.conn] = self.client.connection_pool.get_connection()
+        commands = [sent.args, ("WAITAOF", 1, 0, 0)] if sent.wait else [sent.args]
         try:
             # One write, so a health check cannot come between the two commands.
             conn.send_packed_command(conn.pack_commands(commands))
         except BaseException:
-            self._drop_connection()
+            self._drop(sent.conn)
             raise
 
-    def _read(self, wait: bool) -> tuple[Any, Any]:
-        """Both replies of a sent step; a Redis error reply is returned, not raised."""
-        replies = []
-        for _ in range(2 if wait else 1):
-            try:
-                replies.append(self._conn.read_response(disable_decoding=True))
-            except redis.ResponseError as exc:
-                replies.append(exc)
-        return replies[0], (replies[1] if wait else None)
+    def _read(self, sent: _Sent) -> Any:
+        """The script's reply (a Redis error reply is returned, not raised)."""
+        conn = self._live(sent.conn)
+        try:
+            return conn.read_response(disable_decoding=True)
+        except redis.ResponseError as exc:
+            if sent.wait:
+                self._confirm_after_error(sent.conn)
+            return exc
 
-    def _drop_connection(self) -> None:
+    def _confirm_after_error(self, index: int) -> None:
+        """Read the WAITAOF reply behind a failed script call (it waited for nothing)."""
+        try:
+            self._conns[index].read_response()
+        except redis.ResponseError:
+            pass
+
+    def _live(self, index: int) -> Any:
+        """The connection a reply is pending on; lost if something disconnected it meanwhile."""
+        conn = self._conns[index]
+        if conn is None or not conn.is_connected:
+            raise redis.ConnectionError("the connection closed with a reply pending")
+        return conn
+
+    def _drop(self, index: int) -> None:
         """Forget a connection whose replies are out of step (the next send reconnects)."""
-        conn, self._conn = self._conn, None
+        conn, self._conns[index] = self._conns[index], None
+        if self._unconfirmed[index]:
+            self._unconfirmed[index] = False
+            self._doubt = True
+        if self._sent is not None and self._sent.conn == index:
+            self._sent = None
         if conn is not None:
             conn.disconnect()
             self.client.connection_pool.release(conn)
 
     def close(self) -> None:
-        """Give the script's connection back to the client's pool."""
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            self.client.connection_pool.release(conn)
+        """Give the connections back to the client's pool (a pending reply is dropped with them)."""
+        for index in (0, 1):
+            if self._conns[index] is not None:
+                if self._unconfirmed[index] or (self._sent is not None and self._sent.conn == index):
+                    self._drop(index)
+                else:
+                    conn, self._conns[index] = self._conns[index], None
+                    self.client.connection_pool.release(conn)
+        self._sent = None
 
     # -- other operations -------------------------------------------------------
-
-    def wait_durable(self) -> None:
-        """Block until Redis has fsynced the steps sent so far to its append-only file (``WAITAOF``).
-
-        Called before input offsets are committed, so a Redis crash cannot
-        lose state whose inputs Kafka already considers consumed. A server
-        without AOF (or without WAITAOF) turns the wait off, once.
-        """
-        if not self._aof_wait:
-            return
-        if self._sent is not None:
-            self._drop_connection()  # the reply of an earlier send was never read
-            self._sent = None
-        if self._conn is None:
-            self._conn = self.client.connection_pool.get_connection()
-        try:
-            self._conn.send_command("WAITAOF", 1, 0, 0)
-            self._conn.read_response()
-        except redis.ResponseError:
-            self._aof_wait = False
-        except BaseException:
-            self._drop_connection()
-            raise
 
     def watermark(self) -> int:
         """The current watermark (-1 before any)."""
@@ -361,6 +442,15 @@ class RedisJoinStore:
     def pending_outbox(self) -> int:
         """Outbox entries (one per step that emitted) not yet acknowledged."""
         return int(self.client.zcard(self.settings.joiner_redis_prefix + "ob"))
+
+    def pending_emissions(self) -> int:
+        """Emissions in the outbox entries not yet acknowledged: what a restarted joiner emits first."""
+        prefix = self.settings.joiner_redis_prefix
+        total = 0
+        for token in self.client.zrange(prefix + "ob", 0, -1):
+            blob = self.client.get(prefix + "ob:" + token.decode())
+            total += len(_raw_list.decode(blob)) if blob else 0
+        return total
 
 
 def wall_ms() -> int:
