@@ -54,10 +54,10 @@ Phases:
                 last sample over the first one after warm-up is about 1.
 
 Each joiner step is broken into stages by wrapping the instance's own
-methods (poll, decode, progress, Redis send, build examples, produce,
-commit, Redis receive, observe; the rest, including the wait for the
-previous step's ``WAITAOF``, is bookkeeping), so a slow joiner shows where
-its time goes without a profiler. The joiner overlaps the Redis call of one
+methods (poll, decode, progress, Redis send, the wait for the previous
+step's ``WAITAOF``, build examples, produce, commit, Redis receive, observe;
+the rest is bookkeeping), so a slow joiner shows where its time goes
+without a profiler. The joiner overlaps the Redis call of one
 batch with the produce of the previous one, so "Redis receive" is only the
 wait left over. Each timed phase also reports the CPU time per input event
 of this process, Valkey and Tansu (all threads, from /proc): on a small
@@ -390,7 +390,7 @@ class Stages:
     that shadow the bound methods ``step`` calls.
     """
 
-    NAMES = ("poll", "decode", "progress", "redis_send", "build_examples", "produce", "commit",
+    NAMES = ("poll", "decode", "progress", "redis_send", "wait_aof", "build_examples", "produce", "commit",
              "redis_receive", "observe")
 
     def __init__(self, joiner: Joiner) -> None:
@@ -401,6 +401,7 @@ class Stages:
         self._wrap(joiner, "_progress", "progress")
         self._wrap(joiner.store, "send", "redis_send")
         self._wrap(joiner.store, "receive", "redis_receive")
+        self._wrap(joiner.store, "wait_durable", "wait_aof")
         self._wrap(joiner, "_examples", "build_examples")
         self._wrap(joiner, "_produce", "produce")
         self._wrap(joiner, "_decode", "decode")
