@@ -15,6 +15,7 @@ from kafka.errors import TopicAlreadyExistsError
 
 from .config import Settings
 from .errors import EventError
+from .metrics import Metrics
 
 log = structlog.get_logger(__name__)
 
@@ -146,13 +147,16 @@ class DeadLetters:
 
     The original key and value are kept so nothing is lost; the reason is in
     the headers. The returned future resolves when the broker has the record,
-    so a caller commits its input offset only after that.
+    so a caller commits its input offset only after that. Each dead letter is
+    counted in ``stream_learner_dead_letters_total{stage,kind}`` when
+    ``metrics`` is given.
     """
 
-    def __init__(self, producer: KafkaProducer, topic: str, stage: str) -> None:
+    def __init__(self, producer: KafkaProducer, topic: str, stage: str, metrics: Metrics | None = None) -> None:
         self.producer = producer
         self.topic = topic
         self.stage = stage
+        self.metrics = metrics
 
     def send(self, record: Any, error: Exception) -> Any:
         """Dead-letter one consumed ``ConsumerRecord``; return the send future."""
@@ -164,6 +168,9 @@ class DeadLetters:
             offset=record.offset,
             error=str(error),
         )
+        if self.metrics is not None:
+            kind = getattr(error, "kind", type(error).__name__)
+            self.metrics.dead_letters.labels(stage=self.stage, kind=kind).inc()
         # Oversized values stay oversized for the DLQ too; truncating would
         # lose data, so the producer's max_request_size leaves room for them.
         return self.producer.send(

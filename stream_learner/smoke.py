@@ -57,7 +57,7 @@ def decode_topics(
     }
     consumer = make_consumer(settings, group_id=None)
     producer = make_producer(settings)
-    dlq = DeadLetters(producer, settings.topic_dlq, stage="smoke")
+    dlq = DeadLetters(producer, settings.topic_dlq, stage="smoke", metrics=metrics)
     parts = [TopicPartition(t, p) for t in codecs for p in sorted(consumer.partitions_for_topic(t) or [])]
     consumer.assign(parts)
     consumer.seek_to_beginning(*parts)
@@ -77,8 +77,6 @@ def decode_topics(
                     except EventError as exc:
                         report.dead_letters[exc.kind] += 1
                         pending.append(dlq.send(record, exc))
-                        if metrics:
-                            metrics.dead_letters.labels(stage="smoke", kind=exc.kind).inc()
                         continue
                     report.decoded[kind] += 1
                     report.event_ids.add(event.event_id)

@@ -224,7 +224,7 @@ class Joiner:
         )
         self.consumer.subscribe(list(self.topics))
         self.producer: KafkaProducer = make_producer(settings)
-        self.dead_letters = DeadLetters(self.producer, settings.topic_dlq, stage="joiner")
+        self.dead_letters = DeadLetters(self.producer, settings.topic_dlq, stage="joiner", metrics=self.metrics)
         # Outbox tokens whose examples the broker has: acknowledged by the next Redis call.
         self._acks: list[str] = []
         # The last cycle's output: produced and committed while the next Redis call runs.
@@ -339,7 +339,6 @@ class Joiner:
                 except EventError as exc:
                     dead.append(self.dead_letters.send(record, exc))
                     self.counts.dead_letters += 1
-                    self.metrics.dead_letters.labels(stage="joiner", kind=exc.kind).inc()
                     continue
                 t = event.event_time
                 append((typ, event.request_id, t, pack(event, Source(topic, partition, record.offset))))

@@ -129,7 +129,7 @@ class Trainer:
         self.codec: Codec[Any] = Codec(EXAMPLE.event_type, settings.max_event_bytes)
         self.consumer = make_consumer(settings, group_id=settings.trainer_group_id)
         self.producer = make_producer(settings, max_request_size=settings.trainer_chunk_bytes + 64 * 1024)
-        self.dead_letters = DeadLetters(self.producer, settings.topic_dlq, stage="trainer")
+        self.dead_letters = DeadLetters(self.producer, settings.topic_dlq, stage="trainer", metrics=self.metrics)
         self.buffer: list[Any] = []
         self.buffer_since = 0.0
         self.version = 0
@@ -235,12 +235,10 @@ class Trainer:
                 kept.append(record)
             except EventError as exc:
                 dead.append(self.dead_letters.send(record, exc))
-                self.metrics.dead_letters.labels(stage="trainer", kind=exc.kind).inc()
         result = self.learner.process(examples)
         for rejected in result.rejected:
             err = EventError(rejected.kind, "$.label", rejected.reason)
             dead.append(self.dead_letters.send(kept[rejected.index], err))
-            self.metrics.dead_letters.labels(stage="trainer", kind=rejected.kind).inc()
         for future in dead:
             future.get(timeout=60)
         event_time = max((x.label_time or x.prediction_time for x in examples), default=0)

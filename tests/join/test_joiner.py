@@ -127,6 +127,9 @@ def test_bad_events_go_to_the_dead_letter_topic_and_the_joiner_goes_on(jsettings
     with RunningJoiner(jsettings) as joiner:
         examples = only(read_examples(jsettings, expect=1, timeout_s=20), "req-8")
         wait_until(lambda: joiner.counts.dead_letters == 2, what="two dead letters")
+    for kind in ("malformed_json", "missing_field"):
+        assert joiner.metrics.registry.get_sample_value(
+            "stream_learner_dead_letters_total", {"stage": "joiner", "kind": kind}) == 1
     assert ("req-8", "labeled") in examples
     consumer = make_consumer(jsettings, group_id=None)
     tp = TopicPartition(jsettings.topic_dlq, 0)
