@@ -153,6 +153,13 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     trainer_drift_lr_boost_factor: Annotated[float, Meta(gt=1)] = 2.0
     trainer_drift_lr_boost_batches: Positive = 100
 
+    # Serving side (README, "Serving"): the checkpoint subscriber and `serve`.
+    serving_model: str | None = None  # the model name to follow; None: trainer_model
+    serving_public_keys: list[str] = []  # PEM files of trusted trainer public keys
+    serving_pin_version: Annotated[int, Meta(ge=1)] | None = None
+    serving_host: str = "127.0.0.1"
+    serving_port: Port = 8080
+
     # Observability.
     metrics_port: Port | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
