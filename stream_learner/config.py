@@ -206,6 +206,30 @@ def env_name(field: str) -> str:
     return ENV_PREFIX + field.upper()
 
 
+def settings_env(settings: Settings, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment that makes a ``stream-learner`` process load exactly ``settings``.
+
+    ``base`` (default: this process's environment) minus any
+    ``STREAM_LEARNER_*`` variable, plus one variable per non-default setting.
+
+    >>> settings_env(Settings(trainer_classes=["no", "yes"]), base={})
+    {'STREAM_LEARNER_TRAINER_CLASSES': 'no,yes'}
+    """
+    env = {k: v for k, v in (os.environ if base is None else base).items() if not k.startswith(ENV_PREFIX)}
+    defaults = Settings()
+    for field in FIELDS:
+        value = getattr(settings, field)
+        if value == getattr(defaults, field) or value is None:
+            continue
+        if isinstance(value, bool):
+            env[env_name(field)] = "true" if value else "false"
+        elif isinstance(value, (list, tuple)):
+            env[env_name(field)] = ",".join(map(str, value))
+        else:
+            env[env_name(field)] = str(value)
+    return env
+
+
 def flag_name(field: str) -> str:
     """The command-line flag of a setting (``redis_url`` -> ``--redis-url``)."""
     return "--" + field.replace("_", "-")

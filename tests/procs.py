@@ -2,26 +2,9 @@
 
 from __future__ import annotations
 
-import os
+from stream_learner.config import Settings, settings_env
 
-from stream_learner.config import FIELDS, Settings, env_name
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment that makes ``stream-learner`` load exactly ``settings``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_LEARNER_")}
-    defaults = Settings()
-    for field in FIELDS:
-        value = getattr(settings, field)
-        if value == getattr(defaults, field) or value is None:
-            continue
-        if isinstance(value, bool):
-            env[env_name(field)] = "true" if value else "false"
-        elif isinstance(value, (list, tuple)):
-            env[env_name(field)] = ",".join(map(str, value))
-        else:
-            env[env_name(field)] = str(value)
-    return env
+__all__ = ["read_topic", "settings_env"]
 
 
 def read_topic(settings: Settings, topic: str, *, partition: int = 0) -> list:
