@@ -153,6 +153,11 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     trainer_drift_lr_boost_factor: Annotated[float, Meta(gt=1)] = 2.0
     trainer_drift_lr_boost_batches: Positive = 100
 
+    # Replay (README, "Replay"): where a replay keeps its resumable state, and
+    # the join step size, which defines the replayed watermark's progress.
+    replay_state_dir: str = ".stream-learner/replay"
+    replay_join_step_events: Positive = 5000
+
     # Serving side (README, "Serving"): the checkpoint subscriber and `serve`.
     serving_model: str | None = None  # the model name to follow; None: trainer_model
     serving_public_keys: list[str] = []  # PEM files of trusted trainer public keys
