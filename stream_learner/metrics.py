@@ -67,6 +67,22 @@ class Metrics:
         self.trainer_version = Gauge(
             "stream_learner_trainer_model_version", "Version of the last published checkpoint.", registry=r)
 
+        self.serving_version = Gauge(
+            "stream_learner_serving_model_version", "Version of the model a serving node serves (0: none yet).",
+            registry=r)
+        self.serving_swaps = Counter(
+            "stream_learner_serving_swaps_total", "Models swapped in by the checkpoint subscriber.", registry=r)
+        self.serving_swap_failures = Counter(
+            "stream_learner_serving_swap_failures_total",
+            "Checkpoints the subscriber refused or could not load (the last good model kept), by reason.",
+            ["reason"], registry=r)
+        self.serving_stale_manifests = Counter(
+            "stream_learner_serving_stale_manifests_total",
+            "Manifests ignored because their version is not newer than the one followed (replays).", registry=r)
+        self.serving_swap_seconds = Histogram(
+            "stream_learner_serving_swap_seconds", "Time from reading a manifest record to serving its model.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0), registry=r)
+
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
         """Expose ``/metrics`` on ``port`` from a background thread."""
         start_http_server(port, addr=addr, registry=self.registry)

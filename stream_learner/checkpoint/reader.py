@@ -32,6 +32,12 @@ one partition; ``chunk_offsets`` are offsets in the manifest's partition.
 The consumer is the reader's while it runs: it is assigned one partition at
 a time and seeked around; use one without a group (``group_id=None``), as
 :func:`make_reader_consumer` builds.
+
+**Following the topic.** A subscriber that reads the topic forward (see
+:mod:`stream_learner.serving`) already holds each new manifest record; it
+hands it to :func:`load_manifest_record`, which runs checks 1-5 above on
+that record and fetches its chunks by offset (or takes them from the
+records the subscriber read along the way), never searching the topic.
 """
 
 from __future__ import annotations
@@ -69,6 +75,10 @@ from .publish import (
 from .signing import verify_manifest
 
 PublicKeys = Ed25519PublicKey | Iterable[Ed25519PublicKey]
+
+class ReadTimeoutError(CheckpointError):
+    """The broker did not deliver the records to read in time: worth retrying, unlike a failed check."""
+
 
 #: Backward windows start at one record and double up to this many records
 #: (with 512 KiB chunks, at most 32 MiB held at once).
@@ -139,6 +149,36 @@ def read_version(
     return _read(source, topic, public_key, model, version, timeout_s)
 
 
+def load_manifest_record(
+    consumer: KafkaConsumer,
+    record: Any,
+    public_key: PublicKeys,
+    *,
+    window: dict[int, Any] | None = None,
+    timeout_s: float = 60.0,
+) -> LoadedCheckpoint:
+    """Verify the manifest ``record`` already read from the topic, then load its weights.
+
+    ``record`` is a consumer record whose headers say it is a manifest (the
+    caller has checked them). The same checks as :func:`read_latest` apply,
+    in the same order (see the module docstring). ``window`` maps offsets of
+    ``record``'s partition to records already read there: chunks found in
+    it are not fetched again (their headers and the digest are checked all
+    the same). Missing chunks are read by offset with ``consumer``, which is
+    assigned and seeked here (so not a consumer whose position matters).
+    Raises :class:`ReadTimeoutError` if the broker does not deliver them
+    within ``timeout_s``.
+    """
+    keys = [public_key] if isinstance(public_key, Ed25519PublicKey) else list(public_key)
+    reader = _Reader(consumer, record.topic, time.monotonic() + timeout_s)
+    candidate = reader.verified(record, window or {}, keys)
+    tensors, metadata = reader.weights(candidate)
+    return LoadedCheckpoint(
+        manifest=candidate.manifest, tensors=tensors, metadata=metadata,
+        topic=record.topic, partition=record.partition, offset=record.offset,
+    )
+
+
 def _read(
     source: Settings | KafkaConsumer,
     topic: str,
@@ -196,7 +236,7 @@ class _Reader:
         while consumer.position(tp) < hi:
             remaining = self.deadline - time.monotonic()
             if remaining <= 0:
-                raise CheckpointError(
+                raise ReadTimeoutError(
                     f"timed out reading {self.topic}[{tp.partition}] offsets {lo}..{hi - 1} "
                     f"(at {consumer.position(tp)})"
                 )
