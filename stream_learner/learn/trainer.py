@@ -253,19 +253,9 @@ class Trainer:
 
     def _on_drift(self, finding: DriftFinding, event_time: int) -> None:
         """Apply a drift finding's policy actions and emit its drift event (at a chunk boundary)."""
-        actions = self.policy.decide(finding, challenger_active=self.learner.challenger is not None)
-        for action in actions:
-            if isinstance(action, LrBoost):
-                self.learner.boost_lr(action.factor, action.steps)
-            elif isinstance(action, OptimizerReset):
-                self.learner.reset_optimizer()
-            elif isinstance(action, StartChallenger):
-                self.learner.start_challenger()
-            elif isinstance(action, PromoteChallengerIfBetter):
-                promoted = self.learner.promote_challenger_if_better()
-                log.info("challenger", promoted=promoted)
-            elif isinstance(action, Checkpoint):
-                self.force_checkpoint = True
+        actions = apply_drift_policy(self.learner, self.policy, finding)
+        if any(isinstance(action, Checkpoint) for action in actions):
+            self.force_checkpoint = True
         event = drift_event(finding, actions, model=self.settings.trainer_model, event_time=event_time,
                             model_version=self.version or None)
         self.producer.send(self.settings.topic_drift, key=self.settings.trainer_model.encode(), value=encode(event))
@@ -281,20 +271,10 @@ class Trainer:
         version = self.version + 1
         tensors, learner_meta = self.learner.state_dict()
         weights = self._weights_bytes(tensors)
-        c = self.learner.counts
-        manifest = CheckpointManifest(
-            model=self.settings.trainer_model, version=version, parent=self.version or None,
-            created_at=now_ms(),
+        manifest = build_manifest(
+            self.learner, model=self.settings.trainer_model, version=version, parent=self.version or None,
             input_offsets=[Source(self.settings.topic_examples, p, o) for p, o in sorted(self.offsets.items())],
-            counts={"labeled": c["labeled"], "pseudo": c["pseudo"], "late": c["late"],
-                    "skipped": c["duplicates"] + c["other_model"] + c["rejected"] + c["pseudo_skipped"],
-                    "duplicates": c["duplicates"], "rollbacks": c["rollbacks"],
-                    "skipped_non_finite": c["skipped_non_finite"], "batches": c["batches"]},
-            metrics=self.learner.summary(),
-            drift_state=self.learner.drift_counts,
-            feature_spec=list(self.learner.spec.features),
-            architecture=self.learner.spec.to_dict(),
-            weights=weights_info(weights, self.settings.trainer_chunk_bytes),
+            weights=weights, chunk_bytes=self.settings.trainer_chunk_bytes,
         )
         self.store.save(Snapshot(tensors, {
             "version": version, "offsets": {str(p): o for p, o in self.offsets.items()},
@@ -334,6 +314,53 @@ class Trainer:
         self.consumer.close(autocommit=False)
         self.producer.close()
         log.info("trainer_stopped", version=self.version, counts=self.learner.counts)
+
+
+def apply_drift_policy(learner: OnlineLearner, policy: DriftPolicy, finding: DriftFinding) -> list[Any]:
+    """Decide the policy's actions for ``finding`` and apply those that act on the learner.
+
+    Returns every action decided; a :class:`~stream_learner.drift.Checkpoint`
+    is the caller's to honour (the trainer and replay publish at once). Shared
+    by the trainer and replay so both answer a drift the same way.
+    """
+    actions = policy.decide(finding, challenger_active=learner.challenger is not None)
+    for action in actions:
+        if isinstance(action, LrBoost):
+            learner.boost_lr(action.factor, action.steps)
+        elif isinstance(action, OptimizerReset):
+            learner.reset_optimizer()
+        elif isinstance(action, StartChallenger):
+            learner.start_challenger()
+        elif isinstance(action, PromoteChallengerIfBetter):
+            promoted = learner.promote_challenger_if_better()
+            log.info("challenger", promoted=promoted)
+    return list(actions)
+
+
+def build_manifest(
+    learner: OnlineLearner,
+    *,
+    model: str,
+    version: int,
+    parent: int | None,
+    input_offsets: list[Source],
+    weights: bytes,
+    chunk_bytes: int,
+) -> CheckpointManifest:
+    """The (unsigned) manifest of ``learner``'s current state as checkpoint ``version`` of ``model``."""
+    c = learner.counts
+    return CheckpointManifest(
+        model=model, version=version, parent=parent, created_at=now_ms(), input_offsets=input_offsets,
+        counts={"labeled": c["labeled"], "pseudo": c["pseudo"], "late": c["late"],
+                "skipped": c["duplicates"] + c["other_model"] + c["rejected"] + c["pseudo_skipped"],
+                "duplicates": c["duplicates"], "rollbacks": c["rollbacks"],
+                "skipped_non_finite": c["skipped_non_finite"], "batches": c["batches"]},
+        metrics=learner.summary(),
+        drift_state=learner.drift_counts,
+        feature_spec=list(learner.spec.features),
+        architecture=learner.spec.to_dict(),
+        weights=weights_info(weights, chunk_bytes),
+    )
 
 
 def servable_weights(state_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
