@@ -1,0 +1,539 @@
+"""One replay: a closed range of the topics -> join -> learner -> a new model lineage.
+
+See the package docstring for the semantics; this module is the loop.
+
+**The order of one replay** (:meth:`Replay.run`):
+
+1. load the replay's snapshot (``<replay_state_dir>/<id>/state``); a fresh
+   replay resolves its ranges (:mod:`.ranges`) and records them, a resumed
+   one takes the recorded ranges and refuses to go on if the settings that
+   shape the result changed;
+2. read the ranges in merge order (:mod:`.merge`); with ``source="events"``
+   feed every ``replay_join_step_events`` events to one step of the real
+   join script (:class:`~stream_learner.join.store.RedisJoinStore`) under a
+   private key prefix, whose emissions are the examples; with
+   ``source="examples"`` the records are the examples;
+3. learn in chunks of exactly ``trainer_batch_size`` examples, as the live
+   trainer does (drift policy included); after a chunk, checkpoint when
+   ``trainer_checkpoint_every_examples`` examples were applied since the last
+   one or a drift policy asks: save the snapshot, then publish the version
+   under the replay's lineage;
+4. at the end of the ranges, learn the last partial chunk, checkpoint, mark
+   the snapshot done and delete the private join keys.
+
+Interrupted (``stop`` set, Ctrl-C), it saves a snapshot at the next step
+boundary and returns; run again with the same id, it continues and ends
+with the very weights an uninterrupted run ends with.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+import redis
+import structlog
+import torch
+
+from ..bus import make_consumer
+from ..checkpoint.codec import encode_tensors, sha256_hex
+from ..checkpoint.signing import load_private_key
+from ..checkpoint.state import DirectoryStateStore, Snapshot
+from ..config import Settings
+from ..drift import Checkpoint
+from ..errors import ConfigError, EventError
+from ..events import EXAMPLE, LABEL, PREDICTION, CheckpointManifest, Codec, ExampleEvent, Source, encode
+from ..join.joiner import build_example
+from ..join.store import PartitionProgress, RedisJoinStore, pack_label, pack_prediction
+from ..learn.learner import OnlineLearner
+from ..learn.trainer import apply_drift_policy, build_manifest, drift_from_settings, learner_config, servable_weights
+from ..redis_conn import make_redis
+from .errors import ReplayError
+from .merge import MergedReader
+from .output import DirectoryOutput, Output, TopicOutput
+from .progress import Progress
+from .ranges import Ranges, parse_bound, resolve_ranges, tp_from_name
+
+log = structlog.get_logger(__name__)
+
+Source_ = Literal["events", "examples"]
+
+#: Settings that shape a replay's result: a resumed replay refuses to continue if one changed.
+_RESULT_SETTINGS_PREFIXES = ("trainer_", "joiner_window_ms", "joiner_allowed_lateness_ms",
+                             "joiner_late_retention_ms", "joiner_orphan_retention_ms",
+                             "joiner_max_expire_per_poll", "replay_join_step_events", "max_event_bytes")
+_NOT_RESULT = {"trainer_state_store", "trainer_state_dir", "trainer_signing_key", "trainer_group_id",
+               "trainer_checkpoint_every_s", "trainer_max_wait_ms"}
+
+
+@dataclass(frozen=True)
+class ReplayPlan:
+    """What to replay and where the new lineage goes.
+
+    ``start``/``end`` are bound texts (:func:`~.ranges.parse_bound`).
+    ``lineage`` defaults to ``<trainer_model>@replay-<replay_id>``; the live
+    name (``trainer_model``) is refused unless ``overwrite_live``.
+    ``output_dir`` writes checkpoints as files instead of the model topic.
+    ``close_windows``: at the end of the range, close every join window
+    still open (their predictions become ``unlabeled`` examples) instead of
+    leaving them open as a live joiner would until more events arrive.
+    """
+
+    replay_id: str
+    source: Source_ = "events"
+    start: str = "beginning"
+    end: str = "end"
+    lineage: str | None = None
+    output_dir: str | None = None
+    overwrite_live: bool = False
+    close_windows: bool = False
+
+    def lineage_name(self, settings: Settings) -> str:
+        """The model name the replay publishes under."""
+        return self.lineage or f"{settings.trainer_model}@replay-{self.replay_id}"
+
+
+def result_fingerprint(settings: Settings, plan: ReplayPlan) -> str:
+    """A digest of everything that shapes a replay's result (settings, source, lineage, window closing)."""
+    fields = {k: v for k, v in msgspec.structs.asdict(settings).items()
+              if k.startswith(_RESULT_SETTINGS_PREFIXES) and k not in _NOT_RESULT}
+    fields.update(source=plan.source, lineage=plan.lineage_name(settings), close_windows=plan.close_windows,
+                  topics=[settings.topic_predictions, settings.topic_labels, settings.topic_examples])
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _pack_item(item: bytes | ExampleEvent) -> list[str]:
+    if isinstance(item, bytes):
+        return ["b", base64.b64encode(item).decode()]
+    return ["e", base64.b64encode(encode(item)).decode()]
+
+
+def _unpack_item(data: list[str]) -> bytes | ExampleEvent:
+    raw = base64.b64decode(data[1])
+    return raw if data[0] == "b" else EXAMPLE.decode(raw)
+
+
+class Replay:
+    """One replay (see the module docstring). ``run()`` returns its summary (a JSON-able dict).
+
+    ``stop`` interrupts it at the next step boundary (state saved, resumable);
+    ``poll_records`` and ``fetch_max_bytes`` size the fetches (they do not
+    change the result); ``on_chunk`` is called after every chunk learned and
+    ``on_examples`` with every join step's examples (events source; not
+    during the rebuild of a resumed replay's join state).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        plan: ReplayPlan,
+        *,
+        stop: threading.Event | None = None,
+        progress: bool = True,
+        poll_records: int | None = None,
+        fetch_max_bytes: int | None = None,
+        on_chunk: Callable[[Replay], None] | None = None,
+        on_examples: Callable[[list[ExampleEvent]], None] | None = None,
+    ) -> None:
+        if not settings.trainer_signing_key:
+            raise ConfigError("trainer_signing_key is not set: a replay signs its checkpoints like the trainer")
+        self.settings = settings
+        self.plan = plan
+        self.lineage = plan.lineage_name(settings)
+        if self.lineage == settings.trainer_model and not plan.overwrite_live:
+            raise ConfigError(f"lineage {self.lineage!r} is the live model's name: pass --overwrite-live to "
+                              "publish the replay as the live lineage's next versions")
+        self.stop = stop or threading.Event()
+        self.show_progress = progress
+        self.poll_records = poll_records or settings.joiner_max_poll_records
+        self.fetch_max_bytes = fetch_max_bytes
+        self.on_chunk = on_chunk
+        self.on_examples = on_examples
+        self.private_key = load_private_key(settings.trainer_signing_key)
+        self.dir = Path(settings.replay_state_dir) / plan.replay_id
+        self.store = DirectoryStateStore(self.dir / "state")
+        self.fingerprint = result_fingerprint(settings, plan)
+        torch.set_num_threads(settings.trainer_torch_threads)
+        monitor, self.policy = drift_from_settings(settings)
+        self.learner = OnlineLearner(learner_config(settings), drift=monitor)
+        self.codec: Codec[Any] = Codec(EXAMPLE.event_type, settings.max_event_bytes)
+        self.prefix = "sl:{replay-" + plan.replay_id + "}:"
+        # Running state (all of it in the snapshot).
+        self.ranges = Ranges({})
+        self.positions: dict[str, int] = {}
+        self.pending: list[bytes | ExampleEvent] = []
+        self.version = 0
+        self.since_checkpoint = 0
+        self.force_checkpoint = False
+        self.steps_done = 0
+        self.counts = {"records_read": 0, "dead_letters": 0, "examples": 0, "rejected": 0, "drifts": 0}
+        self.published: list[dict[str, Any]] = []
+        self.done = False
+        self.started_at = time.time()
+        self.seconds = 0.0
+
+    # -- the run ---------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Replay to the end of the ranges (or until ``stop``); return the summary."""
+        began = time.monotonic()
+        resumed = self._load()
+        if self.done:
+            log.info("replay_already_done", replay_id=self.plan.replay_id)
+            return self.summary()
+        self.output = self._output()
+        try:
+            if not resumed:
+                self.version = self.output.latest_version()  # 0 for a new lineage
+            self._republish_if_lost()
+            consumer = make_consumer(self.settings, group_id=None, max_poll_records=self.poll_records,
+                                     **({"fetch_max_bytes": self.fetch_max_bytes} if self.fetch_max_bytes else {}))
+            try:
+                if self.plan.source == "events":
+                    finished = self._run_events(consumer, resumed)
+                else:
+                    finished = self._run_examples(consumer)
+            finally:
+                consumer.close()
+            self.seconds += time.monotonic() - began
+            if finished:
+                self._finish()
+            else:
+                self._save(manifest=None)
+                log.info("replay_interrupted", replay_id=self.plan.replay_id, records=self.counts["records_read"])
+        finally:
+            self.output.close()
+        summary = self.summary()
+        (self.dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+        return summary
+
+    def _output(self) -> Output:
+        if self.plan.output_dir:
+            return DirectoryOutput(self.plan.output_dir, self.lineage, self.private_key,
+                                   self.settings.trainer_chunk_bytes)
+        return TopicOutput(self.settings, self.lineage, self.private_key)
+
+    def _topics(self) -> list[str]:
+        s = self.settings
+        return [s.topic_predictions, s.topic_labels] if self.plan.source == "events" else [s.topic_examples]
+
+    # -- examples -------------------------------------------------------------------------
+
+    def _run_examples(self, consumer: Any) -> bool:
+        """Train on the examples topic's range; False if stopped before its end."""
+        def decode(record: Any) -> tuple[int, bytes]:
+            return record.timestamp, record.value
+
+        reader = MergedReader(consumer, self.ranges.ranges, decode, positions=self.positions,
+                              poll_records=self.poll_records)
+        progress = self._progress()
+        batch = self.settings.trainer_batch_size
+        for _, _, value in reader.read():
+            self.pending.append(value)
+            if len(self.pending) >= batch:
+                self.positions = dict(reader.positions)
+                self._learn_full_chunks()
+                progress.update(self._read_so_far())
+                if self.stop.is_set():
+                    progress.close(self._read_so_far())
+                    return False
+        self.positions = dict(reader.positions)
+        progress.close(self._read_so_far())
+        return True
+
+    # -- events -> join -> examples ---------------------------------------------------------
+
+    def _run_events(self, consumer: Any, resumed: bool) -> bool:
+        """Join and train on the prediction and label topics' ranges; False if stopped before their end."""
+        s = self.settings
+        codecs = {s.topic_predictions: (Codec(PREDICTION.event_type, s.max_event_bytes), "P", pack_prediction),
+                  s.topic_labels: (Codec(LABEL.event_type, s.max_event_bytes), "L", pack_label)}
+
+        last_time: dict[tuple[str, int], int] = {}
+
+        def decode(record: Any) -> tuple[int, tuple[str, str, int, Any] | None]:
+            codec, typ, pack = codecs[record.topic]
+            try:
+                event = codec.decode(record.value)
+            except EventError:
+                # A dead letter keeps its place: next to its partition's previous event.
+                return last_time.get((record.topic, record.partition), -1), None
+            t = last_time[(record.topic, record.partition)] = event.event_time
+            return t, (typ, event.request_id, t, pack(event, Source(record.topic, record.partition, record.offset)))
+
+        client = make_redis(self.settings)
+        # The live joiner's semantics with replay's clock: a partition with nothing in the range
+        # is idle after one (logical) step, others hold the watermark until the range ends.
+        join_settings = msgspec.structs.replace(s, joiner_redis_prefix=self.prefix, joiner_idle_timeout_ms=1,
+                                                joiner_idle_advance=False, joiner_wait_aof=False)
+        store = RedisJoinStore(client, join_settings)
+        self.all_parts = sorted(self.ranges.ranges)
+        self.idle_parts = {n for n, (a, b) in self.ranges.ranges.items() if a >= b}
+        self.max_time = -1
+        self.acks: list[str] = []
+        try:
+            # Rebuild the join state from the range start: Redis state is not in the snapshot.
+            self._delete_keys(client)
+            self.counts["dead_letters"] = 0  # counted again from the range start
+            reader = MergedReader(consumer, self.ranges.ranges, decode, poll_records=self.poll_records)
+            steps = self._steps(reader)
+            saved_positions = dict(self.positions)
+            for k in range(self.steps_done):
+                events = next(steps, None)
+                if events is None:
+                    raise ReplayError("the inputs changed since the replay was interrupted (fewer events)")
+                self._join(store, events, k)
+            if resumed and self.steps_done and dict(reader.positions) != saved_positions:
+                raise ReplayError(f"rebuilding the join state ended at {reader.positions}, "
+                                  f"the snapshot says {saved_positions}")
+            progress = self._progress()
+            for events in steps:
+                examples = self._join(store, events, self.steps_done)
+                self.steps_done += 1
+                self.positions = dict(reader.positions)
+                if self.on_examples is not None:
+                    self.on_examples(examples)
+                self.pending.extend(examples)
+                self._learn_full_chunks()
+                progress.update(self._read_so_far())
+                if self.stop.is_set():
+                    progress.close(self._read_so_far())
+                    return False
+            self.positions = dict(reader.positions)
+            progress.close(self._read_so_far())
+            if self.plan.close_windows:
+                closed = self._close_windows(store)
+                if self.on_examples is not None:
+                    self.on_examples(closed)
+                self.pending.extend(closed)
+                self._learn_full_chunks()
+            self._delete_keys(client)
+            return True
+        finally:
+            store.close()
+            client.close()
+
+    def _steps(self, reader: MergedReader) -> Iterator[list[tuple[str, int, Any]]]:
+        """The merged events cut into join steps of ``replay_join_step_events``."""
+        size = self.settings.replay_join_step_events
+        step: list[tuple[str, int, Any]] = []
+        for item in reader.read():
+            if item[2] is None:
+                self.counts["dead_letters"] += 1
+                continue
+            step.append(item)
+            if len(step) >= size:
+                yield step
+                step = []
+        if step:
+            yield step
+
+    def _join(self, store: RedisJoinStore, events: list[tuple[str, int, Any]], k: int) -> list[ExampleEvent]:
+        """One join step (the live script, one call); its emissions as examples."""
+        max_times: dict[str, int] = {}
+        for name, _, ev in events:
+            if ev[2] > max_times.get(name, -1):
+                max_times[name] = ev[2]
+        if max_times:
+            self.max_time = max(self.max_time, max(max_times.values()))
+        progress = [PartitionProgress(n, max_times.get(n, -1), n in self.idle_parts) for n in self.all_parts]
+        result = store.step(progress=progress, acks=self.acks, events=[ev for _, _, ev in events],
+                            now_ms=1000 * (k + 1), claim_before_ms=-1, total_partitions=len(self.all_parts))
+        # Nobody else reads this prefix, and a resumed replay rebuilds it: acknowledge at once.
+        self.acks = result.tokens
+        return [build_example(e) for e in result.emissions]
+
+    def _close_windows(self, store: RedisJoinStore) -> list[ExampleEvent]:
+        """Move the watermark past every deadline (``close_windows``): open windows close as unlabeled."""
+        out: list[ExampleEvent] = []
+        beyond = self.max_time + self.settings.joiner_window_ms + self.settings.joiner_allowed_lateness_ms + 1
+        for k in range(10_000):
+            progress = [PartitionProgress(n, beyond, False) for n in self.all_parts]
+            result = store.step(progress=progress, acks=self.acks, events=[], now_ms=1000 * (self.steps_done + k + 1),
+                                claim_before_ms=-1, total_partitions=len(self.all_parts))
+            self.acks = result.tokens
+            if not result.emissions:
+                break
+            out += [build_example(e) for e in result.emissions]
+        return out
+
+    def _delete_keys(self, client: redis.Redis) -> None:
+        batch: list[bytes] = []
+        for key in client.scan_iter(match=self.prefix.replace("[", "\\[") + "*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                client.delete(*batch)
+                batch = []
+        if batch:
+            client.delete(*batch)
+
+    # -- learning and checkpoints ----------------------------------------------------------
+
+    def _learn_full_chunks(self) -> None:
+        size = self.settings.trainer_batch_size
+        while len(self.pending) >= size:
+            chunk = self.pending[:size]
+            del self.pending[:size]
+            self._learn(chunk)
+
+    def _learn(self, items: list[bytes | ExampleEvent]) -> None:
+        """One chunk, as the live trainer learns it (``Trainer._train``), then a checkpoint if due."""
+        examples: list[ExampleEvent] = []
+        for item in items:
+            if isinstance(item, bytes):
+                try:
+                    examples.append(self.codec.decode(item))
+                except EventError:
+                    self.counts["dead_letters"] += 1
+            else:
+                examples.append(item)
+        result = self.learner.process(examples)
+        self.counts["rejected"] += len(result.rejected)
+        for finding in result.findings:
+            actions = apply_drift_policy(self.learner, self.policy, finding)
+            self.counts["drifts"] += 1
+            if any(isinstance(a, Checkpoint) for a in actions):
+                self.force_checkpoint = True
+        self.counts["examples"] += len(items)
+        self.since_checkpoint += len(items)
+        if self.force_checkpoint or self.since_checkpoint >= self.settings.trainer_checkpoint_every_examples:
+            self.checkpoint()
+        if self.on_chunk is not None:
+            self.on_chunk(self)
+
+    def checkpoint(self) -> dict[str, Any]:
+        """Save the snapshot, then publish the next version of the lineage (the trainer's order)."""
+        version = self.version + 1
+        tensors, learner_meta = self.learner.state_dict()
+        weights = encode_tensors(servable_weights(tensors), {"model": self.lineage})
+        manifest = build_manifest(
+            self.learner, model=self.lineage, version=version, parent=self.version or None,
+            input_offsets=[Source(tp.topic, tp.partition, o)
+                           for tp, o in ((tp_from_name(n), o) for n, o in sorted(self.positions.items()))],
+            weights=weights, chunk_bytes=self.settings.trainer_chunk_bytes,
+        )
+        entry = {"version": version, "sha256": manifest.weights.sha256,
+                 "sha256_as_live": self._digest_as_live(tensors), "examples": self.counts["examples"]}
+        self.version = version
+        self.published.append(entry)
+        self.since_checkpoint = 0
+        self.force_checkpoint = False
+        self._save(manifest=manifest, state=(tensors, learner_meta))
+        self.output.publish(manifest, weights)
+        log.info("replay_checkpoint", lineage=self.lineage, version=version, sha256=manifest.weights.sha256[:16])
+        return entry
+
+    def _digest_as_live(self, tensors: dict[str, torch.Tensor]) -> str:
+        """The weights digest these tensors would have published under the live model name.
+
+        The weights file carries the model name in its metadata, so a lineage's
+        digest differs from live's even for equal tensors; this one does not.
+        """
+        return sha256_hex(encode_tensors(servable_weights(tensors), {"model": self.settings.trainer_model}))
+
+    def _finish(self) -> None:
+        if self.pending:
+            # The range's end: the last partial chunk, as the live trainer cuts it once caught up.
+            chunk, self.pending = self.pending, []
+            self._learn(chunk)
+        if self.since_checkpoint or not self.published:
+            self.checkpoint()
+        self.done = True
+        self._save(manifest=None)
+        log.info("replay_done", replay_id=self.plan.replay_id, lineage=self.lineage, version=self.version)
+
+    def _republish_if_lost(self) -> None:
+        """A replay that saved its state but died before publishing publishes that version now."""
+        snapshot = self.store.load()
+        if snapshot is None or snapshot.meta.get("manifest") is None:
+            return
+        if self.output.latest_version() >= self.version:
+            return
+        manifest = msgspec.convert(snapshot.meta["manifest"], type=CheckpointManifest)
+        weights = encode_tensors(servable_weights(snapshot.tensors), {"model": self.lineage})
+        log.info("replay_republish", version=self.version)
+        self.output.publish(manifest, weights)
+
+    # -- state ------------------------------------------------------------------------------
+
+    def _read_so_far(self) -> int:
+        return sum(self.positions.get(n, a) - a for n, (a, _) in self.ranges.ranges.items())
+
+    def _progress(self) -> Progress:
+        return Progress(f"replay {self.plan.replay_id}", self.ranges.total(), enabled=self.show_progress,
+                        done=self._read_so_far())
+
+    def _save(self, *, manifest: Any, state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None) -> None:
+        tensors, learner_meta = state if state is not None else self.learner.state_dict()
+        self.counts["records_read"] = self._read_so_far()
+        self.store.save(Snapshot(tensors, {
+            "format": "stream-learner-replay/1", "plan": self.plan.__dict__, "fingerprint": self.fingerprint,
+            "lineage": self.lineage, "ranges": self.ranges.to_json(), "positions": self.positions,
+            "pending": [_pack_item(x) for x in self.pending], "version": self.version,
+            "since_checkpoint": self.since_checkpoint, "force_checkpoint": self.force_checkpoint,
+            "steps_done": self.steps_done, "counts": self.counts, "published": self.published,
+            "done": self.done, "seconds": self.seconds, "started_at": self.started_at,
+            "manifest": None if manifest is None else msgspec.json.decode(encode(manifest)),
+            "learner": learner_meta,
+        }))
+
+    def _load(self) -> bool:
+        """Restore the snapshot if there is one (True), else resolve the ranges (False)."""
+        snapshot = self.store.load()
+        if snapshot is None:
+            consumer = make_consumer(self.settings, group_id=None)
+            try:
+                self.ranges = resolve_ranges(consumer, self._topics(), parse_bound(self.plan.start),
+                                             parse_bound(self.plan.end))
+            finally:
+                consumer.close()
+            self.positions = {n: a for n, (a, _) in self.ranges.ranges.items()}
+            log.info("replay_ranges", replay_id=self.plan.replay_id, ranges=self.ranges.ranges,
+                     times=self.ranges.times)
+            return False
+        meta = snapshot.meta
+        if meta.get("fingerprint") != self.fingerprint:
+            raise ReplayError(f"replay {self.plan.replay_id!r} was started with other settings, source or lineage; "
+                              "resume it with the same ones, or start a new replay id")
+        self.learner.load_state_dict(snapshot.tensors, meta["learner"])
+        self.ranges = Ranges.from_json(meta["ranges"])
+        self.positions = {k: int(v) for k, v in meta["positions"].items()}
+        self.pending = [_unpack_item(x) for x in meta["pending"]]
+        self.version = int(meta["version"])
+        self.since_checkpoint = int(meta["since_checkpoint"])
+        self.force_checkpoint = bool(meta["force_checkpoint"])
+        self.steps_done = int(meta["steps_done"])
+        self.counts = dict(meta["counts"])
+        self.published = list(meta["published"])
+        self.done = bool(meta["done"])
+        self.seconds = float(meta["seconds"])
+        self.started_at = float(meta["started_at"])
+        log.info("replay_resumed", replay_id=self.plan.replay_id, version=self.version,
+                 records=self._read_so_far(), of=self.ranges.total())
+        return True
+
+    def summary(self) -> dict[str, Any]:
+        """What the replay did: range, counts, versions and digests (JSON-able)."""
+        last = self.published[-1] if self.published else None
+        return {
+            "replay_id": self.plan.replay_id, "source": self.plan.source, "lineage": self.lineage,
+            "live_model": self.settings.trainer_model, "done": self.done,
+            "output": self.plan.output_dir or f"topic {self.settings.topic_models}",
+            "ranges": self.ranges.to_json(), "records_in_ranges": self.ranges.total(),
+            "records_read": self._read_so_far(), "counts": self.counts,
+            "learner_counts": dict(self.learner.counts), "metrics": self.learner.summary(),
+            "version": self.version, "published": self.published,
+            "final_sha256": last["sha256"] if last else None,
+            "final_sha256_as_live": last["sha256_as_live"] if last else None,
+            "seconds": round(self.seconds, 3), "close_windows": self.plan.close_windows,
+            "join_step_events": self.settings.replay_join_step_events,
+        }
+
