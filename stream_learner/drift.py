@@ -232,6 +232,70 @@ class ADWIN(river_base.DriftDetector):
         self._insert(float(x))
         self._drift_detected = self._detect_change()
 
+    def update_many(self, values: Iterable[float], estimates: list[float] | None = None) -> list[int]:
+        """:meth:`update` with each value in turn, with bit-identical results; the positions after
+        which ``drift_detected`` was true. ``estimates``, if given, gets :attr:`estimation` after
+        each value.
+
+        Cheaper than a loop of :meth:`update` (the trainer feeds every example's signals): a change
+        can only be detected on a clock tick, so the values in between are inserted with the
+        running sums in local variables, by the same arithmetic as :meth:`_insert`.
+        """
+        xs = [float(x) for x in values]
+        detected: list[int] = []
+        clock, n, j = self.clock, len(xs), 0
+        while j < n:
+            if self._drift_detected:
+                self._reset()
+            # The update that makes the tick a multiple of the clock is the only one that checks.
+            k = min(clock - self._tick % clock, n - j)
+            self._insert_run(xs[j:j + k], estimates)
+            self._tick += k - 1
+            j += k
+            self._drift_detected = self._detect_change()  # counts the run's last tick
+            if self._drift_detected:
+                detected.append(j - 1)
+                if estimates is not None:
+                    estimates[-1] = self.estimation  # after the cut
+        return detected
+
+    def _insert_run(self, xs: list[float], estimates: list[float] | None) -> None:
+        """:meth:`_insert` of each value, with the sums in locals (same operations, same order)."""
+        totals, variances, full, max_buckets = self._totals, self._variances, self.max_buckets + 1, self.max_buckets
+        total, variance, width = self._total, self._variance, self._width
+        row0_t, row0_v = totals[0], variances[0]  # row 0 is never dropped while inserting
+        record = estimates.append if estimates is not None else None
+        for value in xs:
+            row0_t.append(value)
+            row0_v.append(0.0)
+            width += 1.0
+            increment = 0.0
+            if width > 1.0:
+                d = value - total / (width - 1.0)
+                increment = (width - 1.0) * d * d / width
+            variance += increment
+            total += value
+            if len(row0_t) == full:
+                row = 0
+                while len(totals[row]) == full:
+                    size = float(1 << row)
+                    t_row, v_row = totals[row], variances[row]
+                    t0, t1 = t_row[0], t_row[1]
+                    mu0, mu1 = t0 / size, t1 / size
+                    merged_variance = v_row[0] + v_row[1] + size * 0.5 * (mu0 - mu1) * (mu0 - mu1)
+                    if row + 1 == len(totals):
+                        totals.append([])
+                        variances.append([])
+                    totals[row + 1].append(t0 + t1)
+                    variances[row + 1].append(merged_variance)
+                    del t_row[:2], v_row[:2]
+                    if len(totals[row + 1]) <= max_buckets:
+                        break
+                    row += 1
+            if record is not None:
+                record(total / width)
+        self._total, self._variance, self._width = total, variance, width
+
     def _insert(self, value: float) -> None:
         self._totals[0].append(value)
         self._variances[0].append(0.0)
@@ -285,7 +349,14 @@ class ADWIN(river_base.DriftDetector):
 
     def _cut_once(self) -> bool:
         """Scan the cut points, oldest first; drop the oldest bucket at the first significant one."""
-        n0, n1, u0, u1 = 0.0, self._width, 0.0, self._total
+        width, mwl = self._width, self.min_window_length
+        n0, n1, u0, u1 = 0.0, width, 0.0, self._total
+        # The parts of _significant that do not depend on the cut point, computed once per
+        # scan with the same operations in the same order (bit-identical bounds).
+        delta_prime = math.log(2.0 * math.log(width) / self.delta)
+        mean_variance = self._variance / width
+        two_thirds_delta_prime = 2.0 / 3.0 * delta_prime
+        sqrt, nan = math.sqrt, math.nan
         for row in range(len(self._totals) - 1, -1, -1):
             size = float(1 << row)
             totals = self._totals[row]
@@ -297,13 +368,14 @@ class ADWIN(river_base.DriftDetector):
                 u1 -= t
                 if row == 0 and k == last:
                     return False
-                if (
-                    n1 >= self.min_window_length
-                    and n0 >= self.min_window_length
-                    and self._significant(n0, n1, u0 / n0 - u1 / n1)
-                ):
-                    self._delete_oldest()
-                    return True
+                if n1 >= mwl and n0 >= mwl:
+                    m_recip = 1.0 / (n0 - mwl + 1.0) + 1.0 / (n1 - mwl + 1.0)
+                    x = 2.0 * m_recip * mean_variance * delta_prime
+                    # Rounding can leave the variance a hair below zero: Rust's sqrt gives NaN (no cut).
+                    epsilon = (sqrt(x) if x >= 0.0 else nan) + two_thirds_delta_prime * m_recip
+                    if abs(u0 / n0 - u1 / n1) > epsilon:
+                        self._delete_oldest()
+                        return True
         return False
 
     def _significant(self, n0: float, n1: float, delta_mean: float) -> bool:
@@ -522,6 +594,18 @@ def _check_signal(signal: str) -> None:
         raise ValueError(f"signal must be 'error', 'loss', 'confidence' or 'feature:<name>', got {signal!r}")
 
 
+def _feed(det: river_base.DriftDetector, xs: list[float]) -> list[int]:
+    """Feed values to a River-style detector; the positions after which it detected a drift."""
+    if isinstance(det, ADWIN):
+        return det.update_many(xs)
+    positions = []
+    for j, x in enumerate(xs):
+        det.update(x)
+        if det.drift_detected:
+            positions.append(j)
+    return positions
+
+
 class _TwinDetector:
     """A River detector for drifts, and optionally a more sensitive twin whose detections are warnings.
 
@@ -561,6 +645,44 @@ class _TwinDetector:
             if self._warning.drift_detected:
                 return Signal.WARNING
         return Signal.NONE
+
+    def update_many(self, values: Iterable[float]) -> tuple[list[tuple[int, Signal]], list[float]]:
+        """:meth:`update` with each value in turn, with identical results and state, but cheaper.
+
+        Returns the ``(position, signal)`` of every value whose signal is not ``none``, in order,
+        and :attr:`estimation` after each value. A non-finite value raises ``ValueError`` after
+        the values before it were fed, as a loop of :meth:`update` would.
+        """
+        xs = [float(v) for v in values]
+        if not all(map(math.isfinite, xs)):
+            bad = next(j for j, x in enumerate(xs) if not math.isfinite(x))
+            self.update_many(xs[:bad])
+            raise ValueError(f"{self.name}: {self.signal} value {xs[bad]!r} is not a finite number")
+        estimates: list[float] = []
+        drifts = self._feed_drift(xs, estimates)
+        out: list[tuple[int, Signal]] = []
+        start = 0
+        # The twin sees every value up to a drift, is reset by it, and does not see the drift's value.
+        for d in [*drifts, len(xs)]:
+            if self._warning is not None and d > start:
+                out.extend((start + p, Signal.WARNING) for p in _feed(self._warning, xs[start:d]))
+            if d < len(xs):
+                if self._warning is not None:
+                    self._warning._reset()
+                out.append((d, Signal.DRIFT))
+            start = d + 1
+        return out, estimates
+
+    def _feed_drift(self, xs: list[float], estimates: list[float]) -> list[int]:
+        """Feed the drift detector; its detections' positions, and estimation after each value."""
+        positions = []
+        update, record = self._drift.update, estimates.append
+        for j, x in enumerate(xs):
+            update(x)
+            if self._drift.drift_detected:
+                positions.append(j)
+            record(self.estimation)
+        return positions
 
     def state(self) -> dict[str, Any]:
         """Kind, signal, parameters and the River detectors' state, as JSON-able data."""
@@ -657,6 +779,9 @@ class ADWINDetector(_TwinDetector):
         self._drift = ADWIN(delta=self.delta, **common)
         self._warning = None if self.warning_delta is None else ADWIN(delta=self.warning_delta, **common)
 
+    def _feed_drift(self, xs: list[float], estimates: list[float]) -> list[int]:
+        return self._drift.update_many(xs, estimates)
+
     @property
     def estimation(self) -> float:
         """The mean of the drift detector's window (for the error signal: the current error rate)."""
@@ -726,6 +851,17 @@ class PageHinkleyDetector(_TwinDetector):
         self._drift = river_drift.PageHinkley(threshold=self.threshold, **common)
         self._warning = (None if self.warning_threshold is None
                          else river_drift.PageHinkley(threshold=self.warning_threshold, **common))
+
+    def _feed_drift(self, xs: list[float], estimates: list[float]) -> list[int]:
+        positions = []
+        det = self._drift
+        update, record = det.update, estimates.append
+        for j, x in enumerate(xs):
+            update(x)
+            if det._drift_detected:
+                positions.append(j)
+            record(det._x_mean._mean)  # what estimation returns (_x_mean.get()); a reset replaces _x_mean
+        return positions
 
     @property
     def estimation(self) -> float:
@@ -898,6 +1034,42 @@ class DriftMonitor:
             if sig is not Signal.NONE:
                 findings.append(DriftFinding(det.name, signal, sig, x, index))
         return findings
+
+    def observe_many(self, signal: str, values: list[float], *,
+                     indices: list[int]) -> tuple[list[tuple[int, DriftFinding]], dict[str, list[float]]]:
+        """:meth:`observe` of each value in turn (``indices[j]`` is the example index of
+        ``values[j]``), with the same detector state and findings, fed a detector at a time.
+
+        Returns the findings with the position of their value, in the order a loop of
+        :meth:`observe` returns them (by position, then detector), and each detector's
+        ``estimation`` after every value (NaN for a detector without one). A non-finite value
+        raises ``ValueError`` after every detector was fed the values before it, as the loop would.
+        """
+        detectors = self._by_signal.get(signal)
+        if not detectors:
+            return [], {}
+        xs = [float(v) for v in values]
+        if not all(map(math.isfinite, xs)):
+            bad = next(j for j, x in enumerate(xs) if not math.isfinite(x))
+            self.observe_many(signal, xs[:bad], indices=indices[:bad])
+            raise ValueError(f"{signal} value {values[bad]!r} for example {indices[bad]} is not a finite number")
+        found: list[tuple[int, int, DriftFinding]] = []
+        estimates: dict[str, list[float]] = {}
+        for order, det in enumerate(detectors):
+            many = getattr(det, "update_many", None)
+            if many is not None:
+                signals, estimates[det.name] = many(xs)
+            else:
+                signals, est = [], []
+                for j, x in enumerate(xs):
+                    sig = det.update(x)
+                    if sig is not Signal.NONE:
+                        signals.append((j, sig))
+                    est.append(getattr(det, "estimation", math.nan))
+                estimates[det.name] = est
+            found.extend((j, order, DriftFinding(det.name, signal, sig, xs[j], indices[j])) for j, sig in signals)
+        found.sort(key=lambda f: (f[0], f[1]))
+        return [(j, finding) for j, _, finding in found], estimates
 
     def state(self) -> dict[str, Any]:
         """Every detector's state, by name, as JSON-able data."""

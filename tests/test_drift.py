@@ -623,3 +623,110 @@ def test_drift_config_defaults_are_the_documented_ones() -> None:
         ("adwin_error", "adwin", "error"), ("page_hinkley_loss", "page_hinkley", "loss"),
         ("adwin_confidence", "adwin", "confidence")]
     assert config.policy.on_drift == ("promote_challenger_if_better", "lr_boost", "checkpoint")
+
+
+# --------------------------------------------------------------------------- batched updates
+
+
+def random_batches(rng: random.Random, n: int) -> list[tuple[int, int]]:
+    """Cut ``range(n)`` into batches of random sizes (1 to 700, clock ticks fall anywhere in them)."""
+    out, i = [], 0
+    while i < n:
+        k = rng.choice([1, 2, 5, 31, 32, 33, 64, 256, 700])
+        out.append((i, min(n, i + k)))
+        i += k
+    return out
+
+
+@pytest.mark.parametrize("params", ADWIN_PARAMS, ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()) or "defaults")
+@pytest.mark.parametrize("sample", [error, loss, confidence, feature], ids=lambda f: f.__name__)
+def test_adwin_update_many_is_update_one_by_one(params: dict[str, Any], sample: Sampler) -> None:
+    values = stream(sample, 5, n=12_000, changes=(2000, 5000, 5500, 9000))
+    one, many = ADWIN(**params), ADWIN(**params)
+    detected, estimates, got_detected, got_estimates = [], [], [], []
+    for a, b in random_batches(random.Random(3), len(values)):
+        for i in range(a, b):
+            one.update(values[i])
+            if one.drift_detected:
+                detected.append(i)
+            estimates.append(one.estimation)
+        got_detected += [a + j for j in many.update_many(values[a:b], got_estimates)]
+        # Between batches, the state is the state after the same values one by one.
+        assert json.dumps(to_jsonable(many)) == json.dumps(to_jsonable(one)), f"after {b} values"
+    assert got_detected == detected and len(detected) >= 2
+    assert got_estimates == estimates  # exact floats, not approximately
+
+
+@case_params
+@pytest.mark.parametrize("seed", range(20))
+def test_detector_update_many_is_update_one_by_one(case: Case, seed: int) -> None:
+    rng = random.Random(seed)
+    changes = tuple(sorted(rng.sample(range(500, 7500), 3)))
+    values = stream(case.sample, seed, n=8000, changes=changes)
+    one, many = case.make(), case.make()
+    expected, got = [], []
+    for a, b in random_batches(rng, len(values)):
+        want_estimates = []
+        for i in range(a, b):
+            if (s := one.update(values[i])) is not Signal.NONE:
+                expected.append((i, s))
+            want_estimates.append(one.estimation)
+        signals, estimates = many.update_many(values[a:b])
+        got += [(a + j, s) for j, s in signals]
+        assert estimates == want_estimates
+        assert json.dumps(many.state()) == json.dumps(one.state()), f"after {b} values"
+    assert got == expected and expected
+
+
+def test_monitor_observe_many_is_observe_one_by_one() -> None:
+    # Two detectors on one signal: findings come by position, then in detector order.
+    def make() -> DriftMonitor:
+        return DriftMonitor([ADWINDetector("error"), PageHinkleyDetector("error", name="ph_error", delta=0.05,
+                                                                         threshold=20.0), ADWINDetector("confidence")])
+    rng = random.Random(9)
+    for seed in range(10):
+        values = {"error": stream(error, seed, n=6000, changes=(1500, 3000, 4500)),
+                  "confidence": stream(confidence, seed, n=6000, changes=(2500,))}
+        one, many = make(), make()
+        expected, got = [], []
+        for a, b in random_batches(rng, 6000):
+            for signal in ("confidence", "error"):
+                for i in range(a, b):
+                    expected += one.observe(signal, values[signal][i], index=10 * i)
+                findings, estimates = many.observe_many(signal, values[signal][a:b],
+                                                        indices=[10 * i for i in range(a, b)])
+                got += [f for _, f in findings]
+                assert [f.index for _, f in findings] == [10 * (a + j) for j, _ in findings]
+                for det in many.detectors.values():
+                    if det.signal == signal:
+                        assert estimates[det.name][-1] == det.estimation
+        assert got == expected and len(expected) >= 3
+        assert json.dumps(many.state()) == json.dumps(one.state())
+
+
+def test_observe_many_feeds_the_values_before_a_non_finite_one_then_raises() -> None:
+    one, many = DriftMonitor.from_config(), DriftMonitor.from_config()
+    values = stream(error, 1, n=100)
+    for i, x in enumerate(values[:70]):
+        one.observe("error", x, index=i)
+    with pytest.raises(ValueError, match="not a finite number"):
+        many.observe_many("error", values[:70] + [math.inf] + values[71:], indices=list(range(100)))
+    assert json.dumps(many.state()) == json.dumps(one.state())
+
+
+def test_observe_many_with_a_detector_without_update_many() -> None:
+    class Threshold:
+        name, signal, estimation = "too_unsure", "confidence", 0.5
+
+        def update(self, value: float) -> Signal:
+            return Signal.DRIFT if value < 0.2 else Signal.NONE
+
+        def state(self) -> dict[str, Any]:
+            return {}
+
+        def restore(self, state: dict[str, Any]) -> None:
+            pass
+
+    findings, estimates = DriftMonitor([Threshold()]).observe_many("confidence", [0.9, 0.1, 0.5], indices=[7, 8, 9])
+    assert findings == [(1, DriftFinding("too_unsure", "confidence", Signal.DRIFT, 0.1, 8))]
+    assert estimates == {"too_unsure": [0.5, 0.5, 0.5]}

@@ -32,6 +32,15 @@ class Mean:
         self.total += value
         self.recent.append(value)
 
+    def update_many(self, values: list[float]) -> None:
+        """:meth:`update` with each value in turn (the same sum, bit for bit: added in order)."""
+        total = self.total
+        for value in values:
+            total += value
+        self.total = total
+        self.n += len(values)
+        self.recent.extend(values)
+
     @property
     def cumulative(self) -> float:
         """Mean of every value so far (NaN before any)."""
@@ -62,6 +71,10 @@ class Scoreboard:
     def update(self, name: str, value: float) -> None:
         """Add one value to metric ``name``."""
         self.means[name].update(value)
+
+    def update_many(self, name: str, values: list[float]) -> None:
+        """Add values, in order, to metric ``name``."""
+        self.means[name].update_many(values)
 
     def summary(self) -> dict[str, float]:
         """``<name>`` (cumulative) and ``<name>_rolling`` for every metric with data; finite only."""

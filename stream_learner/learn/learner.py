@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..drift import DriftFinding
 from ..events import ExampleEvent, class_name
 from .evaluation import Scoreboard
 from .featurizer import Featurizer
@@ -276,46 +277,76 @@ class OnlineLearner:
         conf, arg = probs.max(dim=1)
         conf_l, arg_l = conf.tolist(), arg.tolist()
         challenger_arg = challenger_out.argmax(dim=1).tolist() if challenger_out is not None else None
+        result.confidences.extend(conf_l)
+        # One pass in row order for what depends on order across rows (the pseudo-label map,
+        # the training targets); the scores and the drift signals are then computed per chunk
+        # and fed in row order: the same values, in the same order, as one example at a time.
+        class_index, pseudo = self.class_index, self.pseudo
+        pseudo_on, threshold, pseudo_weight = c.pseudo_enabled, c.pseudo_threshold, c.pseudo_weight
+        lab_rows: list[int] = []
+        lab_y: list[int] = []
+        pseudo_hits: list[float] = []
+        n_pseudo = n_skipped = n_late = 0
         for i, ex in enumerate(rows):
-            self._observe("confidence", conf_l[i], result, i)
-            result.confidences.append(conf_l[i])
-            if ex.kind == "unlabeled":
-                if c.pseudo_enabled and conf_l[i] >= c.pseudo_threshold:
+            kind = ex.kind
+            if kind == "unlabeled":
+                if pseudo_on and conf_l[i] >= threshold:
+                    a = arg_l[i]
                     keep.append(i)
-                    ys.append(arg_l[i])
-                    ws.append(c.pseudo_weight)
-                    self.pseudo[ex.prediction_event_id] = arg_l[i]
-                    if len(self.pseudo) > c.pseudo_memory:
-                        self.pseudo.popitem(last=False)
-                    self.counts["pseudo"] += 1
+                    ys.append(a)
+                    ws.append(pseudo_weight)
+                    pseudo[ex.prediction_event_id] = a
+                    if len(pseudo) > c.pseudo_memory:
+                        pseudo.popitem(last=False)
+                    n_pseudo += 1
                 else:
-                    self.counts["pseudo_skipped"] += 1
+                    n_skipped += 1
                 continue
-            y = self.class_index[class_name(ex.label)]  # type: ignore[arg-type]
-            p_y = float(probs[i, y])
-            correct = arg_l[i] == y
-            self.scores.update("accuracy", 1.0 if correct else 0.0)
-            loss = -math.log(max(p_y, _EPS))
-            self.scores.update("log_loss", loss)
-            served = self._served(ex.prediction)
-            if served is not None:
-                self.scores.update("served_accuracy", 1.0 if served[0] == y else 0.0)
-                self.scores.update("served_log_loss", -math.log(max(served[1].get(y, 0.0), _EPS)))
-            if challenger_arg is not None:
-                self.challenger_scores.update("accuracy", 1.0 if challenger_arg[i] == y else 0.0)
-                self.champion_scores.update("accuracy", 1.0 if correct else 0.0)
-            self._observe("error", 0.0 if correct else 1.0, result, i)
-            self._observe("loss", loss, result, i)
-            if ex.kind == "late":
-                self.counts["late"] += 1
-                pseudo = self.pseudo.pop(ex.prediction_event_id, None)
-                if pseudo is not None:
-                    self.scores.update("pseudo_precision", 1.0 if pseudo == y else 0.0)
-            else:
-                self.counts["labeled"] += 1
+            y = class_index[class_name(ex.label)]  # type: ignore[arg-type]
+            lab_rows.append(i)
+            lab_y.append(y)
+            if kind == "late":
+                n_late += 1
+                was = pseudo.pop(ex.prediction_event_id, None)
+                if was is not None:
+                    pseudo_hits.append(1.0 if was == y else 0.0)
             keep.append(i)
             ys.append(y)
             ws.append(1.0)
+        counts = self.counts
+        counts["pseudo"] += n_pseudo
+        counts["pseudo_skipped"] += n_skipped
+        counts["late"] += n_late
+        counts["labeled"] += len(lab_rows) - n_late
+        signals: list[tuple[str, list[float], list[int]]] = [("confidence", conf_l, list(range(len(rows))))]
+        if lab_rows:
+            # Indexing copies the probabilities exactly: the same floats as float(probs[i, y]).
+            p_y = probs[torch.tensor(lab_rows), torch.tensor(lab_y)].tolist()
+            accuracy = [1.0 if arg_l[i] == y else 0.0 for i, y in zip(lab_rows, lab_y)]
+            log = math.log
+            losses = [-log(max(p, _EPS)) for p in p_y]
+            scores = self.scores
+            scores.update_many("accuracy", accuracy)
+            scores.update_many("log_loss", losses)
+            served_acc: list[float] = []
+            served_loss: list[float] = []
+            served_of = self._served
+            for i, y in zip(lab_rows, lab_y):
+                served = served_of(rows[i].prediction)
+                if served is not None:
+                    served_acc.append(1.0 if served[0] == y else 0.0)
+                    served_loss.append(-log(max(served[1].get(y, 0.0), _EPS)))
+            scores.update_many("served_accuracy", served_acc)
+            scores.update_many("served_log_loss", served_loss)
+            scores.update_many("pseudo_precision", pseudo_hits)
+            if challenger_arg is not None:
+                self.challenger_scores.update_many(
+                    "accuracy", [1.0 if challenger_arg[i] == y else 0.0 for i, y in zip(lab_rows, lab_y)])
+                self.champion_scores.update_many("accuracy", accuracy)
+            signals.append(("error", [0.0 if a == 1.0 else 1.0 for a in accuracy], lab_rows))
+            signals.append(("loss", losses, lab_rows))
+        if self.drift is not None:
+            self._observe_chunk(signals, result)
         return torch.tensor(ys, dtype=torch.long), torch.tensor(ws, dtype=torch.float32), keep
 
     def _served(self, prediction: Any) -> tuple[int, dict[int, float]] | None:
@@ -327,28 +358,50 @@ class OnlineLearner:
             return None
         return max(probs, key=lambda k: probs[k]), probs
 
+    def _observe_chunk(self, signals: list[tuple[str, list[float], list[int]]], result: ChunkResult) -> None:
+        """Feed each signal's values (of rows ``rows``) to the detectors a signal at a time, then
+        judge the findings in the order :meth:`_observe` per example would have: by row, then in
+        the order of ``signals``, then by detector. Detectors watch one signal each, so feeding a
+        signal's values in a batch leaves them exactly as feeding them example by example does."""
+        found: list[tuple[int, int, DriftFinding, float, float]] = []
+        base = self.chunk_base
+        for order, (signal, values, rows) in enumerate(signals):
+            if not values:
+                continue
+            findings, estimates = self.drift.observe_many(signal, values, indices=[base + r for r in rows])
+            for j, finding in findings:
+                est = estimates[finding.detector]
+                before = est[j - 1] if j else self.estimates.get(finding.detector, math.nan)
+                found.append((rows[j], order, finding, before, est[j]))
+            for name in self.drift_names.get(signal, ()):
+                self.estimates[name] = estimates[name][-1]
+        found.sort(key=lambda f: (f[0], f[1]))
+        for _, order, finding, before, after in found:
+            self._judge(signals[order][0], finding, before, after, result)
+
+    def _judge(self, signal: str, finding: DriftFinding, before: float, after: float, result: ChunkResult) -> None:
+        per = self.drift_counts.setdefault(
+            finding.detector, {"warning": 0, "drift": 0, "improvement": 0, "last_drift_index": -1})
+        # Detectors see any change of the mean; only a change for the worse
+        # (error or loss up, confidence down) is a drift to act on. The model
+        # getting better, as it does while it learns, is counted, not acted on.
+        worse = after < before if signal == "confidence" else after > before
+        if not worse:
+            per["improvement"] += 1
+            return
+        per[finding.kind.value] += 1
+        if finding.kind.value == "drift":
+            per["last_drift_index"] = finding.index
+        result.findings.append(finding)
+
     def _observe(self, signal: str, value: float, result: ChunkResult, row: int) -> None:
         if self.drift is None:
             return
         findings = self.drift.observe(signal, value, index=self.chunk_base + row)
         detectors = self.drift.detectors
         for finding in findings:
-            det = detectors[finding.detector]
-            before = self.estimates.get(finding.detector, math.nan)
-            after = det.estimation
-            per = self.drift_counts.setdefault(
-                finding.detector, {"warning": 0, "drift": 0, "improvement": 0, "last_drift_index": -1})
-            # Detectors see any change of the mean; only a change for the worse
-            # (error or loss up, confidence down) is a drift to act on. The model
-            # getting better, as it does while it learns, is counted, not acted on.
-            worse = after < before if signal == "confidence" else after > before
-            if not worse:
-                per["improvement"] += 1
-                continue
-            per[finding.kind.value] += 1
-            if finding.kind.value == "drift":
-                per["last_drift_index"] = finding.index
-            result.findings.append(finding)
+            self._judge(signal, finding, self.estimates.get(finding.detector, math.nan),
+                        detectors[finding.detector].estimation, result)
         for name in self.drift_names.get(signal, ()):
             self.estimates[name] = detectors[name].estimation
 
