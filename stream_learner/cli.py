@@ -83,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = sub.add_parser("config", parents=[common], help="print the effective settings (secrets masked)")
     config.set_defaults(func=cmd_config)
+
+    from .replay.cli import add_arguments as add_replay_arguments
+
+    replay = sub.add_parser("replay", parents=[common],
+                            help="re-run join and training over a closed range of the topics into a new lineage")
+    add_replay_arguments(replay)
+    replay.set_defaults(func=cmd_replay)
     return parser
 
 
@@ -196,6 +203,13 @@ def cmd_config(args: argparse.Namespace, settings: Settings, metrics: Metrics) -
     """Print the effective settings with secrets masked."""
     print(json.dumps(settings.redacted(), indent=2))
     return 0
+
+
+def cmd_replay(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> int:
+    """Replay a closed range (see :mod:`stream_learner.replay`), resumable; print the comparison with live."""
+    from .replay.cli import run
+
+    return run(args, settings)
 
 
 def _interrupt(signum: int, frame: object) -> None:
