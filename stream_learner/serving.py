@@ -406,7 +406,10 @@ class CheckpointSubscriber:
     ``settings.serving_pin_version``, if set, pins that version at start.
     ``on_swap(new, old)`` is called after each swap of the served model
     (``old`` is ``None`` the first time), on the thread that swapped; an
-    exception it raises is logged and ignored.
+    exception it raises is logged and ignored. ``load_timeout_s`` bounds one
+    checkpoint read; ``window_bytes`` the chunks kept while following;
+    ``consumer_options`` are passed to both of its kafka-python consumers
+    (no group; one catches up and fetches chunks, one follows).
 
     Use it as a context manager (started on entry if not already, stopped
     on exit), or call :meth:`start` and :meth:`stop`::
@@ -426,6 +429,7 @@ class CheckpointSubscriber:
         poll_timeout_ms: int = 200,
         load_timeout_s: float = 60.0,
         window_bytes: int = DEFAULT_WINDOW_BYTES,
+        consumer_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.settings = settings
         self.public_keys: list[Ed25519PublicKey] = (
@@ -439,6 +443,7 @@ class CheckpointSubscriber:
         self.poll_timeout_ms = poll_timeout_ms
         self.load_timeout_s = load_timeout_s
         self.window_bytes = window_bytes
+        self.consumer_options = dict(consumer_options or {})  # kafka-python options for both consumers
         self._model_b = self.model.encode()
         self._lock = threading.Lock()  # swap decisions and counters; predict never takes it
         self._io_lock = threading.RLock()  # the loader consumer (the thread and pin() share it)
@@ -639,9 +644,9 @@ class CheckpointSubscriber:
     def _clients(self) -> tuple[_Counting, _Counting]:
         with self._io_lock:
             if self._loader is None:
-                self._loader = _Counting(make_reader_consumer(self.settings))
+                self._loader = _Counting(make_reader_consumer(self.settings, **self.consumer_options))
             if self._follower is None:
-                self._follower = _Counting(make_reader_consumer(self.settings))
+                self._follower = _Counting(make_reader_consumer(self.settings, **self.consumer_options))
             return self._follower, self._loader
 
     def _close_clients(self) -> None:
@@ -856,7 +861,6 @@ class CheckpointSubscriber:
         self.metrics.serving_version.set(new.version)
         self.metrics.serving_swaps.inc()
         self.metrics.serving_swap_seconds.observe(seconds)
-        self._first.set()
         log.info("model_swapped", model=self.model, version=new.version,
                  previous=old.version if old is not None else None, seconds=round(seconds, 4),
                  partition=new.partition, offset=new.offset)
@@ -865,6 +869,8 @@ class CheckpointSubscriber:
                 self.on_swap(new, old)
             except Exception:  # noqa: BLE001 - a callback must not stop the subscriber
                 log.exception("on_swap_failed", model=self.model, version=new.version)
+        # After the callback: start() returns once the first swap is fully handled.
+        self._first.set()
 
     def _failed(self, exc: BaseException, *, what: str = "", **context: Any) -> None:
         reason = failure_reason(exc)

@@ -1,0 +1,116 @@
+"""Fixtures and helpers of the serving tests: keys, a producer, small identifiable checkpoints."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from stream_learner.bus import make_producer
+from stream_learner.checkpoint import (
+    encode_tensors,
+    generate_keypair,
+    load_private_key,
+    load_public_key,
+    publish_checkpoint,
+    weights_info,
+)
+from stream_learner.config import Settings
+from stream_learner.events import CheckpointManifest
+from stream_learner.learn.models import ModelSpec
+
+MODEL = "m"
+FEATURES = ["a", "b"]
+#: A regression model whose output for ROW is exactly 4 * version (see ``identifiable``).
+SPEC = ModelSpec(kind="logreg", task="regression", features=FEATURES)
+ROW = {"a": 1.0, "b": 2.0}
+
+
+@pytest.fixture(scope="session")
+def keypair() -> tuple[Ed25519PrivateKey, Ed25519PublicKey]:
+    """The trainer's key pair."""
+    private_pem, public_pem = generate_keypair()
+    return load_private_key(private_pem), load_public_key(public_pem)
+
+
+@pytest.fixture(scope="session")
+def other_keypair() -> tuple[Ed25519PrivateKey, Ed25519PublicKey]:
+    """A key pair nobody trusts."""
+    private_pem, public_pem = generate_keypair()
+    return load_private_key(private_pem), load_public_key(public_pem)
+
+
+@pytest.fixture
+def producer(settings: Settings) -> Iterator[Any]:
+    """The trainer's idempotent acks=all producer."""
+    p = make_producer(settings)
+    yield p
+    p.close()
+
+
+def stats(n: int = len(FEATURES)) -> dict[str, torch.Tensor]:
+    """Featurizer and target statistics that leave features and outputs unscaled."""
+    zeros = torch.zeros(n, dtype=torch.float64)
+    return {"featurizer.count": zeros, "featurizer.mean": zeros.clone(), "featurizer.m2": zeros.clone(),
+            "target": torch.zeros(3, dtype=torch.float64)}
+
+
+def identifiable(version: int) -> dict[str, torch.Tensor]:
+    """Servable weights of SPEC whose prediction for ROW is 4 * version.
+
+    Weight and bias both carry the version, so a model mixing two
+    versions' tensors would answer something no single version answers
+    (3 * old + new is not 4 * anything between them).
+    """
+    return {"model.weight": torch.tensor([[float(version), float(version)]]),
+            "model.bias": torch.tensor([float(version)]), **stats()}
+
+
+def manifest(version: int, weights: bytes, *, architecture: dict[str, Any] | None = None,
+             chunk_bytes: int = 128, model: str = MODEL) -> CheckpointManifest:
+    """An unsigned manifest for ``weights``."""
+    return CheckpointManifest(
+        model=model, version=version, parent=version - 1 if version > 1 else None,
+        created_at=1_767_225_600_000 + version, input_offsets=[], counts={"labeled": version}, metrics={},
+        drift_state={}, feature_spec=list(FEATURES),
+        architecture=architecture if architecture is not None else SPEC.to_dict(),
+        weights=weights_info(weights, chunk_bytes))
+
+
+def publish(producer: Any, topic: str, key: Ed25519PrivateKey, version: int, *,
+            tensors: dict[str, torch.Tensor] | None = None, weights: bytes | None = None,
+            architecture: dict[str, Any] | None = None, chunk_bytes: int = 128,
+            model: str = MODEL) -> CheckpointManifest:
+    """Publish a version (identifiable weights unless given) in several small chunks; the signed manifest."""
+    data = weights if weights is not None else encode_tensors(tensors or identifiable(version), {"model": model})
+    return publish_checkpoint(producer, topic, manifest(version, data, architecture=architecture,
+                                                        chunk_bytes=chunk_bytes, model=model),
+                              data, key, chunk_bytes=chunk_bytes)
+
+
+def wait_for(condition: Callable[[], Any], timeout_s: float = 30.0, what: str = "condition") -> Any:
+    """Poll ``condition`` until it is truthy; fail the test after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def step_until(sub: Any, condition: Callable[[], Any], timeout_s: float = 30.0, what: str = "condition") -> Any:
+    """Call ``sub.poll_once()`` until ``condition`` holds (a subscriber without its thread)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s}s waiting for {what}; status {sub.status()}")
+        sub.poll_once()

@@ -1,0 +1,392 @@
+"""The checkpoint subscriber against the real local broker: catch up, follow, swap, refuse, pin."""
+
+from __future__ import annotations
+
+import pickle
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import torch
+from kafka import TopicPartition
+
+from stream_learner.checkpoint import CheckpointNotFoundError, encode_tensors, sign_manifest
+from stream_learner.checkpoint.publish import H_CHUNK_INDEX, H_MODEL, H_TYPE, H_VERSION
+from stream_learner.config import Settings
+from stream_learner.events import encode
+from stream_learner.metrics import Metrics
+from stream_learner.serving import CheckpointSubscriber
+
+from .conftest import MODEL, ROW, SPEC, identifiable, publish, step_until, wait_for
+
+
+def subscriber(settings: Settings, keypair: Any, **kwargs: Any) -> CheckpointSubscriber:
+    return CheckpointSubscriber(settings, [keypair[1]], model=MODEL, **kwargs)
+
+
+def send_manifest_record(producer: Any, topic: str, signed: Any) -> int:
+    """Produce a manifest record as the publisher would (used to replay or forge one)."""
+    headers = [(H_TYPE, b"manifest"), (H_MODEL, signed.model.encode()), (H_VERSION, str(signed.version).encode())]
+    return producer.send(topic, key=signed.model.encode(), value=encode(signed), headers=headers,
+                         partition=0).get(timeout=30).offset
+
+
+def failures(metrics: Metrics, reason: str) -> float:
+    return metrics.registry.get_sample_value("stream_learner_serving_swap_failures_total", {"reason": reason}) or 0.0
+
+
+# -- catching up and following ----------------------------------------------------------
+
+
+def test_catch_up_after_50_versions_reads_the_newest_only_then_follows_forward(settings: Settings, producer,
+                                                                                keypair) -> None:
+    topic = settings.topic_models
+    for v in range(1, 51):
+        signed = publish(producer, topic, keypair[0], v)
+        # Another model's checkpoints interleaved: the subscriber must skip them.
+        publish(producer, topic, keypair[0], v, model="other")
+    per_version = signed.weights.chunks + 1
+    assert per_version >= 4
+    end = 2 * 50 * per_version
+
+    sub = subscriber(settings, keypair)
+    try:
+        assert sub.poll_once() is True
+        status = sub.status()
+        assert sub.version == 50 and status["swaps"] == 1
+        assert sub.current.predict_one(ROW) == 200.0
+        # The work of the catch-up: the newest manifest (its partition's last
+        # record is the other model's, read first), then its chunks. Out of
+        # 2 * 50 * per_version records on the topic.
+        catch_up = status["catch_up"]
+        assert catch_up["records"] <= per_version + 2 * (per_version + 1), catch_up
+        assert catch_up["cpu_seconds"] < 1.0, catch_up
+        assert status["records_followed"] == 0
+        # The follower starts just after v50's manifest, not at the beginning.
+        tp = TopicPartition(topic, 0)
+        assert sub._follower.position(tp) == sub.current.offset + 1 > end - 2 * per_version
+
+        signed51 = publish(producer, topic, keypair[0], 51)
+        step_until(sub, lambda: sub.version == 51, what="v51")
+        status = sub.status()
+        # Forward reading only: the rest of v50's neighbourhood (the other model's
+        # last version) and v51's records, nothing older.
+        assert status["records_followed"] <= 2 * per_version + signed51.weights.chunks + 1
+        # v51's chunks came from the follower's window, not fetched again.
+        assert status["records_fetched"] == 0
+        assert sub.current.predict_one(ROW) == 204.0
+    finally:
+        sub.stop()
+
+
+def test_start_waits_for_a_first_model_and_follows_in_order(settings: Settings, producer, keypair) -> None:
+    topic = settings.topic_models
+    publish(producer, topic, keypair[0], 1)
+    swaps: list[tuple[int, int | None]] = []
+    metrics = Metrics()
+    sub = subscriber(settings, keypair, metrics=metrics,
+                     on_swap=lambda new, old: swaps.append((new.version, old.version if old else None)))
+    with sub.start(wait_s=30):
+        assert sub.version == 1 and swaps == [(1, None)]
+        for v in range(2, 6):
+            publish(producer, topic, keypair[0], v)
+        wait_for(lambda: sub.version == 5, what="v5")
+        assert swaps == [(1, None), (2, 1), (3, 2), (4, 3), (5, 4)]
+        assert metrics.registry.get_sample_value("stream_learner_serving_model_version") == 5.0
+        assert metrics.registry.get_sample_value("stream_learner_serving_swaps_total") == 5.0
+        assert metrics.registry.get_sample_value("stream_learner_serving_swap_seconds_count") == 5.0
+        status = sub.status()
+        assert status["version"] == 5 and status["pinned"] is None and status["swaps"] == 5
+        assert status["failures"] == 0 and status["last_error"] is None and status["running"]
+        assert status["last_swap_at"] == sub.current.loaded_at
+
+
+def test_an_older_version_republished_is_not_swapped_in(settings: Settings, producer, keypair) -> None:
+    topic = settings.topic_models
+    signed = {v: publish(producer, topic, keypair[0], v) for v in (1, 2, 3)}
+    sub = subscriber(settings, keypair)
+    try:
+        step_until(sub, lambda: sub.version == 3, what="v3")
+        # A replay of v2's signed manifest record, byte for byte (its chunks are still there)...
+        send_manifest_record(producer, topic, signed[2])
+        # ... and v1 published again in full, freshly signed, with its own chunks.
+        publish(producer, topic, keypair[0], 1)
+        step_until(sub, lambda: sub.status()["stale_manifests"] == 2, what="two stale manifests")
+        publish(producer, topic, keypair[0], 4)
+        step_until(sub, lambda: sub.version == 4, what="v4")
+        status = sub.status()
+        assert status["swaps"] == 2 and status["failures"] == 0
+        assert sub.current.predict_one(ROW) == 16.0
+    finally:
+        sub.stop()
+
+
+def test_pin_unpin_and_rollback(settings: Settings, producer, keypair) -> None:
+    topic = settings.topic_models
+    for v in (1, 2, 3):
+        publish(producer, topic, keypair[0], v)
+    swaps: list[tuple[int, int | None]] = []
+    with subscriber(settings, keypair, on_swap=lambda new, old: swaps.append((new.version, old and old.version))
+                    ) as sub:
+        assert sub.version == 3
+        pinned = sub.pin(1)
+        assert sub.current is pinned and pinned.version == 1 and pinned.predict_one(ROW) == 4.0
+        assert sub.status()["pinned"] == 1
+        # Newer versions are loaded, not served.
+        publish(producer, topic, keypair[0], 4)
+        wait_for(lambda: sub.status()["followed_version"] == 4, what="v4 followed")
+        time.sleep(0.5)
+        assert sub.version == 1
+        sub.unpin()
+        assert sub.version == 4 and sub.status()["pinned"] is None
+        assert sub.rollback(2).version == 2 and sub.version == 2
+        with pytest.raises(CheckpointNotFoundError, match="version 99"):
+            sub.pin(99)
+        assert sub.version == 2 and sub.status()["pinned"] == 2
+        assert sub.status()["last_error"].startswith("not_found:")
+        sub.unpin()
+        publish(producer, topic, keypair[0], 5)
+        wait_for(lambda: sub.version == 5, what="v5 after unpin")
+        assert swaps == [(3, None), (1, 3), (4, 1), (2, 4), (4, 2), (5, 4)]
+
+
+def test_a_pinned_version_in_the_settings_is_served_at_start(settings: Settings, producer, keypair) -> None:
+    topic = settings.topic_models
+    for v in (1, 2, 3):
+        publish(producer, topic, keypair[0], v)
+    pinned_settings = msgspec.structs.replace(settings, serving_pin_version=2, serving_model=MODEL)
+    with CheckpointSubscriber(pinned_settings, keypair[1]).start(wait_s=30) as sub:
+        assert sub.version == 2 and sub.status()["pinned"] == 2
+        assert sub.status()["followed_version"] == 3
+        sub.unpin()
+        assert sub.version == 3
+
+
+def test_start_raises_when_no_checkpoint_arrives_and_then_a_late_first_version_is_served(
+        settings: Settings, producer, keypair) -> None:
+    sub = subscriber(settings, keypair)
+    with pytest.raises(CheckpointNotFoundError, match="no checkpoint of model 'm'"):
+        sub.start(wait_s=2)
+    assert sub.current is None and not sub.status()["running"]
+    with subscriber(settings, keypair).start(wait_s=None) as sub:
+        time.sleep(0.5)  # positioned at the end of an empty topic
+        publish(producer, topic=settings.topic_models, key=keypair[0], version=1)
+        wait_for(lambda: sub.version == 1, what="the first version, published after start")
+
+
+def test_a_failing_callback_and_an_unreachable_broker_do_not_kill_the_thread(settings: Settings, producer,
+                                                                               keypair) -> None:
+    publish(producer, settings.topic_models, keypair[0], 1)
+
+    def explode(new: Any, old: Any) -> None:
+        raise RuntimeError("callback bug")
+
+    with subscriber(settings, keypair, on_swap=explode) as sub:
+        assert sub.version == 1
+        publish(producer, settings.topic_models, keypair[0], 2)
+        wait_for(lambda: sub.version == 2, what="v2 despite the callback")
+        assert sub.status()["running"]
+
+    # A broker that is not there: broker failures are counted, retried with a back-off.
+    down = msgspec.structs.replace(settings, bootstrap_servers="127.0.0.1:1")
+    sub = CheckpointSubscriber(down, keypair[1], model=MODEL,
+                               consumer_options={"bootstrap_timeout_ms": 500}).start(wait_s=None)
+    try:
+        wait_for(lambda: sub.status()["failures_by_reason"].get("broker", 0) >= 3, timeout_s=30,
+                 what="three broker failures")
+        assert sub.status()["running"] and sub.current is None
+        assert sub.status()["last_error"].startswith("broker:")
+    finally:
+        sub.stop()
+
+
+# -- swaps under load ------------------------------------------------------------------------
+
+
+def test_swaps_under_prediction_load_fail_no_request_and_mix_no_versions(settings: Settings, producer,
+                                                                          keypair) -> None:
+    topic = settings.topic_models
+    publish(producer, topic, keypair[0], 1)
+    last = 15
+    with subscriber(settings, keypair) as sub:
+        stop = threading.Event()
+        errors: list[BaseException] = []
+        answers: list[list[tuple[int, float]]] = [[] for _ in range(4)]
+
+        def load(out: list[tuple[int, float]]) -> None:
+            while not stop.is_set():
+                try:
+                    model = sub.current
+                    out.append((model.version, model.predict_one(ROW)))
+                except BaseException as exc:  # noqa: BLE001 - any failure is the test's finding
+                    errors.append(exc)
+
+        threads = [threading.Thread(target=load, args=(a,)) for a in answers]
+        for t in threads:
+            t.start()
+        try:
+            for v in range(2, last + 1):
+                publish(producer, topic, keypair[0], v)
+                time.sleep(0.05)
+            wait_for(lambda: sub.version == last, what=f"v{last}")
+            time.sleep(0.2)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert errors == []
+        flat = [a for per_thread in answers for a in per_thread]
+        assert len(flat) > 1000
+        # Every answer is exactly what the version that gave it answers.
+        assert all(value == 4.0 * version for version, value in flat)
+        seen = {version for version, _ in flat}
+        assert seen <= set(range(1, last + 1)) and {1, last} <= seen and len(seen) >= 5, sorted(seen)
+        # Each thread saw versions only ever increase.
+        for per_thread in answers:
+            versions = [version for version, _ in per_thread]
+            assert versions == sorted(versions)
+
+
+# -- refusals -----------------------------------------------------------------------------------
+
+
+class TamperingProducer:
+    """Flips one byte of one chunk on its way to the broker."""
+
+    def __init__(self, inner: Any, chunk_index: int) -> None:
+        self.inner, self.chunk_index = inner, str(chunk_index).encode()
+
+    def send(self, topic: str, **kwargs: Any) -> Any:
+        if (H_CHUNK_INDEX, self.chunk_index) in kwargs["headers"]:
+            value = bytearray(kwargs["value"])
+            value[len(value) // 2] ^= 0x01
+            kwargs["value"] = bytes(value)
+        return self.inner.send(topic, **kwargs)
+
+
+class Canary:
+    """Unpickling this creates ``path``: the proof that something unpickled it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (self.path, "w"))
+
+
+def _tampered(producer: Any, topic: str, keypair: Any, other: Any, tmp_path: Path) -> None:
+    publish(TamperingProducer(producer, chunk_index=1), topic, keypair[0], 2)
+
+
+def _wrong_key(producer: Any, topic: str, keypair: Any, other: Any, tmp_path: Path) -> None:
+    publish(producer, topic, other[0], 2)
+
+
+class _Ack:
+    def __init__(self, partition: int, offset: int) -> None:
+        self.partition, self.offset = partition, offset
+
+    def get(self, timeout: float | None = None) -> _Ack:
+        return self
+
+
+class WithholdingProducer:
+    """Sends the chunks, withholds the manifest (acknowledging it as if sent)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def send(self, topic: str, **kwargs: Any) -> Any:
+        if (H_TYPE, b"manifest") in kwargs["headers"]:
+            return _Ack(kwargs.get("partition") or 0, -1)
+        return self.inner.send(topic, **kwargs)
+
+
+def _missing_chunk(producer: Any, topic: str, keypair: Any, other: Any, tmp_path: Path) -> None:
+    # Signed by the trusted key, complete in every way but one: its last
+    # chunk offset names its first chunk's record, not its own last chunk.
+    signed = publish(WithholdingProducer(producer), topic, keypair[0], 2)
+    offsets = list(signed.weights.chunk_offsets)
+    assert len(offsets) >= 3
+    forged = msgspec.structs.replace(
+        signed, weights=msgspec.structs.replace(signed.weights, chunk_offsets=offsets[:-1] + [offsets[0]]))
+    send_manifest_record(producer, topic, sign_manifest(forged, keypair[0]))
+
+
+def _pickle(producer: Any, topic: str, keypair: Any, other: Any, tmp_path: Path) -> None:
+    payload = pickle.dumps({"model.weight": Canary(tmp_path / "canary")})
+    publish(producer, topic, keypair[0], 2, weights=payload)
+
+
+def _architecture(producer: Any, topic: str, keypair: Any, other: Any, tmp_path: Path) -> None:
+    mlp = {**SPEC.to_dict(), "kind": "mlp", "hidden": [8]}
+    publish(producer, topic, keypair[0], 2, architecture=mlp)
+
+
+def _non_finite(producer: Any, topic: str, keypair: Any, other: Any, tmp_path: Path) -> None:
+    tensors = identifiable(2)
+    tensors["model.bias"] = torch.tensor([float("nan")])
+    publish(producer, topic, keypair[0], 2, tensors=tensors)
+
+
+REFUSALS = {
+    "tampered chunk": (_tampered, "digest", "sha256"),
+    "wrong key": (_wrong_key, "signature", "trusted keys"),
+    "missing chunk": (_missing_chunk, "incomplete", "not its chunk"),
+    "pickle": (_pickle, "invalid", "not safetensors"),
+    "architecture mismatch": (_architecture, "architecture", "weights lack"),
+    "non-finite output": (_non_finite, "smoke", "not finite"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_a_bad_checkpoint_is_refused_and_the_last_good_model_keeps_serving(
+        case: str, settings: Settings, producer, keypair, other_keypair, tmp_path: Path) -> None:
+    make_bad, reason, message = REFUSALS[case]
+    topic = settings.topic_models
+    publish(producer, topic, keypair[0], 1)
+    metrics = Metrics()
+    sub = subscriber(settings, keypair, metrics=metrics)
+    try:
+        step_until(sub, lambda: sub.version == 1, what="v1")
+        good = sub.current
+        make_bad(producer, topic, keypair, other_keypair, tmp_path)
+        step_until(sub, lambda: sub.status()["failures"] >= 1, what=f"the {case} refused")
+        status = sub.status()
+        assert sub.current is good and sub.version == 1
+        assert status["failures"] == 1 and status["failures_by_reason"] == {reason: 1}
+        assert status["last_error"].startswith(f"{reason}:") and message in status["last_error"], status
+        assert failures(metrics, reason) == 1.0
+        assert sub.current.predict_one(ROW) == 4.0
+        # It goes on following: the next good version is served.
+        publish(producer, topic, keypair[0], 5)
+        step_until(sub, lambda: sub.version == 5, what="v5 after the refusal")
+        assert sub.status()["failures"] == 1
+    finally:
+        sub.stop()
+    assert not (tmp_path / "canary").exists()
+
+
+def test_the_pickle_payload_is_live(tmp_path: Path) -> None:
+    """The refusal test's payload would create its canary if anything unpickled it."""
+    payload = pickle.dumps({"model.weight": Canary(tmp_path / "live")})
+    pickle.loads(payload).pop("model.weight").close()
+    assert (tmp_path / "live").exists()
+
+
+def test_a_refused_newest_checkpoint_at_start_serves_nothing_older(settings: Settings, producer, keypair,
+                                                                   other_keypair) -> None:
+    topic = settings.topic_models
+    publish(producer, topic, keypair[0], 1)
+    publish(producer, topic, other_keypair[0], 2)
+    sub = subscriber(settings, keypair)
+    try:
+        assert sub.poll_once() is False
+        assert sub.current is None and sub.status()["last_error"].startswith("signature:")
+        publish(producer, topic, keypair[0], 3)
+        step_until(sub, lambda: sub.version == 3, what="v3")
+    finally:
+        sub.stop()
