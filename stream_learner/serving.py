@@ -194,7 +194,10 @@ class ServedModel:
     the checkpoint's featurizer statistics (which prediction never
     updates), the network runs in eval mode without autograd, and its
     output becomes class probabilities (softmax in float64) or a regression
-    value (destandardized with the checkpoint's target statistics).
+    value (destandardized with the checkpoint's target statistics). For
+    the same batch of rows the values are the learner's bit for bit; a row
+    predicted in a batch of another size may differ in float32 rounding
+    (about 1e-7 relative), as torch's CPU kernels depend on the batch shape.
     """
 
     model: str
