@@ -343,8 +343,12 @@ def load_served_model(checkpoint: LoadedCheckpoint) -> ServedModel:
 
     # The trainer's featurizer uses LearnerConfig's clip and range (the
     # manifest does not carry them and the trainer never changes them).
-    featurizer = Featurizer(spec.features, clip=LearnerConfig.feature_clip, abs_max=LearnerConfig.feature_abs_max)
-    featurizer.load_state_dict({name: tensors[name] for name in _STATS})
+    try:
+        featurizer = Featurizer(spec.features, clip=LearnerConfig.feature_clip,
+                                abs_max=LearnerConfig.feature_abs_max)
+        featurizer.load_state_dict({name: tensors[name] for name in _STATS})
+    except ValueError as exc:
+        raise ModelLoadError(f"{what}: {exc}") from None
     count, mean, m2 = (float(v) for v in target.double().tolist())
     # As OnlineLearner._target_mean_std: sample std, 1.0 until two targets or when degenerate.
     std = math.sqrt(m2 / (count - 1)) if count > 1 else 1.0
@@ -465,7 +469,8 @@ class CheckpointSubscriber:
         self._closed_records = [0, 0]  # records read by clients closed since (follower, loader)
         self._positioned = False
         self._found_none = False
-        self._window: OrderedDict[tuple[int, int], Any] = OrderedDict()  # (partition, offset) -> chunk record
+        # This model's chunks read while following: (partition, offset) -> (version in its header, record).
+        self._window: OrderedDict[tuple[int, int], tuple[int, Any]] = OrderedDict()
         self._window_size = 0
         self._next_refresh = 0.0
         self._swaps = 0
@@ -713,7 +718,7 @@ class CheckpointSubscriber:
             positions[TopicPartition(self.topic, checkpoint.partition)] = checkpoint.offset + 1
             try:
                 served = load_served_model(checkpoint)
-            except CheckpointError as exc:
+            except Exception as exc:  # noqa: BLE001 - refused like any other; the next version may do
                 self._failed(exc, what="newest checkpoint")
         follower.assign(tps)
         for tp, offset in positions.items():
@@ -779,9 +784,9 @@ class CheckpointSubscriber:
             (log.info if version == followed.version else log.warning)(
                 "stale_manifest_ignored", model=self.model, version=version, followed=followed.version,
                 partition=record.partition, offset=record.offset)
-            self._drop_chunks(record.partition, record.offset)
+            self._drop_chunks(record.partition, record.offset, followed.version)
             return False
-        window = {o: r for (p, o), r in self._window.items() if p == record.partition}
+        window = {o: r for (p, o), (_, r) in self._window.items() if p == record.partition}
         try:
             with self._io_lock:
                 checkpoint = load_manifest_record(self._clients()[1], record, self.public_keys, window=window,
@@ -790,11 +795,11 @@ class CheckpointSubscriber:
         except Exception as exc:
             if _transient(exc):
                 raise
-            self._drop_chunks(record.partition, record.offset)
+            self._drop_chunks(record.partition, record.offset, version)
             self._failed(exc, what=f"v{version}" if version is not None else "manifest",
                          partition=record.partition, offset=record.offset)
             return False
-        self._drop_chunks(record.partition, record.offset)
+        self._drop_chunks(record.partition, record.offset, served.version)
         return self._offer(served, read_at)
 
     def _keep_chunk(self, record: Any) -> None:
@@ -806,16 +811,23 @@ class CheckpointSubscriber:
         size = len(record.value or b"")
         if (followed is not None and version <= followed.version) or size > self.window_bytes:
             return
-        self._window[(record.partition, record.offset)] = record
+        self._window[(record.partition, record.offset)] = (version, record)
         self._window_size += size
         while self._window_size > self.window_bytes:
-            _, old = self._window.popitem(last=False)  # fetched by offset if its manifest comes
+            _, (_, old) = self._window.popitem(last=False)  # fetched by offset if its manifest comes
             self._window_size -= len(old.value or b"")
 
-    def _drop_chunks(self, partition: int, offset: int) -> None:
-        """Forget the chunks before a handled manifest in its partition: used, or orphans."""
-        for key in [k for k in self._window if k[0] == partition and k[1] < offset]:
-            self._window_size -= len(self._window.pop(key).value or b"")
+    def _drop_chunks(self, partition: int, offset: int, version: int | None) -> None:
+        """Forget the chunks before a handled manifest in its partition that no manifest to come needs.
+
+        Those of its version (used, or refused with it) and older ones go; a
+        newer version's chunks (a publish in progress around a replayed
+        manifest) stay.
+        """
+        followed = self._followed
+        limit = max(version or 0, followed.version if followed is not None else 0)
+        for key in [k for k, (v, _) in self._window.items() if k[0] == partition and k[1] < offset and v <= limit]:
+            self._window_size -= len(self._window.pop(key)[1].value or b"")
 
     def _pin_from_settings(self) -> bool:
         version = self._pinned

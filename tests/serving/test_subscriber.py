@@ -390,3 +390,52 @@ def test_a_refused_newest_checkpoint_at_start_serves_nothing_older(settings: Set
         step_until(sub, lambda: sub.version == 3, what="v3")
     finally:
         sub.stop()
+
+
+# -- the follower's window and broker errors while loading ------------------------------------
+
+
+def test_chunks_outside_the_window_are_fetched_by_offset(settings: Settings, producer, keypair) -> None:
+    topic = settings.topic_models
+    publish(producer, topic, keypair[0], 1)
+    sub = subscriber(settings, keypair, window_bytes=1)  # no chunk fits: all are fetched again
+    try:
+        step_until(sub, lambda: sub.version == 1, what="v1")
+        signed = publish(producer, topic, keypair[0], 2)
+        step_until(sub, lambda: sub.version == 2, what="v2")
+        assert sub.status()["records_fetched"] == signed.weights.chunks
+        assert sub.current.predict_one(ROW) == 8.0
+    finally:
+        sub.stop()
+
+
+def test_a_broker_error_while_loading_retries_the_same_manifest(settings: Settings, producer, keypair,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import stream_learner.serving as serving
+    from stream_learner.checkpoint.reader import ReadTimeoutError
+
+    topic = settings.topic_models
+    publish(producer, topic, keypair[0], 1)
+    sub = subscriber(settings, keypair)
+    real = serving.load_manifest_record
+    calls: list[int] = []
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args[1].offset)
+        if len(calls) == 1:
+            raise ReadTimeoutError("simulated: the broker did not deliver the chunks")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(serving, "load_manifest_record", flaky)
+    try:
+        step_until(sub, lambda: sub.version == 1, what="v1")
+        signed2 = publish(producer, topic, keypair[0], 2)
+        publish(producer, topic, keypair[0], 3)
+        # v2's load fails once: the same manifest is read again, then v3; none skipped.
+        step_until(sub, lambda: sub.version == 3, what="v3")
+        status = sub.status()
+        assert status["failures_by_reason"] == {"broker": 1} and status["last_error"].startswith("broker:")
+        assert calls[0] == calls[1] != calls[2] and len(calls) == 3
+        assert status["swaps"] == 3 and signed2.version == 2
+    finally:
+        sub.stop()
