@@ -177,6 +177,8 @@ class Replay:
         self.counts = {"records_read": 0, "dead_letters": 0, "examples": 0, "rejected": 0, "drifts": 0}
         self.published: list[dict[str, Any]] = []
         self.done = False
+        # Seconds per stage in this process (not saved): the rest of a run is read, merge and decode.
+        self.timings = {"join": 0.0, "learn": 0.0, "checkpoint": 0.0}
         self.started_at = time.time()
         self.seconds = 0.0
 
@@ -296,17 +298,23 @@ class Replay:
                                   f"the snapshot says {saved_positions}")
             progress = self._progress()
             for events in steps:
-                examples = self._join(store, events, self.steps_done)
+                after = dict(reader.positions)
+                # Redis runs this step while the learner takes the previous steps' examples (its own
+                # process: real parallelism). The learning order is the same as one step after the other.
+                self._send_join(store, events, self.steps_done)
+                self._learn_full_chunks()
+                if self.stop.is_set():
+                    store.receive()  # dropped: the snapshot ends before this step, the resume rebuilds Redis
+                    progress.close(self._read_so_far())
+                    return False
+                examples = self._receive_join(store)
                 self.steps_done += 1
-                self.positions = dict(reader.positions)
+                self.positions = after
                 if self.on_examples is not None:
                     self.on_examples(examples)
                 self.pending.extend(examples)
-                self._learn_full_chunks()
                 progress.update(self._read_so_far())
-                if self.stop.is_set():
-                    progress.close(self._read_so_far())
-                    return False
+            self._learn_full_chunks()
             self.positions = dict(reader.positions)
             progress.close(self._read_so_far())
             if self.plan.close_windows:
@@ -338,6 +346,11 @@ class Replay:
 
     def _join(self, store: RedisJoinStore, events: list[tuple[str, int, Any]], k: int) -> list[ExampleEvent]:
         """One join step (the live script, one call); its emissions as examples."""
+        self._send_join(store, events, k)
+        return self._receive_join(store)
+
+    def _send_join(self, store: RedisJoinStore, events: list[tuple[str, int, Any]], k: int) -> None:
+        """Send join step ``k`` (its progress: each partition's largest event time in it); see :meth:`_receive_join`."""
         max_times: dict[str, int] = {}
         for name, _, ev in events:
             if ev[2] > max_times.get(name, -1):
@@ -345,11 +358,20 @@ class Replay:
         if max_times:
             self.max_time = max(self.max_time, max(max_times.values()))
         progress = [PartitionProgress(n, max_times.get(n, -1), n in self.idle_parts) for n in self.all_parts]
-        result = store.step(progress=progress, acks=self.acks, events=[ev for _, _, ev in events],
-                            now_ms=1000 * (k + 1), claim_before_ms=-1, total_partitions=len(self.all_parts))
+        began = time.perf_counter()
+        store.send(progress=progress, acks=self.acks, events=[ev for _, _, ev in events], now_ms=1000 * (k + 1),
+                   claim_before_ms=-1, total_partitions=len(self.all_parts), durable=False)
+        self.timings["join"] += time.perf_counter() - began
+
+    def _receive_join(self, store: RedisJoinStore) -> list[ExampleEvent]:
+        """The reply of the step :meth:`_send_join` sent, as examples."""
+        began = time.perf_counter()
+        result = store.receive()
         # Nobody else reads this prefix, and a resumed replay rebuilds it: acknowledge at once.
         self.acks = result.tokens
-        return [build_example(e) for e in result.emissions]
+        out = [build_example(e) for e in result.emissions]
+        self.timings["join"] += time.perf_counter() - began
+        return out
 
     def _close_windows(self, store: RedisJoinStore) -> list[ExampleEvent]:
         """Move the watermark past every deadline (``close_windows``): open windows close as unlabeled."""
@@ -386,6 +408,7 @@ class Replay:
 
     def _learn(self, items: list[bytes | ExampleEvent]) -> None:
         """One chunk, as the live trainer learns it (``Trainer._train``), then a checkpoint if due."""
+        began = time.perf_counter()
         examples: list[ExampleEvent] = []
         for item in items:
             if isinstance(item, bytes):
@@ -404,6 +427,7 @@ class Replay:
                 self.force_checkpoint = True
         self.counts["examples"] += len(items)
         self.since_checkpoint += len(items)
+        self.timings["learn"] += time.perf_counter() - began
         if self.force_checkpoint or self.since_checkpoint >= self.settings.trainer_checkpoint_every_examples:
             self.checkpoint()
         if self.on_chunk is not None:
@@ -411,6 +435,7 @@ class Replay:
 
     def checkpoint(self) -> dict[str, Any]:
         """Save the snapshot, then publish the next version of the lineage (the trainer's order)."""
+        began = time.perf_counter()
         version = self.version + 1
         tensors, learner_meta = self.learner.state_dict()
         weights = encode_tensors(servable_weights(tensors), {"model": self.lineage})
@@ -429,6 +454,7 @@ class Replay:
         self._save(manifest=manifest, state=(tensors, learner_meta))
         self.output.publish(manifest, weights)
         log.info("replay_checkpoint", lineage=self.lineage, version=version, sha256=manifest.weights.sha256[:16])
+        self.timings["checkpoint"] += time.perf_counter() - began
         return entry
 
     def _digest_as_live(self, tensors: dict[str, torch.Tensor]) -> str:
