@@ -13,7 +13,7 @@ import pytest
 import torch
 from kafka import TopicPartition
 
-from stream_learner.checkpoint import CheckpointNotFoundError, encode_tensors, sign_manifest
+from stream_learner.checkpoint import CheckpointNotFoundError, sign_manifest
 from stream_learner.checkpoint.publish import H_CHUNK_INDEX, H_MODEL, H_TYPE, H_VERSION
 from stream_learner.config import Settings
 from stream_learner.events import encode
