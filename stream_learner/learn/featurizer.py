@@ -54,10 +54,18 @@ class Featurizer:
     def raw_matrix(self, rows: Sequence[Mapping[str, float | None]]) -> np.ndarray:
         """The declared features as a float64 matrix, NaN where missing or out of range; counts them."""
         names, name_set = self.names, self._name_set
-        # numpy turns None into NaN for a float dtype: missing and null alike.
-        matrix = np.array([[row.get(n) for n in names] for row in rows], dtype=np.float64)
-        matrix = matrix.reshape(len(rows), len(names))
-        self.counts["unknown"] += sum(len(row.keys() - name_set) for row in rows)
+        # numpy turns None into NaN for a float dtype: missing and null alike. One flat list
+        # (map over the names, in C) and a subset test per row: half the time of a nested
+        # comprehension and a set difference per row.
+        flat: list[float | None] = []
+        extend = flat.extend
+        unknown = 0
+        for row in rows:
+            extend(map(row.get, names))
+            if not row.keys() <= name_set:
+                unknown += len(row.keys() - name_set)
+        matrix = np.array(flat, dtype=np.float64).reshape(len(rows), len(names))
+        self.counts["unknown"] += unknown
         self.counts["missing"] += int(np.isnan(matrix).sum())
         bad = np.abs(matrix) > self.abs_max
         if bad.any():

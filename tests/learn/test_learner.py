@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 import msgspec
 import pytest
@@ -121,3 +122,46 @@ def test_both_builtin_models_train(kind: str) -> None:
     for chunk in chunks(agrawal_examples(1000)):
         learner.process(chunk)
     assert learner.counts["batches"] > 10
+
+
+def test_dedup_window_forgets_the_oldest_first_and_snapshots_in_order() -> None:
+    from collections import OrderedDict
+
+    from stream_learner.learn.learner import DedupWindow
+
+    rng = random.Random(4)
+    window, reference = DedupWindow(50), OrderedDict()
+    for _ in range(2000):
+        digest = bytes([rng.randrange(120)]) * 16  # repeats, inside and outside the window
+        duplicate = digest in reference
+        assert window.add(digest) is not duplicate
+        if not duplicate:
+            reference[digest] = None
+            if len(reference) > 50:
+                reference.popitem(last=False)
+        assert window.snapshot() == b"".join(reference)
+    restored = DedupWindow(50)
+    restored.load(window.snapshot())
+    assert restored.snapshot() == window.snapshot() and restored.members == window.members
+
+
+def test_pseudo_labels_survive_a_restore_in_order_old_and_new_layouts() -> None:
+    stream = agrawal_examples(1500, unlabeled=0.4)
+    odd = [msgspec.structs.replace(x, prediction_event_id=f"id\0{i}", example_id=f"odd{i}")
+           for i, x in enumerate(agrawal_examples(64, seed=8, unlabeled=1.0))]
+    for extra in ([], odd):  # an id with a NUL falls back to pairs in the meta
+        a = OnlineLearner(config(pseudo_threshold=0.5))
+        for chunk in chunks(stream + extra):
+            a.process(chunk)
+        assert len(a.pseudo) > 100
+        tensors, meta = a.state_dict()
+        assert (meta["pseudo"] is None) == (not extra)
+        b = OnlineLearner(config(pseudo_threshold=0.5))
+        b.load_state_dict(tensors, msgspec.json.decode(msgspec.json.encode(meta)))
+        assert list(b.pseudo.items()) == list(a.pseudo.items())
+    # A snapshot written before the map moved into tensors keeps it as pairs in the meta.
+    old_meta = {**meta, "pseudo": [[k, v] for k, v in a.pseudo.items()]}
+    old_tensors = {k: v for k, v in tensors.items() if not k.startswith("pseudo.")}
+    c = OnlineLearner(config(pseudo_threshold=0.5))
+    c.load_state_dict(old_tensors, old_meta)
+    assert list(c.pseudo.items()) == list(a.pseudo.items())
