@@ -22,6 +22,10 @@ checkpoint: the serving side keeps its last good model instead):
    (:class:`DigestError`);
 5. they are safetensors (:class:`CheckpointError`); never unpickled.
 
+A read the broker does not complete in time raises :class:`ReadTimeoutError`
+(a :class:`CheckpointError` too): unlike a failed check, it is worth
+retrying as is.
+
 **Several partitions.** Every partition of the topic is searched, in rounds
 of one window each. Once a candidate is found, a partition is searched only
 back to the candidate's record timestamp (anything older cannot be newer).

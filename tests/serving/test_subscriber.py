@@ -439,3 +439,54 @@ def test_a_broker_error_while_loading_retries_the_same_manifest(settings: Settin
         assert status["swaps"] == 3 and signed2.version == 2
     finally:
         sub.stop()
+
+
+# -- several partitions ----------------------------------------------------------------------------
+
+
+class PartitionProducer:
+    """Sends every record to one partition (as after a change of the partition count)."""
+
+    def __init__(self, inner: Any, partition: int) -> None:
+        self.inner, self.partition = inner, partition
+
+    def send(self, topic: str, **kwargs: Any) -> Any:
+        return self.inner.send(topic, **{**kwargs, "partition": self.partition})
+
+
+def test_every_partition_is_followed_from_where_the_catch_up_left_it(settings: Settings, producer,
+                                                                       keypair) -> None:
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+
+    from stream_learner.bus import kafka_options
+
+    topic = f"{settings.topic_models}.p3"
+    admin = KafkaAdminClient(**kafka_options(settings))
+    try:
+        admin.create_topics([NewTopic(topic, 3, 1)])
+    finally:
+        admin.close()
+    three = msgspec.structs.replace(settings, topic_models=topic)
+    on = {p: PartitionProducer(producer, p) for p in range(3)}
+    for v in (1, 2, 3):
+        signed = publish(on[0], topic, keypair[0], v)
+    for v in range(1, 6):  # history on the other partitions: never read
+        publish(on[1], topic, keypair[0], v, model="other")
+        publish(on[2], topic, keypair[0], v, model="other")
+    per_version = signed.weights.chunks + 1
+
+    sub = CheckpointSubscriber(three, keypair[1], model=MODEL)
+    try:
+        step_until(sub, lambda: sub.version == 3, what="v3")
+        assert sub.status()["records_followed"] == 0
+        # The next versions land on other partitions: followed there from their ends.
+        publish(on[2], topic, keypair[0], 4)
+        step_until(sub, lambda: sub.version == 4, what="v4 on partition 2")
+        publish(on[1], topic, keypair[0], 5)
+        step_until(sub, lambda: sub.version == 5, what="v5 on partition 1")
+        assert sub.current.partition == 1
+        assert sub.status()["records_followed"] == 2 * per_version
+        assert sub.status()["records_fetched"] == 0
+    finally:
+        sub.stop()
