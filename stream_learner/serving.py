@@ -468,7 +468,6 @@ class CheckpointSubscriber:
         self._loader: _Counting | None = None
         self._closed_records = [0, 0]  # records read by clients closed since (follower, loader)
         self._positioned = False
-        self._found_none = False
         # This model's chunks read while following: (partition, offset) -> (version in its header, record).
         self._window: OrderedDict[tuple[int, int], tuple[int, Any]] = OrderedDict()
         self._window_size = 0
@@ -514,8 +513,9 @@ class CheckpointSubscriber:
             return self
         self.stop()
         where = f"model {self.model!r} on topic {self.topic!r}"
-        if self._last_error is None:
-            raise CheckpointNotFoundError(f"no checkpoint of {where} within {wait_s:g}s")
+        if self._last_error is None or self._last_error.startswith("not_found:"):
+            raise CheckpointNotFoundError(f"no checkpoint of {where} within {wait_s:g}s"
+                                          + (f"; {self._last_error}" if self._last_error else ""))
         raise CheckpointError(f"no servable checkpoint of {where} within {wait_s:g}s; last error: {self._last_error}")
 
     def stop(self, timeout_s: float = 30.0) -> None:
@@ -701,7 +701,6 @@ class CheckpointSubscriber:
                                          timeout_s=self.load_timeout_s)
             except CheckpointNotFoundError:
                 checkpoint = None
-                self._found_none = True
                 log.info("no_checkpoint_yet", model=self.model, topic=self.topic)
             except Exception as exc:
                 if _transient(exc):
