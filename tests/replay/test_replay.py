@@ -156,3 +156,28 @@ def test_resuming_with_other_settings_is_refused(rsettings: Settings, events, tm
 
     with pytest.raises(ReplayError, match="other settings"):
         replay(other, "s", output_dir=str(tmp_path / "o"))
+
+
+def test_interrupted_examples_replay_resumes_to_the_same_digests(rsettings: Settings, tmp_path: Path) -> None:
+    s = msgspec.structs.replace(rsettings, trainer_features=AGRAWAL_FEATURES, trainer_classes=["0", "1"],
+                                trainer_checkpoint_every_examples=300)
+    produce_examples(s, agrawal_examples(2_000, unlabeled=0.2, seed=9))
+    _, whole = replay(s, "whole", source="examples", lineage="m@e", output_dir=str(tmp_path / "whole"))
+    stop = threading.Event()
+    calls = {"n": 0}
+
+    def on_chunk(r: Replay) -> None:
+        calls["n"] += 1
+        if calls["n"] % 13 == 0:
+            stop.set()
+
+    runs = []
+    while not runs or not runs[-1]["done"]:
+        stop.clear()
+        _, summary = replay(s, "cut", source="examples", lineage="m@e", output_dir=str(tmp_path / "cut"),
+                            stop=stop, on_chunk=on_chunk, poll_records=100)
+        runs.append(summary)
+        assert len(runs) < 20
+    assert len(runs) >= 4  # 2,000 examples in chunks of 32, stopped every 13 chunks
+    assert runs[-1]["published"] == whole["published"]
+    assert runs[-1]["learner_counts"] == whole["learner_counts"]
