@@ -20,6 +20,7 @@ import msgspec
 import structlog
 
 from .config import FIELDS, Settings, env_name, flag_name, load_settings
+from .demo import DemoConfig
 from .errors import StreamLearnerError
 from .logging import configure_logging
 from .metrics import Metrics
@@ -52,9 +53,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", parents=[common],
-                          help="start local servers and run the pipeline end to end")
-    demo.add_argument("--events", type=int, default=20_000, help="predictions to send")
+                          help="the main job: local servers, a serving node, a drifting application, "
+                               "the pipeline learning live; writes a report")
+    demo.add_argument("--rate", type=float, default=DemoConfig.rate, help="requests per second")
+    demo.add_argument("--seconds", type=float, default=DemoConfig.seconds, help="seconds of traffic")
+    demo.add_argument("--out", type=Path, default=DemoConfig.out, help="directory for the report")
+    demo.add_argument("--seed", type=int, default=DemoConfig.seed)
+    demo.add_argument("--quiet", action="store_true", help="no live progress line")
     demo.set_defaults(func=cmd_demo)
+
+    smoke = sub.add_parser("smoke", parents=[common],
+                           help="count check on local servers: SDK -> decoder/DLQ -> joiner -> trainer")
+    smoke.add_argument("--events", type=int, default=20_000, help="predictions to send")
+    smoke.set_defaults(func=cmd_smoke)
+
+    serve = sub.add_parser("serve", parents=[common],
+                           help="the reference serving node: HTTP predict, hot-swapped verified checkpoints")
+    serve.add_argument("--cold-start", action="store_true",
+                       help="until the first checkpoint arrives, serve an untrained model built from the "
+                            "trainer_* settings, as version 0")
+    serve.set_defaults(func=cmd_serve)
 
     joiner = sub.add_parser("joiner", parents=[common],
                             help="join predictions and labels into examples (consumer group)")
@@ -94,6 +112,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> int:
+    """The main job (see :mod:`stream_learner.demo`); print its summary, exit 0 if nothing failed."""
+    from .demo import run_demo
+
+    config = DemoConfig(rate=args.rate, seconds=args.seconds, out=args.out, seed=args.seed)
+    summary = run_demo(settings, config, progress=not args.quiet)
+    print(json.dumps(summary, indent=2))
+    failed = (summary["requests"]["failed"] or summary["labels"]["sdk_failed"] or summary["labels"]["sdk_dropped"]
+              or not summary["checkpoints"]["swaps_at_node"])
+    return 1 if failed else 0
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> int:
+    """Run the serving node until SIGTERM or Ctrl-C."""
+    from .node import run_node
+
+    run_node(settings, metrics, cold_start=args.cold_start, stop=_stop_on_signals())
+    return 0
+
+
+def cmd_smoke(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> int:
     """Start local servers, send events through the SDK, read them back, print a summary."""
     from .local import LocalServers
     from .smoke import run_smoke

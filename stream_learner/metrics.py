@@ -82,6 +82,11 @@ class Metrics:
         self.serving_swap_seconds = Histogram(
             "stream_learner_serving_swap_seconds", "Time from reading a manifest record to serving its model.",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0), registry=r)
+        self.serving_predictions = Counter(
+            "stream_learner_serving_predictions_total", "Predictions served by `stream-learner serve`.", registry=r)
+        self.serving_bad_requests = Counter(
+            "stream_learner_serving_bad_requests_total", "Requests `stream-learner serve` refused with 400.",
+            registry=r)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
         """Expose ``/metrics`` on ``port`` from a background thread."""

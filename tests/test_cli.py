@@ -54,8 +54,8 @@ def test_local_up_and_down(tmp_path) -> None:
     assert not state.exists()
 
 
-def test_demo_runs_end_to_end() -> None:
-    out = subprocess.run([sys.executable, "-m", "stream_learner.cli", "demo", "--events", "2000"],
+def test_smoke_counts_end_to_end() -> None:
+    out = subprocess.run([sys.executable, "-m", "stream_learner.cli", "smoke", "--events", "2000"],
                          capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout)

@@ -29,17 +29,13 @@ INFRA_SERVICES = ("kafka", "redis")
 LEARNER_SERVICES = ("topics", "joiner", "trainer", "serving")
 ONE_SHOT_SERVICES = ("topics",)
 LEARNING_PROFILE = "learning"
-# Services whose sub-command does not exist yet.
-PENDING_PROFILE = "serving"
+SERVING_PROFILE = "serving"
 LEARNER_IMAGE = "stream-learner:latest"
 LEARNER_DOCKERFILE = "docker/Dockerfile"
 TORCH_PIN = "torch==2.13.0"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 CHECKPOINT_MESSAGE_BYTES = 10 * 1024 * 1024
 
-#: Roles whose sub-command is being built right now. While the CLI does not have
-#: it yet the command check is an expected failure; once it lands the entry is
-#: inert and the check applies as to any other role.
 # ${NAME}, ${NAME:-default}, ${NAME-default}; anything else compose supports
 # (${NAME:?err}, ${NAME:+alt}) is refused so the checks never guess.
 _INTERPOLATION = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?-)(?P<default>[^}]*))?\}")
@@ -300,20 +296,17 @@ def test_an_invalid_value_would_be_caught():
 # --- commands and profiles ---------------------------------------------------
 
 
-def test_roles_that_need_user_input_or_do_not_exist_yet_are_in_profiles():
+def test_roles_that_need_user_input_are_in_profiles():
     assert LEARNING_PROFILE in (_service("trainer").get("profiles") or [])
-    assert PENDING_PROFILE in (_service("serving").get("profiles") or [])
+    assert {LEARNING_PROFILE, SERVING_PROFILE} <= set(_service("serving").get("profiles") or [])
     for name in ("topics", "joiner"):
         assert not _service(name).get("profiles"), f"{name} must start with a plain `up`"
 
 
 @pytest.mark.parametrize("name", LEARNER_SERVICES)
-def test_command_is_a_real_subcommand_unless_pending(name):
-    service = _service(name)
-    cmd = _command(service)
+def test_command_is_a_real_subcommand(name):
+    cmd = _command(_service(name))
     choices = _subcommands()
-    if PENDING_PROFILE in (service.get("profiles") or []):
-        return
     assert cmd[0] in choices, f"{name}: stream-learner has no sub-command {cmd[0]!r}"
     try:
         build_parser().parse_args(cmd)  # the whole command line parses
