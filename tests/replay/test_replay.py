@@ -181,3 +181,23 @@ def test_interrupted_examples_replay_resumes_to_the_same_digests(rsettings: Sett
     assert len(runs) >= 4  # 2,000 examples in chunks of 32, stopped every 13 chunks
     assert runs[-1]["published"] == whole["published"]
     assert runs[-1]["learner_counts"] == whole["learner_counts"]
+
+
+def test_overwrite_live_continues_the_live_lineage(rsettings: Settings) -> None:
+    s = msgspec.structs.replace(rsettings, trainer_features=AGRAWAL_FEATURES, trainer_classes=["0", "1"])
+    produce_examples(s, agrawal_examples(1_200, seed=4))
+    live = build_trainer(s)
+    try:
+        while sum(live.offsets.values()) < 1_200 or live.buffer:
+            live.step()
+        live.checkpoint()
+    finally:
+        live.close()
+    public = load_public_key(Path(s.trainer_signing_key).with_suffix(".pub.pem"))
+    before = read_latest(s, s.topic_models, public, "m").manifest
+    _, got = replay(s, "fix", source="examples", lineage="m", overwrite_live=True)
+    after = read_latest(s, s.topic_models, public, "m").manifest
+    assert after.version == got["version"] > before.version
+    versions = [p["version"] for p in got["published"]]
+    assert versions == list(range(before.version + 1, after.version + 1))
+    assert after.weights.sha256 == before.weights.sha256  # same range, same settings: the same weights
