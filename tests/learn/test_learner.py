@@ -165,3 +165,24 @@ def test_pseudo_labels_survive_a_restore_in_order_old_and_new_layouts() -> None:
     c = OnlineLearner(config(pseudo_threshold=0.5))
     c.load_state_dict(old_tensors, old_meta)
     assert list(c.pseudo.items()) == list(a.pseudo.items())
+
+
+@pytest.mark.parametrize("scale, skipped", [(math.inf, True), (1e20, False)])
+def test_non_finite_gradients_skip_the_batch_and_huge_finite_ones_do_not(scale: float, skipped: bool) -> None:
+    # A finite loss with non-finite gradients is skipped; gradients that are finite but whose
+    # norm overflows float32 are clipped and applied, as clip_grad_norm_ after a per-tensor check did.
+    learner = OnlineLearner(config())
+    stream = agrawal_examples(640)
+    for chunk in chunks(stream[:320]):
+        learner.process(chunk)
+    hooks = [p.register_hook(lambda g: torch.full_like(g, scale)) for p in learner.main.model.parameters()]
+    before = {k: v.clone() for k, v in learner.main.model.state_dict().items()}
+    batches = learner.counts["batches"]
+    learner.process(stream[320:384])
+    for h in hooks:
+        h.remove()
+    after = learner.main.model.state_dict()
+    assert learner.counts["skipped_non_finite"] == int(skipped)
+    assert learner.counts["batches"] == batches + (not skipped)
+    assert all(torch.equal(before[k], after[k]) for k in before) == skipped
+    assert all(torch.isfinite(v).all() for v in after.values())
