@@ -195,6 +195,9 @@ class Replay:
         try:
             if not resumed:
                 self.version = self.output.latest_version()  # 0 for a new lineage
+                # Pin the resolved ranges at once: a replay killed before its first checkpoint
+                # resumes over the same range (`end` does not move on).
+                self._save(manifest=None)
             self._republish_if_lost()
             consumer = make_consumer(self.settings, group_id=None, max_poll_records=self.poll_records,
                                      **({"fetch_max_bytes": self.fetch_max_bytes} if self.fetch_max_bytes else {}))

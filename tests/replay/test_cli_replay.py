@@ -55,3 +55,36 @@ def test_sigint_then_the_same_command_resumes_to_the_uninterrupted_result(rsetti
     assert summary["published"] == whole["published"]
     assert summary["learner_counts"] == whole["learner_counts"]
     assert (Path(s.replay_state_dir) / "cli" / "report.json").exists()
+
+
+def test_sigkill_mid_run_then_the_same_command_ends_with_the_uninterrupted_versions(rsettings: Settings,
+                                                                                   tmp_path: Path) -> None:
+    """A kill -9 leaves the state of the last checkpoint (saved before its publish) and Redis keys
+    mid-join: the resumed run republishes what may be missing, rebuilds the join and ends the same."""
+    s = msgspec.structs.replace(rsettings, trainer_checkpoint_every_examples=1000, log_format="json")
+    produce_raw(s, generate(10_000, seed=6))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "stream_learner.cli", "replay", "--lineage", "m@k", "--output-dir", str(out),
+           "--replay-id", "k", "--no-progress"]
+    env = settings_env(s)
+    log_path = tmp_path / "replay.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, env=env, stderr=log, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while log_path.read_text().count("replay_checkpoint") < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    state = json.loads((Path(s.replay_state_dir) / "k" / "summary.json").read_text()) \
+        if (Path(s.replay_state_dir) / "k" / "summary.json").exists() else None
+    assert state is None  # killed: no summary was written
+    with log_path.open("a") as log:
+        done = subprocess.run(cmd, env=env, stderr=log, stdout=subprocess.DEVNULL, timeout=300)
+    assert done.returncode == 0, log_path.read_text()[-3000:]
+    assert "replay_resumed" in log_path.read_text()
+    summary = json.loads((Path(s.replay_state_dir) / "k" / "summary.json").read_text())
+    _, whole = replay(s, "whole", lineage="m@k", output_dir=str(tmp_path / "whole"))
+    assert summary["done"] and summary["published"] == whole["published"]
+    files = sorted(f.name for f in (out / "m@k").iterdir() if f.name.endswith(".manifest.json"))
+    assert files == [f"v{v:08d}.manifest.json" for v in range(1, whole["version"] + 1)]
