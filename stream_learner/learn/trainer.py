@@ -196,11 +196,11 @@ class Trainer:
         batch = self.consumer.poll(timeout_ms=self.poll_timeout_ms, max_records=10 * self.settings.trainer_batch_size)
         n = 0
         for tp in sorted(batch, key=lambda t: t.partition):
-            for record in batch[tp]:
-                if not self.buffer:
-                    self.buffer_since = time.monotonic()
-                self.buffer.append(record)
-                n += 1
+            records = batch[tp]
+            if records and not self.buffer:
+                self.buffer_since = time.monotonic()
+            self.buffer.extend(records)  # whole lists: a per-record loop cost ~0.2 us per example
+            n += len(records)
         size = self.settings.trainer_batch_size
         while len(self.buffer) >= size:
             self._train(self.buffer[:size])
@@ -229,10 +229,11 @@ class Trainer:
 
     def _train(self, records: list[Any]) -> None:
         examples, kept, dead = [], [], []
+        decode, add_example, add_kept = self.codec.decode, examples.append, kept.append
         for record in records:
             try:
-                examples.append(self.codec.decode(record.value))
-                kept.append(record)
+                add_example(decode(record.value))
+                add_kept(record)
             except EventError as exc:
                 dead.append(self.dead_letters.send(record, exc))
         result = self.learner.process(examples)
@@ -241,9 +242,10 @@ class Trainer:
             dead.append(self.dead_letters.send(kept[rejected.index], err))
         for future in dead:
             future.get(timeout=60)
-        event_time = max((x.label_time or x.prediction_time for x in examples), default=0)
-        for finding in result.findings:
-            self._on_drift(finding, event_time)
+        if result.findings:  # the chunk's event time is only needed for drift events
+            event_time = max((x.label_time or x.prediction_time for x in examples), default=0)
+            for finding in result.findings:
+                self._on_drift(finding, event_time)
         for record in records:
             self.offsets[record.partition] = record.offset + 1
         self.since_checkpoint += len(records)
