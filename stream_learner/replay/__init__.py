@@ -34,8 +34,9 @@ versions with the same weights digests, whatever the fetch sizes.
 join step instead of per poll: examples whose kind depends on when the
 watermark passed (a prediction that arrives after its window closed, or
 state collected before a duplicate) can differ from what the live joiner
-happened to do. A partition with no record in the range is idle from the
-second step; the others hold the watermark until the range ends. Windows
+happened to do. A partition with no record in the range takes no part in the
+watermark (live, it would be idle); the others hold it until the range
+ends. Windows
 still open at the end stay open (nothing emitted for them) unless
 ``close_windows``. Dead letters are counted, not written to the dead-letter
 topic; drift events are counted in the manifests, not written to the drift

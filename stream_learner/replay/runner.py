@@ -275,13 +275,13 @@ class Replay:
             return t, (typ, event.request_id, t, pack(event, Source(record.topic, record.partition, record.offset)))
 
         client = make_redis(self.settings)
-        # The live joiner's semantics with replay's clock: a partition with nothing in the range
-        # is idle after one (logical) step, others hold the watermark until the range ends.
-        join_settings = msgspec.structs.replace(s, joiner_redis_prefix=self.prefix, joiner_idle_timeout_ms=1,
-                                                joiner_idle_advance=False, joiner_wait_aof=False)
+        # The live joiner's rules, without its wall clock: a partition with nothing in the range
+        # takes no part in the watermark (live, it would be idle: caught up and silent); the others
+        # hold it until the range ends, never idle (nothing of the range is ever "caught up" early).
+        join_settings = msgspec.structs.replace(s, joiner_redis_prefix=self.prefix, joiner_idle_advance=False,
+                                                joiner_wait_aof=False)
         store = RedisJoinStore(client, join_settings)
-        self.all_parts = sorted(self.ranges.ranges)
-        self.idle_parts = {n for n, (a, b) in self.ranges.ranges.items() if a >= b}
+        self.parts = sorted(n for n, (a, b) in self.ranges.ranges.items() if a < b)
         self.max_time = -1
         self.acks: list[str] = []
         try:
@@ -360,10 +360,10 @@ class Replay:
                 max_times[name] = ev[2]
         if max_times:
             self.max_time = max(self.max_time, max(max_times.values()))
-        progress = [PartitionProgress(n, max_times.get(n, -1), n in self.idle_parts) for n in self.all_parts]
+        progress = [PartitionProgress(n, max_times.get(n, -1), False) for n in self.parts]
         began = time.perf_counter()
         store.send(progress=progress, acks=self.acks, events=[ev for _, _, ev in events], now_ms=1000 * (k + 1),
-                   claim_before_ms=-1, total_partitions=len(self.all_parts), durable=False)
+                   claim_before_ms=-1, total_partitions=len(self.parts), durable=False)
         self.timings["join"] += time.perf_counter() - began
 
     def _receive_join(self, store: RedisJoinStore) -> list[ExampleEvent]:
@@ -381,9 +381,9 @@ class Replay:
         out: list[ExampleEvent] = []
         beyond = self.max_time + self.settings.joiner_window_ms + self.settings.joiner_allowed_lateness_ms + 1
         for k in range(10_000):
-            progress = [PartitionProgress(n, beyond, False) for n in self.all_parts]
+            progress = [PartitionProgress(n, beyond, False) for n in self.parts]
             result = store.step(progress=progress, acks=self.acks, events=[], now_ms=1000 * (self.steps_done + k + 1),
-                                claim_before_ms=-1, total_partitions=len(self.all_parts))
+                                claim_before_ms=-1, total_partitions=len(self.parts))
             self.acks = result.tokens
             if not result.emissions:
                 break

@@ -201,3 +201,32 @@ def test_overwrite_live_continues_the_live_lineage(rsettings: Settings) -> None:
     versions = [p["version"] for p in got["published"]]
     assert versions == list(range(before.version + 1, after.version + 1))
     assert after.weights.sha256 == before.weights.sha256  # same range, same settings: the same weights
+
+
+def test_a_partition_with_nothing_in_the_range_does_not_hold_the_watermark(rsettings: Settings) -> None:
+    """Events on some partitions only, all in one join step: windows still close by the watermark of the
+    partitions that have events (a live joiner would find the empty ones idle)."""
+    from stream_learner.bus import make_producer
+    from stream_learner.events import encode
+
+    from ..join.helpers import label, prediction
+
+    t0, n, window = 1_767_225_600_000, 200, rsettings.joiner_window_ms
+    producer = make_producer(rsettings)
+    for i in range(n):
+        p = prediction(f"i{i}", t0 + 100 * i)
+        producer.send(rsettings.topic_predictions, key=p.request_id.encode(), value=encode(p), partition=i % 2)
+        if i % 2 == 0:  # only even requests are labeled; their labels all on labels partition 0
+            lab = label(f"i{i}", t0 + 100 * i + 10)
+            producer.send(rsettings.topic_labels, key=lab.request_id.encode(), value=encode(lab), partition=0)
+    producer.flush()
+    producer.close()
+    seen: list[ExampleEvent] = []
+    _, summary = replay(rsettings, "idle", output_dir=str(Path(rsettings.replay_state_dir) / "o"),
+                        on_examples=seen.extend)
+    assert summary["records_read"] == n + n // 2
+    # The watermark: the smallest of the non-empty partitions' largest event times.
+    watermark = min(t0 + 100 * (n - 2), t0 + 100 * (n - 1), t0 + 100 * (n - 2) + 10)
+    unlabeled = {f"req-i{i}" for i in range(1, n, 2) if t0 + 100 * i + window < watermark}
+    assert {x.request_id for x in seen if x.kind == "labeled"} == {f"req-i{i}" for i in range(0, n, 2)}
+    assert {x.request_id for x in seen if x.kind == "unlabeled"} == unlabeled and len(unlabeled) == 74
