@@ -113,13 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_demo(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> int:
     """The main job (see :mod:`stream_learner.demo`); print its summary, exit 0 if nothing failed."""
-    from .demo import run_demo
+    from .demo import describe, run_demo
 
     config = DemoConfig(rate=args.rate, seconds=args.seconds, out=args.out, seed=args.seed)
     summary = run_demo(settings, config, progress=not args.quiet)
+    if not args.quiet:
+        print(describe(summary), file=sys.stderr)
     print(json.dumps(summary, indent=2))
     failed = (summary["requests"]["failed"] or summary["labels"]["sdk_failed"] or summary["labels"]["sdk_dropped"]
-              or not summary["checkpoints"]["swaps_at_node"])
+              or not summary["checkpoints"]["swaps_at_node"] or not summary["complete"])
     return 1 if failed else 0
 
 

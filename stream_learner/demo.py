@@ -57,6 +57,7 @@ log = structlog.get_logger(__name__)
 
 FEATURES = ["salary", "commission", "age", "elevel", "car", "zipcode", "hvalue", "hyears", "loan"]
 MODEL = "demo"
+PROBE = "demo-probe"  # the warm-up request's model: the trainer skips it as another model's
 
 
 @dataclass(frozen=True)
@@ -111,8 +112,10 @@ class Observed:
 
     examples: Counter[str] = field(default_factory=Counter)
     example_at: dict[str, tuple[int, int]] = field(default_factory=dict)  # label event id -> (partition, offset)
+    examples_end: dict[int, int] = field(default_factory=dict)  # partition -> one past the last example read
     manifests: dict[int, Any] = field(default_factory=dict)  # version -> manifest
     drift: list[Any] = field(default_factory=list)
+    probed: bool = False  # the warm-up probe came out of the joiner
 
 
 class _Monitor(threading.Thread):
@@ -146,6 +149,10 @@ class _Monitor(threading.Thread):
         try:
             if topic == s.topic_examples:
                 ex = EXAMPLE.decode(record.value)
+                seen.examples_end[record.partition] = record.offset + 1
+                if ex.model == PROBE:
+                    seen.probed = True
+                    return
                 seen.examples[ex.kind] += 1
                 if ex.label_event_id is not None:
                     seen.example_at[ex.label_event_id] = (record.partition, record.offset)
@@ -282,6 +289,8 @@ def _play(settings: Settings, config: DemoConfig, rows: list[tuple[dict[str, flo
     _wait_ready(port, procs)
     monitor = _Monitor(settings)
     monitor.start()
+    sdk = PredictionLogger(settings=settings, model=MODEL)
+    _warm_up(sdk, monitor, procs)
     rng = random.Random(config.seed)
     fates = [rng.random() for _ in rows]
     delays = [rng.uniform(*config.label_delay_s) for _ in rows]
@@ -291,7 +300,6 @@ def _play(settings: Settings, config: DemoConfig, rows: list[tuple[dict[str, flo
     failures = Counter[str]()
     next_index = itertools.count()
     lock = threading.Lock()
-    sdk = PredictionLogger(settings=settings, model=MODEL)
     labels = _Labels(sdk)
     labels.start()
     t0 = time.time()
@@ -342,12 +350,15 @@ def _play(settings: Settings, config: DemoConfig, rows: list[tuple[dict[str, flo
         c.join()
     labels.finish()
     sdk.flush()
-    # Let the last labels be joined, trained on and served: wait until the node
-    # serves a version whose manifest covers every labeled example, or give up.
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and not _caught_up(monitor, port, len(labels.sent_at)):
+    # Let the tail be joined, trained on and served: every prediction's
+    # labeled/unlabeled example and every label's labeled/late one out, the
+    # newest checkpoint covering them all, and the node serving it.
+    answered = sum(x is not None for x in served)
+    deadline = time.monotonic() + 30
+    complete = False
+    while time.monotonic() < deadline and not (complete := _caught_up(monitor, port, answered,
+                                                                      len(labels.sent_at))):
         time.sleep(0.5)
-    time.sleep(1.0)  # the unlabeled tail (idle timeout) into the example counts
     reporter.stop.set()
     reporter.join()
     monitor.stop.set()
@@ -356,24 +367,48 @@ def _play(settings: Settings, config: DemoConfig, rows: list[tuple[dict[str, flo
     status, model_info = _get(port, "/model")
     summary = _summary(config, served, failures, monitor.seen, labels.sent_at, model_info, t0,
                        drift_time[0] if drift_time else None, sdk.stats)
+    summary["complete"] = complete
     (config.out / "summary.json").write_text(json.dumps(summary, indent=2))
     (config.out / "report.html").write_text(_report_html(config, served, monitor.seen, model_info, t0,
                                                          drift_time[0] if drift_time else None, summary))
     return summary
 
 
-def _caught_up(monitor: _Monitor, port: int, labels_sent: int) -> bool:
+def _warm_up(sdk: PredictionLogger, monitor: _Monitor, procs: Sequence[subprocess.Popen[bytes]],
+             timeout_s: float = 60.0) -> None:
+    """Wait until the joiner has joined its group: a probe request comes out joined.
+
+    A consumer group's first join can take seconds (on Tansu, the rebalance
+    timeout); traffic sent before it would be served by the cold-start model
+    for that long, which says nothing about the system.
+    """
+    sdk.log_prediction("probe", {}, {"0": 0.5, "1": 0.5}, model=PROBE, model_version="0")
+    sdk.log_label("probe", "0", model=PROBE)
+    deadline = time.monotonic() + timeout_s
+    while not monitor.seen.probed:
+        if time.monotonic() > deadline:
+            raise StreamLearnerError(f"the joiner joined no probe within {timeout_s:.0f} s; see run.log")
+        for proc in procs:
+            if proc.poll() is not None:
+                raise StreamLearnerError(f"{proc.args} exited with {proc.returncode}; see its log")
+        time.sleep(0.1)
+
+
+def _caught_up(monitor: _Monitor, port: int, predictions: int, labels: int) -> bool:
     with monitor.lock:
         seen = monitor.seen
-        labeled = len(seen.example_at)
+        kinds = seen.examples
         newest = max(seen.manifests.values(), key=lambda m: m.version, default=None)
-        covered = newest is not None and all(
-            any(s.partition == p and s.offset > o for s in newest.input_offsets)
-            for p, o in seen.example_at.values())
-    if labeled < labels_sent or not covered or newest is None:
-        return False
+        if (newest is None or kinds["labeled"] + kinds["unlabeled"] < predictions
+                or kinds["labeled"] + kinds["late"] < labels):
+            return False
+        # Offsets are the next to apply, per examples partition: the newest
+        # checkpoint covers every example the monitor has read.
+        applied = {s.partition: s.offset for s in newest.input_offsets}
+        if any(applied.get(p, 0) < end for p, end in seen.examples_end.items()):
+            return False
     try:
-        return _get(port, "/health")[1].get("model_version") == newest.version
+        return bool(_get(port, "/health")[1].get("model_version") == newest.version)
     except OSError:
         return False
 
@@ -509,6 +544,25 @@ def _summary(config: DemoConfig, served: list[Served | None], failures: Counter[
     }
 
 
+def describe(summary: dict[str, Any]) -> str:
+    """The summary in a few lines for a person (the JSON has everything)."""
+    r, acc, d, c, f = (summary[k] for k in ("requests", "served_accuracy", "drift", "checkpoints", "freshness_s"))
+    ex = summary["examples"]
+    detected = (f"detected {d['detected_after_s']} s later by {d['detector']}" if d["detected_after_s"] is not None
+                else "not detected")
+    return "\n".join([
+        f"requests   {r['answered']:,} answered of {r['sent']:,}, failed: {r['failed'] or 'none'}",
+        f"examples   {ex['labeled']:,} labeled, {ex['unlabeled']:,} unlabeled, {ex['late']:,} late"
+        f" (all accounted for: {'yes' if summary['complete'] else 'NO'})",
+        f"served acc before the drift {acc['before_drift']}, worst after {acc['worst_after_drift']},"
+        f" final {acc['final']}; back to 95% after {acc['recovered_to_95pct_after_requests']} requests",
+        f"drift      at {d['at_s']} s (request {d['at_request']:,}), {detected}",
+        f"models     {c['published']} checkpoints published, {c['swaps_at_node']} swapped in by the node",
+        f"freshness  label sent -> node serves a model trained on it: p50 {f['p50']} s, p99 {f['p99']} s",
+        f"report     {summary['report']}",
+    ])
+
+
 def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 3)
 
@@ -534,7 +588,7 @@ def _report_html(config: DemoConfig, served: list[Served | None], seen: Observed
              f'font-size="11">',
              f'<rect x="{left}" y="{top}" width="{w - left - 10}" height="{h - top - bottom}" fill="#fafafa" '
              f'stroke="#ccc"/>']
-    for a in (0.5, 0.6, 0.7, 0.8, 0.9, 1.0):
+    for a in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0):
         parts.append(f'<line x1="{left}" x2="{w - 10}" y1="{y(a):.1f}" y2="{y(a):.1f}" stroke="#e4e4e4"/>'
                      f'<text x="{left - 6}" y="{y(a) + 4:.1f}" text-anchor="end">{a:.1f}</text>')
     for t in range(0, int(t_max) + 1, 10):
