@@ -82,6 +82,7 @@ def make_consumer(settings: Settings, group_id: str | None, **overrides: Any) ->
         "session_timeout_ms": settings.consumer_session_timeout_ms,
         "heartbeat_interval_ms": min(3000, settings.consumer_session_timeout_ms // 3),
         "max_poll_interval_ms": settings.consumer_max_poll_interval_ms,
+        "fetch_max_wait_ms": settings.consumer_fetch_max_wait_ms,
         **kafka_options(settings),
         **overrides,
     }

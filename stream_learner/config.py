@@ -67,6 +67,10 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # interval) on every join, so tests and the demo use short values.
     consumer_session_timeout_ms: Annotated[int, Meta(ge=1000)] = 45_000
     consumer_max_poll_interval_ms: Annotated[int, Meta(ge=1000)] = 300_000
+    # How long the broker may hold a fetch while nothing new is there. Apache
+    # Kafka answers as soon as a record arrives; Tansu holds the whole wait,
+    # which then adds to every hop's latency (the demo sets 50).
+    consumer_fetch_max_wait_ms: Annotated[int, Meta(ge=0)] = 500
 
     # Redis: rediss:// in the URL turns TLS on; AUTH from the URL or these.
     redis_url: Annotated[str, Meta(pattern=r"^(redis|rediss|unix)://")] = "redis://127.0.0.1:6379/0"

@@ -216,7 +216,7 @@ def run_demo(base: Settings, config: DemoConfig | None = None, *, progress: bool
     settings = msgspec.structs.replace(
         base,
         joiner_window_ms=config.window_ms, joiner_idle_timeout_ms=1000,
-        consumer_session_timeout_ms=6000, consumer_max_poll_interval_ms=3000,
+        consumer_session_timeout_ms=6000, consumer_max_poll_interval_ms=3000, consumer_fetch_max_wait_ms=50,
         trainer_model=MODEL, trainer_features=FEATURES, trainer_classes=["0", "1"],
         # Freshness: a checkpoint a second (small model), partial batches after 100 ms.
         trainer_checkpoint_every_s=1.0, trainer_max_wait_ms=100,
