@@ -264,19 +264,33 @@ class ADWIN(river_base.DriftDetector):
         totals, variances, full, max_buckets = self._totals, self._variances, self.max_buckets + 1, self.max_buckets
         total, variance, width = self._total, self._variance, self._width
         row0_t, row0_v = totals[0], variances[0]  # row 0 is never dropped while inserting
+        in_row0 = len(row0_t)
         record = estimates.append if estimates is not None else None
         for value in xs:
             row0_t.append(value)
             row0_v.append(0.0)
+            before = width  # == width - 1.0 after the increment, exactly (whole numbers below 2**53)
             width += 1.0
-            increment = 0.0
             if width > 1.0:
-                d = value - total / (width - 1.0)
-                increment = (width - 1.0) * d * d / width
-            variance += increment
+                d = value - total / before
+                variance += before * d * d / width
+            else:
+                variance += 0.0
             total += value
-            if len(row0_t) == full:
-                row = 0
+            in_row0 += 1
+            if in_row0 == full:
+                # Row 0 holds single values (size 1: the means are the totals, and n * 0.5 is 0.5).
+                t0, t1 = row0_t[0], row0_t[1]
+                merged_variance = row0_v[0] + row0_v[1] + 0.5 * (t0 - t1) * (t0 - t1)
+                if len(totals) == 1:
+                    totals.append([])
+                    variances.append([])
+                row1 = totals[1]
+                row1.append(t0 + t1)
+                variances[1].append(merged_variance)
+                del row0_t[:2], row0_v[:2]
+                in_row0 -= 2
+                row = 1
                 while len(totals[row]) == full:
                     size = float(1 << row)
                     t_row, v_row = totals[row], variances[row]
@@ -370,10 +384,16 @@ class ADWIN(river_base.DriftDetector):
                     return False
                 if n1 >= mwl and n0 >= mwl:
                     m_recip = 1.0 / (n0 - mwl + 1.0) + 1.0 / (n1 - mwl + 1.0)
+                    gap = abs(u0 / n0 - u1 / n1)
+                    floor = two_thirds_delta_prime * m_recip
+                    # epsilon = sqrt(x) + floor >= floor (rounding is monotonic), so a gap within
+                    # floor is never significant: the square root is only needed past it.
+                    if gap <= floor:
+                        continue
                     x = 2.0 * m_recip * mean_variance * delta_prime
                     # Rounding can leave the variance a hair below zero: Rust's sqrt gives NaN (no cut).
-                    epsilon = (sqrt(x) if x >= 0.0 else nan) + two_thirds_delta_prime * m_recip
-                    if abs(u0 / n0 - u1 / n1) > epsilon:
+                    epsilon = (sqrt(x) if x >= 0.0 else nan) + floor
+                    if gap > epsilon:
                         self._delete_oldest()
                         return True
         return False

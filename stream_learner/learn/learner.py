@@ -270,15 +270,18 @@ class OnlineLearner:
         """Evaluate, then learn from one chunk of examples (see the module docstring)."""
         result = ChunkResult()
         rows: list[ExampleEvent] = []
+        blake2b, remember, model_name = hashlib.blake2b, self.seen.add, self.config.model_name
+        # A label that is one of the class names as given is fine: no need to ask _label_problem.
+        known = self.class_index if not self.regression else {}
         for i, ex in enumerate(chunk):
-            digest = hashlib.blake2b(ex.example_id.encode(), digest_size=16).digest()
-            if not self.seen.add(digest):
+            if not remember(blake2b(ex.example_id.encode(), digest_size=16).digest()):
                 self.counts["duplicates"] += 1
                 continue
-            if ex.model != self.config.model_name:
+            if ex.model != model_name:
                 self.counts["other_model"] += 1
                 continue
-            if ex.kind != "unlabeled" and (reason := self._label_problem(ex.label)):
+            if ex.kind != "unlabeled" and not (type(ex.label) is str and ex.label in known) and (
+                    reason := self._label_problem(ex.label)):
                 self.counts["rejected"] += 1
                 result.rejected.append(Rejected(i, "invalid_label", reason))
                 continue
