@@ -62,8 +62,8 @@ Each trainer step is split into stages by wrapping the instance's own
 methods (instance attributes shadow the bound methods; the product code is
 not changed): ``poll``, ``_train``, ``learner.process``,
 ``featurizer.transform`` (featurize), the model's forward pass with
-gradients off (predict), ``_evaluate_and_target`` (the per-example
-evaluation and target loop), ``_step`` (the optimizer step, with
+gradients off (predict), ``_evaluate_and_target`` (prequential scoring,
+the drift detectors' updates and the training targets of the chunk), ``_step`` (the optimizer step, with
 ``remember_good`` counted apart inside it) and ``checkpoint`` (with its
 ``state_dict``, ``_weights_bytes``, state-store ``save``, ``_publish``,
 producer ``flush`` and offset ``commit`` parts). ``decode loop`` is
