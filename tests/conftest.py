@@ -12,7 +12,10 @@ from collections.abc import Iterator
 import msgspec
 import pytest
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
 from stream_learner.bus import ensure_topics
+from stream_learner.checkpoint.signing import generate_keypair, load_private_key, load_public_key
 from stream_learner.config import Settings
 from stream_learner.local import LocalServers
 
@@ -34,3 +37,17 @@ def settings(servers: LocalServers) -> Settings:
     )
     ensure_topics(fresh)
     return fresh
+
+
+@pytest.fixture(scope="session")
+def keypair() -> tuple[Ed25519PrivateKey, Ed25519PublicKey]:
+    """The trainer's key pair."""
+    private_pem, public_pem = generate_keypair()
+    return load_private_key(private_pem), load_public_key(public_pem)
+
+
+@pytest.fixture(scope="session")
+def other_keypair() -> tuple[Ed25519PrivateKey, Ed25519PublicKey]:
+    """A key pair nobody trusts."""
+    private_pem, public_pem = generate_keypair()
+    return load_private_key(private_pem), load_public_key(public_pem)

@@ -1,4 +1,4 @@
-"""Fixtures of the checkpoint tests: keys, model states, manifests, Kafka clients."""
+"""Fixtures of the checkpoint tests: model states, manifests, Kafka clients (keys: tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -7,33 +7,11 @@ from typing import Any
 
 import pytest
 import torch
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from stream_learner.bus import make_producer
-from stream_learner.checkpoint import (
-    encode_tensors,
-    generate_keypair,
-    load_private_key,
-    load_public_key,
-    make_reader_consumer,
-    weights_info,
-)
+from stream_learner.checkpoint import encode_tensors, make_reader_consumer, weights_info
 from stream_learner.config import Settings
 from stream_learner.events import CheckpointManifest, Source
-
-
-@pytest.fixture(scope="session")
-def keypair() -> tuple[Ed25519PrivateKey, Ed25519PublicKey]:
-    """The trainer's key pair."""
-    private_pem, public_pem = generate_keypair()
-    return load_private_key(private_pem), load_public_key(public_pem)
-
-
-@pytest.fixture(scope="session")
-def other_keypair() -> tuple[Ed25519PrivateKey, Ed25519PublicKey]:
-    """A key pair nobody trusts."""
-    private_pem, public_pem = generate_keypair()
-    return load_private_key(private_pem), load_public_key(public_pem)
 
 
 def model_state(version: int, hidden: int = 1024) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Fixtures and helpers of the serving tests: keys, a producer, small identifiable checkpoints."""
+"""Fixtures and helpers of the serving tests: a producer, small identifiable checkpoints (keys: tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -8,17 +8,10 @@ from typing import Any
 
 import pytest
 import torch
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from stream_learner.bus import make_producer
-from stream_learner.checkpoint import (
-    encode_tensors,
-    generate_keypair,
-    load_private_key,
-    load_public_key,
-    publish_checkpoint,
-    weights_info,
-)
+from stream_learner.checkpoint import encode_tensors, publish_checkpoint, weights_info
 from stream_learner.config import Settings
 from stream_learner.events import CheckpointManifest
 from stream_learner.learn.models import ModelSpec
@@ -28,20 +21,6 @@ FEATURES = ["a", "b"]
 #: A regression model whose output for ROW is exactly 4 * version (see ``identifiable``).
 SPEC = ModelSpec(kind="logreg", task="regression", features=FEATURES)
 ROW = {"a": 1.0, "b": 2.0}
-
-
-@pytest.fixture(scope="session")
-def keypair() -> tuple[Ed25519PrivateKey, Ed25519PublicKey]:
-    """The trainer's key pair."""
-    private_pem, public_pem = generate_keypair()
-    return load_private_key(private_pem), load_public_key(public_pem)
-
-
-@pytest.fixture(scope="session")
-def other_keypair() -> tuple[Ed25519PrivateKey, Ed25519PublicKey]:
-    """A key pair nobody trusts."""
-    private_pem, public_pem = generate_keypair()
-    return load_private_key(private_pem), load_public_key(public_pem)
 
 
 @pytest.fixture
