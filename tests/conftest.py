@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -51,3 +52,12 @@ def other_keypair() -> tuple[Ed25519PrivateKey, Ed25519PublicKey]:
     """A key pair nobody trusts."""
     private_pem, public_pem = generate_keypair()
     return load_private_key(private_pem), load_public_key(public_pem)
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> tuple[Path, Path]:
+    """A fresh key pair as PEM files: (private ``k.pem``, public ``k.pub.pem``)."""
+    private_pem, public_pem = generate_keypair()
+    (tmp_path / "k.pem").write_bytes(private_pem)
+    (tmp_path / "k.pub.pem").write_bytes(public_pem)
+    return tmp_path / "k.pem", tmp_path / "k.pub.pem"

@@ -1,4 +1,4 @@
-"""Fixtures of the trainer tests: a signing key pair and trainer settings on fresh topics."""
+"""Fixtures of the trainer tests: trainer settings on fresh topics (the signing keys: tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -7,18 +7,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from stream_learner.checkpoint.signing import generate_keypair
 from stream_learner.config import Settings
 
 from .streams import AGRAWAL_FEATURES
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> tuple[Path, Path]:
-    private_pem, public_pem = generate_keypair()
-    (tmp_path / "k.pem").write_bytes(private_pem)
-    (tmp_path / "k.pub.pem").write_bytes(public_pem)
-    return tmp_path / "k.pem", tmp_path / "k.pub.pem"
 
 
 @pytest.fixture

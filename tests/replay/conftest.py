@@ -1,4 +1,4 @@
-"""Fixtures of the replay tests: a signing key pair, settings for the trainer and the joiner on fresh topics."""
+"""Fixtures of the replay tests: settings for the trainer and the joiner on fresh topics (keys: tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from stream_learner.checkpoint.signing import generate_keypair
 from stream_learner.config import Settings
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> tuple[Path, Path]:
-    private_pem, public_pem = generate_keypair()
-    (tmp_path / "k.pem").write_bytes(private_pem)
-    (tmp_path / "k.pub.pem").write_bytes(public_pem)
-    return tmp_path / "k.pem", tmp_path / "k.pub.pem"
 
 
 @pytest.fixture
