@@ -364,6 +364,9 @@ class ADWIN(river_base.DriftDetector):
     def _cut_once(self) -> bool:
         """Scan the cut points, oldest first; drop the oldest bucket at the first significant one."""
         width, mwl = self._width, self.min_window_length
+        # No cut point has mwl values on both sides (and log(log(1)) below is undefined).
+        if width < 2 or width < 2 * mwl:
+            return False
         n0, n1, u0, u1 = 0.0, width, 0.0, self._total
         # The parts of _significant that do not depend on the cut point, computed once per
         # scan with the same operations in the same order (bit-identical bounds).

@@ -39,7 +39,7 @@ import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .config import Settings
-from .errors import ConfigError, EventError
+from .errors import EventError
 from .events import Codec, Features, Ident
 from .metrics import Metrics
 from .sdk import PredictionLogger
@@ -58,14 +58,15 @@ class PredictRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     request_id: Ident | None = None
 
 
-class BatchRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Several prediction requests served by one model version."""
+class Body(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A ``POST /predict`` body: one request, or ``instances`` served by one model version."""
 
-    instances: list[PredictRequest]
+    features: Features | None = None
+    request_id: Ident | None = None
+    instances: list[PredictRequest] | None = None
 
 
-_ONE: Codec[PredictRequest] = Codec(PredictRequest, MAX_BODY_BYTES)
-_BATCH: Codec[BatchRequest] = Codec(BatchRequest, MAX_BODY_BYTES)
+_BODY: Codec[Body] = Codec(Body, MAX_BODY_BYTES)
 
 
 class ServingNode:
@@ -150,7 +151,8 @@ class ServingNode:
         """What ``GET /model`` returns."""
         served = self.current
         info: dict[str, Any] = {"status": self.subscriber.status(),
-                                "swaps": [{"version": v, "at": t} for v, t in self.swaps]}
+                                # A copy: the subscriber's thread appends while we read.
+                                "swaps": [{"version": v, "at": t} for v, t in list(self.swaps)]}
         if served is not None and getattr(served, "manifest", None) is not None:
             m = served.manifest
             info.update(model=m.model, version=m.version, parent=m.parent, created_at=m.created_at,
@@ -161,6 +163,7 @@ class ServingNode:
 class _Handler(BaseHTTPRequestHandler):
     node: ServingNode
     protocol_version = "HTTP/1.1"  # keep-alive: a client reuses its connection
+    timeout = 30  # a client that stops sending mid-request frees its thread
     # Headers and body leave in two writes; with Nagle on, the body waits for
     # the client's delayed ACK (40 ms a request).
     disable_nagle_algorithm = True
@@ -195,10 +198,14 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path != "/predict":
             self._reply(HTTPStatus.NOT_FOUND, {"error": f"no such path {self.path}"})
             return
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY_BYTES:
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            length = -1
+        if not 0 <= length <= MAX_BODY_BYTES:
             self.close_connection = True  # the body is not read: the connection cannot be reused
-            self._reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": f"body over {MAX_BODY_BYTES} bytes"})
+            status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE if length > MAX_BODY_BYTES else HTTPStatus.LENGTH_REQUIRED
+            self._reply(status, {"error": f"a body of 0 to {MAX_BODY_BYTES} bytes with its Content-Length"})
             return
         body = self.rfile.read(length)
         try:
@@ -212,9 +219,9 @@ class _Handler(BaseHTTPRequestHandler):
         except LookupError as exc:
             self._reply(HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(exc)})
             return
-        except EventError as exc:  # e.g. a prediction the SDK refuses: a bug, not the caller's
-            log.error("serving_log_failed", error=str(exc))
-            self._reply(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": str(exc)})
+        except Exception as exc:  # noqa: BLE001 - ours, not the caller's: answer 500, keep serving
+            log.exception("serving_predict_failed")
+            self._reply(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(exc).__name__}: {exc}"})
             return
         self._reply(HTTPStatus.OK, {"predictions": out} if batch else out[0])
 
@@ -229,12 +236,16 @@ def _parse(body: bytes) -> tuple[bool, list[PredictRequest]]:
     ...
     stream_learner.errors.EventError: $.features.x: expected `float | null`, got `str`
     """
-    if b'"instances"' in body:
-        requests = _BATCH.decode(body).instances
-        if len(requests) > MAX_BATCH:
+    parsed = _BODY.decode(body)
+    if parsed.instances is not None:
+        if parsed.features is not None or parsed.request_id is not None:
+            raise EventError("invalid_value", "$", "give `instances`, or `features` (and `request_id`), not both")
+        if len(parsed.instances) > MAX_BATCH:
             raise EventError("invalid_value", "$.instances", f"a batch holds at most {MAX_BATCH} instances")
-        return True, requests
-    return False, [_ONE.decode(body)]
+        return True, parsed.instances
+    if parsed.features is None:
+        raise EventError("missing_field", "$.features", "missing required field")
+    return False, [PredictRequest(features=parsed.features, request_id=parsed.request_id)]
 
 
 def run_node(settings: Settings, metrics: Metrics, *, stop: threading.Event, cold_start: bool = False) -> None:
@@ -246,10 +257,7 @@ def run_node(settings: Settings, metrics: Metrics, *, stop: threading.Event, col
     """
     from .serving import CheckpointSubscriber, public_keys_from_settings
 
-    if not settings.serving_public_keys:
-        raise ConfigError("serving_public_keys: a serving node needs the trainer's public key(s) to verify "
-                          "checkpoints (see `stream-learner keys generate`)")
-    keys = public_keys_from_settings(settings)
+    keys = public_keys_from_settings(settings)  # ConfigError if none is set
     sdk = PredictionLogger(settings=settings, metrics=metrics)
     node: ServingNode | None = None
 

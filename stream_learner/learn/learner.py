@@ -654,7 +654,7 @@ class OnlineLearner:
         ``[id, class]`` pairs for the meta only if an id contains a NUL. Up to 100 000 pairs
         as JSON were 90 % of the meta and half of a checkpoint's state_dict time."""
         ids = "\0".join(self.pseudo)
-        if len(self.pseudo) > 1 and ids.count("\0") != len(self.pseudo) - 1:
+        if any("\0" in k for k in self.pseudo):
             return [[k, v] for k, v in self.pseudo.items()]
         tensors["pseudo.ids"] = torch.frombuffer(bytearray(ids.encode()), dtype=torch.uint8) if ids \
             else torch.zeros(0, dtype=torch.uint8)

@@ -7,7 +7,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,16 @@ def call(url: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
             return resp.status, raw.decode()
     finally:
         conn.close()
+
+
+def raw_status(url: str, request: str) -> int:
+    """The status code of a hand-written HTTP request (headers a client library would not send)."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request.encode())
+        return int(sock.recv(1024).split()[1])
 
 
 @pytest.fixture
@@ -114,11 +123,20 @@ def test_bad_requests_are_refused_with_the_field_named(node: ServingNode) -> Non
     assert status == 400 and "extra" in reply["error"]
     status, reply = call(node.url, "POST", "/predict", {"instances": [{"features": ROW}, {"feature": ROW}]})
     assert status == 400 and reply["field"].startswith("$.instances[1]")
+    status, reply = call(node.url, "POST", "/predict", {"instances": [], "features": ROW})
+    assert status == 400 and "not both" in reply["error"]
+    status, reply = call(node.url, "POST", "/predict", {"request_id": "r"})
+    assert status == 400 and reply["field"] == "$.features"
+    for length in ("abc", "-1"):
+        assert raw_status(node.url, f"POST /predict HTTP/1.1\r\nContent-Length: {length}\r\n\r\n{{}}") == 411
+    assert raw_status(node.url, "POST /predict HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n") == 413
     assert call(node.url, "GET", "/nope")[0] == 404
     assert call(node.url, "POST", "/other", {})[0] == 404
     # The node still serves after all that.
     assert call(node.url, "POST", "/predict", {"features": ROW})[0] == 200
-    assert "stream_learner_serving_bad_requests_total 4.0" in call(node.url, "GET", "/metrics")[1]
+    assert "stream_learner_serving_bad_requests_total 6.0" in call(node.url, "GET", "/metrics")[1]
+    # A feature may be called "instances".
+    assert call(node.url, "POST", "/predict", {"features": {"instances": 1.0}})[0] == 200
 
 
 def test_without_a_model_the_node_answers_503(settings: Settings, keypair: Any) -> None:
@@ -176,4 +194,3 @@ def test_cold_start_is_the_trainers_untrained_model(node_settings: Settings) -> 
     assert served.version == 0 and served.spec == config.spec
     for name, tensor in learner.main.model.state_dict().items():
         assert bool((served.network.state_dict()[name] == tensor).all()), name
-    assert time.time() - served.loaded_at < 60
