@@ -152,7 +152,7 @@ def swaps(versions: int, fetch_max_wait_ms: int) -> dict[str, Any]:
         publish(1)
         with done:
             done.wait_for(lambda: 1 in swapped, timeout=60)
-        threads = [threading.Thread(target=load) for _ in range(2)]
+        threads = [threading.Thread(target=load, daemon=True) for _ in range(2)]  # a failed run still exits
         for t in threads:
             t.start()
         time.sleep(3.0)  # predict latency with no swaps

@@ -98,13 +98,11 @@ from river import datasets, linear_model, preprocessing, tree
 from river.datasets import synth
 
 from stream_learner.config import Settings
-from stream_learner.drift import (
-    DriftPolicy, LrBoost, OptimizerReset, PromoteChallengerIfBetter, StartChallenger,
-)
+from stream_learner.drift import DriftPolicy
 from stream_learner.events import ExampleEvent
 from stream_learner.join.joiner import example_id
 from stream_learner.learn.learner import LearnerConfig, OnlineLearner
-from stream_learner.learn.trainer import drift_from_settings, learner_config
+from stream_learner.learn.trainer import apply_drift_policy, drift_from_settings, learner_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_foundation import machine_info  # noqa: E402
@@ -268,17 +266,10 @@ def build_ours(stream: Stream, o: Ours) -> tuple[OnlineLearner, DriftPolicy, int
 
 
 def apply_policy(learner: OnlineLearner, policy: DriftPolicy, finding: Any, log: dict[str, Any]) -> None:
-    """What ``Trainer._on_drift`` does with a finding, minus Kafka (alert and checkpoint are counted)."""
-    actions = policy.decide(finding, challenger_active=learner.challenger is not None)
-    for action in actions:
-        if isinstance(action, LrBoost):
-            learner.boost_lr(action.factor, action.steps)
-        elif isinstance(action, OptimizerReset):
-            learner.reset_optimizer()
-        elif isinstance(action, StartChallenger):
-            learner.start_challenger()
-        elif isinstance(action, PromoteChallengerIfBetter):
-            log["promoted"] += int(learner.promote_challenger_if_better())
+    """What the trainer does with a finding (``apply_drift_policy``), minus Kafka; the findings are logged."""
+    champion = learner.main
+    actions = apply_drift_policy(learner, policy, finding)
+    log["promoted"] += int(learner.main is not champion)  # a promotion replaces the main model
     log["findings"].append([finding.detector, finding.kind.value, finding.index, [a.kind for a in actions]])
 
 

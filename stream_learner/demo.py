@@ -33,6 +33,7 @@ import random
 import signal
 import subprocess
 import sys
+import shutil
 import tempfile
 import threading
 import time
@@ -47,6 +48,7 @@ import structlog
 from kafka import TopicPartition
 
 from .bus import make_consumer
+from .checkpoint.publish import H_TYPE, TYPE_MANIFEST
 from .config import Settings, settings_env
 from .errors import EventError, StreamLearnerError
 from .events import DRIFT, EXAMPLE, MANIFEST
@@ -116,6 +118,8 @@ class Observed:
     manifests: dict[int, Any] = field(default_factory=dict)  # version -> manifest
     drift: list[Any] = field(default_factory=list)
     probed: bool = False  # the warm-up probe came out of the joiner
+    example_ids: set[str] = field(default_factory=set)
+    duplicates: int = 0  # examples re-emitted (at-least-once), not counted again
 
 
 class _Monitor(threading.Thread):
@@ -153,11 +157,16 @@ class _Monitor(threading.Thread):
                 if ex.model == PROBE:
                     seen.probed = True
                     return
+                # At-least-once: a re-emitted example (same id) counts once, and apart.
+                if ex.example_id in seen.example_ids:
+                    seen.duplicates += 1
+                    return
+                seen.example_ids.add(ex.example_id)
                 seen.examples[ex.kind] += 1
                 if ex.label_event_id is not None:
                     seen.example_at[ex.label_event_id] = (record.partition, record.offset)
             elif topic == s.topic_models:
-                if dict(record.headers or ()).get("sl-type") == b"manifest":
+                if dict(record.headers or ()).get(H_TYPE) == TYPE_MANIFEST:
                     m = MANIFEST.decode(record.value)
                     seen.manifests[m.version] = m
             else:
@@ -223,6 +232,15 @@ def run_demo(base: Settings, config: DemoConfig | None = None, *, progress: bool
         serving_model=MODEL, log_format="json",
     )
     work = Path(tempfile.mkdtemp(prefix="stream-learner-demo-"))  # keys and trainer state: fresh each run
+    try:
+        return _run_in(work, settings, config, rows, progress)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the private signing key goes with it
+
+
+def _run_in(work: Path, settings: Settings, config: DemoConfig, rows: list[tuple[dict[str, float], int]],
+            progress: bool) -> dict[str, Any]:
+    out = config.out
     with LocalServers(settings, workdir=work / "servers") as servers:
         from .checkpoint.signing import generate_keypair
 
@@ -234,9 +252,10 @@ def run_demo(base: Settings, config: DemoConfig | None = None, *, progress: bool
             trainer_state_dir=str(work / "trainer-state"),
             serving_public_keys=[str(work / "signing.pub.pem")], serving_port=(port := free_port()),
         )
-        procs = [_start(["run"], settings, out / "run.log"), _start(["serve", "--cold-start"], settings,
-                                                                    out / "serve.log")]
+        procs: list[subprocess.Popen[bytes]] = []
         try:
+            procs.append(_start(["run"], settings, out / "run.log"))
+            procs.append(_start(["serve", "--cold-start"], settings, out / "serve.log"))
             return _play(settings, config, rows, port, procs, progress)
         finally:
             for proc in procs:
@@ -290,7 +309,16 @@ def _play(settings: Settings, config: DemoConfig, rows: list[tuple[dict[str, flo
     monitor = _Monitor(settings)
     monitor.start()
     sdk = PredictionLogger(settings=settings, model=MODEL)
-    _warm_up(sdk, monitor, procs)
+    try:
+        _warm_up(sdk, monitor, procs)
+        return _traffic(settings, config, rows, port, monitor, sdk, progress)
+    finally:  # already done on success; on an error, do not leave them running
+        monitor.stop.set()
+        sdk.close()
+
+
+def _traffic(settings: Settings, config: DemoConfig, rows: list[tuple[dict[str, float], int]], port: int,
+             monitor: _Monitor, sdk: PredictionLogger, progress: bool) -> dict[str, Any]:
     rng = random.Random(config.seed)
     fates = [rng.random() for _ in rows]
     delays = [rng.uniform(*config.label_delay_s) for _ in rows]
@@ -325,10 +353,12 @@ def _play(settings: Settings, config: DemoConfig, rows: list[tuple[dict[str, flo
                 resp = conn.getresponse()
                 body = json.loads(resp.read())
                 if resp.status != 200:
-                    failures[f"http_{resp.status}"] += 1
+                    with lock:
+                        failures[f"http_{resp.status}"] += 1
                     continue
             except (OSError, http.client.HTTPException, ValueError) as exc:
-                failures[type(exc).__name__] += 1
+                with lock:
+                    failures[type(exc).__name__] += 1
                 conn.close()
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
                 continue
@@ -399,8 +429,9 @@ def _caught_up(monitor: _Monitor, port: int, predictions: int, labels: int) -> b
         seen = monitor.seen
         kinds = seen.examples
         newest = max(seen.manifests.values(), key=lambda m: m.version, default=None)
-        if (newest is None or kinds["labeled"] + kinds["unlabeled"] < predictions
-                or kinds["labeled"] + kinds["late"] < labels):
+        # Distinct examples: one labeled-or-unlabeled per prediction, one labeled-or-late per label.
+        if (newest is None or kinds["labeled"] + kinds["unlabeled"] != predictions
+                or kinds["labeled"] + kinds["late"] != labels):
             return False
         # Offsets are the next to apply, per examples partition: the newest
         # checkpoint covers every example the monitor has read.
@@ -517,7 +548,8 @@ def _summary(config: DemoConfig, served: list[Served | None], failures: Counter[
         "requests": {"sent": total, "answered": len(answered), "failed": dict(failures)},
         "labels": {"sent": len(label_sent_at), "never_sent": total - len(label_sent_at),
                    "sdk_failed": sdk_stats.failed, "sdk_dropped": sdk_stats.dropped},
-        "examples": {kind: seen.examples[kind] for kind in ("labeled", "unlabeled", "late")},
+        "examples": {**{kind: seen.examples[kind] for kind in ("labeled", "unlabeled", "late")},
+                     "duplicates": seen.duplicates},
         "join_rates": {kind: round(seen.examples[kind] / total, 4) for kind in ("labeled", "unlabeled", "late")},
         "served_accuracy": {
             "before_drift": round(pre_acc, 4),
