@@ -31,6 +31,10 @@ and answers every request with ``subscriber.current.predict_one(features)``.
 **Never backwards.** While following, only a version strictly greater than
 the newest one followed is loaded: an older manifest replayed onto the
 topic (a downgrade attack, or an honest duplicate) is counted and ignored.
+The limit: a subscriber that *starts* after an old manifest was replayed
+onto the end of the topic serves that version until a newer one arrives
+(the catch-up reads the newest manifest record, not the whole history).
+Only the trainer should be allowed to write the model topic (Kafka ACLs).
 :meth:`CheckpointSubscriber.pin` (alias ``rollback``) is the only way back
 to an older version; :meth:`~CheckpointSubscriber.unpin` returns to the
 newest. While pinned, newer versions are still verified and loaded in the
@@ -51,8 +55,9 @@ good version.
 **Threads.** :meth:`~CheckpointSubscriber.start` runs the loop on a daemon
 thread that never dies of an exception; :meth:`~CheckpointSubscriber.poll_once`
 runs one step on the caller's thread instead. ``current`` is safe to read
-from any number of threads; a :class:`ServedModel` is never mutated, so
-concurrent ``predict`` calls share it freely.
+from any number of threads; a :class:`ServedModel`'s network and statistics
+are never mutated, so concurrent ``predict`` calls share it freely (only its
+featurizer's missing-value counters are bumped, without a lock).
 
 **Trust.** Only manifests signed by a key in ``public_keys`` are loaded.
 The signed architecture may name a model factory
@@ -600,6 +605,7 @@ class CheckpointSubscriber:
         """
         with self._lock:
             current, followed = self._current, self._followed
+            follower, loader = self._follower, self._loader
             return {
                 "model": self.model,
                 "topic": self.topic,
@@ -614,9 +620,9 @@ class CheckpointSubscriber:
                 "stale_manifests": self._stale,
                 "running": self._thread is not None and self._thread.is_alive(),
                 "catch_up": dict(self._catch_up),
-                "records_followed": self._closed_records[0] + (self._follower.records if self._follower else 0),
-                "records_fetched": (self._closed_records[1] + (self._loader.records if self._loader else 0)
-                                    - self._catch_up_total),
+                # Locals: the loop may close (and None) its clients meanwhile.
+                "records_followed": self._closed_records[0] + (follower.records if follower else 0),
+                "records_fetched": self._closed_records[1] + (loader.records if loader else 0) - self._catch_up_total,
             }
 
     def poll_once(self) -> bool:
