@@ -121,6 +121,13 @@ class MergedReader:
         empty = 0
         while any(not self.buffers[n] and n in self.fetching for n in missing):
             batch = consumer.poll(timeout_ms=200, max_records=self.poll_records)
+            if not batch:
+                # A range may end in offsets that hold no record (transaction markers,
+                # compacted gaps): the position passes the end without a record to show.
+                for name in [n for n in missing if n in self.fetching]:
+                    if consumer.position(self.tps[name]) >= self.ends[name]:
+                        del self.fetching[name]
+                        consumer.pause(self.tps[name])
             empty = 0 if batch else empty + 1
             if empty >= self.stall_polls:
                 raise ReplayError(f"no records for {self.stall_polls * 0.2:.0f} s from partitions "

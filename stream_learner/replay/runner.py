@@ -31,6 +31,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -74,6 +75,9 @@ _NOT_RESULT = {"trainer_state_store", "trainer_state_dir", "trainer_signing_key"
                "trainer_checkpoint_every_s", "trainer_max_wait_ms"}
 
 
+_SAFE_NAME = re.compile(r"[A-Za-z0-9._@-]{1,200}")
+
+
 @dataclass(frozen=True)
 class ReplayPlan:
     """What to replay and where the new lineage goes.
@@ -95,6 +99,12 @@ class ReplayPlan:
     output_dir: str | None = None
     overwrite_live: bool = False
     close_windows: bool = False
+
+    def __post_init__(self) -> None:
+        # Both name a directory and a Redis key prefix: no path parts, no glob characters.
+        for what, name in (("replay id", self.replay_id), ("lineage", self.lineage)):
+            if name is not None and (not _SAFE_NAME.fullmatch(name) or name.strip(".") == ""):
+                raise ReplayError(f"{what} {name!r} must be letters, digits and . _ @ - only")
 
     def lineage_name(self, settings: Settings) -> str:
         """The model name the replay publishes under."""
@@ -392,7 +402,8 @@ class Replay:
 
     def _delete_keys(self, client: redis.Redis) -> None:
         batch: list[bytes] = []
-        for key in client.scan_iter(match=self.prefix.replace("[", "\\[") + "*", count=1000):
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self.prefix) + "*"  # the prefix, literally
+        for key in client.scan_iter(match=pattern, count=1000):
             batch.append(key)
             if len(batch) >= 1000:
                 client.delete(*batch)
