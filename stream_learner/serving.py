@@ -95,10 +95,12 @@ from .checkpoint.reader import (
     LoadedCheckpoint,
     PublicKeys,
     ReadTimeoutError,
+    key_list,
     load_manifest_record,
     make_reader_consumer,
     read_latest,
     read_version,
+    record_header,
 )
 from .checkpoint.signing import load_public_key
 from .config import Settings
@@ -387,13 +389,6 @@ def _smoke(served: ServedModel, what: str) -> None:
 # -- following the model topic -----------------------------------------------------
 
 
-def _header(record: Any, name: str) -> bytes | None:
-    for key, value in record.headers or ():
-        if key == name:
-            return value
-    return None
-
-
 class _Counting:
     """A consumer proxy that counts the records its polls return (the work a read did)."""
 
@@ -444,8 +439,7 @@ class CheckpointSubscriber:
         consumer_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.settings = settings
-        self.public_keys: list[Ed25519PublicKey] = (
-            [public_keys] if isinstance(public_keys, Ed25519PublicKey) else list(public_keys))
+        self.public_keys: list[Ed25519PublicKey] = key_list(public_keys)
         if not self.public_keys:
             raise ValueError("no public key: the subscriber could verify no checkpoint")
         self.model = model or settings.serving_model or settings.trainer_model
@@ -754,9 +748,9 @@ class CheckpointSubscriber:
         items = list(batch.items())
         for n, (tp, records) in enumerate(items):
             for record in records:
-                if _header(record, H_MODEL) != self._model_b:
+                if record_header(record, H_MODEL) != self._model_b:
                     continue
-                kind = _header(record, H_TYPE)
+                kind = record_header(record, H_TYPE)
                 if kind == TYPE_CHUNK:
                     self._keep_chunk(record)
                 elif kind == TYPE_MANIFEST:
@@ -774,7 +768,7 @@ class CheckpointSubscriber:
         return swapped
 
     def _on_manifest(self, record: Any, read_at: float) -> bool:
-        header_version = _header(record, H_VERSION)
+        header_version = record_header(record, H_VERSION)
         followed = self._followed
         try:
             version: int | None = int(header_version or b"")
@@ -810,7 +804,7 @@ class CheckpointSubscriber:
     def _keep_chunk(self, record: Any) -> None:
         followed = self._followed
         try:
-            version = int(_header(record, H_VERSION) or b"")
+            version = int(record_header(record, H_VERSION) or b"")
         except ValueError:
             return
         size = len(record.value or b"")

@@ -173,7 +173,7 @@ def load_manifest_record(
     Raises :class:`ReadTimeoutError` if the broker does not deliver them
     within ``timeout_s``.
     """
-    keys = [public_key] if isinstance(public_key, Ed25519PublicKey) else list(public_key)
+    keys = key_list(public_key)
     reader = _Reader(consumer, record.topic, time.monotonic() + timeout_s)
     candidate = reader.verified(record, window or {}, keys)
     tensors, metadata = reader.weights(candidate)
@@ -191,7 +191,7 @@ def _read(
     version: int | None,
     timeout_s: float,
 ) -> LoadedCheckpoint:
-    keys = [public_key] if isinstance(public_key, Ed25519PublicKey) else list(public_key)
+    keys = key_list(public_key)
     if isinstance(source, Settings):
         consumer = make_reader_consumer(source)
         try:
@@ -201,11 +201,17 @@ def _read(
     return _Reader(source, topic, time.monotonic() + timeout_s).load(keys, model, version)
 
 
-def _header(record: Any, name: str) -> bytes | None:
+def record_header(record: Any, name: str) -> bytes | None:
+    """The value of header ``name`` of a consumed record, or None."""
     for key, value in record.headers or ():
         if key == name:
             return value
     return None
+
+
+def key_list(public_key: PublicKeys) -> list[Ed25519PublicKey]:
+    """One trusted key or several, as a list."""
+    return [public_key] if isinstance(public_key, Ed25519PublicKey) else list(public_key)
 
 
 @dataclass
@@ -288,9 +294,9 @@ class _Reader:
 
         def wanted(record: Any) -> bool:
             return (
-                _header(record, H_TYPE) == TYPE_MANIFEST
-                and (model_b is None or _header(record, H_MODEL) == model_b)
-                and (version_b is None or _header(record, H_VERSION) == version_b)
+                record_header(record, H_TYPE) == TYPE_MANIFEST
+                and (model_b is None or record_header(record, H_MODEL) == model_b)
+                and (version_b is None or record_header(record, H_VERSION) == version_b)
             )
 
         hits = self.newest(wanted)
@@ -316,12 +322,12 @@ class _Reader:
         verify_manifest(manifest, keys)
         # Headers are not signed: a record whose headers disagree with its
         # signed manifest was not written by the publisher.
-        if (_header(record, H_MODEL), _header(record, H_VERSION)) != (
+        if (record_header(record, H_MODEL), record_header(record, H_VERSION)) != (
             manifest.model.encode(), str(manifest.version).encode()
         ):
             raise CheckpointError(
                 f"manifest at {where} is {manifest.model} v{manifest.version} but its headers say "
-                f"{_header(record, H_MODEL)!r} v{_header(record, H_VERSION)!r}"
+                f"{record_header(record, H_MODEL)!r} v{record_header(record, H_VERSION)!r}"
             )
         return _Candidate(manifest, record, window)
 
@@ -363,8 +369,8 @@ class _Reader:
             chunk = have.get(off)
             if chunk is None:
                 raise IncompleteCheckpointError(f"{what}: chunk {index} at offset {off} is missing")
-            got = {name: _header(chunk, name) for name in expect}
-            got_index = _header(chunk, H_CHUNK_INDEX)
+            got = {name: record_header(chunk, name) for name in expect}
+            got_index = record_header(chunk, H_CHUNK_INDEX)
             if got != expect or got_index != str(index).encode():
                 raise IncompleteCheckpointError(
                     f"{what}: the record at offset {off} is not its chunk {index}: headers "

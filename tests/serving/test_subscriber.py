@@ -93,7 +93,8 @@ def test_start_waits_for_a_first_model_and_follows_in_order(settings: Settings, 
         assert sub.version == 1 and swaps == [(1, None)]
         for v in range(2, 6):
             publish(producer, topic, keypair[0], v)
-        wait_for(lambda: sub.version == 5, what="v5")
+        # on_swap runs after the swap and its metrics: wait for it, not for the version.
+        wait_for(lambda: len(swaps) == 5, what="five swaps")
         assert swaps == [(1, None), (2, 1), (3, 2), (4, 3), (5, 4)]
         assert metrics.registry.get_sample_value("stream_learner_serving_model_version") == 5.0
         assert metrics.registry.get_sample_value("stream_learner_serving_swaps_total") == 5.0
@@ -149,7 +150,7 @@ def test_pin_unpin_and_rollback(settings: Settings, producer, keypair) -> None:
         assert sub.status()["last_error"].startswith("not_found:")
         sub.unpin()
         publish(producer, topic, keypair[0], 5)
-        wait_for(lambda: sub.version == 5, what="v5 after unpin")
+        wait_for(lambda: swaps[-1][0] == 5, what="v5 after unpin")  # on_swap: after the swap
         assert swaps == [(3, None), (1, 3), (4, 1), (2, 4), (4, 2), (5, 4)]
 
 

@@ -47,7 +47,8 @@ def test_a_subscriber_serves_each_checkpoint_the_trainer_publishes(settings: Set
         trainer.checkpoint()
         published = [m.version for m in trainer.published]
         assert len(published) >= 3
-        wait_for(lambda: sub.version == published[-1], what=f"v{published[-1]}")
+        # served grows in on_swap, which runs just after the swap itself.
+        wait_for(lambda: served and served[-1] == published[-1], what=f"v{published[-1]}")
         # Each version once, in order (the follower may start after v1 if the trainer is quick).
         assert served == published[published.index(served[0]):]
         model = sub.current
