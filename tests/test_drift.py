@@ -413,19 +413,22 @@ def test_monitor_routes_each_signal_to_its_detectors_and_reports_findings() -> N
         monitor.observe("error", math.nan, index=N)
 
 
+class Threshold:
+    """A detector of the protocol's minimum: update, state, restore (no update_many)."""
+
+    name, signal, estimation = "too_unsure", "confidence", 0.5
+
+    def update(self, value: float) -> Signal:
+        return Signal.DRIFT if value < 0.2 else Signal.NONE
+
+    def state(self) -> dict[str, Any]:
+        return {}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        pass
+
+
 def test_monitor_accepts_any_detector_implementing_the_protocol() -> None:
-    class Threshold:
-        name, signal = "too_unsure", "confidence"
-
-        def update(self, value: float) -> Signal:
-            return Signal.DRIFT if value < 0.2 else Signal.NONE
-
-        def state(self) -> dict[str, Any]:
-            return {}
-
-        def restore(self, state: dict[str, Any]) -> None:
-            pass
-
     monitor = DriftMonitor([Threshold()])
     assert monitor.observe("confidence", 0.1, index=9) == [DriftFinding("too_unsure", "confidence", Signal.DRIFT, 0.1, 9)]
     with pytest.raises(TypeError):
@@ -715,18 +718,6 @@ def test_observe_many_feeds_the_values_before_a_non_finite_one_then_raises() -> 
 
 
 def test_observe_many_with_a_detector_without_update_many() -> None:
-    class Threshold:
-        name, signal, estimation = "too_unsure", "confidence", 0.5
-
-        def update(self, value: float) -> Signal:
-            return Signal.DRIFT if value < 0.2 else Signal.NONE
-
-        def state(self) -> dict[str, Any]:
-            return {}
-
-        def restore(self, state: dict[str, Any]) -> None:
-            pass
-
     findings, estimates = DriftMonitor([Threshold()]).observe_many("confidence", [0.9, 0.1, 0.5], indices=[7, 8, 9])
     assert findings == [(1, DriftFinding("too_unsure", "confidence", Signal.DRIFT, 0.1, 8))]
     assert estimates == {"too_unsure": [0.5, 0.5, 0.5]}

@@ -99,3 +99,13 @@ def consumer(settings: Settings) -> Iterator[CountingConsumer]:
     c = make_reader_consumer(settings)
     yield CountingConsumer(c)
     c.close()
+
+
+class Acked:
+    """A send's future, already acknowledged at ``partition``/``offset`` (for producers faked in memory)."""
+
+    def __init__(self, partition: int, offset: int) -> None:
+        self.partition, self.offset = partition, offset
+
+    def get(self, timeout: float | None = None) -> Acked:
+        return self

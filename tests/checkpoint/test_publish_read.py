@@ -34,7 +34,7 @@ from stream_learner.checkpoint.publish import (
 from stream_learner.config import Settings
 from stream_learner.events import MANIFEST, encode
 
-from .conftest import CountingConsumer, assert_bit_identical, checkpoint_bytes, manifest_for
+from .conftest import Acked, CountingConsumer, assert_bit_identical, checkpoint_bytes, manifest_for
 
 CHUNK = 512 * 1024
 
@@ -241,14 +241,6 @@ def test_publish_refuses_a_manifest_that_describes_other_bytes(settings: Setting
 # -- order and layout, without a broker -----------------------------------------
 
 
-class _Acked:
-    def __init__(self, partition: int, offset: int) -> None:
-        self.partition, self.offset = partition, offset
-
-    def get(self, timeout: float | None = None) -> _Acked:
-        return self
-
-
 class RecordingProducer:
     """Stores sends in memory and acknowledges them at once, like a one-partition log."""
 
@@ -256,9 +248,9 @@ class RecordingProducer:
         self.log: list[dict[str, Any]] = []
 
     def send(self, topic: str, *, key: bytes, value: bytes, headers: list[tuple[str, bytes]],
-             partition: int | None = None) -> _Acked:
+             partition: int | None = None) -> Acked:
         self.log.append({"key": key, "value": value, "headers": dict(headers), "partition": partition})
-        return _Acked(partition or 0, len(self.log) - 1)
+        return Acked(partition or 0, len(self.log) - 1)
 
 
 def test_chunks_first_then_the_signed_manifest_pointing_at_them(keypair) -> None:

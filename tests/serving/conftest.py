@@ -71,25 +71,19 @@ def publish(producer: Any, topic: str, key: Ed25519PrivateKey, version: int, *,
                               data, key, chunk_bytes=chunk_bytes)
 
 
-def wait_for(condition: Callable[[], Any], timeout_s: float = 30.0, what: str = "condition") -> Any:
-    """Poll ``condition`` until it is truthy; fail the test after ``timeout_s``."""
+def wait_for(condition: Callable[[], Any], timeout_s: float = 30.0, what: str = "condition",
+             step: Callable[[], Any] = lambda: time.sleep(0.02), detail: Callable[[], Any] = lambda: "") -> Any:
+    """Run ``step`` until ``condition`` is truthy; fail the test after ``timeout_s``, with ``detail()``."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = condition()
         if value:
             return value
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.02)
+            pytest.fail(f"timed out after {timeout_s}s waiting for {what} {detail()}")
+        step()
 
 
 def step_until(sub: Any, condition: Callable[[], Any], timeout_s: float = 30.0, what: str = "condition") -> Any:
     """Call ``sub.poll_once()`` until ``condition`` holds (a subscriber without its thread)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s}s waiting for {what}; status {sub.status()}")
-        sub.poll_once()
+    return wait_for(condition, timeout_s, what, step=sub.poll_once, detail=lambda: f"; status {sub.status()}")

@@ -20,6 +20,7 @@ from stream_learner.events import encode
 from stream_learner.metrics import Metrics
 from stream_learner.serving import CheckpointSubscriber
 
+from ..checkpoint.conftest import Acked
 from .conftest import MODEL, ROW, SPEC, identifiable, publish, step_until, wait_for
 
 
@@ -286,14 +287,6 @@ def _wrong_key(producer: Any, topic: str, keypair: Any, other: Any, tmp_path: Pa
     publish(producer, topic, other[0], 2)
 
 
-class _Ack:
-    def __init__(self, partition: int, offset: int) -> None:
-        self.partition, self.offset = partition, offset
-
-    def get(self, timeout: float | None = None) -> _Ack:
-        return self
-
-
 class WithholdingProducer:
     """Sends the chunks, withholds the manifest (acknowledging it as if sent)."""
 
@@ -302,7 +295,7 @@ class WithholdingProducer:
 
     def send(self, topic: str, **kwargs: Any) -> Any:
         if (H_TYPE, b"manifest") in kwargs["headers"]:
-            return _Ack(kwargs.get("partition") or 0, -1)
+            return Acked(kwargs.get("partition") or 0, -1)
         return self.inner.send(topic, **kwargs)
 
 
