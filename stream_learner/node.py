@@ -24,6 +24,7 @@ is not dead-lettered: nothing was accepted, nothing is lost.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import threading
@@ -86,8 +87,7 @@ class ServingNode:
         self.metrics = metrics or Metrics()
         self.swaps: deque[tuple[int, float]] = deque(maxlen=10_000)
         self._id_prefix = os.urandom(6).hex()
-        self._ids = iter(range(1 << 62))
-        self._ids_lock = threading.Lock()
+        self._ids = itertools.count()  # next() on it is atomic under the GIL
         node = self
 
         class Handler(_Handler):
@@ -126,8 +126,7 @@ class ServingNode:
         self.swaps.append((new.version, time.time()))
 
     def _request_id(self) -> str:
-        with self._ids_lock:
-            return f"{self._id_prefix}-{next(self._ids)}"
+        return f"{self._id_prefix}-{next(self._ids)}"
 
     def predict(self, requests: Sequence[PredictRequest]) -> list[dict[str, Any]]:
         """Serve ``requests`` with the current model and log each; raise LookupError if none."""
