@@ -10,6 +10,7 @@ import torch
 
 from stream_learner.bus import make_producer
 from stream_learner.checkpoint import encode_tensors, make_reader_consumer, weights_info
+from stream_learner.checkpoint.publish import H_CHUNK_INDEX
 from stream_learner.config import Settings
 from stream_learner.events import CheckpointManifest, Source
 
@@ -109,3 +110,17 @@ class Acked:
 
     def get(self, timeout: float | None = None) -> Acked:
         return self
+
+
+class TamperingProducer:
+    """Passes sends through, flipping one byte of one chunk on the way."""
+
+    def __init__(self, inner: Any, chunk_index: int) -> None:
+        self.inner, self.chunk_index = inner, str(chunk_index).encode()
+
+    def send(self, topic: str, **kwargs: Any) -> Any:
+        if (H_CHUNK_INDEX, self.chunk_index) in kwargs["headers"]:
+            value = bytearray(kwargs["value"])
+            value[len(value) // 2] ^= 0x01
+            kwargs["value"] = bytes(value)
+        return self.inner.send(topic, **kwargs)

@@ -34,7 +34,7 @@ from stream_learner.checkpoint.publish import (
 from stream_learner.config import Settings
 from stream_learner.events import MANIFEST, encode
 
-from .conftest import Acked, CountingConsumer, assert_bit_identical, checkpoint_bytes, manifest_for
+from .conftest import Acked, CountingConsumer, TamperingProducer, assert_bit_identical, checkpoint_bytes, manifest_for
 
 CHUNK = 512 * 1024
 
@@ -172,21 +172,6 @@ def test_missing_or_foreign_chunks_are_incomplete(settings: Settings, producer, 
         read_latest(consumer, topic, public, "churn")
     # v2 itself is intact.
     assert read_version(consumer, topic, public, 2).manifest == v2
-
-
-class TamperingProducer:
-    """Passes sends through, flipping one byte of one chunk on the way."""
-
-    def __init__(self, inner: Any, chunk_index: int) -> None:
-        self.inner = inner
-        self.chunk_index = str(chunk_index).encode()
-
-    def send(self, topic: str, **kwargs: Any) -> Any:
-        if (H_CHUNK_INDEX, self.chunk_index) in kwargs["headers"]:
-            value = bytearray(kwargs["value"])
-            value[len(value) // 2] ^= 0x01
-            kwargs["value"] = bytes(value)
-        return self.inner.send(topic, **kwargs)
 
 
 def test_a_tampered_chunk_fails_the_digest(settings: Settings, producer, consumer, keypair) -> None:

@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +125,25 @@ class ExampleReader:
                 got += 1
         return got
 
+    def read_until(self, wanted: AbstractSet[str], timeout_s: float, *, linger_s: float,
+                   check: Callable[[], None] = lambda: None, stall_s: float = 20.0) -> float:
+        """Read until every id in ``wanted`` was seen, nothing new came for ``stall_s`` (what
+        is missing will not come) or ``timeout_s`` passed, calling ``check`` between polls;
+        then ``linger_s`` more, so examples that should not exist have their chance to show up.
+        Returns when the last new example arrived (``time.monotonic()``)."""
+        deadline = time.monotonic() + timeout_s
+        progress = time.monotonic()
+        while time.monotonic() < deadline and not wanted <= self.ids:
+            if self.poll(200):
+                progress = time.monotonic()
+            elif time.monotonic() - progress > stall_s:
+                break
+            check()
+        end = time.monotonic() + linger_s
+        while time.monotonic() < end:
+            self.poll(200)
+        return progress
+
     def end(self) -> int:
         """How many records the examples topic holds now."""
         return sum(self.consumer.end_offsets(self.parts).values())
@@ -218,19 +239,10 @@ def test_joiner_sigkilled_at_random_loses_nothing_and_invents_nothing(
             log.flush()
             proc = start_joiner(env, log)
             final_started = time.monotonic()
-            wanted = oracle.examples.keys()
-            deadline = time.monotonic() + 150
-            done_at = time.monotonic()
-            while time.monotonic() < deadline and not wanted <= reader.ids:
-                if reader.poll(200):
-                    done_at = time.monotonic()
-                elif time.monotonic() - done_at > 20:
-                    break  # stalled: what is missing will not come
+            def alive() -> None:
                 assert proc.poll() is None, f"joiner exited on its own ({proc.returncode}):\n{tail(stderr_path)}"
-            # A little longer, so examples that should not exist have their chance to show up.
-            end = time.monotonic() + 2
-            while time.monotonic() < end:
-                reader.poll(200)
+
+            done_at = reader.read_until(oracle.examples.keys(), 150, linger_s=2, check=alive)
         finally:
             if proc is not None:
                 stop(proc, signal.SIGTERM)

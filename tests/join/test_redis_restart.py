@@ -114,17 +114,7 @@ def test_valkey_restart_mid_stream_loses_nothing(settings: Settings, servers: Lo
             last = max(ev.event_time for ev in stream)
             advance_all(s, last + 10 * W, partitions=s.partitions_input, tag=TICK_TAG)
 
-            wanted = oracle.examples.keys()
-            deadline = time.monotonic() + 90
-            progress = time.monotonic()
-            while time.monotonic() < deadline and not wanted <= reader.ids:
-                if reader.poll(200):
-                    progress = time.monotonic()
-                elif time.monotonic() - progress > 20:
-                    break
-            end = time.monotonic() + 1
-            while time.monotonic() < end:
-                reader.poll(200)
+            reader.read_until(oracle.examples.keys(), 90, linger_s=1)
     finally:
         if not redis_running(servers):
             servers.start_redis()  # other tests share this Valkey

@@ -19,6 +19,14 @@ from ..procs import settings_env
 from .test_replay import replay
 
 
+def wait_for_checkpoints(proc: subprocess.Popen[bytes], log_path: Path, n: int, timeout_s: float = 120) -> None:
+    """Until the running replay has logged ``n`` checkpoints (it must not end or take too long first)."""
+    deadline = time.monotonic() + timeout_s
+    while log_path.read_text().count("replay_checkpoint") < n:
+        assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.01)
+
+
 def test_sigint_then_the_same_command_resumes_to_the_uninterrupted_result(rsettings: Settings,
                                                                          tmp_path: Path) -> None:
     s = msgspec.structs.replace(rsettings, trainer_checkpoint_every_examples=1000, log_format="json")
@@ -31,10 +39,7 @@ def test_sigint_then_the_same_command_resumes_to_the_uninterrupted_result(rsetti
     log_path = tmp_path / "replay.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, env=env, stderr=log, stdout=subprocess.PIPE)
-        deadline = time.monotonic() + 120
-        while "replay_checkpoint" not in log_path.read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.05)
+        wait_for_checkpoints(proc, log_path, 1)
         proc.send_signal(signal.SIGINT)
         first_out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, log_path.read_text()[-3000:]
@@ -70,10 +75,7 @@ def test_sigkill_mid_run_then_the_same_command_ends_with_the_uninterrupted_versi
     log_path = tmp_path / "replay.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, env=env, stderr=log, stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while log_path.read_text().count("replay_checkpoint") < 3:
-            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.01)
+        wait_for_checkpoints(proc, log_path, 3)
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     state = json.loads((Path(s.replay_state_dir) / "k" / "summary.json").read_text()) \

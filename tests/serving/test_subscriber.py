@@ -14,13 +14,13 @@ import torch
 from kafka import TopicPartition
 
 from stream_learner.checkpoint import CheckpointNotFoundError, sign_manifest
-from stream_learner.checkpoint.publish import H_CHUNK_INDEX, H_MODEL, H_TYPE, H_VERSION
+from stream_learner.checkpoint.publish import H_MODEL, H_TYPE, H_VERSION
 from stream_learner.config import Settings
 from stream_learner.events import encode
 from stream_learner.metrics import Metrics
 from stream_learner.serving import CheckpointSubscriber
 
-from ..checkpoint.conftest import Acked
+from ..checkpoint.conftest import Acked, TamperingProducer
 from .conftest import MODEL, ROW, SPEC, identifiable, publish, step_until, wait_for
 
 
@@ -253,20 +253,6 @@ def test_swaps_under_prediction_load_fail_no_request_and_mix_no_versions(setting
 
 
 # -- refusals -----------------------------------------------------------------------------------
-
-
-class TamperingProducer:
-    """Flips one byte of one chunk on its way to the broker."""
-
-    def __init__(self, inner: Any, chunk_index: int) -> None:
-        self.inner, self.chunk_index = inner, str(chunk_index).encode()
-
-    def send(self, topic: str, **kwargs: Any) -> Any:
-        if (H_CHUNK_INDEX, self.chunk_index) in kwargs["headers"]:
-            value = bytearray(kwargs["value"])
-            value[len(value) // 2] ^= 0x01
-            kwargs["value"] = bytes(value)
-        return self.inner.send(topic, **kwargs)
 
 
 class Canary:
