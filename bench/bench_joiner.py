@@ -102,7 +102,8 @@ from kafka.admin import NewTopic
 from stream_learner.bus import kafka_options, make_consumer, make_producer
 from stream_learner.config import Settings
 from stream_learner.events import EXAMPLE, LABEL, PREDICTION, LabelEvent, PredictionEvent, Source, encode
-from stream_learner.join.joiner import Joiner, encode_example
+from stream_learner.join.examples import encode_example
+from stream_learner.join.joiner import Joiner
 from stream_learner.join.store import Emission, RedisJoinStore, StoredLabel, StoredPrediction
 from stream_learner.local import LocalServers
 from stream_learner.logging import configure_logging

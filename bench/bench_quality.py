@@ -100,7 +100,7 @@ from river.datasets import synth
 from stream_learner.config import Settings
 from stream_learner.drift import DriftPolicy
 from stream_learner.events import ExampleEvent
-from stream_learner.join.joiner import example_id
+from stream_learner.join.examples import example_id
 from stream_learner.learn.learner import LearnerConfig, OnlineLearner
 from stream_learner.learn.trainer import apply_drift_policy, drift_from_settings, learner_config
 

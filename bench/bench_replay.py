@@ -58,7 +58,7 @@ from stream_learner.bus import ensure_topics, make_consumer, make_producer
 from stream_learner.checkpoint.signing import generate_keypair
 from stream_learner.config import Settings
 from stream_learner.join.joiner import Joiner
-from stream_learner.learn.trainer import build_trainer
+from stream_learner.learn.trainer import Trainer
 from stream_learner.local import LocalServers
 from stream_learner.logging import configure_logging
 from stream_learner.replay import Replay, ReplayPlan
@@ -111,7 +111,7 @@ def raw_consume(settings: Settings, topics: list[str]) -> dict[str, float]:
 def live_pipeline(settings: Settings, total_events: int) -> dict[str, Any]:
     """Joiner and trainer in two threads, timed from the joiner's first record to the trainer's last example."""
     joiner = Joiner(settings, poll_timeout_ms=100)
-    trainer = build_trainer(settings, poll_timeout_ms=100)
+    trainer = Trainer(settings, poll_timeout_ms=100)
     stop = threading.Event()
     threads = [threading.Thread(target=role.run, args=(stop,), daemon=True) for role in (joiner, trainer)]
     for t in threads:

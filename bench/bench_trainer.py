@@ -127,7 +127,7 @@ from stream_learner.bus import kafka_options, make_consumer, make_producer
 from stream_learner.checkpoint.signing import generate_keypair
 from stream_learner.config import Settings
 from stream_learner.events import EXAMPLE, ExampleEvent, Source, encode
-from stream_learner.join.joiner import example_id
+from stream_learner.join.examples import example_id
 from stream_learner.learn.learner import OnlineLearner
 from stream_learner.learn.trainer import Trainer, build_trainer, learner_config
 from stream_learner.local import LocalServers

@@ -169,19 +169,19 @@ def cmd_joiner(args: argparse.Namespace, settings: Settings, metrics: Metrics) -
 
 def cmd_trainer(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> int:
     """Run the trainer until SIGTERM or Ctrl-C."""
-    from .learn.trainer import build_trainer
+    from .learn.trainer import Trainer
 
-    build_trainer(settings, metrics=metrics).run(_stop_on_signals())
+    Trainer(settings, metrics=metrics).run(_stop_on_signals())
     return 0
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> int:
     """Joiner and trainer in one process, each in its own thread, stopped together."""
     from .join.joiner import Joiner
-    from .learn.trainer import build_trainer
+    from .learn.trainer import Trainer
 
     stop = _stop_on_signals()
-    trainer = build_trainer(settings, metrics=metrics)
+    trainer = Trainer(settings, metrics=metrics)
     joiner = Joiner(settings, metrics=metrics)
     threads = [threading.Thread(target=role.run, args=(stop,), name=name)
                for name, role in (("joiner", joiner), ("trainer", trainer))]

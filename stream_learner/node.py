@@ -294,8 +294,9 @@ def cold_start_model(settings: Settings) -> Any:
     """
     from .checkpoint.reader import LoadedCheckpoint
     from .events import CheckpointManifest, WeightsInfo, now_ms
+    from .learn.build import learner_config
     from .learn.learner import OnlineLearner
-    from .learn.trainer import learner_config, servable_weights
+    from .learn.manifest import servable_weights
     from .serving import load_served_model
 
     config = learner_config(settings)

@@ -184,7 +184,7 @@ def run_trainer_until(settings: Settings, examples: int, *, metrics: Metrics | N
     import msgspec
 
     from .checkpoint.signing import generate_keypair
-    from .learn.trainer import build_trainer
+    from .learn.trainer import Trainer
 
     workdir = Path(tempfile.mkdtemp(prefix="stream-learner-demo-"))
     private_pem, _ = generate_keypair()
@@ -194,13 +194,13 @@ def run_trainer_until(settings: Settings, examples: int, *, metrics: Metrics | N
         trainer_classes=["no", "yes"], trainer_signing_key=str(workdir / "signing.pem"),
         trainer_state_dir=str(workdir / "state"), trainer_checkpoint_every_examples=5000,
     )
-    trainer = build_trainer(trainer_settings, metrics=metrics)
+    trainer = Trainer(trainer_settings, metrics=metrics)
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline and (sum(trainer.offsets.values()) < examples or trainer.buffer):
             trainer.step()
         # A checkpoint for what came after the last one, if anything did.
-        last = trainer.checkpoint() if trainer.since_checkpoint or not trainer.published else trainer.published[-1]
+        last = trainer.checkpoint() if trainer.session.since_checkpoint or not trainer.published else trainer.published[-1]
     finally:
         trainer.close()
     return {

@@ -39,10 +39,8 @@ None
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -51,6 +49,7 @@ import redis
 import structlog
 import torch
 
+from ..util.files import atomic_write, remove_leftovers
 from .codec import decode_tensors, encode_tensors
 from .errors import CheckpointError
 
@@ -59,8 +58,6 @@ log = structlog.get_logger(__name__)
 #: Written into every snapshot, checked on load.
 FORMAT = "stream-learner-state/1"
 STATE_FILE = "state.safetensors"
-_TMP_PREFIX = ".state-"
-_TMP_SUFFIX = ".tmp"
 
 
 @dataclass(frozen=True, eq=False)  # tensors have no truth value: no ==
@@ -125,31 +122,11 @@ class DirectoryStateStore:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.file = self.path / STATE_FILE
-        # A writer killed mid-save leaves its temporary file; it is garbage.
-        for leftover in self.path.glob(f"{_TMP_PREFIX}*{_TMP_SUFFIX}"):
-            with contextlib.suppress(FileNotFoundError):
-                leftover.unlink()
+        remove_leftovers(self.path)  # a writer killed mid-save leaves its temporary file
 
     def save(self, snapshot: Snapshot) -> None:
         """Replace the snapshot atomically; durable when this returns."""
-        data = encode_snapshot(snapshot)
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.file)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        # The rename itself is durable only once the directory entry is.
-        dir_fd = os.open(self.path, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        atomic_write(self.file, encode_snapshot(snapshot))
 
     def load(self) -> Snapshot | None:
         """The last saved snapshot, or ``None`` if there is none."""

@@ -10,9 +10,11 @@ Policy, per value:
 * a feature not in the spec is *unknown*: ignored and counted;
 * standardized values are clipped to ``[-clip, clip]``.
 
-Statistics (count, mean, M2 by Welford's method, in float64) are updated from
-every featurized batch *after* it is transformed, so an example is always
-featurized with statistics that did not see it (prequential).
+Statistics (count, mean, M2 in float64, :class:`~stream_learner.util.stats.Moments`)
+are updated from every featurized batch *after* it is transformed, so an
+example is always featurized with statistics that did not see it
+(prequential). Serving transforms with ``learn=False``: the statistics the
+checkpoint was trained with, never updated.
 
 >>> f = Featurizer(["a", "b"])
 >>> x = f.transform([{"a": 1.0, "b": 10.0}, {"a": 3.0}, {"a": 2.0, "b": 30.0, "zz": 5.0}])
@@ -28,6 +30,11 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
+
+from ..util.stats import Moments
+
+#: The tensor names of the statistics in a state dict and in a checkpoint.
+STATS = ("featurizer.count", "featurizer.mean", "featurizer.m2")
 
 
 class Featurizer:
@@ -45,11 +52,23 @@ class Featurizer:
 
     def _reset(self) -> None:
         self._name_set = frozenset(self.names)
-        n = len(self.names)
-        self.count = np.zeros(n, dtype=np.float64)
-        self.mean = np.zeros(n, dtype=np.float64)
-        self.m2 = np.zeros(n, dtype=np.float64)
+        self.moments = Moments(len(self.names))
         self.counts = {"missing": 0, "unknown": 0, "out_of_range": 0}
+
+    @property
+    def count(self) -> np.ndarray:
+        """Values seen, per feature."""
+        return self.moments.count
+
+    @property
+    def mean(self) -> np.ndarray:
+        """Running mean, per feature."""
+        return self.moments.mean
+
+    @property
+    def m2(self) -> np.ndarray:
+        """Running sum of squared deviations, per feature."""
+        return self.moments.m2
 
     def raw_matrix(self, rows: Sequence[Mapping[str, float | None]]) -> np.ndarray:
         """The declared features as a float64 matrix, NaN where missing or out of range; counts them."""
@@ -77,40 +96,18 @@ class Featurizer:
         """Standardize a batch (float32 tensor ``[len(rows), len(names)]``), then learn from it."""
         raw = self.raw_matrix(rows)
         missing = np.isnan(raw)
-        std = np.sqrt(np.where(self.count > 1, self.m2 / np.maximum(self.count - 1, 1), 1.0))
-        std = np.where(std > 1e-12, std, 1.0)
-        z = (raw - self.mean) / std
+        z = (raw - self.moments.mean) / self.moments.std()
         z[missing] = 0.0
         np.clip(z, -self.clip, self.clip, out=z)
         if learn:
-            self._update(raw, missing)
+            self.moments.update(raw, missing)
         return torch.from_numpy(z.astype(np.float32))
 
-    def _update(self, raw: np.ndarray, missing: np.ndarray) -> None:
-        # Batched Welford (Chan et al.): exact and order-independent within a batch.
-        present = ~missing
-        n_b = present.sum(axis=0).astype(np.float64)
-        if not n_b.any():
-            return
-        safe = np.where(present, raw, 0.0)
-        mean_b = np.divide(safe.sum(axis=0), n_b, out=np.zeros_like(n_b), where=n_b > 0)
-        dev = np.where(present, raw - mean_b, 0.0)
-        m2_b = (dev * dev).sum(axis=0)
-        total = self.count + n_b
-        delta = mean_b - self.mean
-        with np.errstate(invalid="ignore", divide="ignore"):
-            self.mean = np.where(total > 0, self.mean + delta * n_b / np.maximum(total, 1), self.mean)
-            self.m2 = self.m2 + m2_b + delta * delta * self.count * n_b / np.maximum(total, 1)
-        self.count = total
-
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The running statistics as tensors (float64, exact)."""
-        return {"featurizer.count": torch.from_numpy(self.count.copy()),
-                "featurizer.mean": torch.from_numpy(self.mean.copy()),
-                "featurizer.m2": torch.from_numpy(self.m2.copy())}
+        """The running statistics as tensors (float64, exact), named as in :data:`STATS`."""
+        m = self.moments
+        return {name: torch.from_numpy(a.copy()) for name, a in zip(STATS, (m.count, m.mean, m.m2))}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Restore what :meth:`state_dict` returned."""
-        self.count = state["featurizer.count"].numpy().astype(np.float64).copy()
-        self.mean = state["featurizer.mean"].numpy().astype(np.float64).copy()
-        self.m2 = state["featurizer.m2"].numpy().astype(np.float64).copy()
+        self.moments.load(*(state[name].numpy() for name in STATS))

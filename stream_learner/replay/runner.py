@@ -1,6 +1,8 @@
 """One replay: a closed range of the topics -> join -> learner -> a new model lineage.
 
-See the package docstring for the semantics; this module is the loop.
+See the package docstring for the semantics. The learning itself is a
+:class:`~stream_learner.learn.session.LearningSession`, the live trainer's:
+this module is the driver that feeds it a range and saves where it is.
 
 **The order of one replay** (:meth:`Replay.run`):
 
@@ -13,11 +15,10 @@ See the package docstring for the semantics; this module is the loop.
    join script (:class:`~stream_learner.join.store.RedisJoinStore`) under a
    private key prefix, whose emissions are the examples; with
    ``source="examples"`` the records are the examples;
-3. learn in chunks of exactly ``trainer_batch_size`` examples, as the live
-   trainer does (drift policy included); after a chunk, checkpoint when
-   ``trainer_checkpoint_every_examples`` examples were applied since the last
-   one or a drift policy asks: save the snapshot, then publish the version
-   under the replay's lineage;
+3. hand the examples to the session, which learns in chunks of exactly
+   ``trainer_batch_size`` and checkpoints as the live trainer does (never by
+   the clock): save the snapshot, then publish the version under the
+   replay's lineage;
 4. at the end of the ranges, learn the last partial chunk, checkpoint, mark
    the snapshot done and delete the private join keys.
 
@@ -28,7 +29,6 @@ with the very weights an uninterrupted run ends with.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import re
@@ -45,23 +45,25 @@ import structlog
 import torch
 
 from ..bus import make_consumer
-from ..checkpoint.codec import encode_tensors, sha256_hex
+from ..checkpoint.codec import sha256_hex
+from ..checkpoint.output import DirectoryOutput, Output, TopicOutput
 from ..checkpoint.signing import load_private_key
-from ..checkpoint.state import DirectoryStateStore, Snapshot
+from ..checkpoint.state import DirectoryStateStore
 from ..config import Settings
-from ..drift import Checkpoint
 from ..errors import ConfigError, EventError
-from ..events import EXAMPLE, LABEL, PREDICTION, CheckpointManifest, Codec, ExampleEvent, Source, encode
-from ..join.joiner import build_example
+from ..events import LABEL, PREDICTION, Codec, ExampleEvent, Source
+from ..join.examples import build_example
 from ..join.store import PartitionProgress, RedisJoinStore, pack_label, pack_prediction
-from ..learn.learner import OnlineLearner
-from ..learn.trainer import apply_drift_policy, build_manifest, drift_from_settings, learner_config, servable_weights
+from ..learn.build import build_learner
+from ..learn.learner import ChunkResult, OnlineLearner
+from ..learn.manifest import weights_bytes
+from ..learn.session import FORMAT as SESSION_FORMAT
+from ..learn.session import Built, CountingSinks, LearningSession
 from ..redis_conn import make_redis
 from .errors import ReplayError
 from .merge import MergedReader
-from .output import DirectoryOutput, Output, TopicOutput
 from .progress import Progress
-from .ranges import Ranges, parse_bound, resolve_ranges, tp_from_name
+from .ranges import Ranges, parse_bound, resolve_ranges
 
 log = structlog.get_logger(__name__)
 
@@ -120,17 +122,6 @@ def result_fingerprint(settings: Settings, plan: ReplayPlan) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _pack_item(item: bytes | ExampleEvent) -> list[str]:
-    if isinstance(item, bytes):
-        return ["b", base64.b64encode(item).decode()]
-    return ["e", base64.b64encode(encode(item)).decode()]
-
-
-def _unpack_item(data: list[str]) -> bytes | ExampleEvent:
-    raw = base64.b64decode(data[1])
-    return raw if data[0] == "b" else EXAMPLE.decode(raw)
-
-
 class Replay:
     """One replay (see the module docstring). ``run()`` returns its summary (a JSON-able dict).
 
@@ -172,43 +163,63 @@ class Replay:
         self.store = DirectoryStateStore(self.dir / "state")
         self.fingerprint = result_fingerprint(settings, plan)
         torch.set_num_threads(settings.trainer_torch_threads)
-        monitor, self.policy = drift_from_settings(settings)
-        self.learner = OnlineLearner(learner_config(settings), drift=monitor)
-        self.codec: Codec[Any] = Codec(EXAMPLE.event_type, settings.max_event_bytes)
+        learner, policy = build_learner(settings)
+        self.sinks = CountingSinks()
+        self.session = LearningSession(
+            learner, policy, model=self.lineage, output=self._output(), store=self.store, sinks=self.sinks,
+            chunk_size=settings.trainer_batch_size,
+            checkpoint_every_examples=settings.trainer_checkpoint_every_examples,
+            chunk_bytes=settings.trainer_chunk_bytes, max_event_bytes=settings.max_event_bytes,
+            extra_state=self._extra_state, on_built=self._built, on_chunk=self._chunk,
+        )
         self.prefix = "sl:{replay-" + plan.replay_id + "}:"
-        # Running state (all of it in the snapshot).
+        # The replay's own state (saved with the session's in every snapshot).
         self.ranges = Ranges({})
-        self.positions: dict[str, int] = {}
-        self.pending: list[bytes | ExampleEvent] = []
-        self.version = 0
-        self.since_checkpoint = 0
-        self.force_checkpoint = False
         self.steps_done = 0
-        self.counts = {"records_read": 0, "dead_letters": 0, "examples": 0, "rejected": 0, "drifts": 0}
+        self.examples = 0
+        self.event_dead_letters = 0  # prediction and label events refused while joining
         self.published: list[dict[str, Any]] = []
         self.done = False
         # Seconds per stage in this process (not saved): the rest of a run is read, merge and decode.
-        self.timings = {"join": 0.0, "learn": 0.0, "checkpoint": 0.0}
+        self.join_seconds = 0.0
         self.started_at = time.time()
         self.seconds = 0.0
+
+    @property
+    def learner(self) -> OnlineLearner:
+        """The session's learner."""
+        return self.session.learner
+
+    @property
+    def version(self) -> int:
+        """The last version of the lineage checkpointed."""
+        return self.session.version
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Records read, examples learned, dead letters, rejected examples, drift findings."""
+        return {"records_read": self._read_so_far(), "dead_letters": self.event_dead_letters + self.sinks.dead_letters,
+                "examples": self.examples, "rejected": self.sinks.rejected, "drifts": self.sinks.drifts}
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """Seconds spent joining, learning and checkpointing in this process."""
+        return {"join": self.join_seconds, **self.session.timings}
 
     # -- the run ---------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
         """Replay to the end of the ranges (or until ``stop``); return the summary."""
         began = time.monotonic()
-        resumed = self._load()
-        if self.done:
-            log.info("replay_already_done", replay_id=self.plan.replay_id)
-            return self.summary()
-        self.output = self._output()
         try:
+            resumed = self._load()
+            if self.done:
+                log.info("replay_already_done", replay_id=self.plan.replay_id)
+                return self.summary()
             if not resumed:
-                self.version = self.output.latest_version()  # 0 for a new lineage
                 # Pin the resolved ranges at once: a replay killed before its first checkpoint
                 # resumes over the same range (`end` does not move on).
-                self._save(manifest=None)
-            self._republish_if_lost()
+                self.session.save()
             consumer = make_consumer(self.settings, group_id=None, max_poll_records=self.poll_records,
                                      **({"fetch_max_bytes": self.fetch_max_bytes} if self.fetch_max_bytes else {}))
             try:
@@ -222,10 +233,10 @@ class Replay:
             if finished:
                 self._finish()
             else:
-                self._save(manifest=None)
-                log.info("replay_interrupted", replay_id=self.plan.replay_id, records=self.counts["records_read"])
+                self.session.save()
+                log.info("replay_interrupted", replay_id=self.plan.replay_id, records=self._read_so_far())
         finally:
-            self.output.close()
+            self.session.close()
         summary = self.summary()
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
         return summary
@@ -244,23 +255,24 @@ class Replay:
 
     def _run_examples(self, consumer: Any) -> bool:
         """Train on the examples topic's range; False if stopped before its end."""
-        def decode(record: Any) -> tuple[int, bytes]:
-            return record.timestamp, record.value
+        def decode(record: Any) -> tuple[int, Any]:
+            return record.timestamp, record
 
-        reader = MergedReader(consumer, self.ranges.ranges, decode, positions=self.positions,
+        session = self.session
+        reader = MergedReader(consumer, self.ranges.ranges, decode, positions=session.position,
                               poll_records=self.poll_records)
         progress = self._progress()
-        batch = self.settings.trainer_batch_size
-        for _, _, value in reader.read():
-            self.pending.append(value)
-            if len(self.pending) >= batch:
-                self.positions = dict(reader.positions)
-                self._learn_full_chunks()
+        batch, pending = self.settings.trainer_batch_size, session.pending
+        for _, _, record in reader.read():
+            pending.append(record)
+            if len(pending) >= batch:
+                session.add((), reader.positions)
+                session.learn()
                 progress.update(self._read_so_far())
                 if self.stop.is_set():
                     progress.close(self._read_so_far())
                     return False
-        self.positions = dict(reader.positions)
+        session.add((), reader.positions)
         progress.close(self._read_so_far())
         return True
 
@@ -268,7 +280,7 @@ class Replay:
 
     def _run_events(self, consumer: Any, resumed: bool) -> bool:
         """Join and train on the prediction and label topics' ranges; False if stopped before their end."""
-        s = self.settings
+        s, session = self.settings, self.session
         codecs = {s.topic_predictions: (Codec(PREDICTION.event_type, s.max_event_bytes), "P", pack_prediction),
                   s.topic_labels: (Codec(LABEL.event_type, s.max_event_bytes), "L", pack_label)}
 
@@ -297,10 +309,10 @@ class Replay:
         try:
             # Rebuild the join state from the range start: Redis state is not in the snapshot.
             self._delete_keys(client)
-            self.counts["dead_letters"] = 0  # counted again from the range start
+            self.event_dead_letters = 0  # counted again from the range start
             reader = MergedReader(consumer, self.ranges.ranges, decode, poll_records=self.poll_records)
             steps = self._steps(reader)
-            saved_positions = dict(self.positions)
+            saved_positions = dict(session.position)
             for k in range(self.steps_done):
                 events = next(steps, None)
                 if events is None:
@@ -315,27 +327,26 @@ class Replay:
                 # Redis runs this step while the learner takes the previous steps' examples (its own
                 # process: real parallelism). The learning order is the same as one step after the other.
                 self._send_join(store, events, self.steps_done)
-                self._learn_full_chunks()
+                session.learn()
                 if self.stop.is_set():
                     store.receive()  # dropped: the snapshot ends before this step, the resume rebuilds Redis
                     progress.close(self._read_so_far())
                     return False
                 examples = self._receive_join(store)
                 self.steps_done += 1
-                self.positions = after
                 if self.on_examples is not None:
                     self.on_examples(examples)
-                self.pending.extend(examples)
+                session.add(examples, after)
                 progress.update(self._read_so_far())
-            self._learn_full_chunks()
-            self.positions = dict(reader.positions)
+            session.learn()
+            session.add((), reader.positions)
             progress.close(self._read_so_far())
             if self.plan.close_windows:
                 closed = self._close_windows(store)
                 if self.on_examples is not None:
                     self.on_examples(closed)
-                self.pending.extend(closed)
-                self._learn_full_chunks()
+                session.add(closed)
+                session.learn()
             self._delete_keys(client)
             return True
         finally:
@@ -348,7 +359,7 @@ class Replay:
         step: list[tuple[str, int, Any]] = []
         for item in reader.read():
             if item[2] is None:
-                self.counts["dead_letters"] += 1
+                self.event_dead_letters += 1
                 continue
             step.append(item)
             if len(step) >= size:
@@ -374,7 +385,7 @@ class Replay:
         began = time.perf_counter()
         store.send(progress=progress, acks=self.acks, events=[ev for _, _, ev in events], now_ms=1000 * (k + 1),
                    claim_before_ms=-1, total_partitions=len(self.parts), durable=False)
-        self.timings["join"] += time.perf_counter() - began
+        self.join_seconds += time.perf_counter() - began
 
     def _receive_join(self, store: RedisJoinStore) -> list[ExampleEvent]:
         """The reply of the step :meth:`_send_join` sent, as examples."""
@@ -383,7 +394,7 @@ class Replay:
         # Nobody else reads this prefix, and a resumed replay rebuilds it: acknowledge at once.
         self.acks = result.tokens
         out = [build_example(e) for e in result.emissions]
-        self.timings["join"] += time.perf_counter() - began
+        self.join_seconds += time.perf_counter() - began
         return out
 
     def _close_windows(self, store: RedisJoinStore) -> list[ExampleEvent]:
@@ -411,119 +422,48 @@ class Replay:
         if batch:
             client.delete(*batch)
 
-    # -- learning and checkpoints ----------------------------------------------------------
+    # -- the session's hooks ----------------------------------------------------------------
 
-    def _learn_full_chunks(self) -> None:
-        size = self.settings.trainer_batch_size
-        while len(self.pending) >= size:
-            chunk = self.pending[:size]
-            del self.pending[:size]
-            self._learn(chunk)
-
-    def _learn(self, items: list[bytes | ExampleEvent]) -> None:
-        """One chunk, as the live trainer learns it (``Trainer._train``), then a checkpoint if due."""
-        began = time.perf_counter()
-        examples: list[ExampleEvent] = []
-        for item in items:
-            if isinstance(item, bytes):
-                try:
-                    examples.append(self.codec.decode(item))
-                except EventError:
-                    self.counts["dead_letters"] += 1
-            else:
-                examples.append(item)
-        result = self.learner.process(examples)
-        self.counts["rejected"] += len(result.rejected)
-        for finding in result.findings:
-            actions = apply_drift_policy(self.learner, self.policy, finding)
-            self.counts["drifts"] += 1
-            if any(isinstance(a, Checkpoint) for a in actions):
-                self.force_checkpoint = True
-        self.counts["examples"] += len(items)
-        self.since_checkpoint += len(items)
-        self.timings["learn"] += time.perf_counter() - began
-        if self.force_checkpoint or self.since_checkpoint >= self.settings.trainer_checkpoint_every_examples:
-            self.checkpoint()
+    def _chunk(self, result: ChunkResult, n: int) -> None:
+        self.examples += n
         if self.on_chunk is not None:
             self.on_chunk(self)
 
-    def checkpoint(self) -> dict[str, Any]:
-        """Save the snapshot, then publish the next version of the lineage (the trainer's order)."""
-        began = time.perf_counter()
-        version = self.version + 1
-        tensors, learner_meta = self.learner.state_dict()
-        weights = encode_tensors(servable_weights(tensors), {"model": self.lineage})
-        manifest = build_manifest(
-            self.learner, model=self.lineage, version=version, parent=self.version or None,
-            input_offsets=[Source(tp.topic, tp.partition, o)
-                           for tp, o in ((tp_from_name(n), o) for n, o in sorted(self.positions.items()))],
-            weights=weights, chunk_bytes=self.settings.trainer_chunk_bytes,
-        )
-        entry = {"version": version, "sha256": manifest.weights.sha256,
-                 "sha256_as_live": self._digest_as_live(tensors), "examples": self.counts["examples"]}
-        self.version = version
-        self.published.append(entry)
-        self.since_checkpoint = 0
-        self.force_checkpoint = False
-        self._save(manifest=manifest, state=(tensors, learner_meta))
-        self.output.publish(manifest, weights)
-        log.info("replay_checkpoint", lineage=self.lineage, version=version, sha256=manifest.weights.sha256[:16])
-        self.timings["checkpoint"] += time.perf_counter() - began
-        return entry
-
-    def _digest_as_live(self, tensors: dict[str, torch.Tensor]) -> str:
-        """The weights digest these tensors would have published under the live model name.
-
-        The weights file carries the model name in its metadata, so a lineage's
-        digest differs from live's even for equal tensors; this one does not.
-        """
-        return sha256_hex(encode_tensors(servable_weights(tensors), {"model": self.settings.trainer_model}))
+    def _built(self, built: Built) -> None:
+        """Record the version in the replay's list before the session saves the state that holds it."""
+        self.published.append({
+            "version": built.version, "sha256": built.manifest.weights.sha256,
+            # The weights file carries the model name in its metadata, so a lineage's digest
+            # differs from live's even for equal tensors; this one does not.
+            "sha256_as_live": sha256_hex(weights_bytes(built.tensors, self.settings.trainer_model)),
+            "examples": self.examples})
+        log.info("replay_checkpoint", lineage=self.lineage, version=built.version,
+                 sha256=built.manifest.weights.sha256[:16])
 
     def _finish(self) -> None:
-        if self.pending:
-            # The range's end: the last partial chunk, as the live trainer cuts it once caught up.
-            chunk, self.pending = self.pending, []
-            self._learn(chunk)
-        if self.since_checkpoint or not self.published:
-            self.checkpoint()
+        # The range's end: the last partial chunk, as the live trainer cuts it once caught up.
+        self.session.learn(partial=True)
+        if self.session.since_checkpoint or not self.published:
+            self.session.checkpoint()
         self.done = True
-        self._save(manifest=None)
+        self.session.save()
         log.info("replay_done", replay_id=self.plan.replay_id, lineage=self.lineage, version=self.version)
-
-    def _republish_if_lost(self) -> None:
-        """A replay that saved its state but died before publishing publishes that version now."""
-        snapshot = self.store.load()
-        if snapshot is None or snapshot.meta.get("manifest") is None:
-            return
-        if self.output.latest_version() >= self.version:
-            return
-        manifest = msgspec.convert(snapshot.meta["manifest"], type=CheckpointManifest)
-        weights = encode_tensors(servable_weights(snapshot.tensors), {"model": self.lineage})
-        log.info("replay_republish", version=self.version)
-        self.output.publish(manifest, weights)
 
     # -- state ------------------------------------------------------------------------------
 
     def _read_so_far(self) -> int:
-        return sum(self.positions.get(n, a) - a for n, (a, _) in self.ranges.ranges.items())
+        position = self.session.position
+        return sum(position.get(n, a) - a for n, (a, _) in self.ranges.ranges.items())
 
     def _progress(self) -> Progress:
         return Progress(f"replay {self.plan.replay_id}", self.ranges.total(), enabled=self.show_progress,
                         done=self._read_so_far())
 
-    def _save(self, *, manifest: Any, state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None) -> None:
-        tensors, learner_meta = state if state is not None else self.learner.state_dict()
-        self.counts["records_read"] = self._read_so_far()
-        self.store.save(Snapshot(tensors, {
-            "format": "stream-learner-replay/1", "plan": self.plan.__dict__, "fingerprint": self.fingerprint,
-            "lineage": self.lineage, "ranges": self.ranges.to_json(), "positions": self.positions,
-            "pending": [_pack_item(x) for x in self.pending], "version": self.version,
-            "since_checkpoint": self.since_checkpoint, "force_checkpoint": self.force_checkpoint,
-            "steps_done": self.steps_done, "counts": self.counts, "published": self.published,
-            "done": self.done, "seconds": self.seconds, "started_at": self.started_at,
-            "manifest": None if manifest is None else msgspec.json.decode(encode(manifest)),
-            "learner": learner_meta,
-        }))
+    def _extra_state(self) -> dict[str, Any]:
+        return {"format": "stream-learner-replay/2", "plan": self.plan.__dict__, "fingerprint": self.fingerprint,
+                "lineage": self.lineage, "ranges": self.ranges.to_json(), "steps_done": self.steps_done,
+                "counts": self.counts, "published": self.published, "done": self.done, "seconds": self.seconds,
+                "started_at": self.started_at}
 
     def _load(self) -> bool:
         """Restore the snapshot if there is one (True), else resolve the ranges (False)."""
@@ -535,23 +475,26 @@ class Replay:
                                              parse_bound(self.plan.end))
             finally:
                 consumer.close()
-            self.positions = {n: a for n, (a, _) in self.ranges.ranges.items()}
+            self.session.restore(snapshot=None)  # a fresh lineage starts at 0, a live one after its newest
+            self.session.position = {n: a for n, (a, _) in self.ranges.ranges.items()}
             log.info("replay_ranges", replay_id=self.plan.replay_id, ranges=self.ranges.ranges,
                      times=self.ranges.times)
             return False
         meta = snapshot.meta
+        if meta.get("session") != SESSION_FORMAT:
+            raise ReplayError(f"replay {self.plan.replay_id!r} was saved by an older stream-learner; "
+                              "start a new replay id")
         if meta.get("fingerprint") != self.fingerprint:
             raise ReplayError(f"replay {self.plan.replay_id!r} was started with other settings, source or lineage; "
                               "resume it with the same ones, or start a new replay id")
-        self.learner.load_state_dict(snapshot.tensors, meta["learner"])
+        self.session.restore(snapshot=snapshot)
         self.ranges = Ranges.from_json(meta["ranges"])
-        self.positions = {k: int(v) for k, v in meta["positions"].items()}
-        self.pending = [_unpack_item(x) for x in meta["pending"]]
-        self.version = int(meta["version"])
-        self.since_checkpoint = int(meta["since_checkpoint"])
-        self.force_checkpoint = bool(meta["force_checkpoint"])
         self.steps_done = int(meta["steps_done"])
-        self.counts = dict(meta["counts"])
+        counts = meta["counts"]
+        self.examples = int(counts["examples"])
+        self.event_dead_letters = int(counts["dead_letters"]) if self.plan.source == "events" else 0
+        self.sinks.dead_letters = 0 if self.plan.source == "events" else int(counts["dead_letters"])
+        self.sinks.rejected, self.sinks.drifts = int(counts["rejected"]), int(counts["drifts"])
         self.published = list(meta["published"])
         self.done = bool(meta["done"])
         self.seconds = float(meta["seconds"])
@@ -576,4 +519,3 @@ class Replay:
             "seconds": round(self.seconds, 3), "close_windows": self.plan.close_windows,
             "join_step_events": self.settings.replay_join_step_events,
         }
-

@@ -31,7 +31,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from stream_learner.events import ExampleEvent, LabelEvent, PredictionEvent
-from stream_learner.join.joiner import example_id
+from stream_learner.join.examples import example_id
 
 
 @dataclass(frozen=True)

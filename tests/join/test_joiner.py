@@ -14,7 +14,7 @@ from kafka import TopicPartition
 from stream_learner.bus import H_ERROR_KIND, H_SOURCE_TOPIC, make_consumer
 from stream_learner.config import Settings
 from stream_learner.events import ExampleEvent
-from stream_learner.join.joiner import example_id
+from stream_learner.join.examples import example_id
 
 from ..procs import settings_env
 from .helpers import RunningJoiner, advance_all, label, prediction, produce, read_examples, wait_until

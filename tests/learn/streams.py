@@ -7,7 +7,7 @@ import random
 from river.datasets import synth
 
 from stream_learner.events import ExampleEvent
-from stream_learner.join.joiner import example_id
+from stream_learner.join.examples import example_id
 
 
 def agrawal_examples(n: int, *, seed: int = 1, unlabeled: float = 0.0, model: str = "m",

@@ -7,7 +7,7 @@ import pytest
 from stream_learner.config import Settings
 from stream_learner.drift import DriftFinding, Signal
 from stream_learner.events import DRIFT
-from stream_learner.learn.trainer import Trainer, build_trainer
+from stream_learner.learn.trainer import Trainer
 
 from ..procs import read_topic
 from .streams import abrupt_drift
@@ -19,7 +19,7 @@ N, AT = 8000, 4000
 def run(settings: Settings, **overrides) -> Trainer:
     s = msgspec.structs.replace(settings, trainer_checkpoint_every_examples=10**6, **overrides)
     produce_examples(s, abrupt_drift(N, AT))
-    trainer = build_trainer(s)
+    trainer = Trainer(s)
     try:
         while sum(trainer.offsets.values()) < N or trainer.buffer:
             trainer.step()
@@ -48,7 +48,7 @@ def test_lr_boost(tsettings: Settings) -> None:
                   trainer_drift_lr_boost_factor=3.0)
     lrs = {g["lr"] for g in trainer.learner.main.optimizer.param_groups}
     assert lrs == {tsettings.trainer_lr * 3.0}
-    assert trainer.learner.lr_boost_left > 0
+    assert trainer.learner.lr.boost_left > 0
 
 
 def test_lr_boost_ends_after_its_batches(tsettings: Settings) -> None:
@@ -71,16 +71,16 @@ def test_challenger_started_at_warning_and_settled_at_drift(tsettings: Settings)
     s = msgspec.structs.replace(tsettings, trainer_drift_challenger_on_warning=True, trainer_drift_enabled=False,
                                 trainer_drift_on_drift=["promote_challenger_if_better"])
     produce_examples(s, abrupt_drift(2000, 1000))
-    trainer = build_trainer(s)
+    trainer = Trainer(s)
     try:
         while sum(trainer.offsets.values()) < 1000:
             trainer.step()
-        trainer._on_drift(DriftFinding("adwin_error", "error", Signal.WARNING, 1.0, 1000), event_time=1)
+        trainer.session.answer(DriftFinding("adwin_error", "error", Signal.WARNING, 1.0, 1000), 1)
         assert trainer.learner.challenger is not None
         while sum(trainer.offsets.values()) < 2000 or trainer.buffer:
             trainer.step()  # the challenger learns the new concept from scratch, beside the main model
         main_before = trainer.learner.main
-        trainer._on_drift(DriftFinding("adwin_error", "error", Signal.DRIFT, 1.0, 2000), event_time=2)
+        trainer.session.answer(DriftFinding("adwin_error", "error", Signal.DRIFT, 1.0, 2000), 2)
         assert trainer.learner.challenger is None  # promoted or dropped, never left running
         challenger_won = trainer.learner.main is not main_before
         assert challenger_won == (trainer.learner.challenger_scores.means["accuracy"].cumulative

@@ -127,7 +127,7 @@ def test_both_builtin_models_train(kind: str) -> None:
 def test_dedup_window_forgets_the_oldest_first_and_snapshots_in_order() -> None:
     from collections import OrderedDict
 
-    from stream_learner.learn.learner import DedupWindow
+    from stream_learner.learn.parts import DedupWindow
 
     rng = random.Random(4)
     window, reference = DedupWindow(50), OrderedDict()
@@ -141,7 +141,7 @@ def test_dedup_window_forgets_the_oldest_first_and_snapshots_in_order() -> None:
                 reference.popitem(last=False)
         assert window.snapshot() == b"".join(reference)
     restored = DedupWindow(50)
-    restored.load(window.snapshot())
+    restored.restore(window.snapshot())
     assert restored.snapshot() == window.snapshot() and restored.members == window.members
 
 
@@ -158,13 +158,13 @@ def test_pseudo_labels_survive_a_restore_in_order_old_and_new_layouts() -> None:
         assert (meta["pseudo"] is None) == (not extra)
         b = OnlineLearner(config(pseudo_threshold=0.5))
         b.load_state_dict(tensors, msgspec.json.decode(msgspec.json.encode(meta)))
-        assert list(b.pseudo.items()) == list(a.pseudo.items())
+        assert list(b.pseudo.labels.items()) == list(a.pseudo.labels.items())
     # A snapshot written before the map moved into tensors keeps it as pairs in the meta.
-    old_meta = {**meta, "pseudo": [[k, v] for k, v in a.pseudo.items()]}
+    old_meta = {**meta, "pseudo": [[k, v] for k, v in a.pseudo.labels.items()]}
     old_tensors = {k: v for k, v in tensors.items() if not k.startswith("pseudo.")}
     c = OnlineLearner(config(pseudo_threshold=0.5))
     c.load_state_dict(old_tensors, old_meta)
-    assert list(c.pseudo.items()) == list(a.pseudo.items())
+    assert list(c.pseudo.labels.items()) == list(a.pseudo.labels.items())
 
 
 @pytest.mark.parametrize("scale, skipped", [(math.inf, True), (1e20, False)])

@@ -25,7 +25,7 @@ from stream_learner.checkpoint.reader import read_latest
 from stream_learner.checkpoint.signing import load_public_key
 from stream_learner.config import Settings
 from stream_learner.events import MANIFEST
-from stream_learner.learn.trainer import build_trainer
+from stream_learner.learn.trainer import Trainer
 
 from ..procs import read_topic, settings_env
 from .streams import agrawal_examples
@@ -60,7 +60,7 @@ def test_sigkilled_trainer_matches_an_uninterrupted_one(tsettings: Settings, key
                                    log_format="json")
 
     reference = msgspec.structs.replace(base, trainer_model="m", trainer_state_dir=str(tmp_path / "ref"))
-    ref = build_trainer(reference)  # the same construction as the CLI, drift detectors included
+    ref = Trainer(reference)  # the same construction as the CLI, drift detectors included
     try:
         while sum(ref.offsets.values()) < total or ref.buffer:
             ref.step()

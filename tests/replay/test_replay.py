@@ -13,9 +13,9 @@ from stream_learner.checkpoint.signing import load_public_key, verify_manifest
 from stream_learner.config import Settings
 from stream_learner.errors import ConfigError
 from stream_learner.events import ExampleEvent
-from stream_learner.learn.trainer import build_trainer
+from stream_learner.learn.trainer import Trainer
 from stream_learner.replay import Replay, ReplayPlan
-from stream_learner.replay.output import DirectoryOutput
+from stream_learner.checkpoint.output import DirectoryOutput
 from stream_learner.replay.report import compare, live_manifests
 
 from ..join.helpers import RunningJoiner, read_examples, wait_until
@@ -70,7 +70,7 @@ def test_two_replays_of_the_same_range_have_identical_digests_whatever_the_fetch
 def test_examples_replay_equals_the_live_trainer_bit_for_bit(rsettings: Settings) -> None:
     s = msgspec.structs.replace(rsettings, trainer_features=AGRAWAL_FEATURES, trainer_classes=["0", "1"])
     produce_examples(s, agrawal_examples(3_000, unlabeled=0.2, seed=3))
-    live = build_trainer(s)  # the CLI's construction, drift detectors included
+    live = Trainer(s)  # the CLI's construction, drift detectors included
     try:
         while sum(live.offsets.values()) < 3_000 or live.buffer:
             live.step()
@@ -186,7 +186,7 @@ def test_interrupted_examples_replay_resumes_to_the_same_digests(rsettings: Sett
 def test_overwrite_live_continues_the_live_lineage(rsettings: Settings) -> None:
     s = msgspec.structs.replace(rsettings, trainer_features=AGRAWAL_FEATURES, trainer_classes=["0", "1"])
     produce_examples(s, agrawal_examples(1_200, seed=4))
-    live = build_trainer(s)
+    live = Trainer(s)
     try:
         while sum(live.offsets.values()) < 1_200 or live.buffer:
             live.step()

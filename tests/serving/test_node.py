@@ -186,7 +186,7 @@ def test_serve_without_public_keys_is_a_configuration_error(settings: Settings) 
 
 def test_cold_start_is_the_trainers_untrained_model(node_settings: Settings) -> None:
     from stream_learner.learn.learner import OnlineLearner
-    from stream_learner.learn.trainer import learner_config
+    from stream_learner.learn.build import learner_config
 
     served = cold_start_model(node_settings)
     config = learner_config(node_settings)

@@ -1,34 +1,36 @@
-"""Where a replay's checkpoints go: the model topic, or a directory.
+"""Where a learning session's checkpoints go: the model topic, or a directory.
 
 Both write a lineage's versions in order, weights before the signed
-manifest, and can tell the newest version they hold (a resumed replay that
-crashed between saving its state and publishing republishes that version).
+manifest, and can tell the newest version they hold (a session that crashed
+between saving its state and publishing republishes that version). The live
+trainer publishes to the topic; a replay to the topic or a directory.
 
 A directory holds, per lineage, ``<lineage>/v00000001.safetensors`` and
 ``<lineage>/v00000001.manifest.json`` (the signed ``manifest.v1`` JSON,
 ``weights.chunk_offsets`` empty since nothing is chunked on disk), each
-written to a temporary file and renamed into place.
+written atomically (:func:`~stream_learner.util.files.atomic_write`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Protocol
 
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from kafka import KafkaProducer
+
 from ..bus import make_producer
-from ..checkpoint.errors import CheckpointNotFoundError
-from ..checkpoint.publish import publish_checkpoint, weights_info
-from ..checkpoint.reader import make_reader_consumer, read_latest
-from ..checkpoint.signing import sign_manifest
 from ..config import Settings
 from ..events import MANIFEST, CheckpointManifest, encode
+from ..util.files import atomic_write
+from .errors import CheckpointNotFoundError
+from .publish import publish_checkpoint, weights_info
+from .reader import make_reader_consumer, read_latest
+from .signing import sign_manifest
 
 
 class Output(Protocol):
@@ -48,13 +50,19 @@ class Output(Protocol):
 
 
 class TopicOutput:
-    """Checkpoints on the model topic, exactly as the trainer publishes them."""
+    """Checkpoints of ``lineage`` on the model topic, chunked and signed.
 
-    def __init__(self, settings: Settings, lineage: str, private_key: Ed25519PrivateKey) -> None:
+    ``producer`` (default: one of its own, closed with it) must allow
+    records of ``trainer_chunk_bytes`` plus headers.
+    """
+
+    def __init__(self, settings: Settings, lineage: str, private_key: Ed25519PrivateKey, *,
+                 producer: KafkaProducer | None = None) -> None:
         self.settings = settings
         self.lineage = lineage
         self.private_key = private_key
-        self.producer = make_producer(settings, max_request_size=settings.trainer_chunk_bytes + 64 * 1024)
+        self.own_producer = producer is None
+        self.producer = producer or make_producer(settings, max_request_size=settings.trainer_chunk_bytes + 64 * 1024)
 
     def latest_version(self) -> int:
         consumer = make_reader_consumer(self.settings)
@@ -71,7 +79,8 @@ class TopicOutput:
                                   chunk_bytes=self.settings.trainer_chunk_bytes)
 
     def close(self) -> None:
-        self.producer.close()
+        if self.own_producer:
+            self.producer.close()
 
 
 _VERSION_FILE = re.compile(r"^v(\d{8,})\.manifest\.json$")
@@ -102,22 +111,9 @@ class DirectoryOutput:
     def publish(self, manifest: CheckpointManifest, weights: bytes) -> CheckpointManifest:
         info = weights_info(weights, self.chunk_bytes)
         signed = sign_manifest(msgspec.structs.replace(manifest, weights=info, signature=None), self.private_key)
-        self._write(self.weights_path(manifest.version), weights)
-        self._write(self.path / f"v{manifest.version:08d}.manifest.json", encode(signed))
+        atomic_write(self.weights_path(manifest.version), weights)
+        atomic_write(self.path / f"v{manifest.version:08d}.manifest.json", encode(signed))
         return signed
-
-    def _write(self, path: Path, data: bytes) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
 
     def close(self) -> None:
         pass

@@ -1,0 +1,60 @@
+"""The one way to build a learner (with its drift detectors and policy) from settings.
+
+The live trainer, replay, the serving node's cold start and the benchmarks
+all build what they learn or serve here.
+"""
+
+from __future__ import annotations
+
+from ..checkpoint.state import DirectoryStateStore, RedisStateStore, StateStore
+from ..config import Settings
+from ..drift import DriftMonitor, DriftPolicy
+from ..errors import ConfigError
+from ..redis_conn import make_redis
+from .learner import LearnerConfig, OnlineLearner
+from .models import ModelSpec
+
+
+def learner_config(settings: Settings) -> LearnerConfig:
+    """The learner configuration the settings describe (:class:`ConfigError` if they cannot)."""
+    if not settings.trainer_features:
+        raise ConfigError("trainer_features is empty: declare the model's features (STREAM_LEARNER_TRAINER_FEATURES)")
+    try:
+        spec = ModelSpec(kind=settings.trainer_architecture, task=settings.trainer_task,
+                         features=tuple(settings.trainer_features), classes=tuple(settings.trainer_classes),
+                         hidden=tuple(settings.trainer_hidden), seed=settings.trainer_seed)
+    except ValueError as exc:
+        raise ConfigError(f"invalid model settings: {exc}") from None
+    return LearnerConfig(
+        model_name=settings.trainer_model, spec=spec, optimizer=settings.trainer_optimizer,
+        lr=settings.trainer_lr, weight_decay=settings.trainer_weight_decay, clip_norm=settings.trainer_clip_norm,
+        spike_factor=settings.trainer_spike_factor, spike_warmup_batches=settings.trainer_spike_warmup_batches,
+        spike_patience=settings.trainer_spike_patience,
+        pseudo_enabled=settings.trainer_pseudo_enabled, pseudo_threshold=settings.trainer_pseudo_threshold,
+        pseudo_weight=settings.trainer_pseudo_weight, dedup_window=settings.trainer_dedup_window,
+        metrics_window=settings.trainer_metrics_window,
+    )
+
+
+def build_learner(settings: Settings) -> tuple[OnlineLearner, DriftPolicy]:
+    """The learner the settings describe, with its drift detectors (if on), and the drift policy."""
+    monitor, policy = drift_from_settings(settings)
+    return OnlineLearner(learner_config(settings), drift=monitor), policy
+
+
+def drift_from_settings(settings: Settings) -> tuple[DriftMonitor | None, DriftPolicy]:
+    """The default detectors (if drift detection is on) and the configured policy."""
+    policy = DriftPolicy(
+        challenger_on_warning=settings.trainer_drift_challenger_on_warning,
+        on_drift=settings.trainer_drift_on_drift,
+        lr_boost_factor=settings.trainer_drift_lr_boost_factor,
+        lr_boost_steps=settings.trainer_drift_lr_boost_batches,
+    )
+    return (DriftMonitor.from_config(None) if settings.trainer_drift_enabled else None), policy
+
+
+def state_store(settings: Settings) -> StateStore:
+    """The trainer's state store the settings name (a directory by default, or Redis)."""
+    if settings.trainer_state_store == "redis":
+        return RedisStateStore(make_redis(settings), f"sl:trainer:{settings.trainer_model}:state")
+    return DirectoryStateStore(settings.trainer_state_dir)

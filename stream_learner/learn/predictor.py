@@ -1,0 +1,86 @@
+"""The one prediction path: featurize -> network -> probabilities or a de-standardized value.
+
+The learner predicts every example with it before learning (prequential
+scoring, pseudo-labels, drift signals) and a serving node answers requests
+with it, so a served prediction equals the learner's by construction: the
+same featurizer statistics, the same network in eval mode without autograd,
+softmax in float64 for classes, ``out * std + mean`` for a regression
+value. For the same batch of rows the values are the same bit for bit; a
+row predicted in a batch of another size may differ in float32 rounding
+(about 1e-7 relative), as torch's CPU kernels depend on the batch shape.
+
+>>> from stream_learner.learn.models import ModelSpec, build_model
+>>> spec = ModelSpec(kind="logreg", task="binary", features=["a"], classes=["no", "yes"])
+>>> p = Predictor(spec, Featurizer(spec.features), TargetScaler(), build_model(spec))
+>>> sorted(p.predict([{"a": 1.0}])[0])
+['no', 'yes']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..events import class_name
+from .featurizer import Featurizer
+from .models import ModelSpec
+from .target import TargetScaler
+
+Rows = Sequence[Mapping[str, float | None]]
+
+
+def set_training(model: nn.Module, mode: bool) -> None:
+    """``model.train(mode)`` unless it is in that mode already (the call walks every submodule)."""
+    if model.training is not mode:
+        model.train(mode)
+
+
+@dataclass(frozen=True, eq=False)
+class Predictor:
+    """A network with the statistics that turn rows into its inputs and its outputs into answers."""
+
+    spec: ModelSpec
+    featurizer: Featurizer
+    target: TargetScaler
+    network: nn.Module
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """Class names in output order (empty for regression)."""
+        return tuple(class_name(c) for c in self.spec.classes)
+
+    def featurize(self, rows: Rows, *, learn: bool = False) -> torch.Tensor:
+        """The standardized inputs; ``learn`` also updates the statistics (the learner only)."""
+        return self.featurizer.transform(rows, learn=learn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's raw output in eval mode, without autograd: logits, or standardized values."""
+        set_training(self.network, False)
+        with torch.no_grad():
+            return self.network(x)
+
+    def probabilities(self, out: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (float64 softmax over the logits)."""
+        return torch.softmax(out.double(), dim=1)
+
+    def values(self, out: torch.Tensor) -> list[float]:
+        """Regression values in target units."""
+        mean, std = self.target.mean_std()
+        values: list[float] = (out[:, 0].double() * std + mean).tolist()
+        return values
+
+    def answers(self, out: torch.Tensor) -> list[float | dict[str, float]]:
+        """Per row, a regression value or ``{class name: probability}`` (``PredictionEvent.prediction``)."""
+        if self.spec.task == "regression":
+            return list(self.values(out))
+        classes = self.classes
+        return [dict(zip(classes, row)) for row in self.probabilities(out).tolist()]
+
+    def predict(self, rows: Rows) -> list[float | dict[str, float]]:
+        """Featurize (statistics unchanged), forward, answer."""
+        if not rows:
+            return []
+        return self.answers(self.forward(self.featurize(rows)))

@@ -1,0 +1,1 @@
+"""Small helpers every stage shares: stoppable back-off, atomic file writes, sample statistics."""
