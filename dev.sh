@@ -11,7 +11,7 @@ PYTHON=${PYTHON:-python3}
 if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
     "$PYTHON" -m venv .venv
     # torch first, pinned: the project's torch range is then already met and
-    # pip does not pull a multi-GB CUDA build (see DEVELOPERS.md).
+    # pip does not pull a multi-GB CUDA build.
     .venv/bin/python -m pip install -q torch==2.13.0
     .venv/bin/python -m pip install -q -e '.[dev]'
     touch .venv/.installed

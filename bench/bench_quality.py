@@ -102,7 +102,8 @@ from stream_learner.drift import DriftPolicy
 from stream_learner.events import ExampleEvent
 from stream_learner.join.examples import example_id
 from stream_learner.learn.learner import LearnerConfig, OnlineLearner
-from stream_learner.learn.trainer import apply_drift_policy, drift_from_settings, learner_config
+from stream_learner.learn.build import drift_from_settings, learner_config
+from stream_learner.learn.session import apply_drift_policy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_foundation import machine_info  # noqa: E402

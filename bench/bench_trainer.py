@@ -48,7 +48,7 @@ Phases:
                 the whole process's CPU time are recorded too: on a shared
                 machine they move less than wall time.
    ``--drift`` adds, for every config, a run built the way the CLI builds
-                the trainer: ``build_trainer(settings)``, with the River drift
+                the trainer: ``Trainer(settings)``, with the River drift
                 detectors and policy the settings name (on by default), at
                 the trainer's default thread count (``_drift`` runs).
 4. in memory -- ``OnlineLearner.process(chunk)`` over the decoded examples in
@@ -60,14 +60,14 @@ Phases:
 
 Each trainer step is split into stages by wrapping the instance's own
 methods (instance attributes shadow the bound methods; the product code is
-not changed): ``poll``, ``_train``, ``learner.process``,
+not changed): ``poll``, the session's ``_learn_chunk``, ``learner.process``,
 ``featurizer.transform`` (featurize), the model's forward pass with
 gradients off (predict), ``_evaluate_and_target`` (prequential scoring,
 the drift detectors' updates and the training targets of the chunk), ``_step`` (the optimizer step, with
 ``remember_good`` counted apart inside it) and ``checkpoint`` (with its
-``state_dict``, ``_weights_bytes``, state-store ``save``, ``_publish``,
+``state_dict``, ``weights_bytes``, state-store ``save``, the output's ``publish``,
 producer ``flush`` and offset ``commit`` parts). ``decode loop`` is
-``_train`` minus ``process`` (decoding every record, offsets and metrics
+``_learn_chunk`` minus ``process`` (decoding every record, offsets and metrics
 bookkeeping). The wrappers cost well under 1 µs per chunk. Garbage
 collections are counted and timed by generation (``gc.callbacks``; their
 time is also inside the stage that triggered them), and each run records
@@ -129,7 +129,9 @@ from stream_learner.config import Settings
 from stream_learner.events import EXAMPLE, ExampleEvent, Source, encode
 from stream_learner.join.examples import example_id
 from stream_learner.learn.learner import OnlineLearner
-from stream_learner.learn.trainer import Trainer, build_trainer, learner_config
+import stream_learner.learn.session as session_module
+from stream_learner.learn.build import build_learner, learner_config
+from stream_learner.learn.trainer import Trainer
 from stream_learner.local import LocalServers
 from stream_learner.logging import configure_logging
 
@@ -309,21 +311,23 @@ class Stages:
         # The forward pass with gradients off is the prequential prediction;
         # with gradients on it is part of the train step.
         self.wrap(learner.main.model, "forward", "predict", when=lambda: not torch.is_grad_enabled())
-        self.wrap(learner, "_evaluate_and_target", "evaluate")
+        self.wrap(learner, "_evaluate_classes", "evaluate")
+        self.wrap(learner, "_evaluate_regression", "evaluate")
         self.wrap(learner, "_step", "train_step")
         self.wrap(learner.main, "remember_good", "remember_good")
 
     def wrap_trainer(self, trainer: Trainer) -> None:
         self.wrap(trainer.consumer, "poll", "poll")
-        self.wrap(trainer, "_train", "train")
-        self.wrap(trainer, "checkpoint", "checkpoint", keep=True)
+        session = trainer.session
+        self.wrap(session, "_learn_chunk", "train")
+        self.wrap(session, "checkpoint", "checkpoint", keep=True)
         self.wrap(trainer.learner, "state_dict", "ckpt_state_dict")
-        self.wrap(trainer, "_weights_bytes", "ckpt_weights_bytes")
-        self.wrap(trainer.store, "save", "ckpt_store_save")
-        self.wrap(trainer, "_publish", "ckpt_publish")
+        self.wrap(session_module, "weights_bytes", "ckpt_weights_bytes")
+        self.wrap(session.store, "save", "ckpt_store_save")
+        self.wrap(session.output, "publish", "ckpt_publish")
         self.wrap(trainer.producer, "flush", "ckpt_flush")
         self.wrap(trainer.consumer, "commit", "ckpt_commit")
-        self.wrap(trainer.dead_letters, "send", "dead_letters")
+        self.wrap(session.sinks.dead_letters, "send", "dead_letters")
         self.wrap_learner(trainer.learner)
 
 
@@ -442,12 +446,8 @@ def trainer_settings(settings: Settings, topic: str, arch: str, batch: int, tag:
 
 
 def drift_monitor(s: Settings) -> Any:
-    """The drift detectors ``build_trainer`` would give the trainer (older trainers had none)."""
-    try:
-        from stream_learner.learn.trainer import drift_from_settings
-    except ImportError:
-        raise SystemExit("this trainer has no drift detectors to measure (--drift)") from None
-    return drift_from_settings(s)[0]
+    """The drift detectors the trainer builds from the settings."""
+    return build_learner(msgspec.structs.replace(s, trainer_drift_enabled=True))[0].drift
 
 
 def applied(trainer: Trainer) -> int:
@@ -462,8 +462,8 @@ def phase_trainer(s: Settings, w: Workload, profile: cProfile.Profile | None = N
     batch = s.trainer_batch_size
     full = n - n % batch
     create_topics(s, [s.topic_models, s.topic_drift, s.topic_dlq])
-    # build_trainer is what the CLI runs: the drift detectors and policy the settings name.
-    trainer = build_trainer(s) if drift else Trainer(s)
+    # Trainer(settings) is what the CLI runs: the drift detectors and policy the settings name.
+    trainer = Trainer(msgspec.structs.replace(s, trainer_drift_enabled=drift))
     if drift and trainer.learner.drift is None:
         raise SystemExit("drift detection is off in the settings (trainer_drift_enabled)")
     threads_in_run = torch.get_num_threads()
@@ -883,7 +883,7 @@ def main(argv: list[str] | None = None) -> int:
                          "default), 'torch' (torch's own default, one per core) or numbers (default: "
                          "product,torch,1; duplicates run once)")
     ap.add_argument("--drift", action="store_true",
-                    help="also run every config as the CLI does: build_trainer(settings), with the drift "
+                    help="also run every config as the CLI does: Trainer(settings), with the drift "
                          "detectors and policy on (the trainer's default thread count)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--state-dir", type=Path, default=None,

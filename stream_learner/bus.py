@@ -90,7 +90,7 @@ def make_consumer(settings: Settings, group_id: str | None, **overrides: Any) ->
 
 
 def ensure_topics(settings: Settings, *, timeout_s: float = 30.0) -> list[str]:
-    """Create every topic of DESIGN.md that does not exist yet; return those created.
+    """Create every topic of docs/architecture.md that does not exist yet; return those created.
 
     Input topics get ``partitions_input`` partitions; the examples topic
     ``partitions_examples``; model, drift and dead-letter topics one each

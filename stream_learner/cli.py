@@ -231,7 +231,7 @@ def cmd_local(args: argparse.Namespace, settings: Settings, metrics: Metrics) ->
 
 
 def cmd_topics(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> int:
-    """Create the topics of DESIGN.md that do not exist yet."""
+    """Create the topics of docs/architecture.md that do not exist yet."""
     from .bus import ensure_topics
 
     created = ensure_topics(settings)

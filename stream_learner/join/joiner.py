@@ -54,6 +54,7 @@ from ..errors import EventError
 from ..events import LABEL, PREDICTION, Codec, Source
 from ..metrics import Metrics
 from ..redis_conn import make_redis
+from ..util.backoff import Backoff
 from .examples import encode_example
 from .store import (
     Emission, JoinInput, PartitionProgress, RedisJoinStore, StepResult, pack_label, pack_prediction, wall_ms,
@@ -397,7 +398,7 @@ class Joiner:
 
     def _with_retry(self, what: str, action: Callable[[], Any]) -> Any:
         """Run ``action`` until it succeeds; while it fails, pause consumption and back off."""
-        backoff = 0.1
+        backoff = Backoff(0.1, 5.0)
         paused = False
         while True:
             try:
@@ -409,10 +410,10 @@ class Joiner:
                     self.consumer.pause(*self.consumer.assignment())
                     paused = True
                 self.metrics.joiner_retries.labels(dependency=what).inc()
-                log.warning("joiner_dependency_unavailable", dependency=what, error=str(exc), retry_in_s=backoff)
+                delay = backoff.next_delay()
+                log.warning("joiner_dependency_unavailable", dependency=what, error=str(exc), retry_in_s=delay)
                 # Polling while paused keeps the group membership alive and returns nothing.
-                self.consumer.poll(timeout_ms=int(backoff * 1000))
-                backoff = min(backoff * 2, 5.0)
+                self.consumer.poll(timeout_ms=int(delay * 1000))
                 continue
             if paused:
                 self.consumer.resume(*self.consumer.paused())

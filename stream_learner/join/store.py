@@ -42,7 +42,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Protocol
+from typing import Any
 
 import msgspec
 import redis
@@ -184,23 +184,6 @@ class StepResult:
     emissions: list[Emission] = field(default_factory=list)
     tokens: list[str] = field(default_factory=list)
     more_to_claim: bool = False
-
-
-class JoinStore(Protocol):
-    """The contract of a join state store (see the module docstring)."""
-
-    def step(
-        self,
-        *,
-        progress: list[PartitionProgress],
-        acks: list[str],
-        events: list[JoinInput],
-        now_ms: int,
-        claim_before_ms: int,
-        total_partitions: int,
-    ) -> StepResult:
-        """Apply acks, progress and events atomically; return what to emit."""
-        ...
 
 
 @dataclass
