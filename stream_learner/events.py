@@ -37,7 +37,7 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 import msgspec
@@ -281,6 +281,7 @@ def _explain_validation(msg: str, data: bytes | bytearray | memoryview) -> Event
     text = msg[: m.start()] if m else msg
     if missing := _MISSING.match(text):
         return EventError("missing_field", f"{path}.{missing.group(1)}", "missing required field")
+    culprit: Callable[[Any], bool] | None
     if text == "Number out of range":
         kind, text, culprit = "non_finite", "number is too large for a finite double", _is_huge
     elif got := _GOT.match(text):
@@ -350,6 +351,7 @@ def _explain_malformed(msg: str, data: bytes | bytearray | memoryview) -> EventE
 def _find_non_finite(obj: Any, path: str) -> str | None:
     if isinstance(obj, float) and not math.isfinite(obj):
         return path
+    items: Iterable[tuple[Any, Any]]
     if isinstance(obj, dict):
         items = obj.items()
         fmt = "{}.{}"

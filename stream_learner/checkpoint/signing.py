@@ -45,6 +45,7 @@ import hashlib
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 from cryptography.exceptions import InvalidSignature
@@ -54,7 +55,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from ..events import CheckpointManifest, Signature
 from .errors import SignatureError
 
-ALG = "ed25519"
+ALG: Literal["ed25519"] = "ed25519"
 
 _canonical = msgspec.json.Encoder(order="sorted")
 _plain = msgspec.json.Encoder()

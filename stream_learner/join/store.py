@@ -430,8 +430,9 @@ class RedisJoinStore:
         """Emissions in the outbox entries not yet acknowledged: what a restarted joiner emits first."""
         prefix = self.settings.joiner_redis_prefix
         total = 0
-        for token in self.client.zrange(prefix + "ob", 0, -1):
-            blob = self.client.get(prefix + "ob:" + token.decode())
+        tokens: list[bytes] = self.client.zrange(prefix + "ob", 0, -1)  # type: ignore[assignment]
+        for token in tokens:
+            blob: bytes | None = self.client.get(prefix + "ob:" + token.decode())  # type: ignore[assignment]
             total += len(_raw_list.decode(blob)) if blob else 0
         return total
 

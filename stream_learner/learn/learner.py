@@ -57,7 +57,7 @@ if TYPE_CHECKING:
     from ..drift import DriftWatch
 
 _EPS = 1e-15
-_UNSEEN = object()
+_UNSEEN: Any = object()
 
 
 @dataclass(frozen=True)
@@ -330,14 +330,14 @@ class OnlineLearner:
         if not isinstance(prediction, dict):
             return None
         index = self._served_index
-        probs = {}
+        probs: dict[int, float] = {}
         for k, v in prediction.items():
             i = index.get(k, _UNSEEN)
             if i is _UNSEEN:
                 i = self.class_index.get(class_name(k))
                 if len(index) < 4096:  # probability keys are the class names: a handful
                     index[k] = i
-            if i is not None:
+            if isinstance(i, int):
                 probs[i] = v
         if not probs:
             return None

@@ -77,11 +77,16 @@ FORMAT = "stream-learner-session/1"
 class Record(Protocol):
     """What the session needs of a consumed example record (a kafka-python ``ConsumerRecord`` is one)."""
 
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
 
 
 @dataclass(frozen=True)

@@ -281,7 +281,7 @@ class Replay:
     def _run_events(self, consumer: Any, resumed: bool) -> bool:
         """Join and train on the prediction and label topics' ranges; False if stopped before their end."""
         s, session = self.settings, self.session
-        codecs = {s.topic_predictions: (Codec(PREDICTION.event_type, s.max_event_bytes), "P", pack_prediction),
+        codecs: dict[str, tuple[Codec[Any], str, Callable[[Any, Source], msgspec.Raw]]] = {s.topic_predictions: (Codec(PREDICTION.event_type, s.max_event_bytes), "P", pack_prediction),
                   s.topic_labels: (Codec(LABEL.event_type, s.max_event_bytes), "L", pack_label)}
 
         last_time: dict[tuple[str, int], int] = {}
