@@ -183,13 +183,13 @@ class Joiner:
         except _RETRYABLE:
             pass  # sent again, with backoff, when its reply is awaited
         # Redis runs this cycle's call meanwhile.
-        confirmed = previous is not None and self._confirm()
-        if previous is not None and confirmed:
+        confirmed = bool(previous) and self._confirm()
+        if previous and confirmed:
             self._finish(previous)
         self._output = None
         result = self._with_retry("redis", lambda: self._receive(call))
         self._account(result)
-        if previous is not None and not confirmed:
+        if previous and not confirmed:
             self._redo(previous)
             self._finish(previous)
         self._output = _Output(result.emissions, result.tokens, dead, offsets, call)
