@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Mapping
 from typing import Any
+
+from ..events import class_name
+
+_UNSEEN: Any = object()
 
 
 class Mean:
@@ -93,3 +98,33 @@ class Scoreboard:
         """Restore what :meth:`state` returned."""
         for name, s in state.items():
             self.means[name].restore(s)
+
+
+class ServedClasses:
+    """What the application served, by class index: scores the *served* prediction of an example.
+
+    >>> ServedClasses({"no": 0, "yes": 1}).of({"yes": 0.8, "no": 0.2, "maybe": 0.0})
+    (1, {1: 0.8, 0: 0.2})
+    """
+
+    def __init__(self, class_index: Mapping[str, int]) -> None:
+        self.class_index = class_index
+        self.index: dict[Any, int | None] = {}  # probability key as served -> class index
+
+    def of(self, prediction: Any) -> tuple[int, dict[int, float]] | None:
+        """The class served (the most probable) and the probabilities by class index, or ``None``."""
+        if not isinstance(prediction, dict):
+            return None
+        index = self.index
+        probs: dict[int, float] = {}
+        for k, v in prediction.items():
+            i = index.get(k, _UNSEEN)
+            if i is _UNSEEN:
+                i = self.class_index.get(class_name(k))
+                if len(index) < 4096:  # probability keys are the class names: a handful
+                    index[k] = i
+            if isinstance(i, int):
+                probs[i] = v
+        if not probs:
+            return None
+        return max(probs, key=probs.__getitem__), probs

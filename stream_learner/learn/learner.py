@@ -44,7 +44,7 @@ from torch import nn
 
 from ..drift import DriftFinding
 from ..events import ExampleEvent, class_name
-from .evaluation import Scoreboard
+from .evaluation import Scoreboard, ServedClasses
 from .featurizer import Featurizer
 from .judge import DriftJudge, SignalValues
 from .models import ModelSpec
@@ -57,7 +57,6 @@ if TYPE_CHECKING:
     from ..drift import DriftWatch
 
 _EPS = 1e-15
-_UNSEEN: Any = object()
 
 
 @dataclass(frozen=True)
@@ -120,7 +119,7 @@ class OnlineLearner:
         c = self.config
         self.classes = [class_name(x) for x in self.spec.classes]
         self.class_index = {name: i for i, name in enumerate(self.classes)}
-        self._served_index: dict[Any, int | None] = {}  # probability key as served -> class index
+        self.served = ServedClasses(self.class_index)
         self.regression = self.spec.task == "regression"
         self.featurizer = c.featurizer()
         self.target = TargetScaler()
@@ -307,7 +306,7 @@ class OnlineLearner:
             scores.update_many("log_loss", losses)
             served_acc: list[float] = []
             served_loss: list[float] = []
-            served_of = self._served
+            served_of = self.served.of
             for i, y in zip(lab_rows, lab_y):
                 served = served_of(rows[i].prediction)
                 if served is not None:
@@ -324,24 +323,6 @@ class OnlineLearner:
             signals.append(("loss", losses, lab_rows))
         result.findings.extend(self.judge.observe(signals, self.chunk_base))
         return torch.tensor(ys, dtype=torch.long), torch.tensor(ws, dtype=torch.float32), keep
-
-    def _served(self, prediction: Any) -> tuple[int, dict[int, float]] | None:
-        """The class the application served and its probabilities, by class index."""
-        if not isinstance(prediction, dict):
-            return None
-        index = self._served_index
-        probs: dict[int, float] = {}
-        for k, v in prediction.items():
-            i = index.get(k, _UNSEEN)
-            if i is _UNSEEN:
-                i = self.class_index.get(class_name(k))
-                if len(index) < 4096:  # probability keys are the class names: a handful
-                    index[k] = i
-            if isinstance(i, int):
-                probs[i] = v
-        if not probs:
-            return None
-        return max(probs, key=probs.__getitem__), probs
 
     def _step(self, t: Trainable, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, *, count: bool) -> float:
         """One optimizer step; returns the batch loss (NaN when skipped). Only the main model

@@ -51,6 +51,7 @@ rebuilt from the range's start on resume (fast: the join without training).
 
 from __future__ import annotations
 
-from .runner import Replay, ReplayPlan, result_fingerprint
+from .plan import ReplayPlan, result_fingerprint
+from .runner import Replay
 
 __all__ = ["Replay", "ReplayPlan", "result_fingerprint"]

@@ -22,7 +22,8 @@ from typing import Any
 from ..checkpoint.signing import load_private_key
 from ..config import Settings
 from .report import compare, live_manifests, to_markdown
-from .runner import Replay, ReplayPlan
+from .plan import ReplayPlan
+from .runner import Replay
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

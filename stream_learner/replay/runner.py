@@ -29,18 +29,13 @@ with the very weights an uninterrupted run ends with.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import msgspec
-import redis
 import structlog
 import torch
 
@@ -50,77 +45,23 @@ from ..checkpoint.output import DirectoryOutput, Output, TopicOutput
 from ..checkpoint.signing import load_private_key
 from ..checkpoint.state import DirectoryStateStore
 from ..config import Settings
-from ..errors import ConfigError, EventError
-from ..events import LABEL, PREDICTION, Codec, ExampleEvent, Source
-from ..join.examples import build_example
-from ..join.store import PartitionProgress, RedisJoinStore, pack_label, pack_prediction
+from ..errors import ConfigError
+from ..events import ExampleEvent
 from ..learn.build import build_learner
 from ..learn.learner import ChunkResult, OnlineLearner
 from ..learn.manifest import weights_bytes
 from ..learn.session import FORMAT as SESSION_FORMAT
 from ..learn.session import Built, CountingSinks, LearningSession
-from ..redis_conn import make_redis
 from .errors import ReplayError
+from .join import ReplayJoin
 from .merge import MergedReader
+from .plan import ReplayPlan, result_fingerprint
 from .progress import Progress
 from .ranges import Ranges, parse_bound, resolve_ranges
 
+__all__ = ["Replay", "ReplayPlan", "result_fingerprint"]
+
 log = structlog.get_logger(__name__)
-
-Source_ = Literal["events", "examples"]
-
-#: Settings that shape a replay's result: a resumed replay refuses to continue if one changed.
-_RESULT_SETTINGS_PREFIXES = ("trainer_", "joiner_window_ms", "joiner_allowed_lateness_ms",
-                             "joiner_late_retention_ms", "joiner_orphan_retention_ms",
-                             "joiner_max_expire_per_poll", "replay_join_step_events", "max_event_bytes")
-_NOT_RESULT = {"trainer_state_store", "trainer_state_dir", "trainer_signing_key", "trainer_group_id",
-               "trainer_checkpoint_every_s", "trainer_max_wait_ms"}
-
-
-_SAFE_NAME = re.compile(r"[A-Za-z0-9._@-]{1,200}")
-
-
-@dataclass(frozen=True)
-class ReplayPlan:
-    """What to replay and where the new lineage goes.
-
-    ``start``/``end`` are bound texts (:func:`~.ranges.parse_bound`).
-    ``lineage`` defaults to ``<trainer_model>@replay-<replay_id>``; the live
-    name (``trainer_model``) is refused unless ``overwrite_live``.
-    ``output_dir`` writes checkpoints as files instead of the model topic.
-    ``close_windows``: at the end of the range, close every join window
-    still open (their predictions become ``unlabeled`` examples) instead of
-    leaving them open as a live joiner would until more events arrive.
-    """
-
-    replay_id: str
-    source: Source_ = "events"
-    start: str = "beginning"
-    end: str = "end"
-    lineage: str | None = None
-    output_dir: str | None = None
-    overwrite_live: bool = False
-    close_windows: bool = False
-
-    def __post_init__(self) -> None:
-        # Both name a directory and a Redis key prefix: no path parts, no glob characters.
-        for what, name in (("replay id", self.replay_id), ("lineage", self.lineage)):
-            if name is not None and (not _SAFE_NAME.fullmatch(name) or name.strip(".") == ""):
-                raise ReplayError(f"{what} {name!r} must be letters, digits and . _ @ - only")
-
-    def lineage_name(self, settings: Settings) -> str:
-        """The model name the replay publishes under."""
-        return self.lineage or f"{settings.trainer_model}@replay-{self.replay_id}"
-
-
-def result_fingerprint(settings: Settings, plan: ReplayPlan) -> str:
-    """A digest of everything that shapes a replay's result (settings, source, lineage, window closing)."""
-    fields = {k: v for k, v in msgspec.structs.asdict(settings).items()
-              if k.startswith(_RESULT_SETTINGS_PREFIXES) and k not in _NOT_RESULT}
-    fields.update(source=plan.source, lineage=plan.lineage_name(settings), close_windows=plan.close_windows,
-                  topics=[settings.topic_predictions, settings.topic_labels, settings.topic_examples])
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
-
 
 class Replay:
     """One replay (see the module docstring). ``run()`` returns its summary (a JSON-able dict).
@@ -177,11 +118,10 @@ class Replay:
         self.ranges = Ranges({})
         self.steps_done = 0
         self.examples = 0
-        self.event_dead_letters = 0  # prediction and label events refused while joining
+        self.event_dead_letters = 0  # prediction and label events refused while joining, as saved
+        self.join: ReplayJoin | None = None  # while an events replay runs
         self.published: list[dict[str, Any]] = []
         self.done = False
-        # Seconds per stage in this process (not saved): the rest of a run is read, merge and decode.
-        self.join_seconds = 0.0
         self.started_at = time.time()
         self.seconds = 0.0
 
@@ -198,13 +138,14 @@ class Replay:
     @property
     def counts(self) -> dict[str, int]:
         """Records read, examples learned, dead letters, rejected examples, drift findings."""
-        return {"records_read": self._read_so_far(), "dead_letters": self.event_dead_letters + self.sinks.dead_letters,
+        events_dead = self.join.dead_letters if self.join is not None else self.event_dead_letters
+        return {"records_read": self._read_so_far(), "dead_letters": events_dead + self.sinks.dead_letters,
                 "examples": self.examples, "rejected": self.sinks.rejected, "drifts": self.sinks.drifts}
 
     @property
     def timings(self) -> dict[str, float]:
         """Seconds spent joining, learning and checkpointing in this process."""
-        return {"join": self.join_seconds, **self.session.timings}
+        return {"join": self.join.seconds if self.join is not None else 0.0, **self.session.timings}
 
     # -- the run ---------------------------------------------------------------------
 
@@ -280,44 +221,21 @@ class Replay:
 
     def _run_events(self, consumer: Any, resumed: bool) -> bool:
         """Join and train on the prediction and label topics' ranges; False if stopped before their end."""
-        s, session = self.settings, self.session
-        codecs: dict[str, tuple[Codec[Any], str, Callable[[Any, Source], msgspec.Raw]]] = {s.topic_predictions: (Codec(PREDICTION.event_type, s.max_event_bytes), "P", pack_prediction),
-                  s.topic_labels: (Codec(LABEL.event_type, s.max_event_bytes), "L", pack_label)}
-
-        last_time: dict[tuple[str, int], int] = {}
-
-        def decode(record: Any) -> tuple[int, tuple[str, str, int, Any] | None]:
-            codec, typ, pack = codecs[record.topic]
-            try:
-                event = codec.decode(record.value)
-            except EventError:
-                # A dead letter keeps its place: next to its partition's previous event.
-                return last_time.get((record.topic, record.partition), -1), None
-            t = last_time[(record.topic, record.partition)] = event.event_time
-            return t, (typ, event.request_id, t, pack(event, Source(record.topic, record.partition, record.offset)))
-
-        client = make_redis(self.settings)
-        # The live joiner's rules, without its wall clock: a partition with nothing in the range
-        # takes no part in the watermark (live, it would be idle: caught up and silent); the others
-        # hold it until the range ends, never idle (nothing of the range is ever "caught up" early).
-        join_settings = msgspec.structs.replace(s, joiner_redis_prefix=self.prefix, joiner_idle_advance=False,
-                                                joiner_wait_aof=False)
-        store = RedisJoinStore(client, join_settings)
-        self.parts = sorted(n for n, (a, b) in self.ranges.ranges.items() if a < b)
-        self.max_time = -1
-        self.acks: list[str] = []
+        session = self.session
+        parts = [n for n, (a, b) in self.ranges.ranges.items() if a < b]
+        join = self.join = ReplayJoin(self.settings, self.prefix, parts)
         try:
             # Rebuild the join state from the range start: Redis state is not in the snapshot.
-            self._delete_keys(client)
-            self.event_dead_letters = 0  # counted again from the range start
-            reader = MergedReader(consumer, self.ranges.ranges, decode, poll_records=self.poll_records)
-            steps = self._steps(reader)
+            join.delete_keys()
+            reader = MergedReader(consumer, self.ranges.ranges, join.decode, poll_records=self.poll_records)
+            steps = join.steps(reader)
             saved_positions = dict(session.position)
             for k in range(self.steps_done):
                 events = next(steps, None)
                 if events is None:
                     raise ReplayError("the inputs changed since the replay was interrupted (fewer events)")
-                self._join(store, events, k)
+                join.send(events, k)
+                join.receive()
             if resumed and self.steps_done and dict(reader.positions) != saved_positions:
                 raise ReplayError(f"rebuilding the join state ended at {reader.positions}, "
                                   f"the snapshot says {saved_positions}")
@@ -326,13 +244,13 @@ class Replay:
                 after = dict(reader.positions)
                 # Redis runs this step while the learner takes the previous steps' examples (its own
                 # process: real parallelism). The learning order is the same as one step after the other.
-                self._send_join(store, events, self.steps_done)
+                join.send(events, self.steps_done)
                 session.learn()
                 if self.stop.is_set():
-                    store.receive()  # dropped: the snapshot ends before this step, the resume rebuilds Redis
+                    join.receive()  # dropped: the snapshot ends before this step, the resume rebuilds Redis
                     progress.close(self._read_so_far())
                     return False
-                examples = self._receive_join(store)
+                examples = join.receive()
                 self.steps_done += 1
                 if self.on_examples is not None:
                     self.on_examples(examples)
@@ -342,85 +260,15 @@ class Replay:
             session.add((), reader.positions)
             progress.close(self._read_so_far())
             if self.plan.close_windows:
-                closed = self._close_windows(store)
+                closed = join.close_windows(self.steps_done)
                 if self.on_examples is not None:
                     self.on_examples(closed)
                 session.add(closed)
                 session.learn()
-            self._delete_keys(client)
+            join.delete_keys()
             return True
         finally:
-            store.close()
-            client.close()
-
-    def _steps(self, reader: MergedReader) -> Iterator[list[tuple[str, int, Any]]]:
-        """The merged events cut into join steps of ``replay_join_step_events``."""
-        size = self.settings.replay_join_step_events
-        step: list[tuple[str, int, Any]] = []
-        for item in reader.read():
-            if item[2] is None:
-                self.event_dead_letters += 1
-                continue
-            step.append(item)
-            if len(step) >= size:
-                yield step
-                step = []
-        if step:
-            yield step
-
-    def _join(self, store: RedisJoinStore, events: list[tuple[str, int, Any]], k: int) -> list[ExampleEvent]:
-        """One join step (the live script, one call); its emissions as examples."""
-        self._send_join(store, events, k)
-        return self._receive_join(store)
-
-    def _send_join(self, store: RedisJoinStore, events: list[tuple[str, int, Any]], k: int) -> None:
-        """Send join step ``k`` (its progress: each partition's largest event time in it); see :meth:`_receive_join`."""
-        max_times: dict[str, int] = {}
-        for name, _, ev in events:
-            if ev[2] > max_times.get(name, -1):
-                max_times[name] = ev[2]
-        if max_times:
-            self.max_time = max(self.max_time, max(max_times.values()))
-        progress = [PartitionProgress(n, max_times.get(n, -1), False) for n in self.parts]
-        began = time.perf_counter()
-        store.send(progress=progress, acks=self.acks, events=[ev for _, _, ev in events], now_ms=1000 * (k + 1),
-                   claim_before_ms=-1, total_partitions=len(self.parts), durable=False)
-        self.join_seconds += time.perf_counter() - began
-
-    def _receive_join(self, store: RedisJoinStore) -> list[ExampleEvent]:
-        """The reply of the step :meth:`_send_join` sent, as examples."""
-        began = time.perf_counter()
-        result = store.receive()
-        # Nobody else reads this prefix, and a resumed replay rebuilds it: acknowledge at once.
-        self.acks = result.tokens
-        out = [build_example(e) for e in result.emissions]
-        self.join_seconds += time.perf_counter() - began
-        return out
-
-    def _close_windows(self, store: RedisJoinStore) -> list[ExampleEvent]:
-        """Move the watermark past every deadline (``close_windows``): open windows close as unlabeled."""
-        out: list[ExampleEvent] = []
-        beyond = self.max_time + self.settings.joiner_window_ms + self.settings.joiner_allowed_lateness_ms + 1
-        for k in range(10_000):
-            progress = [PartitionProgress(n, beyond, False) for n in self.parts]
-            result = store.step(progress=progress, acks=self.acks, events=[], now_ms=1000 * (self.steps_done + k + 1),
-                                claim_before_ms=-1, total_partitions=len(self.parts))
-            self.acks = result.tokens
-            if not result.emissions:
-                break
-            out += [build_example(e) for e in result.emissions]
-        return out
-
-    def _delete_keys(self, client: redis.Redis) -> None:
-        batch: list[bytes] = []
-        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self.prefix) + "*"  # the prefix, literally
-        for key in client.scan_iter(match=pattern, count=1000):
-            batch.append(key)
-            if len(batch) >= 1000:
-                client.delete(*batch)
-                batch = []
-        if batch:
-            client.delete(*batch)
+            join.close()
 
     # -- the session's hooks ----------------------------------------------------------------
 
