@@ -20,7 +20,7 @@ import msgspec
 import structlog
 
 from .config import FIELDS, Settings, env_name, flag_name, load_settings
-from .demo import DemoConfig
+from .tools.demo import DemoConfig
 from .errors import StreamLearnerError
 from .logging import configure_logging
 from .metrics import Metrics
@@ -112,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> int:
-    """The main job (see :mod:`stream_learner.demo`); print its summary, exit 0 if nothing failed."""
-    from .demo import describe, run_demo
+    """The main job (see :mod:`stream_learner.tools.demo`); print its summary, exit 0 if nothing failed."""
+    from .tools.demo import describe, run_demo
 
     config = DemoConfig(rate=args.rate, seconds=args.seconds, out=args.out, seed=args.seed)
     summary = run_demo(settings, config, progress=not args.quiet)
@@ -136,7 +136,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings, metrics: Metrics) ->
 def cmd_smoke(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> int:
     """Start local servers, send events through the SDK, read them back, print a summary."""
     from .local import LocalServers
-    from .smoke import run_smoke
+    from .tools.smoke import run_smoke
 
     # Short windows and idle timeout: the demo's traffic stops after a few seconds.
     demo = msgspec.structs.replace(
