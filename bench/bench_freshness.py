@@ -1,7 +1,7 @@
 """Freshness and swap benchmark: how soon a label reaches the served model, and what a swap costs.
 
 Part 1, **freshness** (the whole loop, as the main job runs it): for each
-``--rates`` value, :func:`stream_learner.demo.run_demo` on fresh local
+``--rates`` value, :func:`stream_learner.tools.demo.run_demo` on fresh local
 servers, ``--seconds`` of traffic with no drift: the application sends
 requests to a real ``stream-learner serve`` process over HTTP, labels
 follow after 0.05-1.2 s (10 % never, 5 % after the window), a ``stream-learner
@@ -51,7 +51,7 @@ from stream_learner.bus import make_consumer, make_producer
 from stream_learner.checkpoint import encode_tensors, generate_keypair, load_private_key, load_public_key
 from stream_learner.checkpoint.publish import publish_checkpoint, weights_info
 from stream_learner.config import Settings
-from stream_learner.demo import DemoConfig, run_demo
+from stream_learner.tools.demo import DemoConfig, run_demo
 from stream_learner.events import CheckpointManifest
 from stream_learner.learn.models import ModelSpec, build_model
 from stream_learner.local import LocalServers

@@ -2,7 +2,8 @@
 
 Every sub-command takes every setting as a flag (``--bootstrap-servers``,
 ``--redis-url``, ...) plus ``--config FILE``; see :mod:`stream_learner.config`.
-Logging is configured here, once.
+Logging is configured here, once. Each verb imports its implementation in its
+handler, so a verb loads only what it runs (the joiner, say, never loads torch).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import msgspec
 import structlog
 
 from .config import FIELDS, Settings, env_name, flag_name, load_settings
-from .demo import DemoConfig
 from .errors import StreamLearnerError
 from .logging import configure_logging
 from .metrics import Metrics
@@ -30,8 +30,46 @@ log = structlog.get_logger("stream_learner")
 DEFAULT_STATE = Path(".stream-learner/local.json")
 
 
-def _settings_parser() -> argparse.ArgumentParser:
-    parent = argparse.ArgumentParser(add_help=False)
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose own arguments can be added on first use (``arguments_from``).
+
+    For a verb whose arguments are defined beside an implementation that is
+    costly to import: they are added only when that verb is parsed or its
+    help or usage is shown.
+    """
+
+    def __init__(self, *args: typing.Any, arguments_from: Callable[[argparse.ArgumentParser], None] | None = None,
+                 **kwargs: typing.Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._arguments_from = arguments_from
+
+    def _complete(self) -> None:
+        if self._arguments_from is not None:
+            add, self._arguments_from = self._arguments_from, None
+            add(self)
+
+    def parse_known_args(self, *args: typing.Any, **kwargs: typing.Any) -> typing.Any:
+        self._complete()
+        return super().parse_known_args(*args, **kwargs)
+
+    def format_usage(self) -> str:
+        self._complete()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self._complete()
+        return super().format_help()
+
+
+def _replay_arguments(parser: argparse.ArgumentParser) -> None:
+    # Replay's module imports the learner, hence torch and River.
+    from .replay.cli import add_arguments
+
+    add_arguments(parser)
+
+
+def _settings_parser() -> _Parser:
+    parent = _Parser(add_help=False)
     parent.add_argument("--config", metavar="FILE", help="TOML settings file (flags override it)")
     group = parent.add_argument_group("settings (each also STREAM_LEARNER_<NAME> or a TOML key)")
     hints = typing.get_type_hints(Settings)
@@ -50,15 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``stream-learner`` command."""
     common = _settings_parser()
     parser = argparse.ArgumentParser(prog="stream-learner", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     demo = sub.add_parser("demo", parents=[common],
                           help="the main job: local servers, a serving node, a drifting application, "
                                "the pipeline learning live; writes a report")
-    demo.add_argument("--rate", type=float, default=DemoConfig.rate, help="requests per second")
-    demo.add_argument("--seconds", type=float, default=DemoConfig.seconds, help="seconds of traffic")
-    demo.add_argument("--out", type=Path, default=DemoConfig.out, help="directory for the report")
-    demo.add_argument("--seed", type=int, default=DemoConfig.seed)
+    # The defaults are DemoConfig's, applied in cmd_demo: importing it here would load the demo for every verb.
+    demo.add_argument("--rate", type=float, help="requests per second")
+    demo.add_argument("--seconds", type=float, help="seconds of traffic")
+    demo.add_argument("--out", type=Path, help="directory for the report")
+    demo.add_argument("--seed", type=int)
     demo.add_argument("--quiet", action="store_true", help="no live progress line")
     demo.set_defaults(func=cmd_demo)
 
@@ -102,20 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", parents=[common], help="print the effective settings (secrets masked)")
     config.set_defaults(func=cmd_config)
 
-    from .replay.cli import add_arguments as add_replay_arguments
-
-    replay = sub.add_parser("replay", parents=[common],
+    replay = sub.add_parser("replay", parents=[common], arguments_from=_replay_arguments,
                             help="re-run join and training over a closed range of the topics into a new lineage")
-    add_replay_arguments(replay)
     replay.set_defaults(func=cmd_replay)
     return parser
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> int:
-    """The main job (see :mod:`stream_learner.demo`); print its summary, exit 0 if nothing failed."""
-    from .demo import describe, run_demo
+    """The main job (see :mod:`stream_learner.tools.demo`); print its summary, exit 0 if nothing failed."""
+    from .tools.demo import DemoConfig, describe, run_demo
 
-    config = DemoConfig(rate=args.rate, seconds=args.seconds, out=args.out, seed=args.seed)
+    given = {name: value for name in ("rate", "seconds", "out", "seed") if (value := getattr(args, name)) is not None}
+    config = DemoConfig(**given)
     summary = run_demo(settings, config, progress=not args.quiet)
     if not args.quiet:
         print(describe(summary), file=sys.stderr)
@@ -134,16 +171,16 @@ def cmd_serve(args: argparse.Namespace, settings: Settings, metrics: Metrics) ->
 
 
 def cmd_smoke(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> int:
-    """Start local servers, send events through the SDK, read them back, print a summary."""
+    """The count check (see :mod:`stream_learner.tools.smoke`): print its summary, exit 0 if every count matches."""
     from .local import LocalServers
-    from .smoke import run_smoke
+    from .tools.smoke import run_smoke
 
-    # Short windows and idle timeout: the demo's traffic stops after a few seconds.
-    demo = msgspec.structs.replace(
+    # Short windows and idle timeout: the check's traffic stops after a few seconds.
+    short = msgspec.structs.replace(
         settings, joiner_window_ms=2000, joiner_idle_timeout_ms=1000,
         consumer_session_timeout_ms=6000, consumer_max_poll_interval_ms=3000,
     )
-    with LocalServers(demo) as servers:
+    with LocalServers(short) as servers:
         summary = run_smoke(servers.settings, events=args.events, metrics=metrics)
     print(json.dumps(summary, indent=2))
     ok = summary["lost"] == 0 and summary["sdk_failed"] == 0 and all(

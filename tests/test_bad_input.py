@@ -12,7 +12,7 @@ from stream_learner.bus import H_ERROR_FIELD, H_ERROR_KIND, H_SOURCE_OFFSET, H_S
 from stream_learner.config import Settings
 from stream_learner.errors import EventError
 from stream_learner.events import LABEL, PREDICTION, Codec, PredictionEvent
-from stream_learner.smoke import decode_topics
+from stream_learner.tools.smoke import decode_topics
 
 GOOD = {
     "event_id": "e1", "request_id": "r1", "model": "m", "model_version": "1", "event_time": 1,

@@ -62,3 +62,22 @@ def test_smoke_counts_end_to_end() -> None:
     assert summary["lost"] == 0 and summary["decoded"]["prediction"] == 2000
     assert summary["examples_joined"] == summary["examples_expected"]
     assert sum(summary["dead_letters"].values()) == 5
+
+
+def test_verbs_that_do_not_train_or_serve_do_not_import_torch(tmp_path) -> None:
+    # A fresh interpreter, as the console script starts: build the parser, run
+    # `config`, `local down` and `keys generate`, and import the modules the joiner and topics
+    # verbs run. Torch (and River) cost ~250 MB and most of a second at start-up.
+    code = f"""
+import sys
+from stream_learner.cli import build_parser, main
+build_parser()
+assert main(["config"]) == 0
+assert main(["local", "down", "--state-file", {str(tmp_path / "none.json")!r}]) == 0
+assert main(["keys", "generate", "--out", {str(tmp_path / "keys")!r}]) == 0
+import stream_learner.bus, stream_learner.join.joiner, stream_learner.local
+print(sorted(m for m in ("torch", "river") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines()[-1] == "[]"

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from stream_learner.config import Settings
-from stream_learner.smoke import decode_topics
+from stream_learner.tools.smoke import decode_topics
 
 confluent_kafka = pytest.importorskip("confluent_kafka")
 

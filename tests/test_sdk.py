@@ -11,7 +11,7 @@ from stream_learner.errors import EventError
 from stream_learner.local import free_port
 from stream_learner.metrics import Metrics
 from stream_learner.sdk import PredictionLogger
-from stream_learner.smoke import decode_topics
+from stream_learner.tools.smoke import decode_topics
 
 N = 100_000
 

@@ -33,19 +33,13 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError
 
+from .digest import sha256_hex
 from .errors import CheckpointError
+
+__all__ = ["MAX_HEADER_BYTES", "decode_tensors", "encode_tensors", "read_header", "sha256_hex"]
 
 #: The safetensors reference implementation refuses headers above 100 MB.
 MAX_HEADER_BYTES = 100_000_000
-
-
-def sha256_hex(data: bytes | bytearray | memoryview) -> str:
-    """The SHA-256 of ``data`` as 64 lowercase hex digits.
-
-    >>> sha256_hex(b"test")
-    '9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08'
-    """
-    return hashlib.sha256(data).hexdigest()
 
 
 def encode_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:

@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from kafka.errors import KafkaError
 
 from ..events import CheckpointManifest, WeightsInfo, encode
-from .codec import sha256_hex
+from .digest import sha256_hex
 from .errors import CheckpointError, DigestError
 from .signing import sign_manifest
 

@@ -1,6 +1,6 @@
-"""The main job until the full demo exists: SDK -> broker -> decoder -> joiner -> trainer.
+"""The count check behind ``stream-learner smoke``: SDK -> broker -> decoder -> joiner -> trainer.
 
-An end-to-end check of what is built: every event the SDK acknowledged is
+An end-to-end check of the core's counts: every event the SDK acknowledged is
 read back and decoded, every malformed record lands in the dead-letter topic
 with the reason in its headers, the joiner emits exactly the examples the
 sent events call for, and the trainer learns them and publishes signed
@@ -14,16 +14,17 @@ import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 from kafka import TopicPartition
 
-from .bus import DeadLetters, make_consumer, make_producer
-from .config import Settings
-from .errors import EventError
-from .events import LABEL, PREDICTION, Codec, now_ms
-from .metrics import Metrics
-from .sdk import PredictionLogger
+from ..bus import DeadLetters, make_consumer, make_producer
+from ..config import Settings
+from ..errors import EventError
+from ..events import LABEL, PREDICTION, Codec, now_ms
+from ..metrics import Metrics
+from ..sdk import PredictionLogger
 
 log = structlog.get_logger(__name__)
 
@@ -93,7 +94,7 @@ def decode_topics(
 
 
 def run_smoke(settings: Settings, events: int = 10_000, bad: int = 5, metrics: Metrics | None = None,
-              seed: int = 7) -> dict[str, object]:
+              seed: int = 7) -> dict[str, Any]:
     """The foundation end to end; return a summary.
 
     Sends ``events`` predictions through the SDK with labels for 70% (within
@@ -131,10 +132,11 @@ def run_smoke(settings: Settings, events: int = 10_000, bad: int = 5, metrics: M
     produce_s = time.monotonic() - t0
     stats = sdk.stats
     raw = make_producer(settings)
-    malformed = [b"{not json", b'{"event_id": "x"}', b'{"event_id":"x","request_id":"r","model":"m",'
-                 b'"model_version":"1","event_time":1,"features":{"a":"text"},"prediction":0.5}',
-                 b'{"event_id":"x","request_id":"r","model":"m","model_version":"1","event_time":1,'
-                 b'"features":{"a":NaN},"prediction":0.5}', b"\xff\xfe"]
+    malformed = [b"{not json", b'{"event_id": "x"}',
+                 (b'{"event_id":"x","request_id":"r","model":"m",'
+                  b'"model_version":"1","event_time":1,"features":{"a":"text"},"prediction":0.5}'),
+                 (b'{"event_id":"x","request_id":"r","model":"m","model_version":"1","event_time":1,'
+                  b'"features":{"a":NaN},"prediction":0.5}'), b"\xff\xfe"]
     for i in range(bad):
         raw.send(settings.topic_predictions, key=b"bad", value=malformed[i % len(malformed)])
     raw.flush()
@@ -161,7 +163,7 @@ def run_smoke(settings: Settings, events: int = 10_000, bad: int = 5, metrics: M
 def run_joiner_until(settings: Settings, expected: Counter[str], *, metrics: Metrics | None = None,
                      timeout_s: float = 120.0) -> dict[str, int]:
     """Run a joiner in this process until it emitted ``expected`` examples (or time ran out)."""
-    from .join.joiner import Joiner
+    from ..join.joiner import Joiner
 
     joiner = Joiner(settings, metrics=metrics, poll_timeout_ms=100)
     deadline = time.monotonic() + timeout_s
@@ -183,8 +185,8 @@ def run_trainer_until(settings: Settings, examples: int, *, metrics: Metrics | N
 
     import msgspec
 
-    from .checkpoint.signing import generate_keypair
-    from .learn.trainer import Trainer
+    from ..checkpoint.signing import generate_keypair
+    from ..learn.trainer import Trainer
 
     workdir = Path(tempfile.mkdtemp(prefix="stream-learner-demo-"))
     private_pem, _ = generate_keypair()

@@ -1,0 +1,34 @@
+"""The main job: the whole loop on local servers, with a drift, measured from the outside.
+
+:func:`run_demo` starts Tansu and Valkey, a ``stream-learner run`` process
+(joiner + trainer) and a ``stream-learner serve`` process (the reference
+serving node), then plays a simulated application against the node over
+HTTP: requests come from River's Agrawal generator whose concept changes
+abruptly at a known request (classification function 0 -> 2); the true label
+of each request is sent later, after a random delay, and for a fraction of
+requests never. The node serves the newest verified checkpoint it has and
+logs each prediction with the version that served it; the joiner joins
+predictions with labels; the trainer learns and publishes checkpoints; the
+node hot-swaps them. The application scores every response against the
+truth, so the served accuracy it reports is what users would have seen.
+
+A monitor reads the examples, model and drift topics to report the join by
+kind, the checkpoints, when the drift was detected, and the freshness of
+each label: from the moment the application sent it to the moment the node
+served a model whose manifest says it trained on that label's example.
+
+Writes ``summary.json`` and ``report.html`` (an SVG plot of served accuracy
+over time marked with the drift, its detection and the model versions) to
+the output directory.
+
+* :mod:`.app` — the simulated application and its traffic;
+* :mod:`.monitor` — what the topics say while it runs, the progress line;
+* :mod:`.report` — the summary, its text, the HTML page and SVG plot;
+* :mod:`.job` — the orchestration: servers, processes, warm-up, the wait.
+"""
+
+from .app import DemoConfig, demo_rows
+from .job import run_demo
+from .report import describe
+
+__all__ = ["DemoConfig", "demo_rows", "describe", "run_demo"]
