@@ -39,11 +39,11 @@ import msgspec
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .config import Settings
-from .errors import EventError
-from .events import Codec, Features, Ident
-from .metrics import Metrics
-from .sdk import PredictionLogger
+from ..config import Settings
+from ..errors import EventError
+from ..events import Codec, Features, Ident
+from ..metrics import Metrics
+from ..sdk import PredictionLogger
 
 log = structlog.get_logger(__name__)
 
@@ -254,7 +254,7 @@ def run_node(settings: Settings, metrics: Metrics, *, stop: threading.Event, col
     built from the ``trainer_*`` settings serves as version 0 until the
     first verified checkpoint arrives (a new deployment has none yet).
     """
-    from .serving import CheckpointSubscriber, public_keys_from_settings
+    from . import CheckpointSubscriber, public_keys_from_settings
 
     keys = public_keys_from_settings(settings)  # ConfigError if none is set
     sdk = PredictionLogger(settings=settings, metrics=metrics)
@@ -292,12 +292,12 @@ def cold_start_model(settings: Settings) -> Any:
     >>> served.version, sorted(served.predict_one({"a": 1.0, "b": None}))
     (0, ['no', 'yes'])
     """
-    from .checkpoint.reader import LoadedCheckpoint
-    from .events import CheckpointManifest, WeightsInfo, now_ms
-    from .learn.build import learner_config
-    from .learn.learner import OnlineLearner
-    from .learn.manifest import servable_weights
-    from .serving import load_served_model
+    from ..checkpoint.reader import LoadedCheckpoint
+    from ..events import CheckpointManifest, WeightsInfo, now_ms
+    from ..learn.build import learner_config
+    from ..learn.learner import OnlineLearner
+    from ..learn.manifest import servable_weights
+    from . import load_served_model
 
     config = learner_config(settings)
     tensors, _ = OnlineLearner(config).state_dict()

@@ -83,15 +83,15 @@ from kafka import TopicPartition
 from kafka.errors import KafkaError
 from torch import nn
 
-from .checkpoint.errors import (
+from ..checkpoint.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     DigestError,
     IncompleteCheckpointError,
     SignatureError,
 )
-from .checkpoint.publish import H_MODEL, H_TYPE, H_VERSION, TYPE_CHUNK, TYPE_MANIFEST
-from .checkpoint.reader import (
+from ..checkpoint.publish import H_MODEL, H_TYPE, H_VERSION, TYPE_CHUNK, TYPE_MANIFEST
+from ..checkpoint.reader import (
     LoadedCheckpoint,
     PublicKeys,
     ReadTimeoutError,
@@ -102,14 +102,14 @@ from .checkpoint.reader import (
     read_version,
     record_header,
 )
-from .checkpoint.signing import load_public_key
-from .config import Settings
-from .errors import ConfigError
-from .events import CheckpointManifest, class_name
-from .learn.featurizer import Featurizer
-from .learn.learner import LearnerConfig
-from .learn.models import ModelSpec, build_model
-from .metrics import Metrics
+from ..checkpoint.signing import load_public_key
+from ..config import Settings
+from ..errors import ConfigError
+from ..events import CheckpointManifest, class_name
+from ..learn.featurizer import Featurizer
+from ..learn.learner import LearnerConfig
+from ..learn.models import ModelSpec, build_model
+from ..metrics import Metrics
 
 log = structlog.get_logger(__name__)
 
