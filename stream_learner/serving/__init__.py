@@ -68,33 +68,20 @@ means trusting the code its manifests name, as the trainer runs it too.
 from __future__ import annotations
 
 import dataclasses
-import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import structlog
-import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from kafka import TopicPartition
-from kafka.errors import KafkaError
-from torch import nn
 
-from ..checkpoint.errors import (
-    CheckpointError,
-    CheckpointNotFoundError,
-    DigestError,
-    IncompleteCheckpointError,
-    SignatureError,
-)
+from ..checkpoint.errors import CheckpointError, CheckpointNotFoundError
 from ..checkpoint.publish import H_MODEL, H_TYPE, H_VERSION, TYPE_CHUNK, TYPE_MANIFEST
 from ..checkpoint.reader import (
-    LoadedCheckpoint,
     PublicKeys,
-    ReadTimeoutError,
     key_list,
     load_manifest_record,
     make_reader_consumer,
@@ -105,11 +92,9 @@ from ..checkpoint.reader import (
 from ..checkpoint.signing import load_public_key
 from ..config import Settings
 from ..errors import ConfigError
-from ..events import CheckpointManifest, class_name
-from ..learn.featurizer import Featurizer
-from ..learn.learner import LearnerConfig
-from ..learn.models import ModelSpec, build_model
 from ..metrics import Metrics
+from .failures import ModelLoadError, failure_reason, is_transient
+from .model import ServedModel, load_served_model
 
 log = structlog.get_logger(__name__)
 
@@ -132,50 +117,6 @@ PARTITION_REFRESH_S = 30.0
 #: Back-off after a broker error: doubles from the first value up to the second (seconds).
 BACKOFF_S = (0.2, 5.0)
 
-_STATS = ("featurizer.count", "featurizer.mean", "featurizer.m2")
-
-
-class ModelLoadError(CheckpointError):
-    """A verified checkpoint cannot be served: its architecture does not match its
-    weights (``reason="architecture"``), or its smoke prediction is not finite
-    (``reason="smoke"``)."""
-
-    def __init__(self, message: str, reason: str = "architecture") -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-def failure_reason(exc: BaseException) -> str:
-    """The ``reason`` label under which a failure is counted.
-
-    >>> failure_reason(SignatureError("x")), failure_reason(ModelLoadError("y", "smoke"))
-    ('signature', 'smoke')
-    >>> failure_reason(CheckpointError("not safetensors data: ...")), failure_reason(ReadTimeoutError("t"))
-    ('invalid', 'broker')
-    """
-    if isinstance(exc, SignatureError):
-        return "signature"
-    if isinstance(exc, DigestError):
-        return "digest"
-    if isinstance(exc, IncompleteCheckpointError):
-        return "incomplete"
-    if isinstance(exc, CheckpointNotFoundError):
-        return "not_found"
-    if isinstance(exc, ModelLoadError):
-        return exc.reason
-    if isinstance(exc, ReadTimeoutError):
-        return "broker"
-    if isinstance(exc, CheckpointError):
-        return "invalid"  # an undecodable manifest, headers that lie, weights that are not safetensors
-    if isinstance(exc, (KafkaError, OSError)):
-        return "broker"
-    return "error"
-
-
-def _transient(exc: BaseException) -> bool:
-    """True for failures worth retrying as they are (the broker), not for failed checks."""
-    return failure_reason(exc) == "broker"
-
 
 def public_keys_from_settings(settings: Settings) -> list[Ed25519PublicKey]:
     """The trusted checkpoint keys named by ``serving_public_keys`` (PEM files).
@@ -187,203 +128,6 @@ def public_keys_from_settings(settings: Settings) -> list[Ed25519PublicKey]:
     if not settings.serving_public_keys:
         raise ConfigError("serving_public_keys is empty: give the PEM file of the trainer's public key")
     return [load_public_key(path) for path in settings.serving_public_keys]
-
-
-# -- one model, ready to serve ---------------------------------------------------
-
-
-@dataclass(frozen=True, eq=False, repr=False)
-class ServedModel:
-    """One checkpoint, built and ready: what a request uses, never mutated.
-
-    ``predict`` does the learner's math exactly (see
-    :mod:`stream_learner.learn.learner`): the features are standardized with
-    the checkpoint's featurizer statistics (which prediction never
-    updates), the network runs in eval mode without autograd, and its
-    output becomes class probabilities (softmax in float64) or a regression
-    value (destandardized with the checkpoint's target statistics). For
-    the same batch of rows the values are the learner's bit for bit; a row
-    predicted in a batch of another size may differ in float32 rounding
-    (about 1e-7 relative), as torch's CPU kernels depend on the batch shape.
-    """
-
-    model: str
-    version: int
-    manifest: CheckpointManifest
-    spec: ModelSpec
-    loaded_at: float  # time.time() when it became current (when it was built, until then)
-    network: nn.Module
-    featurizer: Featurizer
-    classes: tuple[str, ...]
-    target_mean: float
-    target_std: float
-    partition: int = -1  # where its manifest record is on the model topic
-    offset: int = -1
-
-    def __repr__(self) -> str:
-        return f"ServedModel({self.model!r}, version={self.version}, task={self.spec.task!r})"
-
-    def outputs(self, rows: Sequence[Mapping[str, float | None]]) -> torch.Tensor:
-        """The network's raw output for ``rows``: logits, or standardized regression values."""
-        # learn=False: serving reads the statistics the checkpoint was trained with.
-        x = self.featurizer.transform(rows, learn=False)
-        with torch.inference_mode():
-            return self.network(x)
-
-    def predict(self, rows: Sequence[Mapping[str, float | None]]) -> list[float | dict[str, float]]:
-        """Per row, a regression value or ``{class name: probability}``, as ``PredictionEvent.prediction`` takes it.
-
-        A feature that is absent, ``None``, NaN or out of range is missing
-        (imputed); a feature the model does not know is ignored.
-        """
-        if not rows:
-            return []
-        out = self.outputs(rows)
-        if self.spec.task == "regression":
-            values: list[float] = (out[:, 0].double() * self.target_std + self.target_mean).tolist()
-            return list(values)
-        probs = torch.softmax(out.double(), dim=1).tolist()
-        return [dict(zip(self.classes, row)) for row in probs]
-
-    def predict_one(self, features: Mapping[str, float | None]) -> float | dict[str, float]:
-        """:meth:`predict` for one row."""
-        return self.predict([features])[0]
-
-
-def _spec_from_manifest(manifest: CheckpointManifest) -> ModelSpec:
-    """The signed architecture as a :class:`ModelSpec`, checked against the feature spec."""
-    arch = dict(manifest.architecture)
-    known = {f.name for f in dataclasses.fields(ModelSpec)}
-    if unknown := sorted(set(arch) - known):
-        raise ModelLoadError(f"architecture has fields this reader does not know: {unknown}")
-    try:
-        for name in ("features", "classes", "hidden"):
-            if name in arch:
-                if not isinstance(arch[name], list):
-                    raise TypeError(f"{name} must be a list, got {type(arch[name]).__name__}")
-                arch[name] = tuple(arch[name])
-        if not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in arch.get("hidden", ())):
-            raise ValueError(f"hidden widths must be positive integers, got {list(arch['hidden'])}")
-        spec = ModelSpec(**arch)
-    except (TypeError, ValueError) as exc:
-        raise ModelLoadError(f"architecture {manifest.architecture!r} is not a model spec: {exc}") from None
-    if list(spec.features) != list(manifest.feature_spec):
-        raise ModelLoadError(f"architecture features {list(spec.features)} differ from the manifest's "
-                             f"feature_spec {manifest.feature_spec}")
-    return spec
-
-
-def load_served_model(checkpoint: LoadedCheckpoint) -> ServedModel:
-    """Build the model a verified checkpoint describes, ready to serve.
-
-    A fresh ``nn.Module`` is built from the signed ``architecture``; the
-    ``model.*`` tensors are loaded into it strictly (the same names,
-    shapes and dtypes, nothing missing or extra); the featurizer
-    (``featurizer.*``) and target (``target``) statistics must be there,
-    with one finite value per feature. The model is put in eval mode with
-    its parameters frozen, and a smoke prediction must give finite outputs
-    of the right shape. Raises :class:`ModelLoadError` otherwise.
-
-    >>> import torch
-    >>> from stream_learner.events import CheckpointManifest, WeightsInfo
-    >>> spec = ModelSpec(kind="logreg", task="binary", features=["a"], classes=["no", "yes"])
-    >>> manifest = CheckpointManifest(
-    ...     model="churn", version=3, parent=2, created_at=0, input_offsets=[], counts={}, metrics={},
-    ...     drift_state={}, feature_spec=["a"], architecture=spec.to_dict(),
-    ...     weights=WeightsInfo(format="safetensors", size=1, chunks=1, sha256="0" * 64))
-    >>> tensors = {"model.weight": torch.tensor([[2.0], [-2.0]]), "model.bias": torch.zeros(2),
-    ...            "featurizer.count": torch.tensor([0.0], dtype=torch.float64),
-    ...            "featurizer.mean": torch.tensor([0.0], dtype=torch.float64),
-    ...            "featurizer.m2": torch.tensor([0.0], dtype=torch.float64),
-    ...            "target": torch.zeros(3, dtype=torch.float64)}
-    >>> served = load_served_model(LoadedCheckpoint(manifest, tensors, {}, "sl.models", 0, 7))
-    >>> served
-    ServedModel('churn', version=3, task='binary')
-    >>> {k: round(p, 4) for k, p in served.predict_one({"a": 0.5}).items()}
-    {'no': 0.8808, 'yes': 0.1192}
-    >>> load_served_model(LoadedCheckpoint(manifest, {**tensors, "model.bias": torch.zeros(3)}, {}, "t", 0, 7))
-    Traceback (most recent call last):
-    ...
-    stream_learner.serving.ModelLoadError: churn v3: model.bias has shape [3] dtype torch.float32, the architecture wants shape [2] dtype torch.float32
-    """
-    manifest = checkpoint.manifest
-    what = f"{manifest.model} v{manifest.version}"
-    spec = _spec_from_manifest(manifest)
-    try:
-        network = build_model(spec)
-    except Exception as exc:  # noqa: BLE001 - a user factory may raise anything; the model is refused
-        raise ModelLoadError(f"{what}: cannot build architecture {spec.kind!r}: {exc}") from exc
-    tensors = checkpoint.tensors
-
-    # Strict weights: the names, shapes and dtypes the architecture has, no more, no less.
-    weights = {name[len("model."):]: t for name, t in tensors.items() if name.startswith("model.")}
-    expected = network.state_dict()
-    if missing := sorted(set(expected) - set(weights)):
-        raise ModelLoadError(f"{what}: weights lack {['model.' + k for k in missing]} that the architecture has")
-    if extra := sorted(set(weights) - set(expected)):
-        raise ModelLoadError(f"{what}: weights have {['model.' + k for k in extra]} that the architecture lacks")
-    for name, want in expected.items():
-        got = weights[name]
-        if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
-            raise ModelLoadError(
-                f"{what}: model.{name} has shape {list(got.shape)} dtype {got.dtype}, the architecture "
-                f"wants shape {list(want.shape)} dtype {want.dtype}")
-    others = {name for name in tensors if not name.startswith("model.")}
-    if others != {*_STATS, "target"}:
-        raise ModelLoadError(f"{what}: expected statistics {sorted({*_STATS, 'target'})}, "
-                             f"the weights have {sorted(others)}")
-    n = len(spec.features)
-    for name in _STATS:
-        t = tensors[name]
-        if tuple(t.shape) != (n,) or not t.is_floating_point() or not bool(torch.isfinite(t).all()):
-            raise ModelLoadError(f"{what}: {name} must be {n} finite floats, got shape {list(t.shape)} {t.dtype}")
-    target = tensors["target"]
-    if tuple(target.shape) != (3,) or not target.is_floating_point() or not bool(torch.isfinite(target).all()):
-        raise ModelLoadError(f"{what}: target must be 3 finite floats (count, mean, m2)")
-
-    try:
-        network.load_state_dict(weights, strict=True)
-    except RuntimeError as exc:
-        raise ModelLoadError(f"{what}: weights do not load into the architecture: {exc}") from None
-    network.eval()
-    network.requires_grad_(False)
-
-    # The trainer's featurizer uses LearnerConfig's clip and range (the
-    # manifest does not carry them and the trainer never changes them).
-    try:
-        featurizer = Featurizer(spec.features, clip=LearnerConfig.feature_clip,
-                                abs_max=LearnerConfig.feature_abs_max)
-        featurizer.load_state_dict({name: tensors[name] for name in _STATS})
-    except ValueError as exc:
-        raise ModelLoadError(f"{what}: {exc}") from None
-    count, mean, m2 = (float(v) for v in target.double().tolist())
-    # As OnlineLearner._target_mean_std: sample std, 1.0 until two targets or when degenerate.
-    std = math.sqrt(m2 / (count - 1)) if count > 1 else 1.0
-    std = std if std > 1e-12 else 1.0
-
-    served = ServedModel(
-        model=manifest.model, version=manifest.version, manifest=manifest, spec=spec, loaded_at=time.time(),
-        network=network, featurizer=featurizer, classes=tuple(class_name(c) for c in spec.classes),
-        target_mean=mean, target_std=std, partition=checkpoint.partition, offset=checkpoint.offset,
-    )
-    _smoke(served, what)
-    return served
-
-
-def _smoke(served: ServedModel, what: str) -> None:
-    """Two all-missing rows through the whole path: the shape and finite values, or refuse."""
-    rows: list[dict[str, float | None]] = [{}, {name: None for name in served.spec.features}]
-    try:
-        out = served.outputs(rows)
-        predictions = served.predict(rows)
-    except Exception as exc:  # noqa: BLE001 - whatever the module raises, it cannot serve
-        raise ModelLoadError(f"{what}: smoke prediction raised {type(exc).__name__}: {exc}", "smoke") from exc
-    if tuple(out.shape) != (len(rows), served.spec.n_outputs):
-        raise ModelLoadError(f"{what}: the model outputs shape {list(out.shape)} for {len(rows)} rows, "
-                             f"expected [{len(rows)}, {served.spec.n_outputs}]", "architecture")
-    values = [v for p in predictions for v in (p.values() if isinstance(p, dict) else (p,))]
-    if not bool(torch.isfinite(out).all()) or not all(math.isfinite(v) for v in values):
-        raise ModelLoadError(f"{what}: smoke prediction is not finite: {predictions}", "smoke")
 
 
 # -- following the model topic -----------------------------------------------------
@@ -703,7 +447,7 @@ class CheckpointSubscriber:
                 checkpoint = None
                 log.info("no_checkpoint_yet", model=self.model, topic=self.topic)
             except Exception as exc:
-                if _transient(exc):
+                if is_transient(exc):
                     raise  # not positioned: the whole catch-up is retried after a back-off
                 # The newest checkpoint is refused; nothing older is served in its place.
                 checkpoint = None
@@ -757,7 +501,7 @@ class CheckpointSubscriber:
                     try:
                         swapped = self._on_manifest(record, read_at) or swapped
                     except Exception as exc:
-                        if not _transient(exc):
+                        if not is_transient(exc):
                             raise
                         # The broker failed us mid-load: read this manifest (and
                         # whatever this poll returned after it) again after a back-off.
@@ -792,7 +536,7 @@ class CheckpointSubscriber:
                                                   timeout_s=self.load_timeout_s)
             served = load_served_model(checkpoint)
         except Exception as exc:
-            if _transient(exc):
+            if is_transient(exc):
                 raise
             self._drop_chunks(record.partition, record.offset, version)
             self._failed(exc, what=f"v{version}" if version is not None else "manifest",
