@@ -15,9 +15,10 @@ and answers every request with ``subscriber.current.predict_one(features)``.
    newest manifest in its partition, from the end offsets of step 1 in the
    others (so nothing appended during the catch-up is missed). Records are
    sorted by their headers first, which is cheap: another model's records
-   are skipped; this model's chunks are kept in a bounded window (so a
-   manifest's chunks, read just before it, are not fetched twice); a
-   manifest of a version not above the newest one followed is ignored.
+   are skipped; this model's chunks are kept in a bounded
+   :class:`~stream_learner.serving.window.ChunkWindow` (so a manifest's
+   chunks, read just before it, are not fetched twice); a manifest of a
+   version not above the newest one followed is ignored.
 3. *Load.* A newer manifest record is verified and its weights loaded by
    :func:`~stream_learner.checkpoint.reader.load_manifest_record`
    (signature, chunks, digest, safetensors), then built into a
@@ -70,7 +71,6 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -79,7 +79,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from kafka import TopicPartition
 
 from ..checkpoint.errors import CheckpointError, CheckpointNotFoundError
-from ..checkpoint.publish import H_MODEL, H_TYPE, H_VERSION, TYPE_CHUNK, TYPE_MANIFEST
+from ..checkpoint.publish import H_MODEL, H_TYPE, TYPE_CHUNK, TYPE_MANIFEST
 from ..checkpoint.reader import (
     PublicKeys,
     key_list,
@@ -95,6 +95,7 @@ from ..errors import ConfigError
 from ..metrics import Metrics
 from .failures import ModelLoadError, failure_reason, is_transient
 from .model import ServedModel, load_served_model
+from .window import ChunkWindow, header_version
 
 log = structlog.get_logger(__name__)
 
@@ -211,9 +212,7 @@ class CheckpointSubscriber:
         self._loader: _Counting | None = None
         self._closed_records = [0, 0]  # records read by clients closed since (follower, loader)
         self._positioned = False
-        # This model's chunks read while following: (partition, offset) -> (version in its header, record).
-        self._window: OrderedDict[tuple[int, int], tuple[int, Any]] = OrderedDict()
-        self._window_size = 0
+        self._window = ChunkWindow(self.window_bytes)  # this model's chunks read while following
         self._next_refresh = 0.0
         self._swaps = 0
         self._failures = 0
@@ -496,7 +495,8 @@ class CheckpointSubscriber:
                     continue
                 kind = record_header(record, H_TYPE)
                 if kind == TYPE_CHUNK:
-                    self._keep_chunk(record)
+                    followed = self._followed
+                    self._window.keep(record, followed=followed.version if followed is not None else None)
                 elif kind == TYPE_MANIFEST:
                     try:
                         swapped = self._on_manifest(record, read_at) or swapped
@@ -512,14 +512,10 @@ class CheckpointSubscriber:
         return swapped
 
     def _on_manifest(self, record: Any, read_at: float) -> bool:
-        header_version = record_header(record, H_VERSION)
-        followed = self._followed
-        try:
-            version: int | None = int(header_version or b"")
-        except ValueError:
-            version = None  # loaded anyway: verification refuses headers that disagree with the manifest
-        # Headers are not signed, but the reader refuses a manifest whose
-        # headers disagree with it, so skipping on the header is safe.
+        version, followed = header_version(record), self._followed
+        # A version that does not parse is loaded anyway: verification refuses headers that disagree
+        # with the manifest. Headers are not signed, but for the same reason skipping on the header
+        # is safe.
         if version is not None and followed is not None and version <= followed.version:
             with self._lock:
                 self._stale += 1
@@ -529,10 +525,10 @@ class CheckpointSubscriber:
                 partition=record.partition, offset=record.offset)
             self._drop_chunks(record.partition, record.offset, followed.version)
             return False
-        window = {o: r for (p, o), (_, r) in self._window.items() if p == record.partition}
         try:
             with self._io_lock:
-                checkpoint = load_manifest_record(self._clients()[1], record, self.public_keys, window=window,
+                checkpoint = load_manifest_record(self._clients()[1], record, self.public_keys,
+                                                  window=self._window.chunks(record.partition),
                                                   timeout_s=self.load_timeout_s)
             served = load_served_model(checkpoint)
         except Exception as exc:
@@ -545,32 +541,11 @@ class CheckpointSubscriber:
         self._drop_chunks(record.partition, record.offset, served.version)
         return self._offer(served, read_at)
 
-    def _keep_chunk(self, record: Any) -> None:
-        followed = self._followed
-        try:
-            version = int(record_header(record, H_VERSION) or b"")
-        except ValueError:
-            return
-        size = len(record.value or b"")
-        if (followed is not None and version <= followed.version) or size > self.window_bytes:
-            return
-        self._window[(record.partition, record.offset)] = (version, record)
-        self._window_size += size
-        while self._window_size > self.window_bytes:
-            _, (_, old) = self._window.popitem(last=False)  # fetched by offset if its manifest comes
-            self._window_size -= len(old.value or b"")
-
     def _drop_chunks(self, partition: int, offset: int, version: int | None) -> None:
-        """Forget the chunks before a handled manifest in its partition that no manifest to come needs.
-
-        Those of its version (used, or refused with it) and older ones go; a
-        newer version's chunks (a publish in progress around a replayed
-        manifest) stay.
-        """
+        """Forget the window's chunks before a handled manifest that no manifest to come needs."""
         followed = self._followed
-        limit = max(version or 0, followed.version if followed is not None else 0)
-        for key in [k for k, (v, _) in self._window.items() if k[0] == partition and k[1] < offset and v <= limit]:
-            self._window_size -= len(self._window.pop(key)[1].value or b"")
+        self._window.forget(partition, before=offset, version=version,
+                            followed=followed.version if followed is not None else None)
 
     def _pin_from_settings(self) -> bool:
         version = self._pinned
