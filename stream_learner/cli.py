@@ -164,7 +164,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> int:
     """Run the serving node until SIGTERM or Ctrl-C."""
-    from .node import run_node
+    from .serving import run_node
 
     run_node(settings, metrics, cold_start=args.cold_start, stop=_stop_on_signals())
     return 0

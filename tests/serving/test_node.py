@@ -19,9 +19,8 @@ from stream_learner.config import Settings, settings_env
 from stream_learner.events import PREDICTION
 from stream_learner.local import free_port
 from stream_learner.metrics import Metrics
-from stream_learner.node import ServingNode, cold_start_model
 from stream_learner.sdk import PredictionLogger
-from stream_learner.serving import CheckpointSubscriber
+from stream_learner.serving import CheckpointSubscriber, ServingNode, cold_start_model
 
 from ..procs import read_topic
 from .conftest import FEATURES, MODEL, ROW, publish, wait_for

@@ -68,7 +68,7 @@ def test_catch_up_after_50_versions_reads_the_newest_only_then_follows_forward(s
         assert status["records_followed"] == 0
         # The follower starts just after v50's manifest, not at the beginning.
         tp = TopicPartition(topic, 0)
-        assert sub._follower.position(tp) == sub.current.offset + 1 > end - 2 * per_version
+        assert sub._clients.follower.position(tp) == sub.current.offset + 1 > end - 2 * per_version
 
         signed51 = publish(producer, topic, keypair[0], 51)
         step_until(sub, lambda: sub.version == 51, what="v51")
@@ -391,13 +391,13 @@ def test_chunks_outside_the_window_are_fetched_by_offset(settings: Settings, pro
 
 def test_a_broker_error_while_loading_retries_the_same_manifest(settings: Settings, producer, keypair,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    import stream_learner.serving as serving
     from stream_learner.checkpoint.reader import ReadTimeoutError
+    from stream_learner.serving import follower
 
     topic = settings.topic_models
     publish(producer, topic, keypair[0], 1)
     sub = subscriber(settings, keypair)
-    real = serving.load_manifest_record
+    real = follower.load_manifest_record
     calls: list[int] = []
 
     def flaky(*args: Any, **kwargs: Any) -> Any:
@@ -406,7 +406,7 @@ def test_a_broker_error_while_loading_retries_the_same_manifest(settings: Settin
             raise ReadTimeoutError("simulated: the broker did not deliver the chunks")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(serving, "load_manifest_record", flaky)
+    monkeypatch.setattr(follower, "load_manifest_record", flaky)
     try:
         step_until(sub, lambda: sub.version == 1, what="v1")
         signed2 = publish(producer, topic, keypair[0], 2)

@@ -1,9 +1,10 @@
 """The reference serving node behind ``stream-learner serve``: a small HTTP service.
 
 It embeds a :class:`~stream_learner.serving.CheckpointSubscriber` (verified
-checkpoints, hot swap) and logs every prediction it serves with the client
-SDK, stamped with the model version that served it, so the joiner can join
-it with its label and the trainer can score what was actually served.
+checkpoints, hot swap; the node needs only what :class:`ModelSource` names)
+and logs every prediction it serves with the client SDK, stamped with the
+model version that served it, so the joiner can join it with its label and
+the trainer can score what was actually served.
 
 Endpoints (JSON):
 
@@ -33,17 +34,23 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .config import Settings
-from .errors import EventError
-from .events import Codec, Features, Ident
-from .metrics import Metrics
-from .sdk import PredictionLogger
+from ..checkpoint.reader import LoadedCheckpoint
+from ..config import Settings
+from ..errors import EventError
+from ..events import CheckpointManifest, Codec, Features, Ident, WeightsInfo, now_ms
+from ..learn.build import learner_config
+from ..learn.learner import OnlineLearner
+from ..learn.manifest import servable_weights
+from ..metrics import Metrics
+from ..sdk import PredictionLogger
+from .model import ServedModel, load_served_model
+from .subscriber import CheckpointSubscriber, public_keys_from_settings
 
 log = structlog.get_logger(__name__)
 
@@ -70,17 +77,31 @@ class Body(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 _BODY: Codec[Body] = Codec(Body, MAX_BODY_BYTES)
 
 
+class ModelSource(Protocol):
+    """What the node needs of a subscriber (a :class:`~stream_learner.serving.CheckpointSubscriber` is one)."""
+
+    @property
+    def current(self) -> ServedModel | None:
+        """The model to serve now, or ``None``; read once per request."""
+        ...
+
+    def status(self) -> Mapping[str, Any]:
+        """The subscriber's status, JSON-able (``GET /model``)."""
+        ...
+
+
 class ServingNode:
     """An HTTP prediction service that follows the model topic and logs what it serves.
 
     ``subscriber`` is a started :class:`~stream_learner.serving.CheckpointSubscriber`
-    (or anything with ``current`` and ``status()``); ``sdk`` logs predictions
+    (or any :class:`ModelSource`); ``sdk`` logs predictions
     (``None``: not logged). ``port=0`` binds a free port (see :attr:`url`).
     ``fallback`` serves until the subscriber has a model (see ``--cold-start``).
     """
 
-    def __init__(self, subscriber: Any, *, sdk: PredictionLogger | None = None, metrics: Metrics | None = None,
-                 host: str = "127.0.0.1", port: int = 0, fallback: Any = None) -> None:
+    def __init__(self, subscriber: ModelSource, *, sdk: PredictionLogger | None = None,
+                 metrics: Metrics | None = None, host: str = "127.0.0.1", port: int = 0,
+                 fallback: ServedModel | None = None) -> None:
         self.subscriber = subscriber
         self.fallback = fallback
         self.sdk = sdk
@@ -99,7 +120,7 @@ class ServingNode:
         self._thread = threading.Thread(target=self.server.serve_forever, name="serving-http", daemon=True)
 
     @property
-    def current(self) -> Any:
+    def current(self) -> ServedModel | None:
         """The model serving now: the subscriber's, else the fallback, else None."""
         served = self.subscriber.current
         return self.fallback if served is None else served
@@ -108,7 +129,7 @@ class ServingNode:
     def url(self) -> str:
         """Base URL the node listens on, e.g. ``http://127.0.0.1:8080``."""
         host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host!s}:{port}"
 
     def start(self) -> ServingNode:
         """Serve HTTP from a background thread; return self."""
@@ -121,7 +142,7 @@ class ServingNode:
         self.server.shutdown()
         self.server.server_close()
 
-    def record_swap(self, new: Any, old: Any = None) -> None:
+    def record_swap(self, new: ServedModel, old: ServedModel | None = None) -> None:
         """Remember a swap (for ``GET /model``); pass as the subscriber's ``on_swap``."""
         self.swaps.append((new.version, time.time()))
 
@@ -149,10 +170,10 @@ class ServingNode:
     def model_info(self) -> dict[str, Any]:
         """What ``GET /model`` returns."""
         served = self.current
-        info: dict[str, Any] = {"status": self.subscriber.status(),
+        info: dict[str, Any] = {"status": dict(self.subscriber.status()),
                                 # A copy: the subscriber's thread appends while we read.
                                 "swaps": [{"version": v, "at": t} for v, t in list(self.swaps)]}
-        if served is not None and getattr(served, "manifest", None) is not None:
+        if served is not None:
             m = served.manifest
             info.update(model=m.model, version=m.version, parent=m.parent, created_at=m.created_at,
                         counts=m.counts, metrics=m.metrics)
@@ -254,13 +275,11 @@ def run_node(settings: Settings, metrics: Metrics, *, stop: threading.Event, col
     built from the ``trainer_*`` settings serves as version 0 until the
     first verified checkpoint arrives (a new deployment has none yet).
     """
-    from .serving import CheckpointSubscriber, public_keys_from_settings
-
     keys = public_keys_from_settings(settings)  # ConfigError if none is set
     sdk = PredictionLogger(settings=settings, metrics=metrics)
     node: ServingNode | None = None
 
-    def on_swap(new: Any, old: Any) -> None:
+    def on_swap(new: ServedModel, old: ServedModel | None) -> None:
         if node is not None:
             node.record_swap(new, old)
 
@@ -279,7 +298,7 @@ def run_node(settings: Settings, metrics: Metrics, *, stop: threading.Event, col
         sdk.close()
 
 
-def cold_start_model(settings: Settings) -> Any:
+def cold_start_model(settings: Settings) -> ServedModel:
     """The model the trainer starts from (untrained, built from the ``trainer_*`` settings), as version 0.
 
     A new deployment has no checkpoint yet; this lets a node answer (and log
@@ -292,13 +311,6 @@ def cold_start_model(settings: Settings) -> Any:
     >>> served.version, sorted(served.predict_one({"a": 1.0, "b": None}))
     (0, ['no', 'yes'])
     """
-    from .checkpoint.reader import LoadedCheckpoint
-    from .events import CheckpointManifest, WeightsInfo, now_ms
-    from .learn.build import learner_config
-    from .learn.learner import OnlineLearner
-    from .learn.manifest import servable_weights
-    from .serving import load_served_model
-
     config = learner_config(settings)
     tensors, _ = OnlineLearner(config).state_dict()
     manifest = CheckpointManifest(

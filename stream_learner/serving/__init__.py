@@ -1,0 +1,99 @@
+"""The serving side: follow the model topic, verify, load and atomically swap the model.
+
+A serving node embeds one :class:`CheckpointSubscriber` per model it serves
+and answers every request with ``subscriber.current.predict_one(features)``.
+
+**What the subscriber does, in order**
+
+1. *Catch up.* It reads the end offset of every partition of the model
+   topic, then loads the newest checkpoint with
+   :func:`~stream_learner.checkpoint.reader.read_latest` (a handful of
+   records read from the end, never the history), builds and smoke-tests
+   its model (:func:`load_served_model`) and makes it current.
+2. *Follow.* One consumer without a group (manual assignment, as the reader
+   uses) reads every partition of the topic forward: from just after the
+   newest manifest in its partition, from the end offsets of step 1 in the
+   others (so nothing appended during the catch-up is missed). Records are
+   sorted by their headers first, which is cheap: another model's records
+   are skipped; this model's chunks are kept in a bounded window (so a
+   manifest's chunks, read just before it, are not fetched twice); a
+   manifest of a version not above the newest one followed is ignored.
+3. *Load.* A newer manifest record is verified and its weights loaded by
+   :func:`~stream_learner.checkpoint.reader.load_manifest_record`
+   (signature, chunks, digest, safetensors), then built into a
+   :class:`ServedModel`: a fresh ``nn.Module`` from the signed
+   architecture, weights loaded strictly, eval mode, a smoke prediction
+   that must be finite. It predicts through the learner's own
+   :class:`~stream_learner.learn.predictor.Predictor`, so a served
+   prediction is the learner's by construction.
+4. *Swap.* Only then does ``current`` change, by one reference assignment:
+   a request sees the old model or the new one, never a half-loaded one.
+   ``on_swap(new, old)`` runs after the swap, outside the lock.
+
+**Never backwards.** While following, only a version strictly greater than
+the newest one followed is loaded: an older manifest replayed onto the
+topic (a downgrade attack, or an honest duplicate) is counted and ignored.
+The limit: a subscriber that *starts* after an old manifest was replayed
+onto the end of the topic serves that version until a newer one arrives
+(the catch-up reads the newest manifest record, not the whole history).
+Only the trainer should be allowed to write the model topic (Kafka ACLs).
+:meth:`CheckpointSubscriber.pin` (alias ``rollback``) is the only way back
+to an older version; :meth:`~CheckpointSubscriber.unpin` returns to the
+newest. While pinned, newer versions are still verified and loaded in the
+background (so that unpinning is immediate), but not served.
+
+**Failures** (a refused signature or key, a missing or foreign chunk, a
+digest mismatch, weights that are not safetensors, an architecture that
+does not match its weights, a non-finite smoke prediction, a broker error)
+keep the last good model current. Each is logged, counted by reason
+(:func:`failure_reason`) in ``stream_learner_serving_swap_failures_total{reason}``
+and kept as ``status()["last_error"]``; the subscriber goes on following.
+A broker error while loading re-reads the same manifest after a back-off,
+so a version is not skipped because the broker was briefly away. If the
+newest checkpoint is refused at catch-up, nothing older is served instead
+(as the reader never falls back): the subscriber follows from there and
+serves the next good version.
+
+**Threads.** :meth:`CheckpointSubscriber.start` runs the loop on a daemon
+thread that never dies of an exception; :meth:`~CheckpointSubscriber.poll_once`
+runs one step on the caller's thread instead. ``current`` is safe to read
+from any number of threads; a :class:`ServedModel`'s network and statistics
+are never mutated, so concurrent ``predict`` calls share it freely (only its
+featurizer's missing-value counters are bumped, without a lock). Which lock
+guards what: :mod:`stream_learner.serving.subscriber`.
+
+**Trust.** Only manifests signed by a key in ``public_keys`` are loaded.
+The signed architecture may name a model factory
+(``package.module:function``), which is imported: trusting a signing key
+means trusting the code its manifests name, as the trainer runs it too.
+
+**Modules**, by concept:
+
+* :mod:`.model` — :class:`ServedModel`, :func:`load_served_model`: a verified
+  checkpoint built into a model ready to serve;
+* :mod:`.failures` — :class:`ModelLoadError`, :func:`failure_reason`: how a
+  refusal is named and counted;
+* :mod:`.window` — the bounded window of chunk records the follower keeps;
+* :mod:`.clients` — the subscriber's two Kafka consumers;
+* :mod:`.follower` — the loop's work: catch up, then follow the topic;
+* :mod:`.versions` — the swap decisions: never backwards, the pin;
+* :mod:`.subscriber` — :class:`CheckpointSubscriber`, :func:`public_keys_from_settings`;
+* :mod:`.node` — :class:`ServingNode`, the HTTP service behind ``stream-learner serve``.
+"""
+
+from .failures import ModelLoadError, failure_reason
+from .model import ServedModel, load_served_model
+from .node import ServingNode, cold_start_model, run_node
+from .subscriber import CheckpointSubscriber, public_keys_from_settings
+
+__all__ = [
+    "CheckpointSubscriber",
+    "ModelLoadError",
+    "ServedModel",
+    "ServingNode",
+    "cold_start_model",
+    "failure_reason",
+    "load_served_model",
+    "public_keys_from_settings",
+    "run_node",
+]

@@ -1,0 +1,69 @@
+"""How the serving side names a refused checkpoint or a failed read.
+
+Every failure is counted under one ``reason`` label
+(``stream_learner_serving_swap_failures_total{reason}``) and shown as
+``status()["last_error"]`` (``"reason: message"``). Only ``broker`` is
+*transient*: the read is retried as it was, after a back-off; every other
+reason is a failed check, and the version is refused.
+"""
+
+from __future__ import annotations
+
+from kafka.errors import KafkaError
+
+from ..checkpoint.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    DigestError,
+    IncompleteCheckpointError,
+    SignatureError,
+)
+from ..checkpoint.reader import ReadTimeoutError
+
+__all__ = ["ModelLoadError", "failure_reason", "is_transient"]
+
+
+class ModelLoadError(CheckpointError):
+    """A verified checkpoint cannot be served: its architecture does not match its
+    weights (``reason="architecture"``), or its smoke prediction is not finite
+    (``reason="smoke"``)."""
+
+    def __init__(self, message: str, reason: str = "architecture") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The ``reason`` label under which a failure is counted.
+
+    >>> failure_reason(SignatureError("x")), failure_reason(ModelLoadError("y", "smoke"))
+    ('signature', 'smoke')
+    >>> failure_reason(CheckpointError("not safetensors data: ...")), failure_reason(ReadTimeoutError("t"))
+    ('invalid', 'broker')
+    """
+    if isinstance(exc, SignatureError):
+        return "signature"
+    if isinstance(exc, DigestError):
+        return "digest"
+    if isinstance(exc, IncompleteCheckpointError):
+        return "incomplete"
+    if isinstance(exc, CheckpointNotFoundError):
+        return "not_found"
+    if isinstance(exc, ModelLoadError):
+        return exc.reason
+    if isinstance(exc, ReadTimeoutError):
+        return "broker"
+    if isinstance(exc, CheckpointError):
+        return "invalid"  # an undecodable manifest, headers that lie, weights that are not safetensors
+    if isinstance(exc, (KafkaError, OSError)):
+        return "broker"
+    return "error"
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures worth retrying as they are (the broker), not for failed checks.
+
+    >>> is_transient(ConnectionResetError()), is_transient(DigestError("sha256 mismatch"))
+    (True, False)
+    """
+    return failure_reason(exc) == "broker"

@@ -1,0 +1,260 @@
+"""One verified checkpoint, built into a model ready to serve.
+
+:func:`load_served_model` turns a :class:`~stream_learner.checkpoint.reader.LoadedCheckpoint`
+(signature, chunks and digest already verified) into a :class:`ServedModel`:
+a fresh ``nn.Module`` built from the signed architecture, its weights
+loaded strictly, the featurizer and target statistics checked and loaded,
+eval mode with the parameters frozen, then a smoke prediction that must be
+finite. Anything else raises :class:`~stream_learner.serving.failures.ModelLoadError`
+and the model is not served.
+
+A served model has no math of its own: it predicts through the learner's
+:class:`~stream_learner.learn.predictor.Predictor`, with a featurizer built
+as the learner builds its own (:meth:`~stream_learner.learn.learner.LearnerConfig.featurizer`)
+and a :class:`~stream_learner.learn.target.TargetScaler`, so a served
+prediction is the learner's by construction.
+
+**Trust.** The signed architecture may name a model factory
+(``package.module:function``), which is imported: trusting a signing key
+means trusting the code its manifests name, as the trainer runs it too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..checkpoint.reader import LoadedCheckpoint
+from ..events import CheckpointManifest
+from ..learn.featurizer import STATS, Featurizer
+from ..learn.learner import LearnerConfig
+from ..learn.models import ModelSpec, build_model
+from ..learn.predictor import Predictor
+from ..learn.target import TargetScaler
+from .failures import ModelLoadError
+
+__all__ = ["ServedModel", "load_served_model"]
+
+Rows = Sequence[Mapping[str, float | None]]
+Answer = float | dict[str, float]
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class ServedModel:
+    """One checkpoint, built and ready: what a request uses, never mutated.
+
+    ``predict`` is :meth:`Predictor.predict <stream_learner.learn.predictor.Predictor.predict>`,
+    the learner's own path: the features are standardized with the
+    checkpoint's featurizer statistics (which prediction never updates),
+    the network runs in eval mode without autograd, and its output becomes
+    class probabilities or a regression value in target units. For the same
+    batch of rows the values are the learner's bit for bit; a row predicted
+    in a batch of another size may differ in float32 rounding (about 1e-7
+    relative), as torch's CPU kernels depend on the batch shape.
+    """
+
+    model: str
+    version: int
+    manifest: CheckpointManifest
+    predictor: Predictor
+    loaded_at: float  # time.time() when it became current (when it was built, until then)
+    partition: int = -1  # where its manifest record is on the model topic
+    offset: int = -1
+
+    def __repr__(self) -> str:
+        return f"ServedModel({self.model!r}, version={self.version}, task={self.spec.task!r})"
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The signed architecture."""
+        return self.predictor.spec
+
+    @property
+    def network(self) -> nn.Module:
+        """The network, in eval mode, parameters frozen."""
+        return self.predictor.network
+
+    @property
+    def featurizer(self) -> Featurizer:
+        """The checkpoint's featurizer (its statistics are never updated here)."""
+        return self.predictor.featurizer
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """Class names in output order (empty for regression)."""
+        return self.predictor.classes
+
+    @property
+    def target_mean(self) -> float:
+        """The regression target's mean the outputs are de-standardized with."""
+        return self.predictor.target.mean_std()[0]
+
+    @property
+    def target_std(self) -> float:
+        """The regression target's standard deviation the outputs are de-standardized with."""
+        return self.predictor.target.mean_std()[1]
+
+    def outputs(self, rows: Rows) -> torch.Tensor:
+        """The network's raw output for ``rows``: logits, or standardized regression values."""
+        return self.predictor.forward(self.predictor.featurize(rows))
+
+    def predict(self, rows: Rows) -> list[Answer]:
+        """Per row, a regression value or ``{class name: probability}``, as ``PredictionEvent.prediction`` takes it.
+
+        A feature that is absent, ``None``, NaN or out of range is missing
+        (imputed); a feature the model does not know is ignored.
+        """
+        return self.predictor.predict(rows)
+
+    def predict_one(self, features: Mapping[str, float | None]) -> Answer:
+        """:meth:`predict` for one row."""
+        return self.predict([features])[0]
+
+
+def load_served_model(checkpoint: LoadedCheckpoint) -> ServedModel:
+    """Build the model a verified checkpoint describes, ready to serve.
+
+    A fresh ``nn.Module`` is built from the signed ``architecture``; the
+    ``model.*`` tensors are loaded into it strictly (the same names,
+    shapes and dtypes, nothing missing or extra); the featurizer
+    (``featurizer.*``) and target (``target``) statistics must be there,
+    with one finite value per feature. The model is put in eval mode with
+    its parameters frozen, and a smoke prediction must give finite outputs
+    of the right shape. Raises :class:`ModelLoadError` otherwise.
+
+    >>> import torch
+    >>> from stream_learner.events import CheckpointManifest, WeightsInfo
+    >>> spec = ModelSpec(kind="logreg", task="binary", features=["a"], classes=["no", "yes"])
+    >>> manifest = CheckpointManifest(
+    ...     model="churn", version=3, parent=2, created_at=0, input_offsets=[], counts={}, metrics={},
+    ...     drift_state={}, feature_spec=["a"], architecture=spec.to_dict(),
+    ...     weights=WeightsInfo(format="safetensors", size=1, chunks=1, sha256="0" * 64))
+    >>> tensors = {"model.weight": torch.tensor([[2.0], [-2.0]]), "model.bias": torch.zeros(2),
+    ...            "featurizer.count": torch.tensor([0.0], dtype=torch.float64),
+    ...            "featurizer.mean": torch.tensor([0.0], dtype=torch.float64),
+    ...            "featurizer.m2": torch.tensor([0.0], dtype=torch.float64),
+    ...            "target": torch.zeros(3, dtype=torch.float64)}
+    >>> served = load_served_model(LoadedCheckpoint(manifest, tensors, {}, "sl.models", 0, 7))
+    >>> served
+    ServedModel('churn', version=3, task='binary')
+    >>> {k: round(p, 4) for k, p in served.predict_one({"a": 0.5}).items()}
+    {'no': 0.8808, 'yes': 0.1192}
+    >>> try:
+    ...     load_served_model(LoadedCheckpoint(manifest, {**tensors, "model.bias": torch.zeros(3)}, {}, "t", 0, 7))
+    ... except ModelLoadError as exc:
+    ...     print(exc)
+    churn v3: model.bias has shape [3] dtype torch.float32, the architecture wants shape [2] dtype torch.float32
+    """
+    manifest = checkpoint.manifest
+    what = f"{manifest.model} v{manifest.version}"
+    spec = _spec_from_manifest(manifest)
+    try:
+        network = build_model(spec)
+    except Exception as exc:  # noqa: BLE001 - a user factory may raise anything; the model is refused
+        raise ModelLoadError(f"{what}: cannot build architecture {spec.kind!r}: {exc}") from exc
+    tensors = checkpoint.tensors
+    weights = _strict_weights(network, tensors, what)
+    _check_statistics(tensors, len(spec.features), what)
+
+    try:
+        network.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"{what}: weights do not load into the architecture: {exc}") from None
+    network.eval()
+    network.requires_grad_(False)
+
+    # Built as the trainer builds its own: LearnerConfig's clip and range (the
+    # manifest does not carry them and the trainer never changes them).
+    try:
+        featurizer = LearnerConfig(model_name=manifest.model, spec=spec).featurizer()
+        featurizer.load_state_dict({name: tensors[name] for name in STATS})
+    except ValueError as exc:
+        raise ModelLoadError(f"{what}: {exc}") from None
+    target = TargetScaler()
+    target.load_tensor(tensors["target"])
+
+    served = ServedModel(
+        model=manifest.model, version=manifest.version, manifest=manifest,
+        predictor=Predictor(spec, featurizer, target, network), loaded_at=time.time(),
+        partition=checkpoint.partition, offset=checkpoint.offset,
+    )
+    _smoke(served, what)
+    return served
+
+
+def _spec_from_manifest(manifest: CheckpointManifest) -> ModelSpec:
+    """The signed architecture as a :class:`ModelSpec`, checked against the feature spec."""
+    arch = dict(manifest.architecture)
+    known = {f.name for f in dataclasses.fields(ModelSpec)}
+    if unknown := sorted(set(arch) - known):
+        raise ModelLoadError(f"architecture has fields this reader does not know: {unknown}")
+    try:
+        for name in ("features", "classes", "hidden"):
+            if name in arch:
+                if not isinstance(arch[name], list):
+                    raise TypeError(f"{name} must be a list, got {type(arch[name]).__name__}")
+                arch[name] = tuple(arch[name])
+        if not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in arch.get("hidden", ())):
+            raise ValueError(f"hidden widths must be positive integers, got {list(arch['hidden'])}")
+        spec = ModelSpec(**arch)
+    except (TypeError, ValueError) as exc:
+        raise ModelLoadError(f"architecture {manifest.architecture!r} is not a model spec: {exc}") from None
+    if list(spec.features) != list(manifest.feature_spec):
+        raise ModelLoadError(f"architecture features {list(spec.features)} differ from the manifest's "
+                             f"feature_spec {manifest.feature_spec}")
+    return spec
+
+
+def _strict_weights(network: nn.Module, tensors: Mapping[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    """The ``model.*`` tensors, renamed for ``network``: the names, shapes and dtypes it has, no more, no less."""
+    weights = {name[len("model."):]: t for name, t in tensors.items() if name.startswith("model.")}
+    expected = network.state_dict()
+    if missing := sorted(set(expected) - set(weights)):
+        raise ModelLoadError(f"{what}: weights lack {['model.' + k for k in missing]} that the architecture has")
+    if extra := sorted(set(weights) - set(expected)):
+        raise ModelLoadError(f"{what}: weights have {['model.' + k for k in extra]} that the architecture lacks")
+    for name, want in expected.items():
+        got = weights[name]
+        if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
+            raise ModelLoadError(
+                f"{what}: model.{name} has shape {list(got.shape)} dtype {got.dtype}, the architecture "
+                f"wants shape {list(want.shape)} dtype {want.dtype}")
+    return weights
+
+
+def _check_statistics(tensors: Mapping[str, torch.Tensor], n: int, what: str) -> None:
+    """Exactly the featurizer statistics (``n`` finite floats each) and the target's 3, besides the weights."""
+    others = {name for name in tensors if not name.startswith("model.")}
+    if others != {*STATS, "target"}:
+        raise ModelLoadError(f"{what}: expected statistics {sorted({*STATS, 'target'})}, "
+                             f"the weights have {sorted(others)}")
+    for name in STATS:
+        t = tensors[name]
+        if tuple(t.shape) != (n,) or not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+            raise ModelLoadError(f"{what}: {name} must be {n} finite floats, got shape {list(t.shape)} {t.dtype}")
+    target = tensors["target"]
+    if tuple(target.shape) != (3,) or not target.is_floating_point() or not bool(torch.isfinite(target).all()):
+        raise ModelLoadError(f"{what}: target must be 3 finite floats (count, mean, m2)")
+
+
+def _smoke(served: ServedModel, what: str) -> None:
+    """Two all-missing rows through the whole path: the shape and finite values, or refuse."""
+    rows: list[dict[str, float | None]] = [{}, {name: None for name in served.spec.features}]
+    predictor = served.predictor
+    try:
+        out = predictor.forward(predictor.featurize(rows))
+        answers = predictor.answers(out)
+    except Exception as exc:  # noqa: BLE001 - whatever the module raises, it cannot serve
+        raise ModelLoadError(f"{what}: smoke prediction raised {type(exc).__name__}: {exc}", "smoke") from exc
+    if tuple(out.shape) != (len(rows), served.spec.n_outputs):
+        raise ModelLoadError(f"{what}: the model outputs shape {list(out.shape)} for {len(rows)} rows, "
+                             f"expected [{len(rows)}, {served.spec.n_outputs}]", "architecture")
+    values = [v for a in answers for v in (a.values() if isinstance(a, dict) else (a,))]
+    if not bool(torch.isfinite(out).all()) or not all(math.isfinite(v) for v in values):
+        raise ModelLoadError(f"{what}: smoke prediction is not finite: {answers}", "smoke")
