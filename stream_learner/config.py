@@ -168,6 +168,29 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     serving_pin_version: Annotated[int, Meta(ge=1)] | None = None
     serving_host: str = "127.0.0.1"
     serving_port: Port = 8080
+    # Serving security (README, "Security"): what a node remembers, what it will build and
+    # read, and what the HTTP node accepts.
+    # The highest good version served, per topic and model, so that a restart never serves
+    # less (None: not persisted; the start scan alone refuses replays).
+    serving_state_dir: str | None = ".stream-learner/serving-state"
+    # Model factories (package.module:function) a node may build besides logreg and mlp.
+    serving_allowed_architectures: list[str] = []
+    serving_max_model_bytes: Positive = 256 * 1024 * 1024
+    serving_max_parameters: Positive = 50_000_000
+    serving_max_tensors: Positive = 1024
+    # Records larger than this cannot be received; they are skipped and counted.
+    serving_max_record_bytes: Annotated[int, Meta(ge=1 << 20)] = 16 * 1024 * 1024
+    serving_window_records: Positive = 4096
+    serving_window_bytes: Positive = 64 * 1024 * 1024
+    serving_scan_max_records: Positive = 2_000_000
+    serving_scan_max_bytes: Positive = 2 * 1024 * 1024 * 1024
+    serving_max_connections: Positive = 1024
+    serving_workers: Positive = 2
+    serving_max_inflight: Positive = 64
+    serving_max_body_bytes: Annotated[int, Meta(ge=1024)] = 8 * 1024 * 1024
+    serving_max_batch_values: Positive = 100_000
+    serving_request_timeout_s: Annotated[float, Meta(gt=0)] = 10.0
+    serving_idle_timeout_s: Annotated[float, Meta(gt=0)] = 60.0
 
     # Observability.
     metrics_port: Port | None = None
