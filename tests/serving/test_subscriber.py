@@ -167,6 +167,7 @@ def test_a_pinned_version_in_the_settings_is_served_at_start(settings: Settings,
         assert sub.version == 3
 
 
+@pytest.mark.slow
 def test_start_raises_when_no_checkpoint_arrives_and_then_a_late_first_version_is_served(
         settings: Settings, producer, keypair) -> None:
     sub = subscriber(settings, keypair)
@@ -179,6 +180,7 @@ def test_start_raises_when_no_checkpoint_arrives_and_then_a_late_first_version_i
         wait_for(lambda: sub.version == 1, what="the first version, published after start")
 
 
+@pytest.mark.slow
 def test_a_failing_callback_and_an_unreachable_broker_do_not_kill_the_thread(settings: Settings, producer,
                                                                                keypair) -> None:
     publish(producer, settings.topic_models, keypair[0], 1)
