@@ -19,14 +19,7 @@ Detectors (DESIGN.md, "trainer"):
 * :class:`PageHinkleyDetector` -- River's Page-Hinkley on the loss.
 
 Detector state is part of the trainer's snapshot and must survive restarts
-without pickle. :func:`to_jsonable` / :func:`from_jsonable` walk an object's
-``__dict__`` into plain JSON with type tags, and rebuild only the classes in
-:data:`ALLOWED_CLASSES`. River 0.26's ADWIN keeps its window in a Rust object
-whose only state is an opaque bincode blob of a private struct (restoring
-a malformed one raises PyO3's ``PanicException``, which is not an
-``Exception``), so ADWIN here is :class:`ADWIN`, a line-for-line pure-Python
-port that matches River's signals and estimates bit for bit (the tests check
-it).
+without pickle: explicit msgspec structs (:mod:`.state`), as plain JSON.
 
 >>> import json, random
 >>> rng = random.Random(7)
@@ -64,11 +57,10 @@ from .policy import (
     PromoteChallengerIfBetter,
     StartChallenger,
 )
-from .state import ALLOWED_CLASSES, DriftStateError, IncompatibleStateError, from_jsonable, to_jsonable
+from .state import DriftStateError, IncompatibleStateError
 
 __all__ = [
     "ADWIN",
-    "ALLOWED_CLASSES",
     "ADWINDetector",
     "Action",
     "Alert",
@@ -91,8 +83,6 @@ __all__ = [
     "build_detector",
     "drift_event",
     "drift_event_id",
-    "from_jsonable",
     "load_drift_config",
-    "to_jsonable",
 ]
 

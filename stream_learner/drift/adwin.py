@@ -1,4 +1,11 @@
-"""ADWIN (adaptive windowing), a pure-Python port of River's Rust ADWIN whose state is plain floats."""
+"""ADWIN (adaptive windowing), a pure-Python port of River's ADWIN whose state is plain floats.
+
+River 0.26's ADWIN keeps its window in a Rust object whose only state is an
+opaque bincode blob of a private struct (and restoring a malformed one raises
+PyO3's ``PanicException``, which is not an ``Exception``). This port keeps the
+window in lists of floats, so it saves to an :class:`~.state.ADWINWindow`, and
+matches River's signals and estimates bit for bit (the tests check it).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,8 @@ import math
 from collections.abc import Iterable
 
 from river import base as river_base
+
+from .state import ADWINWindow, DriftStateError, require_finite
 
 
 class ADWIN(river_base.DriftDetector):
@@ -79,6 +88,44 @@ class ADWIN(river_base.DriftDetector):
     def estimation(self) -> float:
         """The mean of the window."""
         return self._total / self._width if self._width else 0.0
+
+    def window(self) -> ADWINWindow:
+        """The running state, to continue from with :meth:`restore`."""
+        return ADWINWindow(drift_detected=self._drift_detected, tick=self._tick, width=self._width,
+                           total=self._total, variance=self._variance,
+                           totals=[list(row) for row in self._totals],
+                           variances=[list(row) for row in self._variances])
+
+    def restore(self, window: ADWINWindow, *, what: str = "ADWIN window") -> None:
+        """Continue from a :meth:`window` of an ADWIN with these parameters.
+
+        Raises :class:`~.state.DriftStateError`, and changes nothing, if the
+        window could not have come from one: rows of unequal lengths or longer
+        than ``max_buckets``, a width that is not the number of values in the
+        buckets, non-finite numbers (any of these would break the arithmetic
+        later, far from the cause). ``what`` names the window in the error.
+
+        >>> a, b = ADWIN(), ADWIN()
+        >>> for x in [0, 1] * 100:
+        ...     a.update(x)
+        >>> b.restore(a.window())
+        >>> (b.width, b.estimation) == (a.width, a.estimation) == (200.0, 0.5)
+        True
+        """
+        totals, variances = window.totals, window.variances
+        if len(totals) != len(variances) or any(len(t) != len(v) for t, v in zip(totals, variances)):
+            raise DriftStateError(f"{what}: totals and variances differ in shape")
+        if any(len(row) > self.max_buckets for row in totals):
+            raise DriftStateError(f"{what}: a row holds more than max_buckets={self.max_buckets} buckets")
+        require_finite(what, [window.width, window.total, window.variance,
+                              *(x for row in totals for x in row), *(x for row in variances for x in row)])
+        if window.width != float(sum(len(row) << i for i, row in enumerate(totals))):
+            raise DriftStateError(f"{what}: width {window.width} is not the number of values in its buckets")
+        self._drift_detected = window.drift_detected
+        self._tick = window.tick
+        self._width, self._total, self._variance = window.width, window.total, window.variance
+        self._totals = [list(row) for row in totals]
+        self._variances = [list(row) for row in variances]
 
     def update(self, x: float) -> None:
         """Add one value; ``drift_detected`` then says whether the window was cut."""
@@ -224,8 +271,8 @@ class ADWIN(river_base.DriftDetector):
         if width < 2 or width < 2 * mwl:
             return False
         n0, n1, u0, u1 = 0.0, width, 0.0, self._total
-        # The parts of _significant that do not depend on the cut point, computed once per
-        # scan with the same operations in the same order (bit-identical bounds).
+        # River's bound, split: the parts that do not depend on the cut point are computed once
+        # per scan, with the same operations in the same order (bit-identical bounds).
         delta_prime = math.log(2.0 * math.log(width) / self.delta)
         mean_variance = self._variance / width
         two_thirds_delta_prime = 2.0 / 3.0 * delta_prime
@@ -256,12 +303,3 @@ class ADWIN(river_base.DriftDetector):
                         self._delete_oldest()
                         return True
         return False
-
-    def _significant(self, n0: float, n1: float, delta_mean: float) -> bool:
-        delta_prime = math.log(2.0 * math.log(self._width) / self.delta)
-        m_recip = 1.0 / (n0 - self.min_window_length + 1.0) + 1.0 / (n1 - self.min_window_length + 1.0)
-        x = 2.0 * m_recip * (self._variance / self._width) * delta_prime
-        # Rounding can leave the variance a hair below zero: Rust's sqrt gives NaN (no cut), Python raises.
-        epsilon = (math.sqrt(x) if x >= 0.0 else math.nan) + 2.0 / 3.0 * delta_prime * m_recip
-        return abs(delta_mean) > epsilon
-

@@ -1,4 +1,16 @@
-"""The detector protocol, its signals, and the twin detectors (ADWIN, Page-Hinkley)."""
+"""The detector protocol, its signals, and the two twin detectors: ADWIN and Page-Hinkley.
+
+A :class:`Detector` turns a stream of floats into a :class:`Signal` per value
+(``none``, ``warning`` or ``drift``) and saves its running state as plain
+JSON. River's detectors only signal drifts, so each detector here pairs one
+for drifts with an optional, more sensitive twin whose detections are the
+warnings. Both save their state as the explicit structs of :mod:`.state`.
+
+>>> det = ADWINDetector("error")
+>>> signals, estimates = det.update_many([0.0] * 500 + [1.0] * 100)
+>>> signals, round(estimates[-1], 3)         # update_many: update of each value, cheaper
+([(511, <Signal.DRIFT: 'drift'>)], 1.0)
+"""
 
 from __future__ import annotations
 
@@ -6,13 +18,25 @@ import enum
 import math
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
+import msgspec
 from river import base as river_base
 from river import drift as river_drift
+from river import stats as river_stats
 
 from .adwin import ADWIN
-from .state import STATE_FORMAT, DriftStateError, IncompatibleStateError, from_jsonable, to_jsonable
+from .state import (
+    STATE_FORMAT,
+    ADWINDetectorState,
+    ADWINParams,
+    DriftStateError,
+    PageHinkleyDetectorState,
+    PageHinkleyParams,
+    PageHinkleyTest,
+    load_detector_state,
+    require_finite,
+)
 
 
 class Signal(enum.StrEnum):
@@ -29,11 +53,18 @@ class Detector(Protocol):
 
     ``name`` identifies it (in findings, events and saved state); ``signal``
     is what it watches: ``"error"``, ``"loss"``, ``"confidence"`` or
-    ``"feature:<name>"``.
+    ``"feature:<name>"``; ``estimation`` is its current estimate of the
+    stream's level (the learner compares it before and after a finding to
+    tell a change for the worse from an improvement).
     """
 
     name: str
     signal: str
+
+    @property
+    def estimation(self) -> float:
+        """The detector's estimate of the stream's current level (e.g. the mean of its window)."""
+        ...
 
     def update(self, value: float) -> Signal:
         """Feed one value; say whether it completes a warning or a drift."""
@@ -44,9 +75,18 @@ class Detector(Protocol):
         ...
 
     def restore(self, state: dict[str, Any]) -> None:
-        """Continue from a :meth:`state`; raise :class:`DriftStateError` if it does not fit."""
+        """Continue from a :meth:`state`; raise :class:`~.state.DriftStateError` if it does not fit."""
         ...
 
+
+@runtime_checkable
+class BatchDetector(Detector, Protocol):
+    """A :class:`Detector` that can also take many values at once (the monitor uses it when there)."""
+
+    def update_many(self, values: Iterable[float]) -> tuple[list[tuple[int, Signal]], list[float]]:
+        """:meth:`update` of each value in turn: the ``(position, signal)`` of each signal that is not
+        ``none``, and :attr:`estimation` after each value."""
+        ...
 
 
 _SIGNAL_RE = re.compile(r"^(error|loss|confidence|feature:.+)$")
@@ -78,18 +118,21 @@ class _TwinDetector:
     starts over with the main detector, on the new concept.
     """
 
-    kind: ClassVar[str]
-    _PARAMS: ClassVar[tuple[str, ...]]
     name: str
     signal: str
     _drift: river_base.DriftDetector
     _warning: river_base.DriftDetector | None
 
-    def _params(self) -> dict[str, Any]:
-        return {p: getattr(self, p) for p in self._PARAMS}
+    def _params(self) -> msgspec.Struct:
+        raise NotImplementedError
+
+    @property
+    def estimation(self) -> float:
+        """The drift detector's estimate of the stream's level."""
+        raise NotImplementedError
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self._params().items())
+        args = ", ".join(f"{k}={v!r}" for k, v in msgspec.structs.asdict(self._params()).items())
         return f"{type(self).__name__}({self.signal!r}, name={self.name!r}, {args})"
 
     def update(self, value: float) -> Signal:
@@ -147,40 +190,10 @@ class _TwinDetector:
             record(self.estimation)
         return positions
 
-    def state(self) -> dict[str, Any]:
-        """Kind, signal, parameters and the River detectors' state, as JSON-able data."""
-        return {
-            "format": STATE_FORMAT,
-            "kind": self.kind,
-            "signal": self.signal,
-            "params": {k: to_jsonable(v) for k, v in self._params().items()},
-            "drift": to_jsonable(self._drift),
-            "warning": None if self._warning is None else to_jsonable(self._warning),
-        }
-
-    def restore(self, state: dict[str, Any]) -> None:
-        """Continue from :meth:`state`.
-
-        Raises :class:`IncompatibleStateError` if it was saved by a detector
-        of another kind, signal or parameters (its window means nothing under
-        new parameters), :class:`DriftStateError` if it is malformed; the
-        detector is unchanged when either is raised.
-        """
-        if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
-            raise DriftStateError(f"{self.name}: not a detector state of format {STATE_FORMAT}")
-        saved = {"kind": state.get("kind"), "signal": state.get("signal"), "params": state.get("params")}
-        mine = {"kind": self.kind, "signal": self.signal,
-                "params": {k: to_jsonable(v) for k, v in self._params().items()}}
-        for key, value in mine.items():
-            if saved[key] != value:
-                raise IncompatibleStateError(f"{self.name}: saved {key} {saved[key]!r}, configured {value!r}")
-        drift = from_jsonable(state.get("drift"), expect=type(self._drift))
-        warning = None
-        if self._warning is not None:
-            warning = from_jsonable(state.get("warning"), expect=type(self._warning))
-        elif state.get("warning") is not None:
-            raise DriftStateError(f"{self.name}: saved state has a warning detector, this one has none")
-        self._drift, self._warning = drift, warning
+    def _check_twin(self, saved_warning: object | None) -> None:
+        # Equal parameters imply a twin in both or in neither; anything else was not saved by one.
+        if (saved_warning is None) != (self._warning is None):
+            raise DriftStateError(f"{self.name}: saved state and parameters disagree on the warning detector")
 
 
 class ADWINDetector(_TwinDetector):
@@ -206,8 +219,8 @@ class ADWINDetector(_TwinDetector):
     0.199
     """
 
-    kind = "adwin"
-    _PARAMS = ("delta", "warning_delta", "clock", "max_buckets", "min_window_length", "grace_period")
+    _drift: ADWIN
+    _warning: ADWIN | None
 
     def __init__(
         self,
@@ -234,13 +247,45 @@ class ADWINDetector(_TwinDetector):
         self.max_buckets = max_buckets
         self.min_window_length = min_window_length
         self.grace_period = grace_period
-        self._reset()
+        self._drift, self._warning = self._make()
 
-    def _reset(self) -> None:
-        common = dict(clock=self.clock, max_buckets=self.max_buckets,
-                      min_window_length=self.min_window_length, grace_period=self.grace_period)
-        self._drift = ADWIN(delta=self.delta, **common)
-        self._warning = None if self.warning_delta is None else ADWIN(delta=self.warning_delta, **common)
+    def _make(self) -> tuple[ADWIN, ADWIN | None]:
+        """A fresh drift ADWIN and warning twin."""
+        def adwin(delta: float) -> ADWIN:
+            return ADWIN(delta=delta, clock=self.clock, max_buckets=self.max_buckets,
+                         min_window_length=self.min_window_length, grace_period=self.grace_period)
+        return adwin(self.delta), None if self.warning_delta is None else adwin(self.warning_delta)
+
+    def _params(self) -> ADWINParams:
+        return ADWINParams(
+            delta=float(self.delta), warning_delta=None if self.warning_delta is None else float(self.warning_delta),
+            clock=self.clock, max_buckets=self.max_buckets, min_window_length=self.min_window_length,
+            grace_period=self.grace_period)
+
+    def state(self) -> dict[str, Any]:
+        """Format, kind, signal, parameters and both ADWINs' windows (an ``ADWINDetectorState``), as JSON-able data."""
+        state = ADWINDetectorState(
+            format=STATE_FORMAT, signal=self.signal, params=self._params(), drift=self._drift.window(),
+            warning=None if self._warning is None else self._warning.window())
+        return msgspec.to_builtins(state)  # type: ignore[no-any-return]
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state`.
+
+        Raises :class:`~.state.IncompatibleStateError` if it was saved by a
+        detector of another kind, signal or parameters, or in an older state
+        format (its window means nothing here), and
+        :class:`~.state.DriftStateError` if it is malformed; the detector is
+        unchanged when either is raised.
+        """
+        saved = load_detector_state(state, ADWINDetectorState, name=self.name, signal=self.signal,
+                                    params=self._params())
+        self._check_twin(saved.warning)
+        drift, warning = self._make()
+        drift.restore(saved.drift, what=f"{self.name}: drift window")
+        if warning is not None and saved.warning is not None:
+            warning.restore(saved.warning, what=f"{self.name}: warning window")
+        self._drift, self._warning = drift, warning
 
     def _feed_drift(self, xs: list[float], estimates: list[float]) -> list[int]:
         return self._drift.update_many(xs, estimates)
@@ -279,8 +324,8 @@ class PageHinkleyDetector(_TwinDetector):
     [(2102, 'drift')]
     """
 
-    kind = "page_hinkley"
-    _PARAMS = ("min_instances", "delta", "threshold", "alpha", "mode", "warning_threshold")
+    _drift: river_drift.PageHinkley
+    _warning: river_drift.PageHinkley | None
 
     def __init__(
         self,
@@ -307,13 +352,38 @@ class PageHinkleyDetector(_TwinDetector):
         self.alpha = alpha
         self.mode = mode
         self.warning_threshold = warning_threshold
-        self._reset()
+        self._drift, self._warning = self._make()
 
-    def _reset(self) -> None:
-        common = dict(min_instances=self.min_instances, delta=self.delta, alpha=self.alpha, mode=self.mode)
-        self._drift = river_drift.PageHinkley(threshold=self.threshold, **common)
-        self._warning = (None if self.warning_threshold is None
-                         else river_drift.PageHinkley(threshold=self.warning_threshold, **common))
+    def _make(self) -> tuple[river_drift.PageHinkley, river_drift.PageHinkley | None]:
+        """A fresh drift test and warning twin."""
+        def test(threshold: float) -> river_drift.PageHinkley:
+            return river_drift.PageHinkley(min_instances=self.min_instances, delta=self.delta,
+                                           threshold=threshold, alpha=self.alpha, mode=self.mode)
+        return test(self.threshold), None if self.warning_threshold is None else test(self.warning_threshold)
+
+    def _params(self) -> PageHinkleyParams:
+        return PageHinkleyParams(
+            min_instances=self.min_instances, delta=float(self.delta), threshold=float(self.threshold),
+            alpha=float(self.alpha), mode=self.mode,
+            warning_threshold=None if self.warning_threshold is None else float(self.warning_threshold))
+
+    def state(self) -> dict[str, Any]:
+        """Format, kind, signal, parameters and both tests' sums (a ``PageHinkleyDetectorState``), as JSON-able data."""
+        state = PageHinkleyDetectorState(
+            format=STATE_FORMAT, signal=self.signal, params=self._params(), drift=_save_test(self._drift),
+            warning=None if self._warning is None else _save_test(self._warning))
+        return msgspec.to_builtins(state)  # type: ignore[no-any-return]
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state`; raises as :meth:`ADWINDetector.restore` does, and then changes nothing."""
+        saved = load_detector_state(state, PageHinkleyDetectorState, name=self.name, signal=self.signal,
+                                    params=self._params())
+        self._check_twin(saved.warning)
+        drift, warning = self._make()
+        _restore_test(drift, saved.drift, self.name)
+        if warning is not None and saved.warning is not None:
+            _restore_test(warning, saved.warning, self.name)
+        self._drift, self._warning = drift, warning
 
     def _feed_drift(self, xs: list[float], estimates: list[float]) -> list[int]:
         positions = []
@@ -332,5 +402,28 @@ class PageHinkleyDetector(_TwinDetector):
         return self._drift._x_mean.get()
 
 
-_KINDS: dict[str, type[_TwinDetector]] = {"adwin": ADWINDetector, "page_hinkley": PageHinkleyDetector}
+def _save_test(test: river_drift.PageHinkley) -> PageHinkleyTest:
+    """The running sums of a River ``PageHinkley`` (its parameters are the detector's)."""
+    return PageHinkleyTest(
+        drift_detected=test._drift_detected, n=test._x_mean.n, mean=test._x_mean._mean,
+        sum_increase=test._sum_increase, sum_decrease=test._sum_decrease,
+        min_increase=None if test._min_increase == math.inf else test._min_increase,
+        # River starts it at the int -1; as a float it compares and subtracts the same.
+        max_decrease=float(test._max_decrease))
 
+
+def _restore_test(test: river_drift.PageHinkley, saved: PageHinkleyTest, name: str) -> None:
+    """Put saved sums into a fresh ``PageHinkley`` (whose constructor chose its test from ``mode``)."""
+    numbers = [saved.n, saved.mean, saved.sum_increase, saved.sum_decrease, saved.max_decrease]
+    require_finite(name, numbers if saved.min_increase is None else [*numbers, saved.min_increase])
+    mean = river_stats.Mean()
+    mean.n, mean._mean = saved.n, saved.mean
+    test._drift_detected = saved.drift_detected
+    test._x_mean = mean
+    test._sum_increase, test._sum_decrease = saved.sum_increase, saved.sum_decrease
+    test._min_increase = math.inf if saved.min_increase is None else saved.min_increase
+    test._max_decrease = saved.max_decrease
+
+
+_KINDS: dict[str, type[ADWINDetector] | type[PageHinkleyDetector]] = {
+    "adwin": ADWINDetector, "page_hinkley": PageHinkleyDetector}

@@ -9,9 +9,11 @@ from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, Literal
 
+import msgspec
+
 from .config import DriftConfig, build_detector, load_drift_config
 from .detectors import Detector, Signal
-from .state import STATE_FORMAT, DriftStateError, IncompatibleStateError
+from .state import STATE_FORMAT, IncompatibleStateError, MonitorState, check_format, convert
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -47,6 +49,11 @@ class DriftMonitor:
         self._by_signal: dict[str, list[Detector]] = {}
         for det in self._detectors.values():
             self._by_signal.setdefault(det.signal, []).append(det)
+
+    @classmethod
+    def default(cls) -> DriftMonitor:
+        """The default detectors: ADWIN on the error and on the confidence, Page-Hinkley on the loss."""
+        return cls.from_config()
 
     @classmethod
     def from_config(cls, config: DriftConfig | Mapping[str, Any] | None = None) -> DriftMonitor:
@@ -124,23 +131,26 @@ class DriftMonitor:
         return [(j, finding) for j, _, finding in found], estimates
 
     def state(self) -> dict[str, Any]:
-        """Every detector's state, by name, as JSON-able data."""
-        return {"format": STATE_FORMAT, "detectors": {name: det.state() for name, det in self._detectors.items()}}
+        """Every detector's state, by name (a ``MonitorState``), as JSON-able data."""
+        detectors = {name: det.state() for name, det in self._detectors.items()}
+        state = MonitorState(format=STATE_FORMAT, detectors=detectors)
+        return msgspec.to_builtins(state)  # type: ignore[no-any-return]
 
     def restore(self, state: Mapping[str, Any]) -> dict[str, str]:
         """Continue from :meth:`state`; return the detectors that start fresh instead, with the reason.
 
         A configured detector starts fresh when the saved state has none of
         its name, or was saved with another kind, signal or parameters (the
-        configuration changed between runs). Saved detectors no longer
-        configured are ignored. A malformed state raises
-        :class:`DriftStateError` and leaves every detector as it was.
+        configuration changed between runs), or in an older state format (a
+        snapshot of an earlier version). Saved detectors no longer configured
+        are ignored. A malformed state raises :class:`DriftStateError` and
+        leaves every detector as it was.
         """
-        if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
-            raise DriftStateError(f"not a drift monitor state of format {STATE_FORMAT}")
-        saved = state.get("detectors")
-        if not isinstance(saved, Mapping):
-            raise DriftStateError("drift monitor state has no detectors")
+        try:
+            check_format(state, "drift monitor")
+        except IncompatibleStateError as exc:
+            return {name: str(exc) for name in self._detectors}
+        saved = convert(state, MonitorState, "drift monitor").detectors
         fresh: dict[str, str] = {}
         restored: dict[str, Detector] = {}
         for name, det in self._detectors.items():

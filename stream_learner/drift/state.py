@@ -1,224 +1,198 @@
-"""Detector state: the format version, its errors, and the restricted serializer."""
+"""Detector and monitor state as typed msgspec structs: plain JSON out, validated on the way in.
+
+The learner keeps :meth:`DriftMonitor.state() <stream_learner.drift.DriftMonitor.state>`
+in a snapshot's JSON meta and hands it back after a restart, so state is data
+only: each detector kind has an explicit struct, ``state()`` returns
+``msgspec.to_builtins`` of it and ``restore()`` rebuilds it with
+``msgspec.convert``, which checks every field's type (no pickle, and nothing
+in the state names a class or function). Whatever the types cannot say (finite
+numbers, the shape of an ADWIN window) the detectors check before they take
+the state, so a malformed or hostile state raises :class:`DriftStateError`
+and changes nothing.
+
+>>> import msgspec
+>>> state = msgspec.to_builtins(PageHinkleyTest(drift_detected=False, n=0.0, mean=0.0, sum_increase=0.0,
+...                                             sum_decrease=0.0, min_increase=None, max_decrease=-1.0))
+>>> state["min_increase"] is None                          # +inf, which JSON cannot hold
+True
+>>> msgspec.convert({**state, "n": "3"}, PageHinkleyTest)
+Traceback (most recent call last):
+...
+msgspec.ValidationError: Expected `float`, got `str` - at `$.n`
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import random
-from collections import deque
-from collections.abc import Mapping
-from types import MappingProxyType
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Annotated, Any, Literal, TypeVar
 
-import numpy as np
-from river import drift as river_drift
-from river import stats as river_stats
+import msgspec
+from msgspec import Meta, Struct
 
 from ..errors import StreamLearnerError
-from .adwin import ADWIN
 
-#: Version of the state layout written by :meth:`Detector.state` and :meth:`DriftMonitor.state`.
-STATE_FORMAT = 1
+#: Version of the layout :meth:`Detector.state` and :meth:`DriftMonitor.state` write.
+STATE_FORMAT = 2
+#: Layouts of earlier versions (1: a generic type-tagged object walker). Their state is not
+#: refused but dropped: the detectors start fresh and :meth:`DriftMonitor.restore` says why.
+OLD_FORMATS = frozenset({1})
+
+# ADWIN's width is a float count, exact below 2**53, so its window never needs more rows.
+_MAX_ROWS = 64
 
 
 class DriftStateError(StreamLearnerError):
-    """Detector state cannot be saved or restored: malformed, or not allowlisted."""
+    """Detector state cannot be restored: malformed, or not what the detector could have saved."""
 
 
 class IncompatibleStateError(DriftStateError):
-    """Saved detector state belongs to another detector kind, signal or parameters."""
+    """Saved detector state belongs to another detector kind, signal, parameters or state format."""
 
 
-
-@dataclasses.dataclass(frozen=True)
-class _Allowed:
-    cls: type
-    params: tuple[str, ...]  # constructor arguments, stored under their own names (River style)
-    derived: frozenset[str] = frozenset()  # attributes _reset() rebuilds from the params
+class _State(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Base of the state structs: immutable, every field required, unknown fields refused."""
 
 
-_ALLOWED: dict[str, _Allowed] = {
-    "stream_learner.drift.ADWIN": _Allowed(
-        ADWIN, ("delta", "clock", "max_buckets", "min_window_length", "grace_period")
-    ),
-    # _test_drift is a bound method chosen from ``mode``; the constructor rebuilds it.
-    "river.drift.PageHinkley": _Allowed(
-        river_drift.PageHinkley, ("min_instances", "delta", "threshold", "alpha", "mode"), frozenset({"_test_drift"})
-    ),
-    "river.stats.Mean": _Allowed(river_stats.Mean, ()),
-}
-_TAG_OF: dict[type, str] = {spec.cls: tag for tag, spec in _ALLOWED.items()}
+class ADWINWindow(_State):
+    """One :class:`~stream_learner.drift.ADWIN`'s running state.
 
-#: The only classes :func:`from_jsonable` instantiates (besides ``random.Random``), by tag.
-ALLOWED_CLASSES: Mapping[str, type] = MappingProxyType({tag: spec.cls for tag, spec in _ALLOWED.items()})
-
-_NDARRAY_DTYPES = frozenset(
-    {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16", "float32", "float64"}
-)
-_MAX_DEPTH = 32
-_SCALARS = (type(None), bool, int, float, str)
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Encode ``obj`` as JSON-able data with type tags, refusing anything not allowlisted.
-
-    Numbers, strings, ``None`` and lists stay as they are; tuples, deques,
-    dicts, non-finite floats, numeric numpy arrays and ``random.Random`` get a
-    ``"$..."`` tag; an object is encoded (its constructor parameters and
-    ``__dict__``) only if its exact class is in :data:`ALLOWED_CLASSES`.
-    The result passes ``json.dumps(..., allow_nan=False)``.
-
-    >>> from collections import deque
-    >>> to_jsonable({"w": deque([1.0, float("inf")], maxlen=3)})
-    {'$dict': [['w', {'$deque': [1.0, {'$float': 'inf'}], 'maxlen': 3}]]}
+    Row ``i`` of ``totals`` and ``variances`` holds the summaries of the
+    window's buckets of ``2**i`` values, oldest first; ``width``, ``total`` and
+    ``variance`` are the running count, sum and sum of squared deviations of
+    the whole window; ``drift_detected`` is the pending reset of the update
+    after a detection.
     """
-    return _encode(obj, 0)
+
+    drift_detected: bool
+    tick: Annotated[int, Meta(ge=0)]
+    width: float
+    total: float
+    variance: float
+    totals: Annotated[list[list[float]], Meta(min_length=1, max_length=_MAX_ROWS)]
+    variances: Annotated[list[list[float]], Meta(min_length=1, max_length=_MAX_ROWS)]
 
 
-def _encode(obj: Any, depth: int) -> Any:
-    if depth > _MAX_DEPTH:
-        raise DriftStateError("state is nested too deeply")
-    t = type(obj)
-    if obj is None or t is bool or t is str or t is int:
-        return obj
-    if isinstance(obj, (float, np.floating)):
-        f = float(obj)
-        return f if math.isfinite(f) else {"$float": repr(f)}
-    if isinstance(obj, (np.integer, np.bool_)):
-        return obj.item()
-    if t is list:
-        return [_encode(v, depth + 1) for v in obj]
-    if t is tuple:
-        return {"$tuple": [_encode(v, depth + 1) for v in obj]}
-    if t is deque:
-        return {"$deque": [_encode(v, depth + 1) for v in obj], "maxlen": obj.maxlen}
-    if t is dict:
-        return {"$dict": [[_encode(k, depth + 1), _encode(v, depth + 1)] for k, v in obj.items()]}
-    if t is np.ndarray:
-        if obj.dtype.name not in _NDARRAY_DTYPES:
-            raise DriftStateError(f"cannot serialize a numpy array of dtype {obj.dtype.name}")
-        return {"$ndarray": [_encode(v, depth + 1) for v in obj.ravel().tolist()],
-                "dtype": obj.dtype.name, "shape": list(obj.shape)}
-    if t is random.Random:
-        version, internal, gauss_next = obj.getstate()
-        return {"$random": [version, list(internal), gauss_next]}
-    tag = _TAG_OF.get(t)
-    if tag is None:
-        raise DriftStateError(
-            f"cannot serialize {t.__module__}.{t.__qualname__}: not in the allowlist of detector classes"
-        )
-    spec = _ALLOWED[tag]
-    fields = vars(obj)
-    return {
-        "$obj": tag,
-        "params": {p: _encode(getattr(obj, p), depth + 1) for p in spec.params},
-        "attrs": {k: _encode(v, depth + 1) for k, v in fields.items()
-                  if k not in spec.params and k not in spec.derived},
-    }
+class PageHinkleyTest(_State):
+    """One River ``PageHinkley`` test's running state (its parameters are the detector's)."""
+
+    drift_detected: bool
+    n: Annotated[float, Meta(ge=0)]  # values since the last reset (River's running Mean's weight)
+    mean: float
+    sum_increase: float
+    sum_decrease: float
+    min_increase: float | None  # None: +inf, what it is before the first value
+    max_decrease: float
 
 
-def from_jsonable(data: Any, *, expect: type | None = None) -> Any:
-    """Decode :func:`to_jsonable` output; only allowlisted classes are ever instantiated.
+class ADWINParams(_State):
+    """The parameters of an :class:`~stream_learner.drift.ADWINDetector`."""
 
-    An object is rebuilt by calling its class with the saved constructor
-    parameters (plain scalars only), which runs River's ``_reset()``, then
-    setting the saved attributes; the saved attribute names must be exactly
-    those a fresh instance has, so state from another version of a class is
-    refused rather than half-applied. ``expect`` requires the top-level
-    object's class. Raises :class:`DriftStateError`.
+    delta: float
+    warning_delta: float | None
+    clock: int
+    max_buckets: int
+    min_window_length: int
+    grace_period: int
+
+
+class PageHinkleyParams(_State):
+    """The parameters of a :class:`~stream_learner.drift.PageHinkleyDetector`."""
+
+    min_instances: int
+    delta: float
+    threshold: float
+    alpha: float
+    mode: Literal["up", "down", "both"]
+    warning_threshold: float | None
+
+
+class DetectorState(_State, tag_field="kind"):
+    """What every twin detector saves: state format, kind (the tag), signal and parameters."""
+
+    format: int
+    signal: str
+    params: Struct  # each kind's own parameters struct
+
+
+class ADWINDetectorState(DetectorState, tag="adwin"):
+    """An :class:`~stream_learner.drift.ADWINDetector`: the drift ADWIN and its warning twin."""
+
+    params: ADWINParams
+    drift: ADWINWindow
+    warning: ADWINWindow | None
+
+
+class PageHinkleyDetectorState(DetectorState, tag="page_hinkley"):
+    """A :class:`~stream_learner.drift.PageHinkleyDetector`: the drift test and its warning twin."""
+
+    params: PageHinkleyParams
+    drift: PageHinkleyTest
+    warning: PageHinkleyTest | None
+
+
+class MonitorState(_State):
+    """A :class:`~stream_learner.drift.DriftMonitor`: each detector's own state, by name.
+
+    The monitor accepts any detector of the protocol, so it leaves the
+    detectors' states to the detectors to validate.
     """
-    obj = _decode(data, 0)
-    if expect is not None and type(obj) is not expect:
-        raise DriftStateError(f"expected saved {expect.__qualname__}, got {type(obj).__qualname__}")
-    return obj
+
+    format: int
+    detectors: dict[Annotated[str, Meta(min_length=1, max_length=256)], dict[str, Any]]
 
 
-def _decode(data: Any, depth: int) -> Any:
-    if depth > _MAX_DEPTH:
-        raise DriftStateError("state is nested too deeply")
-    t = type(data)
-    if data is None or t in (bool, int, float, str):
-        return data
-    if t is list:
-        return [_decode(v, depth + 1) for v in data]
-    if t is not dict:
-        raise DriftStateError(f"unexpected {t.__name__} in saved state")
-    keys = frozenset(data)
+S = TypeVar("S", bound=DetectorState)
+T = TypeVar("T", bound=Struct)
+
+
+def check_format(state: object, what: str) -> None:
+    """Require a JSON object of :data:`STATE_FORMAT`; an :data:`OLD_FORMATS` one is incompatible.
+
+    >>> check_format({"format": 1}, "adwin_error")
+    Traceback (most recent call last):
+    ...
+    stream_learner.drift.state.IncompatibleStateError: adwin_error: saved in state format 1, this version reads format 2
+    """
+    if not isinstance(state, Mapping):
+        raise DriftStateError(f"{what}: saved state is a {type(state).__name__}, not an object")
+    fmt = state.get("format")
+    if type(fmt) is int and fmt in OLD_FORMATS:
+        raise IncompatibleStateError(f"{what}: saved in state format {fmt}, this version reads format {STATE_FORMAT}")
+    if type(fmt) is not int or fmt != STATE_FORMAT:
+        raise DriftStateError(f"{what}: not a state of format {STATE_FORMAT} (format {fmt!r})")
+
+
+def convert(state: Mapping[str, Any], cls: type[T], what: str) -> T:
+    """``msgspec.convert`` into ``cls``, a :class:`DriftStateError` naming the bad field if it does not fit."""
     try:
-        if keys == {"$float"} and data["$float"] in ("inf", "-inf", "nan"):
-            return float(data["$float"])
-        if keys == {"$tuple"}:
-            return tuple(_decode_list(data["$tuple"], depth))
-        if keys == {"$deque", "maxlen"}:
-            maxlen = data["maxlen"]
-            if maxlen is not None and (type(maxlen) is not int or maxlen < 0):
-                raise DriftStateError(f"bad deque maxlen {maxlen!r}")
-            return deque(_decode_list(data["$deque"], depth), maxlen=maxlen)
-        if keys == {"$dict"}:
-            items = _decode_list(data["$dict"], depth)
-            if not all(type(kv) is list and len(kv) == 2 for kv in items):
-                raise DriftStateError("a $dict holds [key, value] pairs")
-            return {k: v for k, v in items}
-        if keys == {"$ndarray", "dtype", "shape"}:
-            return _decode_ndarray(data, depth)
-        if keys == {"$random"}:
-            version, internal, gauss_next = data["$random"]
-            if gauss_next is not None and type(gauss_next) is not float:
-                raise DriftStateError("bad random state")
-            rng = random.Random()
-            rng.setstate((version, tuple(internal), gauss_next))  # validates length and types itself
-            return rng
-        if keys == {"$obj", "params", "attrs"}:
-            return _decode_object(data, depth)
-    except DriftStateError:
-        raise
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise DriftStateError(f"malformed saved state: {exc}") from None
-    raise DriftStateError(f"unknown entry in saved state with keys {sorted(keys)}")
+        return msgspec.convert(dict(state), cls)
+    except msgspec.ValidationError as exc:
+        raise DriftStateError(f"{what}: malformed saved state: {exc}") from None
 
 
-def _decode_list(value: Any, depth: int) -> list[Any]:
-    if type(value) is not list:
-        raise DriftStateError("expected a list in saved state")
-    return [_decode(v, depth + 1) for v in value]
+def load_detector_state(state: object, cls: type[S], *, name: str, signal: str, params: Struct) -> S:
+    """The saved state of detector ``name`` as a ``cls``, if it was saved with this signal and parameters.
+
+    Raises :class:`IncompatibleStateError` for state of another format, kind,
+    signal or parameters (it says nothing about this detector's stream), and
+    :class:`DriftStateError` if it is malformed.
+    """
+    check_format(state, name)
+    assert isinstance(state, Mapping)  # check_format refused anything else
+    kind = cls.__struct_config__.tag
+    if state.get("kind") != kind:
+        raise IncompatibleStateError(f"{name}: saved kind {state.get('kind')!r}, configured {kind!r}")
+    saved = convert(state, cls, name)
+    if saved.signal != signal:
+        raise IncompatibleStateError(f"{name}: saved signal {saved.signal!r}, configured {signal!r}")
+    if saved.params != params:
+        raise IncompatibleStateError(f"{name}: saved params {msgspec.to_builtins(saved.params)}, "
+                                     f"configured {msgspec.to_builtins(params)}")
+    return saved
 
 
-def _decode_ndarray(data: dict[str, Any], depth: int) -> np.ndarray:
-    dtype, shape = data["dtype"], data["shape"]
-    if dtype not in _NDARRAY_DTYPES:
-        raise DriftStateError(f"numpy dtype {dtype!r} is not allowed")
-    if type(shape) is not list or not all(type(n) is int and n >= 0 for n in shape):
-        raise DriftStateError(f"bad numpy shape {shape!r}")
-    values = _decode_list(data["$ndarray"], depth)
-    if not all(type(v) in (bool, int, float) for v in values) or len(values) != math.prod(shape):
-        raise DriftStateError("numpy data does not match its shape")
-    return np.array(values, dtype=dtype).reshape(shape)
-
-
-def _decode_object(data: dict[str, Any], depth: int) -> Any:
-    tag, params, attrs = data["$obj"], data["params"], data["attrs"]
-    spec = _ALLOWED.get(tag) if type(tag) is str else None
-    if spec is None:
-        raise DriftStateError(f"class {tag!r} is not in the allowlist of detector classes")
-    if type(params) is not dict or type(attrs) is not dict:
-        raise DriftStateError(f"{tag}: params and attrs must be objects")
-    if set(params) != set(spec.params):
-        raise DriftStateError(f"{tag}: saved parameters {sorted(params)} != {sorted(spec.params)}")
-    kwargs = {name: _decode(value, depth + 1) for name, value in params.items()}
-    # Constructor arguments are scalars only: no saved object ever reaches a constructor.
-    if not all(type(v) in _SCALARS for v in kwargs.values()):
-        raise DriftStateError(f"{tag}: constructor parameters must be numbers, strings, booleans or null")
-    try:
-        obj = spec.cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise DriftStateError(f"{tag}: invalid saved parameters: {exc}") from None
-    expected = set(vars(obj)) - set(spec.params) - spec.derived
-    if set(attrs) != expected:
-        raise DriftStateError(
-            f"{tag}: saved attributes differ from this version's "
-            f"(missing {sorted(expected - set(attrs))}, unknown {sorted(set(attrs) - expected)})"
-        )
-    for name, value in attrs.items():
-        setattr(obj, name, _decode(value, depth + 1))
-    return obj
-
+def require_finite(what: str, values: Iterable[float]) -> None:
+    """Refuse NaN and infinities: one would poison a detector's running sums for good."""
+    if not all(map(math.isfinite, values)):
+        raise DriftStateError(f"{what}: saved state holds a non-finite number")
