@@ -12,25 +12,25 @@ import itertools
 import json
 import math
 import random
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jsonschema
+import msgspec
 import pytest
 from river import drift as river_drift
 from river.datasets import synth
 
 from stream_learner import events
+from stream_learner.config import Settings
 from stream_learner.drift import (
     ADWIN,
     ADWINDetector,
     Alert,
     Checkpoint,
     Detector,
-    DriftConfig,
     DriftFinding,
     DriftMonitor,
     DriftPolicy,
@@ -44,9 +44,8 @@ from stream_learner.drift import (
     StartChallenger,
     drift_event,
     drift_event_id,
-    load_drift_config,
+    from_settings,
 )
-from stream_learner.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 4000
@@ -409,7 +408,7 @@ def feed(monitor: DriftMonitor, seed: int, start: int, stop: int) -> list[DriftF
 
 
 def test_default_monitor_watches_error_loss_and_confidence() -> None:
-    monitor = DriftMonitor.from_config()
+    monitor = DriftMonitor.default()
     assert {n: d.signal for n, d in monitor.detectors.items()} == {
         "adwin_error": "error", "page_hinkley_loss": "loss", "adwin_confidence": "confidence"}
     assert monitor.signals == {"error", "loss", "confidence"}
@@ -454,9 +453,9 @@ def test_monitor_accepts_any_detector_implementing_the_protocol() -> None:
 
 
 def test_monitor_state_round_trips_and_resumes_identically() -> None:
-    original = DriftMonitor.from_config()
+    original = DriftMonitor.default()
     feed(original, 4, 0, 5000)
-    resumed = DriftMonitor.from_config()
+    resumed = DriftMonitor.default()
     assert resumed.restore(json.loads(json.dumps(original.state(), allow_nan=False))) == {}
     assert resumed.state() == original.state()
     later_original = feed(original, 4, 5000, 9000)
@@ -466,14 +465,14 @@ def test_monitor_state_round_trips_and_resumes_identically() -> None:
 
 
 def test_monitor_restore_after_a_config_change_starts_changed_detectors_fresh() -> None:
-    old = DriftMonitor.from_config()
+    old = DriftMonitor.default()
     feed(old, 5, 0, 3000)
     saved = json.loads(json.dumps(old.state()))
-    new = DriftMonitor.from_config({"detectors": [
-        {"name": "adwin_error", "kind": "adwin", "signal": "error", "params": {"delta": 0.001}},  # retuned
-        {"name": "adwin_confidence", "kind": "adwin", "signal": "confidence"},                  # unchanged
-        {"name": "adwin_plan", "kind": "adwin", "signal": "feature:plan"},                      # new
-    ]})                                                                                         # loss: dropped
+    new = DriftMonitor([
+        ADWINDetector("error", delta=0.001),   # retuned
+        ADWINDetector("confidence"),           # unchanged
+        ADWINDetector("feature:plan", name="adwin_plan"),  # new
+    ])                                         # loss: dropped
     fresh = new.restore(saved)
     assert set(fresh) == {"adwin_error", "adwin_plan"}
     assert "params" in fresh["adwin_error"] and fresh["adwin_plan"] == "no saved state"
@@ -485,11 +484,11 @@ def test_monitor_restore_after_a_config_change_starts_changed_detectors_fresh() 
 
 
 def test_monitor_restore_of_a_malformed_state_changes_nothing() -> None:
-    old = DriftMonitor.from_config()
+    old = DriftMonitor.default()
     feed(old, 6, 0, 3000)
     saved = json.loads(json.dumps(old.state()))
     saved["detectors"]["adwin_confidence"]["drift"]["totals"] = {"$obj": "os.system", "params": {}, "attrs": {}}
-    monitor = DriftMonitor.from_config()
+    monitor = DriftMonitor.default()
     before = monitor.state()
     with pytest.raises(DriftStateError):
         monitor.restore(saved)
@@ -498,55 +497,42 @@ def test_monitor_restore_of_a_malformed_state_changes_nothing() -> None:
         monitor.restore({"detectors": {}})
 
 
-# --------------------------------------------------------------------------- configuration
+# --------------------------------------------------------------------------- from the settings
 
 
-def test_config_from_toml() -> None:
-    table = tomllib.loads("""
-        [drift.policy]
-        challenger_on_warning = true
-        on_drift = ["checkpoint", "optimizer_reset"]
-        lr_boost_factor = 4
-
-        [[drift.detectors]]
-        name = "adwin_error"
-        kind = "adwin"
-        signal = "error"
-        params = { delta = 0.001, warning_delta = 0.01, clock = 16 }
-
-        [[drift.detectors]]
-        name = "ph_loss"
-        kind = "page_hinkley"
-        signal = "loss"
-        params = { threshold = 80, warning_threshold = 40 }
-    """)["drift"]
-    config = load_drift_config(table)
-    monitor, policy = DriftMonitor.from_config(config), DriftPolicy.from_config(config)
-    assert list(monitor.detectors) == ["adwin_error", "ph_loss"]
-    error_det = monitor.detectors["adwin_error"]
-    assert isinstance(error_det, ADWINDetector) and (error_det.delta, error_det.warning_delta, error_det.clock) == \
-        (0.001, 0.01, 16)
-    assert (policy.challenger_on_warning, policy.on_drift, policy.lr_boost_factor) == \
-        (True, ("checkpoint", "optimizer_reset"), 4.0)
-    assert DriftMonitor.from_config(table).state() == monitor.state()
+def test_from_settings_builds_the_default_detectors_and_the_configured_policy() -> None:
+    settings = Settings(trainer_drift_challenger_on_warning=True, trainer_drift_on_drift=["checkpoint", "lr_boost"],
+                        trainer_drift_lr_boost_factor=4.0, trainer_drift_lr_boost_batches=30)
+    monitor, policy = from_settings(settings)
+    assert monitor is not None and monitor.state() == DriftMonitor.default().state()
+    assert policy == DriftPolicy(challenger_on_warning=True, on_drift=("checkpoint", "lr_boost"),
+                                 lr_boost_factor=4.0, lr_boost_steps=30)
+    assert from_settings(msgspec.structs.replace(settings, trainer_drift_enabled=False)) == (None, policy)
 
 
-@pytest.mark.parametrize("table, message", [
-    ({"detectors": [{"name": "e", "kind": "adwin", "signal": "errors"}]}, "signal"),
-    ({"detectors": [{"name": "e", "kind": "kswin", "signal": "error"}]}, "kind"),
-    ({"detectors": [{"name": "e", "kind": "adwin", "signal": "error", "params": {"deltaa": 0.1}}]}, "deltaa"),
-    ({"detectors": [{"name": "e", "kind": "adwin", "signal": "error", "params": {"delta": 2}}]}, "delta"),
-    ({"detectors": [{"name": "e", "kind": "page_hinkley", "signal": "loss",
-                     "params": {"warning_threshold": 60}}]}, "warning_threshold"),
-    ({"detectors": [{"name": "e", "kind": "adwin", "signal": "error"}] * 2}, "unique"),
-    ({"policy": {"on_drift": ["reboot"]}}, "on_drift"),
-    ({"policy": {"lr_boost_factor": 0.5}}, "lr_boost_factor"),
-    ({"policy": {"lr_boost_steps": 0}}, "lr_boost_steps"),
-    ({"polcy": {}}, "polcy"),
-])
-def test_bad_config_fails_at_start_naming_the_setting(table: dict[str, Any], message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
-        load_drift_config(table)
+@pytest.mark.parametrize("settings", [Settings(), Settings(trainer_drift_enabled=False, trainer_drift_on_drift=[],
+                                                           trainer_drift_lr_boost_batches=3)],
+                         ids=["defaults", "changed"])
+def test_from_settings_builds_what_the_trainers_drift_from_settings_builds(settings: Settings) -> None:
+    # learn.trainer.drift_from_settings predates from_settings; while it exists, both must agree.
+    drift_from_settings = getattr(pytest.importorskip("stream_learner.learn.trainer"), "drift_from_settings", None)
+    if drift_from_settings is None:
+        pytest.skip("learn.trainer builds drift with from_settings now")
+    (ours, our_policy), (theirs, their_policy) = from_settings(settings), drift_from_settings(settings)
+    assert our_policy == their_policy
+    assert (ours is None) == (theirs is None)
+    if ours is not None and theirs is not None:
+        assert [repr(d) for d in ours.detectors.values()] == [repr(d) for d in theirs.detectors.values()]
+        assert ours.state() == theirs.state()
+
+
+def test_policy_defaults_are_the_settings_defaults() -> None:
+    defaults = Settings()
+    assert DriftPolicy() == from_settings(defaults)[1]
+    assert (DriftPolicy().challenger_on_warning, DriftPolicy().on_drift, DriftPolicy().lr_boost_factor,
+            DriftPolicy().lr_boost_steps) == (
+        defaults.trainer_drift_challenger_on_warning, tuple(defaults.trainer_drift_on_drift),
+        defaults.trainer_drift_lr_boost_factor, defaults.trainer_drift_lr_boost_batches)
 
 
 # --------------------------------------------------------------------------- the policy
@@ -594,6 +580,8 @@ def test_policy_refuses_unknown_actions_and_weak_boosts() -> None:
         DriftPolicy(on_drift=["alert", "reboot"])
     with pytest.raises(ValueError):
         DriftPolicy(lr_boost_factor=1.0)
+    with pytest.raises(ValueError):
+        DriftPolicy(lr_boost_steps=0)
 
 
 def test_actions_of_several_findings_merge() -> None:
@@ -636,12 +624,11 @@ def test_warning_event() -> None:
     DRIFT_SCHEMA.validate(json.loads(events.encode(event)))
 
 
-def test_drift_config_defaults_are_the_documented_ones() -> None:
-    config = DriftConfig()
-    assert [(d.name, d.kind, d.signal) for d in config.detectors] == [
-        ("adwin_error", "adwin", "error"), ("page_hinkley_loss", "page_hinkley", "loss"),
-        ("adwin_confidence", "adwin", "confidence")]
-    assert config.policy.on_drift == ("promote_challenger_if_better", "lr_boost", "checkpoint")
+def test_default_detectors_are_the_documented_ones() -> None:
+    assert [(name, type(d).__name__, d.signal) for name, d in DriftMonitor.default().detectors.items()] == [
+        ("adwin_error", "ADWINDetector", "error"), ("page_hinkley_loss", "PageHinkleyDetector", "loss"),
+        ("adwin_confidence", "ADWINDetector", "confidence")]
+    assert DriftPolicy().on_drift == ("promote_challenger_if_better", "lr_boost", "checkpoint")
 
 
 # --------------------------------------------------------------------------- batched updates
@@ -724,7 +711,7 @@ def test_monitor_observe_many_is_observe_one_by_one() -> None:
 
 
 def test_observe_many_feeds_the_values_before_a_non_finite_one_then_raises() -> None:
-    one, many = DriftMonitor.from_config(), DriftMonitor.from_config()
+    one, many = DriftMonitor.default(), DriftMonitor.default()
     values = stream(error, 1, n=100)
     for i, x in enumerate(values[:70]):
         one.observe("error", x, index=i)

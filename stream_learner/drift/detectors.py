@@ -423,7 +423,3 @@ def _restore_test(test: river_drift.PageHinkley, saved: PageHinkleyTest, name: s
     test._sum_increase, test._sum_decrease = saved.sum_increase, saved.sum_decrease
     test._min_increase = math.inf if saved.min_increase is None else saved.min_increase
     test._max_decrease = saved.max_decrease
-
-
-_KINDS: dict[str, type[ADWINDetector] | type[PageHinkleyDetector]] = {
-    "adwin": ADWINDetector, "page_hinkley": PageHinkleyDetector}

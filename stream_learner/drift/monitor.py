@@ -11,8 +11,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from .config import DriftConfig, build_detector, load_drift_config
-from .detectors import Detector, Signal
+from .detectors import ADWINDetector, Detector, PageHinkleyDetector, Signal
 from .state import STATE_FORMAT, IncompatibleStateError, MonitorState, check_format, convert
 
 
@@ -52,17 +51,29 @@ class DriftMonitor:
 
     @classmethod
     def default(cls) -> DriftMonitor:
-        """The default detectors: ADWIN on the error and on the confidence, Page-Hinkley on the loss."""
-        return cls.from_config()
+        """The default detectors: ADWIN on the error and on the confidence, Page-Hinkley on the loss.
+
+        >>> {name: det.signal for name, det in DriftMonitor.default().detectors.items()}
+        {'adwin_error': 'error', 'page_hinkley_loss': 'loss', 'adwin_confidence': 'confidence'}
+        """
+        return cls([
+            ADWINDetector("error"),
+            PageHinkleyDetector("loss"),
+            # Label-free: the model's confidence moves as soon as its inputs do, long before labels arrive.
+            ADWINDetector("confidence"),
+        ])
 
     @classmethod
-    def from_config(cls, config: DriftConfig | Mapping[str, Any] | None = None) -> DriftMonitor:
-        """The monitor of a :class:`DriftConfig` (or a mapping of one; ``None``: the defaults)."""
-        if config is None:
-            config = DriftConfig()
-        elif not isinstance(config, DriftConfig):
-            config = load_drift_config(config)
-        return cls(build_detector(spec) for spec in config.detectors)
+    def from_config(cls, config: None = None) -> DriftMonitor:
+        """:meth:`default`, under its old name: ``learn.trainer.drift_from_settings`` still calls it.
+
+        Drift configuration tables are gone (the settings never accepted
+        them); build from the settings with :func:`stream_learner.drift.from_settings`.
+        """
+        if config is not None:
+            raise TypeError("drift configuration tables were removed: use DriftMonitor([...detectors]) "
+                            "or stream_learner.drift.from_settings")
+        return cls.default()
 
     @property
     def detectors(self) -> Mapping[str, Detector]:
