@@ -35,6 +35,7 @@ from stream_learner.drift import (
     DriftMonitor,
     DriftPolicy,
     DriftStateError,
+    DriftWatch,
     IncompatibleStateError,
     LrBoost,
     OptimizerReset,
@@ -718,6 +719,14 @@ def test_observe_many_feeds_the_values_before_a_non_finite_one_then_raises() -> 
     with pytest.raises(ValueError, match="not a finite number"):
         many.observe_many("error", values[:70] + [math.inf] + values[71:], indices=list(range(100)))
     assert json.dumps(many.state()) == json.dumps(one.state())
+
+
+def test_the_monitor_is_what_the_learner_needs() -> None:
+    monitor = DriftMonitor.default()
+    assert isinstance(monitor, DriftWatch)
+    with pytest.raises(ValueError, match="3 error values but 2 example indices"):
+        monitor.observe_many("error", [0.0, 1.0, 0.0], indices=[1, 2])
+    assert monitor.state() == DriftMonitor.default().state()
 
 
 def test_observe_many_with_a_detector_without_update_many() -> None:

@@ -53,9 +53,9 @@ from __future__ import annotations
 
 from ..config import Settings
 from .adwin import ADWIN
-from .detectors import ADWINDetector, Detector, PageHinkleyDetector, Signal
+from .detectors import ADWINDetector, BatchDetector, Detector, PageHinkleyDetector, Signal
 from .event import drift_event, drift_event_id
-from .monitor import DriftFinding, DriftMonitor
+from .monitor import DriftFinding, DriftMonitor, DriftWatch, WatchedDetector
 from .policy import (
     Action,
     Alert,
@@ -73,12 +73,14 @@ __all__ = [
     "ADWINDetector",
     "Action",
     "Alert",
+    "BatchDetector",
     "Checkpoint",
     "Detector",
     "DriftFinding",
     "DriftMonitor",
     "DriftPolicy",
     "DriftStateError",
+    "DriftWatch",
     "IncompatibleStateError",
     "LrBoost",
     "OptimizerReset",
@@ -86,6 +88,7 @@ __all__ = [
     "PromoteChallengerIfBetter",
     "Signal",
     "StartChallenger",
+    "WatchedDetector",
     "drift_event",
     "drift_event_id",
     "from_settings",

@@ -1,17 +1,31 @@
-"""The drift monitor: named detectors by signal, their findings and their state."""
+"""The drift monitor: named detectors by signal, their findings and their state; what the learner needs of it.
+
+The learner depends on :class:`DriftWatch` only: it feeds a chunk's values of
+one signal at a time to :meth:`~DriftWatch.observe_many`, reads each
+detector's ``estimation`` to judge a finding (a change for the worse, or an
+improvement), and keeps :meth:`~DriftWatch.state` in its snapshots.
+:class:`DriftMonitor` is the implementation.
+
+>>> watch: DriftWatch = DriftMonitor.default()
+>>> findings, estimates = watch.observe_many("confidence", [0.9, 0.8], indices=[41, 42])
+>>> findings, estimates
+([], {'adwin_confidence': [0.9, 0.8500000000000001]})
+>>> watch.detectors["adwin_confidence"].estimation
+0.8500000000000001
+"""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 import msgspec
 
-from .detectors import ADWINDetector, Detector, PageHinkleyDetector, Signal
+from .detectors import ADWINDetector, Alarm, BatchDetector, Detector, PageHinkleyDetector, Signal
 from .state import STATE_FORMAT, IncompatibleStateError, MonitorState, check_format, convert
 
 
@@ -21,13 +35,55 @@ class DriftFinding:
 
     detector: str
     signal: str
-    kind: Literal[Signal.WARNING, Signal.DRIFT]
+    kind: Alarm
     value: float
     index: int
 
 
+#: What :meth:`DriftWatch.observe_many` returns: the findings with the position of their value
+#: in the batch, and each detector's estimation after every value, by detector name.
+Observed: TypeAlias = tuple[list[tuple[int, DriftFinding]], dict[str, list[float]]]
+
+
+class WatchedDetector(Protocol):
+    """What the learner reads of a detector: the signal it watches and its estimate of the signal's level."""
+
+    @property
+    def signal(self) -> str:
+        """``"error"``, ``"loss"``, ``"confidence"`` or ``"feature:<name>"``."""
+        ...
+
+    @property
+    def estimation(self) -> float:
+        """The detector's current estimate of the signal's level (e.g. the error rate)."""
+        ...
+
+
+@runtime_checkable
+class DriftWatch(Protocol):
+    """What the learner needs from drift detection; :class:`DriftMonitor` implements it."""
+
+    @property
+    def detectors(self) -> Mapping[str, WatchedDetector]:
+        """The detectors by name (the names of findings and of the estimates)."""
+        ...
+
+    def observe_many(self, signal: str, values: Sequence[float], *, indices: Sequence[int]) -> Observed:
+        """Feed ``values`` of ``signal`` (``indices[j]``: the example index of ``values[j]``) to the
+        detectors watching it; the findings, by position then detector, and the estimates."""
+        ...
+
+    def state(self) -> dict[str, Any]:
+        """The detectors' running state as JSON-able builtins (for a snapshot's JSON meta)."""
+        ...
+
+    def restore(self, state: Mapping[str, Any]) -> dict[str, str]:
+        """Continue from a :meth:`state`; the detectors that start fresh instead, with the reason."""
+        ...
+
+
 class DriftMonitor:
-    """Several named detectors, each on one signal; the trainer feeds every signal it has.
+    """Several named detectors, each on one signal: the :class:`DriftWatch` of the learner.
 
     >>> from stream_learner.drift import ADWINDetector
     >>> monitor = DriftMonitor([ADWINDetector("confidence")])
@@ -86,38 +142,29 @@ class DriftMonitor:
         return frozenset(self._by_signal)
 
     def observe(self, signal: str, value: float, *, index: int) -> list[DriftFinding]:
-        """Feed ``value`` of ``signal`` for example ``index`` to the detectors watching it.
+        """:meth:`observe_many` of one value: the findings for example ``index``.
 
         ``index`` is the example's position in the trainer's input (the same on
         a replay), carried into findings and event ids. A non-finite value
         raises ``ValueError`` before any detector sees it.
         """
-        detectors = self._by_signal.get(signal)
-        if not detectors:
-            return []
-        x = float(value)
-        if not math.isfinite(x):
-            raise ValueError(f"{signal} value {value!r} for example {index} is not a finite number")
-        findings = []
-        for det in detectors:
-            sig = det.update(x)
-            if sig is not Signal.NONE:
-                findings.append(DriftFinding(det.name, signal, sig, x, index))
-        return findings
+        findings, _ = self.observe_many(signal, [value], indices=[index])
+        return [finding for _, finding in findings]
 
-    def observe_many(self, signal: str, values: list[float], *,
-                     indices: list[int]) -> tuple[list[tuple[int, DriftFinding]], dict[str, list[float]]]:
-        """:meth:`observe` of each value in turn (``indices[j]`` is the example index of
-        ``values[j]``), with the same detector state and findings, fed a detector at a time.
+    def observe_many(self, signal: str, values: Sequence[float], *, indices: Sequence[int]) -> Observed:
+        """Feed ``values`` of ``signal`` to the detectors watching it, a detector at a time
+        (``indices[j]`` is the example index of ``values[j]``, carried into findings and event ids).
 
-        Returns the findings with the position of their value, in the order a loop of
-        :meth:`observe` returns them (by position, then detector), and each detector's
-        ``estimation`` after every value (NaN for a detector without one). A non-finite value
-        raises ``ValueError`` after every detector was fed the values before it, as the loop would.
+        Returns the findings with the position of their value, by position then in detector
+        order (what feeding the values one by one to every detector in turn would find), and each
+        detector's ``estimation`` after every value. Nobody watching ``signal``: ``([], {})``. A
+        non-finite value raises ``ValueError`` after every detector was fed the values before it.
         """
         detectors = self._by_signal.get(signal)
         if not detectors:
             return [], {}
+        if len(indices) != len(values):
+            raise ValueError(f"{len(values)} {signal} values but {len(indices)} example indices")
         xs = [float(v) for v in values]
         if not all(map(math.isfinite, xs)):
             bad = next(j for j, x in enumerate(xs) if not math.isfinite(x))
@@ -126,18 +173,8 @@ class DriftMonitor:
         found: list[tuple[int, int, DriftFinding]] = []
         estimates: dict[str, list[float]] = {}
         for order, det in enumerate(detectors):
-            many = getattr(det, "update_many", None)
-            if many is not None:
-                signals, estimates[det.name] = many(xs)
-            else:
-                signals, est = [], []
-                for j, x in enumerate(xs):
-                    sig = det.update(x)
-                    if sig is not Signal.NONE:
-                        signals.append((j, sig))
-                    est.append(getattr(det, "estimation", math.nan))
-                estimates[det.name] = est
-            found.extend((j, order, DriftFinding(det.name, signal, sig, xs[j], indices[j])) for j, sig in signals)
+            alarms, estimates[det.name] = _feed(det, xs)
+            found.extend((j, order, DriftFinding(det.name, signal, kind, xs[j], indices[j])) for j, kind in alarms)
         found.sort(key=lambda f: (f[0], f[1]))
         return [(j, finding) for j, _, finding in found], estimates
 
@@ -182,3 +219,16 @@ class DriftMonitor:
             signal_detectors[:] = [restored.get(d.name, d) for d in signal_detectors]
         return fresh
 
+
+def _feed(det: Detector, xs: list[float]) -> tuple[list[tuple[int, Alarm]], list[float]]:
+    """``det.update_many(xs)``, or what it would return, for a detector without one."""
+    if isinstance(det, BatchDetector):
+        return det.update_many(xs)
+    alarms: list[tuple[int, Alarm]] = []
+    estimates: list[float] = []
+    for j, x in enumerate(xs):
+        signal = det.update(x)
+        if signal is not Signal.NONE:
+            alarms.append((j, signal))
+        estimates.append(det.estimation)
+    return alarms, estimates

@@ -8,7 +8,8 @@ only: each detector kind has an explicit struct, ``state()`` returns
 in the state names a class or function). Whatever the types cannot say (finite
 numbers, the shape of an ADWIN window) the detectors check before they take
 the state, so a malformed or hostile state raises :class:`DriftStateError`
-and changes nothing.
+and changes nothing. (:class:`~stream_learner.drift.ADWIN` converts its own
+window; River's ``PageHinkley`` is converted by the functions at the end.)
 
 >>> import msgspec
 >>> state = msgspec.to_builtins(PageHinkleyTest(drift_detected=False, n=0.0, mean=0.0, sum_increase=0.0,
@@ -29,6 +30,8 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 from msgspec import Meta, Struct
+from river import drift as river_drift
+from river import stats as river_stats
 
 from ..errors import StreamLearnerError
 
@@ -54,7 +57,7 @@ class _State(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Base of the state structs: immutable, every field required, unknown fields refused."""
 
 
-class ADWINWindow(_State):
+class ADWINWindow(_State, frozen=True):
     """One :class:`~stream_learner.drift.ADWIN`'s running state.
 
     Row ``i`` of ``totals`` and ``variances`` holds the summaries of the
@@ -73,7 +76,7 @@ class ADWINWindow(_State):
     variances: Annotated[list[list[float]], Meta(min_length=1, max_length=_MAX_ROWS)]
 
 
-class PageHinkleyTest(_State):
+class PageHinkleyTest(_State, frozen=True):
     """One River ``PageHinkley`` test's running state (its parameters are the detector's)."""
 
     drift_detected: bool
@@ -85,7 +88,7 @@ class PageHinkleyTest(_State):
     max_decrease: float
 
 
-class ADWINParams(_State):
+class ADWINParams(_State, frozen=True):
     """The parameters of an :class:`~stream_learner.drift.ADWINDetector`."""
 
     delta: float
@@ -96,7 +99,7 @@ class ADWINParams(_State):
     grace_period: int
 
 
-class PageHinkleyParams(_State):
+class PageHinkleyParams(_State, frozen=True):
     """The parameters of a :class:`~stream_learner.drift.PageHinkleyDetector`."""
 
     min_instances: int
@@ -107,7 +110,7 @@ class PageHinkleyParams(_State):
     warning_threshold: float | None
 
 
-class DetectorState(_State, tag_field="kind"):
+class DetectorState(_State, frozen=True, tag_field="kind"):
     """What every twin detector saves: state format, kind (the tag), signal and parameters."""
 
     format: int
@@ -115,7 +118,7 @@ class DetectorState(_State, tag_field="kind"):
     params: Struct  # each kind's own parameters struct
 
 
-class ADWINDetectorState(DetectorState, tag="adwin"):
+class ADWINDetectorState(DetectorState, frozen=True, tag="adwin"):
     """An :class:`~stream_learner.drift.ADWINDetector`: the drift ADWIN and its warning twin."""
 
     params: ADWINParams
@@ -123,7 +126,7 @@ class ADWINDetectorState(DetectorState, tag="adwin"):
     warning: ADWINWindow | None
 
 
-class PageHinkleyDetectorState(DetectorState, tag="page_hinkley"):
+class PageHinkleyDetectorState(DetectorState, frozen=True, tag="page_hinkley"):
     """A :class:`~stream_learner.drift.PageHinkleyDetector`: the drift test and its warning twin."""
 
     params: PageHinkleyParams
@@ -131,7 +134,7 @@ class PageHinkleyDetectorState(DetectorState, tag="page_hinkley"):
     warning: PageHinkleyTest | None
 
 
-class MonitorState(_State):
+class MonitorState(_State, frozen=True):
     """A :class:`~stream_learner.drift.DriftMonitor`: each detector's own state, by name.
 
     The monitor accepts any detector of the protocol, so it leaves the
@@ -196,3 +199,29 @@ def require_finite(what: str, values: Iterable[float]) -> None:
     """Refuse NaN and infinities: one would poison a detector's running sums for good."""
     if not all(map(math.isfinite, values)):
         raise DriftStateError(f"{what}: saved state holds a non-finite number")
+
+
+# River's PageHinkley is not ours to extend, so its conversion to and from its struct lives here.
+
+
+def save_page_hinkley(test: river_drift.PageHinkley) -> PageHinkleyTest:
+    """The running sums of a River ``PageHinkley`` (its parameters are the detector's)."""
+    return PageHinkleyTest(
+        drift_detected=test._drift_detected, n=test._x_mean.n, mean=test._x_mean._mean,
+        sum_increase=test._sum_increase, sum_decrease=test._sum_decrease,
+        min_increase=None if test._min_increase == math.inf else test._min_increase,
+        # River starts it at the int -1; as a float it compares and subtracts the same.
+        max_decrease=float(test._max_decrease))
+
+
+def restore_page_hinkley(test: river_drift.PageHinkley, saved: PageHinkleyTest, name: str) -> None:
+    """Put saved sums into a fresh ``PageHinkley`` (whose constructor chose its test from ``mode``)."""
+    numbers = [saved.n, saved.mean, saved.sum_increase, saved.sum_decrease, saved.max_decrease]
+    require_finite(name, numbers if saved.min_increase is None else [*numbers, saved.min_increase])
+    mean = river_stats.Mean()
+    mean.n, mean._mean = saved.n, saved.mean
+    test._drift_detected = saved.drift_detected
+    test._x_mean = mean
+    test._sum_increase, test._sum_decrease = saved.sum_increase, saved.sum_decrease
+    test._min_increase = math.inf if saved.min_increase is None else saved.min_increase
+    test._max_decrease = saved.max_decrease  # type: ignore[assignment]  # River infers int from its -1
