@@ -309,6 +309,7 @@ ADWIN_MALFORMED = {
     "warning-missing": ("warning", None),
     "unknown-param": ("params.deltaa", 0.1),
     "not-an-object": ("drift", [1, 2]),
+    "no-kind": ("kind", DELETE),
 }
 PH_MALFORMED = {
     "bad-mode": ("params.mode", "sideways"),
@@ -355,6 +356,12 @@ OLD_MONITOR_STATE = {"format": 1, "detectors": {"adwin_error": {
               "attrs": {"_drift_detected": False, "_total": 1.0, "_variance": 0.0, "_width": 1.0, "_tick": 1,
                         "_totals": [[1.0]], "_variances": [[0.0]]}},
     "warning": None}}}
+
+
+def test_state_of_an_unknown_kind_starts_the_detector_fresh() -> None:
+    state = ADWINDetector("error").state()
+    with pytest.raises(IncompatibleStateError, match="kind 'kswin'"):
+        ADWINDetector("error").restore({**state, "kind": "kswin"})
 
 
 def test_state_of_an_older_version_starts_fresh_with_the_reason() -> None:

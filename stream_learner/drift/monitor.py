@@ -195,10 +195,10 @@ class DriftMonitor:
         leaves every detector as it was.
         """
         try:
-            check_format(state, "drift monitor")
+            checked = check_format(state, "drift monitor")
         except IncompatibleStateError as exc:
             return {name: str(exc) for name in self._detectors}
-        saved = convert(state, MonitorState, "drift monitor").detectors
+        saved = convert(checked, MonitorState, "drift monitor").detectors
         fresh: dict[str, str] = {}
         restored: dict[str, Detector] = {}
         for name, det in self._detectors.items():

@@ -149,8 +149,8 @@ S = TypeVar("S", bound=DetectorState)
 T = TypeVar("T", bound=Struct)
 
 
-def check_format(state: object, what: str) -> None:
-    """Require a JSON object of :data:`STATE_FORMAT`; an :data:`OLD_FORMATS` one is incompatible.
+def check_format(state: object, what: str) -> Mapping[str, Any]:
+    """``state``, if it is a JSON object of :data:`STATE_FORMAT`; an :data:`OLD_FORMATS` one is incompatible.
 
     >>> check_format({"format": 1}, "adwin_error")
     Traceback (most recent call last):
@@ -164,6 +164,7 @@ def check_format(state: object, what: str) -> None:
         raise IncompatibleStateError(f"{what}: saved in state format {fmt}, this version reads format {STATE_FORMAT}")
     if type(fmt) is not int or fmt != STATE_FORMAT:
         raise DriftStateError(f"{what}: not a state of format {STATE_FORMAT} (format {fmt!r})")
+    return state
 
 
 def convert(state: Mapping[str, Any], cls: type[T], what: str) -> T:
@@ -177,16 +178,17 @@ def convert(state: Mapping[str, Any], cls: type[T], what: str) -> T:
 def load_detector_state(state: object, cls: type[S], *, name: str, signal: str, params: Struct) -> S:
     """The saved state of detector ``name`` as a ``cls``, if it was saved with this signal and parameters.
 
-    Raises :class:`IncompatibleStateError` for state of another format, kind,
-    signal or parameters (it says nothing about this detector's stream), and
-    :class:`DriftStateError` if it is malformed.
+    Raises :class:`IncompatibleStateError` for state of an older format, or
+    another kind, signal or parameters (it says nothing about this detector's
+    stream), and :class:`DriftStateError` if it is malformed.
     """
-    check_format(state, name)
-    assert isinstance(state, Mapping)  # check_format refused anything else
-    kind = cls.__struct_config__.tag
-    if state.get("kind") != kind:
-        raise IncompatibleStateError(f"{name}: saved kind {state.get('kind')!r}, configured {kind!r}")
-    saved = convert(state, cls, name)
+    checked = check_format(state, name)
+    kind, saved_kind = cls.__struct_config__.tag, checked.get("kind")
+    if not isinstance(saved_kind, str):
+        raise DriftStateError(f"{name}: saved state has no detector kind")
+    if saved_kind != kind:  # e.g. a kind of a later version: start fresh
+        raise IncompatibleStateError(f"{name}: saved kind {saved_kind!r}, configured {kind!r}")
+    saved = convert(checked, cls, name)
     if saved.signal != signal:
         raise IncompatibleStateError(f"{name}: saved signal {saved.signal!r}, configured {signal!r}")
     if saved.params != params:
