@@ -101,12 +101,12 @@ from stream_learner.config import Settings
 from stream_learner.drift import DriftPolicy, from_settings
 from stream_learner.events import ExampleEvent
 from stream_learner.join.examples import example_id
-from stream_learner.learn.learner import LearnerConfig, OnlineLearner
 from stream_learner.learn.build import learner_config
+from stream_learner.learn.learner import LearnerConfig, OnlineLearner
 from stream_learner.learn.session import apply_drift_policy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_foundation import machine_info  # noqa: E402
+from bench_foundation import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quality.json"
 MODEL = "bench"
@@ -168,7 +168,7 @@ def make_stream(name: str, n: int, at: int, seed: int) -> Stream:
 def to_events(stream: Stream, unlabeled: Sequence[bool] | None = None) -> list[ExampleEvent]:
     """The stream as joined examples (done once, before any clock starts)."""
     k = len(stream.classes)
-    served = {c: 1.0 / k for c in stream.classes}  # a dummy served prediction
+    served = dict.fromkeys(stream.classes, 1.0 / k)  # a dummy served prediction
     out = []
     for i, (x, y) in enumerate(zip(stream.xs, stream.labels)):
         kind = "unlabeled" if unlabeled is not None and unlabeled[i] else "labeled"

@@ -24,7 +24,6 @@ stream_learner.checkpoint.errors.CheckpointError: not safetensors data: 5 bytes,
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from typing import Any

@@ -205,7 +205,8 @@ def record_header(record: Any, name: str) -> bytes | None:
     """The value of header ``name`` of a consumed record, or None."""
     for key, value in record.headers or ():
         if key == name:
-            return value
+            found: bytes | None = value
+            return found
     return None
 
 
@@ -264,7 +265,7 @@ class _Reader:
         older than it (by record timestamp): nothing further back is newer.
         """
         cursor = {tp: self.end[tp] for tp in self.tps}
-        size = {tp: 1 for tp in self.tps}
+        size = dict.fromkeys(self.tps, 1)
         active = [tp for tp in self.tps if self.end[tp] > self.begin[tp]]
         found: dict[TopicPartition, tuple[Any, dict[int, Any]]] = {}
         while active:

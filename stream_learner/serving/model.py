@@ -156,7 +156,7 @@ def load_served_model(checkpoint: LoadedCheckpoint) -> ServedModel:
     spec = _spec_from_manifest(manifest)
     try:
         network = build_model(spec)
-    except Exception as exc:  # noqa: BLE001 - a user factory may raise anything; the model is refused
+    except Exception as exc:
         raise ModelLoadError(f"{what}: cannot build architecture {spec.kind!r}: {exc}") from exc
     tensors = checkpoint.tensors
     weights = _strict_weights(network, tensors, what)
@@ -245,12 +245,12 @@ def _check_statistics(tensors: Mapping[str, torch.Tensor], n: int, what: str) ->
 
 def _smoke(served: ServedModel, what: str) -> None:
     """Two all-missing rows through the whole path: the shape and finite values, or refuse."""
-    rows: list[dict[str, float | None]] = [{}, {name: None for name in served.spec.features}]
+    rows: list[dict[str, float | None]] = [{}, dict.fromkeys(served.spec.features)]
     predictor = served.predictor
     try:
         out = predictor.forward(predictor.featurize(rows))
         answers = predictor.answers(out)
-    except Exception as exc:  # noqa: BLE001 - whatever the module raises, it cannot serve
+    except Exception as exc:
         raise ModelLoadError(f"{what}: smoke prediction raised {type(exc).__name__}: {exc}", "smoke") from exc
     if tuple(out.shape) != (len(rows), served.spec.n_outputs):
         raise ModelLoadError(f"{what}: the model outputs shape {list(out.shape)} for {len(rows)} rows, "

@@ -225,7 +225,7 @@ def test_swaps_under_prediction_load_fail_no_request_and_mix_no_versions(setting
                 try:
                     model = sub.current
                     out.append((model.version, model.predict_one(ROW)))
-                except BaseException as exc:  # noqa: BLE001 - any failure is the test's finding
+                except BaseException as exc:
                     errors.append(exc)
 
         threads = [threading.Thread(target=load, args=(a,)) for a in answers]
