@@ -364,7 +364,7 @@ def machine_info() -> dict[str, Any]:
         "crc32c_importable": has_crc32c,
         "cpu_count": os.cpu_count(),
         "loadavg_at_start": list(os.getloadavg()),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
 
 

@@ -51,11 +51,11 @@ from stream_learner.bus import make_consumer, make_producer
 from stream_learner.checkpoint import encode_tensors, generate_keypair, load_private_key, load_public_key
 from stream_learner.checkpoint.publish import publish_checkpoint, weights_info
 from stream_learner.config import Settings
-from stream_learner.tools.demo import DemoConfig, run_demo
 from stream_learner.events import CheckpointManifest
 from stream_learner.learn.models import ModelSpec, build_model
 from stream_learner.local import LocalServers
 from stream_learner.serving import CheckpointSubscriber
+from stream_learner.tools.demo import DemoConfig, run_demo
 
 RESULTS = Path(__file__).parent / "results" / "freshness.json"
 SPEC = ModelSpec(kind="mlp", task="binary", features=[f"f{i}" for i in range(256)], classes=["0", "1"],

@@ -110,7 +110,7 @@ from stream_learner.logging import configure_logging
 from stream_learner.redis_conn import redis_options
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_foundation import machine_info  # noqa: E402
+from bench_foundation import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results" / "joiner.json"
 N_FEATURES = 16

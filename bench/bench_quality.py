@@ -28,7 +28,7 @@ Models, each on the same stream:
 
 * ours  -- ``OnlineLearner`` (MLP and logistic regression) configured from
            the product defaults (``learner_config(Settings(...))``), with the
-           default drift detectors and policy (``drift_from_settings``) ON,
+           default drift detectors and policy (``stream_learner.drift.from_settings``) ON,
            and with drift detection OFF; and the bench's ``tuned``
            configuration (:data:`TUNED`, the findings in bench/README.md);
 * River -- ``StandardScaler() | LogisticRegression()`` (all three streams
@@ -98,15 +98,15 @@ from river import datasets, linear_model, preprocessing, tree
 from river.datasets import synth
 
 from stream_learner.config import Settings
-from stream_learner.drift import DriftPolicy
+from stream_learner.drift import DriftPolicy, from_settings
 from stream_learner.events import ExampleEvent
 from stream_learner.join.examples import example_id
+from stream_learner.learn.build import learner_config
 from stream_learner.learn.learner import LearnerConfig, OnlineLearner
-from stream_learner.learn.build import drift_from_settings, learner_config
 from stream_learner.learn.session import apply_drift_policy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_foundation import machine_info  # noqa: E402
+from bench_foundation import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quality.json"
 MODEL = "bench"
@@ -168,7 +168,7 @@ def make_stream(name: str, n: int, at: int, seed: int) -> Stream:
 def to_events(stream: Stream, unlabeled: Sequence[bool] | None = None) -> list[ExampleEvent]:
     """The stream as joined examples (done once, before any clock starts)."""
     k = len(stream.classes)
-    served = {c: 1.0 / k for c in stream.classes}  # a dummy served prediction
+    served = dict.fromkeys(stream.classes, 1.0 / k)  # a dummy served prediction
     out = []
     for i, (x, y) in enumerate(zip(stream.xs, stream.labels)):
         kind = "unlabeled" if unlabeled is not None and unlabeled[i] else "labeled"
@@ -262,7 +262,7 @@ def build_ours(stream: Stream, o: Ours) -> tuple[OnlineLearner, DriftPolicy, int
     if o.spike_factor is not None:
         # Settings refuse a disabled guard (> 1 required, any finite value); the config takes any number.
         config = dataclasses.replace(config, spike_factor=o.spike_factor)
-    monitor, policy = drift_from_settings(settings)
+    monitor, policy = from_settings(settings)
     return OnlineLearner(config, drift=monitor), policy, settings.trainer_batch_size, config
 
 

@@ -64,9 +64,9 @@ from stream_learner.logging import configure_logging
 from stream_learner.replay import Replay, ReplayPlan
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_foundation import machine_info  # noqa: E402
-from bench_joiner import N_FEATURES, WINDOW_MS, event_stream, produce_stream  # noqa: E402
-from bench_trainer import code_version  # noqa: E402
+from bench_foundation import machine_info
+from bench_joiner import N_FEATURES, WINDOW_MS, event_stream, produce_stream
+from bench_trainer import code_version
 
 RESULTS = Path(__file__).resolve().parent / "results" / "replay.json"
 

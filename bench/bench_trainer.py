@@ -123,20 +123,20 @@ import torch
 from kafka import KafkaAdminClient, TopicPartition
 from kafka.admin import NewTopic
 
+import stream_learner.learn.session as session_module
 from stream_learner.bus import kafka_options, make_consumer, make_producer
 from stream_learner.checkpoint.signing import generate_keypair
 from stream_learner.config import Settings
 from stream_learner.events import EXAMPLE, ExampleEvent, Source, encode
 from stream_learner.join.examples import example_id
-from stream_learner.learn.learner import OnlineLearner
-import stream_learner.learn.session as session_module
 from stream_learner.learn.build import build_learner, learner_config
+from stream_learner.learn.learner import OnlineLearner
 from stream_learner.learn.trainer import Trainer
 from stream_learner.local import LocalServers
 from stream_learner.logging import configure_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_foundation import machine_info  # noqa: E402
+from bench_foundation import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results" / "trainer.json"
 N_FEATURES = 16
@@ -158,7 +158,7 @@ TORCH_DEFAULT_THREADS = torch.get_num_threads()
 #: Whether the trainer sets torch's thread count from its settings (``trainer_torch_threads``);
 #: without that setting it runs with torch's own default.
 HAS_THREADS_SETTING = "trainer_torch_threads" in Settings.__struct_fields__
-PRODUCT_DEFAULT_THREADS: int = (getattr(Settings(), "trainer_torch_threads") if HAS_THREADS_SETTING
+PRODUCT_DEFAULT_THREADS: int = (Settings().trainer_torch_threads if HAS_THREADS_SETTING
                                 else TORCH_DEFAULT_THREADS)
 
 

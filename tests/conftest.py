@@ -12,7 +12,6 @@ from pathlib import Path
 
 import msgspec
 import pytest
-
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from stream_learner.bus import ensure_topics

@@ -8,7 +8,14 @@ import msgspec
 import pytest
 from kafka import TopicPartition
 
-from stream_learner.bus import H_ERROR_FIELD, H_ERROR_KIND, H_SOURCE_OFFSET, H_SOURCE_TOPIC, make_consumer, make_producer
+from stream_learner.bus import (
+    H_ERROR_FIELD,
+    H_ERROR_KIND,
+    H_SOURCE_OFFSET,
+    H_SOURCE_TOPIC,
+    make_consumer,
+    make_producer,
+)
 from stream_learner.config import Settings
 from stream_learner.errors import EventError
 from stream_learner.events import LABEL, PREDICTION, Codec, PredictionEvent

@@ -33,11 +33,13 @@ def test_config_prints_effective_settings_masked(capsys: pytest.CaptureFixture[s
     assert shown["redis_password"] == "***"
 
 
+@pytest.mark.slow
 def test_console_script_is_installed() -> None:
     out = subprocess.run([sys.executable, "-m", "stream_learner.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "demo" in out.stdout and "local" in out.stdout
 
 
+@pytest.mark.slow
 def test_local_up_and_down(tmp_path) -> None:
     state = tmp_path / "local.json"
     up = subprocess.run([sys.executable, "-m", "stream_learner.cli", "local", "up", "--state-file", str(state)],
@@ -54,6 +56,7 @@ def test_local_up_and_down(tmp_path) -> None:
     assert not state.exists()
 
 
+@pytest.mark.slow
 def test_smoke_counts_end_to_end() -> None:
     out = subprocess.run([sys.executable, "-m", "stream_learner.cli", "smoke", "--events", "2000"],
                          capture_output=True, text=True, timeout=180)

@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
+
+@pytest.mark.slow
 def test_demo_serves_learns_detects_the_drift_and_accounts_for_every_event(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "stream_learner.cli", "demo", "--seconds", "20", "--rate", "300",
                           "--quiet", "--out", str(tmp_path)], capture_output=True, text=True, timeout=240)

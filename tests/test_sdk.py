@@ -16,6 +16,7 @@ from stream_learner.tools.smoke import decode_topics
 N = 100_000
 
 
+@pytest.mark.slow
 def test_round_trip_100k_events_zero_loss(settings: Settings) -> None:
     metrics = Metrics()
     ids: list[str] = []
@@ -52,6 +53,7 @@ def unreachable() -> Settings:
     return Settings(bootstrap_servers=f"127.0.0.1:{free_port()}")
 
 
+@pytest.mark.slow
 def test_starts_without_a_broker_then_drops_when_full_without_blocking() -> None:
     start = time.monotonic()
     sdk = PredictionLogger(settings=unreachable(), model="m", model_version="1", buffer_bytes=1000)

@@ -20,7 +20,6 @@ from typing import Protocol
 
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 from kafka import KafkaProducer
 
 from ..bus import make_producer

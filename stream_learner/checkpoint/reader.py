@@ -253,7 +253,8 @@ def record_header(record: Any, name: str) -> bytes | None:
     """The value of header ``name`` of a consumed record, or None."""
     for key, value in record.headers or ():
         if key == name:
-            return value
+            found: bytes | None = value
+            return found
     return None
 
 

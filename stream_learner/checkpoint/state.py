@@ -157,7 +157,7 @@ class RedisStateStore:
         self.client.set(self.key, encode_snapshot(snapshot))
         if self.wait_aof:
             try:
-                self.client.execute_command("WAITAOF", 1, 0, 0)
+                self.client.execute_command("WAITAOF", 1, 0, 0)  # type: ignore[no-untyped-call]
             except redis.ResponseError as exc:
                 log.warning("state_store_not_durable", key=self.key, reason=str(exc))
                 self.wait_aof = False

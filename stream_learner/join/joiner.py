@@ -57,7 +57,14 @@ from ..redis_conn import make_redis
 from ..util.backoff import Backoff
 from .examples import encode_example
 from .store import (
-    Emission, JoinInput, PartitionProgress, RedisJoinStore, StepResult, pack_label, pack_prediction, wall_ms,
+    Emission,
+    JoinInput,
+    PartitionProgress,
+    RedisJoinStore,
+    StepResult,
+    pack_label,
+    pack_prediction,
+    wall_ms,
 )
 
 log = structlog.get_logger(__name__)
@@ -383,8 +390,9 @@ class Joiner:
 
     def _commit(self, offsets: dict[TopicPartition, int], retry: bool = True) -> None:
         start = time.perf_counter()
-        commit = lambda: self.consumer.commit(  # noqa: E731
-            {tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()})
+        def commit() -> None:
+            self.consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()})
+
         try:
             if retry:
                 self._with_retry("kafka", commit)

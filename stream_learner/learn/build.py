@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from ..checkpoint.state import DirectoryStateStore, RedisStateStore, StateStore
 from ..config import Settings
-from ..drift import DriftMonitor, DriftPolicy
+from ..drift import DriftPolicy
+from ..drift import from_settings as drift_from_settings
 from ..errors import ConfigError
 from ..redis_conn import make_redis
 from .learner import LearnerConfig, OnlineLearner
@@ -40,17 +41,6 @@ def build_learner(settings: Settings) -> tuple[OnlineLearner, DriftPolicy]:
     """The learner the settings describe, with its drift detectors (if on), and the drift policy."""
     monitor, policy = drift_from_settings(settings)
     return OnlineLearner(learner_config(settings), drift=monitor), policy
-
-
-def drift_from_settings(settings: Settings) -> tuple[DriftMonitor | None, DriftPolicy]:
-    """The default detectors (if drift detection is on) and the configured policy."""
-    policy = DriftPolicy(
-        challenger_on_warning=settings.trainer_drift_challenger_on_warning,
-        on_drift=settings.trainer_drift_on_drift,
-        lr_boost_factor=settings.trainer_drift_lr_boost_factor,
-        lr_boost_steps=settings.trainer_drift_lr_boost_batches,
-    )
-    return (DriftMonitor.from_config(None) if settings.trainer_drift_enabled else None), policy
 
 
 def state_store(settings: Settings) -> StateStore:

@@ -60,7 +60,8 @@ class Predictor:
         """The network's raw output in eval mode, without autograd: logits, or standardized values."""
         set_training(self.network, False)
         with torch.no_grad():
-            return self.network(x)
+            out: torch.Tensor = self.network(x)
+        return out
 
     def probabilities(self, out: torch.Tensor) -> torch.Tensor:
         """Class probabilities (float64 softmax over the logits)."""

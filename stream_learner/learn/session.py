@@ -61,8 +61,16 @@ import torch
 
 from ..checkpoint.output import Output
 from ..checkpoint.state import Snapshot, StateStore
-from ..drift import Action, Checkpoint, DriftFinding, DriftPolicy, LrBoost, OptimizerReset, PromoteChallengerIfBetter, \
-    StartChallenger
+from ..drift import (
+    Action,
+    Checkpoint,
+    DriftFinding,
+    DriftPolicy,
+    LrBoost,
+    OptimizerReset,
+    PromoteChallengerIfBetter,
+    StartChallenger,
+)
 from ..errors import EventError
 from ..events import EXAMPLE, CheckpointManifest, Codec, ExampleEvent, Source, encode
 from .learner import ChunkResult, OnlineLearner
@@ -243,7 +251,7 @@ class LearningSession:
 
     # -- start ---------------------------------------------------------------------
 
-    def restore(self, *, snapshot: Snapshot | None | Literal["load"] = "load",
+    def restore(self, *, snapshot: Snapshot | Literal["load"] | None = "load",
                 legacy_topic: str = "") -> dict[str, Any] | None:
         """Load the saved state (``None`` if there is none: a fresh start); republish if lost.
 

@@ -21,8 +21,8 @@ from typing import Any
 
 from ..checkpoint.signing import load_private_key
 from ..config import Settings
-from .report import compare, live_manifests, to_markdown
 from .plan import ReplayPlan
+from .report import compare, live_manifests, to_markdown
 from .runner import Replay
 
 

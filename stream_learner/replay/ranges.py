@@ -261,7 +261,7 @@ def _scan(consumer: KafkaConsumer, tp: TopicPartition, time_ms: int, lo: int, hi
             if record.offset >= hi:
                 return hi
             if record.timestamp >= time_ms:
-                return record.offset
+                return int(record.offset)
     if consumer.position(tp) < hi:
         raise ReplayError(f"{tp_name(tp)}: stuck below the end {hi} while scanning timestamps")
     return hi

@@ -198,7 +198,7 @@ def load_served_model(checkpoint: LoadedCheckpoint, policy: BuildPolicy = DEFAUL
     try:
         with torch.device("meta"):  # shapes and counts only: nothing is allocated
             skeleton = build_model(spec)
-    except Exception as exc:  # noqa: BLE001 - an allowed factory may raise anything; the model is refused
+    except Exception as exc:  # an allowed factory may raise anything; the model is refused
         raise ModelLoadError(f"{what}: cannot build architecture {spec.kind!r}: {exc}") from exc
     if not isinstance(skeleton, nn.Module):
         raise ModelLoadError(f"{what}: architecture {spec.kind!r} did not build an nn.Module")
@@ -316,12 +316,12 @@ def _check_statistics(tensors: Mapping[str, torch.Tensor], n: int, what: str) ->
 
 def _smoke(served: ServedModel, what: str) -> None:
     """Two all-missing rows through the whole path: the shape and finite values, or refuse."""
-    rows: list[dict[str, float | None]] = [{}, {name: None for name in served.spec.features}]
+    rows: list[dict[str, float | None]] = [{}, dict.fromkeys(served.spec.features)]
     predictor = served.predictor
     try:
         out = predictor.forward(predictor.featurize(rows))
         answers = predictor.answers(out)
-    except Exception as exc:  # noqa: BLE001 - whatever the module raises, it cannot serve
+    except Exception as exc:
         raise ModelLoadError(f"{what}: smoke prediction raised {type(exc).__name__}: {exc}", "smoke") from exc
     if tuple(out.shape) != (len(rows), served.spec.n_outputs):
         raise ModelLoadError(f"{what}: the model outputs shape {list(out.shape)} for {len(rows)} rows, "

@@ -188,7 +188,7 @@ class _Handler(BaseHTTPRequestHandler):
     # the client's delayed ACK (40 ms a request).
     disable_nagle_algorithm = True
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
+    def log_message(self, format: str, *args: Any) -> None:
         pass  # per-request access logs would dominate the cost; metrics count requests
 
     def _reply(self, status: int, body: Mapping[str, Any] | bytes, content_type: str = "application/json") -> None:
@@ -199,7 +199,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+    def do_GET(self) -> None:
         node = self.node
         if self.path == "/health":
             served = node.current
@@ -214,7 +214,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._reply(HTTPStatus.NOT_FOUND, {"error": f"no such path {self.path}"})
 
-    def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+    def do_POST(self) -> None:
         if self.path != "/predict":
             self._reply(HTTPStatus.NOT_FOUND, {"error": f"no such path {self.path}"})
             return
@@ -239,7 +239,7 @@ class _Handler(BaseHTTPRequestHandler):
         except LookupError as exc:
             self._reply(HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(exc)})
             return
-        except Exception as exc:  # noqa: BLE001 - ours, not the caller's: answer 500, keep serving
+        except Exception as exc:
             log.exception("serving_predict_failed")
             self._reply(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(exc).__name__}: {exc}"})
             return

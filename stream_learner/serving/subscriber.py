@@ -332,7 +332,7 @@ class CheckpointSubscriber:
         if self.on_swap is not None:
             try:
                 self.on_swap(new, old)
-            except Exception:  # noqa: BLE001 - a callback must not stop the subscriber
+            except Exception:
                 log.exception("on_swap_failed", model=self.model, version=new.version)
         # After the callback: start() returns once the first swap is fully handled.
         self._first.set()

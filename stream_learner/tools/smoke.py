@@ -52,7 +52,7 @@ def decode_topics(
     Valid records are decoded and counted; invalid ones go to the dead-letter
     topic. Offsets are committed only after the dead letters are acknowledged.
     """
-    codecs: dict[str, tuple[str, Codec]] = {
+    codecs: dict[str, tuple[str, Codec[Any]]] = {
         settings.topic_predictions: ("prediction", Codec(PREDICTION.event_type, settings.max_event_bytes)),
         settings.topic_labels: ("label", Codec(LABEL.event_type, settings.max_event_bytes)),
     }

@@ -169,6 +169,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_a_writer_killed_at_any_moment_leaves_a_whole_snapshot(tmp_path: Path) -> None:
     # A real SIGKILL at a random moment. Probabilistic: a writer that wrote the
     # state file in place was caught tearing it in 20-60% of such kills.

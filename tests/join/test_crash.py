@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 import redis
 from kafka import KafkaConsumer, TopicPartition
 
@@ -182,6 +183,7 @@ def stop(proc: subprocess.Popen[bytes], sig: int) -> None:
         proc.wait(10)
 
 
+@pytest.mark.slow
 def test_joiner_sigkilled_at_random_loses_nothing_and_invents_nothing(
     settings: Settings, tmp_path: Path,
 ) -> None:

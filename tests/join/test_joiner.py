@@ -60,6 +60,7 @@ def test_label_within_window_is_labeled_with_lineage(jsettings: Settings) -> Non
     assert x.example_id == example_id("labeled", "p-1", "l-1")
 
 
+@pytest.mark.slow
 def test_early_label_waits_for_its_prediction(jsettings: Settings) -> None:
     with RunningJoiner(jsettings) as joiner:
         produce(jsettings, [label(2, T0 + 500)])
@@ -69,6 +70,7 @@ def test_early_label_waits_for_its_prediction(jsettings: Settings) -> None:
     assert set(examples) == {("req-2", "labeled")}
 
 
+@pytest.mark.slow
 def test_missing_label_becomes_unlabeled_when_the_watermark_passes(jsettings: Settings) -> None:
     produce(jsettings, [prediction(3, T0)])
     advance_all(jsettings, T0 + W - 1)  # not yet past the deadline
@@ -81,6 +83,7 @@ def test_missing_label_becomes_unlabeled_when_the_watermark_passes(jsettings: Se
     assert x.label is None and x.label_event_id is None and x.label_source is None
 
 
+@pytest.mark.slow
 def test_late_label_after_window_closed(jsettings: Settings) -> None:
     produce(jsettings, [prediction(4, T0)])
     advance_all(jsettings, T0 + W + 1)
@@ -92,6 +95,7 @@ def test_late_label_after_window_closed(jsettings: Settings) -> None:
     assert examples[("req-4", "late")].label == "b"
 
 
+@pytest.mark.slow
 def test_label_past_deadline_in_event_time_gives_unlabeled_then_late(jsettings: Settings) -> None:
     # The window has not closed in the joiner yet, but in event time the label is late:
     # the examples are the same as if it had arrived after the window closed.
@@ -101,6 +105,7 @@ def test_label_past_deadline_in_event_time_gives_unlabeled_then_late(jsettings: 
     assert set(examples) == {("req-5", "unlabeled"), ("req-5", "late")}
 
 
+@pytest.mark.slow
 def test_duplicated_events_have_no_second_effect(jsettings: Settings) -> None:
     events = [prediction(6, T0), label(6, T0 + 10)]
     produce(jsettings, events + events + [prediction(6, T0 + 1, event_id="p-6-retry")])
@@ -110,6 +115,7 @@ def test_duplicated_events_have_no_second_effect(jsettings: Settings) -> None:
     assert [(x.request_id, x.kind, x.prediction_event_id) for x in examples] == [("req-6", "labeled", "p-6")]
 
 
+@pytest.mark.slow
 def test_orphan_label_is_dropped_after_retention(jsettings: Settings) -> None:
     produce(jsettings, [label(7, T0)])
     with RunningJoiner(jsettings) as joiner:
@@ -141,6 +147,7 @@ def test_bad_events_go_to_the_dead_letter_topic_and_the_joiner_goes_on(jsettings
     assert kinds == {jsettings.topic_predictions: b"malformed_json", jsettings.topic_labels: b"missing_field"}
 
 
+@pytest.mark.slow
 def test_metrics_count_what_the_joiner_did(jsettings: Settings) -> None:
     produce(jsettings, [prediction(9, T0), label(9, T0 + 1)])
     advance_all(jsettings, T0 + 2)
@@ -153,6 +160,7 @@ def test_metrics_count_what_the_joiner_did(jsettings: Settings) -> None:
     assert sample("stream_learner_joiner_watermark_lag_seconds") > 0
 
 
+@pytest.mark.slow
 def test_two_joiner_processes_in_one_group(jsettings: Settings, tmp_path) -> None:
     n = 3000
     events = []
@@ -181,6 +189,7 @@ def test_two_joiner_processes_in_one_group(jsettings: Settings, tmp_path) -> Non
     assert len(stopped) == 2
 
 
+@pytest.mark.slow
 def test_events_from_librdkafka_join(jsettings: Settings) -> None:
     confluent_kafka = pytest.importorskip("confluent_kafka")
     producer = confluent_kafka.Producer({"bootstrap.servers": jsettings.bootstrap_servers,
@@ -200,6 +209,7 @@ def test_events_from_librdkafka_join(jsettings: Settings) -> None:
     assert {(x.request_id, x.kind, x.label) for x in examples} == {(f"c-{i}", "labeled", 1.0) for i in range(n)}
 
 
+@pytest.mark.slow
 def test_when_traffic_stops_idle_inputs_let_wall_clock_close_windows(jsettings: Settings) -> None:
     idle = msgspec.structs.replace(jsettings, joiner_idle_advance=True, joiner_idle_timeout_ms=500,
                                    joiner_window_ms=500)
@@ -211,6 +221,7 @@ def test_when_traffic_stops_idle_inputs_let_wall_clock_close_windows(jsettings: 
     assert set(examples) == {("req-10", "unlabeled")}
 
 
+@pytest.mark.slow
 def test_without_idle_advance_silence_keeps_windows_open(jsettings: Settings) -> None:
     quiet = msgspec.structs.replace(jsettings, joiner_idle_advance=False, joiner_idle_timeout_ms=500,
                                     joiner_window_ms=500)

@@ -65,6 +65,7 @@ def stop_valkey(servers: LocalServers, how: str) -> None:
     servers.redis = None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["sigterm", "sigkill"])
 def test_valkey_restart_mid_stream_loses_nothing(settings: Settings, servers: LocalServers, how: str) -> None:
     started = time.monotonic()

@@ -21,7 +21,12 @@ from stream_learner.config import Settings
 from stream_learner.events import ExampleEvent, LabelEvent, PredictionEvent, Source, encode
 from stream_learner.join.examples import build_example, encode_example, example_id
 from stream_learner.join.store import (
-    JoinInput, PartitionProgress, RedisJoinStore, StepResult, pack_label, pack_prediction,
+    JoinInput,
+    PartitionProgress,
+    RedisJoinStore,
+    StepResult,
+    pack_label,
+    pack_prediction,
 )
 from stream_learner.local import LocalServers
 
@@ -196,6 +201,7 @@ def random_stream(rng: random.Random, n: int) -> list[PredictionEvent | LabelEve
     return stream
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_random_batches_follow_the_reference_semantics(store_settings: Settings, client: redis.Redis,
                                                        seed: int) -> None:

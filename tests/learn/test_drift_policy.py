@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import msgspec
 import pytest
+
 from stream_learner.config import Settings
 from stream_learner.drift import DriftFinding, Signal
 from stream_learner.events import DRIFT
@@ -32,6 +33,7 @@ def drift_events(settings: Settings) -> list:
     return [DRIFT.decode(r.value) for r in read_topic(settings, settings.topic_drift)]
 
 
+@pytest.mark.slow
 def test_abrupt_drift_is_detected_and_announced(tsettings: Settings) -> None:
     trainer = run(tsettings, trainer_drift_on_drift=["checkpoint"])
     drifts = [e for e in drift_events(tsettings) if e.kind == "drift"]

@@ -30,7 +30,7 @@ def poisoned_records() -> tuple[list[bytes], int, int]:
             for j, flipped in enumerate(agrawal_examples(64, seed=12)):
                 # A whole batch far outside the data (every feature at the
                 # clip) with alternating labels: the loss spikes.
-                extreme = {k: (1e8 if j % 2 else -1e8) for k in flipped.features}
+                extreme = dict.fromkeys(flipped.features, 100000000.0 if j % 2 else -100000000.0)
                 records.append(encode(msgspec.structs.replace(
                     flipped, features=extreme, label=str(j % 2), example_id="flip-" + flipped.example_id)))
         raw = encode(ex)

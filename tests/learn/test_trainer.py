@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-
-
 from stream_learner.bus import make_producer
 from stream_learner.checkpoint.reader import read_latest
 from stream_learner.checkpoint.signing import load_public_key

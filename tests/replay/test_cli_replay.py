@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import msgspec
+import pytest
 
 from stream_learner.config import Settings
 
@@ -27,6 +28,7 @@ def wait_for_checkpoints(proc: subprocess.Popen[bytes], log_path: Path, n: int, 
         time.sleep(0.01)
 
 
+@pytest.mark.slow
 def test_sigint_then_the_same_command_resumes_to_the_uninterrupted_result(rsettings: Settings,
                                                                          tmp_path: Path) -> None:
     s = msgspec.structs.replace(rsettings, trainer_checkpoint_every_examples=1000, log_format="json")
@@ -62,6 +64,7 @@ def test_sigint_then_the_same_command_resumes_to_the_uninterrupted_result(rsetti
     assert (Path(s.replay_state_dir) / "cli" / "report.json").exists()
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_the_same_command_ends_with_the_uninterrupted_versions(rsettings: Settings,
                                                                                    tmp_path: Path) -> None:
     """A kill -9 leaves the state of the last checkpoint (saved before its publish) and Redis keys

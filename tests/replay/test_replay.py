@@ -8,6 +8,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from stream_learner.checkpoint.output import DirectoryOutput
 from stream_learner.checkpoint.reader import read_latest
 from stream_learner.checkpoint.signing import load_public_key, verify_manifest
 from stream_learner.config import Settings
@@ -15,7 +16,6 @@ from stream_learner.errors import ConfigError
 from stream_learner.events import ExampleEvent
 from stream_learner.learn.trainer import Trainer
 from stream_learner.replay import Replay, ReplayPlan
-from stream_learner.checkpoint.output import DirectoryOutput
 from stream_learner.replay.report import compare, live_manifests
 
 from ..join.helpers import RunningJoiner, read_examples, wait_until
@@ -94,6 +94,7 @@ def test_examples_replay_equals_the_live_trainer_bit_for_bit(rsettings: Settings
     assert all(v["replay"] == v["live"] for v in report["metrics"].values())
 
 
+@pytest.mark.slow
 def test_events_replay_joins_what_the_live_joiner_joined(rsettings: Settings, events) -> None:
     """Over a closed range with no crash, the replay's examples are the live joiner's, id for id and kind
     for kind (the live joiner's windows left open at the end stay open in the replay too)."""

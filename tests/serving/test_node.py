@@ -150,6 +150,7 @@ def test_without_a_model_the_node_answers_503(settings: Settings, keypair: Any) 
         sub.stop()
 
 
+@pytest.mark.slow
 def test_the_serve_command_runs_a_node_until_sigterm(node_settings: Settings, producer: Any, keypair: Any,
                                                       tmp_path: Path) -> None:
     pub = tmp_path / "signing.pub.pem"
@@ -177,6 +178,7 @@ def test_the_serve_command_runs_a_node_until_sigterm(node_settings: Settings, pr
     assert proc.returncode in (0, 130), out[-2000:]
 
 
+@pytest.mark.slow
 def test_serve_without_public_keys_is_a_configuration_error(settings: Settings) -> None:
     out = subprocess.run([sys.executable, "-m", "stream_learner.cli", "serve"], env=settings_env(settings),
                          capture_output=True, text=True, timeout=60)
@@ -184,8 +186,8 @@ def test_serve_without_public_keys_is_a_configuration_error(settings: Settings) 
 
 
 def test_cold_start_is_the_trainers_untrained_model(node_settings: Settings) -> None:
-    from stream_learner.learn.learner import OnlineLearner
     from stream_learner.learn.build import learner_config
+    from stream_learner.learn.learner import OnlineLearner
 
     served = cold_start_model(node_settings)
     config = learner_config(node_settings)

@@ -12,10 +12,10 @@ import torch
 
 from stream_learner.checkpoint import LoadedCheckpoint, decode_tensors, encode_tensors
 from stream_learner.learn.learner import LearnerConfig, OnlineLearner
-from stream_learner.learn.models import ModelSpec
 from stream_learner.learn.manifest import servable_weights
-from stream_learner.serving.model import BuildPolicy
+from stream_learner.learn.models import ModelSpec
 from stream_learner.serving import ModelLoadError, load_served_model
+from stream_learner.serving.model import BuildPolicy
 
 from ..learn.streams import AGRAWAL_FEATURES, agrawal_examples
 from .conftest import SPEC, identifiable, manifest

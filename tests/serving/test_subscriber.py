@@ -167,6 +167,7 @@ def test_a_pinned_version_in_the_settings_is_served_at_start(settings: Settings,
         assert sub.version == 3
 
 
+@pytest.mark.slow
 def test_start_raises_when_no_checkpoint_arrives_and_then_a_late_first_version_is_served(
         settings: Settings, producer, keypair) -> None:
     sub = subscriber(settings, keypair)
@@ -179,6 +180,7 @@ def test_start_raises_when_no_checkpoint_arrives_and_then_a_late_first_version_i
         wait_for(lambda: sub.version == 1, what="the first version, published after start")
 
 
+@pytest.mark.slow
 def test_a_failing_callback_and_an_unreachable_broker_do_not_kill_the_thread(settings: Settings, producer,
                                                                                keypair) -> None:
     publish(producer, settings.topic_models, keypair[0], 1)
@@ -223,7 +225,7 @@ def test_swaps_under_prediction_load_fail_no_request_and_mix_no_versions(setting
                 try:
                     model = sub.current
                     out.append((model.version, model.predict_one(ROW)))
-                except BaseException as exc:  # noqa: BLE001 - any failure is the test's finding
+                except BaseException as exc:
                     errors.append(exc)
 
         threads = [threading.Thread(target=load, args=(a,)) for a in answers]
