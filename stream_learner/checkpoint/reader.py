@@ -164,6 +164,7 @@ def read_latest(
     model: str | None = None,
     *,
     timeout_s: float = 60.0,
+    limits: LoadLimits | None = None,
 ) -> LoadedCheckpoint:
     """The newest checkpoint of ``model`` (of any model if ``None``), verified and loaded.
 
@@ -172,7 +173,7 @@ def read_latest(
     :class:`CheckpointNotFoundError` if the topic holds no manifest for the
     model, and the errors listed in the module docstring.
     """
-    return _read(source, topic, public_key, model, None, timeout_s)
+    return _read(source, topic, public_key, model, None, timeout_s, limits)
 
 
 def read_version(
@@ -183,15 +184,16 @@ def read_version(
     model: str | None = None,
     *,
     timeout_s: float = 60.0,
+    limits: LoadLimits | None = None,
 ) -> LoadedCheckpoint:
-    """Checkpoint ``version`` of ``model``, verified and loaded.
+    """Checkpoint ``version`` of ``model``, verified and loaded (``limits``: see :class:`LoadLimits`).
 
     Scans backwards from the end until that version's newest manifest; the
     cost grows with how far back it is. Raises
     :class:`CheckpointNotFoundError` if it is not on the topic (never
     published, or deleted by retention).
     """
-    return _read(source, topic, public_key, model, version, timeout_s)
+    return _read(source, topic, public_key, model, version, timeout_s, limits)
 
 
 def load_manifest_record(
@@ -238,15 +240,16 @@ def _read(
     model: str | None,
     version: int | None,
     timeout_s: float,
+    limits: LoadLimits | None = None,
 ) -> LoadedCheckpoint:
     keys = key_list(public_key)
     if isinstance(source, Settings):
         consumer = make_reader_consumer(source)
         try:
-            return _Reader(consumer, topic, time.monotonic() + timeout_s).load(keys, model, version)
+            return _Reader(consumer, topic, time.monotonic() + timeout_s).load(keys, model, version, limits)
         finally:
             consumer.close()
-    return _Reader(source, topic, time.monotonic() + timeout_s).load(keys, model, version)
+    return _Reader(source, topic, time.monotonic() + timeout_s).load(keys, model, version, limits)
 
 
 def record_header(record: Any, name: str) -> bytes | None:
@@ -395,7 +398,8 @@ class _Reader:
                     active.remove(tp)
         return list(found.values())
 
-    def load(self, keys: list[Ed25519PublicKey], model: str | None, version: int | None) -> LoadedCheckpoint:
+    def load(self, keys: list[Ed25519PublicKey], model: str | None, version: int | None,
+             limits: LoadLimits | None = None) -> LoadedCheckpoint:
         model_b = model.encode() if model is not None else None
         version_b = str(version).encode() if version is not None else None
 
@@ -414,7 +418,7 @@ class _Reader:
             raise CheckpointNotFoundError(f"no manifest for {what} on topic {self.topic!r}")
         candidates = [self.verified(record, window, keys) for record, window in hits]
         best = max(candidates, key=lambda c: (c.manifest.created_at, c.manifest.version, -c.record.partition))
-        tensors, metadata = self.weights(best)
+        tensors, metadata = self.weights(best, limits)
         return LoadedCheckpoint(
             manifest=best.manifest, tensors=tensors, metadata=metadata,
             topic=self.topic, partition=best.record.partition, offset=best.record.offset,
@@ -572,6 +576,7 @@ class _PartitionScan:
     confirm_at: int = 0  # best is confirmed once the cursor is at or below its first chunk's offset
     done: bool = False
     avg_bytes: float = 1024.0  # of the records read, to size the next window in records
+    size: int = 1  # records in the next window: doubles, as read_latest's, up to the bytes allowed
     kept: dict[int, Any] = field(default_factory=dict)  # best's chunks read on the way, by offset
     kept_bytes: int = 0
     needed: set[int] = field(default_factory=set)  # best's chunk offsets
@@ -720,7 +725,8 @@ class LatestScan:
 
     def _window(self, reader: _Reader, part: _PartitionScan) -> None:
         """Read one window back from the cursor and handle its records, newest first."""
-        size = max(1, min(MAX_SCAN_WINDOW, int(self.limits.window_bytes / max(part.avg_bytes, 1.0))))
+        size = max(1, min(part.size, MAX_SCAN_WINDOW, int(self.limits.window_bytes / max(part.avg_bytes, 1.0))))
+        part.size = size * 2
         hi = part.cursor
         lo = max(part.begin, hi - size)
         records = reader.read_range(part.tp, lo, hi)

@@ -66,9 +66,10 @@ def test_catch_up_after_50_versions_reads_the_newest_only_then_follows_forward(s
         assert catch_up["records"] <= per_version + 2 * (per_version + 1), catch_up
         assert catch_up["cpu_seconds"] < 1.0, catch_up
         assert status["records_followed"] == 0
-        # The follower starts just after v50's manifest, not at the beginning.
+        # The follower starts at the end the start scan read back from, not at the beginning
+        # (the scan read the rest of v50's neighbourhood, the other model's last version).
         tp = TopicPartition(topic, 0)
-        assert sub._clients.follower.position(tp) == sub.current.offset + 1 > end - 2 * per_version
+        assert sub._clients.follower.position(tp) == end > sub.current.offset > end - 2 * per_version
 
         signed51 = publish(producer, topic, keypair[0], 51)
         step_until(sub, lambda: sub.version == 51, what="v51")
@@ -359,15 +360,18 @@ def test_the_pickle_payload_is_live(tmp_path: Path) -> None:
     assert (tmp_path / "live").exists()
 
 
-def test_a_refused_newest_checkpoint_at_start_serves_nothing_older(settings: Settings, producer, keypair,
-                                                                   other_keypair) -> None:
+def test_a_forged_newest_manifest_at_start_is_passed_over_and_the_last_good_version_served(
+        settings: Settings, producer, keypair, other_keypair) -> None:
+    """Issue 18.1: a manifest the node cannot verify after the newest good one must not make a
+    restarting node serve nothing (it did: the start read stopped at the first manifest record)."""
     topic = settings.topic_models
     publish(producer, topic, keypair[0], 1)
     publish(producer, topic, other_keypair[0], 2)
     sub = subscriber(settings, keypair)
     try:
-        assert sub.poll_once() is False
-        assert sub.current is None and sub.status()["last_error"].startswith("signature:")
+        assert sub.poll_once() is True
+        assert sub.version == 1 and sub.status()["last_error"].startswith("signature:")
+        assert sub.status()["failures_by_reason"] == {"signature": 1}
         publish(producer, topic, keypair[0], 3)
         step_until(sub, lambda: sub.version == 3, what="v3")
     finally:
