@@ -54,6 +54,7 @@ from typing import Any
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import InvalidReceiveError
 
 from ..bus import make_consumer
 from ..config import Settings
@@ -291,7 +292,10 @@ def probe(prober: Any, tp: TopicPartition, position: int, hi: int, deadline: flo
             raise ReadTimeoutError(f"timed out probing {tp.topic}[{tp.partition}] at offset {position}")
         if now - last_progress >= stall_s:
             return out, position
-        batch = prober.poll(timeout_ms=int(min(deadline - now, 0.5) * 1000) + 1, max_records=1000)
+        try:
+            batch = prober.poll(timeout_ms=int(min(deadline - now, 0.5) * 1000) + 1, max_records=1000)
+        except InvalidReceiveError:
+            return out, position  # this batch alone is larger than the receive limit
         records = [r for r in batch.get(tp, ()) if position <= r.offset < hi]
         if records:
             out.extend(records)
@@ -357,8 +361,14 @@ class _Reader:
                 consumer.seek(tp, after)
                 last_progress = time.monotonic()
                 continue
-            batch = consumer.poll(timeout_ms=int(min(remaining, 1.0) * 1000) + 1,
-                                  max_records=max(1, hi - position))
+            try:
+                batch = consumer.poll(timeout_ms=int(min(remaining, 1.0) * 1000) + 1,
+                                      max_records=max(1, hi - position))
+            except InvalidReceiveError:
+                if self.prober is None:
+                    raise
+                last_progress = 0.0  # a response too large to receive: probe at once
+                continue
             records = [r for r in batch.get(tp, ()) if lo <= r.offset < hi]
             if records:
                 out.extend(records)
@@ -744,6 +754,9 @@ class LatestScan:
             if bound is not None and record.timestamp < bound and part.best is None:
                 part.done = True
                 return
+            if part.best is not None and record.offset < part.confirm_at:
+                part.done = True  # read back to its first chunk: confirmed; older records do not matter
+                return
             self._record(part, record, window)
             if part.done:
                 return
@@ -780,6 +793,8 @@ class LatestScan:
             return
         manifest = candidate.manifest
         self.highest_verified = max(self.highest_verified or 0, manifest.version)
+        if best is not None and manifest.version <= best.manifest.version:
+            return  # history below a newer candidate found later in the log
         if manifest.version < self.floor:
             self.refusals.append(Refusal(
                 "downgrade",
@@ -787,8 +802,6 @@ class LatestScan:
                                 f"{record.offset} is below v{self.floor}, the highest good version this node knows"),
                 record.partition, record.offset))
             return
-        if best is not None and manifest.version <= best.manifest.version:
-            return  # history below a newer candidate found later in the log
         # A newer version: the candidate now, confirmed once the scan reaches its first chunk.
         offsets = manifest.weights.chunk_offsets
         part.best = _Candidate(manifest, record, {})

@@ -58,6 +58,7 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from kafka import TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import InvalidReceiveError
 
 from ..checkpoint.errors import CheckpointError, CheckpointNotFoundError
 from ..checkpoint.publish import H_MODEL, H_TYPE, TYPE_CHUNK, TYPE_MANIFEST
@@ -249,7 +250,13 @@ class TopicFollower:
         swapped = self._scan_step() if self.scanning or self._deferred is not None else False
         if time.monotonic() >= self._next_refresh:
             self._refresh_partitions(follower)
-        batch = follower.poll(timeout_ms=self.options.poll_timeout_ms)
+        try:
+            batch = follower.poll(timeout_ms=self.options.poll_timeout_ms)
+        except InvalidReceiveError:
+            # A response too large to receive: some partition is stuck on a huge record.
+            self._last_progress = 0.0
+            self._progress = dict.fromkeys(self.positions, 0.0)
+            batch = {}
         read_at = time.monotonic()
         items = list(batch.items())
         for tp, _ in items:

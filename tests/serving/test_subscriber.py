@@ -315,6 +315,31 @@ def _non_finite(producer: Any, topic: str, keypair: Any, other: Any, tmp_path: P
     publish(producer, topic, keypair[0], 2, tensors=tensors)
 
 
+def _not_allowed(producer: Any, topic: str, keypair: Any, other: Any, tmp_path: Path) -> None:
+    # An insider with the key names code to run in the node (issue 18.6).
+    publish(producer, topic, keypair[0], 2, architecture={**SPEC.to_dict(), "kind": "torch.hub:load"})
+
+
+def _huge_widths(producer: Any, topic: str, keypair: Any, other: Any, tmp_path: Path) -> None:
+    publish(producer, topic, keypair[0], 2, architecture={**SPEC.to_dict(), "kind": "mlp", "hidden": [1 << 20] * 3})
+
+
+def _huge_header(producer: Any, topic: str, keypair: Any, other: Any, tmp_path: Path) -> None:
+    # A safetensors header of 8 MB naming 100,000 tensors (issue 17.7): refused on its first 8 bytes.
+    entries = b",".join(b'"t%d":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}' % i for i in range(100_000))
+    header = b"{" + entries + b"}"
+    header += b" " * (-len(header) % 8)
+    publish(producer, topic, keypair[0], 2, weights=len(header).to_bytes(8, "little") + header,
+            chunk_bytes=512 * 1024)
+
+
+def _negative_variance(producer: Any, topic: str, keypair: Any, other: Any, tmp_path: Path) -> None:
+    tensors = identifiable(2)
+    tensors["featurizer.count"] = torch.tensor([10.0, 10.0], dtype=torch.float64)
+    tensors["featurizer.m2"] = torch.tensor([4.0, -9.0], dtype=torch.float64)
+    publish(producer, topic, keypair[0], 2, tensors=tensors)
+
+
 REFUSALS = {
     "tampered chunk": (_tampered, "digest", "sha256"),
     "wrong key": (_wrong_key, "signature", "trusted keys"),
@@ -322,6 +347,10 @@ REFUSALS = {
     "pickle": (_pickle, "invalid", "not safetensors"),
     "architecture mismatch": (_architecture, "architecture", "weights lack"),
     "non-finite output": (_non_finite, "smoke", "not finite"),
+    "a factory not allowed": (_not_allowed, "not_allowed", "'torch.hub:load' is not allowed"),
+    "huge hidden widths": (_huge_widths, "limit", "parameters, the limit is"),
+    "a huge safetensors header": (_huge_header, "limit", "safetensors header of"),
+    "a negative variance": (_negative_variance, "state", "featurizer.m2 has negative values"),
 }
 
 
