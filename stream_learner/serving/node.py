@@ -108,7 +108,9 @@ class NodeLimits:
       none is idle;
     * ``max_inflight`` requests admitted at once, and their bodies at most
       ``4 * max_body_bytes`` together (checked on ``Content-Length``,
-      before a body is read); beyond: 503 with ``Retry-After``;
+      before a body is read); beyond: 503 with ``Retry-After``. Bodies of
+      up to :data:`LIGHT_BYTES` count apart (``max_inflight`` of them), so
+      large batches never shed a single request;
     * ``max_body_bytes`` a body (413), ``max_batch_values`` the work one
       request may ask for: the feature values of all its instances, and
       instances times the model's features (413);
@@ -176,8 +178,9 @@ class ServingNode:
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="serving-http", daemon=True)
         self._connections: dict[_Connection, None] = {}  # insertion order: the oldest first
-        self._inflight = 0
+        self._inflight = 0  # large bodies admitted (on the workers or waiting for one)
         self._inflight_bytes = 0
+        self._inflight_light = 0  # bodies of up to LIGHT_BYTES admitted
 
     @property
     def current(self) -> ServedModel | None:
@@ -239,7 +242,8 @@ class ServingNode:
         info: dict[str, Any] = {"status": dict(self.subscriber.status()),
                                 # A copy: the subscriber's thread appends while we read.
                                 "swaps": [{"version": v, "at": t} for v, t in list(self.swaps)],
-                                "http": {"connections": len(self._connections), "inflight": self._inflight}}
+                                "http": {"connections": len(self._connections),
+                                         "inflight": self._inflight + self._inflight_light}}
         if served is not None:
             m = served.manifest
             info.update(model=m.model, version=m.version, parent=m.parent, created_at=m.created_at,
@@ -302,6 +306,9 @@ class ServingNode:
             if idle is None:
                 return False
             self.telemetry.http_refused.labels(reason="evicted_idle").inc()
+            # Out of the count at once: its coroutine notices the close later.
+            self._connections.pop(idle, None)
+            idle.idle = False
             idle.close()
         self._connections[connection] = None
         self.telemetry.http_connections.set(len(self._connections))
@@ -381,15 +388,25 @@ class ServingNode:
             await self._write(writer, _response(status, {"error": f"a body of 0 to {limits.max_body_bytes} bytes "
                                                                   f"with its Content-Length"}, close=True), deadline)
             return False
-        # Admission before the body is read: what is buffered and decoded at once is bounded.
-        if self._inflight >= limits.max_inflight or self._inflight_bytes + length > 4 * limits.max_body_bytes:
+        # Admission before the body is read: what is buffered and decoded at once is bounded. Light
+        # requests have their own count, so that large batches never shed a single request.
+        light = length <= LIGHT_BYTES
+        if light:
+            overloaded = self._inflight_light >= limits.max_inflight
+        else:
+            overloaded = (self._inflight >= limits.max_inflight
+                          or self._inflight_bytes + length > 4 * limits.max_body_bytes)
+        if overloaded:
             self.telemetry.http_refused.labels(reason="overload").inc()
             await self._write(writer, _response(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "overloaded, retry"},
                                                 close=True, retry_after=1), deadline)
             return False
-        self._inflight += 1
-        self._inflight_bytes += length
-        self.telemetry.http_inflight.set(self._inflight)
+        if light:
+            self._inflight_light += 1
+        else:
+            self._inflight += 1
+            self._inflight_bytes += length
+        self.telemetry.http_inflight.set(self._inflight + self._inflight_light)
         try:
             try:
                 body = await asyncio.wait_for(reader.readexactly(length), max(0.0, deadline - time.monotonic()))
@@ -398,14 +415,17 @@ class ServingNode:
                 await self._write(writer, _response(HTTPStatus.REQUEST_TIMEOUT, {"error": "request too slow"},
                                                     close=True), deadline + 1)
                 return False
-            lane = self._light if length <= LIGHT_BYTES else self._heavy
+            lane = self._light if light else self._heavy
             loop = asyncio.get_running_loop()
             status, answer = await loop.run_in_executor(lane, self._answer_predict, body)
             del body
         finally:
-            self._inflight -= 1
-            self._inflight_bytes -= length
-            self.telemetry.http_inflight.set(self._inflight)
+            if light:
+                self._inflight_light -= 1
+            else:
+                self._inflight -= 1
+                self._inflight_bytes -= length
+            self.telemetry.http_inflight.set(self._inflight + self._inflight_light)
         await self._write(writer, _response(status, answer, close=not keep_alive), deadline)
         return keep_alive
 
