@@ -37,6 +37,23 @@ The consumer is the reader's while it runs: it is assigned one partition at
 a time and seeked around; use one without a group (``group_id=None``), as
 :func:`make_reader_consumer` builds.
 
+**Limits.** With :class:`LoadLimits` (what serving nodes pass), a
+checkpoint is bounded before its memory is spent: the declared size, the
+chunks as they arrive, the safetensors header length and tensor count
+(:class:`~stream_learner.checkpoint.errors.LimitError`). With a *prober*
+(a consumer fetching one batch at a time, :func:`probe`), a record larger
+than the consumer's receive limit is skipped and counted instead of
+stalling the read until its deadline.
+
+**Where a serving node starts.** :class:`LatestScan` is the search a node
+starts from, where the end of the topic may hold anything a writer
+without the key appended: it verifies every manifest it meets, goes on
+past what it refuses, confirms a candidate only once it has read back to
+its chunks (so a replayed old manifest loses to the versions between),
+refuses versions below a floor, and runs in bounded, resumable steps.
+:func:`read_latest` keeps its own rule (the newest manifest record is
+authoritative, never a fallback), which the trainer's output relies on.
+
 **Following the topic.** A subscriber that reads the topic forward (see
 :mod:`stream_learner.serving`) already holds each new manifest record; it
 hands it to :func:`load_manifest_record`, which runs checks 1-5 above on
@@ -269,7 +286,7 @@ def key_list(public_key: PublicKeys) -> list[Ed25519PublicKey]:
 
 #: A read that gets nothing for this long while records are there is stuck on a record larger
 #: than the consumer's receive limit (every fetch of it fails): it is probed and moved past.
-STALL_S = 3.0
+STALL_S = 2.0
 
 
 def probe(prober: Any, tp: TopicPartition, position: int, hi: int, deadline: float,

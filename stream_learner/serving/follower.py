@@ -136,7 +136,6 @@ class TopicFollower:
         self.positioned = False  # False again after the consumers are closed: positioned again
         self.positions: dict[TopicPartition, int] = {}  # the next offset to read, per partition
         self.start_positions: dict[TopicPartition, int] = {}
-        self.catch_up_stats: dict[str, Any] = {}  # the start scan's records, seconds, CPU seconds
         self.catch_up_records = 0  # records read by the start scan so far
         self._scan_seconds = [0.0, 0.0]  # wall, CPU
         self._deferred: ServedModel | None = None  # followed while the scan ran; offered after it
@@ -208,6 +207,7 @@ class TopicFollower:
                                     partition=candidate.record.partition, offset=candidate.record.offset)
                         self.scan.resume(candidate)  # scan on below it
                         continue
+                    self._report_scan()  # refusals counted before the swap wakes anyone waiting for it
                     swapped = self.offer(served, started)
                     candidates = []
                     self._finish_scan()
@@ -230,13 +230,16 @@ class TopicFollower:
             for part in self.scan._parts.values():
                 part.done, part.best, part.kept = True, None, {}
 
+    def scan_status(self) -> dict[str, Any]:
+        """The start scan's progress (records and bytes read, done, exhausted, ...) and its time so far."""
+        return {**self.scan.stats(), "seconds": round(self._scan_seconds[0], 6),
+                "cpu_seconds": round(self._scan_seconds[1], 6)}
+
     def _report_scan(self) -> None:
         for refusal in self.scan.take_refusals():
             self.failed(_Refused(refusal.reason, refusal.error), what="start scan",
                         partition=refusal.partition, offset=refusal.offset)
-        stats = self.scan.stats()
-        self.catch_up_stats = {**stats, "seconds": round(self._scan_seconds[0], 6),
-                               "cpu_seconds": round(self._scan_seconds[1], 6)}
+        stats = self.scan_status()
         if self.telemetry is not None:
             self.telemetry.scan_records.set(stats["records"])
             if stats["highest_verified"] is not None:

@@ -20,7 +20,9 @@ Endpoints (JSON):
 * ``GET /metrics`` — Prometheus text.
 
 A bad request is the caller's to fix and is answered synchronously, so it
-is not dead-lettered: nothing was accepted, nothing is lost.
+is not dead-lettered: nothing was accepted, nothing is lost. What bounds a
+client (connections, admission, work, time): :class:`NodeLimits`; why
+asyncio rather than a thread per connection: :class:`ServingNode`.
 """
 
 from __future__ import annotations

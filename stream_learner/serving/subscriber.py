@@ -136,7 +136,7 @@ class CheckpointSubscriber:
                                       max_tensors=settings.serving_max_tensors)
         self.telemetry = serving_metrics(self.metrics)
         self._log_limiter = LogLimiter()
-        floor = FloorStore(settings.serving_state_dir, self.topic, self.model)
+        floor = FloorStore(settings.serving_state_dir or None, self.topic, self.model)
         self._stop = threading.Event()
         self._first = threading.Event()  # set once a model is current
         self._thread: threading.Thread | None = None
@@ -266,7 +266,7 @@ class CheckpointSubscriber:
         """
         followed, loaded = self._clients.records()
         topic = self._topic_follower
-        scan = topic.catch_up_stats
+        scan = topic.scan_status()
         skipped = topic.skipped.count + topic.scan.skipped.count
         last = topic.skipped.last or topic.scan.skipped.last
         return {"model": self.model, "topic": self.topic, **self._versions.counts(),
