@@ -305,11 +305,12 @@ class TopicFollower:
         received (see the module docstring); True if a version was swapped in meanwhile."""
         now = self._last_progress = time.monotonic()
         tps = [tp for tp in self.positions if now - self._progress.get(tp, 0.0) >= STALL_S]
-        end = follower.end_offsets(tps)
+        prober = self.clients.probing()
+        # Asked on the prober's connection: the follower's may be failing with the oversized fetch.
+        end = prober.end_offsets(tps)
         lagging = [tp for tp in tps if end.get(tp, 0) > self.positions[tp]]
         swapped = False
         deadline = time.monotonic() + PROBE_STEP_S
-        prober = self.clients.probing()
         for tp in lagging:
             records, bad = probe(prober, tp, self.positions[tp], end[tp], deadline + STALL_S)
             for record in records:
