@@ -485,6 +485,18 @@ class _Reader:
                     f"{what}: chunk offset {off} is outside {self.topic}[{tp.partition}] "
                     f"offsets {low}..{high - 1} (deleted by retention, or never written)"
                 )
+        max_header = limits.max_header_bytes if limits is not None else MAX_HEADER_BYTES
+        if limits is not None and offsets:
+            # The safetensors header length is in chunk 0's first 8 bytes: a header over the limit
+            # is refused before the other chunks are fetched.
+            first = offsets[0]
+            if first not in have and low <= first < high:
+                for rec in self.read_range(tp, first, first + 1):
+                    have[rec.offset] = rec
+                missing = [o for o in missing if o not in have]
+            chunk0 = have.get(first)
+            if chunk0 is not None and chunk0.value and len(chunk0.value) >= 8:
+                header_length(chunk0.value[:8], max_header)
         # Contiguous offsets are fetched with one seek; a gap means another seek. What the
         # chunks add up to is checked as they arrive: never more than the declared size is held.
         held = sum(len(r.value or b"") for r in have.values())
@@ -517,10 +529,8 @@ class _Reader:
         total = sum(len(p) for p in parts)
         if total != info.size:
             raise DigestError(f"{what}: weights are {total} bytes, the manifest says {info.size}")
-        max_header = limits.max_header_bytes if limits is not None else MAX_HEADER_BYTES
-        if parts:
-            # The header length is in the first 8 bytes: refused before assembling the rest.
-            header_length(parts[0][:8] if len(parts[0]) >= 8 else b"".join(parts)[:8], max_header)
+        if parts and len(parts[0]) < 8:
+            header_length(b"".join(parts)[:8], max_header)  # a first chunk shorter than the length field
         data = b"".join(parts)
         del parts, have
         digest = sha256_hex(data)

@@ -68,6 +68,8 @@ MAX_BATCH = 10_000
 MAX_HEAD_BYTES = 64 * 1024
 #: A body at most this large is served by the light lane: never queued behind large batches.
 LIGHT_BYTES = 64 * 1024
+#: After a large body, its worker pauses this many times as long as it took (see ServingNode._answer_heavy).
+HEAVY_PAUSE = 1.0
 
 
 class PredictRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -119,7 +121,8 @@ class NodeLimits:
     * ``request_timeout_s`` from a request's first byte to its last, and to
       its answer being taken: a slow client is cut by total time, not per
       byte; ``idle_timeout_s`` a kept-alive connection may wait for its next request;
-    * ``workers`` threads decode and predict large bodies; bodies of up to
+    * ``workers`` threads decode and predict large bodies, one at a time,
+      paced to half of the time while single requests come; bodies of up to
       :data:`LIGHT_BYTES` have a thread of their own, so a client sending
       single requests never waits behind large batches.
     """
@@ -175,6 +178,8 @@ class ServingNode:
         self._socket.setblocking(False)
         self._heavy = ThreadPoolExecutor(self.limits.workers, thread_name_prefix="serving-worker")
         self._light = ThreadPoolExecutor(1, thread_name_prefix="serving-light")
+        self._heavy_gate = threading.Lock()
+        self._last_light = 0.0  # when a light request last came (monotonic)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped: asyncio.Event | None = None
         self._ready = threading.Event()
@@ -253,6 +258,19 @@ class ServingNode:
         return info
 
     # -- the work of one POST /predict, on a worker thread -----------------------------------------
+
+    def _answer_heavy(self, body: bytes) -> tuple[int, Mapping[str, Any]]:
+        """A large body: one at a time, then a pause as long as it took. Decoding and predicting a large
+        batch holds the GIL in long C calls; so paced, large batches use at most half of it, and the
+        event loop and the light lane get the rest (a single request's latency stays bounded)."""
+        with self._heavy_gate:
+            started = time.perf_counter()
+            try:
+                return self._answer_predict(body)
+            finally:
+                # Only while single requests are being served: batches alone run at full speed.
+                if time.monotonic() - self._last_light < 1.0:
+                    time.sleep((time.perf_counter() - started) * HEAVY_PAUSE)
 
     def _answer_predict(self, body: bytes) -> tuple[int, Mapping[str, Any]]:
         try:
@@ -394,6 +412,7 @@ class ServingNode:
         # requests have their own count, so that large batches never shed a single request.
         light = length <= LIGHT_BYTES
         if light:
+            self._last_light = time.monotonic()
             overloaded = self._inflight_light >= limits.max_inflight
         else:
             overloaded = (self._inflight >= limits.max_inflight
@@ -419,7 +438,8 @@ class ServingNode:
                 return False
             lane = self._light if light else self._heavy
             loop = asyncio.get_running_loop()
-            status, answer = await loop.run_in_executor(lane, self._answer_predict, body)
+            work = self._answer_predict if light else self._answer_heavy
+            status, answer = await loop.run_in_executor(lane, work, body)
             del body
         finally:
             if light:
