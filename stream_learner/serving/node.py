@@ -70,6 +70,8 @@ MAX_HEAD_BYTES = 64 * 1024
 LIGHT_BYTES = 64 * 1024
 #: After a large body, its worker pauses this many times as long as it took (see ServingNode._answer_heavy).
 HEAVY_PAUSE = 1.0
+#: A large body shed for overload is answered (503) after this long (seconds).
+SHED_DELAY_S = 1.0
 
 
 class PredictRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -273,6 +275,16 @@ class ServingNode:
                     time.sleep((time.perf_counter() - started) * HEAVY_PAUSE)
 
     def _answer_predict(self, body: bytes) -> tuple[int, Mapping[str, Any]]:
+        # Every feature value has its colon: a body with far more colons than the work bound allows
+        # is refused before the cost of decoding it (bytes.count is a C loop; names holding colons
+        # are allowed for by the factor 2).
+        pairs = body.count(b":")
+        if pairs > 2 * self.limits.max_batch_values + 16:
+            self.telemetry.http_refused.labels(reason="work").inc()
+            return HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {
+                "error": f"the body holds {pairs} key-value pairs; a request may ask for at most "
+                         f"{self.limits.max_batch_values} feature values: send smaller batches",
+                "kind": "too_much_work", "field": "$"}
         try:
             batch, requests = _parse(body, self.limits.max_batch)
             served = self.current
@@ -419,6 +431,10 @@ class ServingNode:
                           or self._inflight_bytes + length > 4 * limits.max_body_bytes)
         if overloaded:
             self.telemetry.http_refused.labels(reason="overload").inc()
+            if not light:
+                # Shed after its Retry-After, not at once: a client retrying in a loop otherwise
+                # costs the event loop a connection per attempt (a waiting coroutine costs nothing).
+                await asyncio.sleep(SHED_DELAY_S)
             await self._write(writer, _response(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "overloaded, retry"},
                                                 close=True, retry_after=1), deadline)
             return False
