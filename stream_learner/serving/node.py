@@ -193,9 +193,15 @@ class ServingNode:
 
     @property
     def current(self) -> ServedModel | None:
-        """The model serving now: the subscriber's, else the fallback, else None."""
+        """The model serving now: the subscriber's, else the fallback, else None.
+
+        The fallback (version 0) serves only while the subscriber knows no
+        good version at all: a node whose floor is above 0 never serves less.
+        """
         served = self.subscriber.current
-        return self.fallback if served is None else served
+        if served is None and self.fallback is not None and not getattr(self.subscriber, "floor_version", 0):
+            return self.fallback
+        return served
 
     @property
     def url(self) -> str:

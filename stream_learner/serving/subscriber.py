@@ -159,6 +159,11 @@ class CheckpointSubscriber:
         return self._versions.current
 
     @property
+    def floor_version(self) -> int:
+        """The highest good version this node knows (0: none); it serves nothing lower."""
+        return self._topic_follower.scan.floor
+
+    @property
     def version(self) -> int | None:
         """The version served now, or ``None``."""
         current = self._versions.current

@@ -151,7 +151,7 @@ def test_a_replayed_old_manifest_is_never_served_at_start(state: str, settings: 
 
 def test_a_start_version_below_the_floor_is_refused_counted_and_shown(settings: Settings, producer: Any,
                                                                       keypair: Any) -> None:
-    from stream_learner.serving import ServingNode
+    from stream_learner.serving import ServingNode, cold_start_model
 
     from .test_node import call
 
@@ -180,6 +180,14 @@ def test_a_start_version_below_the_floor_is_refused_counted_and_shown(settings: 
         assert "stream_learner_serving_floor_version 3.0" in text
         assert 'stream_learner_serving_swap_failures_total{reason="downgrade"} 1.0' in text
         assert call(node.url, "GET", "/health")[0] == 503
+        # Nor does the cold-start model (version 0) serve in its place: it is below the floor too.
+        cold = msgspec.structs.replace(settings, trainer_model=MODEL, trainer_features=["a", "b"],
+                                       trainer_task="regression", trainer_architecture="logreg")
+        cold_node = ServingNode(sub, metrics=Metrics(), fallback=cold_start_model(cold)).start()
+        try:
+            assert call(cold_node.url, "GET", "/health")[0] == 503
+        finally:
+            cold_node.stop()
         publish(producer, settings.topic_models, keypair[0], 4)
         step_until(sub, lambda: sub.version == 4, what="v4, published after the restart")
     finally:
