@@ -289,6 +289,14 @@ def key_list(public_key: PublicKeys) -> list[Ed25519PublicKey]:
 STALL_S = 2.0
 
 
+class _Overflow(Exception):
+    """A bounded read went over its bytes (at ``position``, exclusive)."""
+
+    def __init__(self, position: int) -> None:
+        super().__init__(position)
+        self.position = position
+
+
 def probe(prober: Any, tp: TopicPartition, position: int, hi: int, deadline: float,
           stall_s: float = STALL_S) -> tuple[list[Any], int | None]:
     """Read ``tp`` from ``position`` up to ``hi`` one record batch per fetch; the records read,
@@ -350,9 +358,13 @@ class _Reader:
 
     # -- reading ---------------------------------------------------------------
 
-    def read_range(self, tp: TopicPartition, lo: int, hi: int) -> list[Any]:
-        """The records of ``tp`` with ``lo <= offset < hi`` (fewer where the log has gaps)."""
+    def read_range(self, tp: TopicPartition, lo: int, hi: int, max_bytes: int | None = None) -> list[Any]:
+        """The records of ``tp`` with ``lo <= offset < hi`` (fewer where the log has gaps).
+
+        With ``max_bytes``, raises :class:`_Overflow` as soon as the values read add up to more.
+        """
         consumer = self.consumer
+        held = 0
         # One partition assigned at a time, so the consumer never fetches
         # (from the beginning) a partition we did not seek.
         consumer.assign([tp])
@@ -390,6 +402,10 @@ class _Reader:
             if records:
                 out.extend(records)
                 last_progress = time.monotonic()
+                if max_bytes is not None:
+                    held += sum(len(r.value or b"") for r in records)
+                    if held > max_bytes:
+                        raise _Overflow(records[-1].offset + 1)
         return out
 
     def newest(self, wanted: Callable[[Any], bool]) -> list[tuple[Any, dict[int, Any]]]:
@@ -501,11 +517,14 @@ class _Reader:
         # chunks add up to is checked as they arrive: never more than the declared size is held.
         held = sum(len(r.value or b"") for r in have.values())
         for lo, hi in _runs(missing):
-            for rec in self.read_range(tp, lo, hi):
+            try:
+                records = self.read_range(tp, lo, hi, max_bytes=info.size - held)
+            except _Overflow:
+                raise DigestError(f"{what}: its chunks hold more than the {info.size} bytes the manifest says") \
+                    from None
+            for rec in records:
                 have[rec.offset] = rec
                 held += len(rec.value or b"")
-            if held > info.size:
-                raise DigestError(f"{what}: its chunks hold more than the {info.size} bytes the manifest says")
         expect = {
             H_TYPE: TYPE_CHUNK,
             H_MODEL: manifest.model.encode(),
@@ -763,10 +782,16 @@ class LatestScan:
     def _window(self, reader: _Reader, part: _PartitionScan) -> None:
         """Read one window back from the cursor and handle its records, newest first."""
         size = max(1, min(part.size, MAX_SCAN_WINDOW, int(self.limits.window_bytes / max(part.avg_bytes, 1.0))))
-        part.size = size * 2
         hi = part.cursor
-        lo = max(part.begin, hi - size)
-        records = reader.read_range(part.tp, lo, hi)
+        while True:
+            lo = max(part.begin, hi - size)
+            try:
+                # Bounded in bytes as it is read: small records before may hide large ones here.
+                records = reader.read_range(part.tp, lo, hi, max_bytes=None if size == 1 else self.limits.window_bytes)
+                break
+            except _Overflow as over:
+                size = max(1, (over.position - lo) // 2)  # read fewer, from the same end
+        part.size = size * 2
         part.cursor = lo
         if records:
             cost = sum(record_bytes(r) for r in records)
