@@ -660,7 +660,8 @@ class LatestScan:
       beginning, or (another partition being confirmed at record time
       ``T``) at a record older than ``T``; the scan is done when every
       partition is, or when ``limits.max_records`` or ``max_bytes`` are
-      spent (an unconfirmed candidate is then refused as ``unconfirmed``);
+      spent (an unconfirmed candidate is then refused as ``unconfirmed``,
+      unless a floor above 0 vouches for it: it is at or above it);
     * :meth:`step` does at most ``step_records`` or ``step_s`` of it and
       returns: the caller follows the topic meanwhile, and a broker error
       loses nothing (the next step goes on from the same cursor, with
@@ -716,6 +717,11 @@ class LatestScan:
                 "partitions_left": sorted(p.tp.partition for p in parts.values() if not p.done),
                 "skipped_records": self.skipped.count, "highest_verified": self.highest_verified}
 
+    def reached(self, partition: int) -> int | None:
+        """The lowest offset the scan read back to in ``partition`` (None: not scanned)."""
+        part = (self._parts or {}).get(TopicPartition(self.topic, partition))
+        return part.cursor if part is not None else None
+
     def take_refusals(self) -> list[Refusal]:
         """The refusals since the last call (the caller counts and logs them)."""
         out, self.refusals = self.refusals, []
@@ -769,6 +775,9 @@ class LatestScan:
         assert self._parts is not None
         self.exhausted = True
         for part in self._parts.values():
+            if not part.done and part.best is not None and self.floor > 0:
+                part.done = True  # not confirmed, but at or above the floor: no downgrade in any case
+                continue
             if not part.done and part.best is not None:
                 best, part.best = part.best, None
                 self.refusals.append(Refusal(

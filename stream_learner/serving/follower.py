@@ -221,7 +221,8 @@ class TopicFollower:
                 self._finish_scan()
             if self._deferred is not None:
                 deferred, self._deferred = self._deferred, None
-                swapped = self.offer(deferred, time.monotonic()) or swapped
+                if self._vouched(deferred):
+                    swapped = self.offer(deferred, time.monotonic()) or swapped
         return swapped
 
     def _finish_scan(self) -> None:
@@ -396,6 +397,19 @@ class TopicFollower:
             log.info("manifest_deferred_until_scan", model=o.model, version=served.version)
             return False
         return self.offer(served, read_at)
+
+    def _vouched(self, served: ServedModel) -> bool:
+        """A manifest followed while the scan ran, whose chunks are older than the start: served only if
+        the scan read back to its first chunk (nothing newer hides between) or the floor vouches for it."""
+        reached = self.scan.reached(served.partition)
+        offsets = served.manifest.weights.chunk_offsets
+        if self.scan.floor > 0 or (reached is not None and offsets and reached <= min(offsets)):
+            return True
+        self.failed(_Refused("unconfirmed", CheckpointError(
+            f"v{served.version}: its chunks lie before where the start scan could read back to, and no floor "
+            f"vouches for it (a replayed manifest may hide newer versions)")),
+            what=f"v{served.version}", partition=served.partition, offset=served.offset)
+        return False
 
     def _published_since_start(self, served: ServedModel) -> bool:
         """True if every chunk of ``served`` was written after the follower's start position."""
