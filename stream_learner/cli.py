@@ -293,6 +293,12 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+#: The metric families each verb exports (:data:`stream_learner.metrics.ROLES`); other verbs: all.
+VERB_METRICS: dict[str, tuple[str, ...]] = {
+    "joiner": ("joiner",), "trainer": ("trainer",), "run": ("joiner", "trainer"), "serve": ("serving", "sdk"),
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``stream-learner`` console script."""
     args = build_parser().parse_args(argv)
@@ -302,10 +308,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"stream-learner: configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
-    metrics = Metrics()
+    from .health import Health
+
+    metrics = Metrics(roles=VERB_METRICS.get(args.command), health=Health(settings.health_stall_s))
+    for role in set(VERB_METRICS.get(args.command, ())) - {"sdk"}:
+        metrics.health.expect(role)  # /health: 503 "starting" until the role reports
     if settings.metrics_port is not None:
         metrics.serve(settings.metrics_port)
-        log.info("metrics_listening", port=settings.metrics_port)
+        log.info("metrics_listening", port=settings.metrics_port, paths=["/metrics", "/health"])
     # SIGTERM (docker stop) takes the same clean path as Ctrl-C.
     signal.signal(signal.SIGTERM, _interrupt)
     func: Callable[[argparse.Namespace, Settings, Metrics], int] = args.func

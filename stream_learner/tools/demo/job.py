@@ -199,6 +199,6 @@ def _caught_up(monitor: Monitor, port: int, predictions: int, labels: int) -> bo
         if any(applied.get(p, 0) < end for p, end in seen.examples_end.items()):
             return False
     try:
-        return bool(_get(port, "/health")[1].get("model_version") == newest.version)
+        return bool(_get(port, "/health")[1].get("version") == newest.version)
     except OSError:
         return False
