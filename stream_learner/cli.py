@@ -130,6 +130,23 @@ def verb_fields(verb: str) -> list[str]:
     return [f for f in fields_of(groups) if f not in excluded]
 
 
+def settings_reference() -> str:
+    """The README's settings tables (Markdown): per group, the verbs that use it, and each setting's default
+    and meaning, from the same field docs as each verb's ``--help``."""
+    docs, out = field_docs(), []
+    for group, (title, _) in SETTING_GROUPS.items():
+        fields = fields_of([group])
+        verbs = [v for v in VERB_SETTINGS if v != "config" and set(fields) & set(verb_fields(v))]
+        out += [f"**{title}** ({', '.join(f'`{v}`' for v in verbs) or 'no verb: the environment or a file'})", "",
+                "| setting | default | meaning |", "|---|---|---|"]
+        for field in fields:
+            default = default_of(field)
+            shown = f"`{default}`" if default else "—"
+            out.append(f"| `{field}` | {shown} | {docs[field].replace('|', '&#124;')} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
 def _metavar(field: str, hint: typing.Any) -> str:
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) is typing.Literal or (args and typing.get_origin(args[0]) is typing.Literal):
@@ -173,7 +190,7 @@ def _settings_parser(verb: str) -> _Parser:
 class _TopParser(argparse.ArgumentParser):
     """The ``stream-learner`` parser: says when an unknown flag is a setting the verb does not use."""
 
-    _argv: list[str] = []
+    _argv: Sequence[str] = ()
 
     def parse_known_args(self, args: typing.Any = None, namespace: typing.Any = None) -> typing.Any:
         self._argv = list(sys.argv[1:] if args is None else args)
