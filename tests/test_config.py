@@ -8,7 +8,14 @@ import pytest
 
 from stream_learner.bus import kafka_options
 from stream_learner.config import (
-    FIELDS, SETTING_GROUPS, Settings, env_name, field_docs, group_of, load_settings, load_settings_with_origins,
+    FIELDS,
+    SETTING_GROUPS,
+    Settings,
+    env_name,
+    field_docs,
+    group_of,
+    load_settings,
+    load_settings_with_origins,
 )
 from stream_learner.errors import ConfigError
 

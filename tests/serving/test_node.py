@@ -242,7 +242,8 @@ def test_the_serve_process_exports_serving_metrics_only_and_its_health(
             assert not {n for n in names if n.startswith(("stream_learner_joiner_", "stream_learner_trainer_",
                                                           "stream_learner_events_decoded"))}, names
             assert {"stream_learner_serving_model_version", "stream_learner_serving_request_seconds",
-                    "stream_learner_sdk_events_total", "stream_learner_build_info", "process_cpu_seconds_total"} <= names
+                    "stream_learner_sdk_events_total", "stream_learner_build_info",
+                    "process_cpu_seconds_total"} <= names
             assert 'stream_learner_serving_request_seconds_count{code="200"} 1.0' in text
         status, health = call(f"http://127.0.0.1:{metrics_port}", "GET", "/health")
         assert status == 200 and health["roles"]["serving"] == {"healthy": True, "detail": f"serving {MODEL} v5"}
