@@ -398,12 +398,20 @@ def cmd_keys(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> 
               f" them the new public key: move the old files away first, or use another --out.", file=sys.stderr)
         return 1
     private_pem, public_pem = generate_keypair()
-    args.out.mkdir(parents=True, exist_ok=True)
-    # O_EXCL: a concurrent run cannot make us overwrite what it just wrote.
-    for path, data, mode in ((private_path, private_pem, 0o600), (public_path, public_pem, 0o644)):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+    written: list[Path] = []
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        # O_EXCL: a concurrent run cannot make us overwrite what it just wrote.
+        for path, data, mode in ((private_path, private_pem, 0o600), (public_path, public_pem, 0o644)):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            written.append(path)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+    except OSError as exc:
+        for path in written:  # half a pair is no pair
+            path.unlink(missing_ok=True)
+        print(f"stream-learner keys: cannot write the keys to {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     print(json.dumps({"private_key": str(private_path), "public_key": str(public_path)}))
     return 0
 

@@ -121,21 +121,25 @@ def _help(verb: str) -> str:
     return " ".join(sub.choices[verb].format_help().split())  # wrapping undone
 
 
-def test_each_verbs_help_lists_only_the_settings_it_uses_with_meaning_and_default() -> None:
+# replay's own arguments live beside its implementation, which imports torch: seconds.
+@pytest.mark.parametrize("verb", [pytest.param(v, marks=pytest.mark.slow) if v == "replay" else v
+                                  for v in VERB_SETTINGS])
+def test_each_verbs_help_lists_only_the_settings_it_uses_with_meaning_and_default(verb: str) -> None:
     docs = field_docs()
-    for verb in VERB_SETTINGS:
-        text, used = _help(verb), set(verb_fields(verb))
-        squeezed = text.replace(" ", "")  # argparse also wraps at hyphens
-        for field in FIELDS:
-            flag = flag_name(field)
-            if field in used:
-                # Its flag, its meaning and its default, from the one description in config.py.
-                assert f"{flag} " in text or f"{flag}," in text, (verb, field)
-                described = f"{docs[field]} (default: {default_of(field) or 'unset'})"
-                assert described.replace(" ", "") in squeezed, (verb, field)
-            else:
-                assert not re.search(re.escape(flag) + r"\b(?!-)", text), (verb, field)
-    # What each role runs on, and nothing it does not.
+    text, used = _help(verb), set(verb_fields(verb))
+    squeezed = text.replace(" ", "")  # argparse also wraps at hyphens
+    for field in FIELDS:
+        flag = flag_name(field)
+        if field in used:
+            # Its flag, its meaning and its default, from the one description in config.py.
+            assert f"{flag} " in text or f"{flag}," in text, field
+            described = f"{docs[field]} (default: {default_of(field) or 'unset'})"
+            assert described.replace(" ", "") in squeezed, field
+        else:
+            assert not re.search(re.escape(flag) + r"\b(?!-)", text), field
+
+
+def test_each_role_takes_the_settings_it_runs_on_and_nothing_else() -> None:
     joiner, serve = set(verb_fields("joiner")), set(verb_fields("serve"))
     assert {"redis_url", "joiner_window_ms", "bootstrap_servers", "metrics_port"} <= joiner
     assert not {f for f in joiner if f.startswith(("trainer_", "serving_", "replay_"))}
@@ -169,6 +173,12 @@ def test_keys_generate_refuses_to_overwrite_existing_keys(tmp_path) -> None:
     lone = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert lone.returncode == 1 and (tmp_path / "signing.pub.pem").read_bytes() == public
     assert not (tmp_path / "signing.pem").exists()
+    # A directory it cannot write to: one line too, no traceback.
+    (tmp_path / "a-file").write_text("")
+    blocked = subprocess.run([*cmd[:-1], str(tmp_path / "a-file" / "keys")], capture_output=True, text=True,
+                             timeout=60)
+    assert blocked.returncode == 1 and "cannot write the keys" in blocked.stderr
+    assert "Traceback" not in blocked.stderr
 
 
 def _topics_named(settings, prefix: str) -> list[str]:
