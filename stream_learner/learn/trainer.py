@@ -208,6 +208,7 @@ class Trainer:
         if n == 0 and session.pending and waited and self._caught_up():
             session.learn(partial=True)
         session.tick()
+        self.metrics.observe_consumer("trainer", self.consumer)  # the lag gauge; progress for /health
         return n
 
     def _caught_up(self) -> bool:
@@ -224,6 +225,7 @@ class Trainer:
         self.metrics.trainer_examples.inc(n)
         if not math.isnan(result.loss):
             self.metrics.trainer_loss.set(result.loss)
+        self.metrics.trainer_scores(self.settings.trainer_model, self.learner.summary)
 
     # -- checkpoints ---------------------------------------------------------------------
 

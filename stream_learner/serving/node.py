@@ -14,7 +14,9 @@ Endpoints (JSON):
   (one model version serves the whole batch). ``request_id`` is optional
   (a random one is made). Invalid input: 400 with the field named; no model
   yet: 503.
-* ``GET /health`` — 200 with the current version once a model serves, else 503.
+* ``GET /health`` — 200 once a model serves, with ``model``, ``model_version``
+  (a string, as in ``/predict`` and the prediction events) and ``version``
+  (the same number as an integer, as in ``/model``); else 503.
 * ``GET /model`` — the subscriber's status, the manifest's version, parent,
   metrics and counts, and the history of swaps (version, time).
 * ``GET /metrics`` — Prometheus text.
@@ -187,6 +189,7 @@ class _Handler(BaseHTTPRequestHandler):
     # Headers and body leave in two writes; with Nagle on, the body waits for
     # the client's delayed ACK (40 ms a request).
     disable_nagle_algorithm = True
+    _post_started: float | None = None  # when the POST /predict being answered arrived
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # per-request access logs would dominate the cost; metrics count requests
@@ -198,6 +201,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+        if (started := self._post_started) is not None:  # a POST /predict: time it
+            self._post_started = None
+            self.node.metrics.serving_request_seconds.labels(code=str(int(status))).observe(
+                time.perf_counter() - started)
 
     def do_GET(self) -> None:
         node = self.node
@@ -206,7 +213,8 @@ class _Handler(BaseHTTPRequestHandler):
             if served is None:
                 self._reply(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "no model yet"})
             else:
-                self._reply(HTTPStatus.OK, {"status": "ok", "model": served.model, "model_version": served.version})
+                self._reply(HTTPStatus.OK, {"status": "ok", "model": served.model, "model_version": str(served.version),
+                                            "version": served.version})
         elif self.path == "/model":
             self._reply(HTTPStatus.OK, node.model_info())
         elif self.path == "/metrics":
@@ -215,6 +223,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(HTTPStatus.NOT_FOUND, {"error": f"no such path {self.path}"})
 
     def do_POST(self) -> None:
+        self._post_started = time.perf_counter() if self.path == "/predict" else None
         if self.path != "/predict":
             self._reply(HTTPStatus.NOT_FOUND, {"error": f"no such path {self.path}"})
             return
@@ -288,6 +297,7 @@ def run_node(settings: Settings, metrics: Metrics, *, stop: threading.Event, col
     fallback = cold_start_model(settings) if cold_start else None
     node = ServingNode(subscriber, sdk=sdk, metrics=metrics, host=settings.serving_host,
                        port=settings.serving_port, fallback=fallback)
+    metrics.health.add_check("serving", lambda: _has_model(node))
     subscriber.start(wait_s=None)
     node.start()
     try:
@@ -296,6 +306,12 @@ def run_node(settings: Settings, metrics: Metrics, *, stop: threading.Event, col
         node.stop()
         subscriber.stop()
         sdk.close()
+
+
+def _has_model(node: ServingNode) -> tuple[bool, str]:
+    """The serving role's health on the metrics port: healthy while it has a model to serve."""
+    served = node.current
+    return (False, "no model yet") if served is None else (True, f"serving {served.model} v{served.version}")
 
 
 def cold_start_model(settings: Settings) -> ServedModel:
