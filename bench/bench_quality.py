@@ -280,13 +280,13 @@ def run_ours(stream: Stream, events: list[ExampleEvent], o: Ours) -> dict[str, A
     # Capture the prequential predictions (argmax of the logits the learner
     # scores with) by shadowing one bound method on the instance; product code
     # is unchanged and the capture costs one argmax per chunk.
-    original = learner._evaluate_and_target
+    original = learner._evaluate_classes
 
-    def capture(rows: Any, out: torch.Tensor, challenger_out: Any, result: Any) -> Any:
+    def capture(rows: Any, predictor: Any, out: torch.Tensor, challenger_out: Any, result: Any) -> Any:
         preds.append(out.argmax(dim=1).tolist())
-        return original(rows, out, challenger_out, result)
+        return original(rows, predictor, out, challenger_out, result)
 
-    learner._evaluate_and_target = capture  # type: ignore[method-assign]
+    learner._evaluate_classes = capture  # type: ignore[method-assign]
     chunks = [events[i:i + batch] for i in range(0, len(events), batch)]
     log: dict[str, Any] = {"findings": [], "promoted": 0}
     gc.collect()

@@ -62,7 +62,7 @@ Each trainer step is split into stages by wrapping the instance's own
 methods (instance attributes shadow the bound methods; the product code is
 not changed): ``poll``, the session's ``_learn_chunk``, ``learner.process``,
 ``featurizer.transform`` (featurize), the model's forward pass with
-gradients off (predict), ``_evaluate_and_target`` (prequential scoring,
+gradients off (predict), ``_evaluate_classes`` (prequential scoring,
 the drift detectors' updates and the training targets of the chunk), ``_step`` (the optimizer step, with
 ``remember_good`` counted apart inside it) and ``checkpoint`` (with its
 ``state_dict``, ``weights_bytes``, state-store ``save``, the output's ``publish``,

@@ -6,15 +6,16 @@ Every role gets its producers and consumers here, so security settings
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import structlog
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
-from kafka.errors import TopicAlreadyExistsError
+from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from .config import Settings
-from .errors import EventError
+from .errors import EventError, MissingTopicError, StreamLearnerError
 from .metrics import Metrics
 
 log = structlog.get_logger(__name__)
@@ -89,25 +90,33 @@ def make_consumer(settings: Settings, group_id: str | None, **overrides: Any) ->
     return KafkaConsumer(**opts)
 
 
-def ensure_topics(settings: Settings, *, timeout_s: float = 30.0) -> list[str]:
-    """Create every topic of docs/architecture.md that does not exist yet; return those created.
+def _admin(settings: Settings, timeout_s: float) -> KafkaAdminClient:
+    try:
+        return KafkaAdminClient(request_timeout_ms=int(timeout_s * 1000), **kafka_options(settings))
+    except KafkaError as exc:
+        raise StreamLearnerError(f"cannot reach Kafka at {settings.bootstrap_servers}: {exc!r}") from None
 
-    Input topics get ``partitions_input`` partitions; the examples topic
-    ``partitions_examples``; model, drift and dead-letter topics one each
-    (the model topic is read in version order).
+
+def ensure_topics(settings: Settings, *, roles: Iterable[str] | None = None, timeout_s: float = 30.0) -> list[str]:
+    """Create the topics of docs/architecture.md (of ``roles`` only, if given) that do not exist yet.
+
+    Returns those created. Input topics get ``partitions_input`` partitions;
+    the examples topic ``partitions_examples``; model, drift and dead-letter
+    topics one each (the model topic is read in version order).
     """
     partitions = {
         "predictions": settings.partitions_input,
         "labels": settings.partitions_input,
         "examples": settings.partitions_examples,
     }
-    admin = KafkaAdminClient(request_timeout_ms=int(timeout_s * 1000), **kafka_options(settings))
+    wanted_roles = set(settings.topics if roles is None else roles)
+    admin = _admin(settings, timeout_s)
     try:
         existing = set(admin.list_topics())
         wanted = [
             NewTopic(name, partitions.get(role, 1), settings.replication_factor)
             for role, name in settings.topics.items()
-            if name not in existing
+            if role in wanted_roles and name not in existing
         ]
         if wanted:
             try:
@@ -117,6 +126,36 @@ def ensure_topics(settings: Settings, *, timeout_s: float = 30.0) -> list[str]:
         return [t.name for t in wanted]
     finally:
         admin.close()
+
+
+def check_topics(settings: Settings, roles: Iterable[str], *, who: str, timeout_s: float = 30.0) -> list[str]:
+    """At a role's start: make sure the topics of ``roles`` exist; return the ones created.
+
+    Some brokers create a topic the first time a client names it, with the
+    broker's defaults (one partition, ``cleanup.policy`` as configured): a
+    misspelt name would then be a silent new topic. So the existing topics
+    are listed (a request that creates nothing), and a missing one is created
+    only when ``create_topics`` is on (as ``topics create`` would); otherwise
+    :class:`~stream_learner.errors.MissingTopicError` names it.
+    """
+    roles = list(roles)
+    if settings.create_topics:
+        created = ensure_topics(settings, roles=roles, timeout_s=timeout_s)
+        if created:
+            log.info("topics_created", topics=created)
+        return created
+    admin = _admin(settings, timeout_s)
+    try:
+        existing = set(admin.list_topics())
+    finally:
+        admin.close()
+    missing = [f"{name} ({role})" for role, name in settings.topics.items() if role in roles and name not in existing]
+    if missing:
+        raise MissingTopicError(
+            f"the {who} needs topics that do not exist on {settings.bootstrap_servers}: {', '.join(missing)}; "
+            "create them with `stream-learner topics create` (or set create_topics=true to let the roles "
+            "create missing topics)")
+    return []
 
 
 def dead_letter_headers(

@@ -1,9 +1,12 @@
 """The ``stream-learner`` command: one entry point, one sub-command per role.
 
-Every sub-command takes every setting as a flag (``--bootstrap-servers``,
-``--redis-url``, ...) plus ``--config FILE``; see :mod:`stream_learner.config`.
-Logging is configured here, once. Each verb imports its implementation in its
-handler, so a verb loads only what it runs (the joiner, say, never loads torch).
+Each sub-command takes the settings it uses as flags (``--bootstrap-servers``,
+``--redis-url``, ...; :data:`VERB_SETTINGS`) plus ``--config FILE``, and its
+``--help`` lists just those, each with its meaning and default, taken from
+the field docs of :class:`~stream_learner.config.Settings`. The environment
+and the TOML file may hold any setting (one file for every role). Logging is
+configured here, once. Each verb imports its implementation in its handler,
+so a verb loads only what it runs (the joiner, say, never loads torch).
 """
 
 from __future__ import annotations
@@ -20,7 +23,18 @@ from pathlib import Path
 import msgspec
 import structlog
 
-from .config import FIELDS, Settings, env_name, flag_name, load_settings
+from .config import (
+    FIELDS,
+    SETTING_GROUPS,
+    Settings,
+    default_of,
+    env_name,
+    field_docs,
+    fields_of,
+    flag_name,
+    group_of,
+    load_settings_with_origins,
+)
 from .errors import StreamLearnerError
 from .logging import configure_logging
 from .metrics import Metrics
@@ -52,12 +66,21 @@ class _Parser(argparse.ArgumentParser):
         self._complete()
         return super().parse_known_args(*args, **kwargs)
 
+    def _settings_usage(self) -> None:
+        # The usage line names the verb's own arguments; its settings flags are in the help below it.
+        if self.usage is None and any(a.dest in FIELDS for a in self._actions):
+            formatter = self._get_formatter()
+            formatter.add_usage(None, [a for a in self._actions if a.dest not in FIELDS], [])
+            self.usage = formatter.format_help().strip().removeprefix("usage: ") + " [--SETTING VALUE ...]"
+
     def format_usage(self) -> str:
         self._complete()
+        self._settings_usage()
         return super().format_usage()
 
     def format_help(self) -> str:
         self._complete()
+        self._settings_usage()
         return super().format_help()
 
 
@@ -68,29 +91,131 @@ def _replay_arguments(parser: argparse.ArgumentParser) -> None:
     add_arguments(parser)
 
 
-def _settings_parser() -> _Parser:
+_ROLE_GROUPS = {
+    "joiner": ("kafka", "consumer", "redis", "topics", "topic_setup", "joiner", "metrics", "logs"),
+    "trainer": ("kafka", "consumer", "redis", "topics", "topic_setup", "model", "learning", "checkpoints", "drift",
+                "metrics", "logs"),
+}
+
+#: The settings each verb uses, as groups of :data:`~stream_learner.config.SETTING_GROUPS`, less the
+#: ones the verb sets itself: its flags and ``--help`` offer exactly these.
+VERB_SETTINGS: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
+    "joiner": (_ROLE_GROUPS["joiner"], frozenset()),
+    "trainer": (_ROLE_GROUPS["trainer"], frozenset()),
+    "run": (tuple(dict.fromkeys(_ROLE_GROUPS["joiner"] + _ROLE_GROUPS["trainer"])), frozenset()),
+    "serve": (("kafka", "consumer", "topics", "topic_setup", "model", "serving", "metrics", "logs"), frozenset()),
+    "replay": (("kafka", "consumer", "redis", "topics", "joiner", "model", "learning", "checkpoints", "drift",
+                "replay", "logs"), frozenset()),
+    "topics": (("kafka", "topics", "topic_setup", "logs"), frozenset({"create_topics"})),
+    "config": (tuple(SETTING_GROUPS), frozenset()),
+    "keys": ((), frozenset()),
+    "local": (("topics", "topic_setup", "logs"), frozenset({"create_topics"})),
+    # The demo runs its own servers, model and cadence (tools/demo/job.py); the learning itself is yours to vary.
+    "demo": (("learning", "drift", "logs"), frozenset({"trainer_max_wait_ms"})),
+    "smoke": (("logs",), frozenset()),
+}
+
+#: The topics each long-running verb reads or writes, checked at its start (see :func:`_check_topics`).
+VERB_TOPICS: dict[str, tuple[str, ...]] = {
+    "joiner": ("predictions", "labels", "examples", "dlq"),
+    "trainer": ("examples", "models", "drift", "dlq"),
+    "run": ("predictions", "labels", "examples", "models", "drift", "dlq"),
+    "serve": ("models", "predictions"),
+}
+
+
+def verb_fields(verb: str) -> list[str]:
+    """The settings ``verb`` takes as flags and lists in its help."""
+    groups, excluded = VERB_SETTINGS[verb]
+    return [f for f in fields_of(groups) if f not in excluded]
+
+
+def settings_reference() -> str:
+    """The README's settings tables (Markdown): per group, the verbs that use it, and each setting's default
+    and meaning, from the same field docs as each verb's ``--help``."""
+    docs, out = field_docs(), []
+    for group, (title, _) in SETTING_GROUPS.items():
+        fields = fields_of([group])
+        verbs = [v for v in VERB_SETTINGS if v != "config" and set(fields) & set(verb_fields(v))]
+        out += [f"**{title}** ({', '.join(f'`{v}`' for v in verbs) or 'no verb: the environment or a file'})", "",
+                "| setting | default | meaning |", "|---|---|---|"]
+        for field in fields:
+            default = default_of(field)
+            shown = f"`{default}`" if default else "—"
+            out.append(f"| `{field}` | {shown} | {docs[field].replace('|', '&#124;')} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _metavar(field: str, hint: typing.Any) -> str:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Literal or (args and typing.get_origin(args[0]) is typing.Literal):
+        return "{" + ",".join(typing.get_args(hint if typing.get_origin(hint) is typing.Literal else args[0])) + "}"
+    if typing.get_origin(hint) is list:
+        return "FILE,..." if field.endswith("_keys") else "A,B,..."
+    for suffix, name in (("_url", "URL"), ("_dir", "DIR"), ("_ms", "MS"), ("_s", "SECONDS"), ("_port", "PORT"),
+                         ("_bytes", "BYTES"), ("file", "FILE"), ("_certs", "FILE"), ("_key", "FILE")):
+        if field.endswith(suffix):
+            return name
+    base = args[0] if args else hint
+    return {int: "N", float: "NUMBER"}.get(base, "TEXT")
+
+
+def _settings_parser(verb: str) -> _Parser:
+    """A parent parser with ``--config`` and one flag per setting ``verb`` uses, grouped, documented."""
     parent = _Parser(add_help=False)
-    parent.add_argument("--config", metavar="FILE", help="TOML settings file (flags override it)")
-    group = parent.add_argument_group("settings (each also STREAM_LEARNER_<NAME> or a TOML key)")
+    fields = verb_fields(verb)
+    if verb == "keys":
+        return parent
+    parent.add_argument("--config", metavar="FILE",
+                        help="TOML settings file (above the environment, below flags); it may hold any setting")
     hints = typing.get_type_hints(Settings)
-    for field in FIELDS:
+    docs = field_docs()
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for field in fields:
+        group = group_of(field)
+        if group not in groups:
+            groups[group] = parent.add_argument_group(f"settings: {SETTING_GROUPS[group][0].lower()}")
+        text = f"{docs[field]} (default: {default_of(field) or 'unset'})".replace("%", "%%")
         # Flags default to None so only the ones given override env and TOML.
         if hints[field] is bool:
-            group.add_argument(flag_name(field), dest=field, default=None,
-                               action=argparse.BooleanOptionalAction, help=f"env {env_name(field)}")
+            groups[group].add_argument(flag_name(field), dest=field, default=None,
+                                       action=argparse.BooleanOptionalAction, help=text)
         else:
-            group.add_argument(flag_name(field), dest=field, default=None, metavar="VALUE",
-                               help=f"env {env_name(field)}")
+            groups[group].add_argument(flag_name(field), dest=field, default=None,
+                                       metavar=_metavar(field, hints[field]), help=text)
     return parent
+
+
+class _TopParser(argparse.ArgumentParser):
+    """The ``stream-learner`` parser: says when an unknown flag is a setting the verb does not use."""
+
+    _argv: Sequence[str] = ()
+
+    def parse_known_args(self, args: typing.Any = None, namespace: typing.Any = None) -> typing.Any:
+        self._argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str) -> typing.NoReturn:
+        if message.startswith("unrecognized arguments:"):
+            known = {flag_name(f): f for f in FIELDS} | {"--no-" + flag_name(f)[2:]: f for f in FIELDS}
+            flags = [a.split("=")[0] for a in message.split(":", 1)[1].split()]
+            if settings := [known[f] for f in flags if f in known]:
+                verb = next((a for a in self._argv if a in VERB_SETTINGS), "this verb")
+                message += (f"; `{verb}` does not use {', '.join(settings)} (`stream-learner {verb} --help` lists"
+                            " the settings it does; the environment and a --config file may hold any setting)")
+        super().error(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``stream-learner`` command."""
-    common = _settings_parser()
-    parser = argparse.ArgumentParser(prog="stream-learner", description=__doc__.splitlines()[0])
+    parser = _TopParser(prog="stream-learner", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    demo = sub.add_parser("demo", parents=[common],
+    def common(verb: str) -> list[_Parser]:
+        return [_settings_parser(verb)]
+
+    demo = sub.add_parser("demo", parents=common("demo"),
                           help="the main job: local servers, a serving node, a drifting application, "
                                "the pipeline learning live; writes a report")
     # The defaults are DemoConfig's, applied in cmd_demo: importing it here would load the demo for every verb.
@@ -101,50 +226,63 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no live progress line")
     demo.set_defaults(func=cmd_demo)
 
-    smoke = sub.add_parser("smoke", parents=[common],
+    smoke = sub.add_parser("smoke", parents=common("smoke"),
                            help="count check on local servers: SDK -> decoder/DLQ -> joiner -> trainer")
     smoke.add_argument("--events", type=int, default=20_000, help="predictions to send")
     smoke.set_defaults(func=cmd_smoke)
 
-    serve = sub.add_parser("serve", parents=[common],
+    serve = sub.add_parser("serve", parents=common("serve"),
                            help="the reference serving node: HTTP predict, hot-swapped verified checkpoints")
-    serve.add_argument("--cold-start", action="store_true",
-                       help="until the first checkpoint arrives, serve an untrained model built from the "
-                            "trainer_* settings, as version 0")
+    serve.add_argument("--cold-start", dest="serving_cold_start", action="store_const", const=True,
+                       help="the same as --serving-cold-start")
     serve.set_defaults(func=cmd_serve)
 
-    joiner = sub.add_parser("joiner", parents=[common],
+    joiner = sub.add_parser("joiner", parents=common("joiner"),
                             help="join predictions and labels into examples (consumer group)")
     joiner.set_defaults(func=cmd_joiner)
 
-    trainer = sub.add_parser("trainer", parents=[common],
+    trainer = sub.add_parser("trainer", parents=common("trainer"),
                              help="train the model online from the examples topic and publish checkpoints")
     trainer.set_defaults(func=cmd_trainer)
 
-    run = sub.add_parser("run", parents=[common], help="joiner and trainer in one process (small deployments)")
+    run = sub.add_parser("run", parents=common("run"), help="joiner and trainer in one process (small deployments)")
     run.set_defaults(func=cmd_run)
 
-    keys = sub.add_parser("keys", parents=[common], help="checkpoint signing keys")
+    keys = sub.add_parser("keys", parents=common("keys"), help="checkpoint signing keys")
     keys.add_argument("action", choices=["generate"])
     keys.add_argument("--out", type=Path, required=True, help="directory for signing.pem and signing.pub.pem")
     keys.set_defaults(func=cmd_keys)
 
-    local = sub.add_parser("local", parents=[common], help="local Tansu + Valkey servers for development")
+    local = sub.add_parser("local", parents=common("local"), help="local Tansu + Valkey servers for development")
     local.add_argument("action", choices=["up", "down"])
     local.add_argument("--state-file", type=Path, default=DEFAULT_STATE)
     local.set_defaults(func=cmd_local)
 
-    topics = sub.add_parser("topics", parents=[common], help="create the topics that do not exist yet")
+    topics = sub.add_parser("topics", parents=common("topics"), help="create the topics that do not exist yet")
     topics.add_argument("action", choices=["create"])
     topics.set_defaults(func=cmd_topics)
 
-    config = sub.add_parser("config", parents=[common], help="print the effective settings (secrets masked)")
+    config = sub.add_parser("config", parents=common("config"), help="print the effective settings (secrets masked)")
+    config.add_argument("--show-origin", action="store_true",
+                        help="also say where each value comes from: default, env, file or flag")
     config.set_defaults(func=cmd_config)
 
-    replay = sub.add_parser("replay", parents=[common], arguments_from=_replay_arguments,
+    replay = sub.add_parser("replay", parents=common("replay"), arguments_from=_replay_arguments,
                             help="re-run join and training over a closed range of the topics into a new lineage")
     replay.set_defaults(func=cmd_replay)
+
+    helps = {action.dest: action.help for action in sub._choices_actions}
+    for verb, verb_parser in sub.choices.items():
+        verb_parser.description = helps[verb]
+        if verb_fields(verb):
+            verb_parser.epilog = _SETTINGS_NOTE
     return parser
+
+
+_SETTINGS_NOTE = (f"Each setting is also the environment variable {env_name('<name>')} (e.g. {env_name('redis_url')})"
+                  " and a key of the --config TOML file, which may hold any setting; a flag beats the file, the file"
+                  " the environment. `stream-learner config --show-origin` prints the effective settings and where"
+                  " each comes from.")
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> int:
@@ -162,11 +300,19 @@ def cmd_demo(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> 
     return 1 if failed else 0
 
 
+def _check_topics(verb: str, settings: Settings) -> None:
+    """Stop a role at start, naming the topics it needs that do not exist (or create them: ``create_topics``)."""
+    from .bus import check_topics
+
+    check_topics(settings, VERB_TOPICS[verb], who="joiner and trainer" if verb == "run" else verb)
+
+
 def cmd_serve(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> int:
     """Run the serving node until SIGTERM or Ctrl-C."""
     from .serving import run_node
 
-    run_node(settings, metrics, cold_start=args.cold_start, stop=_stop_on_signals())
+    _check_topics("serve", settings)
+    run_node(settings, metrics, cold_start=settings.serving_cold_start, stop=_stop_on_signals())
     return 0
 
 
@@ -200,6 +346,7 @@ def cmd_joiner(args: argparse.Namespace, settings: Settings, metrics: Metrics) -
     """Run the joiner until SIGTERM or Ctrl-C."""
     from .join.joiner import Joiner
 
+    _check_topics("joiner", settings)
     Joiner(settings, metrics=metrics).run(_stop_on_signals())
     return 0
 
@@ -208,6 +355,7 @@ def cmd_trainer(args: argparse.Namespace, settings: Settings, metrics: Metrics) 
     """Run the trainer until SIGTERM or Ctrl-C."""
     from .learn.trainer import Trainer
 
+    _check_topics("trainer", settings)
     Trainer(settings, metrics=metrics).run(_stop_on_signals())
     return 0
 
@@ -217,6 +365,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> i
     from .join.joiner import Joiner
     from .learn.trainer import Trainer
 
+    _check_topics("run", settings)
     stop = _stop_on_signals()
     trainer = Trainer(settings, metrics=metrics)
     joiner = Joiner(settings, metrics=metrics)
@@ -233,18 +382,36 @@ def cmd_run(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> i
 
 
 def cmd_keys(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> int:
-    """Write a new Ed25519 key pair: the trainer keeps the private key, serving nodes the public one."""
+    """Write a new Ed25519 key pair: the trainer keeps the private key, serving nodes the public one.
+
+    Never over existing keys: replacing the pair would make every serving
+    node refuse the trainer's next checkpoints.
+    """
     import os
 
     from .checkpoint.signing import generate_keypair
 
-    private_pem, public_pem = generate_keypair()
-    args.out.mkdir(parents=True, exist_ok=True)
     private_path, public_path = args.out / "signing.pem", args.out / "signing.pub.pem"
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(private_pem)
-    public_path.write_bytes(public_pem)
+    if existing := [str(p) for p in (private_path, public_path) if p.exists()]:
+        print(f"stream-learner keys: {' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''};"
+              f" nothing written. Serving nodes trust the public key of the pair, so a new pair means giving"
+              f" them the new public key: move the old files away first, or use another --out.", file=sys.stderr)
+        return 1
+    private_pem, public_pem = generate_keypair()
+    written: list[Path] = []
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        # O_EXCL: a concurrent run cannot make us overwrite what it just wrote.
+        for path, data, mode in ((private_path, private_pem, 0o600), (public_path, public_pem, 0o644)):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            written.append(path)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+    except OSError as exc:
+        for path in written:  # half a pair is no pair
+            path.unlink(missing_ok=True)
+        print(f"stream-learner keys: cannot write the keys to {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     print(json.dumps({"private_key": str(private_path), "public_key": str(public_path)}))
     return 0
 
@@ -277,8 +444,14 @@ def cmd_topics(args: argparse.Namespace, settings: Settings, metrics: Metrics) -
 
 
 def cmd_config(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> int:
-    """Print the effective settings with secrets masked."""
-    print(json.dumps(settings.redacted(), indent=2))
+    """Print the effective settings with secrets masked; with ``--show-origin``, where each comes from."""
+    shown = settings.redacted()
+    if args.show_origin:
+        origins: dict[str, str] = args.origins
+        print(json.dumps({field: {"value": value, "origin": origins[field]} for field, value in shown.items()},
+                         indent=2))
+    else:
+        print(json.dumps(shown, indent=2))
     return 0
 
 
@@ -293,19 +466,30 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+#: The metric families each verb exports (:data:`stream_learner.metrics.ROLES`); other verbs: all.
+VERB_METRICS: dict[str, tuple[str, ...]] = {
+    "joiner": ("joiner",), "trainer": ("trainer",), "run": ("joiner", "trainer"), "serve": ("serving", "sdk"),
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``stream-learner`` console script."""
     args = build_parser().parse_args(argv)
     try:
-        settings = load_settings(config_file=args.config, flags={f: getattr(args, f) for f in FIELDS})
+        settings, args.origins = load_settings_with_origins(
+            config_file=getattr(args, "config", None), flags={f: getattr(args, f, None) for f in FIELDS})
     except StreamLearnerError as exc:
         print(f"stream-learner: configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
-    metrics = Metrics()
+    from .health import Health
+
+    metrics = Metrics(roles=VERB_METRICS.get(args.command), health=Health(settings.health_stall_s))
+    for role in set(VERB_METRICS.get(args.command, ())) - {"sdk"}:
+        metrics.health.expect(role)  # /health: 503 "starting" until the role reports
     if settings.metrics_port is not None:
         metrics.serve(settings.metrics_port)
-        log.info("metrics_listening", port=settings.metrics_port)
+        log.info("metrics_listening", port=settings.metrics_port, paths=["/metrics", "/health"])
     # SIGTERM (docker stop) takes the same clean path as Ctrl-C.
     signal.signal(signal.SIGTERM, _interrupt)
     func: Callable[[argparse.Namespace, Settings, Metrics], int] = args.func

@@ -19,19 +19,24 @@ setting and where it came from.
 ...                   flags={"redis_url": "redis://cache:6379/1"})
 >>> s.metrics_port, s.redis_url, s.bootstrap_servers
 (9100, 'redis://cache:6379/1', '127.0.0.1:9092')
->>> load_settings(env={"STREAM_LEARNER_METRICS_PORT": "http"})
+>>> load_settings(env={"STREAM_LEARNER_METRICS_PORT": "http"})  # doctest: +ELLIPSIS
 Traceback (most recent call last):
 ...
-stream_learner.errors.ConfigError: invalid setting metrics_port (from environment variable STREAM_LEARNER_METRICS_PORT='http'): Expected `int | null`, got `str`
+stream_learner.errors.ConfigError: invalid setting metrics_port (from environment variable ...='http'): Expected ...
 """
 
 from __future__ import annotations
 
+import ast
+import functools
+import inspect
+import itertools
 import os
 import re
+import sys
 import tomllib
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -48,154 +53,256 @@ TopicName = Annotated[str, Meta(min_length=1, max_length=249, pattern=r"^[A-Za-z
 
 
 class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Every setting of every role; see the README's configuration table."""
+    """Every setting of every role.
+
+    Each field's docstring (the string below it) is its meaning: each verb's
+    ``--help`` and the README's configuration table are made from them
+    (:func:`field_docs`), so there is no second description to keep in step.
+    """
 
     # Kafka connection; security settings are passed to kafka-python as they are.
     bootstrap_servers: Annotated[str, Meta(min_length=1)] = "127.0.0.1:9092"
+    """Kafka brokers, comma-separated host:port."""
     client_id: str = "stream-learner"
+    """Kafka client id (broker logs and quotas)."""
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    """How to talk to the brokers: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."""
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    """SASL mechanism: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (required with SASL_*)."""
     sasl_username: str | None = None
+    """SASL user (required with SASL_*)."""
     sasl_password: str | None = None
+    """SASL password (required with SASL_*; always shown masked)."""
     ssl_cafile: str | None = None
+    """CA certificates (PEM) that verify the brokers."""
     ssl_certfile: str | None = None
+    """Client certificate (PEM) for TLS client authentication; with ssl_keyfile."""
     ssl_keyfile: str | None = None
+    """Private key (PEM) of ssl_certfile."""
     ssl_password: str | None = None
+    """Password of ssl_keyfile (always shown masked)."""
     ssl_check_hostname: bool = True
+    """Check that the broker's certificate names its host."""
 
     # Consumer groups. Tansu waits a whole rebalance timeout (= max poll
     # interval) on every join, so tests and the demo use short values.
     consumer_session_timeout_ms: Annotated[int, Meta(ge=1000)] = 45_000
+    """Consumer-group session timeout: a member silent this long is dropped."""
     consumer_max_poll_interval_ms: Annotated[int, Meta(ge=1000)] = 300_000
-    # How long the broker may hold a fetch while nothing new is there. Apache
-    # Kafka answers as soon as a record arrives; Tansu holds the whole wait,
-    # which then adds to every hop's latency (the demo sets 50).
+    """Longest time between two polls of a group member (also the rebalance timeout)."""
+    # Apache Kafka answers as soon as a record arrives; Tansu holds the whole
+    # wait, which then adds to every hop's latency (the demo sets 50).
     consumer_fetch_max_wait_ms: Annotated[int, Meta(ge=0)] = 500
+    """Longest time the broker may hold a fetch while nothing new is there (Tansu always waits it all)."""
 
     # Redis: rediss:// in the URL turns TLS on; AUTH from the URL or these.
     redis_url: Annotated[str, Meta(pattern=r"^(redis|rediss|unix)://")] = "redis://127.0.0.1:6379/0"
+    """Redis of the join state: redis://, rediss:// (TLS) or unix://; a password in it is shown masked."""
     redis_username: str | None = None
+    """Redis ACL user (or in the URL)."""
     redis_password: str | None = None
+    """Redis AUTH password (or in the URL; always shown masked)."""
     redis_ssl_ca_certs: str | None = None
+    """CA certificates (PEM) that verify Redis (rediss:// only)."""
     redis_ssl_certfile: str | None = None
+    """Client certificate (PEM) for Redis TLS (rediss:// only)."""
     redis_ssl_keyfile: str | None = None
+    """Private key (PEM) of redis_ssl_certfile."""
 
     # Topics (docs/architecture.md, "Topics").
     topic_predictions: TopicName = "sl.predictions"
+    """Prediction events, keyed by request id (applications write, the joiner reads)."""
     topic_labels: TopicName = "sl.labels"
+    """Label events, keyed by request id (applications write, the joiner reads)."""
     topic_examples: TopicName = "sl.examples"
+    """Joined examples (the joiner writes, the trainer reads)."""
     topic_models: TopicName = "sl.models"
+    """Signed checkpoints (the trainer writes, serving nodes read); keep cleanup.policy=delete."""
     topic_drift: TopicName = "sl.drift"
+    """Drift events (the trainer writes, for operators)."""
     topic_dlq: TopicName = "sl.dlq"
-    # Partitions used when stream-learner creates the topics itself.
-    partitions_input: Positive = 3
-    partitions_examples: Positive = 1
-    replication_factor: Positive = 1
-
-    # Events larger than this are refused before decoding (dead-lettered).
+    """Dead letters: refused records byte for byte, the reason in headers."""
     max_event_bytes: Positive = 1 << 20
+    """Larger events are refused unread (dead-lettered)."""
+    # Topic creation: `topics create`, or a role at start when told to.
+    create_topics: bool = False
+    """At start, create the role's topics that do not exist (off: a missing topic stops the role, named)."""
+    partitions_input: Positive = 3
+    """Partitions of the prediction and label topics, when stream-learner creates them."""
+    partitions_examples: Positive = 1
+    """Partitions of the examples topic, when stream-learner creates it."""
+    replication_factor: Positive = 1
+    """Replication factor of the topics stream-learner creates (3 on a real cluster)."""
 
     # Joiner (README, "The joiner"). Times are event-time milliseconds unless
-    # they say wall-clock.
+    # they say wall clock.
     joiner_group_id: str = "stream-learner-joiner"
+    """The joiners' consumer group."""
     joiner_window_ms: Positive = 10 * 60 * 1000
+    """How long (event time) a prediction waits for its label."""
     joiner_allowed_lateness_ms: Annotated[int, Meta(ge=0)] = 0
+    """Watermark delay for out-of-order events within a partition."""
     joiner_late_retention_ms: Annotated[int, Meta(ge=0)] = 24 * 3600 * 1000
+    """How long (event time) an expired prediction still takes a late label."""
     joiner_orphan_retention_ms: Annotated[int, Meta(ge=0)] = 3600 * 1000
-    # Wall-clock safety net: Redis drops any join state older than this.
+    """How long (event time) a label waits for its prediction."""
     joiner_state_ttl_ms: Positive = 7 * 24 * 3600 * 1000
-    # Wall-clock: a caught-up partition silent this long stops holding the watermark back.
+    """Wall-clock safety net: Redis drops a request's join state this long after its first event."""
     joiner_idle_timeout_ms: Positive = 60 * 1000
-    # When every input is idle, let the watermark follow the wall clock.
+    """Wall clock: a caught-up partition silent this long stops holding the watermark back."""
     joiner_idle_advance: bool = True
+    """When every input is idle, the watermark follows the wall clock."""
     joiner_max_poll_records: Positive = 5000
+    """Records per poll (one Redis call each)."""
     joiner_max_expire_per_poll: Positive = 20000
-    # Wall-clock: unacknowledged emissions of a crashed joiner are re-emitted after this.
+    """Windows closed and states collected per Redis call, at most."""
     joiner_outbox_lease_ms: Positive = 30 * 1000
-    # Wait for Redis to fsync its AOF before committing input offsets.
+    """Wall clock: emissions unacknowledged this long are re-emitted by any joiner."""
     joiner_wait_aof: bool = True
+    """WAITAOF (Redis fsynced the step) before committing input offsets; skipped if Redis has no AOF."""
     joiner_redis_prefix: Annotated[str, Meta(min_length=1)] = "sl:{j}:"
+    """Prefix of every join key; keep one {hash tag} (Redis Cluster)."""
 
-    # Trainer (README, "The trainer").
+    # Trainer (README, "The trainer"): the model, then how it learns.
     trainer_model: Annotated[str, Meta(min_length=1)] = "default"
+    """The model learned (and served); examples of other models are skipped."""
     trainer_task: Literal["binary", "multiclass", "regression"] = "binary"
+    """binary, multiclass or regression."""
     trainer_classes: list[str] = msgspec.field(default_factory=lambda: ["0", "1"])
+    """Class names, in output order (comma-separated in env and flags)."""
     trainer_features: list[str] = []
+    """The feature spec: ordered feature names (required to train or cold-start)."""
     trainer_architecture: Annotated[str, Meta(min_length=1)] = "mlp"
+    """logreg, mlp, or package.module:function returning an nn.Module."""
     trainer_hidden: list[Annotated[int, Meta(ge=1)]] = msgspec.field(default_factory=lambda: [64])
+    """MLP hidden layer widths."""
     trainer_seed: int = 0
+    """Weight initialisation seed."""
     trainer_batch_size: Positive = 32
+    """Examples per mini-batch (a chunk)."""
     trainer_max_wait_ms: Positive = 500
+    """Once caught up, a partial batch is trained after this long."""
     trainer_optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    """adam, adamw or sgd."""
     trainer_lr: Annotated[float, Meta(gt=0)] = 0.01
+    """Learning rate."""
     trainer_weight_decay: Annotated[float, Meta(ge=0)] = 0.0
+    """Weight decay."""
     trainer_clip_norm: Annotated[float, Meta(ge=0)] = 1.0
+    """Gradient norm clipping (0: off)."""
     trainer_spike_factor: Annotated[float, Meta(gt=1)] = 5.0
+    """A batch loss above this many times its running mean is rolled back, not learned."""
     trainer_spike_warmup_batches: Annotated[int, Meta(ge=0)] = 20
+    """Batches before the spike guard starts."""
     trainer_spike_patience: Annotated[int, Meta(ge=0)] = 3
+    """After this many spikes in a row the new loss level is accepted (a concept change)."""
     # Small models run faster (and reproducibly) on one thread.
     trainer_torch_threads: Positive = 1
+    """Torch CPU threads."""
     trainer_pseudo_enabled: bool = True
+    """Learn confident unlabeled examples from their own prediction (zero-distance pseudo-labels)."""
     trainer_pseudo_threshold: Annotated[float, Meta(ge=0, le=1)] = 0.9
+    """Least predicted probability for a pseudo-label step."""
     trainer_pseudo_weight: Annotated[float, Meta(ge=0)] = 0.3
+    """Weight of a pseudo-label step."""
     trainer_dedup_window: Positive = 100_000
+    """Example ids remembered to drop duplicates."""
     trainer_metrics_window: Positive = 1000
+    """Examples in the rolling metrics (manifests and the rolling gauges)."""
     trainer_checkpoint_every_examples: Positive = 10_000
+    """Checkpoint after this many examples."""
     trainer_checkpoint_every_s: Annotated[float, Meta(gt=0)] = 30.0
+    """Checkpoint at least this often (wall clock)."""
     trainer_state_store: Literal["directory", "redis"] = "directory"
+    """Where the trainer's state lives: directory or redis."""
     trainer_state_dir: str = ".stream-learner/trainer-state"
+    """The state directory (trainer_state_store=directory)."""
     trainer_signing_key: str | None = None
+    """Ed25519 private key (PEM file) that signs checkpoints (required to train)."""
     trainer_group_id: str = "stream-learner-trainer"
+    """Group under which applied offsets are committed, for monitoring only."""
     trainer_chunk_bytes: Annotated[int, Meta(ge=1024)] = 512 * 1024
+    """Largest checkpoint chunk on the model topic."""
     # Drift (README, "Drift"): ADWIN on the error, Page-Hinkley on the loss,
     # ADWIN on the confidence (label-free); what to do when they fire.
     trainer_drift_enabled: bool = True
+    """Run the drift detectors."""
     trainer_drift_challenger_on_warning: bool = False
+    """Start a challenger model at a drift warning."""
     trainer_drift_on_drift: list[Literal["promote_challenger_if_better", "optimizer_reset", "lr_boost",
                                          "checkpoint"]] = msgspec.field(
         default_factory=lambda: ["promote_challenger_if_better", "lr_boost", "checkpoint"])
+    """Actions on a drift, in order: promote_challenger_if_better, optimizer_reset, lr_boost, checkpoint."""
     trainer_drift_lr_boost_factor: Annotated[float, Meta(gt=1)] = 2.0
+    """lr_boost multiplies the learning rate by this."""
     trainer_drift_lr_boost_batches: Positive = 100
+    """lr_boost lasts this many batches."""
 
-    # Replay (README, "Replay"): where a replay keeps its resumable state, and
-    # the join step size, which defines the replayed watermark's progress.
+    # Replay (README, "Replay").
     replay_state_dir: str = ".stream-learner/replay"
+    """Where each replay keeps its resumable state and report (one directory per replay id)."""
     replay_join_step_events: Positive = 5000
+    """Input events per join step in a replay: the replayed watermark advances at these boundaries."""
 
     # Serving side (README, "Serving"): the checkpoint subscriber and `serve`.
-    serving_model: str | None = None  # the model name to follow; None: trainer_model
-    serving_public_keys: list[str] = []  # PEM files of trusted trainer public keys
+    serving_model: str | None = None
+    """The model to follow and serve; unset: trainer_model."""
+    serving_public_keys: list[str] = []
+    """PEM files of the trainer public keys a serving node trusts (comma-separated; required)."""
     serving_pin_version: Annotated[int, Meta(ge=1)] | None = None
+    """Serve this version and do not follow newer ones."""
+    serving_cold_start: bool = False
+    """Until the first checkpoint, serve the trainer's untrained model (version 0, from the model settings)."""
     serving_host: str = "127.0.0.1"
+    """Where `serve` listens."""
     serving_port: Port = 8080
-    # Serving security (README, "Security"): what a node remembers, what it will build and
-    # read, and what the HTTP node accepts.
-    # The highest good version served, per topic and model, so that a restart never serves
-    # less (None: not persisted; the start scan alone refuses replays).
+    """Port `serve` listens on (0: any free port)."""
+    # Serving security (README, "Security"): what a node remembers, builds, reads and accepts.
     serving_state_dir: str | None = ".stream-learner/serving-state"
-    # Model factories (package.module:function) a node may build besides logreg and mlp.
+    """Where a node keeps its floor, the highest good version it served (one file per topic and model):
+    a restart never serves less. "" in TOML: not kept."""
     serving_allowed_architectures: list[str] = []
+    """Model factories (package.module:function) a node may build besides logreg and mlp (comma-separated)."""
     serving_max_model_bytes: Positive = 256 * 1024 * 1024
+    """Largest weights a manifest may declare (bytes); larger checkpoints are refused before a chunk is read."""
     serving_max_parameters: Positive = 50_000_000
+    """Largest network a node builds, counted on the meta device before anything is allocated."""
     serving_max_tensors: Positive = 1024
-    # Records larger than this cannot be received; they are skipped and counted.
+    """Most tensors a checkpoint's safetensors header may name."""
     serving_max_record_bytes: Annotated[int, Meta(ge=1 << 20)] = 16 * 1024 * 1024
+    """Model-topic records larger than this are never received: skipped and counted."""
     serving_window_records: Positive = 4096
+    """Chunk records the follower keeps for manifests to come, at most."""
     serving_window_bytes: Positive = 64 * 1024 * 1024
+    """Bytes of chunk records the follower keeps, at most (each counted with its key, headers and overhead)."""
     serving_scan_max_records: Positive = 2_000_000
+    """How many records the start scan may read back from the end of the topic."""
     serving_scan_max_bytes: Positive = 2 * 1024 * 1024 * 1024
+    """How many bytes the start scan may read back from the end of the topic."""
     serving_max_connections: Positive = 1024
+    """Open HTTP connections, at most; one more closes the connection idle the longest."""
     serving_workers: Positive = 2
+    """Threads that decode and predict large request bodies (small ones have a thread of their own)."""
     serving_max_inflight: Positive = 64
+    """Requests admitted at once (and 4 x serving_max_body_bytes of bodies); beyond: 503 with Retry-After."""
     serving_max_body_bytes: Annotated[int, Meta(ge=1024)] = 8 * 1024 * 1024
+    """Largest request body (413 beyond)."""
     serving_max_batch_values: Positive = 100_000
+    """Most feature values one request may ask for: over its instances, or instances x the model's features (413)."""
     serving_request_timeout_s: Annotated[float, Meta(gt=0)] = 10.0
+    """A request must arrive whole, and its answer be taken, within this of its first byte (408 beyond)."""
     serving_idle_timeout_s: Annotated[float, Meta(gt=0)] = 60.0
+    """How long a kept-alive connection may wait for its next request."""
 
     # Observability.
     metrics_port: Port | None = None
+    """Serve Prometheus /metrics and /health on this port (off when unset)."""
+    health_stall_s: Annotated[float, Meta(gt=0)] = 60.0
+    """/health says unhealthy when a role made no progress this long (dependency down, consumer stuck)."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """debug, info, warning or error."""
     log_format: Literal["auto", "json", "console"] = "auto"
+    """json, console, or auto: json when stderr is not a terminal."""
 
     def __post_init__(self) -> None:
         if self.security_protocol.startswith("SASL_"):
@@ -211,11 +318,15 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
             )
 
     def redacted(self) -> dict[str, Any]:
-        """The settings as a dict with secrets masked, for logging."""
-        return {
-            k: ("***" if k.endswith("password") and v else v)
-            for k, v in msgspec.structs.asdict(self).items()
-        }
+        """The settings as a dict with secrets masked, for printing and logging.
+
+        Password settings show ``***``; a password inside a URL (``redis_url``,
+        or any other value) shows as ``user:***@``.
+
+        >>> Settings(redis_url="redis://app:hunter2@cache:6379/0").redacted()["redis_url"]
+        'redis://app:***@cache:6379/0'
+        """
+        return {k: redact(k, v) for k, v in msgspec.structs.asdict(self).items()}
 
     @property
     def topics(self) -> dict[str, str]:
@@ -231,11 +342,150 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
 
 
 FIELDS: tuple[str, ...] = Settings.__struct_fields__
+_DEFAULTS = Settings()
 
 
 def env_name(field: str) -> str:
     """The environment variable of a setting (``redis_url`` -> ``STREAM_LEARNER_REDIS_URL``)."""
     return ENV_PREFIX + field.upper()
+
+
+def flag_name(field: str) -> str:
+    """The command-line flag of a setting (``redis_url`` -> ``--redis-url``)."""
+    return "--" + field.replace("_", "-")
+
+
+# --- secrets ---------------------------------------------------------------------
+
+#: Settings whose whole value is a secret: shown as ``***`` wherever printed or logged.
+SECRET_FIELDS = frozenset(f for f in FIELDS if "password" in f)
+
+# scheme://userinfo@ ; greedy up to the last "@" before the path, so a password holding an "@" is masked whole.
+_URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/\s]*)@")
+_QUERY_SECRET = re.compile(r"(?i)(?P<key>[?&](?:password|passwd|pwd|token|secret)=)[^&#\s]*")
+
+
+def _mask_userinfo(m: re.Match[str]) -> str:
+    user, colon, _ = m.group("userinfo").partition(":")
+    # "user:password@" keeps the user; a lone "token@" may be the secret itself.
+    return f"{m.group('scheme')}{user}:***@" if colon else f"{m.group('scheme')}***@"
+
+
+def mask_secrets(text: str) -> str:
+    """``text`` with the credentials inside URLs masked (``user:password@`` and ``?password=``).
+
+    >>> mask_secrets("redis://:hunter2@cache:6379/0, rediss://app:p@ss@cache/1")
+    'redis://:***@cache:6379/0, rediss://app:***@cache/1'
+    >>> mask_secrets("redis://token@cache:6379?password=x&db=1")
+    'redis://***@cache:6379?password=***&db=1'
+    >>> mask_secrets("kafka-1:9092,kafka-2:9092")
+    'kafka-1:9092,kafka-2:9092'
+    """
+    if "@" not in text and "=" not in text:
+        return text  # the common case, and logs are hot
+    return _QUERY_SECRET.sub(r"\g<key>***", _URL_USERINFO.sub(_mask_userinfo, text))
+
+
+def redact(field: str, value: Any) -> Any:
+    """A setting's value as it may be shown: secrets masked (see :func:`mask_secrets`).
+
+    >>> redact("redis_password", "hunter2"), redact("redis_url", "redis://:hunter2@h:6379/0")
+    ('***', 'redis://:***@h:6379/0')
+    """
+    if field in SECRET_FIELDS and value:
+        return "***"
+    if isinstance(value, str):
+        return mask_secrets(value)
+    if isinstance(value, list):
+        return [mask_secrets(v) if isinstance(v, str) else v for v in value]
+    return value
+
+
+# --- what each setting means, and what it is for ------------------------------------
+
+
+@functools.cache
+def field_docs() -> dict[str, str]:
+    """Each setting's meaning: the docstring written under its field in :class:`Settings`.
+
+    >>> field_docs()["redis_url"].split(":")[0]
+    'Redis of the join state'
+    """
+    module = ast.parse(inspect.getsource(sys.modules[__name__]))
+    cls = next(n for n in module.body if isinstance(n, ast.ClassDef) and n.name == "Settings")
+    docs: dict[str, str] = {}
+    for field, doc in itertools.pairwise(cls.body):
+        if (isinstance(field, ast.AnnAssign) and isinstance(field.target, ast.Name) and isinstance(doc, ast.Expr)
+                and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)):
+            docs[field.target.id] = " ".join(doc.value.value.split())
+    return docs
+
+
+def format_value(value: Any) -> str:
+    """A setting's value as written in env and flags (``""`` for unset or empty).
+
+    >>> format_value(["0", "1"]), format_value(True), format_value(None), format_value(0.01)
+    ('0,1', 'true', '', '0.01')
+    """
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def default_of(field: str) -> str:
+    """A setting's default as written in env and flags (``""`` when it has none)."""
+    return format_value(redact(field, getattr(_DEFAULTS, field)))
+
+
+#: The settings by what they configure, in the order help and docs show them:
+#: group -> (title, names). A name ending in "_" is a prefix; the first group
+#: that names a setting holds it (so "learning" takes the trainer_* left over).
+SETTING_GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "kafka": ("Kafka connection and security",
+              ("bootstrap_servers", "client_id", "security_protocol", "sasl_", "ssl_")),
+    "consumer": ("Kafka consumers", ("consumer_",)),
+    "redis": ("Redis", ("redis_",)),
+    "topics": ("Topics", ("topic_", "max_event_bytes")),
+    "topic_setup": ("Topic creation", ("create_topics", "partitions_", "replication_factor")),
+    "joiner": ("Joiner", ("joiner_",)),
+    "model": ("The model (what the trainer learns; a cold-start node's untrained model)",
+              ("trainer_model", "trainer_task", "trainer_classes", "trainer_features", "trainer_architecture",
+               "trainer_hidden", "trainer_seed")),
+    "checkpoints": ("Checkpoints and trainer state",
+                    ("trainer_checkpoint_", "trainer_state_", "trainer_signing_key", "trainer_group_id",
+                     "trainer_chunk_bytes")),
+    "drift": ("Drift", ("trainer_drift_",)),
+    "learning": ("Learning", ("trainer_",)),
+    "replay": ("Replay", ("replay_",)),
+    "serving": ("Serving", ("serving_",)),
+    "metrics": ("Metrics and health", ("metrics_port", "health_")),
+    "logs": ("Logs", ("log_",)),
+}
+
+
+def group_of(field: str) -> str:
+    """The group (a key of :data:`SETTING_GROUPS`) a setting belongs to.
+
+    >>> group_of("trainer_features"), group_of("trainer_lr"), group_of("sasl_password")
+    ('model', 'learning', 'kafka')
+    """
+    for group, (_, names) in SETTING_GROUPS.items():
+        if any(field.startswith(n) if n.endswith("_") else field == n for n in names):
+            return group
+    raise KeyError(f"setting {field} is in no group of SETTING_GROUPS")
+
+
+def fields_of(groups: Iterable[str]) -> list[str]:
+    """The settings of ``groups``, in :data:`FIELDS` order."""
+    wanted = set(groups)
+    return [f for f in FIELDS if group_of(f) in wanted]
+
+
+# --- loading ---------------------------------------------------------------------
 
 
 def settings_env(settings: Settings, base: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -248,23 +498,12 @@ def settings_env(settings: Settings, base: Mapping[str, str] | None = None) -> d
     {'STREAM_LEARNER_TRAINER_CLASSES': 'no,yes'}
     """
     env = {k: v for k, v in (os.environ if base is None else base).items() if not k.startswith(ENV_PREFIX)}
-    defaults = Settings()
     for field in FIELDS:
         value = getattr(settings, field)
-        if value == getattr(defaults, field) or value is None:
+        if value == getattr(_DEFAULTS, field) or value is None:
             continue
-        if isinstance(value, bool):
-            env[env_name(field)] = "true" if value else "false"
-        elif isinstance(value, (list, tuple)):
-            env[env_name(field)] = ",".join(map(str, value))
-        else:
-            env[env_name(field)] = str(value)
+        env[env_name(field)] = format_value(value)
     return env
-
-
-def flag_name(field: str) -> str:
-    """The command-line flag of a setting (``redis_url`` -> ``--redis-url``)."""
-    return "--" + field.replace("_", "-")
 
 
 #: Settings that are lists: an environment variable or flag gives them comma-separated.
@@ -279,8 +518,14 @@ def _split_lists(field: str, value: Any) -> Any:
     return value
 
 
-def _from_env(env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
-    out: dict[str, tuple[Any, str]] = {}
+class _Layer(typing.NamedTuple):
+    value: Any
+    origin: str  # "env STREAM_LEARNER_X", "file PATH", "flag --x" (config --show-origin)
+    described: str  # for error messages, with the value as given (secrets masked)
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, _Layer]:
+    out: dict[str, _Layer] = {}
     for key, value in env.items():
         if not key.startswith(ENV_PREFIX):
             continue
@@ -289,18 +534,19 @@ def _from_env(env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
             raise ConfigError(f"unknown setting in environment variable {key}")
         if value == "":
             continue  # empty means unset, so compose files can pass ${VAR:-} through
-        out[field] = (_split_lists(field, value), f"environment variable {key}={value!r}")
+        out[field] = _Layer(_split_lists(field, value), f"env {key}",
+                            f"environment variable {key}={redact(field, value)!r}")
     return out
 
 
-def _from_toml(path: Path) -> dict[str, tuple[Any, str]]:
+def _from_toml(path: Path) -> dict[str, _Layer]:
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    out: dict[str, tuple[Any, str]] = {}
+    out: dict[str, _Layer] = {}
     for key, value in data.items():
         if isinstance(value, dict):
             prefix = "" if key == "kafka" else f"{key}_"
@@ -310,7 +556,7 @@ def _from_toml(path: Path) -> dict[str, tuple[Any, str]]:
         for field, v in items:
             if field not in FIELDS or isinstance(v, dict):
                 raise ConfigError(f"unknown setting {field!r} in config file {path}")
-            out[field] = (v, f"config file {path}")
+            out[field] = _Layer(v, f"file {path}", f"config file {path}")
     return out
 
 
@@ -325,6 +571,25 @@ def load_settings(
     ``env`` defaults to ``os.environ``; ``flags`` maps setting names to values
     (``None`` values are ignored, so an argparse namespace can be passed as is).
     """
+    return load_settings_with_origins(env=env, config_file=config_file, flags=flags)[0]
+
+
+def load_settings_with_origins(
+    *,
+    env: Mapping[str, str] | None = None,
+    config_file: str | Path | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> tuple[Settings, dict[str, str]]:
+    """:func:`load_settings`, and where each value came from.
+
+    The origin of a setting is ``default``, ``env STREAM_LEARNER_<NAME>``,
+    ``file <path>`` or ``flag --<name>`` (what ``config --show-origin`` prints).
+
+    >>> s, origins = load_settings_with_origins(env={"STREAM_LEARNER_LOG_LEVEL": "debug"},
+    ...                                         flags={"metrics_port": "9100"})
+    >>> origins["log_level"], origins["metrics_port"], origins["redis_url"]
+    ('env STREAM_LEARNER_LOG_LEVEL', 'flag --metrics-port', 'default')
+    """
     layers = _from_env(os.environ if env is None else env)
     if config_file is not None:
         layers.update(_from_toml(Path(config_file)))
@@ -332,15 +597,18 @@ def load_settings(
         if field not in FIELDS:
             raise ConfigError(f"unknown setting {field!r} passed as a flag")
         if value is not None:
-            layers[field] = (_split_lists(field, value), f"flag {flag_name(field)}={value!r}")
-    values = {field: value for field, (value, _) in layers.items()}
+            layers[field] = _Layer(_split_lists(field, value), f"flag {flag_name(field)}",
+                                   f"flag {flag_name(field)}={redact(field, value)!r}")
+    values = {field: layer.value for field, layer in layers.items()}
     try:
-        return msgspec.convert(values, Settings, strict=False)
+        settings = msgspec.convert(values, Settings, strict=False)
     except msgspec.ValidationError as exc:
         msg = str(exc)
         m = re.search(r" - at `\$\.(\w+)`$", msg)
         if m:
             field = m.group(1)
-            where = layers[field][1] if field in layers else "default"
+            where = layers[field].described if field in layers else "default"
             raise ConfigError(f"invalid setting {field} (from {where}): {msg[: m.start()]}") from None
-        raise ConfigError(f"invalid settings: {msg}") from None
+        raise ConfigError(f"invalid settings: {mask_secrets(msg)}") from None
+    origins = {field: layers[field].origin if field in layers else "default" for field in FIELDS}
+    return settings, origins

@@ -15,6 +15,10 @@ class ConfigError(StreamLearnerError):
     """A setting is missing, unknown or invalid; the message names it."""
 
 
+class MissingTopicError(StreamLearnerError):
+    """A topic a role needs does not exist, and creating it was not asked for (``create_topics``)."""
+
+
 class EventError(StreamLearnerError):
     """An event could not be decoded or encoded.
 

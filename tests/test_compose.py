@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -276,13 +279,50 @@ def test_bundled_endpoints_match_the_infra_services():
         assert settings.redis_url.split("://", 1)[1].split(":")[0] == "redis"
 
 
-@pytest.mark.parametrize("name", [n for n in LEARNER_SERVICES if n not in ONE_SHOT_SERVICES])
-def test_healthcheck_probes_the_configured_metrics_port(name):
-    service = _service(name)
-    port = load_settings(env=container_env(name)).metrics_port
-    assert port is not None, f"{name} serves no metrics for its healthcheck"
-    probe = " ".join(map(str, service["healthcheck"]["test"]))
-    assert f"http://localhost:{port}/metrics" in probe
+LONG_RUNNING = [n for n in LEARNER_SERVICES if n not in ONE_SHOT_SERVICES]
+
+
+def _probe(name: str) -> list[str]:
+    test = _service(name)["healthcheck"]["test"]
+    assert test[0] == "CMD", f"{name}: the probe runs without a shell"
+    return [str(t) for t in test[1:]]
+
+
+@pytest.mark.parametrize("name", LONG_RUNNING)
+def test_healthcheck_probes_the_roles_health(name):
+    # /health, not /metrics: a role that cannot make progress answers 503 there, while its metrics page
+    # still answers. The serving node's own /health (its HTTP port) says whether it has a model to serve.
+    settings = load_settings(env=container_env(name))
+    port = settings.serving_port if name == "serving" else settings.metrics_port
+    assert port is not None, f"{name} serves no /health for its healthcheck"
+    probe = " ".join(_probe(name))
+    assert f"http://localhost:{port}/health" in probe
+    assert "/metrics" not in probe
+
+
+@pytest.mark.parametrize("name", LONG_RUNNING)
+def test_the_healthcheck_fails_on_an_unhealthy_answer_and_passes_on_a_healthy_one(name):
+    # The probe as compose runs it, against a real /health server that answers 503, then 200.
+    from stream_learner.health import Health
+    from stream_learner.local import free_port
+    from stream_learner.metrics import Metrics
+
+    now = [0.0]
+    metrics = Metrics(roles=[], health=Health(stall_s=1, clock=lambda: now[0]))
+    metrics.health.expect("role")
+    port = free_port()
+    server = metrics.serve(port, addr="127.0.0.1")
+    argv = [re.sub(r"localhost:\d+", f"127.0.0.1:{port}", a) for a in _probe(name)]
+    assert argv[0] == "python"
+    argv[0] = sys.executable
+    try:
+        assert subprocess.run(argv, capture_output=True, timeout=30).returncode != 0  # 503: unhealthy
+        metrics.health.role("role").beat()
+        ok = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        assert ok.returncode == 0, ok.stderr
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_an_invalid_value_would_be_caught():
@@ -374,3 +414,129 @@ def test_dockerignore_keeps_local_state_out_of_the_image():
     assert any("__pycache__" in p for p in patterns)
     for needed in ("pyproject.toml", "stream_learner", "docker", "."):
         assert needed not in patterns, f".dockerignore drops {needed}, which the build needs"
+
+
+# --- secrets -----------------------------------------------------------------
+
+PRIVATE_KEY, PUBLIC_KEY = "signing.pem", "signing.pub.pem"  # what `keys generate` writes
+
+
+def _secret_files(name: str) -> dict[str, str]:
+    """A service's compose secrets: the path inside the container -> the host file."""
+    compose = _compose()
+    out = {}
+    for entry in _service(name).get("secrets") or []:
+        source = entry if isinstance(entry, str) else entry["source"]
+        target = source if isinstance(entry, str) else entry.get("target", source)
+        path = target if target.startswith("/") else f"/run/secrets/{target}"
+        out[path] = compose["secrets"][source]["file"]
+    return out
+
+
+def _bind_sources(name: str) -> list[str]:
+    return [str(v).split(":")[0] if isinstance(v, str) else str(v.get("source", ""))
+            for v in _service(name).get("volumes") or []]
+
+
+def test_keys_generate_writes_the_files_compose_mounts(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "stream_learner.cli", "keys", "generate", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([PRIVATE_KEY, PUBLIC_KEY])
+
+
+def test_the_serving_node_gets_only_the_public_key():
+    files = _secret_files("serving")
+    assert files and all(Path(f).name == PUBLIC_KEY for f in files.values()), files
+    assert not [s for s in _bind_sources("serving") if "secrets" in s], "serving mounts the secrets directory"
+    keys = load_settings(env=container_env("serving")).serving_public_keys
+    assert keys and set(keys) <= set(files), f"serving_public_keys {keys} are not its mounted secrets {files}"
+
+
+def test_only_the_trainer_gets_the_private_key():
+    for name in _compose()["services"]:
+        files = _secret_files(name) if _service(name).get("secrets") else {}
+        has_private = any(Path(f).name == PRIVATE_KEY for f in files.values())
+        assert has_private == (name == "trainer"), name
+        assert not [s for s in _bind_sources(name) if "secrets" in s], f"{name} mounts the secrets directory"
+    signing_key = load_settings(env=container_env("trainer")).trainer_signing_key
+    assert signing_key in _secret_files("trainer") and Path(_secret_files("trainer")[signing_key]).name == PRIVATE_KEY
+
+
+def test_secrets_are_ignored_by_git_and_docker():
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    for path in (f"secrets/{PRIVATE_KEY}", f"secrets/{PUBLIC_KEY}", PRIVATE_KEY, f"docker/{PRIVATE_KEY}"):
+        ignored = subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=ROOT)
+        assert ignored.returncode == 0, f"git would commit {path}"
+    patterns = {line.strip().rstrip("/") for line in DOCKERIGNORE.read_text().splitlines()
+                if line.strip() and not line.startswith("#")}
+    assert {"secrets", "**/*.pem", ".env"} <= patterns
+
+
+def test_the_image_copies_only_what_the_package_is_built_from():
+    # `COPY . .` would put secrets/ (or anything else lying in the checkout) into the image.
+    copies = [a.split() for i, a in _dockerfile_instructions() if i in ("COPY", "ADD")]
+    sources = [src for args in copies for src in [a for a in args if not a.startswith("--")][:-1]]
+    assert sources and set(sources) <= {"pyproject.toml", "README.md", "stream_learner"}, sources
+
+
+# --- the serving profile ------------------------------------------------------
+
+
+def test_the_serving_service_cold_starts_only_when_asked():
+    assert build_parser().parse_args(_command(_service("serving"))).serving_cold_start is None
+    assert load_settings(env=container_env("serving")).serving_cold_start is False
+    asked = container_env("serving", {"STREAM_LEARNER_SERVING_COLD_START": "true"})
+    assert load_settings(env=asked).serving_cold_start is True
+
+
+@pytest.mark.slow
+def test_the_serving_service_serves_an_existing_deployment(settings, keypair, tmp_path):
+    """The compose `serving` service, as `--profile serving` runs it for a deployment with checkpoints."""
+    import http.client
+    import json
+    import time
+
+    from cryptography.hazmat.primitives import serialization
+
+    from stream_learner.bus import make_producer
+    from stream_learner.local import free_port
+
+    from .serving.conftest import MODEL, publish
+
+    producer = make_producer(settings)
+    publish(producer, settings.topic_models, keypair[0], 2)
+    producer.close()
+    # Only the model's name comes from the shell: its features are the trainer's business.
+    env = container_env("serving", {"STREAM_LEARNER_TRAINER_MODEL": MODEL})
+    public = tmp_path / PUBLIC_KEY  # what compose mounts at the serving_public_keys path
+    public.write_bytes(keypair[1].public_bytes(serialization.Encoding.PEM,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo))
+    port = free_port()
+    env.update({"STREAM_LEARNER_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+                "STREAM_LEARNER_REDIS_URL": settings.redis_url,
+                "STREAM_LEARNER_TOPIC_MODELS": settings.topic_models,
+                "STREAM_LEARNER_TOPIC_PREDICTIONS": settings.topic_predictions,
+                "STREAM_LEARNER_SERVING_PUBLIC_KEYS": str(public), "STREAM_LEARNER_SERVING_HOST": "127.0.0.1",
+                "STREAM_LEARNER_SERVING_PORT": str(port), "STREAM_LEARNER_METRICS_PORT": str(free_port())})
+    proc = subprocess.Popen([sys.executable, "-m", "stream_learner.cli", *_command(_service("serving"))],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline, health = time.monotonic() + 60, None
+        while time.monotonic() < deadline and health is None:
+            assert proc.poll() is None, (proc.stdout.read() if proc.stdout else b"").decode()[-3000:]
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("GET", "/health")
+                resp = conn.getresponse()
+                if resp.status == 200:
+                    health = json.loads(resp.read())
+                conn.close()
+            except OSError:
+                pass
+            time.sleep(0.2)
+        assert health is not None and health["version"] == 2 and health["model"] == MODEL
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)

@@ -1,11 +1,22 @@
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
 
 from stream_learner.bus import kafka_options
-from stream_learner.config import FIELDS, Settings, env_name, load_settings
+from stream_learner.config import (
+    FIELDS,
+    SETTING_GROUPS,
+    Settings,
+    env_name,
+    field_docs,
+    group_of,
+    load_settings,
+    load_settings_with_origins,
+)
 from stream_learner.errors import ConfigError
 
 
@@ -112,3 +123,53 @@ def test_every_field_is_settable_from_its_env_variable() -> None:
         else:
             text = str(value).lower() if isinstance(value, bool) else str(value)
         assert getattr(load_settings(env={env_name(field): text}), field) == value, field
+
+
+def test_passwords_inside_urls_are_masked_wherever_settings_are_shown() -> None:
+    s = Settings(redis_url="redis://app:hunter2@cache:6379/0", redis_password="r3dis", sasl_password="s4sl",
+                 ssl_password="k3y", serving_public_keys=["/keys/a.pem"])
+    shown = s.redacted()
+    assert shown["redis_url"] == "redis://app:***@cache:6379/0"
+    assert shown["redis_password"] == shown["sasl_password"] == shown["ssl_password"] == "***"
+    text = json.dumps(shown)
+    assert not {"hunter2", "r3dis", "s4sl", "k3y"} & set(re.findall(r"\w+", text))
+    assert shown["serving_public_keys"] == ["/keys/a.pem"]  # not secrets: shown as they are
+    # A URL with a token for its user, or a password in the query, is masked too.
+    assert Settings(redis_url="rediss://t0ken@cache:6380/0?password=x").redacted()["redis_url"] == \
+        "rediss://***@cache:6380/0?password=***"
+
+
+@pytest.mark.parametrize("where", ["flag", "env"])
+def test_configuration_errors_name_the_setting_but_not_its_credentials(where: str) -> None:
+    bad = "http://app:hunter2@cache:6379/0"  # not a redis:// URL: refused, and echoed
+    with pytest.raises(ConfigError) as err:
+        if where == "flag":
+            load_settings(env={}, flags={"redis_url": bad})
+        else:
+            load_settings(env={"STREAM_LEARNER_REDIS_URL": bad})
+    message = str(err.value)
+    assert "invalid setting redis_url" in message and "http://app:***@cache:6379/0" in message
+    assert "hunter2" not in message
+
+
+def test_every_setting_has_a_meaning_and_a_group() -> None:
+    docs = field_docs()
+    assert [f for f in FIELDS if not docs.get(f)] == []
+    groups = {f: group_of(f) for f in FIELDS}  # raises for a setting in no group
+    assert set(groups.values()) == set(SETTING_GROUPS)  # and no group is empty
+    assert groups["trainer_features"] == "model" and groups["trainer_lr"] == "learning"
+    assert "password" in docs["redis_password"] and "masked" in docs["redis_password"]
+
+
+def test_origins_say_default_env_file_or_flag(tmp_path: Path) -> None:
+    cfg = tmp_path / "sl.toml"
+    cfg.write_text("[joiner]\nwindow_ms = 5000\n")
+    settings, origins = load_settings_with_origins(
+        env={"STREAM_LEARNER_LOG_LEVEL": "debug", "STREAM_LEARNER_JOINER_WINDOW_MS": "7000"},
+        config_file=cfg, flags={"metrics_port": "9100", "log_format": None})
+    assert settings.joiner_window_ms == 5000 and settings.metrics_port == 9100
+    assert origins["log_level"] == "env STREAM_LEARNER_LOG_LEVEL"
+    assert origins["joiner_window_ms"] == f"file {cfg}"  # the file beat the environment
+    assert origins["metrics_port"] == "flag --metrics-port"
+    assert origins["log_format"] == origins["redis_url"] == "default"
+    assert set(origins) == set(FIELDS)

@@ -25,7 +25,7 @@ from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 import msgspec
 
-from .detectors import ADWINDetector, Alarm, BatchDetector, Detector, PageHinkleyDetector, Signal
+from .detectors import ADWINDetector, Alarm, Detector, PageHinkleyDetector, Signal
 from .state import STATE_FORMAT, IncompatibleStateError, MonitorState, check_format, convert
 
 
@@ -210,8 +210,12 @@ class DriftMonitor:
 
 def _feed(det: Detector, xs: list[float]) -> tuple[list[tuple[int, Alarm]], list[float]]:
     """``det.update_many(xs)``, or what it would return, for a detector without one."""
-    if isinstance(det, BatchDetector):
-        return det.update_many(xs)
+    # getattr, not isinstance: a runtime Protocol check walks the protocol's attributes on every
+    # call (it was 4% of the learner's time).
+    many = getattr(det, "update_many", None)
+    if many is not None:
+        batch: tuple[list[tuple[int, Alarm]], list[float]] = many(xs)
+        return batch
     alarms: list[tuple[int, Alarm]] = []
     estimates: list[float] = []
     for j, x in enumerate(xs):

@@ -443,13 +443,5 @@ class Joiner:
     def _observe(self, watermark: int) -> None:
         if watermark >= 0:
             self.metrics.joiner_watermark_lag.set(max(0, self.clock() - watermark) / 1000)
-        lag = 0
-        for tp in self.consumer.assignment():
-            highwater = self.consumer.highwater(tp)
-            try:
-                position = self.consumer.position(tp, timeout_ms=0)
-            except KafkaError:
-                continue
-            if highwater is not None and position is not None:
-                lag += max(0, highwater - position)
-        self.metrics.joiner_consumer_lag.set(lag)
+        # The lag gauge, and this cycle's progress for /health.
+        self.metrics.observe_consumer("joiner", self.consumer)

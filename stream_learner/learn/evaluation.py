@@ -123,7 +123,7 @@ class ServedClasses:
                 i = self.class_index.get(class_name(k))
                 if len(index) < 4096:  # probability keys are the class names: a handful
                     index[k] = i
-            if isinstance(i, int):
+            if i is not None:
                 probs[i] = v
         if not probs:
             return None

@@ -14,7 +14,9 @@ Endpoints (JSON):
   (one model version serves the whole batch). ``request_id`` is optional
   (a random one is made). Invalid input: 400 with the field named; no model
   yet: 503.
-* ``GET /health`` — 200 with the current version once a model serves, else 503.
+* ``GET /health`` — 200 once a model serves, with ``model``, ``model_version``
+  (a string, as in ``/predict`` and the prediction events) and ``version``
+  (the same number as an integer, as in ``/model``); else 503.
 * ``GET /model`` — the subscriber's status, the manifest's version, parent,
   metrics and counts, and the history of swaps (version, time).
 * ``GET /metrics`` — Prometheus text.
@@ -471,6 +473,8 @@ class ServingNode:
                 self._inflight_bytes -= length
             self.telemetry.http_inflight.set(self._inflight + self._inflight_light)
         await self._write(writer, _response(status, answer, close=not keep_alive), deadline)
+        self.metrics.serving_request_seconds.labels(code=str(int(status))).observe(
+            time.monotonic() - (deadline - limits.request_timeout_s))
         return keep_alive
 
     async def _write(self, writer: asyncio.StreamWriter, data: bytes, deadline: float) -> None:
@@ -488,8 +492,8 @@ class ServingNode:
             served = self.current
             if served is None:
                 return HTTPStatus.SERVICE_UNAVAILABLE, {"status": "no model yet"}, "application/json"
-            return HTTPStatus.OK, {"status": "ok", "model": served.model, "model_version": served.version}, \
-                "application/json"
+            return HTTPStatus.OK, {"status": "ok", "model": served.model, "model_version": str(served.version),
+                                   "version": served.version}, "application/json"
         if path == "/model":
             return HTTPStatus.OK, self.model_info(), "application/json"
         if path == "/metrics":
@@ -649,6 +653,7 @@ def run_node(settings: Settings, metrics: Metrics, *, stop: threading.Event, col
     fallback = cold_start_model(settings) if cold_start else None
     node = ServingNode(subscriber, sdk=sdk, metrics=metrics, host=settings.serving_host,
                        port=settings.serving_port, fallback=fallback, limits=NodeLimits.from_settings(settings))
+    metrics.health.add_check("serving", lambda: _has_model(node))
     subscriber.start(wait_s=None)
     node.start()
     try:
@@ -657,6 +662,12 @@ def run_node(settings: Settings, metrics: Metrics, *, stop: threading.Event, col
         node.stop()
         subscriber.stop()
         sdk.close()
+
+
+def _has_model(node: ServingNode) -> tuple[bool, str]:
+    """The serving role's health on the metrics port: healthy while it has a model to serve."""
+    served = node.current
+    return (False, "no model yet") if served is None else (True, f"serving {served.model} v{served.version}")
 
 
 def cold_start_model(settings: Settings) -> ServedModel:

@@ -69,3 +69,27 @@ def test_restart_resumes_from_its_state_not_from_kafka(tsettings: Settings) -> N
     assert second.learner.counts["labeled"] == 2000  # none applied twice, none skipped
     versions = [m.version for m in first.published + second.published]
     assert versions == list(range(1, len(versions) + 1))
+
+
+def test_rolling_metrics_and_consumer_lag_are_gauges_with_the_model_label(tsettings: Settings) -> None:
+    from stream_learner.metrics import Metrics
+
+    produce_examples(tsettings, agrawal_examples(2000, unlabeled=0.2))
+    metrics = Metrics(roles=["trainer"])
+    metrics.rolling_every_s = 0  # every chunk, so the last values are the learner's last
+    trainer = Trainer(tsettings, metrics=metrics)
+    try:
+        run_until(trainer, 2000)
+        trainer.step()
+        summary = trainer.learner.summary()
+    finally:
+        trainer.close()
+    value = metrics.registry.get_sample_value
+    for name in ("accuracy", "log_loss", "served_accuracy"):
+        gauge = value(f"stream_learner_trainer_rolling_{name}", {"model": "m"})
+        assert gauge == summary[f"{name}_rolling"], name
+    assert 0.5 < value("stream_learner_trainer_rolling_accuracy", {"model": "m"}) <= 1
+    assert value("stream_learner_trainer_rolling_mae", {"model": "m"}) is None  # a classifier: no MAE
+    assert value("stream_learner_trainer_consumer_lag_records") == 0
+    healthy, body = metrics.health.status()
+    assert healthy and body["roles"]["trainer"]["unread_records"] == 0

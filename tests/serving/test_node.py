@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -84,7 +85,7 @@ def test_predictions_are_served_stamped_and_logged_then_a_checkpoint_is_swapped_
     assert isinstance(cold["prediction"], float)
 
     publish(producer, node_settings.topic_models, keypair[0], 3)
-    wait_for(lambda: call(node.url, "GET", "/health")[1].get("model_version") == 3, what="v3 served")
+    wait_for(lambda: call(node.url, "GET", "/health")[1].get("model_version") == "3", what="v3 served")
     status, one = call(node.url, "POST", "/predict", {"request_id": "r-1", "features": ROW})
     assert status == 200 and one == {"request_id": "r-1", "model": MODEL, "model_version": "3", "prediction": 12.0}
     status, batch = call(node.url, "POST", "/predict",
@@ -165,7 +166,7 @@ def test_the_serve_command_runs_a_node_until_sigterm(node_settings: Settings, pr
     try:
         def ready() -> bool:
             try:
-                return call(url, "GET", "/health")[1].get("model_version") == 5
+                return call(url, "GET", "/health")[1].get("model_version") == "5"
             except OSError:
                 assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
                 return False
@@ -195,3 +196,58 @@ def test_cold_start_is_the_trainers_untrained_model(node_settings: Settings) -> 
     assert served.version == 0 and served.spec == config.spec
     for name, tensor in learner.main.model.state_dict().items():
         assert bool((served.network.state_dict()[name] == tensor).all()), name
+
+
+def test_health_and_predict_give_the_model_version_alike_and_requests_are_timed(node: ServingNode) -> None:
+    status, health = call(node.url, "GET", "/health")
+    status_p, answer = call(node.url, "POST", "/predict", {"features": ROW})
+    assert status == status_p == 200
+    # The same string everywhere a body says model_version (as in the prediction events); version: the integer.
+    assert health["model_version"] == answer["model_version"] == "0" and health["version"] == 0
+    assert call(node.url, "POST", "/predict", {"features": {"a": "high"}})[0] == 400
+    registry = node.metrics.registry
+    assert registry.get_sample_value("stream_learner_serving_request_seconds_count", {"code": "200"}) == 1
+    assert registry.get_sample_value("stream_learner_serving_request_seconds_count", {"code": "400"}) == 1
+    assert 0 < registry.get_sample_value("stream_learner_serving_request_seconds_sum", {"code": "200"}) < 5
+    call(node.url, "GET", "/model")  # not a prediction: not timed
+    assert registry.get_sample_value("stream_learner_serving_request_seconds_count", {"code": "200"}) == 1
+
+
+@pytest.mark.slow
+def test_the_serve_process_exports_serving_metrics_only_and_its_health(
+        node_settings: Settings, producer: Any, keypair: Any, tmp_path: Path) -> None:
+    pub = tmp_path / "signing.pub.pem"
+    pub.write_bytes(keypair[1].public_bytes(serialization.Encoding.PEM,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo))
+    publish(producer, node_settings.topic_models, keypair[0], 5)
+    port, metrics_port = free_port(), free_port()
+    env = settings_env(msgspec.structs.replace(node_settings, serving_public_keys=[str(pub)], serving_port=port,
+                                               metrics_port=metrics_port))
+    proc = subprocess.Popen([sys.executable, "-m", "stream_learner.cli", "serve"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def ready() -> bool:
+            try:
+                return call(url, "GET", "/health")[0] == 200
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+                return False
+
+        wait_for(ready, timeout_s=60, what="the serve process to serve v5")
+        assert call(url, "POST", "/predict", {"features": ROW})[0] == 200
+        for where in (url, f"http://127.0.0.1:{metrics_port}"):
+            text = call(where, "GET", "/metrics")[1]
+            names = set(re.findall(r"^# TYPE (\S+)", text, re.M))
+            assert not {n for n in names if n.startswith(("stream_learner_joiner_", "stream_learner_trainer_",
+                                                          "stream_learner_events_decoded"))}, names
+            assert {"stream_learner_serving_model_version", "stream_learner_serving_request_seconds",
+                    "stream_learner_sdk_events_total", "stream_learner_build_info",
+                    "process_cpu_seconds_total"} <= names
+            assert 'stream_learner_serving_request_seconds_count{code="200"} 1.0' in text
+        status, health = call(f"http://127.0.0.1:{metrics_port}", "GET", "/health")
+        assert status == 200 and health["roles"]["serving"] == {"healthy": True, "detail": f"serving {MODEL} v5"}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=30)[0].decode()
+    assert proc.returncode in (0, 130), out[-2000:]

@@ -17,12 +17,18 @@ kind, the checkpoints, when the drift was detected, and the freshness of
 each label: from the moment the application sent it to the moment the node
 served a model whose manifest says it trained on that label's example.
 
+Afterwards the model version served when the concept changed answers every
+request again, read back from the model topic, to show what users would
+have been served without learning (:mod:`.baseline`).
+
 Writes ``summary.json`` and ``report.html`` (an SVG plot of served accuracy
-over time marked with the drift, its detection and the model versions) to
-the output directory.
+over time, with and without learning, marked with the drift, its detection
+and the model versions, and the latency on the same time axis) to the output
+directory.
 
 * :mod:`.app` — the simulated application and its traffic;
 * :mod:`.monitor` — what the topics say while it runs, the progress line;
+* :mod:`.baseline` — the static model's answers to the same requests;
 * :mod:`.report` — the summary, its text, the HTML page and SVG plot;
 * :mod:`.job` — the orchestration: servers, processes, warm-up, the wait.
 """

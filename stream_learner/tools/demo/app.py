@@ -43,6 +43,8 @@ class DemoConfig:
     clients: int = 2  # concurrent application threads
     seed: int = 7
     out: Path = Path("demo-report")
+    # Requests in the rolling accuracy: the one window of the progress line, the plot and the summary.
+    rolling_window: int = 500
 
     @property
     def requests(self) -> int:
@@ -68,11 +70,13 @@ def demo_rows(config: DemoConfig) -> list[Row]:
 
 @dataclass
 class Served:
-    """What the application saw for one request."""
+    """What the application saw for one request: when the answer came (s after the start), from which
+    model version, whether it was right, and how long the node took to answer (HTTP round trip)."""
 
     sent_at: float
     version: int
     correct: bool
+    latency_s: float = 0.0
 
 
 class LabelSender(threading.Thread):
@@ -177,6 +181,7 @@ class Application:
                 self.drift_time.append(time.time())
             features, y = rows[i]
             request_id = f"req-{i}"
+            asked = time.perf_counter()
             try:
                 conn.request("POST", "/predict", json.dumps({"request_id": request_id, "features": features}),
                              {"Content-Type": "application/json"})
@@ -192,9 +197,10 @@ class Application:
                 conn.close()
                 conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
                 continue
+            latency = time.perf_counter() - asked
             probs = body["prediction"]
             self.served[i] = Served(time.time() - self.t0, int(body["model_version"]),
-                                    int(max(probs, key=probs.get)) == y)
+                                    int(max(probs, key=probs.get)) == y, latency)
             fate = self.fates[i]
             if fate < config.label_missing:
                 continue

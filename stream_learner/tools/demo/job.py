@@ -29,6 +29,7 @@ from ...errors import StreamLearnerError
 from ...local import LocalServers, free_port
 from ...sdk import PredictionLogger
 from .app import FEATURES, MODEL, PROBE, Application, DemoConfig, Row, demo_rows
+from .baseline import static_baseline
 from .monitor import Monitor, Progress
 from .report import report_html, summarize
 
@@ -127,14 +128,14 @@ def _play(settings: Settings, config: DemoConfig, rows: list[Row], port: int,
     sdk = PredictionLogger(settings=settings, model=MODEL)
     try:
         _warm_up(sdk, monitor, procs)
-        return _traffic(config, rows, port, monitor, sdk, progress)
+        return _traffic(settings, config, rows, port, monitor, sdk, progress)
     finally:  # already done on success; on an error, do not leave them running
         monitor.stop.set()
         sdk.close()
 
 
-def _traffic(config: DemoConfig, rows: list[Row], port: int, monitor: Monitor, sdk: PredictionLogger,
-             progress: bool) -> dict[str, Any]:
+def _traffic(settings: Settings, config: DemoConfig, rows: list[Row], port: int, monitor: Monitor,
+             sdk: PredictionLogger, progress: bool) -> dict[str, Any]:
     app = Application(config, rows, port, sdk)
     app.start()
     reporter = Progress(config, app.served, monitor, app.t0, app.drift_time, enabled=progress)
@@ -156,11 +157,13 @@ def _traffic(config: DemoConfig, rows: list[Row], port: int, monitor: Monitor, s
     monitor.join()
     sdk.close()
     _, model_info = _get(port, "/model")
+    baseline = static_baseline(settings, rows, app.served, config.drift_index)
     summary = summarize(config, app.served, app.failures, monitor.seen, app.labels.sent_at, model_info, app.t0,
-                        app.drift_wall, sdk.stats)
+                        app.drift_wall, sdk.stats, baseline)
     summary["complete"] = complete
     (config.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (config.out / "report.html").write_text(report_html(config, app.served, app.t0, app.drift_wall, summary))
+    (config.out / "report.html").write_text(report_html(config, app.served, app.t0, app.drift_wall, summary,
+                                                        baseline))
     return summary
 
 
@@ -199,6 +202,6 @@ def _caught_up(monitor: Monitor, port: int, predictions: int, labels: int) -> bo
         if any(applied.get(p, 0) < end for p, end in seen.examples_end.items()):
             return False
     try:
-        return bool(_get(port, "/health")[1].get("model_version") == newest.version)
+        return bool(_get(port, "/health")[1].get("version") == newest.version)
     except OSError:
         return False

@@ -124,7 +124,7 @@ class Progress(threading.Thread):
     def line(self) -> str:
         """The current status line."""
         done = [s for s in self.served if s is not None]
-        recent = done[-1000:]
+        recent = done[-self.config.rolling_window:]
         acc = sum(s.correct for s in recent) / len(recent) if recent else float("nan")
         drift_ms = self.drift_time[0] * 1000 if self.drift_time else None
         with self.monitor.lock:
@@ -137,4 +137,5 @@ class Progress(threading.Thread):
             drift += f", detected by {drifts[0].detector}"
         version = done[-1].version if done else "-"
         return (f"[{time.time() - self.t0:5.1f}s] served {len(done):>6,}/{self.config.requests:,}  "
-                f"examples {examples:>6,}  served acc (last 1k) {acc:.3f}  model v{version}  {drift}   ")
+                f"examples {examples:>6,}  served acc (last {self.config.rolling_window}) {acc:.3f}  model v{version}  "
+                f"{drift}   ")

@@ -3,7 +3,12 @@
 Served accuracy is scored by the application; the join, the checkpoints and
 the drift detections come from the monitor; freshness is, per label, the time
 from the application sending it to the node serving a model whose manifest
-says it trained on that label's example.
+says it trained on that label's example. The static baseline (what users
+would have been served without learning) is :mod:`.baseline`'s.
+
+One rolling window (``DemoConfig.rolling_window`` requests, in request order)
+makes the accuracy curves: the plot draws them and the summary's worst point
+and recovery are read off the same curves (:class:`Curves`).
 """
 
 from __future__ import annotations
@@ -12,10 +17,13 @@ import json
 import math
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
+from html import escape
 from typing import Any
 
 from ...sdk import SDKStats
 from .app import DemoConfig, Served
+from .baseline import Baseline
 from .monitor import Observed
 
 
@@ -46,20 +54,69 @@ def quantile(values: Sequence[float], q: float) -> float | None:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
+@dataclass(frozen=True)
+class Curves:
+    """The rolling accuracy of what was served, and of the static baseline, per answered request.
+
+    ``index`` holds the answered requests in request order; ``live[n]`` and
+    ``static[n]`` are the accuracies over the ``window`` answered requests
+    ending at ``index[n]`` (``static`` is ``None`` without a baseline; before
+    its first request it equals ``live``: both worlds served the same).
+    """
+
+    window: int
+    index: list[int]
+    live: list[float]
+    static: list[float] | None
+
+    @classmethod
+    def of(cls, served: Sequence[Served | None], window: int, baseline: Baseline | None) -> Curves:
+        """The curves of a run."""
+        index = [i for i, s in enumerate(served) if s is not None]
+        live = rolling([s.correct for s in served if s is not None], window)
+        static = None
+        if baseline is not None:
+            static = rolling([bool(baseline.correct[i]) for i in index], window)
+        return cls(window, index, live, static)
+
+    def full_after(self, request: int) -> list[int]:
+        """Positions whose window holds only requests from ``request`` on."""
+        start = next((n for n, i in enumerate(self.index) if i >= request), len(self.index))
+        return list(range(start + self.window - 1, len(self.index)))
+
+
+def _drop(curve: list[float], positions: list[int]) -> float:
+    return min((curve[n] for n in positions), default=float("nan"))
+
+
+def _mean(values: Sequence[bool]) -> float | None:
+    return round(sum(values) / len(values), 4) if values else None
+
+
 def summarize(config: DemoConfig, served: list[Served | None], failures: Counter[str], seen: Observed,
               label_sent_at: dict[str, float], model_info: dict[str, Any], t0: float, drift_wall: float | None,
-              sdk_stats: SDKStats) -> dict[str, Any]:
+              sdk_stats: SDKStats, baseline: Baseline | None = None) -> dict[str, Any]:
     """The summary of a run, as ``summary.json`` has it."""
     answered = [(i, s) for i, s in enumerate(served) if s is not None]
     k = config.drift_index
-    window = 500
+    curves = Curves.of(served, config.rolling_window, baseline)
+    after = curves.full_after(k)
     before = [s.correct for i, s in answered if k - 3000 <= i < k]
-    after_all = [s for i, s in answered if i >= k]
-    rolling_after = rolling([s.correct for s in after_all], window)
     pre_acc = sum(before) / len(before) if before else float("nan")
-    worst = min(rolling_after[window:], default=float("nan"))
-    recovered_at = next((n for n, a in enumerate(rolling_after) if n >= window and a >= 0.95 * pre_acc), None)
+    worst = _drop(curves.live, after)
+    recovered = next((n for n in after if curves.live[n] >= 0.95 * pre_acc), None)
+    after_all = [s for i, s in answered if i >= k]
     final = [s.correct for s in after_all[-3000:]]
+    static: dict[str, Any] | None = None
+    if baseline is not None and curves.static is not None:
+        kept = [(i, bool(baseline.correct[i])) for i, _ in answered]
+        static = {
+            "version": baseline.version, "from_request": baseline.first,
+            "after_drift": _mean([c for i, c in kept if i >= k]),
+            "worst_after_drift": round(_drop(curves.static, after), 4),
+            "final": _mean([c for _, c in kept if _ >= k][-3000:]),
+        }
+    latencies = [s.latency_s * 1000 for _, s in answered]
     drifts = [d for d in seen.drift if d.kind == "drift"]
     detected = next((d for d in drifts if drift_wall is not None and d.event_time / 1000 >= drift_wall), None)
     # Freshness: label sent -> the node serves a version that trained on its example.
@@ -88,11 +145,15 @@ def summarize(config: DemoConfig, served: list[Served | None], failures: Counter
         "join_rates": {kind: round(seen.examples[kind] / total, 4) for kind in ("labeled", "unlabeled", "late")},
         "served_accuracy": {
             "before_drift": round(pre_acc, 4),
+            "after_drift": _mean([s.correct for s in after_all]),
             "worst_after_drift": round(worst, 4),
-            "final": round(sum(final) / len(final), 4) if final else None,
-            "recovered_to_95pct_after_requests": recovered_at,
-            "rolling_window": window,
+            "final": _mean(final),
+            "recovered_to_95pct_after_requests": None if recovered is None else curves.index[recovered] - k,
+            "rolling_window": curves.window,
         },
+        "static_baseline": static,
+        "latency_ms": {"p50": _round(quantile(latencies, 0.5)), "p99": _round(quantile(latencies, 0.99)),
+                       "max": _round(max(latencies, default=None))},
         "drift": {
             "at_request": k,
             "at_s": round(drift_wall - t0, 2) if drift_wall else None,
@@ -114,75 +175,178 @@ def summarize(config: DemoConfig, served: list[Served | None], failures: Counter
 def describe(summary: dict[str, Any]) -> str:
     """The summary in a few lines for a person (the JSON has everything)."""
     r, acc, d, c, f = (summary[k] for k in ("requests", "served_accuracy", "drift", "checkpoints", "freshness_s"))
-    ex = summary["examples"]
+    ex, lat, static = summary["examples"], summary["latency_ms"], summary["static_baseline"]
     detected = (f"detected {d['detected_after_s']} s later by {d['detector']}" if d["detected_after_s"] is not None
                 else "not detected")
-    return "\n".join([
+    lines = [
         f"requests   {r['answered']:,} answered of {r['sent']:,}, failed: {r['failed'] or 'none'}",
         (f"examples   {ex['labeled']:,} labeled, {ex['unlabeled']:,} unlabeled, {ex['late']:,} late"
          f" (all accounted for: {'yes' if summary['complete'] else 'NO'})"),
-        (f"served acc before the drift {acc['before_drift']}, worst after {acc['worst_after_drift']},"
-         f" final {acc['final']}; back to 95% after {acc['recovered_to_95pct_after_requests']} requests"),
+        (f"served acc before the drift {acc['before_drift']}, after {acc['after_drift']} (worst"
+         f" {acc['worst_after_drift']} over {acc['rolling_window']} requests), final {acc['final']};"
+         f" back to 95% after {acc['recovered_to_95pct_after_requests']} requests"),
+    ]
+    if static is not None:
+        lines.append(f"no learning v{static['version']} kept from request {static['from_request']:,}: after the drift"
+                     f" {static['after_drift']} (worst {static['worst_after_drift']}), final {static['final']}")
+    lines += [
+        f"latency    p50 {lat['p50']} ms, p99 {lat['p99']} ms, max {lat['max']} ms (request -> answer)",
         f"drift      at {d['at_s']} s (request {d['at_request']:,}), {detected}",
         f"models     {c['published']} checkpoints published, {c['swaps_at_node']} swapped in by the node",
         f"freshness  label sent -> node serves a model trained on it: p50 {f['p50']} s, p99 {f['p99']} s",
         f"report     {summary['report']}",
-    ])
+    ]
+    return "\n".join(lines)
 
 
 def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 3)
 
 
+#: Text width estimate for the labels of the marks (11 px sans-serif).
+_CHAR_PX = 6.2
+
+
+def label_rows(marks: Sequence[tuple[float, str]], *, gap: float = 6.0) -> list[int]:
+    """The row (0: nearest the plot) of each mark's label, drawn from its x to the right, so none overlap.
+
+    >>> label_rows([(100.0, "drift"), (104.0, "detected"), (400.0, "late")])
+    [0, 1, 0]
+    """
+    ends: list[float] = []  # per row, where its last label ends
+    rows = []
+    for x, text in marks:
+        row = next((r for r, end in enumerate(ends) if x >= end + gap), len(ends))
+        if row == len(ends):
+            ends.append(0.0)
+        ends[row] = x + len(text) * _CHAR_PX
+        rows.append(row)
+    return rows
+
+
+def nice_ceiling(value: float) -> float:
+    """The smallest 1, 2 or 5 times a power of ten at or above ``value`` (an axis top).
+
+    >>> nice_ceiling(11.5), nice_ceiling(36.2), nice_ceiling(0.7), nice_ceiling(0)
+    (20.0, 50.0, 1.0, 1.0)
+    """
+    if value <= 0:
+        return 1.0
+    power = 10.0 ** math.floor(math.log10(value))
+    return next(m * power for m in (1.0, 2.0, 5.0, 10.0) if m * power >= value)
+
+
+def _per_second(points: Sequence[Served]) -> list[tuple[float, float, float]]:
+    """(second, p50 ms, p99 ms) of the latencies of the answers in each second of the run."""
+    buckets: dict[int, list[float]] = {}
+    for s in points:
+        buckets.setdefault(int(s.sent_at), []).append(s.latency_s * 1000)
+    return [(t + 0.5, quantile(v, 0.5) or 0.0, quantile(v, 0.99) or 0.0) for t, v in sorted(buckets.items())]
+
+
 def report_html(config: DemoConfig, served: list[Served | None], t0: float, drift_wall: float | None,
-                summary: dict[str, Any]) -> str:
-    """A self-contained HTML page: the summary and an SVG plot of served accuracy over time.
+                summary: dict[str, Any], baseline: Baseline | None = None) -> str:
+    """A self-contained HTML page: the summary and an SVG plot of served accuracy and latency over time.
 
     The plot is also written alone to ``served_accuracy.svg`` in ``config.out``.
     """
-    points = [s for s in served if s is not None]
-    points.sort(key=lambda s: s.sent_at)
-    acc = rolling([s.correct for s in points], 300)
-    w, h, left, bottom, top = 960, 420, 50, 40, 20
+    curves = Curves.of(served, config.rolling_window, baseline)
+    points = [s for s in served if s is not None]  # in the order of curves.index
+    w, left, right = 960, 56, 16
+    acc_top, acc_h = 58, 300  # room above the plot for the marks' labels
+    lat_top, lat_h = acc_top + acc_h + 40, 110
+    legend_top = lat_top + lat_h + 34
+    h = legend_top + 76
     t_max = max((s.sent_at for s in points), default=1.0) or 1.0
 
     def x(t: float) -> float:
-        return left + (w - left - 10) * t / t_max
+        return left + (w - left - right) * t / t_max
 
     def y(a: float) -> float:
-        return top + (h - top - bottom) * (1 - a)
+        return acc_top + acc_h * (1 - a)
 
-    step = max(1, len(points) // 800)
-    line = " ".join(f"{x(s.sent_at):.1f},{y(a):.1f}" for s, a in list(zip(points, acc, strict=True))[::step])
+    step = max(1, len(points) // 1200)
+
+    def polyline(curve: Sequence[float], start: int, color: str, dash: str = "") -> str:
+        pts = " ".join(f"{x(points[n].sent_at):.1f},{y(curve[n]):.1f}" for n in range(start, len(points), step))
+        extra = f' stroke-dasharray="{dash}"' if dash else ""
+        return f'<polyline fill="none" stroke="{color}" stroke-width="1.6"{extra} points="{pts}"/>'
+
     parts = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
               f'font-size="11">'),
-             (f'<rect x="{left}" y="{top}" width="{w - left - 10}" height="{h - top - bottom}" fill="#fafafa" '
-              f'stroke="#ccc"/>')]
+             (f'<rect x="{left}" y="{acc_top}" width="{w - left - right}" height="{acc_h}" fill="#fafafa" '
+              f'stroke="#ccc"/>'),
+             (f'<text x="{left}" y="14" font-size="13" font-weight="bold">Served accuracy, last '
+              f'{curves.window} requests (from the first full window)</text>')]
     for a in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0):
-        parts.append(f'<line x1="{left}" x2="{w - 10}" y1="{y(a):.1f}" y2="{y(a):.1f}" stroke="#e4e4e4"/>'
+        parts.append(f'<line x1="{left}" x2="{w - right}" y1="{y(a):.1f}" y2="{y(a):.1f}" stroke="#e4e4e4"/>'
                      f'<text x="{left - 6}" y="{y(a) + 4:.1f}" text-anchor="end">{a:.1f}</text>')
-    for t in range(0, int(t_max) + 1, 10):
-        parts.append(f'<text x="{x(t):.1f}" y="{h - bottom + 14}" text-anchor="middle">{t}s</text>')
+    ticks = range(0, int(t_max) + 1, 10 if t_max > 30 else 5)
+    for t in ticks:
+        for bottom in (acc_top + acc_h, lat_top + lat_h):
+            parts.append(f'<text x="{x(t):.1f}" y="{bottom + 14}" text-anchor="middle">{t}s</text>')
     # Model versions: a tick where the served version changed.
     last = None
     for s in points:
         if s.version != last:
-            parts.append(f'<line x1="{x(s.sent_at):.1f}" x2="{x(s.sent_at):.1f}" y1="{h - bottom}" '
-                         f'y2="{h - bottom - 8}" stroke="#4a7"><title>v{s.version}</title></line>')
+            parts.append(f'<line x1="{x(s.sent_at):.1f}" x2="{x(s.sent_at):.1f}" y1="{acc_top + acc_h}" '
+                         f'y2="{acc_top + acc_h - 8}" stroke="#4a7"><title>v{s.version}</title></line>')
             last = s.version
     marks: list[tuple[float, str, str]] = []
     if drift_wall is not None:
         marks.append((drift_wall - t0, "#c33", "drift"))
     if summary["drift"]["detected_at_s"] is not None:
         marks.append((summary["drift"]["detected_at_s"], "#e90", "detected"))
-    for at, color, label in marks:
-        parts.append(f'<line x1="{x(at):.1f}" x2="{x(at):.1f}" y1="{top}" y2="{h - bottom}" stroke="{color}" '
-                     f'stroke-dasharray="5,3"/><text x="{x(at) + 4:.1f}" y="{top + 12}" fill="{color}">{label}</text>')
-    parts.append(f'<polyline fill="none" stroke="#247" stroke-width="1.5" points="{line}"/>')
-    parts.append(f'<text x="{left}" y="{h - 6}">served accuracy (last 300 requests) over time; green ticks: '
-                 f'model version swaps at the serving node</text></svg>')
+    marks.sort()
+    for (at, color, label), row in zip(marks, label_rows([(x(at), lab) for at, _, lab in marks]), strict=True):
+        parts.append(f'<line x1="{x(at):.1f}" x2="{x(at):.1f}" y1="{acc_top - 4 - 13 * row}" '
+                     f'y2="{lat_top + lat_h}" stroke="{color}" stroke-dasharray="5,3"/>'
+                     f'<text x="{x(at) + 3:.1f}" y="{acc_top - 6 - 13 * row}" fill="{color}">{label}</text>')
+    legend = [("#247", "", "served (learning live)")]
+    if baseline is not None and curves.static is not None:
+        start = next((n for n, i in enumerate(curves.index) if i >= baseline.first), len(points))
+        parts.append(polyline(curves.static, max(start, curves.window - 1), "#999", "6,3"))
+        since = f" kept from {points[start].sent_at:.1f}s" if start < len(points) else ""
+        legend.append(("#999", "6,3", f"without learning: v{baseline.version}{since}"))
+    parts.append(polyline(curves.live, min(curves.window - 1, len(points)), "#247"))
+    # Latency, on the same time axis.
+    seconds = _per_second(points)
+    top_ms = nice_ceiling(max((p99 for _, _, p99 in seconds), default=1.0))
+
+    def ly(ms: float) -> float:
+        return lat_top + lat_h * (1 - min(ms, top_ms) / top_ms)
+
+    parts.append(f'<text x="{left}" y="{lat_top - 8}" font-size="13" font-weight="bold">Latency per second'
+                 f' (request to answer), ms</text>')
+    parts.append(f'<rect x="{left}" y="{lat_top}" width="{w - left - right}" height="{lat_h}" fill="#fafafa" '
+                 f'stroke="#ccc"/>')
+    for ms in (0.0, top_ms / 2, top_ms):
+        parts.append(f'<line x1="{left}" x2="{w - right}" y1="{ly(ms):.1f}" y2="{ly(ms):.1f}" stroke="#e4e4e4"/>'
+                     f'<text x="{left - 6}" y="{ly(ms) + 4:.1f}" text-anchor="end">{ms:g}</text>')
+    for i, color in ((1, "#6a3"), (2, "#a36")):
+        pts = " ".join(f"{x(p[0]):.1f},{ly(p[i]):.1f}" for p in seconds)
+        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.4" points="{pts}"/>')
+    legend += [("#6a3", "", "latency p50"), ("#a36", "", "latency p99"), ("#c33", "5,3", "drift (concept changes)"),
+               ("#e90", "5,3", "drift detected"), ("#4a7", "", "model swap at the node (tick)")]
+    # The legend under the plots, entries flowing left to right, wrapped to the width.
+    lx, row = float(left), 0
+    for color, dash, text in legend:
+        width = 28 + len(text) * _CHAR_PX + 24
+        if lx + width > w - right and lx > left:
+            lx, row = float(left), row + 1
+        ly_ = legend_top + 18 * row
+        extra = f' stroke-dasharray="{dash}"' if dash else ""
+        parts.append(f'<line x1="{lx:.1f}" x2="{lx + 22:.1f}" y1="{ly_ - 4}" y2="{ly_ - 4}" stroke="{color}" '
+                     f'stroke-width="2"{extra}/><text x="{lx + 28:.1f}" y="{ly_}">{escape(text)}</text>')
+        lx += width
+    if baseline is not None:
+        parts.append(f'<text x="{left}" y="{legend_top + 18 * (row + 1) + 4}" fill="#555">Without learning: the '
+                     f'version the node served when the concept changed (read back from the model topic) answers '
+                     f'every later request of this run,</text><text x="{left}" y="{legend_top + 18 * (row + 1) + 18}"'
+                     f' fill="#555">scored like the live answers.</text>')
+    parts.append("</svg>")
     svg = "\n".join(parts)
     (config.out / "served_accuracy.svg").write_text(svg)
     return ("<!doctype html><meta charset='utf-8'><title>stream-learner demo</title>"
             "<h1>stream-learner demo</h1>" + svg +
-            "<h2>Summary</h2><pre>" + json.dumps(summary, indent=2) + "</pre>")
+            "<h2>Summary</h2><pre>" + escape(json.dumps(summary, indent=2)) + "</pre>")
