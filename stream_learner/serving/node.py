@@ -472,9 +472,12 @@ class ServingNode:
                 self._inflight -= 1
                 self._inflight_bytes -= length
             self.telemetry.http_inflight.set(self._inflight + self._inflight_light)
-        await self._write(writer, _response(status, answer, close=not keep_alive), deadline)
+        reply = _response(status, answer, close=not keep_alive)
+        # Timed from its first byte to its reply being handed to the socket (observed first, so that
+        # a client that has its answer finds it counted).
         self.metrics.serving_request_seconds.labels(code=str(int(status))).observe(
             time.monotonic() - (deadline - limits.request_timeout_s))
+        await self._write(writer, reply, deadline)
         return keep_alive
 
     async def _write(self, writer: asyncio.StreamWriter, data: bytes, deadline: float) -> None:

@@ -219,8 +219,9 @@ def test_client_resets_print_no_traceback(settings: Settings, producer: Any, key
     try:
         def ready() -> bool:
             try:
-                return call(url, "GET", "/health")[1].get("model_version") == 5
+                return call(url, "GET", "/health")[1].get("version") == 5
             except OSError:
+                assert proc.poll() is None, proc.communicate()[1].decode()[-3000:]
                 return False
 
         wait_for(ready, timeout_s=60, what="the serve process")
