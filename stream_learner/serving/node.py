@@ -68,7 +68,7 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_BATCH = 10_000
 #: Largest request line and headers.
 MAX_HEAD_BYTES = 64 * 1024
-#: A body at most this large is served by the light lane: never queued behind large batches.
+#: A body at most this large is answered on the event loop itself: never queued behind large batches.
 LIGHT_BYTES = 64 * 1024
 #: After a large body, its worker pauses this many times as long as it took (see ServingNode._answer_heavy).
 HEAVY_PAUSE = 1.0
@@ -126,9 +126,11 @@ class NodeLimits:
       its answer being taken: a slow client is cut by total time, not per
       byte; ``idle_timeout_s`` a kept-alive connection may wait for its next request;
     * ``workers`` threads decode and predict large bodies, one at a time,
-      paced to half of the time while single requests come; bodies of up to
-      :data:`LIGHT_BYTES` have a thread of their own, so a client sending
-      single requests never waits behind large batches.
+      paced to half of the time while small requests come; bodies of up to
+      :data:`LIGHT_BYTES` are answered on the event loop itself (a fraction
+      of a millisecond each, and no hand-over between threads, each of which
+      waits for the GIL under load), so a client sending single requests
+      never waits behind large batches.
     """
 
     max_connections: int = 1024
@@ -159,9 +161,10 @@ class ServingNode:
     ``limits``: see :class:`NodeLimits`.
 
     The server is asyncio's (the standard library): one event loop thread
-    holds every connection, reads requests and writes answers; decoding and
-    predicting run on bounded worker threads. Idle and slow connections
-    cost no thread; see :class:`NodeLimits` for what bounds what.
+    holds every connection, reads requests, answers small ones and writes
+    answers; large bodies are decoded and predicted on bounded worker
+    threads. Idle and slow connections cost no thread; see
+    :class:`NodeLimits` for what bounds what.
     """
 
     def __init__(self, subscriber: ModelSource, *, sdk: PredictionLogger | None = None,
@@ -181,7 +184,6 @@ class ServingNode:
         self._socket = socket.create_server((host, port), backlog=1024)
         self._socket.setblocking(False)
         self._heavy = ThreadPoolExecutor(self.limits.workers, thread_name_prefix="serving-worker")
-        self._light = ThreadPoolExecutor(1, thread_name_prefix="serving-light")
         self._heavy_gate = threading.Lock()
         self._last_light = 0.0  # when a light request last came (monotonic)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -226,7 +228,6 @@ class ServingNode:
             self._thread.join(30)
         self._socket.close()
         self._heavy.shutdown(wait=False, cancel_futures=True)
-        self._light.shutdown(wait=False, cancel_futures=True)
 
     def record_swap(self, new: ServedModel, old: ServedModel | None = None) -> None:
         """Remember a swap (for ``GET /model``); pass as the subscriber's ``on_swap``."""
@@ -460,10 +461,13 @@ class ServingNode:
                 await self._write(writer, _response(HTTPStatus.REQUEST_TIMEOUT, {"error": "request too slow"},
                                                     close=True), deadline + 1)
                 return False
-            lane = self._light if light else self._heavy
-            loop = asyncio.get_running_loop()
-            work = self._answer_predict if light else self._answer_heavy
-            status, answer = await loop.run_in_executor(lane, work, body)
+            if light:
+                # A small body costs a fraction of a millisecond: answered on the loop itself. Handed to
+                # a thread, it would wait for the GIL at each hand-over (a convoy under load).
+                status, answer = self._answer_predict(body)
+            else:
+                loop = asyncio.get_running_loop()
+                status, answer = await loop.run_in_executor(self._heavy, self._answer_heavy, body)
             del body
         finally:
             if light:
