@@ -26,6 +26,13 @@ class Metrics:
         self.dead_letters = Counter(
             "stream_learner_dead_letters_total", "Records sent to the dead-letter topic, by stage and error kind.",
             ["stage", "kind"], registry=r)
+        self.dead_letters_truncated = Counter(
+            "stream_learner_dead_letters_truncated_total",
+            "Dead letters sent with their value cut (too large to carry whole), by stage.", ["stage"], registry=r)
+        self.dead_letters_unsendable = Counter(
+            "stream_learner_dead_letters_unsendable_total",
+            "Refused records the broker would not take even truncated: logged and skipped, by stage.",
+            ["stage"], registry=r)
         self.sdk_events = Counter(
             "stream_learner_sdk_events_total",
             "SDK events by outcome: sent (acknowledged), failed (delivery error), dropped (buffer full).",

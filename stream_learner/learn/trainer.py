@@ -27,14 +27,13 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import structlog
 import torch
 from kafka import KafkaProducer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
-from ..bus import DeadLetters, make_consumer, make_producer
+from ..bus import RECORD_HEADROOM_BYTES, DeadLetter, DeadLetters, make_consumer, make_producer
 from ..checkpoint.output import TopicOutput
 from ..checkpoint.signing import load_private_key
 from ..checkpoint.state import StateStore
@@ -58,7 +57,7 @@ class KafkaSinks:
         self.producer = producer
         self.metrics = metrics
         self.dead_letters = DeadLetters(producer, settings.topic_dlq, stage="trainer", metrics=metrics)
-        self.pending: list[Any] = []  # dead-letter send futures not yet acknowledged
+        self.pending: list[DeadLetter] = []  # dead letters not yet acknowledged
 
     def dead_letter(self, record: Record | None, error: EventError) -> None:
         """Send a refused record to the dead-letter topic (acknowledged by :meth:`flush`)."""
@@ -120,7 +119,9 @@ class Trainer:
         self.clock = clock
         self.topic = settings.topic_examples
         self.consumer = make_consumer(settings, group_id=settings.trainer_group_id)
-        self.producer = make_producer(settings, max_request_size=settings.trainer_chunk_bytes + 64 * 1024)
+        # One producer for checkpoint chunks and dead letters: room for the larger of the two.
+        self.producer = make_producer(settings, max_request_size=max(settings.trainer_chunk_bytes,
+                                                                     settings.max_event_bytes) + RECORD_HEADROOM_BYTES)
         self.session = LearningSession(
             learner, policy, model=settings.trainer_model,
             output=TopicOutput(settings, settings.trainer_model, private_key, producer=self.producer),
