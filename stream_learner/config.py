@@ -104,9 +104,10 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     joiner_orphan_retention_ms: Annotated[int, Meta(ge=0)] = 3600 * 1000
     # Wall-clock safety net: Redis drops any join state older than this.
     joiner_state_ttl_ms: Positive = 7 * 24 * 3600 * 1000
-    # Wall-clock: a caught-up partition silent this long stops holding the watermark back.
+    # Wall-clock: a caught-up partition with no record this long is idle and stops holding the
+    # watermark back; one no joiner reported this long is active (README, the joiner's idle rules).
     joiner_idle_timeout_ms: Positive = 60 * 1000
-    # When every input is idle, let the watermark follow the wall clock.
+    # When every input is idle, let their event times run on with the wall clock (closing windows).
     joiner_idle_advance: bool = True
     joiner_max_poll_records: Positive = 5000
     joiner_max_expire_per_poll: Positive = 20000
