@@ -71,6 +71,9 @@ class Metrics:
             registry=r)
         self.trainer_checkpoints = Counter(
             "stream_learner_trainer_checkpoints_total", "Checkpoints published.", registry=r)
+        self.trainer_retries = Counter(
+            "stream_learner_trainer_retries_total", "Retries while a dependency (its state store, Kafka) was down.",
+            ["dependency"], registry=r)
         self.trainer_version = Gauge(
             "stream_learner_trainer_model_version", "Version of the last published checkpoint.", registry=r)
 

@@ -33,7 +33,8 @@ def joiner_settings(settings: Settings, **kw: object) -> Settings:
     return msgspec.structs.replace(
         settings, joiner_idle_advance=True, joiner_idle_timeout_ms=3_000, log_format="json",
         consumer_session_timeout_ms=6000, consumer_max_poll_interval_ms=3000,
-        joiner_group_id=f"{settings.topic_predictions}-idle", joiner_redis_prefix="{" + settings.topic_predictions + "}:",
+        joiner_group_id=f"{settings.topic_predictions}-idle",
+        joiner_redis_prefix="{" + settings.topic_predictions + "}:",
         **kw)
 
 

@@ -357,7 +357,7 @@ def silence(store: RedisJoinStore, start: int, end: int, names: tuple[str, ...] 
     """A joiner polling every 500 ms from ``start`` to ``end``, its partitions caught up and silent."""
     got = None
     for now in [*range(start, end, 500), end]:
-        got = poll(store, now, {n: (-1, True, False) for n in names})
+        got = poll(store, now, dict.fromkeys(names, (-1, True, False)))
     assert got is not None
     return got
 
