@@ -254,6 +254,13 @@ class Codec(Generic[E]):
     ``invalid_value``, ``duplicate_key`` or ``undecodable`` (the decoder
     failed in a way nobody foresaw; the message names the exception). It
     raises nothing else, whatever the bytes.
+
+    The depth limit and the refusal of repeated keys apply in full to the
+    wire events (predictions, labels, examples), whose shape gives the fast
+    proof of the module docstring. Other types (manifests, drift events, a
+    caller's own struct) are not scanned when msgspec accepts them (that
+    would parse every record twice); they are total all the same (too deep
+    for the parser is ``too_deep``), and a refusal names ``too_deep`` first.
     """
 
     def __init__(self, event_type: type[E], max_bytes: int = DEFAULT_MAX_EVENT_BYTES,
@@ -282,10 +289,11 @@ class Codec(Generic[E]):
         except Exception as exc:  # noqa: BLE001 - no record may stop a role
             raise _undecodable(exc) from None
         # The fast proof (see the module docstring); anything else is scanned.
-        raw = bytes(data) if isinstance(data, memoryview) else data  # a memoryview has no count()
         quotes = self._quotes
-        if quotes is None or raw.count(b'"') != quotes(event, raw):
-            self._scan(raw)
+        if quotes is not None:
+            raw = bytes(data) if isinstance(data, memoryview) else data  # a memoryview has no count()
+            if raw.count(b'"') != quotes(event, raw):
+                self._scan(raw)
         return event
 
     def convert(self, obj: dict[str, Any]) -> E:
