@@ -445,7 +445,9 @@ def _null(data: bytes | bytearray, field: tuple[str, bytes, bytes], features: di
 def _prediction_quotes(ev: PredictionEvent, data: bytes | bytearray) -> int:
     # 7 keys, 4 string values, the feature names, the class names.
     p = ev.prediction
-    return 22 + 2 * len(ev.features) + (2 * len(p) if type(p) is dict else 0)
+    if p.__class__ is dict:
+        return 22 + 2 * (len(ev.features) + len(p))
+    return 22 + 2 * len(ev.features)
 
 
 def _label_quotes(ev: LabelEvent, data: bytes | bytearray) -> int:
