@@ -254,9 +254,10 @@ for _, part in ipairs(parts) do
   rp_set[#rp_set + 1] = name
   rp_set[#rp_set + 1] = now
 end
-if #cu_set > 0 then
-  redis.call('HSET', CU, unpack(cu_set))
-  redis.call('HSET', RP, unpack(rp_set))
+for a = 1, #cu_set, 2 * CHUNK do
+  local b = math.min(#cu_set, a + 2 * CHUNK - 1)
+  redis.call('HSET', CU, unpack(cu_set, a, b))
+  redis.call('HSET', RP, unpack(rp_set, a, b))
 end
 local reported = redis.call('HGETALL', CU)
 local last_report = {}
