@@ -106,18 +106,25 @@ def ensure_topics(settings: Settings, *, timeout_s: float = 30.0) -> list[str]:
 
     Input topics get ``partitions_input`` partitions; the examples topic
     ``partitions_examples``; model, drift and dead-letter topics one each
-    (the model topic is read in version order).
+    (the model topic is read in version order). The input, examples and
+    dead-letter topics get ``max.message.bytes`` = ``max_event_bytes`` +
+    :data:`RECORD_HEADROOM_BYTES`.
     """
     partitions = {
         "predictions": settings.partitions_input,
         "labels": settings.partitions_input,
         "examples": settings.partitions_examples,
     }
+    # Topics that carry events (or an example of one, or a dead letter with its headers) take records
+    # of max_event_bytes and some room: Apache Kafka's default max.message.bytes (1,048,588) is just
+    # above the default max_event_bytes (1 MiB), too little for an event at the limit with its lineage.
+    large = {"max.message.bytes": str(settings.max_event_bytes + RECORD_HEADROOM_BYTES)}
+    configs = {"predictions": large, "labels": large, "examples": large, "dlq": large}
     admin = KafkaAdminClient(request_timeout_ms=int(timeout_s * 1000), **kafka_options(settings))
     try:
         existing = set(admin.list_topics())
         wanted = [
-            NewTopic(name, partitions.get(role, 1), settings.replication_factor)
+            NewTopic(name, partitions.get(role, 1), settings.replication_factor, topic_configs=configs.get(role))
             for role, name in settings.topics.items()
             if name not in existing
         ]
