@@ -277,7 +277,10 @@ class Trainer:
 
     def close(self) -> None:
         """Close the clients (state is saved at checkpoints only)."""
-        self.session.close()
+        try:
+            self.session.close()
+        except Stopped as exc:  # the broker is down at shutdown: dead letters since the last checkpoint
+            log.warning("trainer_close_abandoned", reason=str(exc))  # are sent again by the next run
         self.consumer.close(autocommit=False)
         self.producer.close()
         log.info("trainer_stopped", version=self.version, counts=self.learner.counts)
