@@ -346,8 +346,13 @@ def cmd_joiner(args: argparse.Namespace, settings: Settings, metrics: Metrics) -
     """Run the joiner until SIGTERM or Ctrl-C."""
     from .join.joiner import Joiner
 
+    from .util.retry import Stopped
+
     _check_topics("joiner", settings)
-    Joiner(settings, metrics=metrics).run(_stop_on_signals())
+    try:
+        Joiner(settings, metrics=metrics).run(_stop_on_signals())
+    except Stopped:
+        log.info("joiner_stopped_while_waiting")  # nothing half-done: the outbox and offsets say where it was
     return 0
 
 
@@ -381,7 +386,18 @@ def cmd_run(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> i
         log.info("trainer_stopped_before_start")
         return 0
     joiner = Joiner(settings, metrics=metrics)
-    threads = [threading.Thread(target=role.run, args=(stop,), name=name)
+    failures: list[BaseException] = []
+
+    def run_role(role: Joiner | Trainer) -> None:
+        try:
+            role.run(stop)
+        except Stopped:
+            pass
+        except BaseException as exc:
+            failures.append(exc)
+            raise
+
+    threads = [threading.Thread(target=run_role, args=(role,), name=name)
                for name, role in (("joiner", joiner), ("trainer", trainer))]
     for t in threads:
         t.start()
@@ -390,6 +406,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> i
             t.join(0.5)
         if not all(t.is_alive() for t in threads):
             stop.set()  # one role died: stop the other rather than run half a pipeline
+    if failures:
+        raise failures[0]  # reported by main(), exit non-zero
     return 0
 
 
@@ -512,6 +530,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except StreamLearnerError as exc:
         log.error("failed", error=str(exc))
+        return 1
+    except Exception as exc:
+        from .util.retry import dependency_failure
+
+        what = dependency_failure(exc, settings)
+        if what is None:
+            raise
+        log.error("permanent_error", error=what)  # one line: retrying would not cure it
         return 1
 
 

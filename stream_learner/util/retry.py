@@ -38,11 +38,13 @@ import ssl
 import threading
 from collections.abc import Callable
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 import redis
 import structlog
 from kafka import errors as kafka_errors
 
+from ..config import Settings, mask_secrets
 from ..errors import StreamLearnerError
 from .backoff import Backoff
 
@@ -119,6 +121,43 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, (ConnectionError, TimeoutError))
 
 
+def dependency_failure(exc: BaseException, settings: Settings) -> str | None:
+    """One clear line for a permanent error of Redis or Kafka (``None`` for anything else).
+
+    >>> from stream_learner.config import Settings
+    >>> dependency_failure(redis.AuthenticationError("invalid password"), Settings(redis_url="redis://:pw@r:6379/0"))
+    'cannot authenticate to Redis at r:6379: AuthenticationError: invalid password'
+    >>> dependency_failure(ValueError("x"), Settings()) is None
+    True
+    """
+    text = f"{type(exc).__name__}: {mask_secrets(str(exc))}"
+    redis_at = _host_port(settings.redis_url)
+    kafka_at = settings.bootstrap_servers
+    tls = next((link for link in _chain(exc) if isinstance(link, ssl.SSLError)), None)
+    if isinstance(exc, (redis.AuthenticationError, redis.exceptions.AuthenticationWrongNumberOfArgsError)):
+        return f"cannot authenticate to Redis at {redis_at}: {text}"
+    if isinstance(exc, (redis.exceptions.AuthorizationError, redis.exceptions.NoPermissionError)):
+        return f"Redis at {redis_at} refuses a command the role needs (ACL): {text}"
+    if isinstance(exc, redis.RedisError):
+        if tls is not None:
+            return f"TLS with Redis at {redis_at} failed: {text}"
+        return f"Redis at {redis_at} refused the role for good: {text}"
+    if isinstance(exc, (kafka_errors.SaslAuthenticationFailedError, kafka_errors.UnsupportedSaslMechanismError)):
+        return f"cannot authenticate to Kafka at {kafka_at}: {text}"
+    if isinstance(exc, kafka_errors.AuthorizationError):
+        return f"Kafka at {kafka_at} refuses what the role needs (ACL): {text}"
+    if tls is not None:
+        return f"TLS with Kafka at {kafka_at} failed: {text}"
+    if isinstance(exc, kafka_errors.KafkaError):
+        return f"Kafka at {kafka_at} refused the role for good: {text}"
+    return None
+
+
+def _host_port(url: str) -> str:
+    parsed = urlsplit(url)
+    return f"{parsed.hostname}:{parsed.port or 6379}" if parsed.hostname else mask_secrets(url)
+
+
 class Retry:
     """Runs actions until they succeed while their errors are transient (see the module docstring).
 
@@ -128,15 +167,19 @@ class Retry:
     errors to retry (:func:`is_transient` by default); ``on_retry(exc,
     delay)`` runs before each wait instead of the default warning (log and
     count there). A wait ends at once when ``stop`` is set, raising
-    :class:`Stopped` from the last error.
+    :class:`Stopped` from the last error. ``wait(delay)``, if given, waits
+    instead of sleeping (the joiner polls its paused consumer, which keeps
+    its group membership); it should return early once ``stop`` is set.
     """
 
     def __init__(self, what: str, *, stop: threading.Event | None = None, backoff: Backoff | None = None,
                  first: float = 0.1, limit: float = 5.0,
                  classify: Callable[[BaseException], bool] = is_transient,
-                 on_retry: Callable[[BaseException, float], None] | None = None) -> None:
+                 on_retry: Callable[[BaseException, float], None] | None = None,
+                 wait: Callable[[float], None] | None = None) -> None:
         self.what = what
         self.stop = stop
+        self.wait = wait
         self._backoff = backoff
         self.first = first
         self.limit = limit
@@ -161,8 +204,12 @@ class Retry:
                     log.warning("dependency_unavailable", dependency=self.what,
                                 error=f"{type(exc).__name__}: {exc}", retry_in_s=round(delay, 3))
                 failed = True
-                waiter = self.stop if self.stop is not None else threading.Event()
-                if waiter.wait(delay):
+                if self.wait is not None:
+                    self.wait(delay)
+                    stopped = self.stop is not None and self.stop.is_set()
+                else:
+                    stopped = (self.stop if self.stop is not None else threading.Event()).wait(delay)
+                if stopped:
                     raise Stopped(f"stopped while waiting for {self.what}") from exc
                 continue
             if failed and self.on_retry is None:
