@@ -32,6 +32,8 @@ True
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -59,6 +61,10 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Int8Linear(nn.Module):
     """A linear layer computed in int8 (see the module docstring); built empty, filled by loading."""
 
+    weight: torch.Tensor
+    scale: torch.Tensor
+    bias: torch.Tensor | None
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -67,7 +73,7 @@ class Int8Linear(nn.Module):
         if bias:
             self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32))
         else:
-            self.bias: torch.Tensor | None = None
+            self.bias = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -101,7 +107,7 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-def replace_linears(model: nn.Module, paths: list[str] | tuple[str, ...]) -> nn.Module:
+def replace_linears(model: nn.Module, paths: Sequence[str]) -> nn.Module:
     """Replace the ``nn.Linear`` submodules named by ``paths`` with empty :class:`Int8Linear` of the same shape.
 
     Used by the model builder for a spec with ``int8_layers``: the buffers are then loaded from

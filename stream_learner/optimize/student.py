@@ -107,7 +107,7 @@ class Student:
             self.skipped += 1
             return math.nan
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        torch.autograd.backward(loss)
         params = [p for p in model.parameters() if p.grad is not None]
         norm = nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         if not math.isfinite(float(norm)):

@@ -302,7 +302,7 @@ def _finetune(parent: Servable, variant: Servable, recipe: Mapping[str, Any], wi
             loss = distill_loss(net(x[idx]), teacher_out[idx], labels[idx], regression=regression,
                                 alpha=float(recipe["alpha"]), temperature=float(recipe["temperature"])).mean()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            torch.autograd.backward(loss)
             opt.step()
             if masks:
                 with torch.no_grad():
