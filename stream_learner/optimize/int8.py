@@ -11,14 +11,14 @@ scales and the bias in float32.
 
 **Why plain ``torch._int_mm`` and not torchao.** Measured on the 2-core
 AVX-512 VNNI machine of bench/README.md, one torch thread, p50 of the
-network's forward (``python /path/to/bench/bench_variants.py --micro``):
-for a 9 → 2560×4 → 2 MLP (19.7M parameters) fp32 takes 3.9 ms at batch 1
+network's forward for a 9 → 2560×4 → 2 MLP (19.7M parameters;
+``bench/bench_variants.py --micro``, a quiet run): fp32 3.9 ms at batch 1
 and 31 ms at batch 64; this layer 0.51 ms and 5.4 ms; torchao 0.18's
 ``Int8DynamicActivationInt8WeightConfig`` 7.3 ms and 18 ms (slower than fp32
 at batch 1: its tensor subclass dispatches in Python around each matmul) and
 its weight-only config 6.8 ms and 52 ms. ``torch.ao.quantization.quantize_dynamic``
-(fbgemm) is as fast as this layer but deprecated, and its packed weights
-cannot be stored without pickle. So torchao is not a dependency.
+(fbgemm) is about as fast as this layer but deprecated, and its packed
+weights cannot be stored without pickle. So torchao is not a dependency.
 
 >>> import torch
 >>> lin = torch.nn.Linear(4, 3)

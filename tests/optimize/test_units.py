@@ -9,8 +9,14 @@ import torch
 
 from stream_learner.checkpoint.codec import decode_tensors
 from stream_learner.checkpoint.errors import SignatureError
-from stream_learner.checkpoint.signing import canonical_bytes, generate_keypair, load_private_key, load_public_key, \
-    sign_manifest, verify_manifest
+from stream_learner.checkpoint.signing import (
+    canonical_bytes,
+    generate_keypair,
+    load_private_key,
+    load_public_key,
+    sign_manifest,
+    verify_manifest,
+)
 from stream_learner.events import MANIFEST, CheckpointManifest, VariantInfo, WeightsInfo, encode
 from stream_learner.learn.learner import LearnerConfig, OnlineLearner
 from stream_learner.learn.models import ModelSpec, build_model
@@ -104,7 +110,8 @@ def test_a_manifest_without_a_variant_signs_the_bytes_it_always_did_and_a_varian
         measured={"accuracy": 0.9}))
     signed = sign_manifest(variant, private)
     verify_manifest(MANIFEST.decode(encode(signed)), public)
-    forged = msgspec.structs.replace(signed, variant=msgspec.structs.replace(signed.variant, recipe={"min_features": 1}))
+    other_recipe = msgspec.structs.replace(signed.variant, recipe={"min_features": 1})
+    forged = msgspec.structs.replace(signed, variant=other_recipe)
     with pytest.raises(SignatureError):
         verify_manifest(forged, public)
 

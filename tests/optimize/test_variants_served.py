@@ -65,7 +65,8 @@ def test_trainer_variants_are_published_verified_served_refused_when_forged_and_
         assert int8.manifest.version == 2 and int8.manifest.variant is not None
         info = int8.manifest.variant
         assert (info.name, info.parent_model, info.parent_version) == ("int8", "m", 2)
-        assert info.parent_sha256 == read_version(vsettings, vsettings.topic_models, public, 2, "m").manifest.weights.sha256
+        parent = read_version(vsettings, vsettings.topic_models, public, 2, "m")
+        assert info.parent_sha256 == parent.manifest.weights.sha256
         assert info.measured["heldout_examples"] == 500 and abs(info.measured["accuracy_drop_points"]) <= 0.5
         assert int8.tensors["model.2.weight"].dtype == torch.int8 and int8.manifest.architecture["int8_layers"] == ["2"]
         student = read_latest(vsettings, vsettings.topic_models, public, "m#student")
@@ -134,8 +135,9 @@ def test_the_optimize_role_publishes_the_trainers_variant_bytes(vsettings: Setti
     finally:
         role.close()
     public = load_public_key(keys[1])
-    assert {(o.name, o.version) for o in role.outcomes if o.verdict.publish} == {
-        (o.name, o.version) for o in outcomes if o.verdict.publish} == {(n, v) for n in ("int8", "pruned") for v in (1, 2)}
+    expected = {(n, v) for n in ("int8", "pruned") for v in (1, 2)}
+    assert {(o.name, o.version) for o in role.outcomes if o.verdict.publish} == expected
+    assert {(o.name, o.version) for o in outcomes if o.verdict.publish} == expected
     for name in ("int8", "pruned"):
         for version in (1, 2):
             a = read_version(vsettings, vsettings.topic_models, public, version, f"m#{name}")
