@@ -358,11 +358,18 @@ def cmd_joiner(args: argparse.Namespace, settings: Settings, metrics: Metrics) -
 
 
 def cmd_trainer(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> int:
-    """Run the trainer until SIGTERM or Ctrl-C."""
+    """Run the trainer until SIGTERM or Ctrl-C (a trainer started while its state store is down waits for it)."""
     from .learn.trainer import Trainer
+    from .util.retry import Stopped
 
     _check_topics("trainer", settings)
-    Trainer(settings, metrics=metrics).run(_stop_on_signals())
+    stop = _stop_on_signals()
+    try:
+        trainer = Trainer(settings, metrics=metrics, stop=stop)
+    except Stopped:
+        log.info("trainer_stopped_before_start")
+        return 0
+    trainer.run(stop)
     return 0
 
 
@@ -379,10 +386,15 @@ def cmd_run(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> i
     """Joiner and trainer in one process, each in its own thread, stopped together."""
     from .join.joiner import Joiner
     from .learn.trainer import Trainer
+    from .util.retry import Stopped
 
     _check_topics("run", settings)
     stop = _stop_on_signals()
-    trainer = Trainer(settings, metrics=metrics)
+    try:
+        trainer = Trainer(settings, metrics=metrics, stop=stop)
+    except Stopped:
+        log.info("trainer_stopped_before_start")
+        return 0
     joiner = Joiner(settings, metrics=metrics)
     threads = [threading.Thread(target=role.run, args=(stop,), name=name)
                for name, role in (("joiner", joiner), ("trainer", trainer))]

@@ -149,7 +149,8 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     joiner_state_ttl_ms: Positive = 7 * 24 * 3600 * 1000
     """Wall-clock safety net: Redis drops a request's join state this long after its first event."""
     joiner_idle_timeout_ms: Positive = 60 * 1000
-    """Wall clock: a caught-up partition silent this long stops holding the watermark back."""
+    """Wall clock: a caught-up partition with no record this long is idle and stops holding the watermark back;
+    one no joiner reported this long is active (README, the joiner's idle rules)."""
     joiner_idle_advance: bool = True
     """When every input is idle, the watermark follows the wall clock."""
     joiner_max_poll_records: Positive = 5000

@@ -103,6 +103,13 @@ class Metrics:
         self.dead_letters = Counter(
             "stream_learner_dead_letters_total", "Records sent to the dead-letter topic, by stage and error kind.",
             ["stage", "kind"], registry=of("joiner", "trainer", "smoke"))
+        self.dead_letters_truncated = Counter(
+            "stream_learner_dead_letters_truncated_total",
+            "Dead letters sent with their value cut (too large to carry whole), by stage.", ["stage"], registry=of("joiner", "trainer", "smoke"))
+        self.dead_letters_unsendable = Counter(
+            "stream_learner_dead_letters_unsendable_total",
+            "Refused records the broker would not take even truncated: logged and skipped, by stage.",
+            ["stage"], registry=of("joiner", "trainer", "smoke"))
         self.sdk_events = Counter(
             "stream_learner_sdk_events_total",
             "SDK events by outcome: sent (acknowledged), failed (delivery error), dropped (buffer full).",
@@ -143,6 +150,9 @@ class Metrics:
             registry=t)
         self.trainer_checkpoints = Counter(
             "stream_learner_trainer_checkpoints_total", "Checkpoints published.", registry=t)
+        self.trainer_retries = Counter(
+            "stream_learner_trainer_retries_total", "Retries while a dependency (its state store, Kafka) was down.",
+            ["dependency"], registry=t)
         self.trainer_version = Gauge(
             "stream_learner_trainer_model_version", "Version of the last published checkpoint.", registry=t)
         self.trainer_consumer_lag = Gauge(

@@ -284,8 +284,11 @@ class Joiner:
                 position = self.consumer.position(tp, timeout_ms=0)
             except KafkaError:
                 position = None
+            # Caught up only once this process has read to the end it last fetched: a restarted
+            # joiner (highwater unknown until its first fetch) starts with every partition active.
             caught_up = highwater is not None and position is not None and position >= highwater
-            progress.append(PartitionProgress(f"{tp.topic}:{tp.partition}", max_times.get(tp, -1), caught_up))
+            progress.append(PartitionProgress(f"{tp.topic}:{tp.partition}", max_times.get(tp, -1), caught_up,
+                                              tp in max_times))
         return progress
 
     def _total_partitions(self) -> int:
