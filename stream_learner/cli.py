@@ -94,7 +94,7 @@ def _replay_arguments(parser: argparse.ArgumentParser) -> None:
 _ROLE_GROUPS = {
     "joiner": ("kafka", "consumer", "redis", "topics", "topic_setup", "joiner", "metrics", "logs"),
     "trainer": ("kafka", "consumer", "redis", "topics", "topic_setup", "model", "learning", "checkpoints", "drift",
-                "metrics", "logs"),
+                "variants", "metrics", "logs"),
 }
 
 #: The settings each verb uses, as groups of :data:`~stream_learner.config.SETTING_GROUPS`, less the
@@ -105,9 +105,10 @@ VERB_SETTINGS: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
     "run": (tuple(dict.fromkeys(_ROLE_GROUPS["joiner"] + _ROLE_GROUPS["trainer"])), frozenset()),
     "serve": (("kafka", "consumer", "topics", "topic_setup", "model", "serving", "metrics", "logs"), frozenset()),
     "replay": (("kafka", "consumer", "redis", "topics", "joiner", "model", "learning", "checkpoints", "drift",
-                "replay", "logs"), frozenset()),
+                "variants", "replay", "logs"), frozenset()),
     "topics": (("kafka", "topics", "topic_setup", "logs"), frozenset({"create_topics"})),
     "config": (tuple(SETTING_GROUPS), frozenset()),
+    "optimize": (("kafka", "consumer", "topics", "model", "checkpoints", "variants", "metrics", "logs"), frozenset()),
     "keys": ((), frozenset()),
     "local": (("topics", "topic_setup", "logs"), frozenset({"create_topics"})),
     # The demo runs its own servers, model and cadence (tools/demo/job.py); the learning itself is yours to vary.
@@ -121,6 +122,7 @@ VERB_TOPICS: dict[str, tuple[str, ...]] = {
     "trainer": ("examples", "models", "drift", "dlq"),
     "run": ("predictions", "labels", "examples", "models", "drift", "dlq"),
     "serve": ("models", "predictions"),
+    "optimize": ("examples", "models"),
 }
 
 
@@ -244,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     trainer = sub.add_parser("trainer", parents=common("trainer"),
                              help="train the model online from the examples topic and publish checkpoints")
     trainer.set_defaults(func=cmd_trainer)
+
+    optimize = sub.add_parser("optimize", parents=common("optimize"),
+                              help="derive gated serving variants (int8, pruned, sparse) of each new model version")
+    optimize.set_defaults(func=cmd_optimize)
 
     run = sub.add_parser("run", parents=common("run"), help="joiner and trainer in one process (small deployments)")
     run.set_defaults(func=cmd_run)
@@ -369,6 +375,15 @@ def cmd_trainer(args: argparse.Namespace, settings: Settings, metrics: Metrics) 
         log.info("trainer_stopped_before_start")
         return 0
     trainer.run(stop)
+    return 0
+
+
+def cmd_optimize(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> int:
+    """Run the optimize role until SIGTERM or Ctrl-C."""
+    from .optimize.role import Optimizer
+
+    _check_topics("optimize", settings)
+    Optimizer(settings, metrics=metrics).run(_stop_on_signals())
     return 0
 
 
@@ -499,6 +514,7 @@ def _interrupt(signum: int, frame: object) -> None:
 #: The metric families each verb exports (:data:`stream_learner.metrics.ROLES`); other verbs: all.
 VERB_METRICS: dict[str, tuple[str, ...]] = {
     "joiner": ("joiner",), "trainer": ("trainer",), "run": ("joiner", "trainer"), "serve": ("serving", "sdk"),
+    "optimize": ("optimize",),
 }
 
 

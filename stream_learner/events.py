@@ -176,8 +176,30 @@ class Signature(Struct, frozen=True, kw_only=True):
     value: Annotated[str, Meta(min_length=1, max_length=256)]
 
 
+class VariantInfo(Struct, frozen=True, kw_only=True):
+    """What a serving variant is (``CheckpointManifest.variant``; see :mod:`stream_learner.optimize`).
+
+    ``name``: ``int8``, ``pruned``, ``sparse`` or ``student``; the parent is
+    version ``parent_version`` of ``parent_model``, whose weights have
+    ``parent_sha256``; ``recipe``: how it was made; ``measured``: its
+    accuracy and agreement with the parent on held-out examples, parameter
+    counts, bytes and latencies next to the parent's.
+    """
+
+    name: Name
+    parent_model: Name
+    parent_version: Annotated[int, Meta(ge=1)]
+    parent_sha256: Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]
+    recipe: dict[Name, Any]
+    measured: dict[Name, Finite]
+
+
 class CheckpointManifest(Struct, frozen=True, kw_only=True):
-    """A model version published to the model topic (schema ``manifest.v1``)."""
+    """A model version published to the model topic (schema ``manifest.v1``).
+
+    ``variant`` is optional (default ``null``: an ordinary checkpoint); a
+    manifest without it signs and verifies exactly as before the field existed.
+    """
 
     model: Name
     version: Annotated[int, Meta(ge=1)]
@@ -191,6 +213,7 @@ class CheckpointManifest(Struct, frozen=True, kw_only=True):
     architecture: dict[Name, Any]
     weights: WeightsInfo
     signature: Signature | None = None
+    variant: VariantInfo | None = None
 
 
 DriftKind = Literal["warning", "drift", "status"]

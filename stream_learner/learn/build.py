@@ -14,6 +14,7 @@ from ..config import Settings
 from ..drift import DriftPolicy
 from ..drift import from_settings as drift_from_settings
 from ..errors import ConfigError
+from ..optimize.student import StudentConfig
 from ..redis_conn import make_redis
 from ..util.retry import Retry
 from .learner import LearnerConfig, OnlineLearner
@@ -38,6 +39,11 @@ def learner_config(settings: Settings) -> LearnerConfig:
         pseudo_enabled=settings.trainer_pseudo_enabled, pseudo_threshold=settings.trainer_pseudo_threshold,
         pseudo_weight=settings.trainer_pseudo_weight, dedup_window=settings.trainer_dedup_window,
         metrics_window=settings.trainer_metrics_window,
+        # The serving variants' parts, only when variants are derived here (stream_learner.optimize).
+        recent_window=settings.variant_window if settings.trainer_variants else 0,
+        student=StudentConfig(hidden=tuple(settings.trainer_student_hidden), alpha=settings.trainer_student_alpha,
+                              temperature=settings.trainer_student_temperature)
+        if "student" in settings.trainer_variants else None,
     )
 
 

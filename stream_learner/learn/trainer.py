@@ -42,6 +42,7 @@ from ..drift import Action, DriftFinding, drift_event
 from ..errors import ConfigError, EventError
 from ..events import CheckpointManifest, encode
 from ..metrics import Metrics
+from ..optimize.hook import SessionVariants
 from ..util.retry import Retry, Stopped
 from .build import build_learner, state_store
 from .learner import ChunkResult, OnlineLearner
@@ -151,6 +152,12 @@ class Trainer:
         )
         self.published: list[CheckpointManifest] = []
         self.pending_since = 0.0  # when the oldest pending record arrived
+        # Serving variants of every version (trainer_variants; stream_learner.optimize), if asked for.
+        self.variants = SessionVariants.from_settings(
+            settings, metrics=self.metrics,
+            output_for=lambda name: TopicOutput(settings, name, private_key, producer=self.producer))
+        if self.variants is not None:
+            self.variants.attach(self.session)
         self._restore()
         # torch (and torch._dynamo, which Adam imports) leave ~370k long-lived
         # objects; moved out of the collector's way, full collections stop
@@ -181,7 +188,9 @@ class Trainer:
     def _restore(self) -> None:
         parts = [TopicPartition(self.topic, p) for p in sorted(self.consumer.partitions_for_topic(self.topic) or [0])]
         self.consumer.assign(parts)
-        self.session.restore(legacy_topic=self.topic)
+        meta = self.session.restore(legacy_topic=self.topic)
+        if self.variants is not None:
+            self.variants.restored(meta)
         position = self.session.position
         for tp in parts:
             name = f"{tp.topic}:{tp.partition}"
@@ -288,6 +297,8 @@ class Trainer:
             self.session.close()
         except Stopped as exc:  # the broker is down at shutdown: dead letters since the last checkpoint
             log.warning("trainer_close_abandoned", reason=str(exc))  # are sent again by the next run
+        if self.variants is not None:
+            self.variants.close()
         self.consumer.close(autocommit=False)
         self.producer.close()
         log.info("trainer_stopped", version=self.version, counts=self.learner.counts)

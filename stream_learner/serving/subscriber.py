@@ -45,6 +45,7 @@ from .clients import ReaderClients
 from .failures import failure_reason
 from .follower import TopicFollower
 from .model import ServedModel, load_served_model
+from .variant import VariantFollower
 from .versions import ServedVersions, Swap
 
 log = structlog.get_logger(__name__)
@@ -114,6 +115,7 @@ class CheckpointSubscriber:
         load_timeout_s: float = 60.0,
         window_bytes: int = DEFAULT_WINDOW_BYTES,
         consumer_options: Mapping[str, Any] | None = None,
+        variant: str | None = None,
     ) -> None:
         self.settings = settings
         self.public_keys: list[Ed25519PublicKey] = key_list(public_keys)
@@ -137,18 +139,24 @@ class CheckpointSubscriber:
         self._pin_due: float | None = 0.0 if settings.serving_pin_version is not None else None
         self._topic_follower = TopicFollower(self, self._clients, self._versions, window_bytes=window_bytes,
                                              offer=self._offer, failed=self._failed)
+        # A serving variant (serving_variant; "" for none whatever the settings say): see serving/variant.py.
+        variant = settings.serving_variant if variant is None else variant
+        self._variant = VariantFollower(self, variant, settings.serving_variant_max_lag) if variant else None
 
     # -- the public surface ------------------------------------------------------------
 
     @property
     def current(self) -> ServedModel | None:
-        """The model to serve now (``None`` until the first one is loaded); one attribute read."""
+        """The model to serve now (``None`` until the first one is loaded); one attribute read (two when
+        following a variant: the variant or its parent, each a whole model)."""
+        if self._variant is not None:
+            return self._variant.current(self._versions.current)
         return self._versions.current
 
     @property
     def version(self) -> int | None:
         """The version served now, or ``None``."""
-        current = self._versions.current
+        current = self.current
         return current.version if current is not None else None
 
     def start(self, wait_s: float | None = 30.0) -> CheckpointSubscriber:
@@ -164,6 +172,8 @@ class CheckpointSubscriber:
         if self._thread is not None:
             raise RuntimeError("the subscriber is already started")
         self._stop.clear()
+        if self._variant is not None:
+            self._variant.inner.start(wait_s=None)  # the parent serves until a variant is loaded
         self._thread = threading.Thread(target=self._run, name=f"checkpoint-subscriber-{self.model}", daemon=True)
         self._thread.start()
         if not wait_s or self._first.wait(wait_s):
@@ -179,6 +189,8 @@ class CheckpointSubscriber:
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop following and close the Kafka clients; ``current`` stays as it was."""
         self._stop.set()
+        if self._variant is not None:
+            self._variant.inner.stop(timeout_s)
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join(timeout_s)
@@ -246,10 +258,14 @@ class CheckpointSubscriber:
         """
         followed, loaded = self._clients.records()
         topic = self._topic_follower
-        return {"model": self.model, "topic": self.topic, **self._versions.counts(),
-                "running": self._thread is not None and self._thread.is_alive(),
-                "catch_up": dict(topic.catch_up_stats),
-                "records_followed": followed, "records_fetched": loaded - topic.catch_up_records}
+        status = {"model": self.model, "topic": self.topic, **self._versions.counts(),
+                  "running": self._thread is not None and self._thread.is_alive(),
+                  "catch_up": dict(topic.catch_up_stats),
+                  "records_followed": followed, "records_fetched": loaded - topic.catch_up_records}
+        if self._variant is not None:
+            status["variant"] = self._variant.status(self._versions.current)
+            status["version"] = self.version
+        return status
 
     def poll_once(self) -> bool:
         """One step of the loop on the caller's thread (catch-up first); True if it swapped.
@@ -329,6 +345,8 @@ class CheckpointSubscriber:
         log.info("model_swapped", model=self.model, version=new.version,
                  previous=old.version if old is not None else None, seconds=round(seconds, 4),
                  partition=new.partition, offset=new.offset)
+        if self._variant is not None:
+            self._variant.report()
         if self.on_swap is not None:
             try:
                 self.on_swap(new, old)
