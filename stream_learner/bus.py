@@ -6,17 +6,25 @@ Every role gets its producers and consumers here, so security settings
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from typing import Any
 
 import structlog
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import (
+    InvalidRecordError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    TopicAlreadyExistsError,
+)
 
 from .config import Settings
 from .errors import EventError, MissingTopicError, StreamLearnerError
 from .metrics import Metrics
+from .util.retry import is_transient
 
 log = structlog.get_logger(__name__)
 
@@ -57,14 +65,24 @@ def kafka_options(settings: Settings) -> dict[str, Any]:
     return opts
 
 
+#: Room above ``max_event_bytes`` in a producer's ``max_request_size``: an event at the limit, as a
+#: dead letter with its headers (or as the example that carries it), still fits.
+RECORD_HEADROOM_BYTES = 64 * 1024
+
+
 def make_producer(settings: Settings, **overrides: Any) -> KafkaProducer:
-    """An idempotent, acks=all producer: retries never duplicate or reorder a partition."""
+    """An idempotent, acks=all producer: retries never duplicate or reorder a partition.
+
+    Its ``max_request_size`` is ``max_event_bytes`` plus :data:`RECORD_HEADROOM_BYTES`:
+    what a role produces is at most an event and some lineage or headers. A
+    larger dead letter is sent truncated (:class:`DeadLetters`).
+    """
     opts = {
         "acks": "all",
         "enable_idempotence": True,
         "linger_ms": 5,
         "batch_size": 256 * 1024,
-        "max_request_size": max(settings.max_event_bytes * 2, 1 << 20),
+        "max_request_size": settings.max_event_bytes + RECORD_HEADROOM_BYTES,
         **kafka_options(settings),
         **overrides,
     }
@@ -103,6 +121,8 @@ def ensure_topics(settings: Settings, *, roles: Iterable[str] | None = None, tim
     Returns those created. Input topics get ``partitions_input`` partitions;
     the examples topic ``partitions_examples``; model, drift and dead-letter
     topics one each (the model topic is read in version order).
+    The input, examples and dead-letter topics get ``max.message.bytes`` =
+    ``max_event_bytes`` + :data:`RECORD_HEADROOM_BYTES`.
     """
     partitions = {
         "predictions": settings.partitions_input,
@@ -110,11 +130,16 @@ def ensure_topics(settings: Settings, *, roles: Iterable[str] | None = None, tim
         "examples": settings.partitions_examples,
     }
     wanted_roles = set(settings.topics if roles is None else roles)
+    # Topics that carry events (or an example of one, or a dead letter with its headers) take records
+    # of max_event_bytes and some room: Apache Kafka's default max.message.bytes (1,048,588) is just
+    # above the default max_event_bytes (1 MiB), too little for an event at the limit with its lineage.
+    large = {"max.message.bytes": str(settings.max_event_bytes + RECORD_HEADROOM_BYTES)}
+    configs = {"predictions": large, "labels": large, "examples": large, "dlq": large}
     admin = _admin(settings, timeout_s)
     try:
         existing = set(admin.list_topics())
         wanted = [
-            NewTopic(name, partitions.get(role, 1), settings.replication_factor)
+            NewTopic(name, partitions.get(role, 1), settings.replication_factor, topic_configs=configs.get(role))
             for role, name in settings.topics.items()
             if role in wanted_roles and name not in existing
         ]
@@ -182,14 +207,132 @@ def dead_letter_headers(
     ]
 
 
+#: Headers added when a dead letter's value had to be cut (see :class:`DeadLetters`).
+H_TRUNCATED = "sl-truncated"
+H_ORIGINAL_SIZE = "sl-original-size"
+H_ORIGINAL_SHA256 = "sl-original-sha256"
+H_ORIGINAL_KEY_SIZE = "sl-original-key-size"
+
+#: What a truncated dead letter keeps of the value (and, when the key is also huge, of the key).
+DEAD_LETTER_PREFIX_BYTES = 64 * 1024
+DEAD_LETTER_KEY_BYTES = 1024
+#: Bytes a record takes beyond its key, value and headers (record and batch framing), with room to spare.
+_FRAMING_BYTES = 512
+
+# A broker that refuses a record as too large (its message.max.bytes, the topic's max.message.bytes).
+_TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError, InvalidRecordError)
+
+
+def _record_bytes(key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]) -> int:
+    return (len(key or b"") + len(value or b"") + sum(len(k) + len(v) for k, v in headers) + _FRAMING_BYTES)
+
+
+class DeadLetter:
+    """One dead letter on its way: :meth:`get` waits until the broker has it.
+
+    Never raises while sending. A record too large to carry whole (with its
+    headers, larger than the producer's ``max_request_size``, or refused by
+    the broker as too large) goes truncated: the first
+    :data:`DEAD_LETTER_PREFIX_BYTES` of its value, with headers
+    ``sl-truncated: true``, ``sl-original-size`` and ``sl-original-sha256``
+    (of the whole value). If the broker refuses even that, or refuses for a
+    reason waiting cannot cure (authorization, an invalid topic), the letter
+    is *unsendable*: counted, logged once at error level, and :meth:`get`
+    returns ``None``, so the caller moves on rather than stopping for good.
+    A transient error (the broker unavailable) is raised by :meth:`get`;
+    calling :meth:`get` again sends again, so a caller's retry loop works.
+    """
+
+    def __init__(self, owner: DeadLetters, record: Any, error: Exception) -> None:
+        self.owner = owner
+        self.record = record
+        self.headers = dead_letter_headers(error, topic=record.topic, partition=record.partition,
+                                           offset=record.offset, stage=owner.stage)
+        self.key: bytes | None = record.key
+        self.value: bytes | None = record.value
+        self.truncated = False
+        self.result: Any = None
+        self.done = False
+        self._future: Any = None
+        self._error: BaseException | None = None
+        if _record_bytes(self.key, self.value, self.headers) > owner.max_record_bytes:
+            self._truncate()  # the producer would refuse it whole
+        self._send()
+
+    def _truncate(self) -> None:
+        value = self.record.value or b""
+        key = self.record.key
+        headers = [*self.headers, (H_TRUNCATED, b"true"), (H_ORIGINAL_SIZE, str(len(value)).encode()),
+                   (H_ORIGINAL_SHA256, hashlib.sha256(value).hexdigest().encode())]
+        if key is not None and len(key) > DEAD_LETTER_KEY_BYTES:
+            headers.append((H_ORIGINAL_KEY_SIZE, str(len(key)).encode()))
+            key = key[:DEAD_LETTER_KEY_BYTES]
+        self.key, self.value, self.headers = key, value[:DEAD_LETTER_PREFIX_BYTES], headers
+        self.truncated = True
+        self.owner.truncated(self)
+
+    def _send(self) -> None:
+        """Hand the letter to the producer; what goes wrong is kept for :meth:`get`."""
+        self._error = None
+        try:
+            self._future = self.owner.producer.send(self.owner.topic, key=self.key, value=self.value,
+                                                    headers=self.headers)
+        except Exception as exc:  # noqa: BLE001 - a dead letter never raises on the way out
+            self._future = None
+            self._error = exc
+
+    def get(self, timeout: float | None = 60.0) -> Any:
+        """The broker's acknowledgement (record metadata), or ``None`` if the letter is unsendable.
+
+        Raises a transient error (broker unavailable, a timeout) as it is;
+        the next call sends again.
+        """
+        while not self.done:
+            if self._future is None and self._error is None:
+                self._send()
+            try:
+                if self._error is not None:
+                    raise self._error
+                self.result = self._future.get(timeout=timeout)
+                self.done = True
+            except _TOO_LARGE as exc:
+                if self.truncated:
+                    self._unsendable(exc)
+                else:
+                    self._truncate()
+                    self._send()
+            except Exception as exc:
+                if is_transient(exc):
+                    self._future, self._error = None, None  # sent again by the next call
+                    raise
+                self._unsendable(exc)
+        return self.result
+
+    def _unsendable(self, exc: BaseException) -> None:
+        record, value = self.record, self.record.value or b""
+        log.error("dead_letter_unsendable", stage=self.owner.stage, topic=record.topic,
+                  partition=record.partition, offset=record.offset, size=len(value),
+                  sha256=hashlib.sha256(value).hexdigest(), kind=dict(self.headers).get(H_ERROR_KIND, b"").decode(),
+                  error=f"{type(exc).__name__}: {exc}",
+                  consequence="the record is skipped; it stays in its source topic at that offset")
+        if self.owner.metrics is not None:
+            self.owner.metrics.dead_letters_unsendable.labels(stage=self.owner.stage).inc()
+        self.result, self.done = None, True
+
+
 class DeadLetters:
-    """Sends refused records, byte for byte, to the dead-letter topic.
+    """Sends refused records to the dead-letter topic, byte for byte whenever they fit.
 
     The original key and value are kept so nothing is lost; the reason is in
-    the headers. The returned future resolves when the broker has the record,
-    so a caller commits its input offset only after that. Each dead letter is
-    counted in ``stream_learner_dead_letters_total{stage,kind}`` when
-    ``metrics`` is given.
+    the headers. :meth:`send` returns a :class:`DeadLetter` whose ``get``
+    returns when the broker has the record, so a caller commits its input
+    offset only after that; too large a record goes truncated, and one the
+    broker will not take at all is counted and skipped (see
+    :class:`DeadLetter`). Each dead letter is counted in
+    ``stream_learner_dead_letters_total{stage,kind}`` when ``metrics`` is
+    given. The producer's ``max_request_size`` bounds a whole record (one
+    from :func:`make_producer` takes an event of ``max_event_bytes`` and the
+    headers).
     """
 
     def __init__(self, producer: KafkaProducer, topic: str, stage: str, metrics: Metrics | None = None) -> None:
@@ -197,27 +340,28 @@ class DeadLetters:
         self.topic = topic
         self.stage = stage
         self.metrics = metrics
+        config = getattr(producer, "config", None)
+        self.max_record_bytes = int(config["max_request_size"]) if isinstance(config, dict) else 1 << 62
 
-    def send(self, record: Any, error: Exception) -> Any:
-        """Dead-letter one consumed ``ConsumerRecord``; return the send future."""
+    def send(self, record: Any, error: Exception) -> DeadLetter:
+        """Dead-letter one consumed ``ConsumerRecord``; never raises (see :class:`DeadLetter`)."""
         log.warning(
             "dead_letter",
             stage=self.stage,
             topic=record.topic,
             partition=record.partition,
             offset=record.offset,
-            error=str(error),
+            error=str(error)[:1000],
         )
         if self.metrics is not None:
             kind = getattr(error, "kind", type(error).__name__)
             self.metrics.dead_letters.labels(stage=self.stage, kind=kind).inc()
-        # Oversized values stay oversized for the DLQ too; truncating would
-        # lose data, so the producer's max_request_size leaves room for them.
-        return self.producer.send(
-            self.topic,
-            key=record.key,
-            value=record.value,
-            headers=dead_letter_headers(
-                error, topic=record.topic, partition=record.partition, offset=record.offset, stage=self.stage
-            ),
-        )
+        return DeadLetter(self, record, error)
+
+    def truncated(self, letter: DeadLetter) -> None:
+        """Count (and log) a letter sent with its value cut."""
+        log.warning("dead_letter_truncated", stage=self.stage, topic=letter.record.topic,
+                    partition=letter.record.partition, offset=letter.record.offset,
+                    size=len(letter.record.value or b""), kept=len(letter.value or b""))
+        if self.metrics is not None:
+            self.metrics.dead_letters_truncated.labels(stage=self.stage).inc()

@@ -94,7 +94,7 @@ def _replay_arguments(parser: argparse.ArgumentParser) -> None:
 _ROLE_GROUPS = {
     "joiner": ("kafka", "consumer", "redis", "topics", "topic_setup", "joiner", "metrics", "logs"),
     "trainer": ("kafka", "consumer", "redis", "topics", "topic_setup", "model", "learning", "checkpoints", "drift",
-                "metrics", "logs"),
+                "variants", "metrics", "logs"),
 }
 
 #: The settings each verb uses, as groups of :data:`~stream_learner.config.SETTING_GROUPS`, less the
@@ -105,9 +105,10 @@ VERB_SETTINGS: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
     "run": (tuple(dict.fromkeys(_ROLE_GROUPS["joiner"] + _ROLE_GROUPS["trainer"])), frozenset()),
     "serve": (("kafka", "consumer", "topics", "topic_setup", "model", "serving", "metrics", "logs"), frozenset()),
     "replay": (("kafka", "consumer", "redis", "topics", "joiner", "model", "learning", "checkpoints", "drift",
-                "replay", "logs"), frozenset()),
+                "variants", "replay", "logs"), frozenset()),
     "topics": (("kafka", "topics", "topic_setup", "logs"), frozenset({"create_topics"})),
     "config": (tuple(SETTING_GROUPS), frozenset()),
+    "optimize": (("kafka", "consumer", "topics", "model", "checkpoints", "variants", "metrics", "logs"), frozenset()),
     "keys": ((), frozenset()),
     "local": (("topics", "topic_setup", "logs"), frozenset({"create_topics"})),
     # The demo runs its own servers, model and cadence (tools/demo/job.py); the learning itself is yours to vary.
@@ -121,6 +122,7 @@ VERB_TOPICS: dict[str, tuple[str, ...]] = {
     "trainer": ("examples", "models", "drift", "dlq"),
     "run": ("predictions", "labels", "examples", "models", "drift", "dlq"),
     "serve": ("models", "predictions"),
+    "optimize": ("examples", "models"),
 }
 
 
@@ -245,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
                              help="train the model online from the examples topic and publish checkpoints")
     trainer.set_defaults(func=cmd_trainer)
 
+    optimize = sub.add_parser("optimize", parents=common("optimize"),
+                              help="derive gated serving variants (int8, pruned, sparse) of each new model version")
+    optimize.set_defaults(func=cmd_optimize)
+
     run = sub.add_parser("run", parents=common("run"), help="joiner and trainer in one process (small deployments)")
     run.set_defaults(func=cmd_run)
 
@@ -346,17 +352,38 @@ def cmd_joiner(args: argparse.Namespace, settings: Settings, metrics: Metrics) -
     """Run the joiner until SIGTERM or Ctrl-C."""
     from .join.joiner import Joiner
 
+    from .util.retry import Stopped
+
     _check_topics("joiner", settings)
-    Joiner(settings, metrics=metrics).run(_stop_on_signals())
+    try:
+        Joiner(settings, metrics=metrics).run(_stop_on_signals())
+    except Stopped:
+        log.info("joiner_stopped_while_waiting")  # nothing half-done: the outbox and offsets say where it was
     return 0
 
 
 def cmd_trainer(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> int:
-    """Run the trainer until SIGTERM or Ctrl-C."""
+    """Run the trainer until SIGTERM or Ctrl-C (a trainer started while its state store is down waits for it)."""
     from .learn.trainer import Trainer
+    from .util.retry import Stopped
 
     _check_topics("trainer", settings)
-    Trainer(settings, metrics=metrics).run(_stop_on_signals())
+    stop = _stop_on_signals()
+    try:
+        trainer = Trainer(settings, metrics=metrics, stop=stop)
+    except Stopped:
+        log.info("trainer_stopped_before_start")
+        return 0
+    trainer.run(stop)
+    return 0
+
+
+def cmd_optimize(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> int:
+    """Run the optimize role until SIGTERM or Ctrl-C."""
+    from .optimize.role import Optimizer
+
+    _check_topics("optimize", settings)
+    Optimizer(settings, metrics=metrics).run(_stop_on_signals())
     return 0
 
 
@@ -364,12 +391,28 @@ def cmd_run(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> i
     """Joiner and trainer in one process, each in its own thread, stopped together."""
     from .join.joiner import Joiner
     from .learn.trainer import Trainer
+    from .util.retry import Stopped
 
     _check_topics("run", settings)
     stop = _stop_on_signals()
-    trainer = Trainer(settings, metrics=metrics)
+    try:
+        trainer = Trainer(settings, metrics=metrics, stop=stop)
+    except Stopped:
+        log.info("trainer_stopped_before_start")
+        return 0
     joiner = Joiner(settings, metrics=metrics)
-    threads = [threading.Thread(target=role.run, args=(stop,), name=name)
+    failures: list[BaseException] = []
+
+    def run_role(role: Joiner | Trainer) -> None:
+        try:
+            role.run(stop)
+        except Stopped:
+            pass
+        except BaseException as exc:
+            failures.append(exc)
+            raise
+
+    threads = [threading.Thread(target=run_role, args=(role,), name=name)
                for name, role in (("joiner", joiner), ("trainer", trainer))]
     for t in threads:
         t.start()
@@ -378,6 +421,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> i
             t.join(0.5)
         if not all(t.is_alive() for t in threads):
             stop.set()  # one role died: stop the other rather than run half a pipeline
+    if failures:
+        raise failures[0]  # reported by main(), exit non-zero
     return 0
 
 
@@ -469,6 +514,7 @@ def _interrupt(signum: int, frame: object) -> None:
 #: The metric families each verb exports (:data:`stream_learner.metrics.ROLES`); other verbs: all.
 VERB_METRICS: dict[str, tuple[str, ...]] = {
     "joiner": ("joiner",), "trainer": ("trainer",), "run": ("joiner", "trainer"), "serve": ("serving", "sdk"),
+    "optimize": ("optimize",),
 }
 
 
@@ -500,6 +546,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except StreamLearnerError as exc:
         log.error("failed", error=str(exc))
+        return 1
+    except Exception as exc:
+        from .util.retry import dependency_failure
+
+        what = dependency_failure(exc, settings)
+        if what is None:
+            raise
+        log.error("permanent_error", error=what)  # one line: retrying would not cure it
         return 1
 
 

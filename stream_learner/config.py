@@ -149,7 +149,8 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     joiner_state_ttl_ms: Positive = 7 * 24 * 3600 * 1000
     """Wall-clock safety net: Redis drops a request's join state this long after its first event."""
     joiner_idle_timeout_ms: Positive = 60 * 1000
-    """Wall clock: a caught-up partition silent this long stops holding the watermark back."""
+    """Wall clock: a caught-up partition with no record this long is idle and stops holding the watermark back;
+    one no joiner reported this long is active (README, the joiner's idle rules)."""
     joiner_idle_advance: bool = True
     """When every input is idle, the watermark follows the wall clock."""
     joiner_max_poll_records: Positive = 5000
@@ -238,6 +239,37 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     trainer_drift_lr_boost_batches: Positive = 100
     """lr_boost lasts this many batches."""
 
+    # Serving variants (README, "Serving variants"; stream_learner.optimize): derived from every
+    # version, gated on held-out accuracy and latency, published as <model>#<variant>.
+    trainer_variants: list[Literal["int8", "pruned", "sparse", "student"]] = []
+    """Variants derived from every version by the trainer and replay: int8, pruned, sparse, student (empty: none)."""
+    trainer_student_hidden: list[Annotated[int, Meta(ge=1)]] = []
+    """The distilled student's MLP widths (empty: a quarter of the teacher's)."""
+    trainer_student_alpha: Annotated[float, Meta(ge=0, le=1)] = 0.5
+    """Weight of the distillation term in the student's loss (1 - alpha: the labelled loss)."""
+    trainer_student_temperature: Annotated[float, Meta(gt=0)] = 2.0
+    """Temperature of the teacher's and the student's softened probabilities."""
+    variant_window: Positive = 2000
+    """Recent examples kept raw for the variants: fine-tuned on before a version, gated on after it."""
+    variant_heldout_examples: Positive = 1000
+    """A version's variants are gated once this many labeled examples after it were learned."""
+    variant_min_heldout_examples: Positive = 200
+    """Fewer held-out labeled examples by the next version: its variants are skipped, counted."""
+    variant_max_accuracy_drop: Annotated[float, Meta(ge=0)] = 0.5
+    """Largest accuracy drop (points) or RMSE rise (percent) vs the parent for a variant to be published."""
+    variant_min_speedup: Annotated[float, Meta(ge=1)] = 1.1
+    """A speed variant (int8, pruned, student) must be this many times faster than its parent (p50)."""
+    variant_serving_batch: Positive = 1
+    """The batch size the speed gate measures at (the serving batch size)."""
+    variant_int8_min_features: Positive = 16
+    """int8: quantize the linear layers with at least this many inputs and outputs."""
+    variant_prune_fraction: Annotated[float, Meta(gt=0, lt=1)] = 0.5
+    """pruned: the fraction of each hidden layer's units removed."""
+    variant_sparse_fraction: Annotated[float, Meta(gt=0, lt=1)] = 0.5
+    """sparse: the fraction of each linear layer's weights set to zero."""
+    variant_finetune_epochs: Annotated[int, Meta(ge=0)] = 2
+    """pruned, sparse: passes of the distillation fine-tune over the recent window."""
+
     # Replay (README, "Replay").
     replay_state_dir: str = ".stream-learner/replay"
     """Where each replay keeps its resumable state and report (one directory per replay id)."""
@@ -247,6 +279,10 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # Serving side (README, "Serving"): the checkpoint subscriber and `serve`.
     serving_model: str | None = None
     """The model to follow and serve; unset: trainer_model."""
+    serving_variant: Literal["int8", "pruned", "sparse", "student"] | None = None
+    """Serve this variant of the model; the parent where a version has no passing variant (unset: the parent)."""
+    serving_variant_max_lag: Annotated[int, Meta(ge=0)] = 1
+    """Serve the parent once the newest variant is more than this many versions behind it."""
     serving_public_keys: list[str] = []
     """PEM files of the trainer public keys a serving node trusts (comma-separated; required)."""
     serving_pin_version: Annotated[int, Meta(ge=1)] | None = None
@@ -459,6 +495,7 @@ SETTING_GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
                     ("trainer_checkpoint_", "trainer_state_", "trainer_signing_key", "trainer_group_id",
                      "trainer_chunk_bytes")),
     "drift": ("Drift", ("trainer_drift_",)),
+    "variants": ("Serving variants", ("trainer_variants", "trainer_student_", "variant_")),
     "learning": ("Learning", ("trainer_",)),
     "replay": ("Replay", ("replay_",)),
     "serving": ("Serving", ("serving_",)),

@@ -18,6 +18,27 @@ Feature values are numbers or ``null``:
 Top-level fields that this version does not know are ignored, so a v1 reader
 accepts events from a newer writer that only added fields.
 
+Decoding is total: whatever the bytes, :meth:`Codec.decode` returns an event
+or raises :class:`~stream_learner.errors.EventError`, never anything else, so
+no record can stop a role. Two refusals protect the readers:
+
+* an event nesting arrays and objects deeper than :data:`MAX_DEPTH` levels is
+  refused (``too_deep``): parsers recurse per level, and Python's default
+  recursion limit (about 1,000) would otherwise decide, by the caller's
+  stack depth, what is accepted;
+* a key given twice in an object the reader reads (the event itself, its
+  ``features``, its ``prediction``, a source) is refused
+  (``duplicate_key``): JSON parsers disagree on which value wins, and a
+  ``request_id`` or ``event_time`` given twice is ambiguous. Repeats inside
+  fields this version ignores are not looked at.
+
+Both cost almost nothing on a normal event: after msgspec decodes it, one
+count of its quote characters proves that the bytes hold exactly the strings
+the decoded event holds (no key twice, no unknown field, so nothing nested
+deeper than the event's own shape). Only an event that fails that count (it
+has unknown fields, escaped quotes or ``null`` for an optional field) is
+scanned precisely: its nesting depth, then its keys.
+
 >>> ev = PredictionEvent(event_id="e1", request_id="r1", model="churn",
 ...                      model_version="3", event_time=1_700_000_000_000,
 ...                      features={"age": 41.0, "plan": None},
@@ -48,8 +69,12 @@ from .errors import EventError
 # Largest finite double: bounding floats by it refuses inf (1e400 parses to
 # inf) and NaN (every comparison with NaN is false).
 _FMAX = 1.7976931348623157e308
+#: At most this many features per event, and classes per prediction (both ``invalid_value`` beyond).
 MAX_FEATURES = 4096
 MAX_CLASSES = 1024
+#: The deepest nesting of arrays and objects an event may have (the event's own object is level 1;
+#: a prediction's class probabilities are level 2, as are an example's sources).
+MAX_DEPTH = 64
 #: Default limit on an encoded event's size; larger messages are refused
 #: before decoding so a huge payload cannot exhaust memory.
 DEFAULT_MAX_EVENT_BYTES = 1 << 20
@@ -151,8 +176,30 @@ class Signature(Struct, frozen=True, kw_only=True):
     value: Annotated[str, Meta(min_length=1, max_length=256)]
 
 
+class VariantInfo(Struct, frozen=True, kw_only=True):
+    """What a serving variant is (``CheckpointManifest.variant``; see :mod:`stream_learner.optimize`).
+
+    ``name``: ``int8``, ``pruned``, ``sparse`` or ``student``; the parent is
+    version ``parent_version`` of ``parent_model``, whose weights have
+    ``parent_sha256``; ``recipe``: how it was made; ``measured``: its
+    accuracy and agreement with the parent on held-out examples, parameter
+    counts, bytes and latencies next to the parent's.
+    """
+
+    name: Name
+    parent_model: Name
+    parent_version: Annotated[int, Meta(ge=1)]
+    parent_sha256: Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]
+    recipe: dict[Name, Any]
+    measured: dict[Name, Finite]
+
+
 class CheckpointManifest(Struct, frozen=True, kw_only=True):
-    """A model version published to the model topic (schema ``manifest.v1``)."""
+    """A model version published to the model topic (schema ``manifest.v1``).
+
+    ``variant`` is optional (default ``null``: an ordinary checkpoint); a
+    manifest without it signs and verifies exactly as before the field existed.
+    """
 
     model: Name
     version: Annotated[int, Meta(ge=1)]
@@ -166,6 +213,7 @@ class CheckpointManifest(Struct, frozen=True, kw_only=True):
     architecture: dict[Name, Any]
     weights: WeightsInfo
     signature: Signature | None = None
+    variant: VariantInfo | None = None
 
 
 DriftKind = Literal["warning", "drift", "status"]
@@ -224,14 +272,28 @@ class Codec(Generic[E]):
     """Decoder of one event type that explains every refusal.
 
     ``decode`` raises :class:`EventError` with the JSON path of the offending
-    field and a short ``kind``: ``oversized``, ``malformed_json``,
-    ``non_finite``, ``missing_field``, ``wrong_type`` or ``invalid_value``.
+    field and a short ``kind``: ``oversized``, ``too_deep``,
+    ``malformed_json``, ``non_finite``, ``missing_field``, ``wrong_type``,
+    ``invalid_value``, ``duplicate_key`` or ``undecodable`` (the decoder
+    failed in a way nobody foresaw; the message names the exception). It
+    raises nothing else, whatever the bytes.
+
+    The depth limit and the refusal of repeated keys apply in full to the
+    wire events (predictions, labels, examples), whose shape gives the fast
+    proof of the module docstring. Other types (manifests, drift events, a
+    caller's own struct) are not scanned when msgspec accepts them (that
+    would parse every record twice); they are total all the same (too deep
+    for the parser is ``too_deep``), and a refusal names ``too_deep`` first.
     """
 
-    def __init__(self, event_type: type[E], max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
+    def __init__(self, event_type: type[E], max_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+                 max_depth: int = MAX_DEPTH) -> None:
         self.event_type = event_type
         self.max_bytes = max_bytes
+        self.max_depth = max_depth
         self._decoder = msgspec.json.Decoder(event_type)
+        self._quotes = _QUOTE_COUNTS.get(event_type)
+        self._fields = frozenset(event_type.__struct_fields__)
 
     def decode(self, data: bytes | bytearray | memoryview | None) -> E:
         """Decode one record value, or raise :class:`EventError`."""
@@ -240,20 +302,215 @@ class Codec(Generic[E]):
         if len(data) > self.max_bytes:
             raise EventError("oversized", "$", f"message is {len(data)} bytes, limit is {self.max_bytes}")
         try:
-            return self._decoder.decode(data)
+            event = self._decoder.decode(data)
         except msgspec.ValidationError as exc:
-            raise _explain_validation(str(exc), data) from None
+            raise self._refusal(bytes(data), _explain_validation, str(exc), "invalid_value") from None
         except msgspec.DecodeError as exc:
-            raise _explain_malformed(str(exc), data) from None
+            raise self._refusal(bytes(data), _explain_malformed, str(exc), "malformed_json") from None
+        except RecursionError:
+            raise _too_deep(self.max_depth) from None
+        except Exception as exc:  # noqa: BLE001 - no record may stop a role
+            raise _undecodable(exc) from None
+        # The fast proof (see the module docstring); anything else is scanned.
+        quotes = self._quotes
+        if quotes is not None:
+            raw = bytes(data) if isinstance(data, memoryview) else data  # a memoryview has no count()
+            if raw.count(b'"') != quotes(event, raw):
+                self._scan(raw)
+        return event
 
     def convert(self, obj: dict[str, Any]) -> E:
         """Validate Python values (as an SDK caller passes them) into an event."""
         try:
             return msgspec.convert(obj, self.event_type)
         except msgspec.ValidationError as exc:
+            msg = str(exc)
+        except RecursionError:
+            raise _too_deep(self.max_depth) from None
+        except Exception as exc:  # noqa: BLE001 - the caller gets an EventError, whatever it passed
+            raise _undecodable(exc) from None
+        try:
             # json.dumps writes NaN/Infinity tokens, which the key resolver reads back.
-            raise _explain_validation(str(exc), json.dumps(obj, default=repr).encode()) from None
+            as_json = json.dumps(obj, default=repr).encode()
+        except Exception:  # noqa: BLE001 - nested too deep, or a cycle: explain without it
+            as_json = b"null"
+        raise self._refusal(as_json, _explain_validation, msg, "invalid_value") from None
 
+    def _refusal(self, data: bytes | bytearray, explain: Callable[[str, bytes | bytearray], EventError],
+                 msg: str, kind: str) -> EventError:
+        """Why ``data`` was refused: ``too_deep`` first (explaining parses it again), else what
+        ``explain`` makes of msgspec's message; never an exception of its own."""
+        if nesting_exceeds(data, self.max_depth):
+            return _too_deep(self.max_depth)
+        try:
+            return explain(msg, data)
+        except Exception:  # noqa: BLE001 - msgspec's own words are still a reason
+            return EventError(kind, "$", msg)
+
+    def _scan(self, data: bytes | bytearray) -> None:
+        """The precise checks of an event msgspec accepted: its depth, then repeated keys."""
+        if nesting_exceeds(data, self.max_depth):
+            raise _too_deep(self.max_depth)
+        try:
+            # Numbers are not needed: len() keeps huge integers from Python's 4,300-digit limit.
+            doc = json.loads(data, object_pairs_hook=_Object, parse_int=len, parse_float=len, parse_constant=len)
+        except Exception as exc:  # noqa: BLE001 - msgspec accepted it; say why Python's json did not
+            raise EventError("malformed_json", "$", f"not valid JSON to a strict reader: {exc}") from None
+        if type(doc) is _Object:
+            field = _repeated(doc, self._fields)
+            if field is not None:
+                raise EventError("duplicate_key", field,
+                                 "the key is given more than once (which value is meant is ambiguous)")
+
+
+# -- the precise checks ------------------------------------------------------------------
+
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+# Depth does not care which kind a bracket is (pairing them is the parser's job): braces become brackets.
+_ONE_KIND = bytes.maketrans(b"{}", b"[]")
+
+
+def nesting_exceeds(data: bytes | bytearray, limit: int) -> bool:
+    """True if the JSON text ``data`` nests arrays and objects deeper than ``limit`` levels.
+
+    Brackets inside strings do not count. Linear in C, at most ``limit``
+    passes: strings are cut out (escaped backslashes and quotes first),
+    everything but brackets is deleted and braces become brackets, then each
+    pass removes the innermost pairs (one level; ``bytes.replace`` never
+    pairs what its own removals bring together), so ``limit`` passes empty a
+    text no deeper than ``limit``; a run of openers longer than the levels
+    left ends it early (a plain deep nest costs one search). A text whose
+    brackets do not pair up is malformed, not deep: False, and the parser
+    says what is wrong.
+
+    >>> nesting_exceeds(b'{"a": [[1], {"b": "[[[["}]}', 3), nesting_exceeds(b'[{"a": [[]]}]', 3)
+    (False, True)
+    """
+    if data.count(b"[") + data.count(b"{") <= limit:
+        return False  # fewer openers than levels: cannot be deeper
+    text = bytes(data).replace(b"\\\\", b"").replace(b'\\"', b"")
+    brackets = b"".join(text.split(b'"')[::2]).translate(_ONE_KIND, _NOT_BRACKETS)
+    for removed in range(limit):
+        if not brackets:
+            return False
+        if b"[" * (limit + 1 - removed) in brackets:
+            return True  # that many openers in a row are that many more levels: no need to peel them
+        inner_removed = brackets.replace(b"[]", b"")
+        if len(inner_removed) == len(brackets):
+            return False
+        brackets = inner_removed
+    return bool(brackets)
+
+
+class _Object(dict[str, Any]):
+    """A JSON object that remembers the keys it was given more than once (``object_pairs_hook``)."""
+
+    __slots__ = ("repeated",)
+
+    def __init__(self, pairs: list[tuple[str, Any]]) -> None:
+        super().__init__(pairs)
+        self.repeated: list[str] = []
+        if len(self) != len(pairs):
+            seen: set[str] = set()
+            for key, _ in pairs:
+                if key in seen:
+                    self.repeated.append(key)
+                seen.add(key)
+
+
+def _repeated(doc: _Object, fields: frozenset[str]) -> str | None:
+    """The path of the first key given twice where the reader looks: a field of the event, or
+    any key of an object that is a field's value (features, prediction, a source)."""
+    for key in doc.repeated:
+        if key in fields:
+            return f"$.{key}"
+    for key, value in doc.items():
+        if key in fields and type(value) is _Object and value.repeated:
+            return f"$.{key}.{value.repeated[0]}"
+    return None
+
+
+def _too_deep(limit: int) -> EventError:
+    return EventError("too_deep", "$", f"arrays and objects nest deeper than {limit} levels")
+
+
+def _undecodable(exc: BaseException) -> EventError:
+    return EventError("undecodable", "$", f"the decoder failed: {type(exc).__name__}: {exc}"[:1000])
+
+
+# -- the fast proof: how many quote characters the decoded event accounts for --------------
+#
+# Every string of a JSON text (key or value) is two quote characters, and a
+# quote inside a string is escaped (one more). So the bytes hold at least
+# twice as many quotes as the decoded event has strings (its keys, string
+# values, feature and class names), and exactly twice as many only if no key
+# is given twice, no field is unknown and no string holds an escaped quote.
+# An optional field that decoded to None may be absent or written as null:
+# a ``"name":null`` in the bytes is taken as the field (if it is not the
+# field, it is inside a string, hence escaped, or a key of an unknown object,
+# itself a string too much: either way the count stays above, never below,
+# and no repeat can hide behind it). A feature of that name could be the
+# one exception (features may be null), so such an event is always scanned.
+
+
+def _nulls(name: str) -> tuple[str, bytes, bytes]:
+    return name, f'"{name}":null'.encode(), f'"{name}": null'.encode()
+
+
+def _null(data: bytes | bytearray, field: tuple[str, bytes, bytes], features: dict[str, Any] | None = None) -> int:
+    """Quotes for an optional field (from :func:`_nulls`) that decoded to None: 2 if it is
+    written as null, else 0; -1 (scan) when a feature has the field's name."""
+    if features is not None and field[0] in features:
+        return -1
+    return 2 if data.find(field[1]) >= 0 or data.find(field[2]) >= 0 else 0
+
+
+def _prediction_quotes(ev: PredictionEvent, data: bytes | bytearray) -> int:
+    # 7 keys, 4 string values, the feature names, the class names.
+    p = ev.prediction
+    if p.__class__ is dict:
+        return 22 + 2 * (len(ev.features) + len(p))
+    return 22 + 2 * len(ev.features)
+
+
+def _label_quotes(ev: LabelEvent, data: bytes | bytearray) -> int:
+    # 4 required keys, 2 string values, a class name, the model (key and value).
+    n = 12 + (2 if type(ev.label) is str else 0)
+    return n + 4 if ev.model is not None else n + _null(data, _MODEL)
+
+
+_MODEL = _nulls("model")
+
+
+_SOURCE_QUOTES = 10  # the field's key, three keys, the topic
+
+
+def _example_quotes(ev: ExampleEvent, data: bytes | bytearray) -> int:
+    # 10 required keys, 6 string values, the label if a string, names, then the optional fields.
+    p = ev.prediction
+    n = 32 + 2 * len(ev.features) + (2 * len(p) if type(p) is dict else 0) + (2 if type(ev.label) is str else 0)
+    features = ev.features
+    if (ev.label_source is not None and ev.prediction_source is not None and ev.label_event_id is not None
+            and ev.label_time is not None):  # a labeled example, as joined: nothing optional is missing
+        return n + 2 * _SOURCE_QUOTES + 4 + 2
+    optional = (
+        _SOURCE_QUOTES if ev.prediction_source is not None else _null(data, _PREDICTION_SOURCE, features),
+        4 if ev.label_event_id is not None else _null(data, _LABEL_EVENT_ID, features),
+        2 if ev.label_time is not None else _null(data, _LABEL_TIME, features),
+        _SOURCE_QUOTES if ev.label_source is not None else _null(data, _LABEL_SOURCE, features),
+    )
+    return -1 if -1 in optional else n + sum(optional)
+
+
+_PREDICTION_SOURCE, _LABEL_EVENT_ID = _nulls("prediction_source"), _nulls("label_event_id")
+_LABEL_TIME, _LABEL_SOURCE = _nulls("label_time"), _nulls("label_source")
+
+
+_QUOTE_COUNTS: dict[type, Callable[[Any, bytes | bytearray], int]] = {
+    PredictionEvent: _prediction_quotes,
+    LabelEvent: _label_quotes,
+    ExampleEvent: _example_quotes,
+}
 
 PREDICTION: Codec[PredictionEvent] = Codec(PredictionEvent)
 LABEL: Codec[LabelEvent] = Codec(LabelEvent)
@@ -261,8 +518,8 @@ EXAMPLE: Codec[ExampleEvent] = Codec(ExampleEvent)
 MANIFEST: Codec[CheckpointManifest] = Codec(CheckpointManifest)
 DRIFT: Codec[DriftEvent] = Codec(DriftEvent)
 
-# The error path below may be slow: it runs only for refused events, and turns msgspec's terse message into one that names the
-# field (msgspec writes dict keys as ``[...]``).
+# The error path below may be slow: it runs only for refused events, and turns msgspec's terse
+# message into one that names the field (msgspec writes dict keys as ``[...]``).
 _AT = re.compile(r" - at `(\$[^`]*)`$")
 _AT_KEY = re.compile(r" - at `key` in `(\$[^`]*)`$")
 _BOUND = re.compile(r"^Expected `\w+` (<=|>=|<|>) (\S+)$")
@@ -316,7 +573,7 @@ def _resolve_keys(path: str, data: bytes | bytearray | memoryview,
     """Replace msgspec's ``[...]`` with the first key whose value is at fault."""
     try:
         obj: Any = json.loads(bytes(data))
-    except ValueError:
+    except Exception:  # noqa: BLE001 - not parseable by Python (too deep, huge number): keep msgspec's path
         return path
     out = "$"
     for part in re.findall(r"\.(\w+)|\[(\d+)\]|(\[\.\.\.\])", path[1:]):
@@ -340,7 +597,7 @@ def _explain_malformed(msg: str, data: bytes | bytearray | memoryview) -> EventE
     # msgspec) refuse; if it parses, name the field holding the non-finite value.
     try:
         obj = json.loads(bytes(data))
-    except (ValueError, UnicodeDecodeError):
+    except Exception:  # noqa: BLE001 - malformed for Python too (or too deep for it to say)
         return EventError("malformed_json", "$", msg.removeprefix("JSON is malformed: "))
     where = _find_non_finite(obj, "$")
     if where is not None:

@@ -34,8 +34,9 @@ from prometheus_client.process_collector import ProcessCollector
 from .health import Health
 
 #: The roles whose families a process may export. ``sdk``: the client SDK's
-#: (a serving node logs through it); ``smoke``: the count check's decoder.
-ROLES = ("joiner", "trainer", "serving", "sdk", "smoke")
+#: (a serving node logs through it); ``smoke``: the count check's decoder;
+#: ``optimize``: the variants role's (a trainer exports those families too).
+ROLES = ("joiner", "trainer", "optimize", "serving", "sdk", "smoke")
 
 #: Rolling prequential metrics of the trainer (key in the learner's summary -> gauge suffix, meaning).
 ROLLING = {
@@ -102,6 +103,13 @@ class Metrics:
         self.dead_letters = Counter(
             "stream_learner_dead_letters_total", "Records sent to the dead-letter topic, by stage and error kind.",
             ["stage", "kind"], registry=of("joiner", "trainer", "smoke"))
+        self.dead_letters_truncated = Counter(
+            "stream_learner_dead_letters_truncated_total",
+            "Dead letters sent with their value cut (too large to carry whole), by stage.", ["stage"], registry=of("joiner", "trainer", "smoke"))
+        self.dead_letters_unsendable = Counter(
+            "stream_learner_dead_letters_unsendable_total",
+            "Refused records the broker would not take even truncated: logged and skipped, by stage.",
+            ["stage"], registry=of("joiner", "trainer", "smoke"))
         self.sdk_events = Counter(
             "stream_learner_sdk_events_total",
             "SDK events by outcome: sent (acknowledged), failed (delivery error), dropped (buffer full).",
@@ -142,6 +150,9 @@ class Metrics:
             registry=t)
         self.trainer_checkpoints = Counter(
             "stream_learner_trainer_checkpoints_total", "Checkpoints published.", registry=t)
+        self.trainer_retries = Counter(
+            "stream_learner_trainer_retries_total", "Retries while a dependency (its state store, Kafka) was down.",
+            ["dependency"], registry=t)
         self.trainer_version = Gauge(
             "stream_learner_trainer_model_version", "Version of the last published checkpoint.", registry=t)
         self.trainer_consumer_lag = Gauge(
@@ -180,6 +191,26 @@ class Metrics:
             "Time `stream-learner serve` took to answer a POST /predict, from its first byte read to its reply "
             "written, by HTTP status code.", ["code"],
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5), registry=s)
+
+        # Serving variants (stream_learner.optimize): derived by a trainer, a replay or the optimize role.
+        v = of("trainer", "optimize")
+        self.variants_published = Counter(
+            "stream_learner_variants_published_total", "Serving variants that passed their gate and were published.",
+            ["variant"], registry=v)
+        self.variants_skipped = Counter(
+            "stream_learner_variants_skipped_total",
+            "Serving variants not published, by reason: accuracy, slower, too_few_examples, not_applicable.",
+            ["variant", "reason"], registry=v)
+        self.variant_seconds = Histogram(
+            "stream_learner_variant_seconds", "Time to build and gate one variant.", ["variant"],
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0), registry=v)
+        self.serving_variant_fallback = Gauge(
+            "stream_learner_serving_variant_fallback",
+            "1 while a node asked for a variant serves the parent (no passing variant recent enough), else 0.",
+            registry=s)
+        self.serving_variant_version = Gauge(
+            "stream_learner_serving_variant_version",
+            "Parent version of the variant a node serves (0: it serves no variant).", registry=s)
 
     def trainer_scores(self, model: str, summary: Callable[[], Mapping[str, float]]) -> None:
         """Set the rolling gauges of ``model`` from the learner's ``summary``, at most once a second."""

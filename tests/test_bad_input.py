@@ -51,6 +51,20 @@ CASES = [
     ("negative event time", variant(event_time=-5), "invalid_value", "$.event_time", ">= 0"),
     ("empty request id", variant(request_id=""), "invalid_value", "$.request_id", "length >= 1"),
     ("empty feature name", variant(features={"": 1.0}), "invalid_value", "$.features", "key is invalid"),
+    ("too many features", variant(features={f"f{i}": 0.0 for i in range(4097)}), "invalid_value", "$.features",
+     "length <= 4096"),
+    ("nested 1,000 deep in an unknown field", variant()[:-1] + b', "zz": ' + b"[" * 1000 + b"]" * 1000 + b"}",
+     "too_deep", "$", "deeper than 64 levels"),
+    ("nested 1,000 deep in a feature", variant().replace(b'"a": 1.5', b'"a": ' + b"[" * 1000 + b"]" * 1000),
+     "too_deep", "$", "deeper than 64 levels"),
+    ("nested 1,000 deep in the prediction", variant(prediction=0.5).replace(b"0.5}", b"[" * 1000 + b"]" * 1000 + b"}"),
+     "too_deep", "$", "deeper than 64 levels"),
+    ("request id given twice", variant()[:-1] + b', "request_id": "r2"}', "duplicate_key", "$.request_id",
+     "more than once"),
+    ("event time given twice", variant()[:-1] + b', "event_time": 99}', "duplicate_key", "$.event_time",
+     "more than once"),
+    ("feature given twice", variant().replace(b'"b": null', b'"b": null, "a": 2.5'), "duplicate_key",
+     "$.features.a", "more than once"),
 ]
 
 

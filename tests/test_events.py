@@ -183,7 +183,9 @@ def test_arbitrary_bytes_never_crash_the_decoder(blob: bytes) -> None:
     try:
         events.PREDICTION.decode(blob)
     except EventError as exc:
-        assert exc.kind in {"malformed_json", "missing_field", "wrong_type", "invalid_value", "non_finite"}
+        # Never "undecodable": that kind is for decoder failures nobody foresaw.
+        assert exc.kind in {"malformed_json", "missing_field", "wrong_type", "invalid_value", "non_finite",
+                            "too_deep", "duplicate_key"}
 
 
 def test_manifest_round_trip() -> None:
@@ -211,3 +213,127 @@ def test_msgspec_struct_and_schema_agree_on_required_fields() -> None:
         body = schema["$defs"][struct.__name__]
         required = {f.encode_name for f in msgspec.structs.fields(struct) if f.required}
         assert set(body["required"]) == required, name
+
+
+# -- property-based: a key given twice where the reader looks is refused, wherever and however written --
+
+
+class _Pairs(list):  # type: ignore[type-arg]
+    """A JSON object as written: its (key, value) pairs in order, repeats allowed."""
+
+
+def _as_pairs(value: Any) -> Any:
+    if isinstance(value, dict):
+        return _Pairs((k, _as_pairs(v)) for k, v in value.items())
+    if isinstance(value, list):
+        return [_as_pairs(v) for v in value]
+    return value
+
+
+def _write(value: Any, draw: Any) -> str:
+    """JSON text of ``value``, compact or spaced, strings sometimes escaped (\\uXXXX, or ASCII only)."""
+    colon, comma = draw(st.sampled_from([(":", ","), (": ", ", "), (" : ", " ,\n ")]))
+    if isinstance(value, _Pairs):
+        return "{" + comma.join(f"{_string(k, draw)}{colon}{_write(v, draw)}" for k, v in value) + "}"
+    if isinstance(value, list):
+        return "[" + comma.join(_write(v, draw) for v in value) + "]"
+    if isinstance(value, str):
+        return _string(value, draw)
+    return json.dumps(value)
+
+
+def _string(text: str, draw: Any) -> str:
+    how = draw(st.sampled_from(["plain", "ascii", "escape-first"]))
+    if how == "escape-first" and text and ord(text[0]) < 0x10000:  # beyond, json.dumps writes the surrogates
+        return '"' + f"\\u{ord(text[0]):04x}" + json.dumps(text[1:], ensure_ascii=False)[1:]
+    return json.dumps(text, ensure_ascii=how == "ascii")
+
+
+def _repeats(pairs: Any, fields: set[str]) -> bool:
+    """The reference: is a key repeated at the top (a known field) or inside a known field's object?"""
+    keys = [k for k, _ in pairs]
+    if any(keys.count(k) > 1 for k in keys if k in fields):
+        return True
+    return any(k in fields and isinstance(v, _Pairs) and len({kk for kk, _ in v}) != len(v) for k, v in pairs)
+
+
+@pytest.mark.parametrize("name", ["prediction.v1", "label.v1", "example.v1"])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_a_repeated_key_is_refused_and_nothing_else_is(name: str, data: st.DataObject) -> None:
+    draw = data.draw
+    codec = CODECS[name]
+    fields = set(codec.event_type.__struct_fields__)
+    doc = _as_pairs(json.loads(events.encode(draw(STRATEGIES[name]))))
+    # Optional fields that are null: written as null, or left out.
+    doc = _Pairs(kv for kv in doc if not (kv[1] is None and kv[0] not in ("label",) and draw(st.booleans())))
+    for _ in range(draw(st.integers(0, 3))):
+        target = doc
+        objects = [v for _, v in doc if isinstance(v, _Pairs)]
+        if objects and draw(st.booleans()):
+            target = draw(st.sampled_from(objects))  # features, prediction or a source
+        what = draw(st.sampled_from(["repeat", "unknown", "unknown-named-like-a-field", "feature-named-like-a-field"]))
+        if what == "repeat" and target:
+            key, value = draw(st.sampled_from(list(target)))
+            target.insert(draw(st.integers(0, len(target))), (key, draw(st.sampled_from([value, None, 1.5, "x"]))))
+        elif what == "unknown":
+            target.append((draw(names), _as_pairs(draw(json_values))))
+        elif what == "unknown-named-like-a-field":
+            # An unknown object holding a key named like a null optional field ("label_time": null).
+            doc.append((draw(names), _Pairs([(draw(st.sampled_from(sorted(fields))), None)])))
+        elif what == "feature-named-like-a-field":
+            feats = next((v for k, v in doc if k == "features"), None)
+            if isinstance(feats, _Pairs):
+                feats.append((draw(st.sampled_from(sorted(fields))), None))
+    raw = _write(doc, draw).encode()
+    try:
+        lenient = msgspec.json.decode(raw, type=codec.event_type)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return  # refused anyway (a repeat with a wrong value, an unknown field clashing...): not this test's case
+    if _repeats(doc, fields):
+        try:
+            codec.decode(raw)
+        except EventError as refused:
+            assert refused.kind == "duplicate_key", raw
+        else:
+            pytest.fail(f"accepted with a repeated key: {raw!r}")
+    else:
+        assert codec.decode(raw) == lenient, raw
+
+
+@pytest.mark.parametrize("depth", [62, 63, 64, 1000, 10_000])
+@pytest.mark.parametrize("where", ["unknown field", "feature value", "prediction", "object in unknown field"])
+def test_nesting_beyond_the_limit_is_refused_as_too_deep(depth: int, where: str) -> None:
+    nest = "[" * depth + "]" * depth
+    doc = {"event_id": "e", "request_id": "r", "model": "m", "model_version": "1", "event_time": 1,
+           "features": {"a": 1.0}, "prediction": 0.5}
+    text = json.dumps(doc)[:-1]
+    if where == "unknown field":  # the event's object is level 1: depth + 1 levels
+        text += f', "zz": {nest}}}'
+    elif where == "object in unknown field":
+        text += ', "zz": ' + '{"a": ' * depth + "1" + "}" * depth + "}"
+    elif where == "feature value":  # the event, features, then the nest
+        text = text.replace('{"a": 1.0}', '{"a": ' + nest + "}") + "}"
+    else:
+        text = text.replace('"prediction": 0.5', f'"prediction": {nest}') + "}"
+    levels = depth + (2 if where == "feature value" else 1)
+    if levels > events.MAX_DEPTH:
+        with pytest.raises(EventError) as refused:
+            events.PREDICTION.decode(text.encode())
+        assert refused.value.kind == "too_deep" and refused.value.field == "$"
+    elif where in ("unknown field", "object in unknown field"):
+        assert events.PREDICTION.decode(text.encode()).request_id == "r"  # ignored, as unknown fields are
+    else:
+        with pytest.raises(EventError) as refused:
+            events.PREDICTION.decode(text.encode())
+        assert refused.value.kind == "wrong_type"
+
+
+def test_sdk_values_nested_too_deep_are_refused_not_raised() -> None:
+    deep: Any = 1.0
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(EventError) as refused:
+        events.PREDICTION.convert({"event_id": "e", "request_id": "r", "model": "m", "model_version": "1",
+                                   "event_time": 1, "features": {"a": deep}, "prediction": 0.5})
+    assert refused.value.kind in {"wrong_type", "too_deep"}

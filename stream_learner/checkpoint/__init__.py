@@ -21,7 +21,8 @@ _WHERE = {
     "LoadedCheckpoint": "reader", "make_reader_consumer": "reader", "read_latest": "reader", "read_version": "reader",
     "canonical_bytes": "signing", "generate_keypair": "signing", "key_id": "signing", "load_private_key": "signing",
     "load_public_key": "signing", "sign_manifest": "signing", "verify_manifest": "signing",
-    "DirectoryStateStore": "state", "RedisStateStore": "state", "Snapshot": "state", "StateStore": "state",
+    "DirectoryStateStore": "state", "RedisStateStore": "state", "RetryingStateStore": "state", "Snapshot": "state",
+    "StateStore": "state",
 }
 
 
@@ -40,6 +41,7 @@ __all__ = [
     "IncompleteCheckpointError",
     "LoadedCheckpoint",
     "RedisStateStore",
+    "RetryingStateStore",
     "SignatureError",
     "Snapshot",
     "StateStore",

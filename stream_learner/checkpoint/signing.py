@@ -17,7 +17,9 @@ round-trip form.
 A verifier checks only the fields it knows: a manifest with fields added by
 a newer writer does not verify on an older reader (it fails closed), so
 adding a manifest field needs a new schema version, or readers that know it
-first.
+first. An optional field added later (``variant``) is left out of the signed
+bytes while it is ``null``, so manifests without it sign exactly as they did
+before it existed, and older readers verify them.
 
 >>> from stream_learner.events import CheckpointManifest, WeightsInfo
 >>> private_pem, public_pem = generate_keypair()
@@ -145,6 +147,12 @@ def canonical_bytes(manifest: CheckpointManifest) -> bytes:
         normalised = _decoder.decode(_plain.encode(unsigned))
     except (msgspec.ValidationError, msgspec.EncodeError) as exc:
         raise SignatureError(f"manifest is not a valid manifest.v1: {exc}") from None
+    if normalised.variant is None:
+        # Fields added after manifest.v1 was first signed are signed only when set (see the module
+        # docstring): the bytes of a manifest without them are those older writers signed.
+        fields = msgspec.to_builtins(normalised)
+        del fields["variant"]
+        return _canonical.encode(fields)
     return _canonical.encode(normalised)
 
 

@@ -43,7 +43,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import redis
 import structlog
@@ -52,6 +52,9 @@ import torch
 from ..util.files import atomic_write, remove_leftovers
 from .codec import decode_tensors, encode_tensors
 from .errors import CheckpointError
+
+if TYPE_CHECKING:
+    from ..util.retry import Retry
 
 log = structlog.get_logger(__name__)
 
@@ -170,3 +173,29 @@ class RedisStateStore:
         if not isinstance(data, bytes):
             raise CheckpointError("the Redis client decodes responses; the state store needs bytes")
         return decode_snapshot(data)
+
+
+class RetryingStateStore:
+    """Another store whose ``save`` and ``load`` are retried while their errors are transient.
+
+    ``retry`` (:class:`~stream_learner.util.retry.Retry`) decides what is
+    transient (a Redis down, restarting or loading its AOF; not wrong
+    credentials) and paces the tries; when its stop event is set it raises
+    :class:`~stream_learner.util.retry.Stopped` instead of waiting on. A save
+    retried after a failure writes the whole snapshot again, so it is as
+    atomic and durable as the first try would have been; the caller (the
+    learning session) waits meanwhile, learning nothing, so no example is
+    applied twice across it.
+    """
+
+    def __init__(self, inner: StateStore, retry: Retry) -> None:
+        self.inner = inner
+        self.retry = retry
+
+    def save(self, snapshot: Snapshot) -> None:
+        """The inner store's ``save``, until it succeeds."""
+        self.retry.call(lambda: self.inner.save(snapshot))
+
+    def load(self) -> Snapshot | None:
+        """The inner store's ``load``, until it succeeds."""
+        return self.retry.call(self.inner.load)

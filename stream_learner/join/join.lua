@@ -24,10 +24,14 @@
 --   window is open, waiting or already joined), gc (zset request -> event time
 --   at which the state is deleted: x, j and t after their window closed, and
 --   e at its orphan deadline plus 0.5, which marks it as an orphan), wm (hash
---   partition -> max event time), cu (hash partition -> wall ms since caught
---   up, 0 if lagging), wmv (the watermark, monotonic), ob (zset outbox token
---   -> lease wall ms), ob:<token> (string: the emissions of one call), step
---   (the token of the last call sent again after a failure).
+--   partition -> max event time), cu (hash partition -> wall ms since the
+--   partition is caught up and silent: since it was caught up, or since its
+--   last record if later; 0 if lagging), rp (hash partition -> wall ms of the
+--   last call that reported it), wmv (the watermark, monotonic: closes
+--   windows), wme (the event-time watermark, monotonic: the watermark without
+--   idle advance; collects state), ob (zset outbox token -> lease wall ms),
+--   ob:<token> (string: the emissions of one call), step (the token of the
+--   last call sent again after a failure).
 -- TTL (the wall-clock safety net): set when a request's state is created,
 --   ttl for a prediction, ttl + orphan_retention for an early label (it
 --   covers the wait for its prediction); transitions keep it.
@@ -39,7 +43,8 @@
 --   idle_advance, max_expire, allowed_lateness, claim_before,
 --   n_total (input partitions that exist), token (unique to this call),
 --   then three msgpack arrays: acks {token}*, partitions {{part, max_time,
---   caught_up}}*, events {{type 'P'|'L', request, time, stored event}}*, then
+--   caught_up, read}}* (read: the poll held records of it, valid or not),
+--   events {{type 'P'|'L', request, time, stored event}}*, then
 --   mark ('1': write even if nothing changes, see 8).
 -- Returns: {watermark, duplicates, orphans_dropped, early_labels, more_to_claim,
 --   emissions, {claimed_token, claimed_emissions}*}. Emissions are one msgpack
@@ -66,6 +71,7 @@ local events = cmsgpack.unpack(ARGV[15])
 local mark = ARGV[16] == '1'
 
 local DUE, GC, WM, CU, WMV = P .. 'due', P .. 'gc', P .. 'wm', P .. 'cu', P .. 'wmv'
+local RP, WME = P .. 'rp', P .. 'wme'
 local OB, OBX, R = P .. 'ob', P .. 'ob:', P .. 'r:'
 -- How many outbox entries one call claims; more are claimed by the next calls.
 local MAX_CLAIM = 8
@@ -218,29 +224,60 @@ zadd_all(DUE, to_due)
 zadd_all(GC, to_gc)
 
 -- 3. the watermark: min over all input partitions of their max event time
--- (Flink's rule), skipping partitions caught up and silent for idle_timeout.
+-- (Flink's rule), skipping idle partitions. A partition is idle when it is
+-- caught up and has had no record for idle_timeout (re-checked at every
+-- call: a record restarts the silence), and only while some joiner reports
+-- it: one nobody reported for idle_timeout (its joiner is down, or it is
+-- being reassigned) may hold unread records, so it is active. When every
+-- partition is idle (and idle_advance), each one's event time runs on with
+-- the wall clock from its last event, less idle_timeout, and the watermark
+-- is the least of them: traffic that stopped still closes its windows, and
+-- a producer whose event times lag the wall clock is never overtaken. State
+-- is collected by the event-time watermark (wme) alone, never moved by idle
+-- advance: a label whose prediction idle advance expired still finds it.
+local cu_set, rp_set = {}, {}
 for _, part in ipairs(parts) do
-  local name, max_time, caught_up = part[1], part[2], part[3]
+  local name, max_time, caught_up, read = part[1], part[2], part[3], part[4]
   if max_time >= 0 then
     local old = tonumber(redis.call('HGET', WM, name) or '-1')
     if max_time > old then redis.call('HSET', WM, name, max_time) end
   end
+  local since = 0
   if caught_up then
-    if tonumber(redis.call('HGET', CU, name) or '0') == 0 then redis.call('HSET', CU, name, now) end
-  else
-    redis.call('HSET', CU, name, 0)
+    since = tonumber(redis.call('HGET', CU, name) or '0')
+    local last = tonumber(redis.call('HGET', RP, name) or '0')
+    -- Records in this poll, just caught up, or unwatched a while: the silence starts now.
+    if read or since == 0 or now - last >= idle_timeout then since = now end
   end
+  cu_set[#cu_set + 1] = name
+  cu_set[#cu_set + 1] = since
+  rp_set[#rp_set + 1] = name
+  rp_set[#rp_set + 1] = now
+end
+for a = 1, #cu_set, 2 * CHUNK do
+  local b = math.min(#cu_set, a + 2 * CHUNK - 1)
+  redis.call('HSET', CU, unpack(cu_set, a, b))
+  redis.call('HSET', RP, unpack(rp_set, a, b))
 end
 local reported = redis.call('HGETALL', CU)
+local last_report = {}
+local rp_all = redis.call('HGETALL', RP)
+for k = 1, #rp_all, 2 do last_report[rp_all[k]] = tonumber(rp_all[k + 1]) end
 -- Until every input partition has reported, one of them may still hold old
 -- events: the watermark waits.
 local blocked = #reported / 2 < n_total
-local lowest, any_active = nil, false
+local lowest, any_active, idle_clock = nil, false, nil
 for k = 1, #reported, 2 do
-  local since = tonumber(reported[k + 1])
-  if not (since > 0 and now - since >= idle_timeout) then
+  local name, since = reported[k], tonumber(reported[k + 1])
+  local watched = now - (last_report[name] or 0) < idle_timeout
+  local t = redis.call('HGET', WM, name)
+  if watched and since > 0 and now - since >= idle_timeout then
+    if t then
+      local clock = tonumber(t) + (now - since) - idle_timeout
+      if idle_clock == nil or clock < idle_clock then idle_clock = clock end
+    end
+  else
     any_active = true
-    local t = redis.call('HGET', WM, reported[k])
     if not t then
       blocked = true  -- active but no event yet: nothing known about its time
     elseif lowest == nil or tonumber(t) < lowest then
@@ -248,18 +285,24 @@ for k = 1, #reported, 2 do
     end
   end
 end
-local candidate = -1
+local candidate, event_candidate = -1, -1
 if blocked then
   candidate = -1
 elseif any_active then
   candidate = lowest - lateness
-elseif #reported > 0 and idle_advance then
+  event_candidate = candidate
+elseif idle_advance and idle_clock ~= nil then
   -- Every input is caught up and silent: let wall-clock time close windows.
-  candidate = now - idle_timeout
+  candidate = idle_clock - lateness
 end
 if candidate > wm then
   wm = candidate
   redis.call('SET', WMV, wm)
+end
+local wme = tonumber(redis.call('GET', WME) or '-1')
+if event_candidate > wme then
+  wme = event_candidate
+  redis.call('SET', WME, wme)
 end
 local below_wm = string.format('(%d', wm)
 
@@ -290,10 +333,11 @@ if #closed > 0 then
   zadd_all(GC, collect)
 end
 
--- 5. state past its retention: deleted. An early label still waiting for
--- its prediction has a deadline with a half millisecond added (event times
--- are whole milliseconds): it is an orphan.
-local old = redis.call('ZRANGEBYSCORE', GC, '-inf', below_wm, 'WITHSCORES', 'LIMIT', 0, max_expire)
+-- 5. state past its retention by event time (wme): deleted. An early label
+-- still waiting for its prediction has a deadline with a half millisecond
+-- added (event times are whole milliseconds): it is an orphan.
+local old = redis.call('ZRANGEBYSCORE', GC, '-inf', string.format('(%d', wme), 'WITHSCORES', 'LIMIT', 0,
+                       max_expire)
 if #old > 0 then
   local keys = {}
   for k = 1, #old, 2 do

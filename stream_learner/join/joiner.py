@@ -54,7 +54,7 @@ from ..errors import EventError
 from ..events import LABEL, PREDICTION, Codec, Source
 from ..metrics import Metrics
 from ..redis_conn import make_redis
-from ..util.backoff import Backoff
+from ..util.retry import Retry, is_transient
 from .examples import encode_example
 from .store import (
     Emission,
@@ -115,8 +115,8 @@ class _Output:
         return bool(self.emissions or self.tokens or self.dead or self.offsets)
 
 
-_RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
-              redis.exceptions.TryAgainError, KafkaError)
+#: Longest slice of a wait for a dependency: a stop is honoured within it.
+WAIT_SLICE_S = 0.5
 
 
 class Joiner:
@@ -138,6 +138,7 @@ class Joiner:
         self.metrics = metrics or Metrics()
         self.clock = clock
         self.poll_timeout_ms = poll_timeout_ms
+        self.stop = threading.Event()  # run()'s; ends a wait for a dependency at once
         self.store = RedisJoinStore(redis_client or make_redis(settings), settings)
         self.counts = JoinerCounts()
         self.topics = {settings.topic_predictions: "prediction", settings.topic_labels: "label"}
@@ -168,7 +169,7 @@ class Joiner:
 
     def run(self, stop: threading.Event | None = None) -> None:
         """Run cycles until ``stop`` is set, then produce what is left, acknowledge and close."""
-        stop = stop or threading.Event()
+        stop = self.stop = stop or self.stop
         log.info("joiner_started", group=self.settings.joiner_group_id, topics=list(self.topics))
         try:
             while not stop.is_set():
@@ -187,8 +188,10 @@ class Joiner:
         self._acks = []
         try:
             self._send(call)
-        except _RETRYABLE:
-            pass  # sent again, with backoff, when its reply is awaited
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            # Sent again, with backoff, when its reply is awaited.
         # Redis runs this cycle's call meanwhile.
         confirmed = bool(previous) and self._confirm()
         if previous and confirmed:
@@ -240,7 +243,7 @@ class Joiner:
             log.warning("joiner_final_ack_failed", error=str(exc))  # the outbox re-emits them
         self.store.close()
         self.consumer.close(autocommit=False)
-        self.producer.close()
+        self.producer.close(timeout=5)  # what it still holds is in the outbox: emitted again
         log.info("joiner_stopped", counts=self.counts.__dict__)
 
     # -- parts of a step --------------------------------------------------------
@@ -284,8 +287,11 @@ class Joiner:
                 position = self.consumer.position(tp, timeout_ms=0)
             except KafkaError:
                 position = None
+            # Caught up only once this process has read to the end it last fetched: a restarted
+            # joiner (highwater unknown until its first fetch) starts with every partition active.
             caught_up = highwater is not None and position is not None and position >= highwater
-            progress.append(PartitionProgress(f"{tp.topic}:{tp.partition}", max_times.get(tp, -1), caught_up))
+            progress.append(PartitionProgress(f"{tp.topic}:{tp.partition}", max_times.get(tp, -1), caught_up,
+                                              tp in max_times))
         return progress
 
     def _total_partitions(self) -> int:
@@ -335,7 +341,9 @@ class Joiner:
         """Wait until the last cycle's Redis step is durable; False if that cannot be known."""
         try:
             self.store.wait_durable()
-        except _RETRYABLE as exc:
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
             log.warning("joiner_step_durability_unknown", error=str(exc))
             return False
         return True
@@ -405,28 +413,33 @@ class Joiner:
         self.metrics.kafka_commit_seconds.observe(time.perf_counter() - start)
 
     def _with_retry(self, what: str, action: Callable[[], Any]) -> Any:
-        """Run ``action`` until it succeeds; while it fails, pause consumption and back off."""
-        backoff = Backoff(0.1, 5.0)
+        """Run ``action`` until it succeeds; while a transient error lasts, pause consumption and back off.
+
+        A permanent error (wrong credentials, a missing ACL, TLS misconfigured,
+        a commit refused after a rebalance) is raised at once;
+        :class:`~stream_learner.util.retry.Stopped` ends a wait when ``stop`` is set.
+        """
         paused = False
-        while True:
-            try:
-                result = action()
-            except CommitFailedError:
-                raise
-            except _RETRYABLE as exc:
-                if not paused:
-                    self.consumer.pause(*self.consumer.assignment())
-                    paused = True
-                self.metrics.joiner_retries.labels(dependency=what).inc()
-                delay = backoff.next_delay()
-                log.warning("joiner_dependency_unavailable", dependency=what, error=str(exc), retry_in_s=delay)
-                # Polling while paused keeps the group membership alive and returns nothing.
-                self.consumer.poll(timeout_ms=int(delay * 1000))
-                continue
-            if paused:
-                self.consumer.resume(*self.consumer.paused())
-                log.info("joiner_dependency_back", dependency=what)
-            return result
+
+        def on_retry(exc: BaseException, delay: float) -> None:
+            nonlocal paused
+            if not paused:
+                self.consumer.pause(*self.consumer.assignment())
+                paused = True
+            self.metrics.joiner_retries.labels(dependency=what).inc()
+            log.warning("joiner_dependency_unavailable", dependency=what, error=str(exc), retry_in_s=round(delay, 3))
+
+        def wait(delay: float) -> None:
+            # Polling while paused keeps the group membership alive and returns nothing.
+            end = time.monotonic() + delay
+            while not self.stop.is_set() and (left := end - time.monotonic()) > 0:
+                self.consumer.poll(timeout_ms=max(1, int(min(left, WAIT_SLICE_S) * 1000)))
+
+        result = Retry(what, stop=self.stop, on_retry=on_retry, wait=wait).call(action)
+        if paused:
+            self.consumer.resume(*self.consumer.paused())
+            log.info("joiner_dependency_back", dependency=what)
+        return result
 
     def _account(self, result: StepResult) -> None:
         c, m = self.counts, self.metrics

@@ -154,11 +154,18 @@ def decode_emissions(blob: bytes) -> list[Emission]:
 
 @dataclass(frozen=True)
 class PartitionProgress:
-    """What one input partition contributed to the watermark in this poll."""
+    """What one input partition contributed to the watermark in this poll.
+
+    ``caught_up``: nothing of it is left unread (this process read to its
+    end). ``read``: the poll held records of it, valid or not; a record
+    restarts the wall-clock silence after which a caught-up partition is
+    idle (``join.lua``, step 3).
+    """
 
     name: str
     max_event_time: int  # -1 when the poll held no valid event of it
     caught_up: bool
+    read: bool = False
 
 
 #: One input event for :meth:`RedisJoinStore.step`: type ``"P"`` or ``"L"``,
@@ -277,7 +284,7 @@ class RedisJoinStore:
         args = [
             "EVALSHA", self.SHA, 1, self.settings.joiner_redis_prefix, now_ms, *self._fixed,
             claim_before_ms, total_partitions, token, _pack(acks),
-            _pack([(p.name, p.max_event_time, p.caught_up) for p in progress]), _pack(events), int(again),
+            _pack([(p.name, p.max_event_time, p.caught_up, p.read) for p in progress]), _pack(events), int(again),
         ]
         if self._sent is not None:
             self._drop(self._sent.conn)  # the reply of an earlier send was never read
@@ -418,8 +425,13 @@ class RedisJoinStore:
     # -- other operations -------------------------------------------------------
 
     def watermark(self) -> int:
-        """The current watermark (-1 before any)."""
+        """The current watermark, which closes windows (-1 before any)."""
         value = self.client.get(self.settings.joiner_redis_prefix + "wmv")
+        return int(value) if value is not None else -1
+
+    def event_watermark(self) -> int:
+        """The watermark by event time alone, without idle advance, which collects state (-1 before any)."""
+        value = self.client.get(self.settings.joiner_redis_prefix + "wme")
         return int(value) if value is not None else -1
 
     def pending_outbox(self) -> int:

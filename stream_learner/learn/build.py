@@ -6,12 +6,17 @@ all build what they learn or serve here.
 
 from __future__ import annotations
 
-from ..checkpoint.state import DirectoryStateStore, RedisStateStore, StateStore
+import threading
+from collections.abc import Callable
+
+from ..checkpoint.state import DirectoryStateStore, RedisStateStore, RetryingStateStore, StateStore
 from ..config import Settings
 from ..drift import DriftPolicy
 from ..drift import from_settings as drift_from_settings
 from ..errors import ConfigError
+from ..optimize.student import StudentConfig
 from ..redis_conn import make_redis
+from ..util.retry import Retry
 from .learner import LearnerConfig, OnlineLearner
 from .models import ModelSpec
 
@@ -34,6 +39,11 @@ def learner_config(settings: Settings) -> LearnerConfig:
         pseudo_enabled=settings.trainer_pseudo_enabled, pseudo_threshold=settings.trainer_pseudo_threshold,
         pseudo_weight=settings.trainer_pseudo_weight, dedup_window=settings.trainer_dedup_window,
         metrics_window=settings.trainer_metrics_window,
+        # The serving variants' parts, only when variants are derived here (stream_learner.optimize).
+        recent_window=settings.variant_window if settings.trainer_variants else 0,
+        student=StudentConfig(hidden=tuple(settings.trainer_student_hidden), alpha=settings.trainer_student_alpha,
+                              temperature=settings.trainer_student_temperature)
+        if "student" in settings.trainer_variants else None,
     )
 
 
@@ -43,8 +53,16 @@ def build_learner(settings: Settings) -> tuple[OnlineLearner, DriftPolicy]:
     return OnlineLearner(learner_config(settings), drift=monitor), policy
 
 
-def state_store(settings: Settings) -> StateStore:
-    """The trainer's state store the settings name (a directory by default, or Redis)."""
+def state_store(settings: Settings, *, stop: threading.Event | None = None,
+                on_retry: Callable[[BaseException, float], None] | None = None) -> StateStore:
+    """The trainer's state store the settings name (a directory by default, or Redis).
+
+    The Redis store is retried while Redis is unavailable (down, restarting,
+    loading), until ``stop`` is set; ``on_retry(error, delay)`` runs before
+    each wait. A directory fails at once: its errors (permissions, a full
+    disk) need a person.
+    """
     if settings.trainer_state_store == "redis":
-        return RedisStateStore(make_redis(settings), f"sl:trainer:{settings.trainer_model}:state")
+        return RetryingStateStore(RedisStateStore(make_redis(settings), f"sl:trainer:{settings.trainer_model}:state"),
+                                  Retry("redis (trainer state)", stop=stop, on_retry=on_retry))
     return DirectoryStateStore(settings.trainer_state_dir)

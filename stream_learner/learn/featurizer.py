@@ -96,11 +96,20 @@ class Featurizer:
         """Standardize a batch (float32 tensor ``[len(rows), len(names)]``), then learn from it."""
         raw = self.raw_matrix(rows)
         missing = np.isnan(raw)
+        z = self.standardize(raw, missing)
+        if learn:
+            self.moments.update(raw, missing)
+        return z
+
+    def standardize(self, raw: np.ndarray, missing: np.ndarray | None = None) -> torch.Tensor:
+        """A raw matrix (NaN where missing, as :meth:`raw_matrix` gives) standardized with the current
+        statistics, nothing counted or learned: :meth:`transform`'s math (variants are scored with it
+        on stored raw rows)."""
+        if missing is None:
+            missing = np.isnan(raw)
         z = (raw - self.moments.mean) / self.moments.std()
         z[missing] = 0.0
         np.clip(z, -self.clip, self.clip, out=z)
-        if learn:
-            self.moments.update(raw, missing)
         return torch.from_numpy(z.astype(np.float32))
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -44,6 +44,8 @@ from torch import nn
 
 from ..drift import DriftFinding
 from ..events import ExampleEvent, class_name
+from ..optimize.student import Student, StudentConfig
+from ..optimize.window import RecentExamples
 from .evaluation import Scoreboard, ServedClasses
 from .featurizer import Featurizer
 from .judge import DriftJudge, SignalValues
@@ -80,6 +82,10 @@ class LearnerConfig:
     metrics_window: int = 1000
     feature_clip: float = 10.0
     feature_abs_max: float = 1e9
+    #: Examples kept raw for the serving variants (0: none; see stream_learner.optimize.window).
+    recent_window: int = 0
+    #: The distilled student trained alongside (None: none; see stream_learner.optimize.student).
+    student: StudentConfig | None = None
 
     def featurizer(self) -> Featurizer:
         """A fresh featurizer for the spec's features (the learner's and a served model's)."""
@@ -135,6 +141,11 @@ class OnlineLearner:
         self.guard = SpikeGuard(c.spike_factor, c.spike_warmup_batches, c.spike_patience)
         self.lr = LrSchedule(c.lr)
         self.judge = DriftJudge(self.drift)
+        # The serving variants' parts (stream_learner.optimize), when the settings ask for them.
+        self.recent = RecentExamples(self.spec.features, c.recent_window, c.feature_abs_max) \
+            if c.recent_window else None
+        self.student = Student(self.spec, c.student, optimizer=c.optimizer, lr=c.lr, weight_decay=c.weight_decay,
+                               clip_norm=c.clip_norm) if c.student is not None else None
         self.examples_seen = 0
         self.chunk_base = 0
         self.counts = {
@@ -186,6 +197,8 @@ class OnlineLearner:
         predictor = self.predictor
         x = predictor.featurize([ex.features for ex in rows], learn=True)
         out = predictor.forward(x)
+        if self.recent is not None or self.student is not None:
+            self._variant_parts(rows, x, out)
         challenger_out = None
         if self.challenger is not None:
             challenger_out = Predictor(self.spec, self.featurizer, self.target, self.challenger.model).forward(x)
@@ -200,6 +213,25 @@ class OnlineLearner:
             if self.challenger is not None:
                 self._step(self.challenger, x_keep, targets, weights, count=False)
         return result
+
+    def _variant_parts(self, rows: list[ExampleEvent], x: torch.Tensor, out: torch.Tensor) -> None:
+        """The recent window takes the chunk; the student learns it from the teacher's prequential
+        outputs (before the teacher's step, with the target statistics the teacher learns with)."""
+        nan = math.nan
+        if self.regression:
+            labels = [nan if ex.kind == "unlabeled" else float(ex.label) for ex in rows]  # type: ignore[arg-type]
+        else:
+            index = self.class_index
+            labels = [nan if ex.kind == "unlabeled" else float(index[class_name(ex.label)])  # type: ignore[arg-type]
+                      for ex in rows]
+        if self.recent is not None:
+            self.recent.add([ex.features for ex in rows], labels)
+        if self.student is not None:
+            y = torch.tensor(labels, dtype=torch.float32)
+            if self.regression:
+                mean, std = self.target.mean_std()
+                y = (y - mean) / std
+            self.student.learn(x, out, y, regression=self.regression)
 
     def _label_problem(self, label: Any) -> str | None:
         if label is None:
@@ -418,6 +450,10 @@ class OnlineLearner:
         self.main.save(tensors, meta, "main")
         if self.challenger is not None:
             self.challenger.save(tensors, meta, "challenger")
+        if self.student is not None:
+            self.student.save(tensors, meta)
+        if self.recent is not None:
+            self.recent.save(tensors, meta)
         tensors.update(self.featurizer.state_dict())
         tensors["target"] = self.target.state_tensor()
         self.seen.save(tensors)
@@ -450,3 +486,8 @@ class OnlineLearner:
         self.judge.load(meta)
         self.examples_seen = int(meta["examples_seen"])
         self.counts = dict(meta["counts"])
+        # A state saved before the variants were turned on has no such part: it starts fresh.
+        if self.student is not None and "student.model" in meta:
+            self.student.load(tensors, meta)
+        if self.recent is not None and "recent_total" in meta:
+            self.recent.load(tensors, meta)

@@ -8,6 +8,13 @@ A user model is named ``package.module:function``; the function is called
 as ``function(n_features=..., n_outputs=..., **params)`` and must return an
 ``nn.Module``.
 
+A spec with ``int8_layers`` (a served int8 variant, see
+:mod:`stream_learner.optimize`) is the same architecture with those
+``nn.Linear`` submodules replaced by
+:class:`~stream_learner.optimize.int8.Int8Linear` (int8 weights and float32
+scales as plain tensors). Specs without it write no such key, so the
+architecture of an ordinary checkpoint is what it always was.
+
 >>> spec = ModelSpec(kind="mlp", task="binary", features=["a", "b"], classes=["no", "yes"], hidden=[8])
 >>> model = build_model(spec)
 >>> model(torch.zeros(3, 2)).shape
@@ -24,6 +31,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..optimize.int8 import replace_linears
+
 Task = Literal["binary", "multiclass", "regression"]
 
 
@@ -38,8 +47,13 @@ class ModelSpec:
     hidden: Sequence[int] = (64,)
     seed: int = 0
     params: dict[str, Any] = field(default_factory=dict)
+    #: Paths of the ``nn.Linear`` submodules stored and computed as int8 (an int8 variant); empty: none.
+    int8_layers: Sequence[str] = ()
 
     def __post_init__(self) -> None:
+        if not all(isinstance(p, str) and p for p in self.int8_layers):
+            raise ValueError(f"int8_layers must be module paths, got {list(self.int8_layers)}")
+        object.__setattr__(self, "int8_layers", tuple(self.int8_layers))
         if self.task in ("binary", "multiclass"):
             if len(self.classes) < 2 or (self.task == "binary" and len(self.classes) != 2):
                 raise ValueError(f"task {self.task} needs {'two' if self.task == 'binary' else 'two or more'} "
@@ -58,11 +72,25 @@ class ModelSpec:
         """JSON-able form, as written into a manifest's ``architecture``."""
         d = asdict(self)
         d["features"], d["classes"], d["hidden"] = list(self.features), list(self.classes), list(self.hidden)
+        if self.int8_layers:
+            d["int8_layers"] = list(self.int8_layers)
+        else:
+            del d["int8_layers"]  # an ordinary checkpoint's architecture, as older readers know it
         return d
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
-    """A freshly initialised model; the same spec and seed give the same weights."""
+    """A freshly initialised model; the same spec and seed give the same weights.
+
+    With ``int8_layers``, those layers are empty int8 layers, to be filled from a checkpoint.
+    """
+    model = _build(spec)
+    if spec.int8_layers:
+        replace_linears(model, spec.int8_layers)
+    return model
+
+
+def _build(spec: ModelSpec) -> nn.Module:
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(spec.seed)
     try:

@@ -8,11 +8,12 @@ they differ only in what they inject: where records come from (they call
 directory), where dead letters and drift events go (:class:`Sinks`), the
 state store, and the clock.
 
-**Chunks depend on the stream alone.** Items are learned in chunks of exactly
-``chunk_size``, in the order they were added; a partial chunk is learned only
-when the driver says so (:meth:`~LearningSession.learn` with
+**Full chunks depend on the stream alone.** Items are learned in chunks of
+exactly ``chunk_size``, in the order they were added; a partial chunk is
+learned only when the driver says so (:meth:`~LearningSession.learn` with
 ``partial=True``: the live trainer once caught up and waited, a replay at the
-end of its range).
+end of its range). That call is where timing enters a live run, and nothing
+else does (docs/architecture.md, "What is exact").
 
 **A chunk**, in this order: decode each record (a refused one goes to the
 dead-letter sink), :meth:`OnlineLearner.process

@@ -27,14 +27,13 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import structlog
 import torch
 from kafka import KafkaProducer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
-from ..bus import DeadLetters, make_consumer, make_producer
+from ..bus import RECORD_HEADROOM_BYTES, DeadLetter, DeadLetters, make_consumer, make_producer
 from ..checkpoint.output import TopicOutput
 from ..checkpoint.signing import load_private_key
 from ..checkpoint.state import StateStore
@@ -43,6 +42,8 @@ from ..drift import Action, DriftFinding, drift_event
 from ..errors import ConfigError, EventError
 from ..events import CheckpointManifest, encode
 from ..metrics import Metrics
+from ..optimize.hook import SessionVariants
+from ..util.retry import Retry, Stopped
 from .build import build_learner, state_store
 from .learner import ChunkResult, OnlineLearner
 from .session import Item, LearningSession, Record
@@ -51,14 +52,20 @@ log = structlog.get_logger(__name__)
 
 
 class KafkaSinks:
-    """Dead letters to the dead-letter topic, drift events to the drift topic (one producer)."""
+    """Dead letters to the dead-letter topic, drift events to the drift topic (one producer).
 
-    def __init__(self, settings: Settings, producer: KafkaProducer, metrics: Metrics) -> None:
+    While the broker is unavailable, waiting for the dead letters is retried
+    (``retry``), so a checkpoint waits for it rather than failing.
+    """
+
+    def __init__(self, settings: Settings, producer: KafkaProducer, metrics: Metrics,
+                 retry: Retry | None = None) -> None:
         self.settings = settings
         self.producer = producer
         self.metrics = metrics
+        self.retry = retry or Retry("kafka (dead letters)")
         self.dead_letters = DeadLetters(producer, settings.topic_dlq, stage="trainer", metrics=metrics)
-        self.pending: list[Any] = []  # dead-letter send futures not yet acknowledged
+        self.pending: list[DeadLetter] = []  # dead letters not yet acknowledged
 
     def dead_letter(self, record: Record | None, error: EventError) -> None:
         """Send a refused record to the dead-letter topic (acknowledged by :meth:`flush`)."""
@@ -80,8 +87,10 @@ class KafkaSinks:
                     index=finding.index, actions=event.actions)
 
     def _wait(self) -> None:
-        for future in self.pending:
-            future.get(timeout=60)
+        def acknowledged() -> None:
+            for letter in self.pending:
+                letter.get(timeout=60)  # sends again after a transient failure; None if unsendable
+        self.retry.call(acknowledged)
         self.pending.clear()
 
     def flush(self) -> None:
@@ -94,7 +103,11 @@ class Trainer:
     """One trainer process for one model, built from ``settings`` (drift detection as they say).
 
     ``run()`` loops; ``step()`` is one poll. ``on_checkpoint`` is called with
-    every published manifest.
+    every published manifest. ``stop`` ends the waits for a dependency that
+    is down (the state store at start or at a checkpoint, the broker for dead
+    letters): they raise :class:`~stream_learner.util.retry.Stopped`, which
+    :meth:`run` takes as the end (the event :meth:`run` is given ends them
+    too); a start abandoned that way raises it from the constructor.
     """
 
     def __init__(
@@ -106,12 +119,14 @@ class Trainer:
         poll_timeout_ms: int = 100,
         on_checkpoint: Callable[[CheckpointManifest], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        stop: threading.Event | None = None,
     ) -> None:
         if not settings.trainer_signing_key:
             raise ConfigError("trainer_signing_key is not set: the trainer signs every checkpoint "
                               "(generate one with `stream-learner keys generate`)")
         self.settings = settings
         self.metrics = metrics or Metrics()
+        self.stop = stop or threading.Event()
         torch.set_num_threads(settings.trainer_torch_threads)
         private_key = load_private_key(settings.trainer_signing_key)
         learner, policy = build_learner(settings)
@@ -120,11 +135,15 @@ class Trainer:
         self.clock = clock
         self.topic = settings.topic_examples
         self.consumer = make_consumer(settings, group_id=settings.trainer_group_id)
-        self.producer = make_producer(settings, max_request_size=settings.trainer_chunk_bytes + 64 * 1024)
+        # One producer for checkpoint chunks and dead letters: room for the larger of the two.
+        self.producer = make_producer(settings, max_request_size=max(settings.trainer_chunk_bytes,
+                                                                     settings.max_event_bytes) + RECORD_HEADROOM_BYTES)
         self.session = LearningSession(
             learner, policy, model=settings.trainer_model,
             output=TopicOutput(settings, settings.trainer_model, private_key, producer=self.producer),
-            store=store or state_store(settings), sinks=KafkaSinks(settings, self.producer, self.metrics),
+            store=store or state_store(settings, stop=self.stop, on_retry=self._retrying("redis")),
+            sinks=KafkaSinks(settings, self.producer, self.metrics,
+                             Retry("kafka (dead letters)", stop=self.stop, on_retry=self._retrying("kafka"))),
             chunk_size=settings.trainer_batch_size,
             checkpoint_every_examples=settings.trainer_checkpoint_every_examples,
             checkpoint_every_s=settings.trainer_checkpoint_every_s, chunk_bytes=settings.trainer_chunk_bytes,
@@ -133,6 +152,12 @@ class Trainer:
         )
         self.published: list[CheckpointManifest] = []
         self.pending_since = 0.0  # when the oldest pending record arrived
+        # Serving variants of every version (trainer_variants; stream_learner.optimize), if asked for.
+        self.variants = SessionVariants.from_settings(
+            settings, metrics=self.metrics,
+            output_for=lambda name: TopicOutput(settings, name, private_key, producer=self.producer))
+        if self.variants is not None:
+            self.variants.attach(self.session)
         self._restore()
         # torch (and torch._dynamo, which Adam imports) leave ~370k long-lived
         # objects; moved out of the collector's way, full collections stop
@@ -163,7 +188,9 @@ class Trainer:
     def _restore(self) -> None:
         parts = [TopicPartition(self.topic, p) for p in sorted(self.consumer.partitions_for_topic(self.topic) or [0])]
         self.consumer.assign(parts)
-        self.session.restore(legacy_topic=self.topic)
+        meta = self.session.restore(legacy_topic=self.topic)
+        if self.variants is not None:
+            self.variants.restored(meta)
         position = self.session.position
         for tp in parts:
             name = f"{tp.topic}:{tp.partition}"
@@ -176,14 +203,33 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------
 
     def run(self, stop: threading.Event | None = None) -> None:
-        """Train until ``stop`` is set, then close."""
-        stop = stop or threading.Event()
+        """Train until ``stop`` is set, then close.
+
+        A checkpoint still waiting for the state store when ``stop`` is set
+        is abandoned (:class:`~stream_learner.util.retry.Stopped`): nothing
+        of it was saved, so the next start resumes from the last one saved.
+        """
+        if stop is not None and stop is not self.stop:
+            # The waits for a dependency watch self.stop: make this stop end them too.
+            def relay(outer: threading.Event = stop) -> None:
+                outer.wait()
+                self.stop.set()
+            threading.Thread(target=relay, name="trainer-stop", daemon=True).start()
         log.info("trainer_started", model=self.settings.trainer_model, version=self.version)
         try:
-            while not stop.is_set():
+            while not self.stop.is_set():
                 self.step()
+        except Stopped as exc:
+            log.warning("trainer_stopped_waiting", reason=str(exc))
         finally:
             self.close()
+
+    def _retrying(self, dependency: str) -> Callable[[BaseException, float], None]:
+        def counted(exc: BaseException, delay: float) -> None:
+            self.metrics.trainer_retries.labels(dependency=dependency).inc()
+            log.warning("trainer_dependency_unavailable", dependency=dependency,
+                        error=f"{type(exc).__name__}: {exc}", retry_in_s=round(delay, 3))
+        return counted
 
     def step(self) -> int:
         """Poll once; learn every full chunk (and a partial one when caught up and waited)."""
@@ -247,7 +293,12 @@ class Trainer:
 
     def close(self) -> None:
         """Close the clients (state is saved at checkpoints only)."""
-        self.session.close()
+        try:
+            self.session.close()
+        except Stopped as exc:  # the broker is down at shutdown: dead letters since the last checkpoint
+            log.warning("trainer_close_abandoned", reason=str(exc))  # are sent again by the next run
+        if self.variants is not None:
+            self.variants.close()
         self.consumer.close(autocommit=False)
         self.producer.close()
         log.info("trainer_stopped", version=self.version, counts=self.learner.counts)

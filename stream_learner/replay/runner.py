@@ -52,6 +52,7 @@ from ..learn.learner import ChunkResult, OnlineLearner
 from ..learn.manifest import weights_bytes
 from ..learn.session import FORMAT as SESSION_FORMAT
 from ..learn.session import Built, CountingSinks, LearningSession
+from ..optimize.hook import SessionVariants
 from .errors import ReplayError
 from .join import ReplayJoin
 from .merge import MergedReader
@@ -113,6 +114,10 @@ class Replay:
             chunk_bytes=settings.trainer_chunk_bytes, max_event_bytes=settings.max_event_bytes,
             extra_state=self._extra_state, on_built=self._built, on_chunk=self._chunk,
         )
+        # Serving variants of every version, as the live trainer derives them (trainer_variants).
+        self.variants = SessionVariants.from_settings(settings, output_for=self._output)
+        if self.variants is not None:
+            self.variants.attach(self.session)
         self.prefix = "sl:{replay-" + plan.replay_id + "}:"
         # The replay's own state (saved with the session's in every snapshot).
         self.ranges = Ranges({})
@@ -178,15 +183,18 @@ class Replay:
                 log.info("replay_interrupted", replay_id=self.plan.replay_id, records=self._read_so_far())
         finally:
             self.session.close()
+            if self.variants is not None:
+                self.variants.close()
         summary = self.summary()
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
         return summary
 
-    def _output(self) -> Output:
+    def _output(self, lineage: str | None = None) -> Output:
+        """Where the replay's lineage (or one of its variant lineages) is published."""
         if self.plan.output_dir:
-            return DirectoryOutput(self.plan.output_dir, self.lineage, self.private_key,
+            return DirectoryOutput(self.plan.output_dir, lineage or self.lineage, self.private_key,
                                    self.settings.trainer_chunk_bytes)
-        return TopicOutput(self.settings, self.lineage, self.private_key)
+        return TopicOutput(self.settings, lineage or self.lineage, self.private_key)
 
     def _topics(self) -> list[str]:
         s = self.settings
@@ -293,6 +301,8 @@ class Replay:
         self.session.learn(partial=True)
         if self.session.since_checkpoint or not self.published:
             self.session.checkpoint()
+        if self.variants is not None:
+            self.variants.decide()  # the last version's: nothing after it is held out, so it is counted skipped
         self.done = True
         self.session.save()
         log.info("replay_done", replay_id=self.plan.replay_id, lineage=self.lineage, version=self.version)
@@ -335,7 +345,9 @@ class Replay:
         if meta.get("fingerprint") != self.fingerprint:
             raise ReplayError(f"replay {self.plan.replay_id!r} was started with other settings, source or lineage; "
                               "resume it with the same ones, or start a new replay id")
-        self.session.restore(snapshot=snapshot)
+        restored = self.session.restore(snapshot=snapshot)
+        if self.variants is not None:
+            self.variants.restored(restored)
         self.ranges = Ranges.from_json(meta["ranges"])
         self.steps_done = int(meta["steps_done"])
         counts = meta["counts"]

@@ -47,6 +47,7 @@ from .follower import TopicFollower
 from .model import BuildPolicy, ServedModel, load_served_model
 from .state import FloorStore
 from .telemetry import LogLimiter, serving_metrics
+from .variant import VariantFollower
 from .versions import ServedVersions, Swap
 
 log = structlog.get_logger(__name__)
@@ -116,6 +117,7 @@ class CheckpointSubscriber:
         load_timeout_s: float = 60.0,
         window_bytes: int | None = None,
         consumer_options: Mapping[str, Any] | None = None,
+        variant: str | None = None,
     ) -> None:
         self.settings = settings
         self.public_keys: list[Ed25519PublicKey] = key_list(public_keys)
@@ -150,12 +152,18 @@ class CheckpointSubscriber:
                                    max_bytes=settings.serving_scan_max_bytes),
             load_limits=self.load_limits, policy=self.policy, floor=floor, telemetry=self.telemetry)
         self.telemetry.floor_version.set(self._topic_follower.scan.floor)
+        # A serving variant (serving_variant; "" for none whatever the settings say): see serving/variant.py.
+        variant = settings.serving_variant if variant is None else variant
+        self._variant = VariantFollower(self, variant, settings.serving_variant_max_lag) if variant else None
 
     # -- the public surface ------------------------------------------------------------
 
     @property
     def current(self) -> ServedModel | None:
-        """The model to serve now (``None`` until the first one is loaded); one attribute read."""
+        """The model to serve now (``None`` until the first one is loaded); one attribute read (two when
+        following a variant: the variant or its parent, each a whole model)."""
+        if self._variant is not None:
+            return self._variant.current(self._versions.current)
         return self._versions.current
 
     @property
@@ -166,7 +174,7 @@ class CheckpointSubscriber:
     @property
     def version(self) -> int | None:
         """The version served now, or ``None``."""
-        current = self._versions.current
+        current = self.current
         return current.version if current is not None else None
 
     def start(self, wait_s: float | None = 30.0) -> CheckpointSubscriber:
@@ -182,6 +190,8 @@ class CheckpointSubscriber:
         if self._thread is not None:
             raise RuntimeError("the subscriber is already started")
         self._stop.clear()
+        if self._variant is not None:
+            self._variant.inner.start(wait_s=None)  # the parent serves until a variant is loaded
         self._thread = threading.Thread(target=self._run, name=f"checkpoint-subscriber-{self.model}", daemon=True)
         self._thread.start()
         if not wait_s or self._first.wait(wait_s):
@@ -197,6 +207,8 @@ class CheckpointSubscriber:
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop following and close the Kafka clients; ``current`` stays as it was."""
         self._stop.set()
+        if self._variant is not None:
+            self._variant.inner.stop(timeout_s)
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join(timeout_s)
@@ -274,17 +286,21 @@ class CheckpointSubscriber:
         scan = topic.scan_status()
         skipped = topic.skipped.count + topic.scan.skipped.count
         last = topic.skipped.last or topic.scan.skipped.last
-        return {"model": self.model, "topic": self.topic, **self._versions.counts(),
-                "running": self._thread is not None and self._thread.is_alive(),
-                "floor_version": topic.scan.floor,
-                "highest_verified_version": max(topic.scan.highest_verified or 0,
-                                                self._versions.followed.version if self._versions.followed else 0)
-                or None,
-                "skipped_records": skipped,
-                "last_skipped": {"partition": last[0], "offset": last[1]} if last else None,
-                "window": {"records": len(topic.window), "bytes": topic.window.size},
-                "catch_up": dict(scan),
-                "records_followed": followed, "records_fetched": loaded - topic.catch_up_records}
+        status = {"model": self.model, "topic": self.topic, **self._versions.counts(),
+                  "running": self._thread is not None and self._thread.is_alive(),
+                  "floor_version": topic.scan.floor,
+                  "highest_verified_version": max(topic.scan.highest_verified or 0,
+                                                  self._versions.followed.version if self._versions.followed else 0)
+                  or None,
+                  "skipped_records": skipped,
+                  "last_skipped": {"partition": last[0], "offset": last[1]} if last else None,
+                  "window": {"records": len(topic.window), "bytes": topic.window.size},
+                  "catch_up": dict(scan),
+                  "records_followed": followed, "records_fetched": loaded - topic.catch_up_records}
+        if self._variant is not None:
+            status["variant"] = self._variant.status(self._versions.current)
+            status["version"] = self.version
+        return status
 
     def poll_once(self) -> bool:
         """One step of the loop on the caller's thread (catch-up first); True if it swapped.
@@ -367,6 +383,8 @@ class CheckpointSubscriber:
         log.info("model_swapped", model=self.model, version=new.version,
                  previous=old.version if old is not None else None, seconds=round(seconds, 4),
                  partition=new.partition, offset=new.offset)
+        if self._variant is not None:
+            self._variant.report()
         if self.on_swap is not None:
             try:
                 self.on_swap(new, old)

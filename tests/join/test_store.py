@@ -336,3 +336,108 @@ def test_a_lost_waitaof_reply_makes_the_step_run_again(store_settings: Settings,
     assert again.duplicates == 2
     store.wait_durable()
     store.close()
+
+
+# -- idleness: the rules of the README's table, one call at a time, on an injected clock -----------
+
+IDLE = 3_000  # joiner_idle_timeout_ms
+LAG = 3_600_000  # event times an hour behind the wall clock (a delayed producer, a backfill)
+NOW = 2_000_000_000_000
+
+
+@pytest.fixture
+def idle_store(store_settings: Settings, client: redis.Redis) -> RedisJoinStore:
+    return RedisJoinStore(client, msgspec.structs.replace(
+        store_settings, joiner_idle_timeout_ms=IDLE, joiner_idle_advance=True, joiner_window_ms=10_000,
+        joiner_late_retention_ms=20_000, joiner_orphan_retention_ms=20_000))
+
+
+def poll(store: RedisJoinStore, now: int, parts: dict[str, tuple[int, bool, bool]],
+         events: list[PredictionEvent | LabelEvent] | None = None, total: int = 2) -> StepResult:
+    """One call: ``parts`` maps a partition to (max event time or -1, caught up, read records)."""
+    return store.step(progress=[PartitionProgress(n, t, c, r) for n, (t, c, r) in parts.items()], acks=[],
+                      events=inputs(events or []), now_ms=now, total_partitions=total)
+
+
+def silence(store: RedisJoinStore, start: int, end: int, names: tuple[str, ...] = ("a", "b")) -> StepResult:
+    """A joiner polling every 500 ms from ``start`` to ``end``, its partitions caught up and silent."""
+    got = None
+    for now in [*range(start, end, 500), end]:
+        got = poll(store, now, dict.fromkeys(names, (-1, True, False)))
+    assert got is not None
+    return got
+
+
+def test_a_steady_trickle_is_never_idle_whatever_its_event_times(idle_store: RedisJoinStore) -> None:
+    t = NOW - LAG
+    for k in range(100):  # a record on both partitions every 200 ms of wall clock, each read to the end at once
+        got = poll(idle_store, NOW + 200 * k, {"a": (t + 200 * k, True, True), "b": (t + 200 * k - 50, True, True)})
+        assert got.watermark == t + 200 * k - 50  # the event times', never the wall clock's
+    # Silent for the idle timeout: only then idle; the wall clock takes over from the event times.
+    quiet = NOW + 200 * 99
+    assert silence(idle_store, quiet + 500, quiet + IDLE - 1).watermark == t + 200 * 99 - 50
+    later = silence(idle_store, quiet + IDLE, quiet + IDLE + 5_000).watermark
+    # Each partition's event time runs on from its last event with the wall clock: an hour behind still.
+    assert later == t + 200 * 99 - 50 + 5_000
+
+
+def test_an_idle_partition_stops_holding_the_watermark_back_and_a_record_makes_it_active(
+        idle_store: RedisJoinStore) -> None:
+    t = NOW - LAG
+    poll(idle_store, NOW, {"a": (t, True, True), "b": (t - 9_000, True, True)})
+    # b stays caught up and silent; a keeps getting records.
+    for k in range(1, 5):
+        got = poll(idle_store, NOW + 1_000 * k, {"a": (t + 1_000 * k, True, True), "b": (-1, True, False)})
+    assert got.watermark == t + 4_000  # b idle since NOW + IDLE: a alone decides
+    # A record on b: active again at once, holding the watermark where it was (it never goes back).
+    got = poll(idle_store, NOW + 5_000, {"a": (t + 5_000, True, True), "b": (t - 8_000, False, True)})
+    assert got.watermark == t + 4_000
+    assert poll(idle_store, NOW + 6_000, {"a": (t + 6_000, True, True), "b": (t + 5_500, True, True)}).watermark == \
+        t + 5_500
+
+
+def test_a_partition_nobody_reports_is_active_a_restarted_joiner_expires_nothing(idle_store: RedisJoinStore) -> None:
+    t = NOW - 10_000
+    # Both caught up and silent long enough: idle; the wall clock moves the watermark.
+    poll(idle_store, NOW, {"a": (t, True, True), "b": (t, True, True)}, [pred("w", t)])
+    assert silence(idle_store, NOW + 500, NOW + IDLE + 1_000).watermark == t + 1_000
+    # The joiner is down 12 s; its first call after the restart reports nothing yet (no assignment):
+    # nobody watched the partitions, so they may hold unread labels, and they hold the watermark.
+    for now in range(NOW + IDLE + 13_000, NOW + IDLE + 20_000, 500):
+        got = poll(idle_store, now, {})
+        assert got.watermark == t + 1_000 and got.emissions == []
+    # Assigned again, reading the backlog (not caught up): the label waiting unread joins.
+    got = poll(idle_store, NOW + IDLE + 20_000, {"a": (t + 5, False, True), "b": (-1, False, False)},
+               [lab("w", t + 5)])
+    assert kinds(got) == [("labeled", "p-w", "l-w")]
+    # Caught up again: the silence counts from now, not from before the outage.
+    got = silence(idle_store, NOW + IDLE + 20_500, NOW + 2 * IDLE + 20_000)
+    assert got.watermark == t + 1_000 and kinds(got) == []
+
+
+def test_labels_of_predictions_idle_advance_expired_become_late_never_orphans(idle_store: RedisJoinStore) -> None:
+    t = NOW - 100_000
+    poll(idle_store, NOW, {"a": (t, True, True), "b": (t, True, True)}, [pred("x", t), lab("early", t)])
+    # Silence: the wall clock runs the watermark far past the window, the late and the orphan retentions.
+    closed = []
+    for now in range(NOW + 500, NOW + IDLE + 60_001, 500):
+        got = poll(idle_store, now, {"a": (-1, True, False), "b": (-1, True, False)})
+        closed += kinds(got)
+        assert got.orphans_dropped == 0
+    assert got.watermark == t + 60_000 and closed == [("unlabeled", "p-x", None)]
+    assert idle_store.event_watermark() == t
+    # Traffic comes back with the events that were on their way: nothing was collected under them.
+    got = poll(idle_store, NOW + IDLE + 60_500, {"a": (t + 30, False, True), "b": (t + 20, False, True)},
+               [lab("x", t + 30), pred("early", t + 20)])
+    # (the early label's pair is judged by its event times, as always: within the window)
+    assert kinds(got) == [("late", "p-x", "l-x"), ("labeled", "p-early", "l-early")]
+    assert got.orphans_dropped == 0
+
+
+def test_without_idle_advance_an_all_idle_input_keeps_the_watermark(store_settings: Settings,
+                                                                      client: redis.Redis) -> None:
+    store = RedisJoinStore(client, msgspec.structs.replace(store_settings, joiner_idle_timeout_ms=IDLE,
+                                                           joiner_idle_advance=False))
+    t = NOW - LAG
+    poll(store, NOW, {"a": (t, True, True), "b": (t, True, True)})
+    assert poll(store, NOW + 10 * IDLE, {"a": (-1, True, False), "b": (-1, True, False)}).watermark == t

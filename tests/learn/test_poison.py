@@ -93,3 +93,45 @@ def test_poison_and_a_loss_spike(tsettings: Settings, keys) -> None:
     consumer.close()
     assert len(letters) == refused
     assert {dict(r.headers)[H_ERROR_KIND] for r in letters} == {b"non_finite"}
+
+
+def test_records_no_decoder_can_take_go_to_the_dead_letter_topic_and_training_goes_on(tsettings: Settings) -> None:
+    good = agrawal_examples(300, seed=5)
+    raw = encode(good[0])
+    nest = b"[" * 10_000 + b"]" * 10_000
+    poisons = [
+        (raw[:-1] + b',"zz":' + nest + b"}", b"too_deep"),
+        (raw.replace(b'"salary":', b'"salary":' + nest + b',"s":', 1), b"too_deep"),
+        (raw[:-1] + b',"request_id":"another"}', b"duplicate_key"),
+        (raw.replace(b'"features":{', b'"features":{"age":1.0,', 1), b"duplicate_key"),
+        (raw[:-1] + b',"pad":"' + b"p" * (2 << 20) + b'"}', b"oversized"),
+    ]
+    producer = make_producer(tsettings, max_request_size=8 << 20)
+    records = []
+    for i, ex in enumerate(good):
+        if i % 60 == 30:
+            records.append(poisons[i // 60][0])
+        records.append(encode(ex))
+    for value in records:
+        producer.send(tsettings.topic_examples, key=b"k", value=value)
+    producer.flush()
+    producer.close()
+
+    trainer = Trainer(tsettings)
+    try:
+        while sum(trainer.offsets.values()) < len(records) or trainer.buffer:
+            trainer.step()
+        trainer.checkpoint()
+    finally:
+        trainer.close()
+    assert trainer.learner.counts["labeled"] + trainer.learner.counts["pseudo"] + \
+        trainer.learner.counts["pseudo_skipped"] == len(good)
+    consumer = make_consumer(tsettings, group_id=None)
+    tp = TopicPartition(tsettings.topic_dlq, 0)
+    consumer.assign([tp])
+    consumer.seek_to_beginning(tp)
+    letters: list = []
+    while len(letters) < len(poisons):
+        letters += [r for batch in consumer.poll(2000).values() for r in batch]
+    consumer.close()
+    assert [dict(r.headers)[H_ERROR_KIND] for r in letters] == [kind for _, kind in poisons]
