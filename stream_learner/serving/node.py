@@ -593,8 +593,8 @@ def _parse(body: bytes, max_batch: int = MAX_BATCH) -> tuple[bool, list[PredictR
     """A request body as (is it a batch, its requests); EventError naming the problem.
 
     Total: whatever the bytes are, it returns or raises :class:`EventError`
-    (a body nesting thousands of levels makes the event decoder's error
-    path raise ``RecursionError``: the problem is then named from
+    (the event decoder refuses deep nesting as ``too_deep``; should anything
+    in it still raise ``RecursionError``, the problem is named from
     msgspec's own message).
 
     >>> _parse(b'{"features": {"x": 1.5}, "request_id": "r1"}')
@@ -606,7 +606,7 @@ def _parse(body: bytes, max_batch: int = MAX_BATCH) -> tuple[bool, list[PredictR
     >>> _parse(b'{"features": {"x": ' + b"[" * 10_000 + b"]" * 10_000 + b"}}")
     Traceback (most recent call last):
     ...
-    stream_learner.errors.EventError: $.features[...]: nests too deeply: Expected `float | null`, got `array`
+    stream_learner.errors.EventError: $: arrays and objects nest deeper than 64 levels
     """
     try:
         parsed = _BODY.decode(body)
