@@ -293,6 +293,42 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Where `serve` listens."""
     serving_port: Port = 8080
     """Port `serve` listens on (0: any free port)."""
+    # Serving security (README, "Security"): what a node remembers, builds, reads and accepts.
+    serving_state_dir: str | None = ".stream-learner/serving-state"
+    """Where a node keeps its floor, the highest good version it served (one file per topic and model):
+    a restart never serves less. "" in TOML: not kept."""
+    serving_allowed_architectures: list[str] = []
+    """Model factories (package.module:function) a node may build besides logreg and mlp (comma-separated)."""
+    serving_max_model_bytes: Positive = 256 * 1024 * 1024
+    """Largest weights a manifest may declare (bytes); larger checkpoints are refused before a chunk is read."""
+    serving_max_parameters: Positive = 50_000_000
+    """Largest network a node builds, counted on the meta device before anything is allocated."""
+    serving_max_tensors: Positive = 1024
+    """Most tensors a checkpoint's safetensors header may name."""
+    serving_max_record_bytes: Annotated[int, Meta(ge=1 << 20)] = 16 * 1024 * 1024
+    """Model-topic records larger than this are never received: skipped and counted."""
+    serving_window_records: Positive = 4096
+    """Chunk records the follower keeps for manifests to come, at most."""
+    serving_window_bytes: Positive = 64 * 1024 * 1024
+    """Bytes of chunk records the follower keeps, at most (each counted with its key, headers and overhead)."""
+    serving_scan_max_records: Positive = 2_000_000
+    """How many records the start scan may read back from the end of the topic."""
+    serving_scan_max_bytes: Positive = 2 * 1024 * 1024 * 1024
+    """How many bytes the start scan may read back from the end of the topic."""
+    serving_max_connections: Positive = 1024
+    """Open HTTP connections, at most; one more closes the connection idle the longest."""
+    serving_workers: Positive = 2
+    """Threads that decode and predict large request bodies (small ones have a thread of their own)."""
+    serving_max_inflight: Positive = 64
+    """Requests admitted at once (and 4 x serving_max_body_bytes of bodies); beyond: 503 with Retry-After."""
+    serving_max_body_bytes: Annotated[int, Meta(ge=1024)] = 8 * 1024 * 1024
+    """Largest request body (413 beyond)."""
+    serving_max_batch_values: Positive = 100_000
+    """Most feature values one request may ask for: over its instances, or instances x the model's features (413)."""
+    serving_request_timeout_s: Annotated[float, Meta(gt=0)] = 10.0
+    """A request must arrive whole, and its answer be taken, within this of its first byte (408 beyond)."""
+    serving_idle_timeout_s: Annotated[float, Meta(gt=0)] = 60.0
+    """How long a kept-alive connection may wait for its next request."""
 
     # Observability.
     metrics_port: Port | None = None

@@ -33,9 +33,9 @@ import torch
 from safetensors import SafetensorError
 
 from .digest import sha256_hex
-from .errors import CheckpointError
+from .errors import CheckpointError, LimitError
 
-__all__ = ["MAX_HEADER_BYTES", "decode_tensors", "encode_tensors", "read_header", "sha256_hex"]
+__all__ = ["MAX_HEADER_BYTES", "decode_tensors", "encode_tensors", "header_length", "read_header", "sha256_hex"]
 
 #: The safetensors reference implementation refuses headers above 100 MB.
 MAX_HEADER_BYTES = 100_000_000
@@ -78,19 +78,44 @@ def encode_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | 
         raise CheckpointError(f"cannot encode tensors as safetensors: {exc}") from exc
 
 
-def read_header(data: bytes | bytearray | memoryview) -> dict[str, Any]:
-    """The JSON header of safetensors bytes, checked for shape but not for data.
+def header_length(data: bytes | bytearray | memoryview, max_header_bytes: int = MAX_HEADER_BYTES) -> int:
+    """The header length safetensors bytes declare in their first 8 bytes, checked against
+    ``max_header_bytes`` (:class:`LimitError`) and the data's length (:class:`CheckpointError`).
 
-    Raises :class:`CheckpointError` when ``data`` is not safetensors (a
-    pickle, a ``torch.save`` zip, truncated bytes, ...).
+    A reader can call it on the first chunk alone, before assembling the rest.
 
-    >>> read_header(encode_tensors({}, {"k": "v"}))
-    {'__metadata__': {'k': 'v'}}
+    >>> header_length(encode_tensors({"w": torch.zeros(1)}))
+    56
+    >>> header_length(encode_tensors({"w": torch.zeros(1)}), max_header_bytes=16)
+    Traceback (most recent call last):
+    ...
+    stream_learner.checkpoint.errors.LimitError: safetensors header of 56 bytes, the limit is 16
     """
     view = memoryview(data)
     if len(view) < 8:
         raise CheckpointError(f"not safetensors data: {len(view)} bytes, shorter than the 8-byte header length")
     (size,) = struct.unpack("<Q", view[:8])
+    if size > max_header_bytes and size <= MAX_HEADER_BYTES:
+        raise LimitError(f"safetensors header of {size} bytes, the limit is {max_header_bytes}")
+    return int(size)
+
+
+def read_header(data: bytes | bytearray | memoryview, *, max_header_bytes: int = MAX_HEADER_BYTES,
+                max_tensors: int | None = None) -> dict[str, Any]:
+    """The JSON header of safetensors bytes, checked for shape but not for data.
+
+    Raises :class:`CheckpointError` when ``data`` is not safetensors (a
+    pickle, a ``torch.save`` zip, truncated bytes, ...), and
+    :class:`LimitError` for a header longer than ``max_header_bytes`` or
+    naming more than ``max_tensors`` tensors (both checked before the
+    header is parsed into objects: a 100 MB header of a million tensors
+    would cost gigabytes as Python objects).
+
+    >>> read_header(encode_tensors({}, {"k": "v"}))
+    {'__metadata__': {'k': 'v'}}
+    """
+    view = memoryview(data)
+    size = header_length(view, max_header_bytes)
     if size < 2 or size > MAX_HEADER_BYTES or size > len(view) - 8:
         raise CheckpointError(
             f"not safetensors data: header length {size} is impossible for {len(view)} bytes "
@@ -99,6 +124,10 @@ def read_header(data: bytes | bytearray | memoryview) -> dict[str, Any]:
     raw = bytes(view[8 : 8 + size])
     if raw[:1] != b"{":
         raise CheckpointError(f"not safetensors data: header does not start with '{{' ({raw[:8]!r})")
+    # Every tensor entry has exactly one "data_offsets" key: counting the bytes bounds the
+    # number of objects json.loads would build (a key inside a string only over-counts).
+    if max_tensors is not None and (named := raw.count(b'"data_offsets"')) > max_tensors:
+        raise LimitError(f"safetensors header names {named} tensors, the limit is {max_tensors}")
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as exc:
@@ -111,14 +140,16 @@ def read_header(data: bytes | bytearray | memoryview) -> dict[str, Any]:
     return header
 
 
-def decode_tensors(data: bytes | bytearray | memoryview) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def decode_tensors(data: bytes | bytearray | memoryview, *, max_header_bytes: int = MAX_HEADER_BYTES,
+                   max_tensors: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read safetensors bytes: ``(name -> CPU tensor, metadata)``.
 
-    The header is parsed and checked here first, so input that is not
-    safetensors is refused with a :class:`CheckpointError` that says so; it
-    is never handed to an unpickler. Tensors are independent of ``data``.
+    The header is parsed and checked here first (with the limits of
+    :func:`read_header`), so input that is not safetensors is refused with
+    a :class:`CheckpointError` that says so; it is never handed to an
+    unpickler. Tensors are independent of ``data``.
     """
-    header = read_header(data)
+    header = read_header(data, max_header_bytes=max_header_bytes, max_tensors=max_tensors)
     try:
         tensors = safetensors.torch.load(bytes(data))
     except (SafetensorError, ValueError, TypeError, RuntimeError) as exc:

@@ -27,3 +27,8 @@ class IncompleteCheckpointError(CheckpointError):
 
 class CheckpointNotFoundError(CheckpointError):
     """No manifest for the requested model (or version) is on the topic."""
+
+
+class LimitError(CheckpointError):
+    """A checkpoint asks for more than the reader allows (declared size, chunks, safetensors header,
+    tensor count, architecture): refused before the memory or the work is spent."""

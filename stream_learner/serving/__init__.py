@@ -5,19 +5,20 @@ and answers every request with ``subscriber.current.predict_one(features)``.
 
 **What the subscriber does, in order**
 
-1. *Catch up.* It reads the end offset of every partition of the model
-   topic, then loads the newest checkpoint with
-   :func:`~stream_learner.checkpoint.reader.read_latest` (a handful of
-   records read from the end, never the history), builds and smoke-tests
-   its model (:func:`load_served_model`) and makes it current.
+1. *Start.* It takes the end offsets of every partition of the model
+   topic and follows from there at once; the newest good version before
+   them is found by a :class:`~stream_learner.checkpoint.reader.LatestScan`
+   reading back from the end in bounded steps between polls: every manifest
+   it meets is verified, what it refuses is passed over (unsigned, forged,
+   unparseable, replayed, below the floor), and a broker error loses none
+   of its progress (:mod:`.follower`).
 2. *Follow.* One consumer without a group (manual assignment, as the reader
-   uses) reads every partition of the topic forward: from just after the
-   newest manifest in its partition, from the end offsets of step 1 in the
-   others (so nothing appended during the catch-up is missed). Records are
-   sorted by their headers first, which is cheap: another model's records
-   are skipped; this model's chunks are kept in a bounded window (so a
-   manifest's chunks, read just before it, are not fetched twice); a
-   manifest of a version not above the newest one followed is ignored.
+   uses) reads every partition of the topic forward. Records are sorted by
+   their headers first, which is cheap: another model's records are
+   skipped; this model's chunks are kept in a bounded window (records and
+   bytes; so a manifest's chunks, read just before it, are not fetched
+   twice); a manifest of a version not above the newest one followed is
+   ignored, one below the floor refused.
 3. *Load.* A newer manifest record is verified and its weights loaded by
    :func:`~stream_learner.checkpoint.reader.load_manifest_record`
    (signature, chunks, digest, safetensors), then built into a
@@ -33,14 +34,15 @@ and answers every request with ``subscriber.current.predict_one(features)``.
 **Never backwards.** While following, only a version strictly greater than
 the newest one followed is loaded: an older manifest replayed onto the
 topic (a downgrade attack, or an honest duplicate) is counted and ignored.
-The limit: a subscriber that *starts* after an old manifest was replayed
-onto the end of the topic serves that version until a newer one arrives
-(the catch-up reads the newest manifest record, not the whole history).
-Only the trainer should be allowed to write the model topic (Kafka ACLs).
-:meth:`CheckpointSubscriber.pin` (alias ``rollback``) is the only way back
-to an older version; :meth:`~CheckpointSubscriber.unpin` returns to the
-newest. While pinned, newer versions are still verified and loaded in the
-background (so that unpinning is immediate), but not served.
+At start, a version below the *floor* (the highest good version this node
+served, kept under ``serving_state_dir``: :mod:`.state`) is refused as
+``downgrade``, and a replayed manifest loses to any newer version between
+it and its chunks (see ``LatestScan``), so a restarting node serves the
+last good version whatever was appended. :meth:`CheckpointSubscriber.pin`
+(alias ``rollback``) is the only way back to an older version;
+:meth:`~CheckpointSubscriber.unpin` returns to the newest. While pinned,
+newer versions are still verified and loaded in the background (so that
+unpinning is immediate), but not served.
 
 **Failures** (a refused signature or key, a missing or foreign chunk, a
 digest mismatch, weights that are not safetensors, an architecture that
@@ -50,9 +52,8 @@ keep the last good model current. Each is logged, counted by reason
 and kept as ``status()["last_error"]``; the subscriber goes on following.
 A broker error while loading re-reads the same manifest after a back-off,
 so a version is not skipped because the broker was briefly away. If the
-newest checkpoint is refused at catch-up, nothing older is served instead
-(as the reader never falls back): the subscriber follows from there and
-serves the next good version.
+newest checkpoint is refused at start, the scan goes on below it (never
+below the floor). A record too large to receive is skipped and counted.
 
 **Threads.** :meth:`CheckpointSubscriber.start` runs the loop on a daemon
 thread that never dies of an exception; :meth:`~CheckpointSubscriber.poll_once`
@@ -62,10 +63,12 @@ are never mutated, so concurrent ``predict`` calls share it freely (only its
 featurizer's missing-value counters are bumped, without a lock). Which lock
 guards what: :mod:`stream_learner.serving.subscriber`.
 
-**Trust.** Only manifests signed by a key in ``public_keys`` are loaded.
-The signed architecture may name a model factory
-(``package.module:function``), which is imported: trusting a signing key
-means trusting the code its manifests name, as the trainer runs it too.
+**Trust.** Only manifests signed by a key in ``public_keys`` are loaded,
+and a key is trusted with weights, not code or unbounded work: a node
+builds only the built-in architectures and the factories named in
+``serving_allowed_architectures``, and bounds everything before building
+(:mod:`.model`, :class:`~stream_learner.checkpoint.reader.LoadLimits`).
+The README's Security section is the threat model.
 
 **Modules**, by concept:
 
@@ -77,6 +80,8 @@ means trusting the code its manifests name, as the trainer runs it too.
 * :mod:`.clients` — the subscriber's two Kafka consumers;
 * :mod:`.follower` — the loop's work: catch up, then follow the topic;
 * :mod:`.versions` — the swap decisions: never backwards, the pin;
+* :mod:`.state` — the floor a node remembers across restarts;
+* :mod:`.telemetry` — the serving side's own metrics, a limit on repeated log lines;
 * :mod:`.subscriber` — :class:`CheckpointSubscriber`, :func:`public_keys_from_settings`;
 * :mod:`.node` — :class:`ServingNode`, the HTTP service behind ``stream-learner serve``.
 """

@@ -1,5 +1,12 @@
 """How the serving side names a refused checkpoint or a failed read.
 
+Reasons: ``signature``, ``digest``, ``incomplete``, ``not_found``,
+``invalid``, ``limit``, ``architecture``, ``not_allowed``, ``state``,
+``smoke``, ``downgrade`` (a version below the highest good one the node
+knows), ``unconfirmed`` (the start scan's budget ran out before it could
+rule out a replay), ``oversized`` (a record too large to receive, skipped),
+``broker``, ``error``.
+
 Every failure is counted under one ``reason`` label
 (``stream_learner_serving_swap_failures_total{reason}``) and shown as
 ``status()["last_error"]`` (``"reason: message"``). Only ``broker`` is
@@ -16,6 +23,7 @@ from ..checkpoint.errors import (
     CheckpointNotFoundError,
     DigestError,
     IncompleteCheckpointError,
+    LimitError,
     SignatureError,
 )
 from ..checkpoint.reader import ReadTimeoutError
@@ -25,8 +33,10 @@ __all__ = ["ModelLoadError", "failure_reason", "is_transient"]
 
 class ModelLoadError(CheckpointError):
     """A verified checkpoint cannot be served: its architecture does not match its
-    weights (``reason="architecture"``), or its smoke prediction is not finite
-    (``reason="smoke"``)."""
+    weights (``reason="architecture"``), is not allowed on this node
+    (``"not_allowed"``) or exceeds its bounds (``"limit"``), its statistics are
+    not a state a learner can be in (``"state"``), or its smoke prediction is
+    not finite (``"smoke"``)."""
 
     def __init__(self, message: str, reason: str = "architecture") -> None:
         super().__init__(message)
@@ -51,6 +61,8 @@ def failure_reason(exc: BaseException) -> str:
         return "not_found"
     if isinstance(exc, ModelLoadError):
         return exc.reason
+    if isinstance(exc, LimitError):
+        return "limit"
     if isinstance(exc, ReadTimeoutError):
         return "broker"
     if isinstance(exc, CheckpointError):

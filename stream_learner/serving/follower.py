@@ -1,20 +1,51 @@
-"""The subscriber loop's work: catch up from the end of the model topic, then follow it forward.
+"""The subscriber loop's work: find the newest good version from the end of the model topic, follow it forward.
 
 :class:`TopicFollower` holds everything only the loop touches (the
-follower consumer's position, the :class:`~stream_learner.serving.window.ChunkWindow`,
-the catch-up's cost) and turns the records it reads into loaded models,
-which it offers to its subscriber; the subscriber decides about swaps
+follower consumer's positions, the
+:class:`~stream_learner.serving.window.ChunkWindow`, the start scan) and
+turns the records it reads into loaded models, which it offers to its
+subscriber; the subscriber decides about swaps
 (:class:`~stream_learner.serving.versions.ServedVersions`). It is used by
 one thread at a time (the subscriber's thread, or the caller of
 ``poll_once``): it has no lock of its own. It reads the loader consumer
 only inside :meth:`ReaderClients.loading <stream_learner.serving.clients.ReaderClients.loading>`.
 
+**Start.** :meth:`TopicFollower.catch_up` takes the end offsets of every
+partition and positions the follower there at once; the newest good
+version *before* them is found by a
+:class:`~stream_learner.checkpoint.reader.LatestScan` that reads back from
+those ends in bounded steps, one per loop step, between polls of the
+follower. So a topic whose end holds 200,000 junk records, forged or
+unsigned manifests or a record too large to receive delays nothing but
+the scan, which verifies every manifest it meets and goes on past what it
+refuses; a broker error loses none of its progress (the next step goes on
+from the same place), and nothing restarts "from the end" again. The
+scan's candidates are loaded newest first; one refused at load makes the
+scan go on below it. A version below the *floor* (the highest good version
+this node served, :class:`~stream_learner.serving.state.FloorStore`) is
+refused as ``downgrade``, at start and while following.
+
+While the scan runs, a manifest the follower reads is served at once only
+if its chunks were all written after the follower's start positions (a
+publish that happened since): a replayed old manifest points at chunks
+far back and waits for the scan's verdict instead, which is that some
+newer version lies between (see ``LatestScan``).
+
 A failure that is a failed check is handed to ``failed`` and the record is
 done with; a broker failure (:func:`~stream_learner.serving.failures.is_transient`)
-is raised, for the loop to retry after a back-off: before it is positioned,
-the whole catch-up is retried; while following, the follower is first
-seeked back to the manifest being loaded (and to the first record of every
-partition this poll returned after it), so no version is skipped.
+is raised, for the loop to retry after a back-off; while following, the
+positions are first set back to the manifest being loaded (and to the
+first record of every partition this poll returned after it), so no
+version is skipped.
+
+**A record too large to receive** (larger than the consumers' receive
+limit) makes every fetch of its partition fail. When the follower gets
+nothing for :data:`~stream_learner.checkpoint.reader.STALL_S` while the
+end offsets say there is more, it reads on with the prober, one batch per
+fetch: every record before the oversized one is handled as usual, the
+oversized one is skipped and counted (``skipped_records``,
+``last_skipped`` in ``status()``, the ``oversized`` failure reason), and
+following goes on after it.
 """
 
 from __future__ import annotations
@@ -27,14 +58,26 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from kafka import TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import InvalidReceiveError
 
-from ..checkpoint.errors import CheckpointNotFoundError
+from ..checkpoint.errors import CheckpointError, CheckpointNotFoundError
 from ..checkpoint.publish import H_MODEL, H_TYPE, TYPE_CHUNK, TYPE_MANIFEST
-from ..checkpoint.reader import load_manifest_record, read_latest, record_header
+from ..checkpoint.reader import (
+    STALL_S,
+    LatestScan,
+    LoadLimits,
+    ScanLimits,
+    Skipped,
+    load_manifest_record,
+    probe,
+    record_header,
+)
 from ..metrics import Metrics
 from .clients import CountingConsumer, ReaderClients
-from .failures import is_transient
-from .model import ServedModel, load_served_model
+from .failures import ModelLoadError, is_transient
+from .model import BuildPolicy, ServedModel, load_served_model
+from .state import FloorStore
+from .telemetry import ServingMetrics
 from .versions import ServedVersions
 from .window import ChunkWindow, header_version
 
@@ -44,6 +87,8 @@ __all__ = ["FollowOptions", "TopicFollower"]
 
 #: How often the follower looks for partitions added to the model topic (seconds).
 PARTITION_REFRESH_S = 30.0
+#: Time one loop step may spend probing past a record too large to receive (seconds).
+PROBE_STEP_S = 2.0
 
 
 class FollowOptions(Protocol):
@@ -68,93 +113,219 @@ Offer = Callable[[ServedModel, float], bool]
 
 
 class TopicFollower:
-    """Catch up, then follow: see the module docstring."""
+    """Scan back, then follow: see the module docstring."""
 
     def __init__(self, options: FollowOptions, clients: ReaderClients, versions: ServedVersions, *,
-                 window_bytes: int, offer: Offer, failed: Failed) -> None:
+                 window_bytes: int, offer: Offer, failed: Failed, window_records: int = 4096,
+                 scan_limits: ScanLimits | None = None, load_limits: LoadLimits | None = None,
+                 policy: BuildPolicy | None = None, floor: FloorStore | None = None,
+                 telemetry: ServingMetrics | None = None) -> None:
         self.options = options
         self.clients = clients
         self.versions = versions
-        self.window = ChunkWindow(window_bytes)  # this model's chunks read while following
+        self.window = ChunkWindow(window_bytes, window_records)  # this model's chunks read while following
         self.offer = offer
         self.failed = failed
-        self.positioned = False  # False again after the consumers are closed: catch up again
-        self.catch_up_stats: dict[str, Any] = {}  # the last catch-up's records, seconds, CPU seconds
-        self.catch_up_records = 0  # records read by every catch-up so far
+        self.load_limits = load_limits or LoadLimits()
+        self.policy = policy or BuildPolicy()
+        self.floor = floor or FloorStore(None, options.topic, options.model)
+        self.telemetry = telemetry
+        self.scan = LatestScan(options.topic, options.public_keys, options.model, floor=self.floor.load(),
+                               limits=scan_limits)
+        self.skipped = Skipped()  # records too large to receive, while following
+        self.positioned = False  # False again after the consumers are closed: positioned again
+        self.positions: dict[TopicPartition, int] = {}  # the next offset to read, per partition
+        self.start_positions: dict[TopicPartition, int] = {}
+        self.catch_up_records = 0  # records read by the start scan so far
+        self._scan_seconds = [0.0, 0.0]  # wall, CPU
+        self._deferred: ServedModel | None = None  # followed while the scan ran; offered after it
         self._model_b = options.model.encode()
         self._next_refresh = 0.0
+        self._last_progress = time.monotonic()  # the last look for a stuck partition
+        self._progress: dict[TopicPartition, float] = {}  # when each partition last gave records
+
+    # -- start ------------------------------------------------------------------------------
 
     def catch_up(self, follower: CountingConsumer) -> bool:
-        """Load the newest checkpoint from the end of the topic and position the follower after it."""
+        """Position the follower: at the saved positions, or (the first time) at the end offsets,
+        from which the start scan reads back; then the first scan step."""
         o = self.options
-        partitions = follower.partitions_for_topic(o.topic)
-        if not partitions:
-            raise CheckpointNotFoundError(f"topic {o.topic!r} does not exist or has no partitions (yet)")
-        tps = [TopicPartition(o.topic, p) for p in sorted(partitions)]
-        # End offsets before the read: whatever is appended meanwhile is followed, not missed.
-        positions: dict[TopicPartition, int] = dict(follower.end_offsets(tps))
-        started, cpu = time.monotonic(), time.thread_time()
-        checkpoint = None
-        with self.clients.loading() as loader:
-            before = loader.records
-            try:
-                checkpoint = read_latest(loader, o.topic, o.public_keys, o.model, timeout_s=o.load_timeout_s)
-            except CheckpointNotFoundError:
-                log.info("no_checkpoint_yet", model=o.model, topic=o.topic)
-            except Exception as exc:
-                if is_transient(exc):
-                    raise  # not positioned: the whole catch-up is retried after a back-off
-                # The newest checkpoint is refused; nothing older is served in its place.
-                self.failed(exc, what="newest checkpoint")
-            finally:
-                self.catch_up_records += loader.records - before
-                self.catch_up_stats = {"records": loader.records - before,
-                                       "seconds": round(time.monotonic() - started, 6),
-                                       "cpu_seconds": round(time.thread_time() - cpu, 6)}
-        served: ServedModel | None = None
-        if checkpoint is not None:
-            positions[TopicPartition(o.topic, checkpoint.partition)] = checkpoint.offset + 1
-            try:
-                served = load_served_model(checkpoint)
-            except Exception as exc:  # noqa: BLE001 - refused like any other; the next version may do
-                self.failed(exc, what="newest checkpoint")
-        follower.assign(tps)
-        for tp, offset in positions.items():
+        if not self.positions:
+            partitions = follower.partitions_for_topic(o.topic)
+            if not partitions:
+                raise CheckpointNotFoundError(f"topic {o.topic!r} does not exist or has no partitions (yet)")
+            tps = [TopicPartition(o.topic, p) for p in sorted(partitions)]
+            # End offsets first: whatever is appended from now on is followed, the rest scanned.
+            end: dict[TopicPartition, int] = dict(follower.end_offsets(tps))
+            begin: dict[TopicPartition, int] = dict(follower.beginning_offsets(tps))
+            self.positions = dict(end)
+            self.start_positions = dict(end)
+            if not self.scan.started:
+                self.scan.start(begin, end)
+        follower.assign(sorted(self.positions, key=lambda tp: tp.partition))
+        for tp, offset in self.positions.items():
             follower.seek(tp, offset)
         self.positioned = True
         self._next_refresh = time.monotonic() + PARTITION_REFRESH_S
-        log.info("subscriber_positioned", model=o.model, version=served.version if served else None,
-                 positions={tp.partition: p for tp, p in positions.items()}, **self.catch_up_stats)
-        return self.offer(served, started) if served is not None else False
+        self._last_progress = now = time.monotonic()
+        self._progress = dict.fromkeys(self.positions, now)
+        log.info("subscriber_positioned", model=o.model, floor=self.scan.floor,
+                 positions={tp.partition: p for tp, p in self.positions.items()})
+        return self._scan_step()
+
+    @property
+    def scanning(self) -> bool:
+        """True while the start scan has not finished."""
+        return self.scan.started and not self.scan.done
+
+    def _scan_step(self) -> bool:
+        """One bounded step of the start scan, then, once it is done, its candidates loaded newest first."""
+        if not self.scan.started or (self.scan.done and not self.scan.candidates() and self._deferred is None):
+            return False
+        o = self.options
+        started, cpu = time.monotonic(), time.thread_time()
+        swapped = False
+        prober = self.clients.probing()  # before the loader's lock, which making it takes
+        with self.clients.loading() as loader:
+            before = loader.records
+            try:
+                candidates = self.scan.step(loader, prober=prober, deadline_s=o.load_timeout_s)
+                while candidates:
+                    candidate = candidates.pop(0)
+                    followed = self._followed_version()
+                    if followed is not None and candidate.manifest.version <= followed:
+                        candidates = []  # something as new is served already (followed meanwhile)
+                        break
+                    try:
+                        checkpoint = self.scan.load(loader, candidate, limits=self.load_limits,
+                                                    prober=prober, timeout_s=o.load_timeout_s)
+                        served = load_served_model(checkpoint, self.policy)
+                    except Exception as exc:
+                        if is_transient(exc):
+                            raise
+                        self.failed(exc, what=f"start v{candidate.manifest.version}",
+                                    partition=candidate.record.partition, offset=candidate.record.offset)
+                        self.scan.resume(candidate)  # scan on below it
+                        continue
+                    self._report_scan()  # refusals counted before the swap wakes anyone waiting for it
+                    swapped = self.offer(served, started)
+                    candidates = []
+                    self._finish_scan()
+            finally:
+                self.catch_up_records += loader.records - before
+                self._scan_seconds[0] += time.monotonic() - started
+                self._scan_seconds[1] += time.thread_time() - cpu
+                self._report_scan()
+        if self.scan.done and self.scan.started:
+            if not self.scan.candidates() or self._followed_version() is not None:
+                self._finish_scan()
+            if self._deferred is not None:
+                deferred, self._deferred = self._deferred, None
+                if self._vouched(deferred):
+                    swapped = self.offer(deferred, time.monotonic()) or swapped
+        return swapped
+
+    def _finish_scan(self) -> None:
+        """Nothing more to scan: drop what is left (the candidates older than what is served)."""
+        if self.scan._parts is not None:  # a finished scan keeps its stats, not its candidates
+            for part in self.scan._parts.values():
+                part.done, part.best, part.kept = True, None, {}
+
+    def scan_status(self) -> dict[str, Any]:
+        """The start scan's progress (records and bytes read, done, exhausted, ...) and its time so far."""
+        return {**self.scan.stats(), "seconds": round(self._scan_seconds[0], 6),
+                "cpu_seconds": round(self._scan_seconds[1], 6)}
+
+    def _report_scan(self) -> None:
+        for refusal in self.scan.take_refusals():
+            self.failed(_Refused(refusal.reason, refusal.error), what="start scan",
+                        partition=refusal.partition, offset=refusal.offset)
+        stats = self.scan_status()
+        if self.telemetry is not None:
+            self.telemetry.scan_records.set(stats["records"])
+            if stats["highest_verified"] is not None:
+                self.telemetry.highest_verified_version.set(stats["highest_verified"])
+
+    # -- following --------------------------------------------------------------------------
 
     def follow(self, follower: CountingConsumer) -> bool:
-        """Look for new partitions if it is time, then one poll: keep this model's chunks, load each
-        newer manifest; True if a version was swapped in."""
+        """A step of the start scan if it runs, new partitions if it is time, then one poll: keep this
+        model's chunks, load each newer manifest; True if a version was swapped in."""
+        swapped = self._scan_step() if self.scanning or self._deferred is not None else False
         if time.monotonic() >= self._next_refresh:
             self._refresh_partitions(follower)
-        batch = follower.poll(timeout_ms=self.options.poll_timeout_ms)
+        try:
+            batch = follower.poll(timeout_ms=self.options.poll_timeout_ms)
+        except InvalidReceiveError:
+            # A response too large to receive: some partition is stuck on a huge record.
+            self._last_progress = 0.0
+            self._progress = dict.fromkeys(self.positions, 0.0)
+            batch = {}
         read_at = time.monotonic()
-        swapped = False
         items = list(batch.items())
+        for tp, _ in items:
+            self._progress[tp] = read_at
+        # A partition that gave nothing for a while: idle, or stuck on a record too large to
+        # receive (looked at no more often than every STALL_S).
+        if read_at - self._last_progress >= STALL_S and any(
+                read_at - self._progress.get(tp, 0.0) >= STALL_S for tp in self.positions):
+            swapped = self._unstick(follower) or swapped
         for n, (tp, records) in enumerate(items):
             for record in records:
-                if record_header(record, H_MODEL) != self._model_b:
-                    continue
-                kind = record_header(record, H_TYPE)
-                if kind == TYPE_CHUNK:
-                    self.window.keep(record, followed=self._followed_version())
-                elif kind == TYPE_MANIFEST:
-                    try:
-                        swapped = self._on_manifest(record, read_at) or swapped
-                    except Exception as exc:
-                        if not is_transient(exc):
-                            raise
-                        # The broker failed us mid-load: read this manifest (and
-                        # whatever this poll returned after it) again after a back-off.
-                        follower.seek(tp, record.offset)
-                        for later_tp, later in items[n + 1:]:
-                            follower.seek(later_tp, later[0].offset)
+                try:
+                    swapped = self._handle(record, read_at) or swapped
+                except Exception as exc:
+                    if not is_transient(exc):
                         raise
+                    # The broker failed us mid-load: read this manifest (and whatever this
+                    # poll returned after it) again after a back-off.
+                    self._seek(follower, tp, record.offset)
+                    for later_tp, later in items[n + 1:]:
+                        self._seek(follower, later_tp, later[0].offset)
+                    raise
+                self.positions[tp] = record.offset + 1
+        self._report_window()
+        return swapped
+
+    def _seek(self, follower: CountingConsumer, tp: TopicPartition, offset: int) -> None:
+        follower.seek(tp, offset)
+        self.positions[tp] = offset
+
+    def _handle(self, record: ConsumerRecord, read_at: float) -> bool:
+        if record_header(record, H_MODEL) != self._model_b:
+            return False
+        kind = record_header(record, H_TYPE)
+        if kind == TYPE_CHUNK:
+            self.window.keep(record, followed=self._followed_version())
+        elif kind == TYPE_MANIFEST:
+            return self._on_manifest(record, read_at)
+        return False
+
+    def _unstick(self, follower: CountingConsumer) -> bool:
+        """Nothing for a while: if records are there all the same, read on past the one that cannot be
+        received (see the module docstring); True if a version was swapped in meanwhile."""
+        now = self._last_progress = time.monotonic()
+        tps = [tp for tp in self.positions if now - self._progress.get(tp, 0.0) >= STALL_S]
+        prober = self.clients.probing()
+        # Asked on the prober's connection: the follower's may be failing with the oversized fetch.
+        end = prober.end_offsets(tps)
+        lagging = [tp for tp in tps if end.get(tp, 0) > self.positions[tp]]
+        swapped = False
+        deadline = time.monotonic() + PROBE_STEP_S
+        for tp in lagging:
+            records, bad = probe(prober, tp, self.positions[tp], end[tp], deadline + STALL_S)
+            for record in records:
+                swapped = self._handle(record, time.monotonic()) or swapped
+                self.positions[tp] = record.offset + 1
+            if bad is not None:
+                self.skipped.add(tp.partition, bad)
+                if self.telemetry is not None:
+                    self.telemetry.skipped_records.inc()
+                self.failed(_Refused("oversized", CheckpointError(
+                    f"the record at {tp.topic}[{tp.partition}]@{bad} is larger than this node can receive "
+                    f"(serving_max_record_bytes); skipped")), what="record", partition=tp.partition, offset=bad)
+                self.positions[tp] = bad + 1
+            follower.seek(tp, self.positions[tp])
         return swapped
 
     def _followed_version(self) -> int | None:
@@ -171,12 +342,16 @@ class TopicFollower:
         if added:
             follower.assign(sorted(assigned | set(added)))  # kafka-python keeps the others' positions
             follower.seek_to_beginning(*added)
+            begin = follower.beginning_offsets(added)
+            for tp in added:
+                self.positions[tp] = begin.get(tp, 0)
             log.info("subscriber_partitions_added", model=self.options.model,
                      partitions=[tp.partition for tp in added])
 
     def _on_manifest(self, record: ConsumerRecord, read_at: float) -> bool:
         o = self.options
         version, followed = header_version(record), self._followed_version()
+        floor = self.scan.floor
         # A version that does not parse is loaded anyway: verification refuses
         # headers that disagree with the manifest. Headers are not signed, but
         # for the same reason skipping on the header is safe.
@@ -188,12 +363,20 @@ class TopicFollower:
                 partition=record.partition, offset=record.offset)
             self._forget(record, followed)
             return False
+        if version is not None and version < floor:
+            self._forget(record, version)
+            self.failed(_Refused("downgrade", CheckpointError(
+                f"v{version} is below v{floor}, the highest good version this node knows")),
+                what=f"v{version}", partition=record.partition, offset=record.offset)
+            return False
         try:
+            prober = self.clients.probing()
             with self.clients.loading() as loader:
                 checkpoint = load_manifest_record(loader, record, o.public_keys,
                                                   window=self.window.chunks(record.partition),
-                                                  timeout_s=o.load_timeout_s)
-            served = load_served_model(checkpoint)
+                                                  timeout_s=o.load_timeout_s, limits=self.load_limits,
+                                                  prober=prober, skipped=self.skipped)
+            served = load_served_model(checkpoint, self.policy)
         except Exception as exc:
             if is_transient(exc):
                 raise
@@ -202,9 +385,60 @@ class TopicFollower:
                         partition=record.partition, offset=record.offset)
             return False
         self._forget(record, served.version)
+        if served.version < floor:  # the header lied about the version: the signed one decides
+            self.failed(_Refused("downgrade", CheckpointError(
+                f"v{served.version} is below v{floor}, the highest good version this node knows")),
+                what=f"v{served.version}", partition=record.partition, offset=record.offset)
+            return False
+        if self.scanning and not self._published_since_start(served):
+            # Maybe a replay of an old manifest: the scan decides whether newer lies behind it.
+            if self._deferred is None or served.version > self._deferred.version:
+                self._deferred = served
+            log.info("manifest_deferred_until_scan", model=o.model, version=served.version)
+            return False
         return self.offer(served, read_at)
+
+    def _vouched(self, served: ServedModel) -> bool:
+        """A manifest followed while the scan ran, whose chunks are older than the start: served only if
+        the scan read back to its first chunk (nothing newer hides between) or the floor vouches for it."""
+        reached = self.scan.reached(served.partition)
+        offsets = served.manifest.weights.chunk_offsets
+        if self.scan.floor > 0 or (reached is not None and offsets and reached <= min(offsets)):
+            return True
+        self.failed(_Refused("unconfirmed", CheckpointError(
+            f"v{served.version}: its chunks lie before where the start scan could read back to, and no floor "
+            f"vouches for it (a replayed manifest may hide newer versions)")),
+            what=f"v{served.version}", partition=served.partition, offset=served.offset)
+        return False
+
+    def _published_since_start(self, served: ServedModel) -> bool:
+        """True if every chunk of ``served`` was written after the follower's start position."""
+        start = self.start_positions.get(TopicPartition(self.options.topic, served.partition))
+        offsets = served.manifest.weights.chunk_offsets
+        return start is not None and bool(offsets) and min(offsets) >= start
+
+    def swapped_to(self, version: int) -> None:
+        """A version was swapped in: its chunks and older ones cannot be loaded any more; it is the floor."""
+        self.window.prune(followed=version)
+        if self.floor.save(version):
+            self.scan.floor = max(self.scan.floor, version)
+        if self.telemetry is not None:
+            self.telemetry.floor_version.set(max(self.scan.floor, version))
+        self._report_window()
+
+    def _report_window(self) -> None:
+        if self.telemetry is not None:
+            self.telemetry.window_records.set(len(self.window))
+            self.telemetry.window_bytes.set(self.window.size)
 
     def _forget(self, manifest: ConsumerRecord, version: int | None) -> None:
         """The window's chunks before a handled manifest that no manifest to come needs."""
         self.window.forget(manifest.partition, before=manifest.offset, version=version,
                            followed=self._followed_version())
+
+
+class _Refused(ModelLoadError):
+    """A record refused by a rule of the follower itself, counted under ``reason``."""
+
+    def __init__(self, reason: str, error: BaseException) -> None:
+        super().__init__(str(error), reason)

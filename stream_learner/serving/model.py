@@ -14,9 +14,15 @@ as the learner builds its own (:meth:`~stream_learner.learn.learner.LearnerConfi
 and a :class:`~stream_learner.learn.target.TargetScaler`, so a served
 prediction is the learner's by construction.
 
-**Trust.** The signed architecture may name a model factory
-(``package.module:function``), which is imported: trusting a signing key
-means trusting the code its manifests name, as the trainer runs it too.
+**Trust.** A signing key is not trusted to name code: a node builds only
+the built-in architectures and the factories its operator allowed
+(:class:`BuildPolicy`, ``serving_allowed_architectures``). Before anything
+real is built, the architecture is bounded (features, classes, layers) and
+built on torch's ``meta`` device, which allocates nothing: its parameter
+count is checked against the policy and its names, shapes and dtypes
+against the checkpoint's tensors. Only then is the network made, from the
+checkpoint's own tensors. The featurizer and target statistics must be
+finite and in range (counts and sums of squares not negative).
 """
 
 from __future__ import annotations
@@ -24,14 +30,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..checkpoint.reader import LoadedCheckpoint
-from ..events import CheckpointManifest
+from ..events import MAX_CLASSES, MAX_FEATURES, CheckpointManifest
 from ..learn.featurizer import STATS, Featurizer
 from ..learn.learner import LearnerConfig
 from ..learn.models import ModelSpec, build_model
@@ -39,7 +45,36 @@ from ..learn.predictor import Predictor
 from ..learn.target import TargetScaler
 from .failures import ModelLoadError
 
-__all__ = ["ServedModel", "load_served_model"]
+__all__ = ["BUILT_IN", "BuildPolicy", "ServedModel", "load_served_model"]
+
+#: The architectures every node may build.
+BUILT_IN = frozenset({"logreg", "mlp"})
+#: Hidden layers an architecture may have, at most.
+MAX_LAYERS = 64
+
+
+@dataclass(frozen=True)
+class BuildPolicy:
+    """What a node agrees to build from a signed architecture.
+
+    ``allowed``: the architecture kinds (``logreg``, ``mlp``, and the
+    ``package.module:function`` factories named in
+    ``serving_allowed_architectures``); ``max_parameters``: of the network,
+    counted on the meta device before anything is allocated.
+    """
+
+    allowed: frozenset[str] = BUILT_IN
+    max_parameters: int = 50_000_000
+    max_layers: int = MAX_LAYERS
+    max_features: int = MAX_FEATURES
+
+    @classmethod
+    def of(cls, factories: Iterable[str] = (), max_parameters: int = 50_000_000) -> BuildPolicy:
+        """The built-ins plus ``factories``."""
+        return cls(allowed=BUILT_IN | frozenset(factories), max_parameters=max_parameters)
+
+
+DEFAULT_POLICY = BuildPolicy()
 
 Rows = Sequence[Mapping[str, float | None]]
 Answer = float | dict[str, float]
@@ -117,16 +152,19 @@ class ServedModel:
         return self.predict([features])[0]
 
 
-def load_served_model(checkpoint: LoadedCheckpoint) -> ServedModel:
+def load_served_model(checkpoint: LoadedCheckpoint, policy: BuildPolicy = DEFAULT_POLICY) -> ServedModel:
     """Build the model a verified checkpoint describes, ready to serve.
 
-    A fresh ``nn.Module`` is built from the signed ``architecture``; the
-    ``model.*`` tensors are loaded into it strictly (the same names,
-    shapes and dtypes, nothing missing or extra); the featurizer
-    (``featurizer.*``) and target (``target``) statistics must be there,
-    with one finite value per feature. The model is put in eval mode with
-    its parameters frozen, and a smoke prediction must give finite outputs
-    of the right shape. Raises :class:`ModelLoadError` otherwise.
+    The signed ``architecture`` must be one ``policy`` allows
+    (``reason="not_allowed"``) and within its bounds (``reason="limit"``);
+    it is built on the meta device first and the ``model.*`` tensors must
+    match it exactly (the same names, shapes and dtypes, nothing missing or
+    extra); the featurizer (``featurizer.*``) and target (``target``)
+    statistics must be there, one finite value per feature, counts and sums
+    of squares not negative (``reason="state"``). Only then is the network
+    made, holding the checkpoint's tensors; it is put in eval mode with its
+    parameters frozen, and a smoke prediction must give finite outputs of
+    the right shape. Raises :class:`ModelLoadError` otherwise.
 
     >>> import torch
     >>> from stream_learner.events import CheckpointManifest, WeightsInfo
@@ -153,19 +191,25 @@ def load_served_model(checkpoint: LoadedCheckpoint) -> ServedModel:
     """
     manifest = checkpoint.manifest
     what = f"{manifest.model} v{manifest.version}"
-    spec = _spec_from_manifest(manifest)
+    spec = _spec_from_manifest(manifest, policy)
+    if spec.kind not in policy.allowed:
+        raise ModelLoadError(f"{what}: architecture {spec.kind!r} is not allowed on this node (allowed: "
+                             f"{sorted(policy.allowed)}; see serving_allowed_architectures)", "not_allowed")
     try:
-        network = build_model(spec)
-    except Exception as exc:
+        with torch.device("meta"):  # shapes and counts only: nothing is allocated
+            skeleton = build_model(spec)
+    except Exception as exc:  # an allowed factory may raise anything; the model is refused
         raise ModelLoadError(f"{what}: cannot build architecture {spec.kind!r}: {exc}") from exc
+    if not isinstance(skeleton, nn.Module):
+        raise ModelLoadError(f"{what}: architecture {spec.kind!r} did not build an nn.Module")
+    n_parameters = sum(t.numel() for t in skeleton.state_dict().values())
+    if n_parameters > policy.max_parameters:
+        raise ModelLoadError(f"{what}: architecture {spec.kind!r} has {n_parameters} parameters, the limit is "
+                             f"{policy.max_parameters}", "limit")
     tensors = checkpoint.tensors
-    weights = _strict_weights(network, tensors, what)
+    weights = _strict_weights(skeleton, tensors, what)
     _check_statistics(tensors, len(spec.features), what)
-
-    try:
-        network.load_state_dict(weights, strict=True)
-    except RuntimeError as exc:
-        raise ModelLoadError(f"{what}: weights do not load into the architecture: {exc}") from None
+    network = _materialize(skeleton, spec, weights, what)
     network.eval()
     network.requires_grad_(False)
 
@@ -188,9 +232,30 @@ def load_served_model(checkpoint: LoadedCheckpoint) -> ServedModel:
     return served
 
 
-def _spec_from_manifest(manifest: CheckpointManifest) -> ModelSpec:
-    """The signed architecture as a :class:`ModelSpec`, checked against the feature spec."""
+def _materialize(skeleton: nn.Module, spec: ModelSpec, weights: Mapping[str, torch.Tensor], what: str) -> nn.Module:
+    """The network holding ``weights``: the meta skeleton given the checkpoint's tensors (no second
+    copy, no random init), or, for a module with state outside its state dict, a real build."""
+    try:
+        skeleton.load_state_dict(weights, strict=True, assign=True)
+        if not any(t.is_meta for t in (*skeleton.parameters(), *skeleton.buffers())):
+            return skeleton
+        network = build_model(spec)  # an allowed factory's module with buffers it does not save
+        network.load_state_dict(weights, strict=True)
+        return network
+    except Exception as exc:  # noqa: BLE001 - whatever loading raises, the model is refused
+        raise ModelLoadError(f"{what}: weights do not load into the architecture: {exc}") from None
+
+
+def _spec_from_manifest(manifest: CheckpointManifest, policy: BuildPolicy = DEFAULT_POLICY) -> ModelSpec:
+    """The signed architecture as a :class:`ModelSpec`, bounded, checked against the feature spec."""
     arch = dict(manifest.architecture)
+    sizes = {"features": policy.max_features, "classes": MAX_CLASSES, "hidden": policy.max_layers}
+    for name, limit in sizes.items():
+        if isinstance(arch.get(name), list) and len(arch[name]) > limit:
+            raise ModelLoadError(f"architecture {name} has {len(arch[name])} entries, the limit is {limit}", "limit")
+    if len(manifest.feature_spec) > policy.max_features:
+        raise ModelLoadError(f"feature_spec has {len(manifest.feature_spec)} names, the limit is "
+                             f"{policy.max_features}", "limit")
     known = {f.name for f in dataclasses.fields(ModelSpec)}
     if unknown := sorted(set(arch) - known):
         raise ModelLoadError(f"architecture has fields this reader does not know: {unknown}")
@@ -229,7 +294,8 @@ def _strict_weights(network: nn.Module, tensors: Mapping[str, torch.Tensor], wha
 
 
 def _check_statistics(tensors: Mapping[str, torch.Tensor], n: int, what: str) -> None:
-    """Exactly the featurizer statistics (``n`` finite floats each) and the target's 3, besides the weights."""
+    """Exactly the featurizer statistics (``n`` finite floats each) and the target's 3, besides the weights;
+    counts and sums of squared deviations not negative (a negative variance has no square root)."""
     others = {name for name in tensors if not name.startswith("model.")}
     if others != {*STATS, "target"}:
         raise ModelLoadError(f"{what}: expected statistics {sorted({*STATS, 'target'})}, "
@@ -241,6 +307,11 @@ def _check_statistics(tensors: Mapping[str, torch.Tensor], n: int, what: str) ->
     target = tensors["target"]
     if tuple(target.shape) != (3,) or not target.is_floating_point() or not bool(torch.isfinite(target).all()):
         raise ModelLoadError(f"{what}: target must be 3 finite floats (count, mean, m2)")
+    for name, t in (("featurizer.count", tensors["featurizer.count"]), ("featurizer.m2", tensors["featurizer.m2"]),
+                    ("target count", target[0:1]), ("target m2", target[2:3])):
+        if bool((t < 0).any()):
+            raise ModelLoadError(f"{what}: {name} has negative values {t[t < 0][:4].tolist()}: not a state a "
+                                 f"learner can be in", "state")
 
 
 def _smoke(served: ServedModel, what: str) -> None:

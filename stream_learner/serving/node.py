@@ -22,20 +22,26 @@ Endpoints (JSON):
 * ``GET /metrics`` — Prometheus text.
 
 A bad request is the caller's to fix and is answered synchronously, so it
-is not dead-lettered: nothing was accepted, nothing is lost.
+is not dead-lettered: nothing was accepted, nothing is lost. What bounds a
+client (connections, admission, work, time): :class:`NodeLimits`; why
+asyncio rather than a thread per connection: :class:`ServingNode`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
+import re
+import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
 import msgspec
@@ -51,14 +57,23 @@ from ..learn.learner import OnlineLearner
 from ..learn.manifest import servable_weights
 from ..metrics import Metrics
 from ..sdk import PredictionLogger
-from .model import ServedModel, load_served_model
+from .model import BuildPolicy, ServedModel, load_served_model
 from .subscriber import CheckpointSubscriber, public_keys_from_settings
+from .telemetry import serving_metrics
 
 log = structlog.get_logger(__name__)
 
-#: Largest request body accepted (a batch of a few thousand rows).
+#: Largest request body accepted by default (``serving_max_body_bytes``).
 MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_BATCH = 10_000
+#: Largest request line and headers.
+MAX_HEAD_BYTES = 64 * 1024
+#: A body at most this large is answered on the event loop itself: never queued behind large batches.
+LIGHT_BYTES = 64 * 1024
+#: After a large body, its worker pauses this many times as long as it took (see ServingNode._answer_heavy).
+HEAVY_PAUSE = 1.0
+#: A large body shed for overload is answered (503) after this long (seconds).
+SHED_DELAY_S = 1.0
 
 
 class PredictRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -76,7 +91,7 @@ class Body(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     instances: list[PredictRequest] | None = None
 
 
-_BODY: Codec[Body] = Codec(Body, MAX_BODY_BYTES)
+_BODY: Codec[Body] = Codec(Body, 1 << 62)  # the node checks the size itself, before reading the body
 
 
 class ModelSource(Protocol):
@@ -92,6 +107,50 @@ class ModelSource(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class NodeLimits:
+    """What the HTTP node gives its clients, at most (the ``serving_*`` settings of the same names).
+
+    * ``max_connections`` open at once; one more closes the connection idle
+      the longest (never one with a request in flight), or is refused if
+      none is idle;
+    * ``max_inflight`` requests admitted at once, and their bodies at most
+      ``4 * max_body_bytes`` together (checked on ``Content-Length``,
+      before a body is read); beyond: 503 with ``Retry-After``. Bodies of
+      up to :data:`LIGHT_BYTES` count apart (``max_inflight`` of them), so
+      large batches never shed a single request;
+    * ``max_body_bytes`` a body (413), ``max_batch_values`` the work one
+      request may ask for: the feature values of all its instances, and
+      instances times the model's features (413);
+    * ``request_timeout_s`` from a request's first byte to its last, and to
+      its answer being taken: a slow client is cut by total time, not per
+      byte; ``idle_timeout_s`` a kept-alive connection may wait for its next request;
+    * ``workers`` threads decode and predict large bodies, one at a time,
+      paced to half of the time while small requests come; bodies of up to
+      :data:`LIGHT_BYTES` are answered on the event loop itself (a fraction
+      of a millisecond each, and no hand-over between threads, each of which
+      waits for the GIL under load), so a client sending single requests
+      never waits behind large batches.
+    """
+
+    max_connections: int = 1024
+    max_inflight: int = 64
+    max_body_bytes: int = MAX_BODY_BYTES
+    max_batch_values: int = 100_000
+    request_timeout_s: float = 10.0
+    idle_timeout_s: float = 60.0
+    workers: int = 2
+    max_batch: int = MAX_BATCH
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> NodeLimits:
+        """The limits the settings give."""
+        return cls(max_connections=settings.serving_max_connections, max_inflight=settings.serving_max_inflight,
+                   max_body_bytes=settings.serving_max_body_bytes, max_batch_values=settings.serving_max_batch_values,
+                   request_timeout_s=settings.serving_request_timeout_s,
+                   idle_timeout_s=settings.serving_idle_timeout_s, workers=settings.serving_workers)
+
+
 class ServingNode:
     """An HTTP prediction service that follows the model topic and logs what it serves.
 
@@ -99,50 +158,76 @@ class ServingNode:
     (or any :class:`ModelSource`); ``sdk`` logs predictions
     (``None``: not logged). ``port=0`` binds a free port (see :attr:`url`).
     ``fallback`` serves until the subscriber has a model (see ``--cold-start``).
+    ``limits``: see :class:`NodeLimits`.
+
+    The server is asyncio's (the standard library): one event loop thread
+    holds every connection, reads requests, answers small ones and writes
+    answers; large bodies are decoded and predicted on bounded worker
+    threads. Idle and slow connections cost no thread; see
+    :class:`NodeLimits` for what bounds what.
     """
 
     def __init__(self, subscriber: ModelSource, *, sdk: PredictionLogger | None = None,
                  metrics: Metrics | None = None, host: str = "127.0.0.1", port: int = 0,
-                 fallback: ServedModel | None = None) -> None:
+                 fallback: ServedModel | None = None, limits: NodeLimits | None = None) -> None:
         self.subscriber = subscriber
         self.fallback = fallback
         self.sdk = sdk
         self.metrics = metrics or Metrics()
+        self.telemetry = serving_metrics(self.metrics)
+        self.limits = limits or NodeLimits()
         self.swaps: deque[tuple[int, float]] = deque(maxlen=10_000)
         self._id_prefix = os.urandom(6).hex()
         self._ids = itertools.count()  # next() on it is atomic under the GIL
-        node = self
-
-        class Handler(_Handler):
-            pass
-
-        Handler.node = node
-        self.server = ThreadingHTTPServer((host, port), Handler)
-        self.server.daemon_threads = True
-        self._thread = threading.Thread(target=self.server.serve_forever, name="serving-http", daemon=True)
+        # Bound now, so that url is known and a port in use fails here; a deep backlog so that a
+        # burst of connections waits in the kernel rather than being reset.
+        self._socket = socket.create_server((host, port), backlog=1024)
+        self._socket.setblocking(False)
+        self._heavy = ThreadPoolExecutor(self.limits.workers, thread_name_prefix="serving-worker")
+        self._heavy_gate = threading.Lock()
+        self._last_light = 0.0  # when a light request last came (monotonic)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="serving-http", daemon=True)
+        self._connections: dict[_Connection, None] = {}  # insertion order: the oldest first
+        self._inflight = 0  # large bodies admitted (on the workers or waiting for one)
+        self._inflight_bytes = 0
+        self._inflight_light = 0  # bodies of up to LIGHT_BYTES admitted
 
     @property
     def current(self) -> ServedModel | None:
-        """The model serving now: the subscriber's, else the fallback, else None."""
+        """The model serving now: the subscriber's, else the fallback, else None.
+
+        The fallback (version 0) serves only while the subscriber knows no
+        good version at all: a node whose floor is above 0 never serves less.
+        """
         served = self.subscriber.current
-        return self.fallback if served is None else served
+        if served is None and self.fallback is not None and not getattr(self.subscriber, "floor_version", 0):
+            return self.fallback
+        return served
 
     @property
     def url(self) -> str:
         """Base URL the node listens on, e.g. ``http://127.0.0.1:8080``."""
-        host, port = self.server.server_address[:2]
+        host, port = self._socket.getsockname()[:2]
         return f"http://{host!s}:{port}"
 
     def start(self) -> ServingNode:
         """Serve HTTP from a background thread; return self."""
         self._thread.start()
+        self._ready.wait(30)
         log.info("serving_listening", url=self.url)
         return self
 
     def stop(self) -> None:
         """Stop serving HTTP (the subscriber and the SDK are the caller's to close)."""
-        self.server.shutdown()
-        self.server.server_close()
+        loop, stopped = self._loop, self._stopped
+        if loop is not None and stopped is not None and self._thread.is_alive():
+            loop.call_soon_threadsafe(stopped.set)
+            self._thread.join(30)
+        self._socket.close()
+        self._heavy.shutdown(wait=False, cancel_futures=True)
 
     def record_swap(self, new: ServedModel, old: ServedModel | None = None) -> None:
         """Remember a swap (for ``GET /model``); pass as the subscriber's ``on_swap``."""
@@ -174,89 +259,343 @@ class ServingNode:
         served = self.current
         info: dict[str, Any] = {"status": dict(self.subscriber.status()),
                                 # A copy: the subscriber's thread appends while we read.
-                                "swaps": [{"version": v, "at": t} for v, t in list(self.swaps)]}
+                                "swaps": [{"version": v, "at": t} for v, t in list(self.swaps)],
+                                "http": {"connections": len(self._connections),
+                                         "inflight": self._inflight + self._inflight_light}}
         if served is not None:
             m = served.manifest
             info.update(model=m.model, version=m.version, parent=m.parent, created_at=m.created_at,
                         counts=m.counts, metrics=m.metrics)
         return info
 
+    # -- the work of one POST /predict, on a worker thread -----------------------------------------
 
-class _Handler(BaseHTTPRequestHandler):
-    node: ServingNode
-    protocol_version = "HTTP/1.1"  # keep-alive: a client reuses its connection
-    timeout = 30  # a client that stops sending mid-request frees its thread
-    # Headers and body leave in two writes; with Nagle on, the body waits for
-    # the client's delayed ACK (40 ms a request).
-    disable_nagle_algorithm = True
-    _post_started: float | None = None  # when the POST /predict being answered arrived
+    def _answer_heavy(self, body: bytes) -> tuple[int, Mapping[str, Any]]:
+        """A large body: one at a time, then a pause as long as it took. Decoding and predicting a large
+        batch holds the GIL in long C calls; so paced, large batches use at most half of it, and the
+        event loop and the light lane get the rest (a single request's latency stays bounded)."""
+        with self._heavy_gate:
+            started = time.perf_counter()
+            try:
+                return self._answer_predict(body)
+            finally:
+                # Only while single requests are being served: batches alone run at full speed.
+                if time.monotonic() - self._last_light < 1.0:
+                    time.sleep((time.perf_counter() - started) * HEAVY_PAUSE)
 
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # per-request access logs would dominate the cost; metrics count requests
-
-    def _reply(self, status: int, body: Mapping[str, Any] | bytes, content_type: str = "application/json") -> None:
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-        if (started := self._post_started) is not None:  # a POST /predict: time it
-            self._post_started = None
-            self.node.metrics.serving_request_seconds.labels(code=str(int(status))).observe(
-                time.perf_counter() - started)
-
-    def do_GET(self) -> None:
-        node = self.node
-        if self.path == "/health":
-            served = node.current
-            if served is None:
-                self._reply(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "no model yet"})
-            else:
-                self._reply(HTTPStatus.OK, {"status": "ok", "model": served.model, "model_version": str(served.version),
-                                            "version": served.version})
-        elif self.path == "/model":
-            self._reply(HTTPStatus.OK, node.model_info())
-        elif self.path == "/metrics":
-            self._reply(HTTPStatus.OK, generate_latest(node.metrics.registry), CONTENT_TYPE_LATEST)
-        else:
-            self._reply(HTTPStatus.NOT_FOUND, {"error": f"no such path {self.path}"})
-
-    def do_POST(self) -> None:
-        self._post_started = time.perf_counter() if self.path == "/predict" else None
-        if self.path != "/predict":
-            self._reply(HTTPStatus.NOT_FOUND, {"error": f"no such path {self.path}"})
-            return
+    def _answer_predict(self, body: bytes) -> tuple[int, Mapping[str, Any]]:
+        # Every feature value has its colon: a body with far more colons than the work bound allows
+        # is refused before the cost of decoding it (bytes.count is a C loop; names holding colons
+        # are allowed for by the factor 2).
+        pairs = body.count(b":")
+        if pairs > 2 * self.limits.max_batch_values + 16:
+            self.telemetry.http_refused.labels(reason="work").inc()
+            return HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {
+                "error": f"the body holds {pairs} key-value pairs; a request may ask for at most "
+                         f"{self.limits.max_batch_values} feature values: send smaller batches",
+                "kind": "too_much_work", "field": "$"}
         try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            length = -1
-        if not 0 <= length <= MAX_BODY_BYTES:
-            self.close_connection = True  # the body is not read: the connection cannot be reused
-            status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE if length > MAX_BODY_BYTES else HTTPStatus.LENGTH_REQUIRED
-            self._reply(status, {"error": f"a body of 0 to {MAX_BODY_BYTES} bytes with its Content-Length"})
-            return
-        body = self.rfile.read(length)
-        try:
-            batch, requests = _parse(body)
+            batch, requests = _parse(body, self.limits.max_batch)
+            served = self.current
+            work = _work(requests, len(served.spec.features) if served is not None else 0)
+            if work > self.limits.max_batch_values:
+                self.telemetry.http_refused.labels(reason="work").inc()
+                return HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {
+                    "error": f"the request asks for {work} feature values (instances x features); the limit is "
+                             f"{self.limits.max_batch_values}: send smaller batches", "kind": "too_much_work",
+                    "field": "$.instances" if batch else "$.features"}
         except EventError as exc:
-            self.node.metrics.serving_bad_requests.inc()
-            self._reply(HTTPStatus.BAD_REQUEST, {"error": str(exc), "kind": exc.kind, "field": exc.field})
+            self.metrics.serving_bad_requests.inc()
+            return HTTPStatus.BAD_REQUEST, {"error": str(exc), "kind": exc.kind, "field": exc.field}
+        try:
+            out = self.predict(requests)
+        except LookupError as exc:
+            return HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(exc)}
+        except Exception as exc:  # ours, not the caller's: answer 500, keep serving
+            log.exception("serving_predict_failed")
+            return HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(exc).__name__}: {exc}"}
+        return HTTPStatus.OK, ({"predictions": out} if batch else out[0])
+
+    # -- the event loop --------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except Exception:  # the loop thread must not print a raw traceback
+            log.exception("serving_http_failed")
+        finally:
+            self._ready.set()
+
+    async def _main(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(_log_loop_exception)
+        self._loop, self._stopped = loop, asyncio.Event()
+        server = await asyncio.start_server(self._connection, sock=self._socket, limit=MAX_HEAD_BYTES)
+        self._ready.set()
+        try:
+            await self._stopped.wait()
+        finally:
+            server.close()
+            for connection in list(self._connections):
+                connection.writer.transport.abort()
+            await asyncio.sleep(0)
+
+    def _admit_connection(self, connection: _Connection) -> bool:
+        """Room for one more connection: close the one idle the longest if need be."""
+        if len(self._connections) >= self.limits.max_connections:
+            idle = next((c for c in self._connections if c.idle), None)
+            if idle is None:
+                return False
+            self.telemetry.http_refused.labels(reason="evicted_idle").inc()
+            # Out of the count at once: its coroutine notices the close later.
+            self._connections.pop(idle, None)
+            idle.idle = False
+            idle.close()
+        self._connections[connection] = None
+        self.telemetry.http_connections.set(len(self._connections))
+        return True
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connection = _Connection(writer)
+        if not self._admit_connection(connection):
+            self.telemetry.http_refused.labels(reason="connections").inc()
+            writer.write(_response(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "too many connections"}, close=True,
+                                   retry_after=1))
+            writer.close()
             return
         try:
-            out = self.node.predict(requests)
-        except LookupError as exc:
-            self._reply(HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(exc)})
-            return
-        except Exception as exc:
-            log.exception("serving_predict_failed")
-            self._reply(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(exc).__name__}: {exc}"})
-            return
-        self._reply(HTTPStatus.OK, {"predictions": out} if batch else out[0])
+            while await self._one_request(connection, reader, writer):
+                pass
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError, OSError):
+            pass  # the client went away or was too slow: nothing to answer, nothing to log
+        finally:
+            self._connections.pop(connection, None)
+            self.telemetry.http_connections.set(len(self._connections))
+            connection.close()
+
+    async def _one_request(self, connection: _Connection, reader: asyncio.StreamReader,
+                           writer: asyncio.StreamWriter) -> bool:
+        """Read, answer and write one request; False when the connection is to be closed."""
+        limits = self.limits
+        # Move this connection to the end (the newest) of the eviction order while it waits.
+        self._connections.pop(connection, None)
+        self._connections[connection] = None
+        connection.idle = True
+        try:
+            first = await asyncio.wait_for(reader.read(1), limits.idle_timeout_s)
+        except TimeoutError:
+            return False
+        if not first:
+            return False
+        connection.idle = False
+        deadline = time.monotonic() + limits.request_timeout_s
+        try:
+            head = first + await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), limits.request_timeout_s)
+        except TimeoutError:
+            self.telemetry.http_refused.labels(reason="timeout").inc()
+            await self._write(writer, _response(HTTPStatus.REQUEST_TIMEOUT, {"error": "request too slow"},
+                                                close=True), deadline + 1)
+            return False
+        except (asyncio.LimitOverrunError, ValueError):
+            await self._write(writer, _response(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                                                {"error": f"request line and headers over {MAX_HEAD_BYTES} bytes"},
+                                                close=True), deadline)
+            return False
+        try:
+            method, path, version, headers = _parse_head(head)
+        except ValueError as exc:
+            await self._write(writer, _response(HTTPStatus.BAD_REQUEST, {"error": str(exc)}, close=True), deadline)
+            return False
+        keep_alive = _keep_alive(version, headers)
+        if method == "GET":
+            status, body, content_type = self._get(path)
+            await self._write(writer, _response(status, body, close=not keep_alive, content_type=content_type),
+                              deadline)
+            return keep_alive
+        if method != "POST":
+            await self._write(writer, _response(HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"no method {method}"},
+                                                close=True), deadline)
+            return False
+        if path != "/predict":
+            # The body is not read: the connection cannot be reused.
+            await self._write(writer, _response(HTTPStatus.NOT_FOUND, {"error": f"no such path {path}"},
+                                                close=True), deadline)
+            return False
+        length = _content_length(headers)
+        if length is None or length < 0 or length > limits.max_body_bytes:
+            status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE if (length or 0) > limits.max_body_bytes \
+                else HTTPStatus.LENGTH_REQUIRED
+            self.telemetry.http_refused.labels(reason="body").inc()
+            await self._write(writer, _response(status, {"error": f"a body of 0 to {limits.max_body_bytes} bytes "
+                                                                  f"with its Content-Length"}, close=True), deadline)
+            return False
+        # Admission before the body is read: what is buffered and decoded at once is bounded. Light
+        # requests have their own count, so that large batches never shed a single request.
+        light = length <= LIGHT_BYTES
+        if light:
+            self._last_light = time.monotonic()
+            overloaded = self._inflight_light >= limits.max_inflight
+        else:
+            overloaded = (self._inflight >= limits.max_inflight
+                          or self._inflight_bytes + length > 4 * limits.max_body_bytes)
+        if overloaded:
+            self.telemetry.http_refused.labels(reason="overload").inc()
+            if not light:
+                # Shed after its Retry-After, not at once: a client retrying in a loop otherwise
+                # costs the event loop a connection per attempt (a waiting coroutine costs nothing).
+                await asyncio.sleep(SHED_DELAY_S)
+            await self._write(writer, _response(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "overloaded, retry"},
+                                                close=True, retry_after=1), deadline)
+            return False
+        if light:
+            self._inflight_light += 1
+        else:
+            self._inflight += 1
+            self._inflight_bytes += length
+        self.telemetry.http_inflight.set(self._inflight + self._inflight_light)
+        try:
+            try:
+                body = await asyncio.wait_for(reader.readexactly(length), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                self.telemetry.http_refused.labels(reason="timeout").inc()
+                await self._write(writer, _response(HTTPStatus.REQUEST_TIMEOUT, {"error": "request too slow"},
+                                                    close=True), deadline + 1)
+                return False
+            if light:
+                # A small body costs a fraction of a millisecond: answered on the loop itself. Handed to
+                # a thread, it would wait for the GIL at each hand-over (a convoy under load).
+                status, answer = self._answer_predict(body)
+            else:
+                loop = asyncio.get_running_loop()
+                status, answer = await loop.run_in_executor(self._heavy, self._answer_heavy, body)
+            del body
+        finally:
+            if light:
+                self._inflight_light -= 1
+            else:
+                self._inflight -= 1
+                self._inflight_bytes -= length
+            self.telemetry.http_inflight.set(self._inflight + self._inflight_light)
+        reply = _response(status, answer, close=not keep_alive)
+        # Timed from its first byte to its reply being handed to the socket (observed first, so that
+        # a client that has its answer finds it counted).
+        self.metrics.serving_request_seconds.labels(code=str(int(status))).observe(
+            time.monotonic() - (deadline - limits.request_timeout_s))
+        await self._write(writer, reply, deadline)
+        return keep_alive
+
+    async def _write(self, writer: asyncio.StreamWriter, data: bytes, deadline: float) -> None:
+        """Write an answer; a client that does not take it within the request's time is cut."""
+        writer.write(data)
+        try:
+            await asyncio.wait_for(writer.drain(), max(0.1, deadline - time.monotonic()))
+        except TimeoutError:
+            self.telemetry.http_refused.labels(reason="timeout").inc()
+            writer.transport.abort()
+            raise
+
+    def _get(self, path: str) -> tuple[int, Mapping[str, Any] | bytes, str]:
+        if path == "/health":
+            served = self.current
+            if served is None:
+                return HTTPStatus.SERVICE_UNAVAILABLE, {"status": "no model yet"}, "application/json"
+            return HTTPStatus.OK, {"status": "ok", "model": served.model, "model_version": str(served.version),
+                                   "version": served.version}, "application/json"
+        if path == "/model":
+            return HTTPStatus.OK, self.model_info(), "application/json"
+        if path == "/metrics":
+            return HTTPStatus.OK, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST
+        return HTTPStatus.NOT_FOUND, {"error": f"no such path {path}"}, "application/json"
 
 
-def _parse(body: bytes) -> tuple[bool, list[PredictRequest]]:
+class _Connection:
+    """One client connection: its writer, and whether it waits for a request (evictable)."""
+
+    __slots__ = ("idle", "writer")
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.idle = False
+
+    def close(self) -> None:
+        transport = self.writer.transport
+        if not transport.is_closing():
+            transport.close()
+
+
+def _log_loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """asyncio's own complaints (a transport reset under it, ...) go to the JSON log, not stderr."""
+    exc = context.get("exception")
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        log.debug("serving_http_connection_error", error=str(exc))
+        return
+    log.warning("serving_http_loop_error", message=context.get("message"),
+                error=f"{type(exc).__name__}: {exc}" if exc is not None else None)
+
+
+_STATUS_TEXT = {s.value: s.phrase for s in HTTPStatus}
+
+
+def _response(status: int, body: Mapping[str, Any] | bytes, *, close: bool,
+              content_type: str = "application/json", retry_after: int | None = None) -> bytes:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    lines = [f"HTTP/1.1 {int(status)} {_STATUS_TEXT.get(int(status), '')}", f"Content-Type: {content_type}",
+             f"Content-Length: {len(data)}", "Connection: close" if close else "Connection: keep-alive"]
+    if retry_after is not None:
+        lines.append(f"Retry-After: {retry_after}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + data
+
+
+def _parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
+    """Method, path, HTTP version and headers (lower-case names) of a request head; ValueError if it is not one."""
+    text = head.decode("latin-1")
+    request_line, *header_lines = text.split("\r\n")
+    parts = request_line.split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise ValueError(f"not an HTTP/1.x request line: {request_line[:100]!r}")
+    headers: dict[str, str] = {}
+    for line in header_lines:
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise ValueError(f"not a header line: {line[:100]!r}")
+        headers[name.strip().lower()] = value.strip()
+    if "transfer-encoding" in headers:
+        headers.pop("content-length", None)  # chunked bodies are refused (411), as before
+    return parts[0], parts[1], parts[2], headers
+
+
+def _content_length(headers: Mapping[str, str]) -> int | None:
+    try:
+        return int(headers.get("content-length", ""))
+    except ValueError:
+        return None
+
+
+def _keep_alive(version: str, headers: Mapping[str, str]) -> bool:
+    connection = headers.get("connection", "").lower()
+    if version == "HTTP/1.0":
+        return connection == "keep-alive"
+    return connection != "close"
+
+
+def _work(requests: Sequence[PredictRequest], n_features: int) -> int:
+    """What a request asks for: the feature values it sends, or the model's features per instance if more."""
+    sent = sum(len(r.features) for r in requests)
+    return max(sent, len(requests) * n_features)
+
+
+_PATH = re.compile(r" - at `(\$[^`]*)`$")
+
+
+def _parse(body: bytes, max_batch: int = MAX_BATCH) -> tuple[bool, list[PredictRequest]]:
     """A request body as (is it a batch, its requests); EventError naming the problem.
+
+    Total: whatever the bytes are, it returns or raises :class:`EventError`
+    (the event decoder refuses deep nesting as ``too_deep``; should anything
+    in it still raise ``RecursionError``, the problem is named from
+    msgspec's own message).
 
     >>> _parse(b'{"features": {"x": 1.5}, "request_id": "r1"}')
     (False, [PredictRequest(features={'x': 1.5}, request_id='r1')])
@@ -264,17 +603,41 @@ def _parse(body: bytes) -> tuple[bool, list[PredictRequest]]:
     Traceback (most recent call last):
     ...
     stream_learner.errors.EventError: $.features.x: expected `float | null`, got `str`
+    >>> _parse(b'{"features": {"x": ' + b"[" * 10_000 + b"]" * 10_000 + b"}}")
+    Traceback (most recent call last):
+    ...
+    stream_learner.errors.EventError: $: arrays and objects nest deeper than 64 levels
     """
-    parsed = _BODY.decode(body)
+    try:
+        parsed = _BODY.decode(body)
+    except RecursionError:
+        raise _too_deep(body) from None
+    except EventError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - anything else the decoder raises is still the body's fault
+        raise EventError("malformed_json", "$", f"cannot decode the body: {type(exc).__name__}") from None
     if parsed.instances is not None:
         if parsed.features is not None or parsed.request_id is not None:
             raise EventError("invalid_value", "$", "give `instances`, or `features` (and `request_id`), not both")
-        if len(parsed.instances) > MAX_BATCH:
-            raise EventError("invalid_value", "$.instances", f"a batch holds at most {MAX_BATCH} instances")
+        if len(parsed.instances) > max_batch:
+            raise EventError("invalid_value", "$.instances", f"a batch holds at most {max_batch} instances")
         return True, parsed.instances
     if parsed.features is None:
         raise EventError("missing_field", "$.features", "missing required field")
     return False, [PredictRequest(features=parsed.features, request_id=parsed.request_id)]
+
+
+def _too_deep(body: bytes) -> EventError:
+    """The error of a body the event decoder's error path cannot explain for its depth: msgspec's own."""
+    try:
+        msgspec.json.decode(body, type=Body)
+    except msgspec.ValidationError as exc:
+        m = _PATH.search(str(exc))
+        text = str(exc)[: m.start()] if m else str(exc)
+        return EventError("wrong_type", m.group(1) if m else "$", f"nests too deeply: {text}")
+    except (msgspec.DecodeError, RecursionError):
+        pass
+    return EventError("malformed_json", "$", "the body nests too deeply")
 
 
 def run_node(settings: Settings, metrics: Metrics, *, stop: threading.Event, cold_start: bool = False) -> None:
@@ -296,7 +659,7 @@ def run_node(settings: Settings, metrics: Metrics, *, stop: threading.Event, col
     subscriber = CheckpointSubscriber(settings, keys, on_swap=on_swap, metrics=metrics)
     fallback = cold_start_model(settings) if cold_start else None
     node = ServingNode(subscriber, sdk=sdk, metrics=metrics, host=settings.serving_host,
-                       port=settings.serving_port, fallback=fallback)
+                       port=settings.serving_port, fallback=fallback, limits=NodeLimits.from_settings(settings))
     metrics.health.add_check("serving", lambda: _has_model(node))
     subscriber.start(wait_s=None)
     node.start()
@@ -334,4 +697,7 @@ def cold_start_model(settings: Settings) -> ServedModel:
         input_offsets=[], counts={}, metrics={}, drift_state={}, feature_spec=list(config.spec.features),
         architecture=config.spec.to_dict(), weights=WeightsInfo(format="safetensors", size=0, chunks=1,
                                                                sha256="0" * 64))
-    return load_served_model(LoadedCheckpoint(manifest, servable_weights(tensors), {}, settings.topic_models, -1, -1))
+    # Built from the operator's own settings: their architecture is allowed by definition.
+    policy = BuildPolicy.of([config.spec.kind], max_parameters=1 << 62)
+    return load_served_model(LoadedCheckpoint(manifest, servable_weights(tensors), {}, settings.topic_models, -1, -1),
+                             policy)

@@ -35,7 +35,7 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..checkpoint.errors import CheckpointError, CheckpointNotFoundError
-from ..checkpoint.reader import PublicKeys, key_list, read_version
+from ..checkpoint.reader import LoadLimits, PublicKeys, ScanLimits, key_list, read_version
 from ..checkpoint.signing import load_public_key
 from ..config import Settings
 from ..errors import ConfigError
@@ -44,7 +44,9 @@ from ..util.backoff import Backoff
 from .clients import ReaderClients
 from .failures import failure_reason
 from .follower import TopicFollower
-from .model import ServedModel, load_served_model
+from .model import BuildPolicy, ServedModel, load_served_model
+from .state import FloorStore
+from .telemetry import LogLimiter, serving_metrics
 from .variant import VariantFollower
 from .versions import ServedVersions, Swap
 
@@ -113,7 +115,7 @@ class CheckpointSubscriber:
         metrics: Metrics | None = None,
         poll_timeout_ms: int = 200,
         load_timeout_s: float = 60.0,
-        window_bytes: int = DEFAULT_WINDOW_BYTES,
+        window_bytes: int | None = None,
         consumer_options: Mapping[str, Any] | None = None,
         variant: str | None = None,
     ) -> None:
@@ -127,18 +129,29 @@ class CheckpointSubscriber:
         self.metrics = metrics or Metrics()
         self.poll_timeout_ms = poll_timeout_ms
         self.load_timeout_s = load_timeout_s
-        self.window_bytes = window_bytes
-        self._clients = ReaderClients(settings, consumer_options)
+        self.window_bytes = window_bytes if window_bytes is not None else settings.serving_window_bytes
+        self._clients = ReaderClients(settings, consumer_options, receive_limit=settings.serving_max_record_bytes)
         self.consumer_options = self._clients.options
         self._versions = ServedVersions(pinned=settings.serving_pin_version)
+        self.policy = BuildPolicy.of(settings.serving_allowed_architectures, settings.serving_max_parameters)
+        self.load_limits = LoadLimits(max_bytes=settings.serving_max_model_bytes,
+                                      max_tensors=settings.serving_max_tensors)
+        self.telemetry = serving_metrics(self.metrics)
+        self._log_limiter = LogLimiter()
+        floor = FloorStore(settings.serving_state_dir or None, self.topic, self.model)
         self._stop = threading.Event()
         self._first = threading.Event()  # set once a model is current
         self._thread: threading.Thread | None = None
         # When the loop loads the settings' pin (None: loaded, or overridden by pin/unpin). No
         # lock: a write that loses a race at worst re-reads the version pinned, or finds no pin.
         self._pin_due: float | None = 0.0 if settings.serving_pin_version is not None else None
-        self._topic_follower = TopicFollower(self, self._clients, self._versions, window_bytes=window_bytes,
-                                             offer=self._offer, failed=self._failed)
+        self._topic_follower = TopicFollower(
+            self, self._clients, self._versions, window_bytes=self.window_bytes, offer=self._offer,
+            failed=self._failed, window_records=settings.serving_window_records,
+            scan_limits=ScanLimits(max_records=settings.serving_scan_max_records,
+                                   max_bytes=settings.serving_scan_max_bytes),
+            load_limits=self.load_limits, policy=self.policy, floor=floor, telemetry=self.telemetry)
+        self.telemetry.floor_version.set(self._topic_follower.scan.floor)
         # A serving variant (serving_variant; "" for none whatever the settings say): see serving/variant.py.
         variant = settings.serving_variant if variant is None else variant
         self._variant = VariantFollower(self, variant, settings.serving_variant_max_lag) if variant else None
@@ -152,6 +165,11 @@ class CheckpointSubscriber:
         if self._variant is not None:
             return self._variant.current(self._versions.current)
         return self._versions.current
+
+    @property
+    def floor_version(self) -> int:
+        """The highest good version this node knows (0: none); it serves nothing lower."""
+        return self._topic_follower.scan.floor
 
     @property
     def version(self) -> int | None:
@@ -219,8 +237,8 @@ class CheckpointSubscriber:
         try:
             with self._clients.loading() as loader:
                 checkpoint = read_version(loader, self.topic, self.public_keys, version, self.model,
-                                          timeout_s=timeout_s or self.load_timeout_s)
-            served = load_served_model(checkpoint)
+                                          timeout_s=timeout_s or self.load_timeout_s, limits=self.load_limits)
+            served = load_served_model(checkpoint, self.policy)
         except Exception as exc:
             self._failed(exc, what=f"pin to v{version}")
             raise
@@ -253,14 +271,31 @@ class CheckpointSubscriber:
         (the newest good version, served unless pinned), ``swaps``,
         ``failures`` (and ``failures_by_reason``), ``last_error``
         (``"reason: message"`` or ``None``), ``last_swap_at`` (``time.time()``),
-        ``stale_manifests`` ignored, and the work done: ``catch_up`` (records
-        read, seconds, CPU seconds), ``records_followed``, ``records_fetched``.
+        ``stale_manifests`` ignored, ``floor_version`` (the highest good
+        version this node knows: it serves nothing lower, and remembers it
+        in ``serving_state_dir``), ``highest_verified_version`` (the highest
+        validly signed version seen), ``skipped_records`` and
+        ``last_skipped`` (records too large to receive, moved past),
+        ``window`` (chunk records and bytes held), and the work done:
+        ``catch_up`` (the start scan: records and bytes read, done,
+        exhausted, seconds, CPU seconds), ``records_followed``,
+        ``records_fetched``.
         """
         followed, loaded = self._clients.records()
         topic = self._topic_follower
+        scan = topic.scan_status()
+        skipped = topic.skipped.count + topic.scan.skipped.count
+        last = topic.skipped.last or topic.scan.skipped.last
         status = {"model": self.model, "topic": self.topic, **self._versions.counts(),
                   "running": self._thread is not None and self._thread.is_alive(),
-                  "catch_up": dict(topic.catch_up_stats),
+                  "floor_version": topic.scan.floor,
+                  "highest_verified_version": max(topic.scan.highest_verified or 0,
+                                                  self._versions.followed.version if self._versions.followed else 0)
+                  or None,
+                  "skipped_records": skipped,
+                  "last_skipped": {"partition": last[0], "offset": last[1]} if last else None,
+                  "window": {"records": len(topic.window), "bytes": topic.window.size},
+                  "catch_up": dict(scan),
                   "records_followed": followed, "records_fetched": loaded - topic.catch_up_records}
         if self._variant is not None:
             status["variant"] = self._variant.status(self._versions.current)
@@ -336,8 +371,11 @@ class CheckpointSubscriber:
         return swap is not None
 
     def _swapped(self, swap: Swap, read_at: float) -> None:
-        """After a swap, outside the lock: metrics, the log, ``on_swap``."""
+        """After a swap, outside the lock: the floor, metrics, the log, ``on_swap``."""
         new, old = swap.new, swap.old
+        followed = self._versions.followed
+        if followed is not None:
+            self._topic_follower.swapped_to(followed.version)
         seconds = time.monotonic() - read_at
         self.metrics.serving_version.set(new.version)
         self.metrics.serving_swaps.inc()
@@ -359,6 +397,11 @@ class CheckpointSubscriber:
         reason = failure_reason(exc)
         self._versions.failed(reason, f"{reason}: {exc}")
         self.metrics.serving_swap_failures.labels(reason=reason).inc()
+        # A topic writer can make a node refuse records by the hundred thousand: a few lines per
+        # reason a minute, the others counted (the counter has them all).
+        suppressed = self._log_limiter.allow(reason)
+        if suppressed is None:
+            return
         log.warning("checkpoint_refused" if reason != "broker" else "subscriber_broker_error",
-                    model=self.model, what=what or None, reason=reason, error=str(exc),
-                    served=self.version, **context)
+                    model=self.model, what=what or None, reason=reason, error=str(exc)[:500],
+                    served=self.version, suppressed_since=suppressed or None, **context)

@@ -23,6 +23,13 @@ SPEC = ModelSpec(kind="logreg", task="regression", features=FEATURES)
 ROW = {"a": 1.0, "b": 2.0}
 
 
+@pytest.fixture(autouse=True)
+def _serving_state_in_tmp(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Serving nodes remember their floor under ``serving_state_dir`` (relative by default): in this
+    test's own directory, for it and the processes it starts."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def producer(settings: Settings) -> Iterator[Any]:
     """The trainer's idempotent acks=all producer."""

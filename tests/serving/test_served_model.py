@@ -15,6 +15,7 @@ from stream_learner.learn.learner import LearnerConfig, OnlineLearner
 from stream_learner.learn.manifest import servable_weights
 from stream_learner.learn.models import ModelSpec
 from stream_learner.serving import ModelLoadError, load_served_model
+from stream_learner.serving.model import BuildPolicy
 
 from ..learn.streams import AGRAWAL_FEATURES, agrawal_examples
 from .conftest import SPEC, identifiable, manifest
@@ -182,5 +183,61 @@ def test_identifiable_weights_load() -> None:
 def test_loading_is_strict(change: Any, fields: dict[str, Any], message: str) -> None:
     tensors = identifiable(2)
     change(tensors)
+    # os:getcwd allowed, so that its case reaches the build (not allowed, it is refused before: below).
     with pytest.raises(ModelLoadError, match=re.escape(message)):
-        load_served_model(checkpoint(tensors, **fields))
+        load_served_model(checkpoint(tensors, **fields), BuildPolicy.of(["os:getcwd"]))
+
+
+# -- an insider with the key: what a node refuses to build (issue 18.6, 17.7) ---------------------
+
+
+@pytest.mark.parametrize("kind", ["torch.hub:load", "logging:basicConfig", "os:getcwd"])
+def test_a_factory_not_on_the_allowlist_is_never_imported_or_called(kind: str, monkeypatch) -> None:
+    import importlib
+
+    imported: list[str] = []
+    real = importlib.import_module
+    monkeypatch.setattr(importlib, "import_module", lambda name, *a: imported.append(name) or real(name, *a))
+    with pytest.raises(ModelLoadError, match="is not allowed on this node") as info:
+        load_served_model(checkpoint(identifiable(2), architecture={**SPEC.to_dict(), "kind": kind}))
+    assert info.value.reason == "not_allowed" and imported == []
+
+
+def test_an_allowed_factory_is_built() -> None:
+    kind = "tests.serving.test_served_model:linear_factory"
+    ck = checkpoint(identifiable(2), architecture={**SPEC.to_dict(), "kind": kind})
+    with pytest.raises(ModelLoadError, match="not allowed"):
+        load_served_model(ck)
+    assert load_served_model(ck, BuildPolicy.of([kind])).predict_one({"a": 1.0, "b": 2.0}) == 8.0
+
+
+def linear_factory(n_features: int, n_outputs: int) -> torch.nn.Module:
+    """A user factory (allowed by name in the test above)."""
+    return torch.nn.Linear(n_features, n_outputs)
+
+
+def test_huge_hidden_widths_are_refused_before_anything_is_allocated() -> None:
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    mlp = {**SPEC.to_dict(), "kind": "mlp", "hidden": [1_000_000, 1_000_000]}  # 10^12 parameters
+    with pytest.raises(ModelLoadError, match="parameters, the limit is") as info:
+        load_served_model(checkpoint(identifiable(2), architecture=mlp))
+    assert info.value.reason == "limit"
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB: nothing was built
+    with pytest.raises(ModelLoadError, match="hidden has 65 entries") as info:
+        load_served_model(checkpoint(identifiable(2), architecture={**mlp, "hidden": [1] * 65}))
+    assert info.value.reason == "limit"
+
+
+@pytest.mark.parametrize("name", ["featurizer.m2", "featurizer.count"])
+def test_a_negative_variance_or_count_is_refused(name: str) -> None:
+    tensors = identifiable(2)
+    tensors[name] = torch.tensor([3.0, -1.0], dtype=torch.float64)
+    with pytest.raises(ModelLoadError, match=f"{name} has negative values") as info:
+        load_served_model(checkpoint(tensors))
+    assert info.value.reason == "state"
+    tensors = identifiable(2)
+    tensors["target"] = torch.tensor([5.0, 0.0, -2.0], dtype=torch.float64)
+    with pytest.raises(ModelLoadError, match="target m2 has negative values"):
+        load_served_model(checkpoint(tensors))

@@ -66,9 +66,10 @@ def test_catch_up_after_50_versions_reads_the_newest_only_then_follows_forward(s
         assert catch_up["records"] <= per_version + 2 * (per_version + 1), catch_up
         assert catch_up["cpu_seconds"] < 1.0, catch_up
         assert status["records_followed"] == 0
-        # The follower starts just after v50's manifest, not at the beginning.
+        # The follower starts at the end the start scan read back from, not at the beginning
+        # (the scan read the rest of v50's neighbourhood, the other model's last version).
         tp = TopicPartition(topic, 0)
-        assert sub._clients.follower.position(tp) == sub.current.offset + 1 > end - 2 * per_version
+        assert sub._clients.follower.position(tp) == end > sub.current.offset > end - 2 * per_version
 
         signed51 = publish(producer, topic, keypair[0], 51)
         step_until(sub, lambda: sub.version == 51, what="v51")
@@ -314,6 +315,31 @@ def _non_finite(producer: Any, topic: str, keypair: Any, other: Any, tmp_path: P
     publish(producer, topic, keypair[0], 2, tensors=tensors)
 
 
+def _not_allowed(producer: Any, topic: str, keypair: Any, other: Any, tmp_path: Path) -> None:
+    # An insider with the key names code to run in the node (issue 18.6).
+    publish(producer, topic, keypair[0], 2, architecture={**SPEC.to_dict(), "kind": "torch.hub:load"})
+
+
+def _huge_widths(producer: Any, topic: str, keypair: Any, other: Any, tmp_path: Path) -> None:
+    publish(producer, topic, keypair[0], 2, architecture={**SPEC.to_dict(), "kind": "mlp", "hidden": [1 << 20] * 3})
+
+
+def _huge_header(producer: Any, topic: str, keypair: Any, other: Any, tmp_path: Path) -> None:
+    # A safetensors header of 8 MB naming 100,000 tensors (issue 17.7): refused on its first 8 bytes.
+    entries = b",".join(b'"t%d":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}' % i for i in range(100_000))
+    header = b"{" + entries + b"}"
+    header += b" " * (-len(header) % 8)
+    publish(producer, topic, keypair[0], 2, weights=len(header).to_bytes(8, "little") + header,
+            chunk_bytes=512 * 1024)
+
+
+def _negative_variance(producer: Any, topic: str, keypair: Any, other: Any, tmp_path: Path) -> None:
+    tensors = identifiable(2)
+    tensors["featurizer.count"] = torch.tensor([10.0, 10.0], dtype=torch.float64)
+    tensors["featurizer.m2"] = torch.tensor([4.0, -9.0], dtype=torch.float64)
+    publish(producer, topic, keypair[0], 2, tensors=tensors)
+
+
 REFUSALS = {
     "tampered chunk": (_tampered, "digest", "sha256"),
     "wrong key": (_wrong_key, "signature", "trusted keys"),
@@ -321,6 +347,10 @@ REFUSALS = {
     "pickle": (_pickle, "invalid", "not safetensors"),
     "architecture mismatch": (_architecture, "architecture", "weights lack"),
     "non-finite output": (_non_finite, "smoke", "not finite"),
+    "a factory not allowed": (_not_allowed, "not_allowed", "'torch.hub:load' is not allowed"),
+    "huge hidden widths": (_huge_widths, "limit", "parameters, the limit is"),
+    "a huge safetensors header": (_huge_header, "limit", "safetensors header of"),
+    "a negative variance": (_negative_variance, "state", "featurizer.m2 has negative values"),
 }
 
 
@@ -359,15 +389,18 @@ def test_the_pickle_payload_is_live(tmp_path: Path) -> None:
     assert (tmp_path / "live").exists()
 
 
-def test_a_refused_newest_checkpoint_at_start_serves_nothing_older(settings: Settings, producer, keypair,
-                                                                   other_keypair) -> None:
+def test_a_forged_newest_manifest_at_start_is_passed_over_and_the_last_good_version_served(
+        settings: Settings, producer, keypair, other_keypair) -> None:
+    """Issue 18.1: a manifest the node cannot verify after the newest good one must not make a
+    restarting node serve nothing (it did: the start read stopped at the first manifest record)."""
     topic = settings.topic_models
     publish(producer, topic, keypair[0], 1)
     publish(producer, topic, other_keypair[0], 2)
     sub = subscriber(settings, keypair)
     try:
-        assert sub.poll_once() is False
-        assert sub.current is None and sub.status()["last_error"].startswith("signature:")
+        assert sub.poll_once() is True
+        assert sub.version == 1 and sub.status()["last_error"].startswith("signature:")
+        assert sub.status()["failures_by_reason"] == {"signature": 1}
         publish(producer, topic, keypair[0], 3)
         step_until(sub, lambda: sub.version == 3, what="v3")
     finally:
