@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The project's set-up and entry points, for a fresh clone with only Python 3.11+:
 #   ./dev.sh demo    the main job (starts local Tansu + Valkey itself)
-#   ./dev.sh test    the test suite (starts its own servers on free ports)
+#   ./dev.sh test    lint, format and type checks, then the test suite (it
+#                    starts its own servers on free ports); arguments go to pytest
+#   ./dev.sh check   the lint, format and type checks alone
 #   ./dev.sh bench   the benchmarks under bench/
 # The first run creates .venv and installs everything; later runs reuse it.
 set -euo pipefail
@@ -17,12 +19,19 @@ if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
     touch .venv/.installed
 fi
 
+checks() {
+    .venv/bin/ruff check .
+    .venv/bin/ruff format --check .
+    .venv/bin/mypy
+}
+
 cmd=${1:-}
 [ $# -gt 0 ] && shift
 case "$cmd" in
     demo) exec .venv/bin/stream-learner demo "$@" ;;
-    test) exec .venv/bin/python -m pytest "$@" ;;
+    check) checks ;;
+    test) checks && exec .venv/bin/python -m pytest "$@" ;;
     bench)
         for b in bench/bench_*.py; do .venv/bin/python "$b" "$@"; done ;;
-    *) echo "usage: ./dev.sh demo|test|bench [args]" >&2; exit 2 ;;
+    *) echo "usage: ./dev.sh demo|test|check|bench [args]" >&2; exit 2 ;;
 esac

@@ -98,8 +98,13 @@ def build_workload(n: int, seed: int = SEED) -> Workload:
         p = rng.random()
         pred = {"yes": p, "no": 1.0 - p}
         ev = PredictionEvent(
-            event_id=f"{seed:x}-{i}", request_id=rid, model=MODEL, model_version=MODEL_VERSION,
-            event_time=t0 + i, features=feats, prediction=pred,
+            event_id=f"{seed:x}-{i}",
+            request_id=rid,
+            model=MODEL,
+            model_version=MODEL_VERSION,
+            event_time=t0 + i,
+            features=feats,
+            prediction=pred,
         )
         request_ids.append(rid)
         keys.append(rid.encode())
@@ -182,11 +187,12 @@ def phase_sdk_produce(settings: Settings, topic: str, w: Workload, buffer_bytes:
         stats = sdk.stats
     finally:
         sdk.close()
-    sent, dropped, failed = (stats.sent - before.sent, stats.dropped - before.dropped,
-                             stats.failed - before.failed)
+    sent, dropped, failed = (stats.sent - before.sent, stats.dropped - before.dropped, stats.failed - before.failed)
     if not ok or sent != n or dropped != 0 or failed != 0:
-        raise SystemExit(f"SDK lost events: flushed={ok} sent={sent} dropped={dropped} failed={failed} "
-                         f"(expected sent={n}); stats={stats}")
+        raise SystemExit(
+            f"SDK lost events: flushed={ok} sent={sent} dropped={dropped} failed={failed} "
+            f"(expected sent={n}); stats={stats}"
+        )
     return {"seconds": t1 - t0, "call_seconds": t_calls - t0}
 
 
@@ -196,10 +202,19 @@ def phase_sdk_encode_only(w: Workload) -> dict[str, float]:
     rids, feats, preds = w.request_ids, w.features, w.predictions
     t0 = time.perf_counter()
     for i in range(len(rids)):
-        encode(convert({
-            "event_id": f"x-{i}", "request_id": rids[i], "model": MODEL, "model_version": MODEL_VERSION,
-            "event_time": time.time_ns() // 1_000_000, "features": feats[i], "prediction": preds[i],
-        }))
+        encode(
+            convert(
+                {
+                    "event_id": f"x-{i}",
+                    "request_id": rids[i],
+                    "model": MODEL,
+                    "model_version": MODEL_VERSION,
+                    "event_time": time.time_ns() // 1_000_000,
+                    "features": feats[i],
+                    "prediction": preds[i],
+                }
+            )
+        )
     return {"seconds": time.perf_counter() - t0}
 
 
@@ -209,10 +224,17 @@ def phase_json_dumps(w: Workload) -> dict[str, float]:
     rids, feats, preds = w.request_ids, w.features, w.predictions
     t0 = time.perf_counter()
     for i in range(len(rids)):
-        dumps({
-            "event_id": f"x-{i}", "request_id": rids[i], "model": MODEL, "model_version": MODEL_VERSION,
-            "event_time": time.time_ns() // 1_000_000, "features": feats[i], "prediction": preds[i],
-        }).encode()
+        dumps(
+            {
+                "event_id": f"x-{i}",
+                "request_id": rids[i],
+                "model": MODEL,
+                "model_version": MODEL_VERSION,
+                "event_time": time.time_ns() // 1_000_000,
+                "features": feats[i],
+                "prediction": preds[i],
+            }
+        ).encode()
     return {"seconds": time.perf_counter() - t0}
 
 
@@ -279,11 +301,10 @@ def one_repeat(settings: Settings, w: Workload, r: int, sdk_buffer_bytes: int) -
         out["sdk_produce_s"] = res["seconds"]
         out["sdk_call_s"] = res["call_seconds"]
 
-    for step in ((produce_raw, produce_sdk) if r % 2 == 0 else (produce_sdk, produce_raw)):
+    for step in (produce_raw, produce_sdk) if r % 2 == 0 else (produce_sdk, produce_raw):
         step()
 
-    for step in ((phase_json_dumps, phase_sdk_encode_only) if r % 2 == 0
-                 else (phase_sdk_encode_only, phase_json_dumps)):
+    for step in (phase_json_dumps, phase_sdk_encode_only) if r % 2 == 0 else (phase_sdk_encode_only, phase_json_dumps):
         gc.collect()
         out[f"{step.__name__.removeprefix('phase_')}_s"] = step(w)["seconds"]
 
@@ -295,10 +316,10 @@ def one_repeat(settings: Settings, w: Workload, r: int, sdk_buffer_bytes: int) -
         gc.collect()
         out["consume_decode_s"] = phase_consume(settings, raw_topic, n, decode=True)["seconds"]
 
-    for step in ((consume_raw, consume_decode) if r % 2 == 0 else (consume_decode, consume_raw)):
+    for step in (consume_raw, consume_decode) if r % 2 == 0 else (consume_decode, consume_raw):
         step()
 
-    for step in ((phase_json_loads, phase_decode) if r % 2 == 0 else (phase_decode, phase_json_loads)):
+    for step in (phase_json_loads, phase_decode) if r % 2 == 0 else (phase_decode, phase_json_loads):
         gc.collect()
         out[f"{step.__name__.removeprefix('phase_')}_s"] = step(w.values)["seconds"]
     return out
@@ -375,8 +396,10 @@ def print_table(summary: dict[str, dict[str, Any]], n: int, repeats: int) -> Non
     print("-" * len(head) + "-" * 30)
     for name, e in summary.items():
         ratio = f"{e['ratio']:.2f}" if "ratio" in e else ""
-        print(f"{name:<16} {e['events_per_s']:>10,.0f} {e['us_per_event']:>9.2f} {ratio:>6}  "
-              f"{e.get('baseline', ''):<14} {e['description']}")
+        print(
+            f"{name:<16} {e['events_per_s']:>10,.0f} {e['us_per_event']:>9.2f} {ratio:>6}  "
+            f"{e.get('baseline', ''):<14} {e['description']}"
+        )
     print()
 
 
@@ -385,9 +408,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--events", type=int, default=100_000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--sdk-buffer-mb", type=float, default=None,
-                    help="SDK buffer_bytes in MiB; default: room for the whole burst (the SDK's own "
-                         "32 MiB default drops part of a 100k-event burst, see bench/README.md)")
+    ap.add_argument(
+        "--sdk-buffer-mb",
+        type=float,
+        default=None,
+        help="SDK buffer_bytes in MiB; default: room for the whole burst (the SDK's own "
+        "32 MiB default drops part of a 100k-event burst, see bench/README.md)",
+    )
     args = ap.parse_args(argv)
     configure_logging("warning")
     info = machine_info()
@@ -395,14 +422,15 @@ def main(argv: list[str] | None = None) -> int:
     t_build = time.perf_counter()
     w = build_workload(args.events)
     sizes = [len(v) for v in w.values]
-    print(f"built {args.events} events in {time.perf_counter() - t_build:.1f}s, "
-          f"mean value size {statistics.mean(sizes):.0f} bytes")
+    print(
+        f"built {args.events} events in {time.perf_counter() - t_build:.1f}s, "
+        f"mean value size {statistics.mean(sizes):.0f} bytes"
+    )
 
     # The loop below is a burst: the caller enqueues faster than the producer
     # drains, so the buffer must hold every unacknowledged event or the SDK
     # drops (by design, on_full="drop"). Size it for the burst.
-    sdk_buffer_bytes = (int(args.sdk_buffer_mb * 2**20) if args.sdk_buffer_mb
-                        else max(32 * 2**20, 2 * sum(sizes)))
+    sdk_buffer_bytes = int(args.sdk_buffer_mb * 2**20) if args.sdk_buffer_mb else max(32 * 2**20, 2 * sum(sizes))
     print(f"SDK buffer_bytes={sdk_buffer_bytes / 2**20:.0f} MiB")
 
     repeats: list[dict[str, float]] = []
@@ -414,8 +442,10 @@ def main(argv: list[str] | None = None) -> int:
             t_rep = time.perf_counter()
             rep = one_repeat(settings, w, r, sdk_buffer_bytes)
             repeats.append(rep)
-            print(f"repeat {r + 1}/{args.repeat} done in {time.perf_counter() - t_rep:.1f}s: "
-                  + ", ".join(f"{k}={args.events / v:,.0f}/s" for k, v in rep.items()))
+            print(
+                f"repeat {r + 1}/{args.repeat} done in {time.perf_counter() - t_rep:.1f}s: "
+                + ", ".join(f"{k}={args.events / v:,.0f}/s" for k, v in rep.items())
+            )
     wall = time.perf_counter() - t_all
 
     summary = summarise(repeats, args.events)

@@ -58,8 +58,9 @@ from stream_learner.serving import CheckpointSubscriber
 from stream_learner.tools.demo import DemoConfig, run_demo
 
 RESULTS = Path(__file__).parent / "results" / "freshness.json"
-SPEC = ModelSpec(kind="mlp", task="binary", features=[f"f{i}" for i in range(256)], classes=["0", "1"],
-                 hidden=[1024, 768])
+SPEC = ModelSpec(
+    kind="mlp", task="binary", features=[f"f{i}" for i in range(256)], classes=["0", "1"], hidden=[1024, 768]
+)
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -79,10 +80,13 @@ def freshness(rate: float, seconds: float) -> dict[str, Any]:
     if requests["failed"] or not summary["complete"]:
         raise SystemExit(f"freshness run at {rate}/s was not clean: {json.dumps(summary)}")
     return {
-        "rate_requested": rate, "seconds": seconds, "wall_s": round(wall, 1),
+        "rate_requested": rate,
+        "seconds": seconds,
+        "wall_s": round(wall, 1),
         "events_per_s": round((requests["answered"] + labels["sent"]) / seconds, 1),
         "labels": summary["freshness_s"]["labels"],
-        "p50_s": summary["freshness_s"]["p50"], "p99_s": summary["freshness_s"]["p99"],
+        "p50_s": summary["freshness_s"]["p50"],
+        "p99_s": summary["freshness_s"]["p99"],
         "checkpoints": summary["checkpoints"]["published"],
         "baseline_checkpoint_interval_s": 1.0,
     }
@@ -95,8 +99,14 @@ def servable(version: int) -> dict[str, torch.Tensor]:
     n = len(SPEC.features)
     zeros = torch.zeros(n, dtype=torch.float64)
     tensors = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
-    tensors.update({"featurizer.count": zeros, "featurizer.mean": zeros.clone(), "featurizer.m2": zeros.clone(),
-                    "target": torch.zeros(3, dtype=torch.float64)})
+    tensors.update(
+        {
+            "featurizer.count": zeros,
+            "featurizer.mean": zeros.clone(),
+            "featurizer.m2": zeros.clone(),
+            "target": torch.zeros(3, dtype=torch.float64),
+        }
+    )
     return tensors
 
 
@@ -106,8 +116,9 @@ def swaps(versions: int, fetch_max_wait_ms: int) -> dict[str, Any]:
     key, public = load_private_key(private_pem), load_public_key(public_pem)
     params = sum(p.numel() for p in build_model(SPEC).parameters())
     with LocalServers(Settings()) as servers:
-        settings = msgspec.structs.replace(servers.settings, trainer_model="big",
-                                           consumer_fetch_max_wait_ms=fetch_max_wait_ms)
+        settings = msgspec.structs.replace(
+            servers.settings, trainer_model="big", consumer_fetch_max_wait_ms=fetch_max_wait_ms
+        )
         producer = make_producer(settings)
         # Encoded up front: the publisher's own cost is not the subscriber's.
         payloads = [encode_tensors(servable(v), {"model": "big"}) for v in range(1, versions + 1)]
@@ -141,9 +152,18 @@ def swaps(versions: int, fetch_max_wait_ms: int) -> dict[str, Any]:
         def publish(version: int) -> None:
             data = payloads[version - 1]
             manifest = CheckpointManifest(
-                model="big", version=version, parent=version - 1 or None, created_at=int(time.time() * 1000),
-                input_offsets=[], counts={}, metrics={}, drift_state={}, feature_spec=list(SPEC.features),
-                architecture=SPEC.to_dict(), weights=weights_info(data))
+                model="big",
+                version=version,
+                parent=version - 1 or None,
+                created_at=int(time.time() * 1000),
+                input_offsets=[],
+                counts={},
+                metrics={},
+                drift_state={},
+                feature_spec=list(SPEC.features),
+                architecture=SPEC.to_dict(),
+                weights=weights_info(data),
+            )
             signed = publish_checkpoint(producer, settings.topic_models, manifest, data, key)
             publish_ack[version] = time.monotonic()
             offsets = signed.weights.chunk_offsets
@@ -187,15 +207,21 @@ def swaps(versions: int, fetch_max_wait_ms: int) -> dict[str, Any]:
     quiet, busy = latencies["quiet"], latencies["swapping"]
     return {
         "consumer_fetch_max_wait_ms": fetch_max_wait_ms,
-        "parameters": params, "weights_bytes": len(payloads[0]), "versions": versions - 1,
-        "swap_p50_s": round(quantile(swap, 0.5), 4), "swap_p99_s": round(quantile(swap, 0.99), 4),
+        "parameters": params,
+        "weights_bytes": len(payloads[0]),
+        "versions": versions - 1,
+        "swap_p50_s": round(quantile(swap, 0.5), 4),
+        "swap_p99_s": round(quantile(swap, 0.99), 4),
         "swap_mean_s": round(statistics.fmean(swap), 4),
-        "raw_read_p50_s": round(quantile(raw, 0.5), 4), "raw_read_p99_s": round(quantile(raw, 0.99), 4),
+        "raw_read_p50_s": round(quantile(raw, 0.5), 4),
+        "raw_read_p99_s": round(quantile(raw, 0.99), 4),
         "swap_over_raw_read_p50": round(quantile(swap, 0.5) / quantile(raw, 0.5), 2),
         "failures": status["failures"],
         "predict_calls": {"quiet": len(quiet), "swapping": len(busy)},
-        "predict_p99_ms": {"quiet": round(quantile(quiet, 0.99) * 1e3, 3),
-                           "swapping": round(quantile(busy, 0.99) * 1e3, 3)},
+        "predict_p99_ms": {
+            "quiet": round(quantile(quiet, 0.99) * 1e3, 3),
+            "swapping": round(quantile(busy, 0.99) * 1e3, 3),
+        },
         "predict_p99_swapping_over_quiet": round(quantile(busy, 0.99) / quantile(quiet, 0.99), 2),
     }
 

@@ -132,8 +132,9 @@ OWN_COMMANDS = {"info", "flushall", "dbsize"}
 # -- data ---------------------------------------------------------------------
 
 
-def event_stream(n_predictions: int | None, *, seed: int, tag: str, t0: int = T0,
-                 step_ms: int = 1) -> Iterator[tuple[str, bytes, bytes]]:
+def event_stream(
+    n_predictions: int | None, *, seed: int, tag: str, t0: int = T0, step_ms: int = 1
+) -> Iterator[tuple[str, bytes, bytes]]:
     """Predictions (one every ``step_ms`` of event time) and their labels, in event-time order.
 
     Yields ``(role, key, value)``; role is ``"prediction"`` or ``"label"``.
@@ -154,13 +155,28 @@ def event_stream(n_predictions: int | None, *, seed: int, tag: str, t0: int = T0
         rid = f"{tag}-{i}"
         key = rid.encode()
         p = rng.random()
-        yield "prediction", key, encode(PredictionEvent(
-            event_id=f"p-{tag}-{i}", request_id=rid, model=MODEL, model_version=MODEL_VERSION,
-            event_time=t, features=pool[i & 4095], prediction={"yes": p, "no": 1.0 - p}))
+        yield (
+            "prediction",
+            key,
+            encode(
+                PredictionEvent(
+                    event_id=f"p-{tag}-{i}",
+                    request_id=rid,
+                    model=MODEL,
+                    model_version=MODEL_VERSION,
+                    event_time=t,
+                    features=pool[i & 4095],
+                    prediction={"yes": p, "no": 1.0 - p},
+                )
+            ),
+        )
         if rng.random() >= UNLABELED_FRACTION:
             lt = t + rng.randint(1, MAX_LABEL_DELAY_MS)
-            value = encode(LabelEvent(event_id=f"l-{tag}-{i}", request_id=rid, event_time=lt,
-                                      label="yes" if rng.random() < p else "no"))
+            value = encode(
+                LabelEvent(
+                    event_id=f"l-{tag}-{i}", request_id=rid, event_time=lt, label="yes" if rng.random() < p else "no"
+                )
+            )
             heapq.heappush(pending, (lt, i, key, value))
     while pending:
         _, _, key, value = heapq.heappop(pending)
@@ -205,11 +221,28 @@ def advance_watermark(settings: Settings, t: int, tag: str) -> int:
     try:
         for p in range(PARTITIONS):
             rid = f"{tag}-watermark-{p}"
-            producer.send(settings.topic_predictions, key=rid.encode(), partition=p, value=encode(PredictionEvent(
-                event_id=f"p-{rid}", request_id=rid, model=MODEL, model_version=MODEL_VERSION, event_time=t,
-                features={"f0": 0.0}, prediction={"yes": 0.5, "no": 0.5})))
-            producer.send(settings.topic_labels, key=rid.encode(), partition=p, value=encode(LabelEvent(
-                event_id=f"l-{rid}", request_id=rid, event_time=t, label="yes")))
+            producer.send(
+                settings.topic_predictions,
+                key=rid.encode(),
+                partition=p,
+                value=encode(
+                    PredictionEvent(
+                        event_id=f"p-{rid}",
+                        request_id=rid,
+                        model=MODEL,
+                        model_version=MODEL_VERSION,
+                        event_time=t,
+                        features={"f0": 0.0},
+                        prediction={"yes": 0.5, "no": 0.5},
+                    )
+                ),
+            )
+            producer.send(
+                settings.topic_labels,
+                key=rid.encode(),
+                partition=p,
+                value=encode(LabelEvent(event_id=f"l-{rid}", request_id=rid, event_time=t, label="yes")),
+            )
         producer.flush()
     finally:
         producer.close()
@@ -266,8 +299,9 @@ def phase_raw_consume(settings: Settings, n: int, max_poll_records: int) -> dict
     """
     consumer = make_consumer(settings, None, max_poll_records=max_poll_records)
     try:
-        tps = [TopicPartition(t, p) for t in (settings.topic_predictions, settings.topic_labels)
-               for p in range(PARTITIONS)]
+        tps = [
+            TopicPartition(t, p) for t in (settings.topic_predictions, settings.topic_labels) for p in range(PARTITIONS)
+        ]
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
         seen, first, t0 = 0, 0, None
@@ -285,8 +319,12 @@ def phase_raw_consume(settings: Settings, n: int, max_poll_records: int) -> dict
     if seen != n:
         raise SystemExit(f"raw consume read {seen} records, expected {n}")
     assert t0 is not None
-    return {"seconds": t1 - t0, "records": seen - first, "events_per_s": (seen - first) / (t1 - t0),
-            "cpu_us_per_event": cpu_per_record(cpu0, cpu1, seen - first)}
+    return {
+        "seconds": t1 - t0,
+        "records": seen - first,
+        "events_per_s": (seen - first) / (t1 - t0),
+        "cpu_us_per_event": cpu_per_record(cpu0, cpu1, seen - first),
+    }
 
 
 def sample_example(settings: Settings) -> bytes:
@@ -300,16 +338,27 @@ def sample_example(settings: Settings) -> bytes:
             if candidate.request_id == pred.request_id:
                 lab = candidate
     assert pred is not None and lab is not None
-    emission = Emission("labeled", StoredPrediction(
-        "w", pred.event_time, pred.event_id, pred.request_id, pred.model, pred.model_version,
-        msgspec.json.encode(pred.features), msgspec.json.encode(pred.prediction),
-        Source(settings.topic_predictions, 0, 123456),
-    ), StoredLabel("e", lab.event_time, lab.event_id, lab.label, Source(settings.topic_labels, 0, 123456)))
+    emission = Emission(
+        "labeled",
+        StoredPrediction(
+            "w",
+            pred.event_time,
+            pred.event_id,
+            pred.request_id,
+            pred.model,
+            pred.model_version,
+            msgspec.json.encode(pred.features),
+            msgspec.json.encode(pred.prediction),
+            Source(settings.topic_predictions, 0, 123456),
+        ),
+        StoredLabel("e", lab.event_time, lab.event_id, lab.label, Source(settings.topic_labels, 0, 123456)),
+    )
     return encode_example(emission)
 
 
-def phase_consume_produce(settings: Settings, n: int, max_poll_records: int, tag: str,
-                          example: bytes) -> dict[str, float]:
+def phase_consume_produce(
+    settings: Settings, n: int, max_poll_records: int, tag: str, example: bytes
+) -> dict[str, float]:
     """The Kafka I/O any kafka-python joiner does, and nothing else.
 
     A group-less consumer reads the 2N inputs (values not decoded) and, per
@@ -324,8 +373,9 @@ def phase_consume_produce(settings: Settings, n: int, max_poll_records: int, tag
     producer = make_producer(settings)
     try:
         producer.send(topic, key=b"warmup", value=example).get(timeout=30)  # connected before the clock
-        tps = [TopicPartition(t, p) for t in (settings.topic_predictions, settings.topic_labels)
-               for p in range(PARTITIONS)]
+        tps = [
+            TopicPartition(t, p) for t in (settings.topic_predictions, settings.topic_labels) for p in range(PARTITIONS)
+        ]
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
         seen, first, produced, t0 = 0, 0, 0, None
@@ -336,8 +386,12 @@ def phase_consume_produce(settings: Settings, n: int, max_poll_records: int, tag
             if time.monotonic() > deadline:
                 raise SystemExit(f"consume+produce read only {seen}/{n} records")
             batch = consumer.poll(timeout_ms=100)
-            futures = [send(topic, key=r.key, value=example)
-                       for tp, records in batch.items() if tp.topic == predictions for r in records]
+            futures = [
+                send(topic, key=r.key, value=example)
+                for tp, records in batch.items()
+                if tp.topic == predictions
+                for r in records
+            ]
             producer.flush()
             for f in futures:
                 f.get(timeout=60)
@@ -351,9 +405,14 @@ def phase_consume_produce(settings: Settings, n: int, max_poll_records: int, tag
         consumer.close()
         producer.close()
     assert t0 is not None
-    return {"seconds": t1 - t0, "records": seen - first, "produced": produced,
-            "cpu_us_per_event": cpu_per_record(cpu0, cpu1, seen - first),
-            "example_bytes": len(example), "events_per_s": (seen - first) / (t1 - t0)}
+    return {
+        "seconds": t1 - t0,
+        "records": seen - first,
+        "produced": produced,
+        "cpu_us_per_event": cpu_per_record(cpu0, cpu1, seen - first),
+        "example_bytes": len(example),
+        "events_per_s": (seen - first) / (t1 - t0),
+    }
 
 
 # -- instrumentation ----------------------------------------------------------
@@ -391,8 +450,18 @@ class Stages:
     that shadow the bound methods ``step`` calls.
     """
 
-    NAMES = ("poll", "decode", "progress", "redis_send", "wait_aof", "build_examples", "produce", "commit",
-             "redis_receive", "observe")
+    NAMES = (
+        "poll",
+        "decode",
+        "progress",
+        "redis_send",
+        "wait_aof",
+        "build_examples",
+        "produce",
+        "commit",
+        "redis_receive",
+        "observe",
+    )
 
     def __init__(self, joiner: Joiner) -> None:
         self.seconds = dict.fromkeys(self.NAMES, 0.0)
@@ -430,16 +499,24 @@ def valkey_commandstats(client: redis.Redis) -> dict[str, dict[str, float]]:
     return {k.removeprefix("cmdstat_"): v for k, v in client.info("commandstats").items()}
 
 
-def commandstats_delta(before: dict[str, dict[str, float]],
-                       after: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+def commandstats_delta(
+    before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]
+) -> dict[str, dict[str, float]]:
     out = {}
     for name, stats in after.items():
         calls = stats["calls"] - before.get(name, {}).get("calls", 0)
         if calls and name not in OWN_COMMANDS:
             b = before.get(name, {})
-            out[name] = {"calls": calls, "usec": stats["usec"] - b.get("usec", 0),
-                         "errors": (stats.get("failed_calls", 0) + stats.get("rejected_calls", 0)
-                                    - b.get("failed_calls", 0) - b.get("rejected_calls", 0))}
+            out[name] = {
+                "calls": calls,
+                "usec": stats["usec"] - b.get("usec", 0),
+                "errors": (
+                    stats.get("failed_calls", 0)
+                    + stats.get("rejected_calls", 0)
+                    - b.get("failed_calls", 0)
+                    - b.get("rejected_calls", 0)
+                ),
+            }
     return out
 
 
@@ -475,8 +552,7 @@ def rss_bytes(pid: int | str = "self") -> int:
     return 0
 
 
-def step_until(joiner: Joiner, done: Callable[[], bool], what: str,
-               timeout_s: float = STEP_TIMEOUT_S) -> None:
+def step_until(joiner: Joiner, done: Callable[[], bool], what: str, timeout_s: float = STEP_TIMEOUT_S) -> None:
     """Step until ``done()``, then finish the last cycle (the joiner produces a batch's examples,
     and commits its offsets, during the next step)."""
     deadline = time.monotonic() + timeout_s
@@ -506,21 +582,30 @@ def joiner_settings(settings: Settings, tag: str, **overrides: Any) -> Settings:
     )
 
 
-def phase_joiner(settings: Settings, admin: redis.Redis, tag: str, max_poll_records: int,
-                 expected: dict[str, int], profile: Path | None = None) -> dict[str, Any]:
+def phase_joiner(
+    settings: Settings,
+    admin: redis.Redis,
+    tag: str,
+    max_poll_records: int,
+    expected: dict[str, int],
+    profile: Path | None = None,
+) -> dict[str, Any]:
     n = expected["prediction"] + expected["label"]
     s = joiner_settings(
-        settings, tag, joiner_max_poll_records=max_poll_records, joiner_window_ms=WINDOW_MS,
+        settings,
+        tag,
+        joiner_max_poll_records=max_poll_records,
+        joiner_window_ms=WINDOW_MS,
         # Short retention, so that state is collected during the run, as in a steady state.
-        joiner_late_retention_ms=10_000, joiner_orphan_retention_ms=10_000,
+        joiner_late_retention_ms=10_000,
+        joiner_orphan_retention_ms=10_000,
         topic_examples=f"bench.examples.{tag}",
     )
     create_topics(s, {s.topic_examples: 1})
     gc.collect()
     stats0 = valkey_commandstats(admin)
     sent: dict[str, int] = {}
-    client = redis.Redis.from_url(s.redis_url, connection_class=counting_connection_class(sent),
-                                  **redis_options(s))
+    client = redis.Redis.from_url(s.redis_url, connection_class=counting_connection_class(sent), **redis_options(s))
     t_created = time.perf_counter()
     joiner = Joiner(s, poll_timeout_ms=100, redis_client=client)
     stages = Stages(joiner)
@@ -556,15 +641,22 @@ def phase_joiner(settings: Settings, admin: redis.Redis, tag: str, max_poll_reco
         stats1 = valkey_commandstats(admin)
         sent = dict(sent)
         if consumed(joiner) != n or joiner.counts.examples["labeled"] != expected["labeled"]:
-            raise SystemExit(f"after consuming: counts={joiner.counts}, expected {n} events and "
-                             f"{expected['labeled']} labeled examples")
+            raise SystemExit(
+                f"after consuming: counts={joiner.counts}, expected {n} events and "
+                f"{expected['labeled']} labeled examples"
+            )
 
         # Close the remaining windows: move every partition's event time far ahead.
         sentinels = advance_watermark(s, T0 + 10**9, tag)
         want_labeled = expected["labeled"] + sentinels
-        step_until(joiner, lambda: (joiner.counts.examples["labeled"] >= want_labeled
-                                    and joiner.counts.examples["unlabeled"] >= expected["unlabeled"]),
-                   "the watermark to close every window")
+        step_until(
+            joiner,
+            lambda: (
+                joiner.counts.examples["labeled"] >= want_labeled
+                and joiner.counts.examples["unlabeled"] >= expected["unlabeled"]
+            ),
+            "the watermark to close every window",
+        )
         # A few more steps: anything extra (duplicates, late) would show up.
         for _ in range(3):
             joiner.step()
@@ -582,8 +674,10 @@ def phase_joiner(settings: Settings, admin: redis.Redis, tag: str, max_poll_reco
     if ex["late"] != 0:
         problems.append(f"late {ex['late']} != 0")
     if on_topic["records"] != want_total or on_topic["distinct_ids"] != want_total:
-        problems.append(f"examples topic holds {on_topic['records']} records, {on_topic['distinct_ids']} distinct "
-                        f"ids (end offsets {on_topic['end_offsets']}), expected {want_total}")
+        problems.append(
+            f"examples topic holds {on_topic['records']} records, {on_topic['distinct_ids']} distinct "
+            f"ids (end offsets {on_topic['end_offsets']}), expected {want_total}"
+        )
     if counts_final["dead_letters"] or counts_final["duplicates"]:
         problems.append(f"dead letters {counts_final['dead_letters']}, duplicates {counts_final['duplicates']}")
     if problems:
@@ -594,8 +688,7 @@ def phase_joiner(settings: Settings, admin: redis.Redis, tag: str, max_poll_reco
     script_cmds = {k: v for k, v in delta.items() if k in SCRIPT_COMMANDS}
     # A call that failed (the first EVALSHA answers NOSCRIPT; redis-py loads the script and retries)
     # is a one-off, counted apart from the per-poll calls.
-    per_poll_cmds = {k: v["calls"] - v["errors"] for k, v in client_cmds.items()
-                     if k in ("evalsha", "eval", "waitaof")}
+    per_poll_cmds = {k: v["calls"] - v["errors"] for k, v in client_cmds.items() if k in ("evalsha", "eval", "waitaof")}
     one_off = {k: v["calls"] for k, v in client_cmds.items() if k not in per_poll_cmds}
     one_off.update({f"{k} (failed)": v["errors"] for k, v in client_cmds.items() if k in per_poll_cmds and v["errors"]})
     timed_polls = polls - polls0
@@ -614,8 +707,12 @@ def phase_joiner(settings: Settings, admin: redis.Redis, tag: str, max_poll_reco
         "counts_after_consume": counts_main,
         "counts_final": counts_final,
         "examples_on_topic": on_topic,
-        "expected_examples": {"labeled": want_labeled, "unlabeled": expected["unlabeled"], "late": 0,
-                              "watermark_sentinels": sentinels},
+        "expected_examples": {
+            "labeled": want_labeled,
+            "unlabeled": expected["unlabeled"],
+            "late": 0,
+            "watermark_sentinels": sentinels,
+        },
         "redis": {
             "client_commands": client_cmds,
             "script_commands": script_cmds,
@@ -641,11 +738,17 @@ def phase_joiner(settings: Settings, admin: redis.Redis, tag: str, max_poll_reco
 # -- phase 5: memory ----------------------------------------------------------
 
 
-def phase_memory(settings: Settings, admin: redis.Redis, servers: LocalServers, total: int,
-                 chunk: int) -> dict[str, Any]:
+def phase_memory(
+    settings: Settings, admin: redis.Redis, servers: LocalServers, total: int, chunk: int
+) -> dict[str, Any]:
     s = joiner_settings(
-        settings, "mem", joiner_window_ms=2000, joiner_late_retention_ms=5000, joiner_orphan_retention_ms=5000,
-        topic_predictions="bench.mem.predictions", topic_labels="bench.mem.labels",
+        settings,
+        "mem",
+        joiner_window_ms=2000,
+        joiner_late_retention_ms=5000,
+        joiner_orphan_retention_ms=5000,
+        topic_predictions="bench.mem.predictions",
+        topic_labels="bench.mem.labels",
         topic_examples="bench.mem.examples",
     )
     create_topics(s, {s.topic_predictions: PARTITIONS, s.topic_labels: PARTITIONS, s.topic_examples: 1})
@@ -664,7 +767,7 @@ def phase_memory(settings: Settings, admin: redis.Redis, servers: LocalServers, 
             produce_stream(producer, s, itertools.islice(stream, size))
             produced += size
             t = time.perf_counter()
-            step_until(joiner, lambda: consumed(joiner) >= produced, f"{produced} events consumed")
+            step_until(joiner, lambda produced=produced: consumed(joiner) >= produced, f"{produced} events consumed")
             join_seconds += time.perf_counter() - t
             mem = admin.info("memory")
             p = s.joiner_redis_prefix
@@ -684,10 +787,13 @@ def phase_memory(settings: Settings, admin: redis.Redis, servers: LocalServers, 
                 "orphans_dropped": joiner.counts.orphans_dropped,
             }
             samples.append(sample)
-            print(f"  memory: {produced:>9,} events  rss {sample['joiner_rss_bytes'] / 2**20:7.1f} MiB  "
-                  f"valkey used {sample['valkey_used_memory'] / 2**20:6.1f} MiB  keys {sample['valkey_keys']:>6}  "
-                  f"tansu rss {(sample['tansu_rss_bytes'] or 0) / 2**20:7.0f} MiB  "
-                  f"{sample['elapsed_s']:5.0f}s", flush=True)
+            print(
+                f"  memory: {produced:>9,} events  rss {sample['joiner_rss_bytes'] / 2**20:7.1f} MiB  "
+                f"valkey used {sample['valkey_used_memory'] / 2**20:6.1f} MiB  keys {sample['valkey_keys']:>6}  "
+                f"tansu rss {(sample['tansu_rss_bytes'] or 0) / 2**20:7.0f} MiB  "
+                f"{sample['elapsed_s']:5.0f}s",
+                flush=True,
+            )
         if consumed(joiner) != total:
             raise SystemExit(f"memory phase consumed {consumed(joiner)} events, produced {total}")
         counts = json.loads(json.dumps(joiner.counts.__dict__))
@@ -699,8 +805,11 @@ def phase_memory(settings: Settings, admin: redis.Redis, servers: LocalServers, 
     return {
         "events": total,
         "chunk": chunk,
-        "settings": {"window_ms": s.joiner_window_ms, "late_retention_ms": s.joiner_late_retention_ms,
-                     "orphan_retention_ms": s.joiner_orphan_retention_ms},
+        "settings": {
+            "window_ms": s.joiner_window_ms,
+            "late_retention_ms": s.joiner_late_retention_ms,
+            "orphan_retention_ms": s.joiner_orphan_retention_ms,
+        },
         "wall_seconds": time.perf_counter() - t_start,
         "joiner_seconds": join_seconds,
         "samples": samples,
@@ -717,35 +826,47 @@ def phase_memory(settings: Settings, admin: redis.Redis, servers: LocalServers, 
 
 def print_report(result: dict[str, Any]) -> None:
     runs = result["joiner_runs"]
-    print(f"\nN={result['predictions']} predictions + {result['labels']} labels = {result['input_events']} "
-          f"input events; expected {result['expected']['labeled']} labeled, "
-          f"{result['expected']['unlabeled']} unlabeled\n")
-    head = (f"{'run':<22} {'events/s':>9} {'raw/s':>9} {'ratio':>6} {'c+p/s':>9} {'c+p ratio':>9} "
-            f"{'vs c+p':>6} {'rec/poll':>8} {'rt/poll':>7} {'lua cmds/ev':>11} {'join wait':>9}")
+    print(
+        f"\nN={result['predictions']} predictions + {result['labels']} labels = {result['input_events']} "
+        f"input events; expected {result['expected']['labeled']} labeled, "
+        f"{result['expected']['unlabeled']} unlabeled\n"
+    )
+    head = (
+        f"{'run':<22} {'events/s':>9} {'raw/s':>9} {'ratio':>6} {'c+p/s':>9} {'c+p ratio':>9} "
+        f"{'vs c+p':>6} {'rec/poll':>8} {'rt/poll':>7} {'lua cmds/ev':>11} {'join wait':>9}"
+    )
     print(head)
     print("-" * len(head))
     for r in runs:
         cp = r["consume_produce"]
-        print(f"joiner max_poll={r['max_poll_records']:<7} {r['events_per_s']:>9,.0f} "
-              f"{r['baseline']['events_per_s']:>9,.0f} {r['ratio']:>6.3f} {cp['events_per_s']:>9,.0f} "
-              f"{cp['ratio']:>9.3f} {r['ratio_to_consume_produce']:>6.3f} {r['records_per_poll']:>8.0f} "
-              f"{r['redis']['round_trips_per_poll']:>7.3f} {r['redis']['script_commands_per_event']:>11.2f} "
-              f"{r['group_join_seconds']:>8.1f}s")
-    print("(ratio: joiner / raw consume; c+p: consume + produce one example per prediction, no Redis; "
-          "vs c+p: joiner / c+p)")
+        print(
+            f"joiner max_poll={r['max_poll_records']:<7} {r['events_per_s']:>9,.0f} "
+            f"{r['baseline']['events_per_s']:>9,.0f} {r['ratio']:>6.3f} {cp['events_per_s']:>9,.0f} "
+            f"{cp['ratio']:>9.3f} {r['ratio_to_consume_produce']:>6.3f} {r['records_per_poll']:>8.0f} "
+            f"{r['redis']['round_trips_per_poll']:>7.3f} {r['redis']['script_commands_per_event']:>11.2f} "
+            f"{r['group_join_seconds']:>8.1f}s"
+        )
+    print(
+        "(ratio: joiner / raw consume; c+p: consume + produce one example per prediction, no Redis; "
+        "vs c+p: joiner / c+p)"
+    )
     print("\nCPU per timed input event, us (all threads of each process; the machine's other load not included):")
     for r in runs:
         for name, phase in (("raw consume", r["baseline"]), ("consume+produce", r["consume_produce"]), ("joiner", r)):
             cpu = phase.get("cpu_us_per_event", {})
-            print(f"  max_poll={r['max_poll_records']:<5} {name:<16} wall {1e6 / phase['events_per_s']:6.1f}  "
-                  + "  ".join(f"{k} {v:6.1f}" for k, v in cpu.items()))
+            print(
+                f"  max_poll={r['max_poll_records']:<5} {name:<16} wall {1e6 / phase['events_per_s']:6.1f}  "
+                + "  ".join(f"{k} {v:6.1f}" for k, v in cpu.items())
+            )
     print()
     for r in runs:
         rd = r["redis"]
-        print(f"max_poll={r['max_poll_records']}: {r['polls']} polls; per poll "
-              + ", ".join(f"{k} {v:.3f}" for k, v in rd["round_trips_per_poll_by_command"].items())
-              + f"; one-off {rd['one_off_commands']}; client-side count {rd['client_side_round_trips_per_poll']:.3f}"
-              f"/poll; EVALSHA server time {rd['evalsha_server_usec_per_event']:.1f} us/event")
+        print(
+            f"max_poll={r['max_poll_records']}: {r['polls']} polls; per poll "
+            + ", ".join(f"{k} {v:.3f}" for k, v in rd["round_trips_per_poll_by_command"].items())
+            + f"; one-off {rd['one_off_commands']}; client-side count {rd['client_side_round_trips_per_poll']:.3f}"
+            f"/poll; EVALSHA server time {rd['evalsha_server_usec_per_event']:.1f} us/event"
+        )
     print("\nwhere a timed step's wall time goes (% of the timed loop, us per input event):")
     names = list(runs[0]["stages_seconds"]) + ["rest (decode, bookkeeping)"]
     print(f"{'stage':<28}" + "".join(f"{'mp=' + str(r['max_poll_records']):>20}" for r in runs))
@@ -757,18 +878,34 @@ def print_report(result: dict[str, Any]) -> None:
         print(f"{name:<28}" + "".join(f"{c:>20}" for c in cells))
     m = result.get("memory")
     if m:
-        print(f"\nmemory over {m['events']:,} input events (chunks of {m['chunk']:,}; ratios: last / sample at "
-              f"{m['first_after_warmup_events']:,}):")
-        print("  joiner RSS (MiB):      " + " ".join(f"{x['joiner_rss_bytes'] / 2**20:.0f}" for x in m["samples"])
-              + f"   ratio {m['rss_ratio']:.3f}")
-        print("  Valkey used (MiB):     " + " ".join(f"{x['valkey_used_memory'] / 2**20:.1f}" for x in m["samples"])
-              + f"   ratio {m['valkey_used_memory_ratio']:.3f}")
-        print("  Valkey keys:           " + " ".join(str(x["valkey_keys"]) for x in m["samples"])
-              + f"   ratio {m['valkey_keys_ratio']:.3f}")
-        print("  Tansu RSS (MiB):       " + " ".join(f"{(x['tansu_rss_bytes'] or 0) / 2**20:.0f}"
-                                                    for x in m["samples"]) + "   (in-memory broker: grows by design)")
-        print(f"  joiner throughput while interleaved: {m['events'] / m['joiner_seconds']:,.0f} events/s "
-              f"(includes one group join); phase wall {m['wall_seconds']:.0f}s")
+        print(
+            f"\nmemory over {m['events']:,} input events (chunks of {m['chunk']:,}; ratios: last / sample at "
+            f"{m['first_after_warmup_events']:,}):"
+        )
+        print(
+            "  joiner RSS (MiB):      "
+            + " ".join(f"{x['joiner_rss_bytes'] / 2**20:.0f}" for x in m["samples"])
+            + f"   ratio {m['rss_ratio']:.3f}"
+        )
+        print(
+            "  Valkey used (MiB):     "
+            + " ".join(f"{x['valkey_used_memory'] / 2**20:.1f}" for x in m["samples"])
+            + f"   ratio {m['valkey_used_memory_ratio']:.3f}"
+        )
+        print(
+            "  Valkey keys:           "
+            + " ".join(str(x["valkey_keys"]) for x in m["samples"])
+            + f"   ratio {m['valkey_keys_ratio']:.3f}"
+        )
+        print(
+            "  Tansu RSS (MiB):       "
+            + " ".join(f"{(x['tansu_rss_bytes'] or 0) / 2**20:.0f}" for x in m["samples"])
+            + "   (in-memory broker: grows by design)"
+        )
+        print(
+            f"  joiner throughput while interleaved: {m['events'] / m['joiner_seconds']:,.0f} events/s "
+            f"(includes one group join); phase wall {m['wall_seconds']:.0f}s"
+        )
     print()
 
 
@@ -777,13 +914,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--events", type=int, default=100_000, help="predictions N (N labels minus ~10%%)")
     ap.add_argument("--memory-events", type=int, default=1_000_000, help="input events of the memory phase (0: skip)")
     ap.add_argument("--memory-chunk", type=int, default=100_000)
-    ap.add_argument("--max-poll", type=int, nargs="+", default=[5000, 500],
-                    help="joiner_max_poll_records of each joiner run")
-    ap.add_argument("--profile", type=Path, default=None,
-                    help="cProfile the timed loop of the first joiner run into this file")
-    ap.add_argument("--kafka-log-level", default="ERROR",
-                    help="level of kafka-python's loggers (WARNING shows its I/O thread's "
-                         "'blocking the event loop' warnings while the joiner holds the GIL)")
+    ap.add_argument(
+        "--max-poll", type=int, nargs="+", default=[5000, 500], help="joiner_max_poll_records of each joiner run"
+    )
+    ap.add_argument(
+        "--profile", type=Path, default=None, help="cProfile the timed loop of the first joiner run into this file"
+    )
+    ap.add_argument(
+        "--kafka-log-level",
+        default="ERROR",
+        help="level of kafka-python's loggers (WARNING shows its I/O thread's "
+        "'blocking the event loop' warnings while the joiner holds the GIL)",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     configure_logging("warning")
@@ -793,9 +935,14 @@ def main(argv: list[str] | None = None) -> int:
     info["hiredis_available"] = bool(redis.utils.HIREDIS_AVAILABLE)
 
     t_all = time.perf_counter()
-    result: dict[str, Any] = {"benchmark": "joiner", "partitions": PARTITIONS, "features": N_FEATURES,
-                              "window_ms": WINDOW_MS, "max_label_delay_ms": MAX_LABEL_DELAY_MS,
-                              "unlabeled_fraction": UNLABELED_FRACTION}
+    result: dict[str, Any] = {
+        "benchmark": "joiner",
+        "partitions": PARTITIONS,
+        "features": N_FEATURES,
+        "window_ms": WINDOW_MS,
+        "max_label_delay_ms": MAX_LABEL_DELAY_MS,
+        "unlabeled_fraction": UNLABELED_FRACTION,
+    }
     with LocalServers(Settings(partitions_input=PARTITIONS)) as srv:
         settings = srv.settings
         admin = redis.Redis.from_url(settings.redis_url)
@@ -807,20 +954,27 @@ def main(argv: list[str] | None = None) -> int:
         for i, mp in enumerate(args.max_poll):
             tag = f"run{i + 1}-mp{mp}"
             # Fresh input topics per run (the same workload): a run's watermark sentinels stay out of the next.
-            s = msgspec.structs.replace(settings, topic_predictions=f"bench.{tag}.predictions",
-                                        topic_labels=f"bench.{tag}.labels")
+            s = msgspec.structs.replace(
+                settings, topic_predictions=f"bench.{tag}.predictions", topic_labels=f"bench.{tag}.labels"
+            )
             create_topics(s, {s.topic_predictions: PARTITIONS, s.topic_labels: PARTITIONS})
             t = time.perf_counter()
             producer = make_producer(s)
             counts = produce_stream(producer, s, event_stream(args.events, seed=SEED, tag="r"))
             producer.close()
             n = counts["prediction"] + counts["label"]
-            expected = {"prediction": counts["prediction"], "label": counts["label"],
-                        "labeled": counts["label"], "unlabeled": counts["prediction"] - counts["label"]}
-            print(f"produced {counts['prediction']} predictions + {counts['label']} labels in "
-                  f"{time.perf_counter() - t:.1f}s", flush=True)
-            result.update(predictions=counts["prediction"], labels=counts["label"], input_events=n,
-                          expected=expected)
+            expected = {
+                "prediction": counts["prediction"],
+                "label": counts["label"],
+                "labeled": counts["label"],
+                "unlabeled": counts["prediction"] - counts["label"],
+            }
+            print(
+                f"produced {counts['prediction']} predictions + {counts['label']} labels in "
+                f"{time.perf_counter() - t:.1f}s",
+                flush=True,
+            )
+            result.update(predictions=counts["prediction"], labels=counts["label"], input_events=n, expected=expected)
             base = phase_raw_consume(s, n, mp)
             floor = phase_consume_produce(s, n, mp, tag, example)
             run = phase_joiner(s, admin, tag, mp, expected, profile=args.profile if i == 0 else None)
@@ -830,12 +984,15 @@ def main(argv: list[str] | None = None) -> int:
             run["ratio_to_consume_produce"] = run["events_per_s"] / floor["events_per_s"]
             floor["ratio"] = floor["events_per_s"] / base["events_per_s"]
             runs.append(run)
-            print(f"max_poll_records={mp}: raw consume {base['events_per_s']:,.0f}/s, consume+produce "
-                  f"{floor['events_per_s']:,.0f}/s (ratio {floor['ratio']:.2f}), joiner "
-                  f"{run['events_per_s']:,.0f}/s (ratio {run['ratio']:.2f}), "
-                  f"{run['redis']['round_trips_per_poll']:.3f} round trips/poll, group join "
-                  f"{run['group_join_seconds']:.1f}s; examples verified "
-                  f"({run['counts_final']['examples']})", flush=True)
+            print(
+                f"max_poll_records={mp}: raw consume {base['events_per_s']:,.0f}/s, consume+produce "
+                f"{floor['events_per_s']:,.0f}/s (ratio {floor['ratio']:.2f}), joiner "
+                f"{run['events_per_s']:,.0f}/s (ratio {run['ratio']:.2f}), "
+                f"{run['redis']['round_trips_per_poll']:.3f} round trips/poll, group join "
+                f"{run['group_join_seconds']:.1f}s; examples verified "
+                f"({run['counts_final']['examples']})",
+                flush=True,
+            )
         result["joiner_runs"] = runs
 
         if args.memory_events:

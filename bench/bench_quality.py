@@ -140,14 +140,18 @@ def make_stream(name: str, n: int, at: int, seed: int) -> Stream:
         gen = synth.ConceptDriftStream(
             synth.Agrawal(classification_function=0, seed=seed),
             synth.Agrawal(classification_function=2, seed=seed + 1),
-            position=at, width=width, seed=seed)
+            position=at,
+            width=width,
+            seed=seed,
+        )
         desc = f"Agrawal f0 -> f2 at {at} (width {width})"
         data = list(gen.take(n))
         drift_at: int | None = at
     elif name == "sea":
         width = max(at // 100, 1)
-        gen = synth.ConceptDriftStream(synth.SEA(variant=0, seed=seed), synth.SEA(variant=3, seed=seed + 1),
-                                       position=at, width=width, seed=seed)
+        gen = synth.ConceptDriftStream(
+            synth.SEA(variant=0, seed=seed), synth.SEA(variant=3, seed=seed + 1), position=at, width=width, seed=seed
+        )
         desc = f"SEA variant 0 -> 3 at {at} (width {width})"
         data = list(gen.take(n))
         drift_at = at
@@ -174,12 +178,22 @@ def to_events(stream: Stream, unlabeled: Sequence[bool] | None = None) -> list[E
         kind = "unlabeled" if unlabeled is not None and unlabeled[i] else "labeled"
         pid = f"p-{stream.name}-{i}"
         lid = None if kind == "unlabeled" else f"l-{stream.name}-{i}"
-        out.append(ExampleEvent(
-            example_id=example_id(kind, pid, lid), kind=kind, request_id=f"r-{stream.name}-{i}", model=MODEL,
-            model_version="1", features=x, prediction=served, label=None if lid is None else y,
-            prediction_event_id=pid, prediction_time=i, label_event_id=lid,
-            label_time=None if lid is None else i + 1,
-        ))
+        out.append(
+            ExampleEvent(
+                example_id=example_id(kind, pid, lid),
+                kind=kind,
+                request_id=f"r-{stream.name}-{i}",
+                model=MODEL,
+                model_version="1",
+                features=x,
+                prediction=served,
+                label=None if lid is None else y,
+                prediction_event_id=pid,
+                prediction_time=i,
+                label_event_id=lid,
+                label_time=None if lid is None else i + 1,
+            )
+        )
     return out
 
 
@@ -226,9 +240,12 @@ class Ours:
 # 0.005, batches of 32 instead of 64, and on a drift an optimizer reset plus a
 # 3x learning-rate boost for 100 batches (instead of a 2x boost).
 TUNED: dict[str, Any] = dict(
-    lr=0.01, batch_size=32, spike_factor=1e9,
+    lr=0.01,
+    batch_size=32,
+    spike_factor=1e9,
     on_drift=("promote_challenger_if_better", "optimizer_reset", "lr_boost", "checkpoint"),
-    lr_boost_factor=3.0, lr_boost_batches=100,
+    lr_boost_factor=3.0,
+    lr_boost_batches=100,
 )
 
 
@@ -242,14 +259,23 @@ def tuned(architecture: str = "mlp", *, drift: bool = True, **changes: Any) -> O
 
 def settings_for(stream: Stream, o: Ours) -> Settings:
     kw: dict[str, Any] = dict(
-        trainer_model=MODEL, trainer_task="binary" if len(stream.classes) == 2 else "multiclass",
-        trainer_classes=stream.classes, trainer_features=stream.features, trainer_architecture=o.architecture,
+        trainer_model=MODEL,
+        trainer_task="binary" if len(stream.classes) == 2 else "multiclass",
+        trainer_classes=stream.classes,
+        trainer_features=stream.features,
+        trainer_architecture=o.architecture,
         trainer_drift_enabled=o.drift,
     )
-    for field, key in (("hidden", "trainer_hidden"), ("lr", "trainer_lr"), ("batch_size", "trainer_batch_size"),
-                       ("optimizer", "trainer_optimizer"), ("pseudo", "trainer_pseudo_enabled"),
-                       ("on_drift", "trainer_drift_on_drift"), ("lr_boost_factor", "trainer_drift_lr_boost_factor"),
-                       ("lr_boost_batches", "trainer_drift_lr_boost_batches")):
+    for field, key in (
+        ("hidden", "trainer_hidden"),
+        ("lr", "trainer_lr"),
+        ("batch_size", "trainer_batch_size"),
+        ("optimizer", "trainer_optimizer"),
+        ("pseudo", "trainer_pseudo_enabled"),
+        ("on_drift", "trainer_drift_on_drift"),
+        ("lr_boost_factor", "trainer_drift_lr_boost_factor"),
+        ("lr_boost_batches", "trainer_drift_lr_boost_batches"),
+    ):
         v = getattr(o, field)
         if v is not None:
             kw[key] = list(v) if isinstance(v, tuple) else v
@@ -287,7 +313,7 @@ def run_ours(stream: Stream, events: list[ExampleEvent], o: Ours) -> dict[str, A
         return original(rows, predictor, out, challenger_out, result)
 
     learner._evaluate_classes = capture  # type: ignore[method-assign]
-    chunks = [events[i:i + batch] for i in range(0, len(events), batch)]
+    chunks = [events[i : i + batch] for i in range(0, len(events), batch)]
     log: dict[str, Any] = {"findings": [], "promoted": 0}
     gc.collect()
     t0 = time.perf_counter()
@@ -303,13 +329,26 @@ def run_ours(stream: Stream, events: list[ExampleEvent], o: Ours) -> dict[str, A
     return {
         "model": f"ours {o.label()}",
         "family": "ours",
-        "config": {"architecture": o.architecture, "drift": o.drift, "batch_size": batch,
-                   "hidden": list(config.spec.hidden), "lr": config.lr, "optimizer": config.optimizer,
-                   "spike_factor": config.spike_factor, "clip_norm": config.clip_norm,
-                   "pseudo_enabled": config.pseudo_enabled, "pseudo_threshold": config.pseudo_threshold,
-                   "pseudo_weight": config.pseudo_weight,
-                   "policy": {"on_drift": list(policy.on_drift), "lr_boost_factor": policy.lr_boost_factor,
-                              "lr_boost_batches": policy.lr_boost_steps} if o.drift else None},
+        "config": {
+            "architecture": o.architecture,
+            "drift": o.drift,
+            "batch_size": batch,
+            "hidden": list(config.spec.hidden),
+            "lr": config.lr,
+            "optimizer": config.optimizer,
+            "spike_factor": config.spike_factor,
+            "clip_norm": config.clip_norm,
+            "pseudo_enabled": config.pseudo_enabled,
+            "pseudo_threshold": config.pseudo_threshold,
+            "pseudo_weight": config.pseudo_weight,
+            "policy": {
+                "on_drift": list(policy.on_drift),
+                "lr_boost_factor": policy.lr_boost_factor,
+                "lr_boost_batches": policy.lr_boost_steps,
+            }
+            if o.drift
+            else None,
+        },
         "pred_index": flat,
         "seconds": seconds,
         "learner_accuracy": summary.get("accuracy"),
@@ -375,14 +414,14 @@ def rolling(correct: np.ndarray, window: int) -> np.ndarray:
     """r[t] = mean of correct[t-window+1 .. t] (NaN before a full window)."""
     c = np.concatenate([[0.0], np.cumsum(correct, dtype=np.float64)])
     out = np.full(len(correct), np.nan)
-    out[window - 1:] = (c[window:] - c[:-window]) / window
+    out[window - 1 :] = (c[window:] - c[:-window]) / window
     return out
 
 
 def recovery(correct: np.ndarray, at: int, window: int = WINDOW, level: float = RECOVERY_LEVEL) -> dict[str, Any]:
     r = rolling(correct, window)
     pre = float(r[at - 1])
-    post = r[at + window - 1:]  # windows made only of post-drift examples
+    post = r[at + window - 1 :]  # windows made only of post-drift examples
     hit = np.nonzero(post >= level * pre)[0]
     after = r[at:]
     return {
@@ -450,30 +489,46 @@ def add_ratios(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main_configs() -> list[Ours]:
     return [
-        default("mlp"), default("mlp", drift=False), default("logreg"), default("logreg", drift=False),
-        tuned("mlp"), tuned("mlp", drift=False), tuned("logreg"),
+        default("mlp"),
+        default("mlp", drift=False),
+        default("logreg"),
+        default("logreg", drift=False),
+        tuned("mlp"),
+        tuned("mlp", drift=False),
+        tuned("logreg"),
     ]
 
 
 def ablation_configs() -> list[Ours]:
     """One factor at a time away from TUNED (MLP, drift ON)."""
     return [
-        tuned("mlp"), tuned("mlp", spike_factor=5.0),
-        tuned("mlp", lr=0.005), tuned("mlp", lr=0.03),
-        tuned("mlp", batch_size=16), tuned("mlp", batch_size=64), tuned("mlp", batch_size=256),
-        tuned("mlp", hidden=(16,)), tuned("mlp", hidden=(128,)), tuned("mlp", hidden=(64, 64)),
+        tuned("mlp"),
+        tuned("mlp", spike_factor=5.0),
+        tuned("mlp", lr=0.005),
+        tuned("mlp", lr=0.03),
+        tuned("mlp", batch_size=16),
+        tuned("mlp", batch_size=64),
+        tuned("mlp", batch_size=256),
+        tuned("mlp", hidden=(16,)),
+        tuned("mlp", hidden=(128,)),
+        tuned("mlp", hidden=(64, 64)),
         tuned("mlp", on_drift=("promote_challenger_if_better", "lr_boost", "checkpoint"), lr_boost_factor=2.0),
         tuned("mlp", drift=False),
     ]
 
 
 def sweep_configs() -> list[Ours]:
-    return [tuned("mlp", lr=lr, batch_size=batch, hidden=hidden)
-            for lr in (0.005, 0.01, 0.03) for batch in (16, 32, 64, 256) for hidden in ((32,), (64,), (128,))]
+    return [
+        tuned("mlp", lr=lr, batch_size=batch, hidden=hidden)
+        for lr in (0.005, 0.01, 0.03)
+        for batch in (16, 32, 64, 256)
+        for hidden in ((32,), (64,), (128,))
+    ]
 
 
-def run_stream(stream: Stream, configs: list[Ours], seed: int, *, river: bool = True,
-               repeat: int = 1) -> dict[str, Any]:
+def run_stream(
+    stream: Stream, configs: list[Ours], seed: int, *, river: bool = True, repeat: int = 1
+) -> dict[str, Any]:
     events = to_events(stream)
     jobs: list[Callable[[], dict[str, Any]]] = []
     if river:
@@ -488,9 +543,17 @@ def run_stream(stream: Stream, configs: list[Ours], seed: int, *, river: bool = 
             raw[i].append(job())
     runs = [finish(stream, r) for r in raw]
     best = add_ratios(runs) if river else None
-    return {"stream": stream.name, "description": stream.description, "examples": len(stream.xs),
-            "drift_at": stream.drift_at, "classes": stream.classes, "features": stream.features,
-            "repeat": repeat, "river_best": best, "runs": runs}
+    return {
+        "stream": stream.name,
+        "description": stream.description,
+        "examples": len(stream.xs),
+        "drift_at": stream.drift_at,
+        "classes": stream.classes,
+        "features": stream.features,
+        "repeat": repeat,
+        "river_best": best,
+        "runs": runs,
+    }
 
 
 def run_missing(stream: Stream, seed: int) -> dict[str, Any]:
@@ -502,12 +565,21 @@ def run_missing(stream: Stream, seed: int) -> dict[str, Any]:
     for name in RIVER_MODELS:
         runs.append(finish(stream, [run_river(name, stream, seed, learn_mask=labeled.tolist())], labeled))
     runs.append(finish(stream, [run_majority(stream, learn_mask=labeled.tolist())], labeled))
-    for o in (default("mlp", pseudo=True), default("mlp", pseudo=False),
-              tuned("mlp", pseudo=True), tuned("mlp", pseudo=False)):
+    for o in (
+        default("mlp", pseudo=True),
+        default("mlp", pseudo=False),
+        tuned("mlp", pseudo=True),
+        tuned("mlp", pseudo=False),
+    ):
         runs.append(finish(stream, [run_ours(stream, events, o)], labeled))
     best = add_ratios(runs)
-    return {"stream": stream.name, "unlabeled_fraction": UNLABELED_FRACTION, "unlabeled": int((~labeled).sum()),
-            "river_best": best, "runs": runs}
+    return {
+        "stream": stream.name,
+        "unlabeled_fraction": UNLABELED_FRACTION,
+        "unlabeled": int((~labeled).sum()),
+        "river_best": best,
+        "runs": runs,
+    }
 
 
 def _spin() -> None:
@@ -518,8 +590,12 @@ def _spin() -> None:
 def run_threads(stream: Stream, n: int, main_threads: int) -> dict[str, Any]:
     """Our MLP with torch's intra-op threads at 1 and 2, on the first ``n`` examples, on a quiet
     machine and next to one busy process (a CPU-bound child this bench starts and stops)."""
-    head = dataclasses.replace(stream, xs=stream.xs[:n], ys=stream.ys[:n],
-                               drift_at=stream.drift_at if stream.drift_at and stream.drift_at < n else None)
+    head = dataclasses.replace(
+        stream,
+        xs=stream.xs[:n],
+        ys=stream.ys[:n],
+        drift_at=stream.drift_at if stream.drift_at and stream.drift_at < n else None,
+    )
     events = to_events(head)
     runs = []
     try:
@@ -553,8 +629,10 @@ def _fmt(v: Any, spec: str) -> str:
 
 
 def print_main(res: dict[str, Any]) -> None:
-    print(f"\n== {res['stream']}: {res['description']}, {res['examples']} examples, "
-          f"best of {res['repeat']} timed repeats ==")
+    print(
+        f"\n== {res['stream']}: {res['description']}, {res['examples']} examples, "
+        f"best of {res['repeat']} timed repeats =="
+    )
     best = res["river_best"]
     drift = res["drift_at"] is not None
     head = f"{'model':<44} {'acc':>6} {'ex/s':>8} {'xRiver':>6}"
@@ -564,18 +642,24 @@ def print_main(res: dict[str, Any]) -> None:
     print("-" * len(head))
     for r in res["runs"]:
         ratio = r.get("throughput_vs_river_best")
-        line = (f"{r['model']:<44} {r['accuracy']:>6.4f} {r['examples_per_s']:>8,.0f} "
-                f"{_fmt(ratio, '.2f') if ratio else '':>6}")
+        line = (
+            f"{r['model']:<44} {r['accuracy']:>6.4f} {r['examples_per_s']:>8,.0f} "
+            f"{_fmt(ratio, '.2f') if ratio else '':>6}"
+        )
         if drift:
             ours = r["family"] == "ours"
-            line += (f" {r['pre_drift_rolling']:>6.3f} {r['min_rolling_after']:>6.3f} "
-                     f"{_fmt(r['examples_to_recover'], 'd'):>7} {r['post_drift_accuracy']:>6.3f} "
-                     f"{_fmt(r.get('first_drift_after_change'), 'd') if ours else '':>6} "
-                     f"{len(r['drifts']) if ours else '':>6} {r['counts']['rollbacks'] if ours else '':>6}")
+            line += (
+                f" {r['pre_drift_rolling']:>6.3f} {r['min_rolling_after']:>6.3f} "
+                f"{_fmt(r['examples_to_recover'], 'd'):>7} {r['post_drift_accuracy']:>6.3f} "
+                f"{_fmt(r.get('first_drift_after_change'), 'd') if ours else '':>6} "
+                f"{len(r['drifts']) if ours else '':>6} {r['counts']['rollbacks'] if ours else '':>6}"
+            )
         print(line)
     if best:
-        print(f"River's best: {best['model']} (accuracy {best['accuracy']:.4f}, {best['examples_per_s']:,.0f} ex/s); "
-              f"xRiver = our ex/s / its ex/s")
+        print(
+            f"River's best: {best['model']} (accuracy {best['accuracy']:.4f}, {best['examples_per_s']:,.0f} ex/s); "
+            f"xRiver = our ex/s / its ex/s"
+        )
 
 
 def print_missing(res: dict[str, Any]) -> None:
@@ -589,9 +673,11 @@ def print_missing(res: dict[str, Any]) -> None:
     for r in res["runs"]:
         ratio = r.get("throughput_vs_river_best")
         pseudo = r.get("counts", {}).get("pseudo", "")
-        line = (f"{r['model']:<44} {r['accuracy']:>8.4f} {r['accuracy_hidden_truth']:>8.4f} "
-                f"{r['accuracy_on_unlabeled']:>8.4f} {r['examples_per_s']:>8,.0f} "
-                f"{_fmt(ratio, '.2f') if ratio else '':>6} {pseudo:>6}")
+        line = (
+            f"{r['model']:<44} {r['accuracy']:>8.4f} {r['accuracy_hidden_truth']:>8.4f} "
+            f"{r['accuracy_on_unlabeled']:>8.4f} {r['examples_per_s']:>8,.0f} "
+            f"{_fmt(ratio, '.2f') if ratio else '':>6} {pseudo:>6}"
+        )
         if drift:
             line += f" {_fmt(r['examples_to_recover'], 'd'):>7} {r['post_drift_accuracy']:>6.3f}"
         print(line)
@@ -601,9 +687,15 @@ def print_small(title: str, res: dict[str, Any]) -> None:
     print(f"\n== {title}: {res['stream']} ==")
     drift = res["drift_at"] is not None
     for r in res["runs"]:
-        extra = (f" pre {r['pre_drift_rolling']:.3f} min {r['min_rolling_after']:.3f} "
-                 f"recover {_fmt(r['examples_to_recover'], 'd')} post {r['post_drift_accuracy']:.3f} "
-                 f"rollbacks {r['counts']['rollbacks']}") if drift else ""
+        extra = (
+            (
+                f" pre {r['pre_drift_rolling']:.3f} min {r['min_rolling_after']:.3f} "
+                f"recover {_fmt(r['examples_to_recover'], 'd')} post {r['post_drift_accuracy']:.3f} "
+                f"rollbacks {r['counts']['rollbacks']}"
+            )
+            if drift
+            else ""
+        )
         print(f"{r['model']:<60} acc {r['accuracy']:.4f} {r['examples_per_s']:>8,.0f} ex/s{extra}")
 
 
@@ -614,8 +706,12 @@ def versions() -> dict[str, Any]:
         except importlib.metadata.PackageNotFoundError:
             return None
 
-    return {"river": version("river"), "torch": torch.__version__, "numpy": np.__version__,
-            "torch_threads": torch.get_num_threads()}
+    return {
+        "river": version("river"),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -624,10 +720,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--drift-at", type=int, default=25_000)
     ap.add_argument("--seed", type=int, default=SEED)
     ap.add_argument("--streams", default="agrawal,sea,shuttle")
-    ap.add_argument("--repeat", type=int, default=2,
-                    help="timed repeats of every model in the main tables (the fastest counts)")
-    ap.add_argument("--torch-threads", type=int, default=1,
-                    help="torch intra-op threads for our learner (the threads phase compares 1 and 2)")
+    ap.add_argument(
+        "--repeat", type=int, default=2, help="timed repeats of every model in the main tables (the fastest counts)"
+    )
+    ap.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads for our learner (the threads phase compares 1 and 2)",
+    )
     ap.add_argument("--threads-examples", type=int, default=5_000, help="examples in the threads phase (0: skip)")
     ap.add_argument("--no-ablation", action="store_true")
     ap.add_argument("--no-missing", action="store_true")
@@ -642,11 +743,21 @@ def main(argv: list[str] | None = None) -> int:
     names = [s for s in args.streams.split(",") if s]
     streams = {name: make_stream(name, args.examples, args.drift_at, args.seed) for name in names}
     result: dict[str, Any] = {
-        "benchmark": "quality", "seed": args.seed, "repeat": args.repeat, "examples": args.examples,
-        "drift_at": args.drift_at, "window": WINDOW, "recovery_level": RECOVERY_LEVEL,
+        "benchmark": "quality",
+        "seed": args.seed,
+        "repeat": args.repeat,
+        "examples": args.examples,
+        "drift_at": args.drift_at,
+        "window": WINDOW,
+        "recovery_level": RECOVERY_LEVEL,
         "unlabeled_fraction": UNLABELED_FRACTION,
         "tuned": {k: list(v) if isinstance(v, tuple) else v for k, v in TUNED.items()},
-        "machine": info, "main": [], "missing_labels": [], "threads": None, "ablation": [], "sweep": [],
+        "machine": info,
+        "main": [],
+        "missing_labels": [],
+        "threads": None,
+        "ablation": [],
+        "sweep": [],
     }
     phases: dict[str, float] = {}
 

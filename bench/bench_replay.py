@@ -76,14 +76,24 @@ def bench_settings(base: Settings, work: Path, key: Path, tag: str) -> Settings:
     return msgspec.structs.replace(
         base,
         **{f"topic_{role}": f"{prefix}.{role}" for role in base.topics},
-        partitions_input=3, partitions_examples=1,
-        joiner_window_ms=WINDOW_MS, joiner_idle_advance=False, joiner_group_id=f"{prefix}-joiner",
-        joiner_redis_prefix="{" + prefix + "}:", consumer_session_timeout_ms=6000,
+        partitions_input=3,
+        partitions_examples=1,
+        joiner_window_ms=WINDOW_MS,
+        joiner_idle_advance=False,
+        joiner_group_id=f"{prefix}-joiner",
+        joiner_redis_prefix="{" + prefix + "}:",
+        consumer_session_timeout_ms=6000,
         consumer_max_poll_interval_ms=3000,
-        trainer_model="bench", trainer_features=[f"f{j}" for j in range(N_FEATURES)],
-        trainer_classes=["yes", "no"], trainer_signing_key=str(key), trainer_state_dir=str(work / f"{tag}-state"),
-        trainer_group_id=f"{prefix}-trainer", trainer_max_wait_ms=50, trainer_checkpoint_every_s=3600,
-        replay_state_dir=str(work / f"{tag}-replay"), log_level="warning",
+        trainer_model="bench",
+        trainer_features=[f"f{j}" for j in range(N_FEATURES)],
+        trainer_classes=["yes", "no"],
+        trainer_signing_key=str(key),
+        trainer_state_dir=str(work / f"{tag}-state"),
+        trainer_group_id=f"{prefix}-trainer",
+        trainer_max_wait_ms=50,
+        trainer_checkpoint_every_s=3600,
+        replay_state_dir=str(work / f"{tag}-replay"),
+        log_level="warning",
     )
 
 
@@ -133,9 +143,14 @@ def live_pipeline(settings: Settings, total_events: int) -> dict[str, Any]:
     stop.set()
     for t in threads:
         t.join(60)
-    return {"events": total_events, "examples": examples, "seconds": seconds,
-            "events_per_s": total_events / seconds, "trainer_version": trainer.version,
-            "labeled": trainer.learner.counts["labeled"]}
+    return {
+        "events": total_events,
+        "examples": examples,
+        "seconds": seconds,
+        "events_per_s": total_events / seconds,
+        "trainer_version": trainer.version,
+        "labeled": trainer.learner.counts["labeled"],
+    }
 
 
 def timed_replay(settings: Settings, plan: ReplayPlan, **kw: Any) -> dict[str, Any]:
@@ -145,11 +160,16 @@ def timed_replay(settings: Settings, plan: ReplayPlan, **kw: Any) -> dict[str, A
     seconds = time.perf_counter() - start
     assert summary["done"]
     records = summary["records_read"]
-    return {"records": records, "seconds": seconds, "per_s": records / seconds,
-            "examples": summary["counts"]["examples"], "versions": summary["version"],
-            "final_sha256": summary["final_sha256"],
-            "stage_seconds": {k: round(v, 3) for k, v in replay.timings.items()}
-            | {"read_merge_decode_other": round(seconds - sum(replay.timings.values()), 3)}}
+    return {
+        "records": records,
+        "seconds": seconds,
+        "per_s": records / seconds,
+        "examples": summary["counts"]["examples"],
+        "versions": summary["version"],
+        "final_sha256": summary["final_sha256"],
+        "stage_seconds": {k: round(v, 3) for k, v in replay.timings.items()}
+        | {"read_merge_decode_other": round(seconds - sum(replay.timings.values()), 3)},
+    }
 
 
 def one_repeat(base: Settings, work: Path, key: Path, requests: int, r: int) -> dict[str, Any]:
@@ -168,8 +188,11 @@ def one_repeat(base: Settings, work: Path, key: Path, requests: int, r: int) -> 
     raw_before = raw_consume(s, inputs)
     replay = timed_replay(s, ReplayPlan(replay_id=f"ev{tag}"))
     raw_after = raw_consume(s, inputs)
-    again = timed_replay(s, ReplayPlan(replay_id=f"ev2{tag}", lineage=f"bench@replay-ev{tag}",
-                                       output_dir=str(work / f"{tag}-again")), poll_records=500)
+    again = timed_replay(
+        s,
+        ReplayPlan(replay_id=f"ev2{tag}", lineage=f"bench@replay-ev{tag}", output_dir=str(work / f"{tag}-again")),
+        poll_records=500,
+    )
     raw_inputs = statistics.mean([raw_before["per_s"], raw_after["per_s"]])
     print(f"  replay {replay['per_s']:.0f} events/s, raw {raw_inputs:.0f}", file=sys.stderr)
 
@@ -178,9 +201,12 @@ def one_repeat(base: Settings, work: Path, key: Path, requests: int, r: int) -> 
     raw_ex_after = raw_consume(s, [s.topic_examples])
     raw_examples = statistics.mean([raw_ex_before["per_s"], raw_ex_after["per_s"]])
     return {
-        "events": total, "counts": counts, "live": live,
+        "events": total,
+        "counts": counts,
+        "live": live,
         "raw_inputs": {"before": raw_before, "after": raw_after, "mean_per_s": raw_inputs},
-        "replay_events": replay, "replay_events_poll500": again,
+        "replay_events": replay,
+        "replay_events_poll500": again,
         # The replay's join emits what the live joiner emitted (the same windows closed at the end).
         "examples_equal_live": replay["examples"] == live["examples"],
         "digest_equal_across_fetch_sizes": replay["final_sha256"] is not None
@@ -220,23 +246,40 @@ def main(argv: list[str] | None = None) -> int:
             out.append(value)
         return out
 
-    summary = {k: {"mean": statistics.mean(col(k)), "all": col(k)} for k in (
-        "replay_events.per_s", "raw_inputs.mean_per_s", "live.events_per_s", "ratio_replay_to_raw",
-        "ratio_replay_to_live", "replay_examples.per_s", "raw_examples.mean_per_s", "ratio_examples_replay_to_raw")}
+    summary = {
+        k: {"mean": statistics.mean(col(k)), "all": col(k)}
+        for k in (
+            "replay_events.per_s",
+            "raw_inputs.mean_per_s",
+            "live.events_per_s",
+            "ratio_replay_to_raw",
+            "ratio_replay_to_live",
+            "replay_examples.per_s",
+            "raw_examples.mean_per_s",
+            "ratio_examples_replay_to_raw",
+        )
+    }
     summary["digests_equal_across_fetch_sizes"] = all(col("digest_equal_across_fetch_sizes"))
     summary["examples_equal_live"] = all(col("examples_equal_live"))
     summary["target_ratio_to_raw"] = 0.5
     summary["meets_target"] = summary["ratio_replay_to_raw"]["mean"] >= 0.5
-    result = {"benchmark": "replay", "requests": args.requests, "repeats": repeats, "summary": summary,
-              "machine": info | {"code": code_version()}}
+    result = {
+        "benchmark": "replay",
+        "requests": args.requests,
+        "repeats": repeats,
+        "summary": summary,
+        "machine": info | {"code": code_version()},
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(f"{'':34}{'mean':>12}  all")
     for k, v in summary.items():
         if isinstance(v, dict):
             print(f"{k:<34}{v['mean']:>12.3f}  " + ", ".join(f"{x:.3f}" for x in v["all"]))
-    print(f"digests equal across fetch sizes: {summary['digests_equal_across_fetch_sizes']}; "
-          f"target (replay >= 0.5 of raw consume) met: {summary['meets_target']}")
+    print(
+        f"digests equal across fetch sizes: {summary['digests_equal_across_fetch_sizes']}; "
+        f"target (replay >= 0.5 of raw consume) met: {summary['meets_target']}"
+    )
     for rep in repeats:
         print("stages (s):", rep["replay_events"]["stage_seconds"], "of", round(rep["replay_events"]["seconds"], 2))
     return 0

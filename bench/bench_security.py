@@ -78,24 +78,42 @@ ROW = {"a": 1.0, "b": 2.0}
 def tensors(version: int) -> dict[str, torch.Tensor]:
     """A servable logreg whose prediction for ROW is 4 * version."""
     zeros = torch.zeros(2, dtype=torch.float64)
-    return {"model.weight": torch.tensor([[float(version)] * 2]), "model.bias": torch.tensor([float(version)]),
-            "featurizer.count": zeros, "featurizer.mean": zeros.clone(), "featurizer.m2": zeros.clone(),
-            "target": torch.zeros(3, dtype=torch.float64)}
+    return {
+        "model.weight": torch.tensor([[float(version)] * 2]),
+        "model.bias": torch.tensor([float(version)]),
+        "featurizer.count": zeros,
+        "featurizer.mean": zeros.clone(),
+        "featurizer.m2": zeros.clone(),
+        "target": torch.zeros(3, dtype=torch.float64),
+    }
 
 
 def publish(producer: Any, topic: str, key: Any, version: int) -> CheckpointManifest:
     data = encode_tensors(tensors(version))
     manifest = CheckpointManifest(
-        model=MODEL, version=version, parent=version - 1 if version > 1 else None,
-        created_at=1_767_225_600_000 + version, input_offsets=[], counts={}, metrics={}, drift_state={},
-        feature_spec=FEATURES, architecture=SPEC.to_dict(), weights=weights_info(data, 128))
+        model=MODEL,
+        version=version,
+        parent=version - 1 if version > 1 else None,
+        created_at=1_767_225_600_000 + version,
+        input_offsets=[],
+        counts={},
+        metrics={},
+        drift_state={},
+        feature_spec=FEATURES,
+        architecture=SPEC.to_dict(),
+        weights=weights_info(data, 128),
+    )
     return publish_checkpoint(producer, topic, manifest, data, key, chunk_bytes=128)
 
 
 def manifest_record(producer: Any, topic: str, value: bytes, version: str = "99") -> None:
-    producer.send(topic, key=MODEL.encode(), value=value, partition=0,
-                  headers=[(H_TYPE, b"manifest"), (H_MODEL, MODEL.encode()), (H_VERSION, version.encode())]
-                  ).get(timeout=60)
+    producer.send(
+        topic,
+        key=MODEL.encode(),
+        value=value,
+        partition=0,
+        headers=[(H_TYPE, b"manifest"), (H_MODEL, MODEL.encode()), (H_VERSION, version.encode())],
+    ).get(timeout=60)
 
 
 def raw(settings: Settings, **options: Any) -> KafkaProducer:
@@ -103,8 +121,9 @@ def raw(settings: Settings, **options: Any) -> KafkaProducer:
 
 
 def fresh(settings: Settings, name: str) -> Settings:
-    s = msgspec.structs.replace(settings, **{f"topic_{r}": f"sec{name}{int(time.time() * 1000)}.{r}"
-                                             for r in settings.topics})
+    s = msgspec.structs.replace(
+        settings, **{f"topic_{r}": f"sec{name}{int(time.time() * 1000)}.{r}" for r in settings.topics}
+    )
     ensure_topics(s)
     return s
 
@@ -198,19 +217,31 @@ def start_attacks(settings: Settings, keys: Any, state_dir: str) -> list[dict[st
         settled(s)
         swaps: list[int] = []
         started = time.monotonic()
-        sub = CheckpointSubscriber(s, keys[1], model=MODEL,
-                                   on_swap=lambda new, old, seen=swaps: seen.append(new.version))
+        sub = CheckpointSubscriber(
+            s, keys[1], model=MODEL, on_swap=lambda new, old, seen=swaps: seen.append(new.version)
+        )
         try:
             sub.start(wait_s=120)
             ready = time.monotonic() - started
             status = sub.status()
         finally:
             sub.stop()
-        out.append({"attack": name, "served": swaps[0], "versions_served": swaps, "ready_s": round(ready, 3),
-                    "scan_records": status["catch_up"]["records"], "refused": status["failures_by_reason"],
-                    "skipped_records": status["skipped_records"]})
-        print(f"  {name:45} served v{swaps[0]} in {ready:6.2f}s, scan read {status['catch_up']['records']} "
-              f"records, refused {status['failures_by_reason']}", flush=True)
+        out.append(
+            {
+                "attack": name,
+                "served": swaps[0],
+                "versions_served": swaps,
+                "ready_s": round(ready, 3),
+                "scan_records": status["catch_up"]["records"],
+                "refused": status["failures_by_reason"],
+                "skipped_records": status["skipped_records"],
+            }
+        )
+        print(
+            f"  {name:45} served v{swaps[0]} in {ready:6.2f}s, scan read {status['catch_up']['records']} "
+            f"records, refused {status['failures_by_reason']}",
+            flush=True,
+        )
     base = out[0]["ready_s"]
     for row in out:
         row["ready_ratio"] = round(row["ready_s"] / base, 2)
@@ -232,13 +263,24 @@ def threads_of(pid: int) -> int:
 
 def _follower_child(settings: Settings, public_pem: bytes, out: Any, stop: Any) -> None:
     swaps: dict[int, float] = {}
-    sub = CheckpointSubscriber(settings, load_public_key(public_pem), model=MODEL,
-                               on_swap=lambda new, old: swaps.__setitem__(new.version, time.time()))
+    sub = CheckpointSubscriber(
+        settings,
+        load_public_key(public_pem),
+        model=MODEL,
+        on_swap=lambda new, old: swaps.__setitem__(new.version, time.time()),
+    )
     sub.start(wait_s=60)
     while not stop.is_set():
         status = sub.status()
-        out.put({"rss_kib": rss_kib(), "version": sub.version, "records_followed": status["records_followed"],
-                 "window": status["window"], "swaps": dict(swaps)})
+        out.put(
+            {
+                "rss_kib": rss_kib(),
+                "version": sub.version,
+                "records_followed": status["records_followed"],
+                "window": status["window"],
+                "swaps": dict(swaps),
+            }
+        )
         time.sleep(0.25)
     sub.stop()
 
@@ -263,9 +305,20 @@ def follower_memory(settings: Settings, keys: Any, public_pem: bytes, junk_recor
         if n:
             junk = raw(s)
             for i in range(n):
-                junk.send(s.topic_models, key=MODEL.encode(), value=b"", partition=0, headers=[
-                    (H_TYPE, b"chunk"), (H_MODEL, MODEL.encode()), (H_VERSION, str(10**9 + i).encode()),
-                    (H_CHUNK_INDEX, b"0"), (H_CHUNK_COUNT, b"1"), (H_SHA256, b"0" * 64)])
+                junk.send(
+                    s.topic_models,
+                    key=MODEL.encode(),
+                    value=b"",
+                    partition=0,
+                    headers=[
+                        (H_TYPE, b"chunk"),
+                        (H_MODEL, MODEL.encode()),
+                        (H_VERSION, str(10**9 + i).encode()),
+                        (H_CHUNK_INDEX, b"0"),
+                        (H_CHUNK_COUNT, b"1"),
+                        (H_SHA256, b"0" * 64),
+                    ],
+                )
             junk.flush()
             junk.close()
             while reports[-1]["records_followed"] < n * 0.95:
@@ -279,12 +332,19 @@ def follower_memory(settings: Settings, keys: Any, public_pem: bytes, junk_recor
         child.join(30)
         p.close()
         peak = max(r["rss_kib"] for r in reports)
-        result[case] = {"rss_before_mib": round(before / 1024, 1), "rss_peak_mib": round(peak / 1024, 1),
-                        "rss_growth_mib": round((peak - before) / 1024, 1),
-                        "window_records_peak": max(r["window"]["records"] for r in reports),
-                        "records_followed": reports[-1]["records_followed"], "swap_after_s": round(swap_s, 3)}
-        print(f"  {case:35} RSS {before / 1024:6.1f} -> peak {peak / 1024:6.1f} MiB, window peak "
-              f"{result[case]['window_records_peak']} records, v2 swapped {swap_s:.3f}s after its ack", flush=True)
+        result[case] = {
+            "rss_before_mib": round(before / 1024, 1),
+            "rss_peak_mib": round(peak / 1024, 1),
+            "rss_growth_mib": round((peak - before) / 1024, 1),
+            "window_records_peak": max(r["window"]["records"] for r in reports),
+            "records_followed": reports[-1]["records_followed"],
+            "swap_after_s": round(swap_s, 3),
+        }
+        print(
+            f"  {case:35} RSS {before / 1024:6.1f} -> peak {peak / 1024:6.1f} MiB, window peak "
+            f"{result[case]['window_records_peak']} records, v2 swapped {swap_s:.3f}s after its ack",
+            flush=True,
+        )
     return result
 
 
@@ -340,7 +400,7 @@ def _slowloris(host: str, port: int, stop: Any, out: Any) -> None:
     while not stop.is_set():
         for n, s in enumerate(socks):
             try:
-                s.send(head[i % len(head): i % len(head) + 1])
+                s.send(head[i % len(head) : i % len(head) + 1])
             except OSError:
                 cut += 1
                 socks[n] = socket.create_connection((host, port), timeout=5)  # cut: come back
@@ -416,18 +476,33 @@ HTTP_ATTACKS: dict[str, Callable[..., None] | None] = {
 }
 
 
-def http_abuse(settings: Settings, public_path: Path, seconds: float, only: str = "",
-               repeat: int = 2) -> list[dict[str, Any]]:
+def http_abuse(
+    settings: Settings, public_path: Path, seconds: float, only: str = "", repeat: int = 2
+) -> list[dict[str, Any]]:
     s = fresh(settings, "http")
     p = make_producer(s)
     publish(p, s.topic_models, load_private_key(public_path.with_name("k.pem").read_bytes()), 3)
     p.close()
     port = free_port()
-    env = settings_env(msgspec.structs.replace(
-        s, serving_public_keys=[str(public_path)], serving_port=port, trainer_model=MODEL, trainer_features=FEATURES,
-        trainer_task="regression", trainer_architecture="logreg", serving_state_dir=None, log_format="json"))
-    proc = subprocess.Popen([sys.executable, "-m", "stream_learner.cli", "serve"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = settings_env(
+        msgspec.structs.replace(
+            s,
+            serving_public_keys=[str(public_path)],
+            serving_port=port,
+            trainer_model=MODEL,
+            trainer_features=FEATURES,
+            trainer_task="regression",
+            trainer_architecture="logreg",
+            serving_state_dir=None,
+            log_format="json",
+        )
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stream_learner.cli", "serve"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     host = "127.0.0.1"
     rows = []
     try:
@@ -489,16 +564,24 @@ def http_abuse(settings: Settings, public_path: Path, seconds: float, only: str 
                 if attacker.is_alive():
                     attacker.kill()
             latencies.sort()
-            row = {"case": name, "requests": len(latencies), "errors": errors,
-                   "p50_ms": round(1000 * latencies[len(latencies) // 2], 2),
-                   "p99_ms": round(1000 * latencies[int(len(latencies) * 0.99)], 2),
-                   "max_ms": round(1000 * latencies[-1], 2),
-                   "node_rss_peak_mib": round(peak_rss / 1024, 1), "node_threads_peak": peak_threads,
-                   "attacker_saw": attacker_saw}
+            row = {
+                "case": name,
+                "requests": len(latencies),
+                "errors": errors,
+                "p50_ms": round(1000 * latencies[len(latencies) // 2], 2),
+                "p99_ms": round(1000 * latencies[int(len(latencies) * 0.99)], 2),
+                "max_ms": round(1000 * latencies[-1], 2),
+                "node_rss_peak_mib": round(peak_rss / 1024, 1),
+                "node_threads_peak": peak_threads,
+                "attacker_saw": attacker_saw,
+            }
             rows.append(row)
-            print(f"  {name:60} p50 {row['p50_ms']:7.2f} ms  p99 {row['p99_ms']:7.2f} ms  max {row['max_ms']:8.2f} ms"
-                  f"  errors {errors:3}  node RSS {row['node_rss_peak_mib']:6.1f} MiB  threads {peak_threads}"
-                  f"  attacker saw {attacker_saw}", flush=True)
+            print(
+                f"  {name:60} p50 {row['p50_ms']:7.2f} ms  p99 {row['p99_ms']:7.2f} ms  max {row['max_ms']:8.2f} ms"
+                f"  errors {errors:3}  node RSS {row['node_rss_peak_mib']:6.1f} MiB  threads {peak_threads}"
+                f"  attacker saw {attacker_saw}",
+                flush=True,
+            )
             time.sleep(1.0)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -509,17 +592,27 @@ def http_abuse(settings: Settings, public_path: Path, seconds: float, only: str 
     for name in dict.fromkeys(r["case"] for r in rows):
         runs = [r for r in rows if r["case"] == name]
         p99s = sorted(r["p99_ms"] for r in runs)
-        merged.append({**runs[-1], "p99_ms": p99s[len(p99s) // 2] if len(p99s) % 2 else
-                       round((p99s[len(p99s) // 2 - 1] + p99s[len(p99s) // 2]) / 2, 2),
-                       "p99_ms_runs": [r["p99_ms"] for r in runs], "p50_ms_runs": [r["p50_ms"] for r in runs],
-                       "max_ms_runs": [r["max_ms"] for r in runs], "errors": sum(r["errors"] for r in runs),
-                       "node_rss_peak_mib": max(r["node_rss_peak_mib"] for r in runs),
-                       "node_threads_peak": max(r["node_threads_peak"] for r in runs)})
+        merged.append(
+            {
+                **runs[-1],
+                "p99_ms": p99s[len(p99s) // 2]
+                if len(p99s) % 2
+                else round((p99s[len(p99s) // 2 - 1] + p99s[len(p99s) // 2]) / 2, 2),
+                "p99_ms_runs": [r["p99_ms"] for r in runs],
+                "p50_ms_runs": [r["p50_ms"] for r in runs],
+                "max_ms_runs": [r["max_ms"] for r in runs],
+                "errors": sum(r["errors"] for r in runs),
+                "node_rss_peak_mib": max(r["node_rss_peak_mib"] for r in runs),
+                "node_threads_peak": max(r["node_threads_peak"] for r in runs),
+            }
+        )
     base = merged[0]["p99_ms"]
     for row in merged:
         row["p99_ratio"] = round(row["p99_ms"] / base, 2)
-        print(f"  {row['case']:70} median p99 {row['p99_ms']:7.2f} ms ({row['p99_ratio']:5.2f}x baseline), "
-              f"runs {row['p99_ms_runs']}")
+        print(
+            f"  {row['case']:70} median p99 {row['p99_ms']:7.2f} ms ({row['p99_ratio']:5.2f}x baseline), "
+            f"runs {row['p99_ms_runs']}"
+        )
     tracebacks = err.decode().count("Traceback")
     print(f"  tracebacks on the node's stderr: {tracebacks}")
     return merged + [{"tracebacks_on_stderr": tracebacks}]
@@ -548,12 +641,14 @@ def main() -> None:
             results["start_attacks"] = start_attacks(servers.settings, keys, str(work / "state"))
         if "2" in parts:
             print("part 2: follower memory under junk records", flush=True)
-            results["follower_memory"] = follower_memory(servers.settings, keys, public_pem,
-                                                         20_000 if args.quick else 200_000)
+            results["follower_memory"] = follower_memory(
+                servers.settings, keys, public_pem, 20_000 if args.quick else 200_000
+            )
         if "3" in parts:
             print("part 3: the normal client's latency under HTTP abuse", flush=True)
-            results["http_abuse"] = http_abuse(servers.settings, work / "k.pub.pem", args.seconds, args.only,
-                                               args.repeat)
+            results["http_abuse"] = http_abuse(
+                servers.settings, work / "k.pub.pem", args.seconds, args.only, args.repeat
+            )
     if parts == {"1", "2", "3"} and not args.quick:
         RESULTS.parent.mkdir(exist_ok=True)
         RESULTS.write_text(json.dumps(results, indent=2) + "\n")

@@ -158,8 +158,7 @@ TORCH_DEFAULT_THREADS = torch.get_num_threads()
 #: Whether the trainer sets torch's thread count from its settings (``trainer_torch_threads``);
 #: without that setting it runs with torch's own default.
 HAS_THREADS_SETTING = "trainer_torch_threads" in Settings.__struct_fields__
-PRODUCT_DEFAULT_THREADS: int = (Settings().trainer_torch_threads if HAS_THREADS_SETTING
-                                else TORCH_DEFAULT_THREADS)
+PRODUCT_DEFAULT_THREADS: int = Settings().trainer_torch_threads if HAS_THREADS_SETTING else TORCH_DEFAULT_THREADS
 
 
 # -- data ---------------------------------------------------------------------
@@ -203,11 +202,19 @@ def build_workload(n: int, seed: int = SEED) -> Workload:
         rid = f"req-{seed:x}-{i:08d}"
         t_pred = T0 + i
         ex = ExampleEvent(
-            example_id=example_id(kind, pid, lid), kind=kind, request_id=rid, model=MODEL,
-            model_version=MODEL_VERSION, features=features, prediction={"0": 1.0 - served, "1": served},
-            label=None if unlabeled else y, prediction_event_id=pid, prediction_time=t_pred,
+            example_id=example_id(kind, pid, lid),
+            kind=kind,
+            request_id=rid,
+            model=MODEL,
+            model_version=MODEL_VERSION,
+            features=features,
+            prediction={"0": 1.0 - served, "1": served},
+            label=None if unlabeled else y,
+            prediction_event_id=pid,
+            prediction_time=t_pred,
             prediction_source=Source("sl.predictions", i % 3, i // 3),
-            label_event_id=lid, label_time=None if unlabeled else t_pred + 1 + (i * 7919) % 500,
+            label_event_id=lid,
+            label_time=None if unlabeled else t_pred + 1 + (i * 7919) % 500,
             label_source=None if unlabeled else Source("sl.labels", (i + 1) % 3, i // 3),
         )
         keys.append(rid.encode())
@@ -215,8 +222,14 @@ def build_workload(n: int, seed: int = SEED) -> Workload:
         if not unlabeled:
             labeled += 1
             positives += y == "1"
-    return Workload(keys, values, labeled, n - labeled, positives / max(labeled, 1),
-                    {"weights": weights, "bias": bias, "noise_sd": LABEL_NOISE_SD})
+    return Workload(
+        keys,
+        values,
+        labeled,
+        n - labeled,
+        positives / max(labeled, 1),
+        {"weights": weights, "bias": bias, "noise_sd": LABEL_NOISE_SD},
+    )
 
 
 # -- Kafka helpers ------------------------------------------------------------
@@ -282,8 +295,9 @@ class Stages:
         self.durations: dict[str, list[float]] = {}
         self.active = True
 
-    def wrap(self, obj: Any, attr: str, stage: str, *, when: Callable[[], bool] | None = None,
-             keep: bool = False) -> None:
+    def wrap(
+        self, obj: Any, attr: str, stage: str, *, when: Callable[[], bool] | None = None, keep: bool = False
+    ) -> None:
         inner = getattr(obj, attr)
         seconds, calls, perf = self.seconds, self.calls, time.perf_counter
         seconds.setdefault(stage, 0.0)
@@ -363,8 +377,9 @@ class LoadProbe:
         d_busy, d_idle = busy - self.start[0], idle - self.start[1]
         return {
             "cpu_busy_share": d_busy / (d_busy + d_idle) if d_busy + d_idle > 0 else None,
-            "cpu_pressure_some_share": (psi - self.start[2]) / wall if psi is not None and self.start[2] is not None
-            and wall > 0 else None,
+            "cpu_pressure_some_share": (psi - self.start[2]) / wall
+            if psi is not None and self.start[2] is not None and wall > 0
+            else None,
             "loadavg_1m": os.getloadavg()[0],
         }
 
@@ -416,8 +431,7 @@ def learner_breakdown(s: dict[str, float]) -> dict[str, float]:
 
 def trainer_breakdown(s: dict[str, float], wall: float) -> dict[str, float]:
     """Exclusive seconds of every stage of the timed trainer loop; they add up to ``wall``."""
-    ck_parts = ("ckpt_state_dict", "ckpt_weights_bytes", "ckpt_store_save", "ckpt_publish", "ckpt_flush",
-                "ckpt_commit")
+    ck_parts = ("ckpt_state_dict", "ckpt_weights_bytes", "ckpt_store_save", "ckpt_publish", "ckpt_flush", "ckpt_commit")
     out = {"poll": s["poll"], "decode_loop": s["train"] - s["process"]}
     out.update(learner_breakdown(s))
     out.update({k: s[k] for k in ck_parts})
@@ -429,19 +443,37 @@ def trainer_breakdown(s: dict[str, float], wall: float) -> dict[str, float]:
 # -- phase 3: the trainer -----------------------------------------------------
 
 
-def trainer_settings(settings: Settings, topic: str, arch: str, batch: int, tag: str, key: Path,
-                     state_root: Path, threads: int | None = None) -> Settings:
+def trainer_settings(
+    settings: Settings,
+    topic: str,
+    arch: str,
+    batch: int,
+    tag: str,
+    key: Path,
+    state_root: Path,
+    threads: int | None = None,
+) -> Settings:
     extra: dict[str, Any] = {}
     if threads is not None and HAS_THREADS_SETTING:
         extra["trainer_torch_threads"] = threads  # the trainer sets torch's thread count itself
     return msgspec.structs.replace(
-        settings, **extra,
-        topic_examples=topic, topic_models=f"bench.models.{tag}", topic_drift=f"bench.drift.{tag}",
-        topic_dlq=f"bench.dlq.{tag}", trainer_group_id=f"bench-trainer-{tag}",
-        trainer_model=MODEL, trainer_features=list(FEATURES), trainer_classes=["0", "1"],
-        trainer_architecture=arch, trainer_hidden=[HIDDEN], trainer_batch_size=batch,
-        trainer_signing_key=str(key), trainer_state_dir=str(state_root / tag),
-        trainer_checkpoint_every_examples=CHECKPOINT_EVERY, trainer_checkpoint_every_s=1e9,
+        settings,
+        **extra,
+        topic_examples=topic,
+        topic_models=f"bench.models.{tag}",
+        topic_drift=f"bench.drift.{tag}",
+        topic_dlq=f"bench.dlq.{tag}",
+        trainer_group_id=f"bench-trainer-{tag}",
+        trainer_model=MODEL,
+        trainer_features=list(FEATURES),
+        trainer_classes=["0", "1"],
+        trainer_architecture=arch,
+        trainer_hidden=[HIDDEN],
+        trainer_batch_size=batch,
+        trainer_signing_key=str(key),
+        trainer_state_dir=str(state_root / tag),
+        trainer_checkpoint_every_examples=CHECKPOINT_EVERY,
+        trainer_checkpoint_every_s=1e9,
     )
 
 
@@ -454,8 +486,13 @@ def applied(trainer: Trainer) -> int:
     return sum(trainer.offsets.values())
 
 
-def phase_trainer(s: Settings, w: Workload, profile: cProfile.Profile | None = None,
-                  max_seconds: float = math.inf, drift: bool = False) -> dict[str, Any]:
+def phase_trainer(
+    s: Settings,
+    w: Workload,
+    profile: cProfile.Profile | None = None,
+    max_seconds: float = math.inf,
+    drift: bool = False,
+) -> dict[str, Any]:
     """Step a fresh trainer through the topic; see the module docstring. A run that passes
     ``max_seconds`` stops there, is rated over the examples it applied, and is marked ``capped``."""
     n = len(w.values)
@@ -515,8 +552,10 @@ def phase_trainer(s: Settings, w: Workload, profile: cProfile.Profile | None = N
     dead = stages.calls["dead_letters"]
     problems = []
     if c["labeled"] + c["pseudo"] + c["pseudo_skipped"] != applied(trainer):
-        problems.append(f"labeled {c['labeled']} + pseudo {c['pseudo']} + skipped {c['pseudo_skipped']} "
-                        f"!= applied {applied(trainer)}")
+        problems.append(
+            f"labeled {c['labeled']} + pseudo {c['pseudo']} + skipped {c['pseudo_skipped']} "
+            f"!= applied {applied(trainer)}"
+        )
     if not capped and c["labeled"] != w.labeled:
         problems.append(f"labeled {c['labeled']} != {w.labeled}")
     if not capped and c["pseudo"] + c["pseudo_skipped"] != w.unlabeled:
@@ -532,13 +571,22 @@ def phase_trainer(s: Settings, w: Workload, profile: cProfile.Profile | None = N
         raise SystemExit(f"trainer run {s.trainer_architecture}:{batch} is wrong: {'; '.join(problems)}; {c}")
     wall = t1 - t0
     return {
-        "seconds": wall, "examples_timed": timed, "capped": capped,
+        "seconds": wall,
+        "examples_timed": timed,
+        "capped": capped,
         "seconds_incl_tail": None if capped else t_all - t0,
-        "cpu_main_thread_s": c1 - c0, "cpu_process_s": p1 - p0, "torch_threads_in_run": threads_in_run,
-        "gc": gct.result(), "gc_tracked_objects_at_start": tracked, "load": load,
-        "checkpoints": len(ckpt_durations), "checkpoint_seconds": ckpt_durations,
-        "stage_seconds": trainer_breakdown(seconds, wall), "stage_calls": dict(stages.calls),
-        "counts": dict(c), "accuracy": trainer.learner.summary().get("accuracy"),
+        "cpu_main_thread_s": c1 - c0,
+        "cpu_process_s": p1 - p0,
+        "torch_threads_in_run": threads_in_run,
+        "gc": gct.result(),
+        "gc_tracked_objects_at_start": tracked,
+        "load": load,
+        "checkpoints": len(ckpt_durations),
+        "checkpoint_seconds": ckpt_durations,
+        "stage_seconds": trainer_breakdown(seconds, wall),
+        "stage_calls": dict(stages.calls),
+        "counts": dict(c),
+        "accuracy": trainer.learner.summary().get("accuracy"),
         "accuracy_rolling": trainer.learner.summary().get("accuracy_rolling"),
         "served_accuracy": trainer.learner.summary().get("served_accuracy"),
         "versions": trainer.version,
@@ -560,14 +608,15 @@ def phase_decode(values: list[bytes]) -> tuple[float, list[ExampleEvent]]:
     return seconds, [dec(v) for v in values]
 
 
-def phase_learner(s: Settings, examples: list[ExampleEvent], max_seconds: float = math.inf,
-                  drift: bool = False) -> dict[str, Any]:
+def phase_learner(
+    s: Settings, examples: list[ExampleEvent], max_seconds: float = math.inf, drift: bool = False
+) -> dict[str, Any]:
     """``process`` over the examples in chunks of the batch size; stops early after ``max_seconds``."""
     learner = OnlineLearner(learner_config(s), drift=drift_monitor(s) if drift else None)
     stages = Stages()
     stages.wrap_learner(learner)
     batch = s.trainer_batch_size
-    chunks = [examples[i:i + batch] for i in range(0, len(examples), batch)]
+    chunks = [examples[i : i + batch] for i in range(0, len(examples), batch)]
     process, perf = learner.process, time.perf_counter
     done = 0
     gc.collect()
@@ -586,9 +635,15 @@ def phase_learner(s: Settings, examples: list[ExampleEvent], max_seconds: float 
         p1, c1 = time.process_time(), time.thread_time()
     stage_seconds = learner_breakdown(stages.seconds)
     stage_seconds["loop_other"] = wall - stages.seconds["process"]
-    return {"seconds": wall, "examples": done, "cpu_main_thread_s": c1 - c0, "cpu_process_s": p1 - p0,
-            "gc": gct.result(),
-            "stage_seconds": stage_seconds, "accuracy": learner.summary().get("accuracy")}
+    return {
+        "seconds": wall,
+        "examples": done,
+        "cpu_main_thread_s": c1 - c0,
+        "cpu_process_s": p1 - p0,
+        "gc": gct.result(),
+        "stage_seconds": stage_seconds,
+        "accuracy": learner.summary().get("accuracy"),
+    }
 
 
 # -- driver -------------------------------------------------------------------
@@ -637,9 +692,18 @@ def run_name(arch: str, batch: int, threads: int, drift: bool = False) -> str:
 Variant = tuple[int, bool]
 
 
-def one_repeat(settings: Settings, topic: str, w: Workload,
-               configs: list[tuple[str, int]], variants: list[Variant], r: int, key: Path,
-               state_root: Path, memory_max_s: float, run_max_s: float) -> dict[str, Any]:
+def one_repeat(
+    settings: Settings,
+    topic: str,
+    w: Workload,
+    configs: list[tuple[str, int]],
+    variants: list[Variant],
+    r: int,
+    key: Path,
+    state_root: Path,
+    memory_max_s: float,
+    run_max_s: float,
+) -> dict[str, Any]:
     n = len(w.values)
     out: dict[str, Any] = {"baselines": {}, "runs": {}, "memory": {}}
     order = configs if r % 2 == 0 else list(reversed(configs))
@@ -666,6 +730,7 @@ def one_repeat(settings: Settings, topic: str, w: Workload,
                     raise SystemExit(f"the trainer ran with {res['torch_threads_in_run']} torch threads, not {t}")
                 res["torch_threads"] = t
                 out["runs"][run_name(arch, batch, t, drift)] = res
+
             return go
 
         # The baselines go before the trainer runs in one config and after them
@@ -679,12 +744,14 @@ def one_repeat(settings: Settings, topic: str, w: Workload,
         for t, drift in variants:
             res = out["runs"][run_name(arch, batch, t, drift)]
             rate = res["examples_timed"] / res["seconds"]
-            print(f"  {run_name(arch, batch, t, drift):<20} trainer {rate:>8,.0f}/s  raw {n / base['raw_s']:>8,.0f}/s  "
-                  f"raw@{10 * batch} {n / base['raw_same_poll_s']:>8,.0f}/s  ratio {rate / (n / base['raw_s']):.3f}  "
-                  f"checkpoints {res['checkpoints']} x {mean_or_nan(res['checkpoint_seconds']) * 1000:.1f} ms  "
-                  f"acc {res['accuracy']:.3f}  psi {100 * (res['load']['cpu_pressure_some_share'] or math.nan):.0f}%"
-                  + (f"  CAPPED at {res['examples_timed']} examples" if res["capped"]
-                                                  else ""), flush=True)
+            print(
+                f"  {run_name(arch, batch, t, drift):<20} trainer {rate:>8,.0f}/s  raw {n / base['raw_s']:>8,.0f}/s  "
+                f"raw@{10 * batch} {n / base['raw_same_poll_s']:>8,.0f}/s  ratio {rate / (n / base['raw_s']):.3f}  "
+                f"checkpoints {res['checkpoints']} x {mean_or_nan(res['checkpoint_seconds']) * 1000:.1f} ms  "
+                f"acc {res['accuracy']:.3f}  psi {100 * (res['load']['cpu_pressure_some_share'] or math.nan):.0f}%"
+                + (f"  CAPPED at {res['examples_timed']} examples" if res["capped"] else ""),
+                flush=True,
+            )
 
     # Phase 4: in memory. The decoded examples exist only here: held during
     # the trainer runs, their ~350k GC-tracked objects would make each full
@@ -707,12 +774,15 @@ def one_repeat(settings: Settings, topic: str, w: Workload,
     return out
 
 
-def summarise(repeats: list[dict[str, Any]], n: int, configs: list[tuple[str, int]],
-              variants: list[Variant]) -> dict[str, Any]:
+def summarise(
+    repeats: list[dict[str, Any]], n: int, configs: list[tuple[str, int]], variants: list[Variant]
+) -> dict[str, Any]:
     med = statistics.median
     summary: dict[str, Any] = {
-        "decode_in_memory": {"examples_per_s": med(n / rep["decode_s"] for rep in repeats),
-                             "us_per_example": med(rep["decode_s"] / n * 1e6 for rep in repeats)},
+        "decode_in_memory": {
+            "examples_per_s": med(n / rep["decode_s"] for rep in repeats),
+            "us_per_example": med(rep["decode_s"] / n * 1e6 for rep in repeats),
+        },
         "runs": {},
     }
     for arch, batch in configs:
@@ -729,50 +799,67 @@ def summarise(repeats: list[dict[str, Any]], n: int, configs: list[tuple[str, in
             ck_mean = [mean_or_nan(run["checkpoint_seconds"]) for run in runs]
             ck_share = [sum(run["checkpoint_seconds"]) / run["seconds"] for run in runs]
             stage_names = list(runs[0]["stage_seconds"])
-            stages_us = {k: med(run["stage_seconds"][k] / run["examples_timed"] * 1e6 for run in runs)
-                         for k in stage_names}
+            stages_us = {
+                k: med(run["stage_seconds"][k] / run["examples_timed"] * 1e6 for run in runs) for k in stage_names
+            }
             stage_share = {k: med(run["stage_seconds"][k] / run["seconds"] for run in runs) for k in stage_names}
             mem_rates = [m["examples"] / m["seconds"] for m in mems]
             raw_cpu = [b["raw_cpu_s"] / n * 1e6 for b in bases]
             cpu_main = [run["cpu_main_thread_s"] / run["examples_timed"] * 1e6 for run in runs]
             cpu_proc = [run["cpu_process_s"] / run["examples_timed"] * 1e6 for run in runs]
-            mem_stages_us = {k: med(m["stage_seconds"][k] / m["examples"] * 1e6 for m in mems)
-                             for k in mems[0]["stage_seconds"]}
+            mem_stages_us = {
+                k: med(m["stage_seconds"][k] / m["examples"] * 1e6 for m in mems) for k in mems[0]["stage_seconds"]
+            }
             summary["runs"][name] = {
-                "architecture": arch, "batch_size": batch, "torch_threads": t, "drift_detectors": drift,
+                "architecture": arch,
+                "batch_size": batch,
+                "torch_threads": t,
+                "drift_detectors": drift,
                 "torch_threads_is_product_default": t == PRODUCT_DEFAULT_THREADS,
                 "torch_threads_is_torch_default": t == TORCH_DEFAULT_THREADS,
-                "trainer_examples_per_s": med(rates), "trainer_examples_per_s_all": rates,
+                "trainer_examples_per_s": med(rates),
+                "trainer_examples_per_s_all": rates,
                 "trainer_us_per_example": med(1e6 / x for x in rates),
-                "raw_consume_per_s": med(raw), "raw_consume_per_s_all": raw,
-                "raw_consume_same_poll_per_s": med(raw_same), "raw_consume_same_poll_per_s_all": raw_same,
-                "ratio_to_raw": med(ratios), "ratio_to_raw_all": ratios,
-                "ratio_to_raw_same_poll": med(ratios_same), "ratio_to_raw_same_poll_all": ratios_same,
-                "target_ratio": 0.5, "meets_target": med(ratios) >= 0.5,
-                "cpu_main_thread_us_per_example": med(cpu_main), "cpu_process_us_per_example": med(cpu_proc),
+                "raw_consume_per_s": med(raw),
+                "raw_consume_per_s_all": raw,
+                "raw_consume_same_poll_per_s": med(raw_same),
+                "raw_consume_same_poll_per_s_all": raw_same,
+                "ratio_to_raw": med(ratios),
+                "ratio_to_raw_all": ratios,
+                "ratio_to_raw_same_poll": med(ratios_same),
+                "ratio_to_raw_same_poll_all": ratios_same,
+                "target_ratio": 0.5,
+                "meets_target": med(ratios) >= 0.5,
+                "cpu_main_thread_us_per_example": med(cpu_main),
+                "cpu_process_us_per_example": med(cpu_proc),
                 "raw_consume_cpu_us_per_example": med(raw_cpu),
                 "cpu_ratio_raw_to_trainer_main_thread": med(r_ / c_ for r_, c_ in zip(raw_cpu, cpu_main)),
-                "learner_in_memory_cpu_process_us_per_example": med(m["cpu_process_s"] / m["examples"] * 1e6
-                                                                      for m in mems),
+                "learner_in_memory_cpu_process_us_per_example": med(
+                    m["cpu_process_s"] / m["examples"] * 1e6 for m in mems
+                ),
                 "learner_in_memory_examples": min(m["examples"] for m in mems),
                 "checkpoints": med(run["checkpoints"] for run in runs),
-                "checkpoint_mean_s": med(ck_mean), "checkpoint_mean_s_all": ck_mean,
-                "checkpoint_share": med(ck_share), "checkpoint_share_all": ck_share,
-                "stages_us_per_example": stages_us, "stages_share": stage_share,
-                "learner_in_memory_per_s": med(mem_rates), "learner_in_memory_per_s_all": mem_rates,
+                "checkpoint_mean_s": med(ck_mean),
+                "checkpoint_mean_s_all": ck_mean,
+                "checkpoint_share": med(ck_share),
+                "checkpoint_share_all": ck_share,
+                "stages_us_per_example": stages_us,
+                "stages_share": stage_share,
+                "learner_in_memory_per_s": med(mem_rates),
+                "learner_in_memory_per_s_all": mem_rates,
                 "learner_in_memory_us_per_example": med(1e6 / x for x in mem_rates),
                 "learner_in_memory_stages_us_per_example": mem_stages_us,
                 "accuracy": med(run["accuracy"] for run in runs),
                 "served_accuracy": med(run["served_accuracy"] for run in runs),
                 "gc_full_collections": med(run["gc"]["count"][2] for run in runs),
                 "gc_tracked_objects_at_start": med(run["gc_tracked_objects_at_start"] for run in runs),
-                "gc_full_collection_mean_s": med(run["gc"]["seconds"][2] / max(run["gc"]["count"][2], 1)
-                                                 for run in runs),
+                "gc_full_collection_mean_s": med(
+                    run["gc"]["seconds"][2] / max(run["gc"]["count"][2], 1) for run in runs
+                ),
                 "gc_us_per_example": med(sum(run["gc"]["seconds"]) / run["examples_timed"] * 1e6 for run in runs),
                 "gc_share": med(sum(run["gc"]["seconds"]) / run["seconds"] for run in runs),
                 "machine_cpu_busy_share": med(run["load"]["cpu_busy_share"] or math.nan for run in runs),
-                "machine_cpu_pressure_share": med(run["load"]["cpu_pressure_some_share"] or math.nan
-                                                  for run in runs),
+                "machine_cpu_pressure_share": med(run["load"]["cpu_pressure_some_share"] or math.nan for run in runs),
                 "capped_runs": sum(run["capped"] for run in runs),
                 "examples_timed_min": min(run["examples_timed"] for run in runs),
                 "counts": next((run["counts"] for run in runs if not run["capped"]), runs[0]["counts"]),
@@ -781,40 +868,56 @@ def summarise(repeats: list[dict[str, Any]], n: int, configs: list[tuple[str, in
 
 
 def print_table(summary: dict[str, Any], n: int, repeats: int) -> None:
-    print(f"\nN={n} examples, median of {repeats} repeats (ratios: median of per-repeat ratios); "
-          f"_tK = K torch intra-op threads (the trainer's default: {PRODUCT_DEFAULT_THREADS}, "
-          f"torch's own: {TORCH_DEFAULT_THREADS})\n")
-    head = (f"{'run':<20} {'trainer/s':>9} {'raw/s':>9} {'ratio':>6} {'raw@poll/s':>10} {'ratio':>6} "
-            f"{'ckpts':>5} {'ms/ckpt':>7} {'ckpt%':>6} {'gc2':>3} {'gc%':>5} {'cpu µs':>7} {'proc µs':>7} "
-            f"{'learner/s':>9} {'acc':>6} {'psi%':>5}")
+    print(
+        f"\nN={n} examples, median of {repeats} repeats (ratios: median of per-repeat ratios); "
+        f"_tK = K torch intra-op threads (the trainer's default: {PRODUCT_DEFAULT_THREADS}, "
+        f"torch's own: {TORCH_DEFAULT_THREADS})\n"
+    )
+    head = (
+        f"{'run':<20} {'trainer/s':>9} {'raw/s':>9} {'ratio':>6} {'raw@poll/s':>10} {'ratio':>6} "
+        f"{'ckpts':>5} {'ms/ckpt':>7} {'ckpt%':>6} {'gc2':>3} {'gc%':>5} {'cpu µs':>7} {'proc µs':>7} "
+        f"{'learner/s':>9} {'acc':>6} {'psi%':>5}"
+    )
     print(head)
     print("-" * len(head))
     for name, e in summary["runs"].items():
         mark = f"{name}*{e['capped_runs']}" if e["capped_runs"] else name
-        print(f"{mark:<20} {e['trainer_examples_per_s']:>9,.0f} {e['raw_consume_per_s']:>9,.0f} "
-              f"{e['ratio_to_raw']:>6.3f} {e['raw_consume_same_poll_per_s']:>10,.0f} "
-              f"{e['ratio_to_raw_same_poll']:>6.3f} {e['checkpoints']:>5.0f} "
-              f"{e['checkpoint_mean_s'] * 1000:>7.1f} {e['checkpoint_share'] * 100:>5.1f}% "
-              f"{e['gc_full_collections']:>3.0f} {e['gc_share'] * 100:>4.1f}% "
-              f"{e['cpu_main_thread_us_per_example']:>7.1f} {e['cpu_process_us_per_example']:>7.1f} "
-              f"{e['learner_in_memory_per_s']:>9,.0f} {e['accuracy']:>6.3f} "
-              f"{e['machine_cpu_pressure_share'] * 100:>5.0f}")
+        print(
+            f"{mark:<20} {e['trainer_examples_per_s']:>9,.0f} {e['raw_consume_per_s']:>9,.0f} "
+            f"{e['ratio_to_raw']:>6.3f} {e['raw_consume_same_poll_per_s']:>10,.0f} "
+            f"{e['ratio_to_raw_same_poll']:>6.3f} {e['checkpoints']:>5.0f} "
+            f"{e['checkpoint_mean_s'] * 1000:>7.1f} {e['checkpoint_share'] * 100:>5.1f}% "
+            f"{e['gc_full_collections']:>3.0f} {e['gc_share'] * 100:>4.1f}% "
+            f"{e['cpu_main_thread_us_per_example']:>7.1f} {e['cpu_process_us_per_example']:>7.1f} "
+            f"{e['learner_in_memory_per_s']:>9,.0f} {e['accuracy']:>6.3f} "
+            f"{e['machine_cpu_pressure_share'] * 100:>5.0f}"
+        )
     if any(e["capped_runs"] for e in summary["runs"].values()):
         print("\n*K: K of the repeats stopped at --run-max-seconds; rated over the examples applied by then")
-    print("\ngc2 = full (generation 2) garbage collections in the timed run, gc% = time in all collections; "
-          "psi% = share of the run's time some task waited for a CPU (/proc/pressure/cpu): the machine's load")
+    print(
+        "\ngc2 = full (generation 2) garbage collections in the timed run, gc% = time in all collections; "
+        "psi% = share of the run's time some task waited for a CPU (/proc/pressure/cpu): the machine's load"
+    )
     raw_cpu = statistics.median(e["raw_consume_cpu_us_per_example"] for e in summary["runs"].values())
-    print(f"\ncpu µs = the trainer's main-thread CPU per example, proc µs = the whole process's "
-          f"(torch's worker threads too); raw consume's main thread: {raw_cpu:.1f} µs/example")
+    print(
+        f"\ncpu µs = the trainer's main-thread CPU per example, proc µs = the whole process's "
+        f"(torch's worker threads too); raw consume's main thread: {raw_cpu:.1f} µs/example"
+    )
     d = summary["decode_in_memory"]
     print(f"\nEXAMPLE.decode in memory: {d['examples_per_s']:,.0f}/s ({d['us_per_example']:.2f} µs/example)")
     runs = summary["runs"]
     width = max(len(k) for k in runs) + 2
     for title, key, total in (
-        ("trainer stages, µs/example (exclusive; they add up to the trainer's µs/example)",
-         "stages_us_per_example", "trainer_us_per_example"),
-        ("in-memory learner stages, µs/example", "learner_in_memory_stages_us_per_example",
-         "learner_in_memory_us_per_example"),
+        (
+            "trainer stages, µs/example (exclusive; they add up to the trainer's µs/example)",
+            "stages_us_per_example",
+            "trainer_us_per_example",
+        ),
+        (
+            "in-memory learner stages, µs/example",
+            "learner_in_memory_stages_us_per_example",
+            "learner_in_memory_us_per_example",
+        ),
     ):
         print(f"\n{title}\n")
         print(f"{'stage':<30}" + "".join(f"{c:>{width}}" for c in runs))
@@ -840,8 +943,13 @@ def extra_machine_info(state_root: Path) -> dict[str, Any]:
                 best, fs = mnt, f"{fstype} on {mnt} ({dev})"
     except OSError:
         pass
-    return {"torch": torch.__version__, "torch_threads": torch.get_num_threads(), "numpy": version("numpy"),
-            "state_dir_filesystem": fs, "code": code_version()}
+    return {
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "numpy": version("numpy"),
+        "state_dir_filesystem": fs,
+        "code": code_version(),
+    }
 
 
 def code_version() -> dict[str, Any]:
@@ -855,10 +963,18 @@ def code_version() -> dict[str, Any]:
     repo = pkg.parent
     out: dict[str, Any] = {}
     try:
-        out["commit"] = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
-                                       text=True, timeout=10).stdout.strip() or None
-        status = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "stream_learner"],
-                                capture_output=True, text=True, timeout=10).stdout
+        out["commit"] = (
+            subprocess.run(
+                ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
+        status = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--", "stream_learner"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
         out["uncommitted"] = sorted(line[3:] for line in status.splitlines())
     except (OSError, subprocess.SubprocessError):
         pass
@@ -874,28 +990,57 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--examples", type=int, default=100_000)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--max-seconds", type=float, default=240.0,
-                    help="start no repeat beyond the first two that would end the repeats after this "
-                         "many seconds (a loaded machine slows torch's default threads a lot)")
+    ap.add_argument(
+        "--max-seconds",
+        type=float,
+        default=240.0,
+        help="start no repeat beyond the first two that would end the repeats after this "
+        "many seconds (a loaded machine slows torch's default threads a lot)",
+    )
     ap.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"architecture:batch,... (default {DEFAULT_CONFIGS})")
-    ap.add_argument("--torch-threads", default="product,torch,1",
-                    help="torch intra-op thread counts to run every config with: 'product' (the trainer's "
-                         "default), 'torch' (torch's own default, one per core) or numbers (default: "
-                         "product,torch,1; duplicates run once)")
-    ap.add_argument("--drift", action="store_true",
-                    help="also run every config as the CLI does: Trainer(settings), with the drift "
-                         "detectors and policy on (the trainer's default thread count)")
+    ap.add_argument(
+        "--torch-threads",
+        default="product,torch,1",
+        help="torch intra-op thread counts to run every config with: 'product' (the trainer's "
+        "default), 'torch' (torch's own default, one per core) or numbers (default: "
+        "product,torch,1; duplicates run once)",
+    )
+    ap.add_argument(
+        "--drift",
+        action="store_true",
+        help="also run every config as the CLI does: Trainer(settings), with the drift "
+        "detectors and policy on (the trainer's default thread count)",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--state-dir", type=Path, default=None,
-                    help="where the trainer state stores go (default: a temporary directory)")
-    ap.add_argument("--run-max-seconds", type=float, default=15.0,
-                    help="stop a trainer run after this long and rate the examples it applied (marked capped)")
-    ap.add_argument("--memory-max-seconds", type=float, default=5.0,
-                    help="stop an in-memory learner run after this long and rate the chunks it processed")
-    ap.add_argument("--profile", type=Path, default=None,
-                    help="after the repeats, run one more trainer under cProfile and dump the stats here")
-    ap.add_argument("--profile-config", default="mlp:64", help="architecture:batch of the profiled run "
-                    "(with the trainer's default thread count)")
+    ap.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="where the trainer state stores go (default: a temporary directory)",
+    )
+    ap.add_argument(
+        "--run-max-seconds",
+        type=float,
+        default=15.0,
+        help="stop a trainer run after this long and rate the examples it applied (marked capped)",
+    )
+    ap.add_argument(
+        "--memory-max-seconds",
+        type=float,
+        default=5.0,
+        help="stop an in-memory learner run after this long and rate the chunks it processed",
+    )
+    ap.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="after the repeats, run one more trainer under cProfile and dump the stats here",
+    )
+    ap.add_argument(
+        "--profile-config",
+        default="mlp:64",
+        help="architecture:batch of the profiled run (with the trainer's default thread count)",
+    )
     ap.add_argument("--kafka-log-level", default="ERROR")
     args = ap.parse_args(argv)
     configure_logging("error")  # the drift runs log every drift finding as a warning
@@ -918,8 +1063,10 @@ def main(argv: list[str] | None = None) -> int:
     t_build = time.perf_counter()
     w = build_workload(n)
     sizes = [len(v) for v in w.values]
-    print(f"built {n} examples in {time.perf_counter() - t_build:.1f}s: {w.labeled} labeled, {w.unlabeled} "
-          f"unlabeled, {w.positive_rate:.1%} of labels are \"1\", mean value size {statistics.mean(sizes):.0f} bytes")
+    print(
+        f"built {n} examples in {time.perf_counter() - t_build:.1f}s: {w.labeled} labeled, {w.unlabeled} "
+        f'unlabeled, {w.positive_rate:.1%} of labels are "1", mean value size {statistics.mean(sizes):.0f} bytes'
+    )
     _, warmup_examples = phase_decode(w.values[:WARMUP_EXAMPLES])
 
     repeats: list[dict[str, Any]] = []
@@ -946,13 +1093,27 @@ def main(argv: list[str] | None = None) -> int:
             for r in range(args.repeat):
                 elapsed = time.perf_counter() - t_repeats
                 if r >= MIN_REPEATS and elapsed + longest > args.max_seconds:
-                    print(f"stopping after {r} repeats: another would pass --max-seconds {args.max_seconds:.0f} "
-                          f"({elapsed:.0f}s so far, the longest repeat took {longest:.0f}s)")
+                    print(
+                        f"stopping after {r} repeats: another would pass --max-seconds {args.max_seconds:.0f} "
+                        f"({elapsed:.0f}s so far, the longest repeat took {longest:.0f}s)"
+                    )
                     break
                 t_rep = time.perf_counter()
                 print(f"repeat {r + 1}/{args.repeat}", flush=True)
-                repeats.append(one_repeat(settings, topic, w, configs, variants, r, key, state_root,
-                                          args.memory_max_seconds, args.run_max_seconds))
+                repeats.append(
+                    one_repeat(
+                        settings,
+                        topic,
+                        w,
+                        configs,
+                        variants,
+                        r,
+                        key,
+                        state_root,
+                        args.memory_max_seconds,
+                        args.run_max_seconds,
+                    )
+                )
                 longest = max(longest, time.perf_counter() - t_rep)
                 print(f"repeat {r + 1}/{args.repeat} done in {time.perf_counter() - t_rep:.1f}s", flush=True)
             wall = time.perf_counter() - t_all
@@ -960,15 +1121,19 @@ def main(argv: list[str] | None = None) -> int:
             if args.profile:
                 arch, batch = parse_configs(args.profile_config)[0]
                 t = PRODUCT_DEFAULT_THREADS
-                s = trainer_settings(settings, topic, arch, batch, f"profile-{uuid.uuid4().hex[:6]}", key,
-                                     state_root, threads=t)
+                s = trainer_settings(
+                    settings, topic, arch, batch, f"profile-{uuid.uuid4().hex[:6]}", key, state_root, threads=t
+                )
                 prof = cProfile.Profile()
                 torch.set_num_threads(t)
                 res = phase_trainer(s, w, profile=prof)
                 torch.set_num_threads(TORCH_DEFAULT_THREADS)
                 prof.dump_stats(str(args.profile))
-                profile_result = {"config": run_name(arch, batch, t), "file": str(args.profile),
-                                  "examples_per_s_under_cprofile": res["examples_timed"] / res["seconds"]}
+                profile_result = {
+                    "config": run_name(arch, batch, t),
+                    "file": str(args.profile),
+                    "examples_per_s_under_cprofile": res["examples_timed"] / res["seconds"],
+                }
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -1006,8 +1171,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
     if args.profile:
-        print(f"cProfile of one {profile_result['config']} trainer run: {args.profile} "
-              f"({profile_result['examples_per_s_under_cprofile']:,.0f}/s under the profiler); top by tottime:")
+        print(
+            f"cProfile of one {profile_result['config']} trainer run: {args.profile} "
+            f"({profile_result['examples_per_s_under_cprofile']:,.0f}/s under the profiler); top by tottime:"
+        )
         pstats.Stats(str(args.profile)).sort_stats("tottime").print_stats(30)
     return 0
 

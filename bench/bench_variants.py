@@ -74,8 +74,10 @@ SIZES: dict[str, tuple[list[int], float, int, int]] = {
     "1m": ([1024, 1024], 0.001, 12_000, 2000),
     "20m": ([2560, 2560, 2560, 2560], 0.0005, 6000, 2000),
 }
-TARGETS = ("on the ~20M model: int8 >= 1.8x at batch 1, <= 0.5 points, <= 0.3 of the bytes; pruned 50% >= 1.5x, "
-           "<= 0.5 points; student <= 1/10 of the parameters, within 1.0 point, >= 5x")
+TARGETS = (
+    "on the ~20M model: int8 >= 1.8x at batch 1, <= 0.5 points, <= 0.3 of the bytes; pruned 50% >= 1.5x, "
+    "<= 0.5 points; student <= 1/10 of the parameters, within 1.0 point, >= 5x"
+)
 
 
 def run_one(size: str, stream_name: str) -> dict[str, Any]:
@@ -83,41 +85,66 @@ def run_one(size: str, stream_name: str) -> dict[str, Any]:
     stream = make_stream(stream_name, n_train + n_heldout, (n_train // 2), SEED)
     events = to_events(stream)
     spec = ModelSpec(kind="mlp", task="binary", features=stream.features, classes=stream.classes, hidden=tuple(hidden))
-    learner = OnlineLearner(LearnerConfig(model_name="bench", spec=spec, lr=lr, recent_window=2000,
-                                          student=StudentConfig()))
+    learner = OnlineLearner(
+        LearnerConfig(model_name="bench", spec=spec, lr=lr, recent_window=2000, student=StudentConfig())
+    )
     torch.set_num_threads(2)
     began = time.perf_counter()
     for i in range(0, n_train, 32):
-        learner.process(events[i:i + 32])
+        learner.process(events[i : i + 32])
     train_s = time.perf_counter() - began
     start = learner.recent.total
     stats = {**learner.featurizer.state_dict(), "target": learner.target.state_tensor()}
-    parent = Parent("bench", 1, Servable(spec, {**{f"model.{k}": v.clone() for k, v in
-                                                   learner.main.model.state_dict().items()}, **stats}),
-                    Servable(learner.student.spec, {**learner.student.servable(), **stats}))
+    parent = Parent(
+        "bench",
+        1,
+        Servable(spec, {**{f"model.{k}": v.clone() for k, v in learner.main.model.state_dict().items()}, **stats}),
+        Servable(learner.student.spec, {**learner.student.servable(), **stats}),
+    )
     window = learner.recent.window()
     # Held out: taken into the window only (never learned), as the session's examples after a version.
-    heldout_events = events[n_train:n_train + n_heldout]
-    learner.recent.add([e.features for e in heldout_events],
-                       [float(learner.class_index[str(e.label)]) for e in heldout_events])
+    heldout_events = events[n_train : n_train + n_heldout]
+    learner.recent.add(
+        [e.features for e in heldout_events], [float(learner.class_index[str(e.label)]) for e in heldout_events]
+    )
     heldout = learner.recent.since(start)
     torch.set_num_threads(1)
-    outcomes = derive(parent, [recipe_of(n) for n in NAMES], window, heldout,
-                      GateConfig(heldout_examples=n_heldout, min_heldout_examples=100, latency_budget_s=0.5))
+    outcomes = derive(
+        parent,
+        [recipe_of(n) for n in NAMES],
+        window,
+        heldout,
+        GateConfig(heldout_examples=n_heldout, min_heldout_examples=100, latency_budget_s=0.5),
+    )
     parent_bytes = parent.servable.weights_bytes("bench")
-    out: dict[str, Any] = {"size": size, "stream": stream.description, "hidden": hidden, "lr": lr,
-                           "train_examples": n_train, "heldout_examples": n_heldout, "train_seconds": round(train_s, 2),
-                           "parent_parameters": parent.servable.parameters, "parent_bytes": len(parent_bytes),
-                           "parent_zlib_bytes": len(zlib.compress(parent_bytes, 1)), "variants": {}}
+    out: dict[str, Any] = {
+        "size": size,
+        "stream": stream.description,
+        "hidden": hidden,
+        "lr": lr,
+        "train_examples": n_train,
+        "heldout_examples": n_heldout,
+        "train_seconds": round(train_s, 2),
+        "parent_parameters": parent.servable.parameters,
+        "parent_bytes": len(parent_bytes),
+        "parent_zlib_bytes": len(zlib.compress(parent_bytes, 1)),
+        "variants": {},
+    }
     for o in outcomes:
-        row: dict[str, Any] = {"published": o.verdict.publish, "skip": o.verdict.label, "reason": o.verdict.reason,
-                               **{k: round(v, 6) for k, v in o.measured.items()}}
+        row: dict[str, Any] = {
+            "published": o.verdict.publish,
+            "skip": o.verdict.label,
+            "reason": o.verdict.reason,
+            **{k: round(v, 6) for k, v in o.measured.items()},
+        }
         if o.name == "sparse" and o.variant is not None:
             row["zlib_bytes"] = len(zlib.compress(o.variant.servable.weights_bytes(lineage("bench", "sparse")), 1))
         out["variants"][o.name] = row
         if "parent_latency_b1_p50_ms" in o.measured:
-            out.setdefault("parent_latency", {k[len("parent_"):]: round(v, 4) for k, v in o.measured.items()
-                                              if k.startswith("parent_latency")})
+            out.setdefault(
+                "parent_latency",
+                {k[len("parent_") :]: round(v, 4) for k, v in o.measured.items() if k.startswith("parent_latency")},
+            )
     return out
 
 
@@ -130,30 +157,49 @@ def micro() -> dict[str, Any]:
     from stream_learner.optimize.variants import make_variant
 
     torch.set_num_threads(1)
-    spec = ModelSpec(kind="mlp", task="binary", features=[f"f{i}" for i in range(9)], classes=["0", "1"],
-                     hidden=tuple(SIZES["20m"][0]))
+    spec = ModelSpec(
+        kind="mlp",
+        task="binary",
+        features=[f"f{i}" for i in range(9)],
+        classes=["0", "1"],
+        hidden=tuple(SIZES["20m"][0]),
+    )
     net = build_model(spec).eval()
     tensors = {f"model.{k}": v for k, v in net.state_dict().items()}
-    tensors.update({"featurizer.count": torch.zeros(9, dtype=torch.float64),
-                    "featurizer.mean": torch.zeros(9, dtype=torch.float64),
-                    "featurizer.m2": torch.zeros(9, dtype=torch.float64),
-                    "target": torch.zeros(3, dtype=torch.float64)})
+    tensors.update(
+        {
+            "featurizer.count": torch.zeros(9, dtype=torch.float64),
+            "featurizer.mean": torch.zeros(9, dtype=torch.float64),
+            "featurizer.m2": torch.zeros(9, dtype=torch.float64),
+            "target": torch.zeros(3, dtype=torch.float64),
+        }
+    )
     import numpy as np
 
     from stream_learner.optimize.window import Window
 
-    plain = make_variant(P("m", 1, Servable(spec, tensors)), recipe_of("int8", {"min_features": 1}),
-                         Window(np.zeros((0, 9)), np.zeros(0))).servable.predictor().network
+    plain = (
+        make_variant(
+            P("m", 1, Servable(spec, tensors)),
+            recipe_of("int8", {"min_features": 1}),
+            Window(np.zeros((0, 9)), np.zeros(0)),
+        )
+        .servable.predictor()
+        .network
+    )
     models: dict[str, nn.Module] = {"fp32": net, "plain_int_mm (ours)": plain}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         models["torch.ao quantize_dynamic (deprecated)"] = torch.ao.quantization.quantize_dynamic(
-            copy.deepcopy(net), {nn.Linear}, dtype=torch.qint8)
+            copy.deepcopy(net), {nn.Linear}, dtype=torch.qint8
+        )
         try:
             from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
 
-            for name, config in (("torchao int8 dynamic", Int8DynamicActivationInt8WeightConfig()),
-                                 ("torchao int8 weight-only", Int8WeightOnlyConfig())):
+            for name, config in (
+                ("torchao int8 dynamic", Int8DynamicActivationInt8WeightConfig()),
+                ("torchao int8 weight-only", Int8WeightOnlyConfig()),
+            ):
                 m = copy.deepcopy(net)
                 quantize_(m, config)
                 models[name] = m
@@ -194,12 +240,16 @@ def main() -> None:
             r = run_one(size, stream)
             results["runs"].append(r)
             pl = r["parent_latency"]
-            print(f"\n{size} MLP {r['hidden']} on {r['stream']}: {r['parent_parameters']:,} parameters, "
-                  f"{r['parent_bytes']:,} bytes, trained on {r['train_examples']} examples in {r['train_seconds']} s; "
-                  f"parent p50/p99 b1 {pl['latency_b1_p50_ms']:.3f}/{pl['latency_b1_p99_ms']:.3f} ms, "
-                  f"b64 {pl['latency_b64_p50_ms']:.3f}/{pl['latency_b64_p99_ms']:.3f} ms")
-            print("  variant  | gate | params (x parent) | bytes (x parent) | b1 p50/p99 ms (speed-up) | "
-                  "b64 p50/p99 ms (speed-up) | acc vs parent (points) | agreement | build s")
+            print(
+                f"\n{size} MLP {r['hidden']} on {r['stream']}: {r['parent_parameters']:,} parameters, "
+                f"{r['parent_bytes']:,} bytes, trained on {r['train_examples']} examples in {r['train_seconds']} s; "
+                f"parent p50/p99 b1 {pl['latency_b1_p50_ms']:.3f}/{pl['latency_b1_p99_ms']:.3f} ms, "
+                f"b64 {pl['latency_b64_p50_ms']:.3f}/{pl['latency_b64_p99_ms']:.3f} ms"
+            )
+            print(
+                "  variant  | gate | params (x parent) | bytes (x parent) | b1 p50/p99 ms (speed-up) | "
+                "b64 p50/p99 ms (speed-up) | acc vs parent (points) | agreement | build s"
+            )
             for name, v in r["variants"].items():
                 if "parameters" not in v:
                     print(f"  {name:8s} | skip: {v['reason']}")
@@ -207,13 +257,15 @@ def main() -> None:
                 extra = f", zlib {v['zlib_bytes'] / r['parent_zlib_bytes']:.2f}x" if "zlib_bytes" in v else ""
                 gate = "pass" if v["published"] else f"skip ({v['skip']})"
                 share = v["parameters"] / v["parent_parameters"]
-                print(f"  {name:8s} | {gate} | {v['parameters']:,.0f} ({share:.3f}) | "
-                      f"{v['bytes']:,.0f} ({v['bytes'] / v['parent_bytes']:.3f}{extra}) | "
-                      f"{v.get('latency_b1_p50_ms', 0):.3f}/{v.get('latency_b1_p99_ms', 0):.3f} "
-                      f"({v.get('speedup_b1', 0):.2f}x) | {v.get('latency_b64_p50_ms', 0):.3f}/"
-                      f"{v.get('latency_b64_p99_ms', 0):.3f} ({v.get('speedup_b64', 0):.2f}x) | "
-                      f"{v['accuracy']:.4f} vs {v['parent_accuracy']:.4f} ({-v['accuracy_drop_points']:+.2f}) | "
-                      f"{v['agreement']:.4f} | {v['build_seconds']:.2f}")
+                print(
+                    f"  {name:8s} | {gate} | {v['parameters']:,.0f} ({share:.3f}) | "
+                    f"{v['bytes']:,.0f} ({v['bytes'] / v['parent_bytes']:.3f}{extra}) | "
+                    f"{v.get('latency_b1_p50_ms', 0):.3f}/{v.get('latency_b1_p99_ms', 0):.3f} "
+                    f"({v.get('speedup_b1', 0):.2f}x) | {v.get('latency_b64_p50_ms', 0):.3f}/"
+                    f"{v.get('latency_b64_p99_ms', 0):.3f} ({v.get('speedup_b64', 0):.2f}x) | "
+                    f"{v['accuracy']:.4f} vs {v['parent_accuracy']:.4f} ({-v['accuracy_drop_points']:+.2f}) | "
+                    f"{v['agreement']:.4f} | {v['build_seconds']:.2f}"
+                )
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2))
     print(f"\ntargets: {TARGETS}\nresults: {RESULTS}")

@@ -179,7 +179,8 @@ def check_topics(settings: Settings, roles: Iterable[str], *, who: str, timeout_
         raise MissingTopicError(
             f"the {who} needs topics that do not exist on {settings.bootstrap_servers}: {', '.join(missing)}; "
             "create them with `stream-learner topics create` (or set create_topics=true to let the roles "
-            "create missing topics)")
+            "create missing topics)"
+        )
     return []
 
 
@@ -224,7 +225,7 @@ _TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError, InvalidRecordEr
 
 
 def _record_bytes(key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]) -> int:
-    return (len(key or b"") + len(value or b"") + sum(len(k) + len(v) for k, v in headers) + _FRAMING_BYTES)
+    return len(key or b"") + len(value or b"") + sum(len(k) + len(v) for k, v in headers) + _FRAMING_BYTES
 
 
 class DeadLetter:
@@ -246,8 +247,9 @@ class DeadLetter:
     def __init__(self, owner: DeadLetters, record: Any, error: Exception) -> None:
         self.owner = owner
         self.record = record
-        self.headers = dead_letter_headers(error, topic=record.topic, partition=record.partition,
-                                           offset=record.offset, stage=owner.stage)
+        self.headers = dead_letter_headers(
+            error, topic=record.topic, partition=record.partition, offset=record.offset, stage=owner.stage
+        )
         self.key: bytes | None = record.key
         self.value: bytes | None = record.value
         self.truncated = False
@@ -262,8 +264,12 @@ class DeadLetter:
     def _truncate(self) -> None:
         value = self.record.value or b""
         key = self.record.key
-        headers = [*self.headers, (H_TRUNCATED, b"true"), (H_ORIGINAL_SIZE, str(len(value)).encode()),
-                   (H_ORIGINAL_SHA256, hashlib.sha256(value).hexdigest().encode())]
+        headers = [
+            *self.headers,
+            (H_TRUNCATED, b"true"),
+            (H_ORIGINAL_SIZE, str(len(value)).encode()),
+            (H_ORIGINAL_SHA256, hashlib.sha256(value).hexdigest().encode()),
+        ]
         if key is not None and len(key) > DEAD_LETTER_KEY_BYTES:
             headers.append((H_ORIGINAL_KEY_SIZE, str(len(key)).encode()))
             key = key[:DEAD_LETTER_KEY_BYTES]
@@ -275,8 +281,9 @@ class DeadLetter:
         """Hand the letter to the producer; what goes wrong is kept for :meth:`get`."""
         self._error = None
         try:
-            self._future = self.owner.producer.send(self.owner.topic, key=self.key, value=self.value,
-                                                    headers=self.headers)
+            self._future = self.owner.producer.send(
+                self.owner.topic, key=self.key, value=self.value, headers=self.headers
+            )
         except Exception as exc:  # noqa: BLE001 - a dead letter never raises on the way out
             self._future = None
             self._error = exc
@@ -310,11 +317,18 @@ class DeadLetter:
 
     def _unsendable(self, exc: BaseException) -> None:
         record, value = self.record, self.record.value or b""
-        log.error("dead_letter_unsendable", stage=self.owner.stage, topic=record.topic,
-                  partition=record.partition, offset=record.offset, size=len(value),
-                  sha256=hashlib.sha256(value).hexdigest(), kind=dict(self.headers).get(H_ERROR_KIND, b"").decode(),
-                  error=f"{type(exc).__name__}: {exc}",
-                  consequence="the record is skipped; it stays in its source topic at that offset")
+        log.error(
+            "dead_letter_unsendable",
+            stage=self.owner.stage,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            size=len(value),
+            sha256=hashlib.sha256(value).hexdigest(),
+            kind=dict(self.headers).get(H_ERROR_KIND, b"").decode(),
+            error=f"{type(exc).__name__}: {exc}",
+            consequence="the record is skipped; it stays in its source topic at that offset",
+        )
         if self.owner.metrics is not None:
             self.owner.metrics.dead_letters_unsendable.labels(stage=self.owner.stage).inc()
         self.result, self.done = None, True
@@ -360,8 +374,14 @@ class DeadLetters:
 
     def truncated(self, letter: DeadLetter) -> None:
         """Count (and log) a letter sent with its value cut."""
-        log.warning("dead_letter_truncated", stage=self.stage, topic=letter.record.topic,
-                    partition=letter.record.partition, offset=letter.record.offset,
-                    size=len(letter.record.value or b""), kept=len(letter.value or b""))
+        log.warning(
+            "dead_letter_truncated",
+            stage=self.stage,
+            topic=letter.record.topic,
+            partition=letter.record.partition,
+            offset=letter.record.offset,
+            size=len(letter.record.value or b""),
+            kept=len(letter.value or b""),
+        )
         if self.metrics is not None:
             self.metrics.dead_letters_truncated.labels(stage=self.stage).inc()

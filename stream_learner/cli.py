@@ -52,8 +52,12 @@ class _Parser(argparse.ArgumentParser):
     help or usage is shown.
     """
 
-    def __init__(self, *args: typing.Any, arguments_from: Callable[[argparse.ArgumentParser], None] | None = None,
-                 **kwargs: typing.Any) -> None:
+    def __init__(
+        self,
+        *args: typing.Any,
+        arguments_from: Callable[[argparse.ArgumentParser], None] | None = None,
+        **kwargs: typing.Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._arguments_from = arguments_from
 
@@ -93,8 +97,20 @@ def _replay_arguments(parser: argparse.ArgumentParser) -> None:
 
 _ROLE_GROUPS = {
     "joiner": ("kafka", "consumer", "redis", "topics", "topic_setup", "joiner", "metrics", "logs"),
-    "trainer": ("kafka", "consumer", "redis", "topics", "topic_setup", "model", "learning", "checkpoints", "drift",
-                "variants", "metrics", "logs"),
+    "trainer": (
+        "kafka",
+        "consumer",
+        "redis",
+        "topics",
+        "topic_setup",
+        "model",
+        "learning",
+        "checkpoints",
+        "drift",
+        "variants",
+        "metrics",
+        "logs",
+    ),
 }
 
 #: The settings each verb uses, as groups of :data:`~stream_learner.config.SETTING_GROUPS`, less the
@@ -104,8 +120,23 @@ VERB_SETTINGS: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
     "trainer": (_ROLE_GROUPS["trainer"], frozenset()),
     "run": (tuple(dict.fromkeys(_ROLE_GROUPS["joiner"] + _ROLE_GROUPS["trainer"])), frozenset()),
     "serve": (("kafka", "consumer", "topics", "topic_setup", "model", "serving", "metrics", "logs"), frozenset()),
-    "replay": (("kafka", "consumer", "redis", "topics", "joiner", "model", "learning", "checkpoints", "drift",
-                "variants", "replay", "logs"), frozenset()),
+    "replay": (
+        (
+            "kafka",
+            "consumer",
+            "redis",
+            "topics",
+            "joiner",
+            "model",
+            "learning",
+            "checkpoints",
+            "drift",
+            "variants",
+            "replay",
+            "logs",
+        ),
+        frozenset(),
+    ),
     "topics": (("kafka", "topics", "topic_setup", "logs"), frozenset({"create_topics"})),
     "config": (tuple(SETTING_GROUPS), frozenset()),
     "optimize": (("kafka", "consumer", "topics", "model", "checkpoints", "variants", "metrics", "logs"), frozenset()),
@@ -139,8 +170,12 @@ def settings_reference() -> str:
     for group, (title, _) in SETTING_GROUPS.items():
         fields = fields_of([group])
         verbs = [v for v in VERB_SETTINGS if v != "config" and set(fields) & set(verb_fields(v))]
-        out += [f"**{title}** ({', '.join(f'`{v}`' for v in verbs) or 'no verb: the environment or a file'})", "",
-                "| setting | default | meaning |", "|---|---|---|"]
+        out += [
+            f"**{title}** ({', '.join(f'`{v}`' for v in verbs) or 'no verb: the environment or a file'})",
+            "",
+            "| setting | default | meaning |",
+            "|---|---|---|",
+        ]
         for field in fields:
             default = default_of(field)
             shown = f"`{default}`" if default else "—"
@@ -155,8 +190,17 @@ def _metavar(field: str, hint: typing.Any) -> str:
         return "{" + ",".join(typing.get_args(hint if typing.get_origin(hint) is typing.Literal else args[0])) + "}"
     if typing.get_origin(hint) is list:
         return "FILE,..." if field.endswith("_keys") else "A,B,..."
-    for suffix, name in (("_url", "URL"), ("_dir", "DIR"), ("_ms", "MS"), ("_s", "SECONDS"), ("_port", "PORT"),
-                         ("_bytes", "BYTES"), ("file", "FILE"), ("_certs", "FILE"), ("_key", "FILE")):
+    for suffix, name in (
+        ("_url", "URL"),
+        ("_dir", "DIR"),
+        ("_ms", "MS"),
+        ("_s", "SECONDS"),
+        ("_port", "PORT"),
+        ("_bytes", "BYTES"),
+        ("file", "FILE"),
+        ("_certs", "FILE"),
+        ("_key", "FILE"),
+    ):
         if field.endswith(suffix):
             return name
     base = args[0] if args else hint
@@ -169,8 +213,11 @@ def _settings_parser(verb: str) -> _Parser:
     fields = verb_fields(verb)
     if verb == "keys":
         return parent
-    parent.add_argument("--config", metavar="FILE",
-                        help="TOML settings file (above the environment, below flags); it may hold any setting")
+    parent.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML settings file (above the environment, below flags); it may hold any setting",
+    )
     hints = typing.get_type_hints(Settings)
     docs = field_docs()
     groups: dict[str, argparse._ArgumentGroup] = {}
@@ -181,11 +228,13 @@ def _settings_parser(verb: str) -> _Parser:
         text = f"{docs[field]} (default: {default_of(field) or 'unset'})".replace("%", "%%")
         # Flags default to None so only the ones given override env and TOML.
         if hints[field] is bool:
-            groups[group].add_argument(flag_name(field), dest=field, default=None,
-                                       action=argparse.BooleanOptionalAction, help=text)
+            groups[group].add_argument(
+                flag_name(field), dest=field, default=None, action=argparse.BooleanOptionalAction, help=text
+            )
         else:
-            groups[group].add_argument(flag_name(field), dest=field, default=None,
-                                       metavar=_metavar(field, hints[field]), help=text)
+            groups[group].add_argument(
+                flag_name(field), dest=field, default=None, metavar=_metavar(field, hints[field]), help=text
+            )
     return parent
 
 
@@ -204,8 +253,10 @@ class _TopParser(argparse.ArgumentParser):
             flags = [a.split("=")[0] for a in message.split(":", 1)[1].split()]
             if settings := [known[f] for f in flags if f in known]:
                 verb = next((a for a in self._argv if a in VERB_SETTINGS), "this verb")
-                message += (f"; `{verb}` does not use {', '.join(settings)} (`stream-learner {verb} --help` lists"
-                            " the settings it does; the environment and a --config file may hold any setting)")
+                message += (
+                    f"; `{verb}` does not use {', '.join(settings)} (`stream-learner {verb} --help` lists"
+                    " the settings it does; the environment and a --config file may hold any setting)"
+                )
         super().error(message)
 
 
@@ -217,9 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     def common(verb: str) -> list[_Parser]:
         return [_settings_parser(verb)]
 
-    demo = sub.add_parser("demo", parents=common("demo"),
-                          help="the main job: local servers, a serving node, a drifting application, "
-                               "the pipeline learning live; writes a report")
+    demo = sub.add_parser(
+        "demo",
+        parents=common("demo"),
+        help="the main job: local servers, a serving node, a drifting application, "
+        "the pipeline learning live; writes a report",
+    )
     # The defaults are DemoConfig's, applied in cmd_demo: importing it here would load the demo for every verb.
     demo.add_argument("--rate", type=float, help="requests per second")
     demo.add_argument("--seconds", type=float, help="seconds of traffic")
@@ -228,27 +282,43 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no live progress line")
     demo.set_defaults(func=cmd_demo)
 
-    smoke = sub.add_parser("smoke", parents=common("smoke"),
-                           help="count check on local servers: SDK -> decoder/DLQ -> joiner -> trainer")
+    smoke = sub.add_parser(
+        "smoke", parents=common("smoke"), help="count check on local servers: SDK -> decoder/DLQ -> joiner -> trainer"
+    )
     smoke.add_argument("--events", type=int, default=20_000, help="predictions to send")
     smoke.set_defaults(func=cmd_smoke)
 
-    serve = sub.add_parser("serve", parents=common("serve"),
-                           help="the reference serving node: HTTP predict, hot-swapped verified checkpoints")
-    serve.add_argument("--cold-start", dest="serving_cold_start", action="store_const", const=True,
-                       help="the same as --serving-cold-start")
+    serve = sub.add_parser(
+        "serve",
+        parents=common("serve"),
+        help="the reference serving node: HTTP predict, hot-swapped verified checkpoints",
+    )
+    serve.add_argument(
+        "--cold-start",
+        dest="serving_cold_start",
+        action="store_const",
+        const=True,
+        help="the same as --serving-cold-start",
+    )
     serve.set_defaults(func=cmd_serve)
 
-    joiner = sub.add_parser("joiner", parents=common("joiner"),
-                            help="join predictions and labels into examples (consumer group)")
+    joiner = sub.add_parser(
+        "joiner", parents=common("joiner"), help="join predictions and labels into examples (consumer group)"
+    )
     joiner.set_defaults(func=cmd_joiner)
 
-    trainer = sub.add_parser("trainer", parents=common("trainer"),
-                             help="train the model online from the examples topic and publish checkpoints")
+    trainer = sub.add_parser(
+        "trainer",
+        parents=common("trainer"),
+        help="train the model online from the examples topic and publish checkpoints",
+    )
     trainer.set_defaults(func=cmd_trainer)
 
-    optimize = sub.add_parser("optimize", parents=common("optimize"),
-                              help="derive gated serving variants (int8, pruned, sparse) of each new model version")
+    optimize = sub.add_parser(
+        "optimize",
+        parents=common("optimize"),
+        help="derive gated serving variants (int8, pruned, sparse) of each new model version",
+    )
     optimize.set_defaults(func=cmd_optimize)
 
     run = sub.add_parser("run", parents=common("run"), help="joiner and trainer in one process (small deployments)")
@@ -269,12 +339,17 @@ def build_parser() -> argparse.ArgumentParser:
     topics.set_defaults(func=cmd_topics)
 
     config = sub.add_parser("config", parents=common("config"), help="print the effective settings (secrets masked)")
-    config.add_argument("--show-origin", action="store_true",
-                        help="also say where each value comes from: default, env, file or flag")
+    config.add_argument(
+        "--show-origin", action="store_true", help="also say where each value comes from: default, env, file or flag"
+    )
     config.set_defaults(func=cmd_config)
 
-    replay = sub.add_parser("replay", parents=common("replay"), arguments_from=_replay_arguments,
-                            help="re-run join and training over a closed range of the topics into a new lineage")
+    replay = sub.add_parser(
+        "replay",
+        parents=common("replay"),
+        arguments_from=_replay_arguments,
+        help="re-run join and training over a closed range of the topics into a new lineage",
+    )
     replay.set_defaults(func=cmd_replay)
 
     helps = {action.dest: action.help for action in sub._choices_actions}
@@ -285,10 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_SETTINGS_NOTE = (f"Each setting is also the environment variable {env_name('<name>')} (e.g. {env_name('redis_url')})"
-                  " and a key of the --config TOML file, which may hold any setting; a flag beats the file, the file"
-                  " the environment. `stream-learner config --show-origin` prints the effective settings and where"
-                  " each comes from.")
+_SETTINGS_NOTE = (
+    f"Each setting is also the environment variable {env_name('<name>')} (e.g. {env_name('redis_url')})"
+    " and a key of the --config TOML file, which may hold any setting; a flag beats the file, the file"
+    " the environment. `stream-learner config --show-origin` prints the effective settings and where"
+    " each comes from."
+)
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> int:
@@ -301,8 +378,13 @@ def cmd_demo(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> 
     if not args.quiet:
         print(describe(summary), file=sys.stderr)
     print(json.dumps(summary, indent=2))
-    failed = (summary["requests"]["failed"] or summary["labels"]["sdk_failed"] or summary["labels"]["sdk_dropped"]
-              or not summary["checkpoints"]["swaps_at_node"] or not summary["complete"])
+    failed = (
+        summary["requests"]["failed"]
+        or summary["labels"]["sdk_failed"]
+        or summary["labels"]["sdk_dropped"]
+        or not summary["checkpoints"]["swaps_at_node"]
+        or not summary["complete"]
+    )
     return 1 if failed else 0
 
 
@@ -329,14 +411,20 @@ def cmd_smoke(args: argparse.Namespace, settings: Settings, metrics: Metrics) ->
 
     # Short windows and idle timeout: the check's traffic stops after a few seconds.
     short = msgspec.structs.replace(
-        settings, joiner_window_ms=2000, joiner_idle_timeout_ms=1000,
-        consumer_session_timeout_ms=6000, consumer_max_poll_interval_ms=3000,
+        settings,
+        joiner_window_ms=2000,
+        joiner_idle_timeout_ms=1000,
+        consumer_session_timeout_ms=6000,
+        consumer_max_poll_interval_ms=3000,
     )
     with LocalServers(short) as servers:
         summary = run_smoke(servers.settings, events=args.events, metrics=metrics)
     print(json.dumps(summary, indent=2))
-    ok = summary["lost"] == 0 and summary["sdk_failed"] == 0 and all(
-        summary["examples_joined"].get(k, 0) == n for k, n in summary["examples_expected"].items())
+    ok = (
+        summary["lost"] == 0
+        and summary["sdk_failed"] == 0
+        and all(summary["examples_joined"].get(k, 0) == n for k, n in summary["examples_expected"].items())
+    )
     return 0 if ok else 1
 
 
@@ -351,7 +439,6 @@ def _stop_on_signals() -> threading.Event:
 def cmd_joiner(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> int:
     """Run the joiner until SIGTERM or Ctrl-C."""
     from .join.joiner import Joiner
-
     from .util.retry import Stopped
 
     _check_topics("joiner", settings)
@@ -412,8 +499,10 @@ def cmd_run(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> i
             failures.append(exc)
             raise
 
-    threads = [threading.Thread(target=run_role, args=(role,), name=name)
-               for name, role in (("joiner", joiner), ("trainer", trainer))]
+    threads = [
+        threading.Thread(target=run_role, args=(role,), name=name)
+        for name, role in (("joiner", joiner), ("trainer", trainer))
+    ]
     for t in threads:
         t.start()
     while any(t.is_alive() for t in threads):
@@ -438,9 +527,12 @@ def cmd_keys(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> 
 
     private_path, public_path = args.out / "signing.pem", args.out / "signing.pub.pem"
     if existing := [str(p) for p in (private_path, public_path) if p.exists()]:
-        print(f"stream-learner keys: {' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''};"
-              f" nothing written. Serving nodes trust the public key of the pair, so a new pair means giving"
-              f" them the new public key: move the old files away first, or use another --out.", file=sys.stderr)
+        print(
+            f"stream-learner keys: {' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''};"
+            f" nothing written. Serving nodes trust the public key of the pair, so a new pair means giving"
+            f" them the new public key: move the old files away first, or use another --out.",
+            file=sys.stderr,
+        )
         return 1
     private_pem, public_pem = generate_keypair()
     written: list[Path] = []
@@ -493,8 +585,9 @@ def cmd_config(args: argparse.Namespace, settings: Settings, metrics: Metrics) -
     shown = settings.redacted()
     if args.show_origin:
         origins: dict[str, str] = args.origins
-        print(json.dumps({field: {"value": value, "origin": origins[field]} for field, value in shown.items()},
-                         indent=2))
+        print(
+            json.dumps({field: {"value": value, "origin": origins[field]} for field, value in shown.items()}, indent=2)
+        )
     else:
         print(json.dumps(shown, indent=2))
     return 0
@@ -513,7 +606,10 @@ def _interrupt(signum: int, frame: object) -> None:
 
 #: The metric families each verb exports (:data:`stream_learner.metrics.ROLES`); other verbs: all.
 VERB_METRICS: dict[str, tuple[str, ...]] = {
-    "joiner": ("joiner",), "trainer": ("trainer",), "run": ("joiner", "trainer"), "serve": ("serving", "sdk"),
+    "joiner": ("joiner",),
+    "trainer": ("trainer",),
+    "run": ("joiner", "trainer"),
+    "serve": ("serving", "sdk"),
     "optimize": ("optimize",),
 }
 
@@ -523,7 +619,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings, args.origins = load_settings_with_origins(
-            config_file=getattr(args, "config", None), flags={f: getattr(args, f, None) for f in FIELDS})
+            config_file=getattr(args, "config", None), flags={f: getattr(args, f, None) for f in FIELDS}
+        )
     except StreamLearnerError as exc:
         print(f"stream-learner: configuration error: {exc}", file=sys.stderr)
         return 2

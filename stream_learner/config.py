@@ -230,9 +230,9 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Run the drift detectors."""
     trainer_drift_challenger_on_warning: bool = False
     """Start a challenger model at a drift warning."""
-    trainer_drift_on_drift: list[Literal["promote_challenger_if_better", "optimizer_reset", "lr_boost",
-                                         "checkpoint"]] = msgspec.field(
-        default_factory=lambda: ["promote_challenger_if_better", "lr_boost", "checkpoint"])
+    trainer_drift_on_drift: list[
+        Literal["promote_challenger_if_better", "optimizer_reset", "lr_boost", "checkpoint"]
+    ] = msgspec.field(default_factory=lambda: ["promote_challenger_if_better", "lr_boost", "checkpoint"])
     """Actions on a drift, in order: promote_challenger_if_better, optimizer_reset, lr_boost, checkpoint."""
     trainer_drift_lr_boost_factor: Annotated[float, Meta(gt=1)] = 2.0
     """lr_boost multiplies the learning rate by this."""
@@ -349,9 +349,7 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
         if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
             raise ValueError("ssl_certfile and ssl_keyfile must be set together")
         if self.joiner_state_ttl_ms < self.joiner_window_ms + self.joiner_late_retention_ms:
-            raise ValueError(
-                "joiner_state_ttl_ms must be at least joiner_window_ms + joiner_late_retention_ms"
-            )
+            raise ValueError("joiner_state_ttl_ms must be at least joiner_window_ms + joiner_late_retention_ms")
 
     def redacted(self) -> dict[str, Any]:
         """The settings as a dict with secrets masked, for printing and logging.
@@ -451,8 +449,13 @@ def field_docs() -> dict[str, str]:
     cls = next(n for n in module.body if isinstance(n, ast.ClassDef) and n.name == "Settings")
     docs: dict[str, str] = {}
     for field, doc in itertools.pairwise(cls.body):
-        if (isinstance(field, ast.AnnAssign) and isinstance(field.target, ast.Name) and isinstance(doc, ast.Expr)
-                and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)):
+        if (
+            isinstance(field, ast.AnnAssign)
+            and isinstance(field.target, ast.Name)
+            and isinstance(doc, ast.Expr)
+            and isinstance(doc.value, ast.Constant)
+            and isinstance(doc.value.value, str)
+        ):
             docs[field.target.id] = " ".join(doc.value.value.split())
     return docs
 
@@ -481,19 +484,31 @@ def default_of(field: str) -> str:
 #: group -> (title, names). A name ending in "_" is a prefix; the first group
 #: that names a setting holds it (so "learning" takes the trainer_* left over).
 SETTING_GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "kafka": ("Kafka connection and security",
-              ("bootstrap_servers", "client_id", "security_protocol", "sasl_", "ssl_")),
+    "kafka": (
+        "Kafka connection and security",
+        ("bootstrap_servers", "client_id", "security_protocol", "sasl_", "ssl_"),
+    ),
     "consumer": ("Kafka consumers", ("consumer_",)),
     "redis": ("Redis", ("redis_",)),
     "topics": ("Topics", ("topic_", "max_event_bytes")),
     "topic_setup": ("Topic creation", ("create_topics", "partitions_", "replication_factor")),
     "joiner": ("Joiner", ("joiner_",)),
-    "model": ("The model (what the trainer learns; a cold-start node's untrained model)",
-              ("trainer_model", "trainer_task", "trainer_classes", "trainer_features", "trainer_architecture",
-               "trainer_hidden", "trainer_seed")),
-    "checkpoints": ("Checkpoints and trainer state",
-                    ("trainer_checkpoint_", "trainer_state_", "trainer_signing_key", "trainer_group_id",
-                     "trainer_chunk_bytes")),
+    "model": (
+        "The model (what the trainer learns; a cold-start node's untrained model)",
+        (
+            "trainer_model",
+            "trainer_task",
+            "trainer_classes",
+            "trainer_features",
+            "trainer_architecture",
+            "trainer_hidden",
+            "trainer_seed",
+        ),
+    ),
+    "checkpoints": (
+        "Checkpoints and trainer state",
+        ("trainer_checkpoint_", "trainer_state_", "trainer_signing_key", "trainer_group_id", "trainer_chunk_bytes"),
+    ),
     "drift": ("Drift", ("trainer_drift_",)),
     "variants": ("Serving variants", ("trainer_variants", "trainer_student_", "variant_")),
     "learning": ("Learning", ("trainer_",)),
@@ -566,13 +581,14 @@ def _from_env(env: Mapping[str, str]) -> dict[str, _Layer]:
     for key, value in env.items():
         if not key.startswith(ENV_PREFIX):
             continue
-        field = key[len(ENV_PREFIX):].lower()
+        field = key[len(ENV_PREFIX) :].lower()
         if field not in FIELDS:
             raise ConfigError(f"unknown setting in environment variable {key}")
         if value == "":
             continue  # empty means unset, so compose files can pass ${VAR:-} through
-        out[field] = _Layer(_split_lists(field, value), f"env {key}",
-                            f"environment variable {key}={redact(field, value)!r}")
+        out[field] = _Layer(
+            _split_lists(field, value), f"env {key}", f"environment variable {key}={redact(field, value)!r}"
+        )
     return out
 
 
@@ -634,8 +650,11 @@ def load_settings_with_origins(
         if field not in FIELDS:
             raise ConfigError(f"unknown setting {field!r} passed as a flag")
         if value is not None:
-            layers[field] = _Layer(_split_lists(field, value), f"flag {flag_name(field)}",
-                                   f"flag {flag_name(field)}={redact(field, value)!r}")
+            layers[field] = _Layer(
+                _split_lists(field, value),
+                f"flag {flag_name(field)}",
+                f"flag {flag_name(field)}={redact(field, value)!r}",
+            )
     values = {field: layer.value for field, layer in layers.items()}
     try:
         settings = msgspec.convert(values, Settings, strict=False)

@@ -286,8 +286,9 @@ class Codec(Generic[E]):
     for the parser is ``too_deep``), and a refusal names ``too_deep`` first.
     """
 
-    def __init__(self, event_type: type[E], max_bytes: int = DEFAULT_MAX_EVENT_BYTES,
-                 max_depth: int = MAX_DEPTH) -> None:
+    def __init__(
+        self, event_type: type[E], max_bytes: int = DEFAULT_MAX_EVENT_BYTES, max_depth: int = MAX_DEPTH
+    ) -> None:
         self.event_type = event_type
         self.max_bytes = max_bytes
         self.max_depth = max_depth
@@ -336,8 +337,9 @@ class Codec(Generic[E]):
             as_json = b"null"
         raise self._refusal(as_json, _explain_validation, msg, "invalid_value") from None
 
-    def _refusal(self, data: bytes | bytearray, explain: Callable[[str, bytes | bytearray], EventError],
-                 msg: str, kind: str) -> EventError:
+    def _refusal(
+        self, data: bytes | bytearray, explain: Callable[[str, bytes | bytearray], EventError], msg: str, kind: str
+    ) -> EventError:
         """Why ``data`` was refused: ``too_deep`` first (explaining parses it again), else what
         ``explain`` makes of msgspec's message; never an exception of its own."""
         if nesting_exceeds(data, self.max_depth):
@@ -359,8 +361,9 @@ class Codec(Generic[E]):
         if type(doc) is _Object:
             field = _repeated(doc, self._fields)
             if field is not None:
-                raise EventError("duplicate_key", field,
-                                 "the key is given more than once (which value is meant is ambiguous)")
+                raise EventError(
+                    "duplicate_key", field, "the key is given more than once (which value is meant is ambiguous)"
+                )
 
 
 # -- the precise checks ------------------------------------------------------------------
@@ -490,8 +493,12 @@ def _example_quotes(ev: ExampleEvent, data: bytes | bytearray) -> int:
     p = ev.prediction
     n = 32 + 2 * len(ev.features) + (2 * len(p) if type(p) is dict else 0) + (2 if type(ev.label) is str else 0)
     features = ev.features
-    if (ev.label_source is not None and ev.prediction_source is not None and ev.label_event_id is not None
-            and ev.label_time is not None):  # a labeled example, as joined: nothing optional is missing
+    if (
+        ev.label_source is not None
+        and ev.prediction_source is not None
+        and ev.label_event_id is not None
+        and ev.label_time is not None
+    ):  # a labeled example, as joined: nothing optional is missing
         return n + 2 * _SOURCE_QUOTES + 4 + 2
     optional = (
         _SOURCE_QUOTES if ev.prediction_source is not None else _null(data, _PREDICTION_SOURCE, features),
@@ -525,8 +532,7 @@ _AT_KEY = re.compile(r" - at `key` in `(\$[^`]*)`$")
 _BOUND = re.compile(r"^Expected `\w+` (<=|>=|<|>) (\S+)$")
 _MISSING = re.compile(r"^Object missing required field `([^`]+)`")
 _GOT = re.compile(r"^Expected `[^`]+`, got `(\w+)`")
-_JSON_TYPES = {"str": str, "bool": bool, "null": type(None), "int": int, "float": float,
-               "array": list, "object": dict}
+_JSON_TYPES = {"str": str, "bool": bool, "null": type(None), "int": int, "float": float, "array": list, "object": dict}
 
 
 def _explain_validation(msg: str, data: bytes | bytearray | memoryview) -> EventError:
@@ -568,8 +574,7 @@ def _breaks_bound(op: str, bound: float) -> Callable[[Any], bool]:
     )
 
 
-def _resolve_keys(path: str, data: bytes | bytearray | memoryview,
-                  culprit: Callable[[Any], bool] | None) -> str:
+def _resolve_keys(path: str, data: bytes | bytearray | memoryview, culprit: Callable[[Any], bool] | None) -> str:
     """Replace msgspec's ``[...]`` with the first key whose value is at fault."""
     try:
         obj: Any = json.loads(bytes(data))

@@ -120,9 +120,7 @@ class LocalServers:
         """The base settings pointed at these servers."""
         import msgspec
 
-        return msgspec.structs.replace(
-            self.base, bootstrap_servers=self.bootstrap_servers, redis_url=self.redis_url
-        )
+        return msgspec.structs.replace(self.base, bootstrap_servers=self.bootstrap_servers, redis_url=self.redis_url)
 
     def start(self, timeout_s: float = 30.0) -> LocalServers:
         """Start both servers, wait until they answer, create the topics."""
@@ -139,9 +137,19 @@ class LocalServers:
         url = f"tcp://127.0.0.1:{self.kafka_port}"
         log_path = self.workdir / "tansu.log"
         self.kafka = subprocess.Popen(
-            [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/"],
-            stdout=log_path.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                tansu_binary(),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
+            stdout=log_path.open("ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
         def check() -> None:
@@ -163,10 +171,28 @@ class LocalServers:
         data.mkdir(exist_ok=True)
         log_path = self.workdir / "valkey.log"
         self.redis = subprocess.Popen(
-            [valkey_binary(), "--port", str(self.redis_port), "--bind", "127.0.0.1",
-             "--dir", str(data), "--appendonly", "yes", "--appendfsync", "everysec",
-             "--save", "", "--protected-mode", "no", "--daemonize", "no"],
-            stdout=log_path.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                valkey_binary(),
+                "--port",
+                str(self.redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(data),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--save",
+                "",
+                "--protected-mode",
+                "no",
+                "--daemonize",
+                "no",
+            ],
+            stdout=log_path.open("ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
         def check() -> None:

@@ -40,11 +40,18 @@ ROLES = ("joiner", "trainer", "optimize", "serving", "sdk", "smoke")
 
 #: Rolling prequential metrics of the trainer (key in the learner's summary -> gauge suffix, meaning).
 ROLLING = {
-    "accuracy_rolling": ("accuracy", ("Accuracy of the model's own predictions (each predicted before it is "
-                                      "learned) over the last trainer_metrics_window labeled examples.")),
+    "accuracy_rolling": (
+        "accuracy",
+        (
+            "Accuracy of the model's own predictions (each predicted before it is "
+            "learned) over the last trainer_metrics_window labeled examples."
+        ),
+    ),
     "log_loss_rolling": ("log_loss", "Log loss of the model's own predictions, same window."),
-    "served_accuracy_rolling": ("served_accuracy", ("Accuracy of what the application served (the prediction "
-                                                    "events), same window.")),
+    "served_accuracy_rolling": (
+        "served_accuracy",
+        ("Accuracy of what the application served (the prediction events), same window."),
+    ),
     "served_log_loss_rolling": ("served_log_loss", "Log loss of what the application served, same window."),
     "mae_rolling": ("mae", "Mean absolute error of the model's own predictions (regression), same window."),
     "rmse_rolling": ("rmse", "Root mean squared error of the model's own predictions (regression), same window."),
@@ -78,8 +85,13 @@ class Metrics:
     True
     """
 
-    def __init__(self, registry: CollectorRegistry | None = None, *, roles: Iterable[str] | None = None,
-                 health: Health | None = None) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        roles: Iterable[str] | None = None,
+        health: Health | None = None,
+    ) -> None:
         self.registry = registry or CollectorRegistry()
         self.roles = frozenset(ROLES if roles is None else roles)
         if unknown := self.roles - set(ROLES):
@@ -90,127 +102,196 @@ class Metrics:
         def of(*roles: str) -> CollectorRegistry | None:
             return r if self.roles & set(roles) else None
 
-        Info("stream_learner_build", "Versions this process runs (value 1).", registry=r).info({
-            "version": _version("stream-learner"), "python": platform.python_version(),
-            "kafka_python": _version("kafka-python"), "redis_py": _version("redis"), "torch": _version("torch")})
+        Info("stream_learner_build", "Versions this process runs (value 1).", registry=r).info(
+            {
+                "version": _version("stream-learner"),
+                "python": platform.python_version(),
+                "kafka_python": _version("kafka-python"),
+                "redis_py": _version("redis"),
+                "torch": _version("torch"),
+            }
+        )
         # The global registry has these; a registry of our own gets its own.
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         GCCollector(registry=r)
 
         self.events_decoded = Counter(
-            "stream_learner_events_decoded_total", "Events decoded, by event type.", ["type"], registry=of("smoke"))
+            "stream_learner_events_decoded_total", "Events decoded, by event type.", ["type"], registry=of("smoke")
+        )
         self.dead_letters = Counter(
-            "stream_learner_dead_letters_total", "Records sent to the dead-letter topic, by stage and error kind.",
-            ["stage", "kind"], registry=of("joiner", "trainer", "smoke"))
+            "stream_learner_dead_letters_total",
+            "Records sent to the dead-letter topic, by stage and error kind.",
+            ["stage", "kind"],
+            registry=of("joiner", "trainer", "smoke"),
+        )
         self.dead_letters_truncated = Counter(
             "stream_learner_dead_letters_truncated_total",
-            "Dead letters sent with their value cut (too large to carry whole), by stage.", ["stage"], registry=of("joiner", "trainer", "smoke"))
+            "Dead letters sent with their value cut (too large to carry whole), by stage.",
+            ["stage"],
+            registry=of("joiner", "trainer", "smoke"),
+        )
         self.dead_letters_unsendable = Counter(
             "stream_learner_dead_letters_unsendable_total",
             "Refused records the broker would not take even truncated: logged and skipped, by stage.",
-            ["stage"], registry=of("joiner", "trainer", "smoke"))
+            ["stage"],
+            registry=of("joiner", "trainer", "smoke"),
+        )
         self.sdk_events = Counter(
             "stream_learner_sdk_events_total",
             "SDK events by outcome: sent (acknowledged), failed (delivery error), dropped (buffer full).",
-            ["type", "outcome"], registry=of("sdk"))
+            ["type", "outcome"],
+            registry=of("sdk"),
+        )
         self.sdk_buffered_bytes = Gauge(
-            "stream_learner_sdk_buffered_bytes", "Bytes waiting in the SDK buffer.", registry=of("sdk"))
+            "stream_learner_sdk_buffered_bytes", "Bytes waiting in the SDK buffer.", registry=of("sdk")
+        )
         self.kafka_commit_seconds = Histogram(
-            "stream_learner_kafka_commit_seconds", "Time to commit consumer offsets.", registry=of("joiner"))
+            "stream_learner_kafka_commit_seconds", "Time to commit consumer offsets.", registry=of("joiner")
+        )
 
         j = of("joiner")
         self.joiner_events = Counter(
-            "stream_learner_joiner_events_total", "Input records read by the joiner, by topic.", ["topic"], registry=j)
+            "stream_learner_joiner_events_total", "Input records read by the joiner, by topic.", ["topic"], registry=j
+        )
         self.joiner_joins = Counter(
             "stream_learner_joiner_joins_total",
             "Join outcomes: labeled, unlabeled, late examples; early_label stored; orphan_label_dropped.",
-            ["kind"], registry=j)
+            ["kind"],
+            registry=j,
+        )
         self.joiner_duplicates = Counter(
-            "stream_learner_joiner_duplicates_total", "Events that had already been applied.", registry=j)
+            "stream_learner_joiner_duplicates_total", "Events that had already been applied.", registry=j
+        )
         self.joiner_redis_seconds = Histogram(
-            "stream_learner_joiner_redis_seconds", "Round-trip time of one join step in Redis.",
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0), registry=j)
+            "stream_learner_joiner_redis_seconds",
+            "Round-trip time of one join step in Redis.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=j,
+        )
         self.joiner_retries = Counter(
-            "stream_learner_joiner_retries_total", "Retries while a dependency was unavailable.",
-            ["dependency"], registry=j)
+            "stream_learner_joiner_retries_total",
+            "Retries while a dependency was unavailable.",
+            ["dependency"],
+            registry=j,
+        )
         self.joiner_watermark_lag = Gauge(
-            "stream_learner_joiner_watermark_lag_seconds", "Wall clock minus the event-time watermark.", registry=j)
+            "stream_learner_joiner_watermark_lag_seconds", "Wall clock minus the event-time watermark.", registry=j
+        )
         self.joiner_consumer_lag = Gauge(
-            "stream_learner_joiner_consumer_lag_records", "Records not yet read on the assigned partitions.",
-            registry=j)
+            "stream_learner_joiner_consumer_lag_records", "Records not yet read on the assigned partitions.", registry=j
+        )
 
         t = of("trainer")
         self.trainer_examples = Counter(
-            "stream_learner_trainer_examples_total", "Example records the trainer applied.", registry=t)
+            "stream_learner_trainer_examples_total", "Example records the trainer applied.", registry=t
+        )
         self.trainer_loss = Gauge(
-            "stream_learner_trainer_batch_loss", "Training loss of the last mini-batch.", registry=t)
+            "stream_learner_trainer_batch_loss", "Training loss of the last mini-batch.", registry=t
+        )
         self.trainer_drifts = Counter(
-            "stream_learner_trainer_drift_total", "Drift findings, by kind and detector.", ["kind", "detector"],
-            registry=t)
+            "stream_learner_trainer_drift_total",
+            "Drift findings, by kind and detector.",
+            ["kind", "detector"],
+            registry=t,
+        )
         self.trainer_checkpoints = Counter(
-            "stream_learner_trainer_checkpoints_total", "Checkpoints published.", registry=t)
+            "stream_learner_trainer_checkpoints_total", "Checkpoints published.", registry=t
+        )
         self.trainer_retries = Counter(
-            "stream_learner_trainer_retries_total", "Retries while a dependency (its state store, Kafka) was down.",
-            ["dependency"], registry=t)
+            "stream_learner_trainer_retries_total",
+            "Retries while a dependency (its state store, Kafka) was down.",
+            ["dependency"],
+            registry=t,
+        )
         self.trainer_version = Gauge(
-            "stream_learner_trainer_model_version", "Version of the last published checkpoint.", registry=t)
+            "stream_learner_trainer_model_version", "Version of the last published checkpoint.", registry=t
+        )
         self.trainer_consumer_lag = Gauge(
-            "stream_learner_trainer_consumer_lag_records", "Examples not yet read on the examples partitions.",
-            registry=t)
+            "stream_learner_trainer_consumer_lag_records",
+            "Examples not yet read on the examples partitions.",
+            registry=t,
+        )
         self.trainer_rolling = {
             key: Gauge(f"stream_learner_trainer_rolling_{name}", doc, ["model"], registry=t)
-            for key, (name, doc) in ROLLING.items()}
+            for key, (name, doc) in ROLLING.items()
+        }
         #: The rolling gauges are set at most this often (0: at every chunk).
         self.rolling_every_s = ROLLING_EVERY_S
         self._rolling_at: float | None = None
 
         s = of("serving")
         self.serving_version = Gauge(
-            "stream_learner_serving_model_version", "Version of the model a serving node serves (0: none yet).",
-            registry=s)
+            "stream_learner_serving_model_version",
+            "Version of the model a serving node serves (0: none yet).",
+            registry=s,
+        )
         self.serving_swaps = Counter(
-            "stream_learner_serving_swaps_total", "Models swapped in by the checkpoint subscriber.", registry=s)
+            "stream_learner_serving_swaps_total", "Models swapped in by the checkpoint subscriber.", registry=s
+        )
         self.serving_swap_failures = Counter(
             "stream_learner_serving_swap_failures_total",
             "Checkpoints the subscriber refused or could not load (the last good model kept), by reason.",
-            ["reason"], registry=s)
+            ["reason"],
+            registry=s,
+        )
         self.serving_stale_manifests = Counter(
             "stream_learner_serving_stale_manifests_total",
-            "Manifests ignored because their version is not newer than the one followed (replays).", registry=s)
+            "Manifests ignored because their version is not newer than the one followed (replays).",
+            registry=s,
+        )
         self.serving_swap_seconds = Histogram(
-            "stream_learner_serving_swap_seconds", "Time from reading a manifest record to serving its model.",
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0), registry=s)
+            "stream_learner_serving_swap_seconds",
+            "Time from reading a manifest record to serving its model.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+            registry=s,
+        )
         self.serving_predictions = Counter(
-            "stream_learner_serving_predictions_total", "Predictions served by `stream-learner serve`.", registry=s)
+            "stream_learner_serving_predictions_total", "Predictions served by `stream-learner serve`.", registry=s
+        )
         self.serving_bad_requests = Counter(
-            "stream_learner_serving_bad_requests_total", "Requests `stream-learner serve` refused with 400.",
-            registry=s)
+            "stream_learner_serving_bad_requests_total", "Requests `stream-learner serve` refused with 400.", registry=s
+        )
         self.serving_request_seconds = Histogram(
             "stream_learner_serving_request_seconds",
             "Time `stream-learner serve` took to answer a POST /predict, from its first byte read to its reply "
-            "written, by HTTP status code.", ["code"],
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5), registry=s)
+            "written, by HTTP status code.",
+            ["code"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=s,
+        )
 
         # Serving variants (stream_learner.optimize): derived by a trainer, a replay or the optimize role.
         v = of("trainer", "optimize")
         self.variants_published = Counter(
-            "stream_learner_variants_published_total", "Serving variants that passed their gate and were published.",
-            ["variant"], registry=v)
+            "stream_learner_variants_published_total",
+            "Serving variants that passed their gate and were published.",
+            ["variant"],
+            registry=v,
+        )
         self.variants_skipped = Counter(
             "stream_learner_variants_skipped_total",
             "Serving variants not published, by reason: accuracy, slower, too_few_examples, not_applicable.",
-            ["variant", "reason"], registry=v)
+            ["variant", "reason"],
+            registry=v,
+        )
         self.variant_seconds = Histogram(
-            "stream_learner_variant_seconds", "Time to build and gate one variant.", ["variant"],
-            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0), registry=v)
+            "stream_learner_variant_seconds",
+            "Time to build and gate one variant.",
+            ["variant"],
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+            registry=v,
+        )
         self.serving_variant_fallback = Gauge(
             "stream_learner_serving_variant_fallback",
             "1 while a node asked for a variant serves the parent (no passing variant recent enough), else 0.",
-            registry=s)
+            registry=s,
+        )
         self.serving_variant_version = Gauge(
             "stream_learner_serving_variant_version",
-            "Parent version of the variant a node serves (0: it serves no variant).", registry=s)
+            "Parent version of the variant a node serves (0: it serves no variant).",
+            registry=s,
+        )
 
     def trainer_scores(self, model: str, summary: Callable[[], Mapping[str, float]]) -> None:
         """Set the rolling gauges of ``model`` from the learner's ``summary``, at most once a second."""
@@ -251,8 +332,11 @@ class Metrics:
                     self._reply(HTTPStatus.OK, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
                 elif path == "/health":
                     healthy, body = metrics.health.status()
-                    self._reply(HTTPStatus.OK if healthy else HTTPStatus.SERVICE_UNAVAILABLE,
-                                json.dumps(body).encode(), "application/json")
+                    self._reply(
+                        HTTPStatus.OK if healthy else HTTPStatus.SERVICE_UNAVAILABLE,
+                        json.dumps(body).encode(),
+                        "application/json",
+                    )
                 else:
                     self._reply(HTTPStatus.NOT_FOUND, b"/metrics or /health\n", "text/plain")
 

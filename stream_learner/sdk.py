@@ -130,15 +130,17 @@ class PredictionLogger:
         for an invalid event, e.g. a string or NaN feature value.
         """
         event_id = event_id or f"{self._id_prefix}-{next(self._ids)}"
-        event = PREDICTION.convert({
-            "event_id": event_id,
-            "request_id": request_id,
-            "model": self.model if model is None else model,
-            "model_version": self.model_version if model_version is None else model_version,
-            "event_time": now_ms() if event_time is None else event_time,
-            "features": features,
-            "prediction": prediction,
-        })
+        event = PREDICTION.convert(
+            {
+                "event_id": event_id,
+                "request_id": request_id,
+                "model": self.model if model is None else model,
+                "model_version": self.model_version if model_version is None else model_version,
+                "event_time": now_ms() if event_time is None else event_time,
+                "features": features,
+                "prediction": prediction,
+            }
+        )
         return self._enqueue(self.settings.topic_predictions, request_id, encode(event), "prediction", event_id)
 
     def log_label(
@@ -152,13 +154,15 @@ class PredictionLogger:
     ) -> str | None:
         """Log the true label of ``request_id``; return the event id, or None if dropped."""
         event_id = event_id or f"{self._id_prefix}-{next(self._ids)}"
-        event = LABEL.convert({
-            "event_id": event_id,
-            "request_id": request_id,
-            "event_time": now_ms() if event_time is None else event_time,
-            "label": label,
-            "model": self.model if model is None else model,
-        })
+        event = LABEL.convert(
+            {
+                "event_id": event_id,
+                "request_id": request_id,
+                "event_time": now_ms() if event_time is None else event_time,
+                "label": label,
+                "model": self.model if model is None else model,
+            }
+        )
         return self._enqueue(self.settings.topic_labels, request_id, encode(event), "label", event_id)
 
     @property

@@ -22,8 +22,13 @@ from stream_learner.events import LABEL, PREDICTION, Codec, PredictionEvent
 from stream_learner.tools.smoke import decode_topics
 
 GOOD = {
-    "event_id": "e1", "request_id": "r1", "model": "m", "model_version": "1", "event_time": 1,
-    "features": {"a": 1.5, "b": None}, "prediction": {"x": 0.25, "y": 0.75},
+    "event_id": "e1",
+    "request_id": "r1",
+    "model": "m",
+    "model_version": "1",
+    "event_time": 1,
+    "features": {"a": 1.5, "b": None},
+    "prediction": {"x": 0.25, "y": 0.75},
 }
 
 
@@ -45,26 +50,69 @@ CASES = [
     ("wrong type: top level", b"[1, 2]", "wrong_type", "$", "got `array`"),
     ("NaN feature", variant(features={"a": 1.0, "b": float("nan")}), "non_finite", "$.features.b", "NaN"),
     ("Infinity prediction", variant(prediction=float("inf")), "non_finite", "$.prediction", "NaN and Infinity"),
-    ("overflowing number", b'{"event_id":"e1","request_id":"r1","model":"m","model_version":"1",'
-     b'"event_time":1,"features":{"a":1e400},"prediction":0.5}', "non_finite", "$.features.a", "finite double"),
+    (
+        "overflowing number",
+        (
+            b'{"event_id":"e1","request_id":"r1","model":"m","model_version":"1",'
+            b'"event_time":1,"features":{"a":1e400},"prediction":0.5}'
+        ),
+        "non_finite",
+        "$.features.a",
+        "finite double",
+    ),
     ("probability above 1", variant(prediction={"x": 1.5}), "invalid_value", "$.prediction.x", "<= 1.0"),
     ("negative event time", variant(event_time=-5), "invalid_value", "$.event_time", ">= 0"),
     ("empty request id", variant(request_id=""), "invalid_value", "$.request_id", "length >= 1"),
     ("empty feature name", variant(features={"": 1.0}), "invalid_value", "$.features", "key is invalid"),
-    ("too many features", variant(features={f"f{i}": 0.0 for i in range(4097)}), "invalid_value", "$.features",
-     "length <= 4096"),
-    ("nested 1,000 deep in an unknown field", variant()[:-1] + b', "zz": ' + b"[" * 1000 + b"]" * 1000 + b"}",
-     "too_deep", "$", "deeper than 64 levels"),
-    ("nested 1,000 deep in a feature", variant().replace(b'"a": 1.5', b'"a": ' + b"[" * 1000 + b"]" * 1000),
-     "too_deep", "$", "deeper than 64 levels"),
-    ("nested 1,000 deep in the prediction", variant(prediction=0.5).replace(b"0.5}", b"[" * 1000 + b"]" * 1000 + b"}"),
-     "too_deep", "$", "deeper than 64 levels"),
-    ("request id given twice", variant()[:-1] + b', "request_id": "r2"}', "duplicate_key", "$.request_id",
-     "more than once"),
-    ("event time given twice", variant()[:-1] + b', "event_time": 99}', "duplicate_key", "$.event_time",
-     "more than once"),
-    ("feature given twice", variant().replace(b'"b": null', b'"b": null, "a": 2.5'), "duplicate_key",
-     "$.features.a", "more than once"),
+    (
+        "too many features",
+        variant(features={f"f{i}": 0.0 for i in range(4097)}),
+        "invalid_value",
+        "$.features",
+        "length <= 4096",
+    ),
+    (
+        "nested 1,000 deep in an unknown field",
+        variant()[:-1] + b', "zz": ' + b"[" * 1000 + b"]" * 1000 + b"}",
+        "too_deep",
+        "$",
+        "deeper than 64 levels",
+    ),
+    (
+        "nested 1,000 deep in a feature",
+        variant().replace(b'"a": 1.5', b'"a": ' + b"[" * 1000 + b"]" * 1000),
+        "too_deep",
+        "$",
+        "deeper than 64 levels",
+    ),
+    (
+        "nested 1,000 deep in the prediction",
+        variant(prediction=0.5).replace(b"0.5}", b"[" * 1000 + b"]" * 1000 + b"}"),
+        "too_deep",
+        "$",
+        "deeper than 64 levels",
+    ),
+    (
+        "request id given twice",
+        variant()[:-1] + b', "request_id": "r2"}',
+        "duplicate_key",
+        "$.request_id",
+        "more than once",
+    ),
+    (
+        "event time given twice",
+        variant()[:-1] + b', "event_time": 99}',
+        "duplicate_key",
+        "$.event_time",
+        "more than once",
+    ),
+    (
+        "feature given twice",
+        variant().replace(b'"b": null', b'"b": null, "a": 2.5'),
+        "duplicate_key",
+        "$.features.a",
+        "more than once",
+    ),
 ]
 
 

@@ -45,24 +45,36 @@ def test_console_script_is_installed() -> None:
 @pytest.mark.slow
 def test_local_up_and_down(tmp_path) -> None:
     state = tmp_path / "local.json"
-    up = subprocess.run([sys.executable, "-m", "stream_learner.cli", "local", "up", "--state-file", str(state)],
-                        capture_output=True, text=True, timeout=60)
+    up = subprocess.run(
+        [sys.executable, "-m", "stream_learner.cli", "local", "up", "--state-file", str(state)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert up.returncode == 0, up.stderr
     assert "STREAM_LEARNER_BOOTSTRAP_SERVERS=127.0.0.1:" in up.stdout
     recorded = json.loads(state.read_text())
     import redis
 
     assert redis.Redis.from_url(recorded["redis_url"]).ping()
-    down = subprocess.run([sys.executable, "-m", "stream_learner.cli", "local", "down", "--state-file", str(state)],
-                          capture_output=True, text=True, timeout=60)
+    down = subprocess.run(
+        [sys.executable, "-m", "stream_learner.cli", "local", "down", "--state-file", str(state)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert down.returncode == 0 and "stopped" in down.stdout
     assert not state.exists()
 
 
 @pytest.mark.slow
 def test_smoke_counts_end_to_end() -> None:
-    out = subprocess.run([sys.executable, "-m", "stream_learner.cli", "smoke", "--events", "2000"],
-                         capture_output=True, text=True, timeout=180)
+    out = subprocess.run(
+        [sys.executable, "-m", "stream_learner.cli", "smoke", "--events", "2000"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout)
     assert summary["lost"] == 0 and summary["decoded"]["prediction"] == 2000
@@ -122,8 +134,9 @@ def _help(verb: str) -> str:
 
 
 # replay's own arguments live beside its implementation, which imports torch: seconds.
-@pytest.mark.parametrize("verb", [pytest.param(v, marks=pytest.mark.slow) if v == "replay" else v
-                                  for v in VERB_SETTINGS])
+@pytest.mark.parametrize(
+    "verb", [pytest.param(v, marks=pytest.mark.slow) if v == "replay" else v for v in VERB_SETTINGS]
+)
 def test_each_verbs_help_lists_only_the_settings_it_uses_with_meaning_and_default(verb: str) -> None:
     docs = field_docs()
     text, used = _help(verb), set(verb_fields(verb))
@@ -175,8 +188,7 @@ def test_keys_generate_refuses_to_overwrite_existing_keys(tmp_path) -> None:
     assert not (tmp_path / "signing.pem").exists()
     # A directory it cannot write to: one line too, no traceback.
     (tmp_path / "a-file").write_text("")
-    blocked = subprocess.run([*cmd[:-1], str(tmp_path / "a-file" / "keys")], capture_output=True, text=True,
-                             timeout=60)
+    blocked = subprocess.run([*cmd[:-1], str(tmp_path / "a-file" / "keys")], capture_output=True, text=True, timeout=60)
     assert blocked.returncode == 1 and "cannot write the keys" in blocked.stderr
     assert "Traceback" not in blocked.stderr
 
@@ -193,8 +205,9 @@ def _topics_named(settings, prefix: str) -> list[str]:
         admin.close()
 
 
-@pytest.mark.parametrize("verb", ["joiner", pytest.param("trainer", marks=pytest.mark.slow),
-                                  pytest.param("serve", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "verb", ["joiner", pytest.param("trainer", marks=pytest.mark.slow), pytest.param("serve", marks=pytest.mark.slow)]
+)
 def test_a_role_stops_at_start_naming_the_topics_that_do_not_exist(servers, verb: str) -> None:
     import uuid
 
@@ -203,10 +216,16 @@ def test_a_role_stops_at_start_naming_the_topics_that_do_not_exist(servers, verb
     from stream_learner.config import settings_env
 
     prefix = f"missing{uuid.uuid4().hex[:8]}"
-    s = msgspec.structs.replace(servers.settings, log_format="json",
-                                **{f"topic_{role}": f"{prefix}.{role}" for role in servers.settings.topics})
-    out = subprocess.run([sys.executable, "-m", "stream_learner.cli", verb], env=settings_env(s),
-                         capture_output=True, text=True, timeout=120)
+    s = msgspec.structs.replace(
+        servers.settings, log_format="json", **{f"topic_{role}": f"{prefix}.{role}" for role in servers.settings.topics}
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "stream_learner.cli", verb],
+        env=settings_env(s),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 1, out.stderr[-2000:]
     failed = [json.loads(line) for line in out.stderr.splitlines() if '"failed"' in line]
     assert len(failed) == 1 and "do not exist" in failed[0]["error"], out.stderr[-2000:]
@@ -226,19 +245,27 @@ def test_a_role_creates_missing_topics_when_told(servers) -> None:
     from stream_learner.config import settings_env
 
     prefix = f"created{uuid.uuid4().hex[:8]}"
-    s = msgspec.structs.replace(servers.settings, create_topics=True, consumer_session_timeout_ms=6000,
-                                consumer_max_poll_interval_ms=3000,
-                                **{f"topic_{role}": f"{prefix}.{role}" for role in servers.settings.topics})
-    proc = subprocess.Popen([sys.executable, "-m", "stream_learner.cli", "joiner"], env=settings_env(s),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    s = msgspec.structs.replace(
+        servers.settings,
+        create_topics=True,
+        consumer_session_timeout_ms=6000,
+        consumer_max_poll_interval_ms=3000,
+        **{f"topic_{role}": f"{prefix}.{role}" for role in servers.settings.topics},
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stream_learner.cli", "joiner"],
+        env=settings_env(s),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while len(_topics_named(s, prefix)) < 4 and time.monotonic() < deadline:
             assert proc.poll() is None, proc.communicate()[1][-2000:]
             time.sleep(0.2)
         # The joiner's four, not the trainer's model and drift topics.
-        assert _topics_named(s, prefix) == sorted(f"{prefix}.{r}" for r in ("predictions", "labels", "examples",
-                                                                              "dlq"))
+        assert _topics_named(s, prefix) == sorted(f"{prefix}.{r}" for r in ("predictions", "labels", "examples", "dlq"))
         assert proc.poll() is None  # and it runs on them
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -65,10 +65,7 @@ def _environment(service: dict[str, Any]) -> dict[str, str | None]:
             key, sep, value = str(item).partition("=")
             out[key] = value if sep else None
         return out
-    return {
-        k: None if v is None else (str(v).lower() if isinstance(v, bool) else str(v))
-        for k, v in env.items()
-    }
+    return {k: None if v is None else (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in env.items()}
 
 
 def interpolate(value: str, shell: dict[str, str]) -> str:
@@ -434,13 +431,19 @@ def _secret_files(name: str) -> dict[str, str]:
 
 
 def _bind_sources(name: str) -> list[str]:
-    return [str(v).split(":")[0] if isinstance(v, str) else str(v.get("source", ""))
-            for v in _service(name).get("volumes") or []]
+    return [
+        str(v).split(":")[0] if isinstance(v, str) else str(v.get("source", ""))
+        for v in _service(name).get("volumes") or []
+    ]
 
 
 def test_keys_generate_writes_the_files_compose_mounts(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "stream_learner.cli", "keys", "generate", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "stream_learner.cli", "keys", "generate", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([PRIVATE_KEY, PUBLIC_KEY])
 
@@ -469,8 +472,11 @@ def test_secrets_are_ignored_by_git_and_docker():
     for path in (f"secrets/{PRIVATE_KEY}", f"secrets/{PUBLIC_KEY}", PRIVATE_KEY, f"docker/{PRIVATE_KEY}"):
         ignored = subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=ROOT)
         assert ignored.returncode == 0, f"git would commit {path}"
-    patterns = {line.strip().rstrip("/") for line in DOCKERIGNORE.read_text().splitlines()
-                if line.strip() and not line.startswith("#")}
+    patterns = {
+        line.strip().rstrip("/")
+        for line in DOCKERIGNORE.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
     assert {"secrets", "**/*.pem", ".env"} <= patterns
 
 
@@ -511,17 +517,28 @@ def test_the_serving_service_serves_an_existing_deployment(settings, keypair, tm
     # Only the model's name comes from the shell: its features are the trainer's business.
     env = container_env("serving", {"STREAM_LEARNER_TRAINER_MODEL": MODEL})
     public = tmp_path / PUBLIC_KEY  # what compose mounts at the serving_public_keys path
-    public.write_bytes(keypair[1].public_bytes(serialization.Encoding.PEM,
-                                               serialization.PublicFormat.SubjectPublicKeyInfo))
+    public.write_bytes(
+        keypair[1].public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
     port = free_port()
-    env.update({"STREAM_LEARNER_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
-                "STREAM_LEARNER_REDIS_URL": settings.redis_url,
-                "STREAM_LEARNER_TOPIC_MODELS": settings.topic_models,
-                "STREAM_LEARNER_TOPIC_PREDICTIONS": settings.topic_predictions,
-                "STREAM_LEARNER_SERVING_PUBLIC_KEYS": str(public), "STREAM_LEARNER_SERVING_HOST": "127.0.0.1",
-                "STREAM_LEARNER_SERVING_PORT": str(port), "STREAM_LEARNER_METRICS_PORT": str(free_port())})
-    proc = subprocess.Popen([sys.executable, "-m", "stream_learner.cli", *_command(_service("serving"))],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    env.update(
+        {
+            "STREAM_LEARNER_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+            "STREAM_LEARNER_REDIS_URL": settings.redis_url,
+            "STREAM_LEARNER_TOPIC_MODELS": settings.topic_models,
+            "STREAM_LEARNER_TOPIC_PREDICTIONS": settings.topic_predictions,
+            "STREAM_LEARNER_SERVING_PUBLIC_KEYS": str(public),
+            "STREAM_LEARNER_SERVING_HOST": "127.0.0.1",
+            "STREAM_LEARNER_SERVING_PORT": str(port),
+            "STREAM_LEARNER_METRICS_PORT": str(free_port()),
+        }
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stream_learner.cli", *_command(_service("serving"))],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline, health = time.monotonic() + 60, None
         while time.monotonic() < deadline and health is None:

@@ -83,19 +83,22 @@ def test_sasl_needs_mechanism_and_credentials() -> None:
     with pytest.raises(ConfigError, match="sasl_mechanism is required"):
         load_settings(env={"STREAM_LEARNER_SECURITY_PROTOCOL": "SASL_SSL"})
     with pytest.raises(ConfigError, match="sasl_username and sasl_password"):
-        load_settings(env={"STREAM_LEARNER_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
-                           "STREAM_LEARNER_SASL_MECHANISM": "PLAIN"})
+        load_settings(
+            env={"STREAM_LEARNER_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "STREAM_LEARNER_SASL_MECHANISM": "PLAIN"}
+        )
 
 
 def test_security_settings_pass_through_to_kafka_python() -> None:
-    s = load_settings(env={
-        "STREAM_LEARNER_SECURITY_PROTOCOL": "SASL_SSL",
-        "STREAM_LEARNER_SASL_MECHANISM": "SCRAM-SHA-256",
-        "STREAM_LEARNER_SASL_USERNAME": "svc",
-        "STREAM_LEARNER_SASL_PASSWORD": "s3cret",
-        "STREAM_LEARNER_SSL_CAFILE": "/etc/ca.pem",
-        "STREAM_LEARNER_SSL_CHECK_HOSTNAME": "false",
-    })
+    s = load_settings(
+        env={
+            "STREAM_LEARNER_SECURITY_PROTOCOL": "SASL_SSL",
+            "STREAM_LEARNER_SASL_MECHANISM": "SCRAM-SHA-256",
+            "STREAM_LEARNER_SASL_USERNAME": "svc",
+            "STREAM_LEARNER_SASL_PASSWORD": "s3cret",
+            "STREAM_LEARNER_SSL_CAFILE": "/etc/ca.pem",
+            "STREAM_LEARNER_SSL_CHECK_HOSTNAME": "false",
+        }
+    )
     opts = kafka_options(s)
     assert opts["security_protocol"] == "SASL_SSL"
     assert opts["sasl_mechanism"] == "SCRAM-SHA-256"
@@ -126,8 +129,13 @@ def test_every_field_is_settable_from_its_env_variable() -> None:
 
 
 def test_passwords_inside_urls_are_masked_wherever_settings_are_shown() -> None:
-    s = Settings(redis_url="redis://app:hunter2@cache:6379/0", redis_password="r3dis", sasl_password="s4sl",
-                 ssl_password="k3y", serving_public_keys=["/keys/a.pem"])
+    s = Settings(
+        redis_url="redis://app:hunter2@cache:6379/0",
+        redis_password="r3dis",
+        sasl_password="s4sl",
+        ssl_password="k3y",
+        serving_public_keys=["/keys/a.pem"],
+    )
     shown = s.redacted()
     assert shown["redis_url"] == "redis://app:***@cache:6379/0"
     assert shown["redis_password"] == shown["sasl_password"] == shown["ssl_password"] == "***"
@@ -135,8 +143,10 @@ def test_passwords_inside_urls_are_masked_wherever_settings_are_shown() -> None:
     assert not {"hunter2", "r3dis", "s4sl", "k3y"} & set(re.findall(r"\w+", text))
     assert shown["serving_public_keys"] == ["/keys/a.pem"]  # not secrets: shown as they are
     # A URL with a token for its user, or a password in the query, is masked too.
-    assert Settings(redis_url="rediss://t0ken@cache:6380/0?password=x").redacted()["redis_url"] == \
-        "rediss://***@cache:6380/0?password=***"
+    assert (
+        Settings(redis_url="rediss://t0ken@cache:6380/0?password=x").redacted()["redis_url"]
+        == "rediss://***@cache:6380/0?password=***"
+    )
 
 
 @pytest.mark.parametrize("where", ["flag", "env"])
@@ -166,7 +176,9 @@ def test_origins_say_default_env_file_or_flag(tmp_path: Path) -> None:
     cfg.write_text("[joiner]\nwindow_ms = 5000\n")
     settings, origins = load_settings_with_origins(
         env={"STREAM_LEARNER_LOG_LEVEL": "debug", "STREAM_LEARNER_JOINER_WINDOW_MS": "7000"},
-        config_file=cfg, flags={"metrics_port": "9100", "log_format": None})
+        config_file=cfg,
+        flags={"metrics_port": "9100", "log_format": None},
+    )
     assert settings.joiner_window_ms == 5000 and settings.metrics_port == 9100
     assert origins["log_level"] == "env STREAM_LEARNER_LOG_LEVEL"
     assert origins["joiner_window_ms"] == f"file {cfg}"  # the file beat the environment

@@ -12,8 +12,24 @@ import pytest
 
 @pytest.mark.slow
 def test_demo_serves_learns_detects_the_drift_and_accounts_for_every_event(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "stream_learner.cli", "demo", "--seconds", "20", "--rate", "300",
-                          "--quiet", "--out", str(tmp_path)], capture_output=True, text=True, timeout=240)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stream_learner.cli",
+            "demo",
+            "--seconds",
+            "20",
+            "--rate",
+            "300",
+            "--quiet",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout)
     assert summary == json.loads((tmp_path / "summary.json").read_text())
@@ -65,9 +81,11 @@ def _synthetic_run(tmp_path: Path):
         served.append(Served(i / config.rate, 1 + i // 400, rng.random() < p, 0.002 + 0.01 * rng.random()))
     served[7] = None  # one request never answered
     # Without learning, the model of request k - 1 stays at 50% after the drift.
-    baseline = Baseline(version=served[k - 1].version, first=(k - 1) // 400 * 400,
-                        correct=[None if s is None else (s.correct if i < k else rng.random() < 0.5)
-                                 for i, s in enumerate(served)])
+    baseline = Baseline(
+        version=served[k - 1].version,
+        first=(k - 1) // 400 * 400,
+        correct=[None if s is None else (s.correct if i < k else rng.random() < 0.5) for i, s in enumerate(served)],
+    )
     return config, served, baseline
 
 
@@ -80,8 +98,7 @@ def test_the_report_has_the_baseline_a_legend_latency_and_one_rolling_window(tmp
     from stream_learner.tools.demo.report import Curves, label_rows, report_html, summarize
 
     config, served, baseline = _synthetic_run(tmp_path)
-    summary = summarize(config, served, Counter(), Observed(), {}, {}, 0.0, 20.0, SDKStats(0, 0, 0, 0),
-                        baseline)
+    summary = summarize(config, served, Counter(), Observed(), {}, {}, 0.0, 20.0, SDKStats(0, 0, 0, 0), baseline)
     summary["complete"] = True
     acc, static = summary["served_accuracy"], summary["static_baseline"]
     # The summary's worst point is the plotted curve's, over full windows after the drift, in one window size.
@@ -93,14 +110,22 @@ def test_the_report_has_the_baseline_a_legend_latency_and_one_rolling_window(tmp
     assert static["version"] == baseline.version and static["after_drift"] < acc["after_drift"]
     assert acc["recovered_to_95pct_after_requests"] > 1000  # the bad stretch is 1000 requests long
     assert summary["latency_ms"]["p50"] < summary["latency_ms"]["p99"] <= 12.0
-    html = report_html(config, served, 0.0, 20.0, {**summary, "drift": {**summary["drift"], "detected_at_s": 20.3}},
-                       baseline)
+    html = report_html(
+        config, served, 0.0, 20.0, {**summary, "drift": {**summary["drift"], "detected_at_s": 20.3}}, baseline
+    )
     svg = (tmp_path / "served_accuracy.svg").read_text()
     assert svg in html
     assert "last 200 requests" in svg  # the same window as the summary
     assert svg.count("<polyline") == 4  # served, without learning, latency p50 and p99
-    for entry in ("served (learning live)", f"without learning: v{baseline.version}", "latency p50", "latency p99",
-                  "drift (concept changes)", "drift detected", "model swap at the node"):
+    for entry in (
+        "served (learning live)",
+        f"without learning: v{baseline.version}",
+        "latency p50",
+        "latency p99",
+        "drift (concept changes)",
+        "drift detected",
+        "model swap at the node",
+    ):
         assert entry in svg, entry
     # The two marks 0.3 s apart get their labels on two rows.
     drift_y = re.search(r'<text [^>]*y="([\d.]+)" fill="#c33">drift</text>', svg)

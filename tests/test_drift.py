@@ -199,7 +199,9 @@ def test_error_detector_on_a_real_concept_drift() -> None:
     data = synth.ConceptDriftStream(
         stream=synth.SEA(variant=0, noise=0.1, seed=1),
         drift_stream=synth.SEA(variant=3, noise=0.1, seed=2),
-        position=CHANGE, width=CHANGE // 100, seed=3,
+        position=CHANGE,
+        width=CHANGE // 100,
+        seed=3,
     )
     det = ADWINDetector("error")
     signals = [det.update((x[0] + x[1] > 8) != y) for x, y in itertools.islice(data, N)]
@@ -211,8 +213,9 @@ def test_error_detector_on_a_real_concept_drift() -> None:
 def test_error_detector_warns_before_a_moderate_drift() -> None:
     warned_first = 0
     for seed in range(10):
-        signals = signals_of(ADWINDetector("error"), stream(lambda r, s: float(r.random() < (0.2 if s else 0.1)),
-                                                            seed, n=8000))
+        signals = signals_of(
+            ADWINDetector("error"), stream(lambda r, s: float(r.random() < (0.2 if s else 0.1)), seed, n=8000)
+        )
         warning, drift = first(signals, Signal.WARNING, CHANGE), first(signals, Signal.DRIFT, CHANGE)
         assert drift is not None
         warned_first += warning is not None and warning < drift
@@ -245,8 +248,12 @@ def test_adwin_port_matches_rivers_signals_and_estimates_bit_for_bit(params: dic
         ours.update(x)
         rivers.update(x)
         assert ours.drift_detected == rivers.drift_detected, f"step {i}"
-        assert (ours.width, ours.total, ours.variance, ours.estimation) == \
-            (rivers.width, rivers.total, rivers.variance, rivers.estimation), f"step {i}"
+        assert (ours.width, ours.total, ours.variance, ours.estimation) == (
+            rivers.width,
+            rivers.total,
+            rivers.variance,
+            rivers.estimation,
+        ), f"step {i}"
         detections += ours.drift_detected
     assert detections >= 3
 
@@ -302,8 +309,18 @@ ADWIN_MALFORMED = {
     "negative-tick": ("drift.tick", -1),
     "width-not-the-buckets": ("drift.width", 1234.0),
     "rows-differ": ("drift.variances", [[0.0]]),
-    "row-over-max-buckets": ("drift", {"drift_detected": False, "tick": 6, "width": 6.0, "total": 6.0, "variance": 0.0,
-                                       "totals": [[1.0] * 6], "variances": [[0.0] * 6]}),
+    "row-over-max-buckets": (
+        "drift",
+        {
+            "drift_detected": False,
+            "tick": 6,
+            "width": 6.0,
+            "total": 6.0,
+            "variance": 0.0,
+            "totals": [[1.0] * 6],
+            "variances": [[0.0] * 6],
+        },
+    ),
     "too-many-rows": ("drift.totals", [[]] * 65),
     "no-rows": ("drift.totals", []),
     "warning-missing": ("warning", None),
@@ -316,17 +333,31 @@ PH_MALFORMED = {
     "negative-count": ("drift.n", -1.0),
     "infinite-mean": ("drift.mean", math.inf),
     "nan-min": ("drift.min_increase", math.nan),
-    "extra-warning": ("warning", {"drift_detected": False, "n": 0.0, "mean": 0.0, "sum_increase": 0.0,
-                                  "sum_decrease": 0.0, "min_increase": None, "max_decrease": -1.0}),
+    "extra-warning": (
+        "warning",
+        {
+            "drift_detected": False,
+            "n": 0.0,
+            "mean": 0.0,
+            "sum_increase": 0.0,
+            "sum_decrease": 0.0,
+            "min_increase": None,
+            "max_decrease": -1.0,
+        },
+    ),
 }
 
 
-@pytest.mark.parametrize("make, path, value", [
-    *[pytest.param(lambda: ADWINDetector("error"), p, v, id=f"adwin-{k}") for k, (p, v) in ADWIN_MALFORMED.items()],
-    *[pytest.param(lambda: PageHinkleyDetector("loss"), p, v, id=f"ph-{k}") for k, (p, v) in PH_MALFORMED.items()],
-])
+@pytest.mark.parametrize(
+    "make, path, value",
+    [
+        *[pytest.param(lambda: ADWINDetector("error"), p, v, id=f"adwin-{k}") for k, (p, v) in ADWIN_MALFORMED.items()],
+        *[pytest.param(lambda: PageHinkleyDetector("loss"), p, v, id=f"ph-{k}") for k, (p, v) in PH_MALFORMED.items()],
+    ],
+)
 def test_restore_refuses_malformed_or_hostile_state_and_changes_nothing(
-        make: Callable[[], Detector], path: str, value: Any) -> None:
+    make: Callable[[], Detector], path: str, value: Any
+) -> None:
     saved = make()
     signals_of(saved, stream(error, 3, n=1000))
     det = make()
@@ -337,8 +368,11 @@ def test_restore_refuses_malformed_or_hostile_state_and_changes_nothing(
     assert det.state() == before
 
 
-@pytest.mark.parametrize("state", [[], "state", None, {"format": True}, {"format": "2"}, {"format": 99}],
-                         ids=["list", "str", "null", "bool-format", "str-format", "future-format"])
+@pytest.mark.parametrize(
+    "state",
+    [[], "state", None, {"format": True}, {"format": "2"}, {"format": 99}],
+    ids=["list", "str", "null", "bool-format", "str-format", "future-format"],
+)
 def test_restore_refuses_what_is_not_a_state(state: Any) -> None:
     with pytest.raises(DriftStateError):
         ADWINDetector("error").restore(state)
@@ -347,15 +381,38 @@ def test_restore_refuses_what_is_not_a_state(state: Any) -> None:
 
 
 # The default monitor's state as version 1 wrote it (its type-tagged walker), one detector shown.
-OLD_MONITOR_STATE = {"format": 1, "detectors": {"adwin_error": {
-    "format": 1, "kind": "adwin", "signal": "error",
-    "params": {"delta": 0.002, "warning_delta": 0.02, "clock": 32, "max_buckets": 5, "min_window_length": 5,
-               "grace_period": 10},
-    "drift": {"$obj": "stream_learner.drift.ADWIN",
-              "params": {"delta": 0.002, "clock": 32, "max_buckets": 5, "min_window_length": 5, "grace_period": 10},
-              "attrs": {"_drift_detected": False, "_total": 1.0, "_variance": 0.0, "_width": 1.0, "_tick": 1,
-                        "_totals": [[1.0]], "_variances": [[0.0]]}},
-    "warning": None}}}
+OLD_MONITOR_STATE = {
+    "format": 1,
+    "detectors": {
+        "adwin_error": {
+            "format": 1,
+            "kind": "adwin",
+            "signal": "error",
+            "params": {
+                "delta": 0.002,
+                "warning_delta": 0.02,
+                "clock": 32,
+                "max_buckets": 5,
+                "min_window_length": 5,
+                "grace_period": 10,
+            },
+            "drift": {
+                "$obj": "stream_learner.drift.ADWIN",
+                "params": {"delta": 0.002, "clock": 32, "max_buckets": 5, "min_window_length": 5, "grace_period": 10},
+                "attrs": {
+                    "_drift_detected": False,
+                    "_total": 1.0,
+                    "_variance": 0.0,
+                    "_width": 1.0,
+                    "_tick": 1,
+                    "_totals": [[1.0]],
+                    "_variances": [[0.0]],
+                },
+            },
+            "warning": None,
+        }
+    },
+}
 
 
 def test_state_of_an_unknown_kind_starts_the_detector_fresh() -> None:
@@ -418,13 +475,21 @@ def feed(monitor: DriftMonitor, seed: int, start: int, stop: int) -> list[DriftF
 def test_default_monitor_watches_error_loss_and_confidence() -> None:
     monitor = DriftMonitor.default()
     assert {n: d.signal for n, d in monitor.detectors.items()} == {
-        "adwin_error": "error", "page_hinkley_loss": "loss", "adwin_confidence": "confidence"}
+        "adwin_error": "error",
+        "page_hinkley_loss": "loss",
+        "adwin_confidence": "confidence",
+    }
     assert monitor.signals == {"error", "loss", "confidence"}
 
 
 def test_monitor_routes_each_signal_to_its_detectors_and_reports_findings() -> None:
-    monitor = DriftMonitor([ADWINDetector("error"), PageHinkleyDetector("error", name="ph_error", delta=0.05,
-                                                                      threshold=20.0), ADWINDetector("confidence")])
+    monitor = DriftMonitor(
+        [
+            ADWINDetector("error"),
+            PageHinkleyDetector("error", name="ph_error", delta=0.05, threshold=20.0),
+            ADWINDetector("confidence"),
+        ]
+    )
     findings = []
     for i, x in enumerate(stream(error, 0)):
         findings += monitor.observe("error", x, index=i)
@@ -453,7 +518,9 @@ class Threshold:
 
 def test_monitor_accepts_any_detector_implementing_the_protocol() -> None:
     monitor = DriftMonitor([Threshold()])
-    assert monitor.observe("confidence", 0.1, index=9) == [DriftFinding("too_unsure", "confidence", Signal.DRIFT, 0.1, 9)]
+    assert monitor.observe("confidence", 0.1, index=9) == [
+        DriftFinding("too_unsure", "confidence", Signal.DRIFT, 0.1, 9)
+    ]
     with pytest.raises(TypeError):
         DriftMonitor([object()])  # type: ignore[list-item]
     with pytest.raises(ValueError, match="two detectors"):
@@ -476,11 +543,13 @@ def test_monitor_restore_after_a_config_change_starts_changed_detectors_fresh() 
     old = DriftMonitor.default()
     feed(old, 5, 0, 3000)
     saved = json.loads(json.dumps(old.state()))
-    new = DriftMonitor([
-        ADWINDetector("error", delta=0.001),   # retuned
-        ADWINDetector("confidence"),           # unchanged
-        ADWINDetector("feature:plan", name="adwin_plan"),  # new
-    ])                                         # loss: dropped
+    new = DriftMonitor(
+        [
+            ADWINDetector("error", delta=0.001),  # retuned
+            ADWINDetector("confidence"),  # unchanged
+            ADWINDetector("feature:plan", name="adwin_plan"),  # new
+        ]
+    )  # loss: dropped
     fresh = new.restore(saved)
     assert set(fresh) == {"adwin_error", "adwin_plan"}
     assert "params" in fresh["adwin_error"] and fresh["adwin_plan"] == "no saved state"
@@ -509,22 +578,34 @@ def test_monitor_restore_of_a_malformed_state_changes_nothing() -> None:
 
 
 def test_from_settings_builds_the_default_detectors_and_the_configured_policy() -> None:
-    settings = Settings(trainer_drift_challenger_on_warning=True, trainer_drift_on_drift=["checkpoint", "lr_boost"],
-                        trainer_drift_lr_boost_factor=4.0, trainer_drift_lr_boost_batches=30)
+    settings = Settings(
+        trainer_drift_challenger_on_warning=True,
+        trainer_drift_on_drift=["checkpoint", "lr_boost"],
+        trainer_drift_lr_boost_factor=4.0,
+        trainer_drift_lr_boost_batches=30,
+    )
     monitor, policy = from_settings(settings)
     assert monitor is not None and monitor.state() == DriftMonitor.default().state()
-    assert policy == DriftPolicy(challenger_on_warning=True, on_drift=("checkpoint", "lr_boost"),
-                                 lr_boost_factor=4.0, lr_boost_steps=30)
+    assert policy == DriftPolicy(
+        challenger_on_warning=True, on_drift=("checkpoint", "lr_boost"), lr_boost_factor=4.0, lr_boost_steps=30
+    )
     assert from_settings(msgspec.structs.replace(settings, trainer_drift_enabled=False)) == (None, policy)
 
 
 def test_policy_defaults_are_the_settings_defaults() -> None:
     defaults = Settings()
     assert DriftPolicy() == from_settings(defaults)[1]
-    assert (DriftPolicy().challenger_on_warning, DriftPolicy().on_drift, DriftPolicy().lr_boost_factor,
-            DriftPolicy().lr_boost_steps) == (
-        defaults.trainer_drift_challenger_on_warning, tuple(defaults.trainer_drift_on_drift),
-        defaults.trainer_drift_lr_boost_factor, defaults.trainer_drift_lr_boost_batches)
+    assert (
+        DriftPolicy().challenger_on_warning,
+        DriftPolicy().on_drift,
+        DriftPolicy().lr_boost_factor,
+        DriftPolicy().lr_boost_steps,
+    ) == (
+        defaults.trainer_drift_challenger_on_warning,
+        tuple(defaults.trainer_drift_on_drift),
+        defaults.trainer_drift_lr_boost_factor,
+        defaults.trainer_drift_lr_boost_batches,
+    )
 
 
 # --------------------------------------------------------------------------- the policy
@@ -546,13 +627,16 @@ def test_warning_starts_a_challenger_only_when_enabled_and_none_runs() -> None:
     assert StartChallenger() not in enabled.decide(DRIFT)
 
 
-@pytest.mark.parametrize("option, active, expected", [
-    ("lr_boost", False, [LrBoost(factor=3.0, steps=250)]),
-    ("optimizer_reset", False, [OptimizerReset()]),
-    ("checkpoint", False, [Checkpoint()]),
-    ("promote_challenger_if_better", False, []),
-    ("promote_challenger_if_better", True, [PromoteChallengerIfBetter()]),
-])
+@pytest.mark.parametrize(
+    "option, active, expected",
+    [
+        ("lr_boost", False, [LrBoost(factor=3.0, steps=250)]),
+        ("optimizer_reset", False, [OptimizerReset()]),
+        ("checkpoint", False, [Checkpoint()]),
+        ("promote_challenger_if_better", False, []),
+        ("promote_challenger_if_better", True, [PromoteChallengerIfBetter()]),
+    ],
+)
 def test_each_drift_option_produces_its_action(option: str, active: bool, expected: list[Any]) -> None:
     policy = DriftPolicy(on_drift=[option], lr_boost_factor=3.0, lr_boost_steps=250)
     assert policy.decide(DRIFT, challenger_active=active) == [Alert(), *expected]
@@ -561,8 +645,13 @@ def test_each_drift_option_produces_its_action(option: str, active: bool, expect
 def test_drift_actions_come_in_execution_order_whatever_the_config_order() -> None:
     options = ["checkpoint", "lr_boost", "optimizer_reset", "promote_challenger_if_better"]
     for order in itertools.permutations(options):
-        assert [a.kind for a in DriftPolicy(on_drift=order).decide(DRIFT, challenger_active=True)] == \
-            ["alert", "promote_challenger_if_better", "optimizer_reset", "lr_boost", "checkpoint"]
+        assert [a.kind for a in DriftPolicy(on_drift=order).decide(DRIFT, challenger_active=True)] == [
+            "alert",
+            "promote_challenger_if_better",
+            "optimizer_reset",
+            "lr_boost",
+            "checkpoint",
+        ]
     assert DriftPolicy(on_drift=()).decide(DRIFT) == [Alert()]  # the alert is always there
     assert [a.kind for a in DriftPolicy().decide(DRIFT)] == ["alert", "lr_boost", "checkpoint"]
 
@@ -591,12 +680,18 @@ DRIFT_SCHEMA = jsonschema.Draft202012Validator(json.loads((ROOT / "schemas" / "d
 def test_drift_event_is_valid_and_its_id_is_the_same_on_a_replay() -> None:
     actions = DriftPolicy(lr_boost_factor=3.0, lr_boost_steps=250).decide(DRIFT)
     event = drift_event(DRIFT, actions, model="churn", event_time=1_767_225_600_000, model_version=12)
-    replayed = drift_event(finding(Signal.DRIFT), actions, model="churn", event_time=1_767_225_600_000,
-                           model_version=12)
+    replayed = drift_event(
+        finding(Signal.DRIFT), actions, model="churn", event_time=1_767_225_600_000, model_version=12
+    )
     assert event == replayed
     assert event.event_id == drift_event_id("churn", "adwin_error", 2047)
-    assert (event.kind, event.detector, event.signal, event.value, event.actions) == \
-        ("drift", "adwin_error", "error", 1.0, ["alert", "lr_boost", "checkpoint"])
+    assert (event.kind, event.detector, event.signal, event.value, event.actions) == (
+        "drift",
+        "adwin_error",
+        "error",
+        1.0,
+        ["alert", "lr_boost", "checkpoint"],
+    )
     assert event.details == {"index": 2047, "lr_boost_factor": 3.0, "lr_boost_steps": 250}
     wire = events.encode(event)
     DRIFT_SCHEMA.validate(json.loads(wire))
@@ -610,16 +705,17 @@ def test_drift_event_ids_differ_by_model_detector_and_example() -> None:
 
 
 def test_warning_event() -> None:
-    event = drift_event(WARNING, DriftPolicy(challenger_on_warning=True).decide(WARNING), model="churn",
-                        event_time=1)
+    event = drift_event(WARNING, DriftPolicy(challenger_on_warning=True).decide(WARNING), model="churn", event_time=1)
     assert (event.kind, event.actions) == ("warning", ["alert", "start_challenger"])
     DRIFT_SCHEMA.validate(json.loads(events.encode(event)))
 
 
 def test_default_detectors_are_the_documented_ones() -> None:
     assert [(name, type(d).__name__, d.signal) for name, d in DriftMonitor.default().detectors.items()] == [
-        ("adwin_error", "ADWINDetector", "error"), ("page_hinkley_loss", "PageHinkleyDetector", "loss"),
-        ("adwin_confidence", "ADWINDetector", "confidence")]
+        ("adwin_error", "ADWINDetector", "error"),
+        ("page_hinkley_loss", "PageHinkleyDetector", "loss"),
+        ("adwin_confidence", "ADWINDetector", "confidence"),
+    ]
     assert DriftPolicy().on_drift == ("promote_challenger_if_better", "lr_boost", "checkpoint")
 
 
@@ -679,20 +775,29 @@ def test_detector_update_many_is_update_one_by_one(case: Case, seed: int) -> Non
 def test_monitor_observe_many_is_observe_one_by_one() -> None:
     # Two detectors on one signal: findings come by position, then in detector order.
     def make() -> DriftMonitor:
-        return DriftMonitor([ADWINDetector("error"), PageHinkleyDetector("error", name="ph_error", delta=0.05,
-                                                                         threshold=20.0), ADWINDetector("confidence")])
+        return DriftMonitor(
+            [
+                ADWINDetector("error"),
+                PageHinkleyDetector("error", name="ph_error", delta=0.05, threshold=20.0),
+                ADWINDetector("confidence"),
+            ]
+        )
+
     rng = random.Random(9)
     for seed in range(10):
-        values = {"error": stream(error, seed, n=6000, changes=(1500, 3000, 4500)),
-                  "confidence": stream(confidence, seed, n=6000, changes=(2500,))}
+        values = {
+            "error": stream(error, seed, n=6000, changes=(1500, 3000, 4500)),
+            "confidence": stream(confidence, seed, n=6000, changes=(2500,)),
+        }
         one, many = make(), make()
         expected, got = [], []
         for a, b in random_batches(rng, 6000):
             for signal in ("confidence", "error"):
                 for i in range(a, b):
                     expected += one.observe(signal, values[signal][i], index=10 * i)
-                findings, estimates = many.observe_many(signal, values[signal][a:b],
-                                                        indices=[10 * i for i in range(a, b)])
+                findings, estimates = many.observe_many(
+                    signal, values[signal][a:b], indices=[10 * i for i in range(a, b)]
+                )
                 got += [f for _, f in findings]
                 assert [f.index for _, f in findings] == [10 * (a + j) for j, _ in findings]
                 for det in many.detectors.values():

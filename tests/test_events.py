@@ -41,8 +41,9 @@ VALIDATORS = {name: validator(name) for name in SCHEMAS}
 def test_schema_files_are_generated_from_the_code(name: str) -> None:
     # Compared as JSON values: msgspec versions differ in writing 1.0 or 1.
     committed = json.loads((ROOT / "schemas" / f"{name}.json").read_text())
-    assert committed == json.loads(render(name)), \
+    assert committed == json.loads(render(name)), (
         f"schemas/{name}.json is stale: python -m stream_learner.schemas write schemas/"
+    )
 
 
 def _fixture_files() -> list[Path]:
@@ -75,26 +76,52 @@ times = st.integers(0, 2**53)
 sources = st.builds(events.Source, names, st.integers(0, 1000), st.integers(0, 2**62))
 
 predictions = st.builds(
-    events.PredictionEvent, event_id=names, request_id=names, model=names, model_version=names,
-    event_time=times, features=features, prediction=st.one_of(finite, probs),
+    events.PredictionEvent,
+    event_id=names,
+    request_id=names,
+    model=names,
+    model_version=names,
+    event_time=times,
+    features=features,
+    prediction=st.one_of(finite, probs),
 )
 labels = st.builds(
-    events.LabelEvent, event_id=names, request_id=names, event_time=times,
-    label=st.one_of(names, finite), model=st.one_of(st.none(), names),
+    events.LabelEvent,
+    event_id=names,
+    request_id=names,
+    event_time=times,
+    label=st.one_of(names, finite),
+    model=st.one_of(st.none(), names),
 )
 examples = st.builds(
-    events.ExampleEvent, example_id=names, kind=st.sampled_from(["labeled", "unlabeled", "late"]),
-    request_id=names, model=names, model_version=names, features=features,
-    prediction=st.one_of(finite, probs), label=st.one_of(st.none(), names, finite),
-    prediction_event_id=names, prediction_time=times, prediction_source=st.one_of(st.none(), sources),
-    label_event_id=st.one_of(st.none(), names), label_time=st.one_of(st.none(), times),
+    events.ExampleEvent,
+    example_id=names,
+    kind=st.sampled_from(["labeled", "unlabeled", "late"]),
+    request_id=names,
+    model=names,
+    model_version=names,
+    features=features,
+    prediction=st.one_of(finite, probs),
+    label=st.one_of(st.none(), names, finite),
+    prediction_event_id=names,
+    prediction_time=times,
+    prediction_source=st.one_of(st.none(), sources),
+    label_event_id=st.one_of(st.none(), names),
+    label_time=st.one_of(st.none(), times),
     label_source=st.one_of(st.none(), sources),
 )
 drifts = st.builds(
-    events.DriftEvent, event_id=names, model=names, event_time=times,
-    kind=st.sampled_from(["warning", "drift", "status"]), detector=names, signal=names,
-    model_version=st.one_of(st.none(), st.integers(0, 10**6)), value=st.one_of(st.none(), finite),
-    actions=st.lists(names, max_size=3), details=st.dictionaries(names, st.one_of(finite, names), max_size=3),
+    events.DriftEvent,
+    event_id=names,
+    model=names,
+    event_time=times,
+    kind=st.sampled_from(["warning", "drift", "status"]),
+    detector=names,
+    signal=names,
+    model_version=st.one_of(st.none(), st.integers(0, 10**6)),
+    value=st.one_of(st.none(), finite),
+    actions=st.lists(names, max_size=3),
+    details=st.dictionaries(names, st.one_of(finite, names), max_size=3),
 )
 STRATEGIES = {"prediction.v1": predictions, "label.v1": labels, "example.v1": examples, "drift.v1": drifts}
 
@@ -184,8 +211,15 @@ def test_arbitrary_bytes_never_crash_the_decoder(blob: bytes) -> None:
         events.PREDICTION.decode(blob)
     except EventError as exc:
         # Never "undecodable": that kind is for decoder failures nobody foresaw.
-        assert exc.kind in {"malformed_json", "missing_field", "wrong_type", "invalid_value", "non_finite",
-                            "too_deep", "duplicate_key"}
+        assert exc.kind in {
+            "malformed_json",
+            "missing_field",
+            "wrong_type",
+            "invalid_value",
+            "non_finite",
+            "too_deep",
+            "duplicate_key",
+        }
 
 
 def test_manifest_round_trip() -> None:
@@ -305,8 +339,15 @@ def test_a_repeated_key_is_refused_and_nothing_else_is(name: str, data: st.DataO
 @pytest.mark.parametrize("where", ["unknown field", "feature value", "prediction", "object in unknown field"])
 def test_nesting_beyond_the_limit_is_refused_as_too_deep(depth: int, where: str) -> None:
     nest = "[" * depth + "]" * depth
-    doc = {"event_id": "e", "request_id": "r", "model": "m", "model_version": "1", "event_time": 1,
-           "features": {"a": 1.0}, "prediction": 0.5}
+    doc = {
+        "event_id": "e",
+        "request_id": "r",
+        "model": "m",
+        "model_version": "1",
+        "event_time": 1,
+        "features": {"a": 1.0},
+        "prediction": 0.5,
+    }
     text = json.dumps(doc)[:-1]
     if where == "unknown field":  # the event's object is level 1: depth + 1 levels
         text += f', "zz": {nest}}}'
@@ -334,6 +375,15 @@ def test_sdk_values_nested_too_deep_are_refused_not_raised() -> None:
     for _ in range(100_000):
         deep = [deep]
     with pytest.raises(EventError) as refused:
-        events.PREDICTION.convert({"event_id": "e", "request_id": "r", "model": "m", "model_version": "1",
-                                   "event_time": 1, "features": {"a": deep}, "prediction": 0.5})
+        events.PREDICTION.convert(
+            {
+                "event_id": "e",
+                "request_id": "r",
+                "model": "m",
+                "model_version": "1",
+                "event_time": 1,
+                "features": {"a": deep},
+                "prediction": 0.5,
+            }
+        )
     assert refused.value.kind in {"wrong_type", "too_deep"}

@@ -25,9 +25,22 @@ def _restore_logging():
 
 def test_kafka_pythons_own_records_are_json_lines_in_a_json_log() -> None:
     # No broker on port 1: kafka-python logs its connection errors itself, through the stdlib.
-    proc = subprocess.Popen([sys.executable, "-m", "stream_learner.cli", "topics", "create",
-                             "--bootstrap-servers", "127.0.0.1:1", "--log-format", "json"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "stream_learner.cli",
+            "topics",
+            "create",
+            "--bootstrap-servers",
+            "127.0.0.1:1",
+            "--log-format",
+            "json",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     lines: list[str] = []
     try:
         assert proc.stderr is not None
@@ -42,8 +55,7 @@ def test_kafka_pythons_own_records_are_json_lines_in_a_json_log() -> None:
     assert {r["level"] for r in records} <= {"warning", "error"} and all(r["timestamp"] for r in records)
 
 
-def test_library_records_and_ours_share_the_renderer_and_mask_credentials(
-        capsys: pytest.CaptureFixture[str]) -> None:
+def test_library_records_and_ours_share_the_renderer_and_mask_credentials(capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging("info", "json")
     configure_logging("info", "json")  # configuring twice adds no second handler
     logging.getLogger("redis.connection").warning("cannot connect to %s", "redis://app:hunter2@cache:6379/0")
@@ -55,8 +67,11 @@ def test_library_records_and_ours_share_the_renderer_and_mask_credentials(
         logging.getLogger("redis").exception("gave up")
     lines = capsys.readouterr().err.splitlines()
     records = [json.loads(line) for line in lines]
-    assert [r["event"] for r in records] == ["cannot connect to redis://app:***@cache:6379/0", "dependency_down",
-                                             "gave up"]
+    assert [r["event"] for r in records] == [
+        "cannot connect to redis://app:***@cache:6379/0",
+        "dependency_down",
+        "gave up",
+    ]
     assert records[0]["logger"] == "redis.connection" and records[0]["level"] == "warning"
     assert records[1]["url"] == "rediss://:***@cache:6380/0"
     assert "ConnectionError: refused" in records[2]["exception"]

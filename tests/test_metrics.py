@@ -26,16 +26,24 @@ def families(metrics: Metrics) -> set[str]:
 
 def test_a_process_exports_the_families_of_its_roles_only() -> None:
     serving = families(Metrics(roles=["serving", "sdk"]))
-    assert {"stream_learner_serving_model_version", "stream_learner_serving_request_seconds",
-            "stream_learner_sdk_events"} <= serving
+    assert {
+        "stream_learner_serving_model_version",
+        "stream_learner_serving_request_seconds",
+        "stream_learner_sdk_events",
+    } <= serving
     assert not {n for n in serving if n.startswith(("stream_learner_joiner_", "stream_learner_trainer_"))}
     joiner = families(Metrics(roles=["joiner"]))
     assert "stream_learner_joiner_consumer_lag_records" in joiner and "stream_learner_dead_letters" in joiner
-    assert not {n for n in joiner if n.startswith(("stream_learner_serving_", "stream_learner_trainer_",
-                                                   "stream_learner_sdk_"))}
+    assert not {
+        n for n in joiner if n.startswith(("stream_learner_serving_", "stream_learner_trainer_", "stream_learner_sdk_"))
+    }
     for names in (serving, joiner):  # every process: what it runs, and the process itself
-        assert {"stream_learner_build", "process_cpu_seconds", "process_resident_memory_bytes",
-                "python_gc_objects_collected"} <= names
+        assert {
+            "stream_learner_build",
+            "process_cpu_seconds",
+            "process_resident_memory_bytes",
+            "python_gc_objects_collected",
+        } <= names
     everything = families(Metrics())
     assert serving | joiner | families(Metrics(roles=["trainer"])) <= everything
     with pytest.raises(ValueError, match="unknown roles"):
@@ -155,16 +163,28 @@ def test_the_metrics_port_serves_metrics_and_health() -> None:
 
 @pytest.mark.slow
 def test_a_joiner_whose_redis_is_down_reports_unhealthy_then_healthy_when_it_is_back(
-        settings: Settings, tmp_path: Path) -> None:
+    settings: Settings, tmp_path: Path
+) -> None:
     # A Valkey of its own, stopped and started again (the session's serves every other test).
     redis = LocalServers(workdir=tmp_path / "valkey")
     redis.start_redis()
     port = free_port()
-    s = msgspec.structs.replace(settings, redis_url=redis.redis_url, metrics_port=port, health_stall_s=2.0,
-                                consumer_session_timeout_ms=6000, consumer_max_poll_interval_ms=3000,
-                                log_format="json")
-    proc = subprocess.Popen([sys.executable, "-m", "stream_learner.cli", "joiner"], env=settings_env(s),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    s = msgspec.structs.replace(
+        settings,
+        redis_url=redis.redis_url,
+        metrics_port=port,
+        health_stall_s=2.0,
+        consumer_session_timeout_ms=6000,
+        consumer_max_poll_interval_ms=3000,
+        log_format="json",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stream_learner.cli", "joiner"],
+        env=settings_env(s),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
     def health() -> tuple[int, dict[str, Any]]:
         try:

@@ -24,7 +24,8 @@ def test_the_settings_reference_is_generated_from_the_field_docs() -> None:
     block = README.split("tests/test_readme.py checks it -->\n", 1)[1].split("<!-- end of the settings reference", 1)[0]
     assert block == settings_reference(), (
         "README's settings reference is stale: paste the output of "
-        "python -c 'from stream_learner.cli import settings_reference; print(settings_reference(), end=\"\")'")
+        "python -c 'from stream_learner.cli import settings_reference; print(settings_reference(), end=\"\")'"
+    )
 
 
 def test_every_metric_is_documented() -> None:

@@ -37,31 +37,39 @@ def wrapped(outer: Exception, inner: BaseException) -> Exception:
         return exc
 
 
-@pytest.mark.parametrize(("error", "transient"), [
-    (redis.ConnectionError("Error 111 connecting. Connection refused."), True),
-    (redis.TimeoutError("Timeout reading from socket"), True),
-    (redis.BusyLoadingError("Redis is loading the dataset in memory"), True),
-    (redis.exceptions.ReadOnlyError("You can't write against a read only replica."), True),
-    (redis.exceptions.TryAgainError("TRYAGAIN"), True),
-    (redis.exceptions.MasterDownError("MASTERDOWN"), True),
-    (redis.AuthenticationError("WRONGPASS invalid username-password pair"), False),
-    (redis.exceptions.NoPermissionError("NOPERM this user has no permissions"), False),
-    (wrapped(redis.ConnectionError("Error 1 connecting"), ssl.SSLCertVerificationError("certificate verify failed")),
-     False),
-    (wrapped(redis.ConnectionError("Error connecting"), ssl.SSLError("WRONG_VERSION_NUMBER")), False),
-    (wrapped(redis.ConnectionError("Connection closed"), ssl.SSLEOFError("EOF occurred")), True),
-    (redis.ResponseError("ERR unknown command"), False),
-    (kafka_errors.KafkaTimeoutError("Failed to update metadata"), True),
-    (kafka_errors.KafkaConnectionError("Connection refused"), True),
-    (kafka_errors.NotLeaderForPartitionError(), True),
-    (kafka_errors.BrokerNotAvailableError(), True),
-    (kafka_errors.SaslAuthenticationFailedError(), False),
-    (kafka_errors.TopicAuthorizationFailedError(), False),
-    (kafka_errors.MessageSizeTooLargeError(), False),
-    (ConnectionResetError(104, "Connection reset by peer"), True),
-    (PermissionError(13, "Permission denied"), False),
-    (ValueError("a bug"), False),
-], ids=lambda x: type(x).__name__ if isinstance(x, BaseException) else str(x))
+@pytest.mark.parametrize(
+    ("error", "transient"),
+    [
+        (redis.ConnectionError("Error 111 connecting. Connection refused."), True),
+        (redis.TimeoutError("Timeout reading from socket"), True),
+        (redis.BusyLoadingError("Redis is loading the dataset in memory"), True),
+        (redis.exceptions.ReadOnlyError("You can't write against a read only replica."), True),
+        (redis.exceptions.TryAgainError("TRYAGAIN"), True),
+        (redis.exceptions.MasterDownError("MASTERDOWN"), True),
+        (redis.AuthenticationError("WRONGPASS invalid username-password pair"), False),
+        (redis.exceptions.NoPermissionError("NOPERM this user has no permissions"), False),
+        (
+            wrapped(
+                redis.ConnectionError("Error 1 connecting"), ssl.SSLCertVerificationError("certificate verify failed")
+            ),
+            False,
+        ),
+        (wrapped(redis.ConnectionError("Error connecting"), ssl.SSLError("WRONG_VERSION_NUMBER")), False),
+        (wrapped(redis.ConnectionError("Connection closed"), ssl.SSLEOFError("EOF occurred")), True),
+        (redis.ResponseError("ERR unknown command"), False),
+        (kafka_errors.KafkaTimeoutError("Failed to update metadata"), True),
+        (kafka_errors.KafkaConnectionError("Connection refused"), True),
+        (kafka_errors.NotLeaderForPartitionError(), True),
+        (kafka_errors.BrokerNotAvailableError(), True),
+        (kafka_errors.SaslAuthenticationFailedError(), False),
+        (kafka_errors.TopicAuthorizationFailedError(), False),
+        (kafka_errors.MessageSizeTooLargeError(), False),
+        (ConnectionResetError(104, "Connection reset by peer"), True),
+        (PermissionError(13, "Permission denied"), False),
+        (ValueError("a bug"), False),
+    ],
+    ids=lambda x: type(x).__name__ if isinstance(x, BaseException) else str(x),
+)
 def test_transient_or_permanent(error: Exception, transient: bool) -> None:
     assert is_transient(error) is transient
 
@@ -130,13 +138,21 @@ def test_a_stop_ends_the_wait_at_once() -> None:
 
 
 @pytest.mark.slow
-def test_a_trainer_started_while_redis_is_down_waits_and_stops_cleanly(settings: Settings, keys,
-                                                                        tmp_path: Path) -> None:
-    s = msgspec.structs.replace(settings, trainer_state_store="redis", redis_url=f"redis://127.0.0.1:{free_port()}/0",
-                                trainer_features=["x"], trainer_signing_key=str(keys[0]), log_format="json")
+def test_a_trainer_started_while_redis_is_down_waits_and_stops_cleanly(
+    settings: Settings, keys, tmp_path: Path
+) -> None:
+    s = msgspec.structs.replace(
+        settings,
+        trainer_state_store="redis",
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",
+        trainer_features=["x"],
+        trainer_signing_key=str(keys[0]),
+        log_format="json",
+    )
     log = tmp_path / "trainer.log"
-    proc = subprocess.Popen([sys.executable, "-m", "stream_learner.cli", "trainer"], env=settings_env(s),
-                            stderr=log.open("w"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stream_learner.cli", "trainer"], env=settings_env(s), stderr=log.open("w")
+    )
     try:
         deadline = time.monotonic() + 60
         while '"trainer_dependency_unavailable"' not in log.read_text() and time.monotonic() < deadline:

@@ -27,8 +27,10 @@ def test_round_trip_100k_events_zero_loss(settings: Settings) -> None:
                 ids.append(sdk.log_label(f"req-{i}", "y" if i % 20 else "n"))
     assert None not in ids and len(set(ids)) == len(ids)
     assert sdk.stats.sent == len(ids) and sdk.stats.failed == 0 and sdk.stats.dropped == 0
-    assert metrics.registry.get_sample_value(
-        "stream_learner_sdk_events_total", {"type": "prediction", "outcome": "sent"}) == N
+    assert (
+        metrics.registry.get_sample_value("stream_learner_sdk_events_total", {"type": "prediction", "outcome": "sent"})
+        == N
+    )
 
     report = decode_topics(settings, expected=len(ids), timeout_s=120)
     assert report.decoded == {"prediction": N, "label": N // 10}
@@ -71,8 +73,9 @@ def test_starts_without_a_broker_then_drops_when_full_without_blocking() -> None
 
 
 def test_block_policy_waits_for_room_and_loses_nothing(settings: Settings) -> None:
-    with PredictionLogger(settings=settings, model="m", model_version="1", buffer_bytes=4096,
-                          on_full="block", block_timeout_s=10) as sdk:
+    with PredictionLogger(
+        settings=settings, model="m", model_version="1", buffer_bytes=4096, on_full="block", block_timeout_s=10
+    ) as sdk:
         for i in range(2000):
             assert sdk.log_prediction(f"r{i}", {"a": float(i)}, 0.5) is not None
     assert sdk.stats.sent == 2000 and sdk.stats.dropped == 0
@@ -81,8 +84,9 @@ def test_block_policy_waits_for_room_and_loses_nothing(settings: Settings) -> No
 
 def test_delivery_failure_is_counted_as_failed(settings: Settings) -> None:
     # The producer refuses records over max_request_size; the good one still goes.
-    with PredictionLogger(settings=settings, model="m", model_version="1",
-                          producer_options={"max_request_size": 2000}) as sdk:
+    with PredictionLogger(
+        settings=settings, model="m", model_version="1", producer_options={"max_request_size": 2000}
+    ) as sdk:
         sdk.log_prediction("big", {f"f{i}": float(i) for i in range(300)}, 0.5)
         sdk.log_prediction("small", {"a": 1.0}, 0.5)
     assert (sdk.stats.sent, sdk.stats.failed, sdk.stats.buffered) == (1, 1, 0)

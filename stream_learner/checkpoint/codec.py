@@ -100,8 +100,9 @@ def header_length(data: bytes | bytearray | memoryview, max_header_bytes: int = 
     return int(size)
 
 
-def read_header(data: bytes | bytearray | memoryview, *, max_header_bytes: int = MAX_HEADER_BYTES,
-                max_tensors: int | None = None) -> dict[str, Any]:
+def read_header(
+    data: bytes | bytearray | memoryview, *, max_header_bytes: int = MAX_HEADER_BYTES, max_tensors: int | None = None
+) -> dict[str, Any]:
     """The JSON header of safetensors bytes, checked for shape but not for data.
 
     Raises :class:`CheckpointError` when ``data`` is not safetensors (a
@@ -140,8 +141,9 @@ def read_header(data: bytes | bytearray | memoryview, *, max_header_bytes: int =
     return header
 
 
-def decode_tensors(data: bytes | bytearray | memoryview, *, max_header_bytes: int = MAX_HEADER_BYTES,
-                   max_tensors: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def decode_tensors(
+    data: bytes | bytearray | memoryview, *, max_header_bytes: int = MAX_HEADER_BYTES, max_tensors: int | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read safetensors bytes: ``(name -> CPU tensor, metadata)``.
 
     The header is parsed and checked here first (with the limits of

@@ -55,8 +55,9 @@ class TopicOutput:
     records of ``trainer_chunk_bytes`` plus headers.
     """
 
-    def __init__(self, settings: Settings, lineage: str, private_key: Ed25519PrivateKey, *,
-                 producer: KafkaProducer | None = None) -> None:
+    def __init__(
+        self, settings: Settings, lineage: str, private_key: Ed25519PrivateKey, *, producer: KafkaProducer | None = None
+    ) -> None:
         self.settings = settings
         self.lineage = lineage
         self.private_key = private_key
@@ -66,16 +67,23 @@ class TopicOutput:
     def latest_version(self) -> int:
         consumer = make_reader_consumer(self.settings)
         try:
-            return read_latest(consumer, self.settings.topic_models, self.private_key.public_key(),
-                               self.lineage).manifest.version
+            return read_latest(
+                consumer, self.settings.topic_models, self.private_key.public_key(), self.lineage
+            ).manifest.version
         except CheckpointNotFoundError:
             return 0
         finally:
             consumer.close()
 
     def publish(self, manifest: CheckpointManifest, weights: bytes) -> CheckpointManifest:
-        return publish_checkpoint(self.producer, self.settings.topic_models, manifest, weights, self.private_key,
-                                  chunk_bytes=self.settings.trainer_chunk_bytes)
+        return publish_checkpoint(
+            self.producer,
+            self.settings.topic_models,
+            manifest,
+            weights,
+            self.private_key,
+            chunk_bytes=self.settings.trainer_chunk_bytes,
+        )
 
     def close(self) -> None:
         if self.own_producer:
@@ -88,8 +96,9 @@ _VERSION_FILE = re.compile(r"^v(\d{8,})\.manifest\.json$")
 class DirectoryOutput:
     """Checkpoints as files under ``<root>/<lineage>/`` (see the module docstring)."""
 
-    def __init__(self, root: str | os.PathLike[str], lineage: str, private_key: Ed25519PrivateKey,
-                 chunk_bytes: int) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str], lineage: str, private_key: Ed25519PrivateKey, chunk_bytes: int
+    ) -> None:
         self.path = Path(root) / lineage
         self.path.mkdir(parents=True, exist_ok=True)
         self.private_key = private_key

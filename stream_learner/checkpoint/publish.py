@@ -70,8 +70,9 @@ TYPE_MANIFEST = b"manifest"
 class Producer(Protocol):
     """What :func:`publish_checkpoint` needs of a ``kafka.KafkaProducer``."""
 
-    def send(self, topic: str, *, key: bytes, value: bytes, headers: list[tuple[str, bytes]],
-             partition: int | None = None) -> Any:
+    def send(
+        self, topic: str, *, key: bytes, value: bytes, headers: list[tuple[str, bytes]], partition: int | None = None
+    ) -> Any:
         """Send one record; return a future whose ``get(timeout)`` gives ``partition`` and ``offset``."""
         ...
 
@@ -188,7 +189,13 @@ def publish_checkpoint(
     signed = sign_manifest(complete, private_key)
     meta = acked(send(encode(signed), _headers(signed, TYPE_MANIFEST), partition), "manifest")
     log.info(
-        "checkpoint_published", model=signed.model, version=signed.version, topic=topic,
-        partition=partition, manifest_offset=meta.offset, size=info.size, chunks=info.chunks,
+        "checkpoint_published",
+        model=signed.model,
+        version=signed.version,
+        topic=topic,
+        partition=partition,
+        manifest_offset=meta.offset,
+        size=info.size,
+        chunks=info.chunks,
     )
     return signed

@@ -100,6 +100,7 @@ from .signing import verify_manifest
 
 PublicKeys = Ed25519PublicKey | Iterable[Ed25519PublicKey]
 
+
 class ReadTimeoutError(CheckpointError):
     """The broker did not deliver the records to read in time: worth retrying, unlike a failed check."""
 
@@ -246,8 +247,12 @@ def load_manifest_record(
     candidate = reader.verified(record, window or {}, keys)
     tensors, metadata = reader.weights(candidate, limits)
     return LoadedCheckpoint(
-        manifest=candidate.manifest, tensors=tensors, metadata=metadata,
-        topic=record.topic, partition=record.partition, offset=record.offset,
+        manifest=candidate.manifest,
+        tensors=tensors,
+        metadata=metadata,
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
     )
 
 
@@ -297,8 +302,9 @@ class _Overflow(Exception):
         self.position = position
 
 
-def probe(prober: Any, tp: TopicPartition, position: int, hi: int, deadline: float,
-          stall_s: float = STALL_S) -> tuple[list[Any], int | None]:
+def probe(
+    prober: Any, tp: TopicPartition, position: int, hi: int, deadline: float, stall_s: float = STALL_S
+) -> tuple[list[Any], int | None]:
     """Read ``tp`` from ``position`` up to ``hi`` one record batch per fetch; the records read,
     and the offset of a record that could not be received (then reading stops there).
 
@@ -337,9 +343,16 @@ class _Candidate:
 
 
 class _Reader:
-    def __init__(self, consumer: Any, topic: str, deadline: float, *, prober: Any = None,
-                 skipped: Skipped | None = None,
-                 offsets: tuple[dict[TopicPartition, int], dict[TopicPartition, int]] | None = None) -> None:
+    def __init__(
+        self,
+        consumer: Any,
+        topic: str,
+        deadline: float,
+        *,
+        prober: Any = None,
+        skipped: Skipped | None = None,
+        offsets: tuple[dict[TopicPartition, int], dict[TopicPartition, int]] | None = None,
+    ) -> None:
         self.consumer = consumer
         self.topic = topic
         self.deadline = deadline
@@ -391,8 +404,7 @@ class _Reader:
                 last_progress = time.monotonic()
                 continue
             try:
-                batch = consumer.poll(timeout_ms=int(min(remaining, 1.0) * 1000) + 1,
-                                      max_records=max(1, hi - position))
+                batch = consumer.poll(timeout_ms=int(min(remaining, 1.0) * 1000) + 1, max_records=max(1, hi - position))
             except InvalidReceiveError:
                 if self.prober is None:
                     raise
@@ -441,8 +453,9 @@ class _Reader:
                     active.remove(tp)
         return list(found.values())
 
-    def load(self, keys: list[Ed25519PublicKey], model: str | None, version: int | None,
-             limits: LoadLimits | None = None) -> LoadedCheckpoint:
+    def load(
+        self, keys: list[Ed25519PublicKey], model: str | None, version: int | None, limits: LoadLimits | None = None
+    ) -> LoadedCheckpoint:
         model_b = model.encode() if model is not None else None
         version_b = str(version).encode() if version is not None else None
 
@@ -463,8 +476,12 @@ class _Reader:
         best = max(candidates, key=lambda c: (c.manifest.created_at, c.manifest.version, -c.record.partition))
         tensors, metadata = self.weights(best, limits)
         return LoadedCheckpoint(
-            manifest=best.manifest, tensors=tensors, metadata=metadata,
-            topic=self.topic, partition=best.record.partition, offset=best.record.offset,
+            manifest=best.manifest,
+            tensors=tensors,
+            metadata=metadata,
+            topic=self.topic,
+            partition=best.record.partition,
+            offset=best.record.offset,
         )
 
     def verified(self, record: Any, window: Mapping[int, Any], keys: list[Ed25519PublicKey]) -> _Candidate:
@@ -472,8 +489,9 @@ class _Reader:
 
     # -- the weights -----------------------------------------------------------
 
-    def weights(self, candidate: _Candidate,
-                limits: LoadLimits | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    def weights(
+        self, candidate: _Candidate, limits: LoadLimits | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         manifest, record = candidate.manifest, candidate.record
         info = manifest.weights
         what = f"checkpoint {manifest.model} v{manifest.version}"
@@ -485,8 +503,9 @@ class _Reader:
             )
         # Bounded before anything is fetched: the declared size, and chunks of at least a byte.
         if limits is not None and info.size > limits.max_bytes:
-            raise LimitError(f"{what}: the manifest declares {info.size} bytes of weights, "
-                             f"the limit is {limits.max_bytes}")
+            raise LimitError(
+                f"{what}: the manifest declares {info.size} bytes of weights, the limit is {limits.max_bytes}"
+            )
         if info.chunks > max(1, info.size):
             raise IncompleteCheckpointError(f"{what}: {info.chunks} chunks for {info.size} bytes")
         needed = set(offsets)
@@ -520,8 +539,9 @@ class _Reader:
             try:
                 records = self.read_range(tp, lo, hi, max_bytes=info.size - held)
             except _Overflow:
-                raise DigestError(f"{what}: its chunks hold more than the {info.size} bytes the manifest says") \
-                    from None
+                raise DigestError(
+                    f"{what}: its chunks hold more than the {info.size} bytes the manifest says"
+                ) from None
             for rec in records:
                 have[rec.offset] = rec
                 held += len(rec.value or b"")
@@ -555,8 +575,9 @@ class _Reader:
         digest = sha256_hex(data)
         if digest != info.sha256:
             raise DigestError(f"{what}: weights sha256 {digest} != manifest's {info.sha256}")
-        return decode_tensors(data, max_header_bytes=max_header,
-                              max_tensors=limits.max_tensors if limits is not None else None)
+        return decode_tensors(
+            data, max_header_bytes=max_header, max_tensors=limits.max_tensors if limits is not None else None
+        )
 
 
 def verify_record(topic: str, record: Any, window: Mapping[int, Any], keys: list[Ed25519PublicKey]) -> _Candidate:
@@ -573,7 +594,8 @@ def verify_record(topic: str, record: Any, window: Mapping[int, Any], keys: list
     # Headers are not signed: a record whose headers disagree with its
     # signed manifest was not written by the publisher.
     if (record_header(record, H_MODEL), record_header(record, H_VERSION)) != (
-        manifest.model.encode(), str(manifest.version).encode()
+        manifest.model.encode(),
+        str(manifest.version).encode(),
     ):
         raise CheckpointError(
             f"manifest at {where} is {manifest.model} v{manifest.version} but its headers say "
@@ -675,8 +697,9 @@ class LatestScan:
     on below it.
     """
 
-    def __init__(self, topic: str, public_keys: PublicKeys, model: str, *, floor: int = 0,
-                 limits: ScanLimits | None = None) -> None:
+    def __init__(
+        self, topic: str, public_keys: PublicKeys, model: str, *, floor: int = 0, limits: ScanLimits | None = None
+    ) -> None:
         self.topic = topic
         self.keys = key_list(public_keys)
         self.model = model
@@ -707,15 +730,22 @@ class LatestScan:
     def start(self, begin: Mapping[TopicPartition, int], end: Mapping[TopicPartition, int]) -> None:
         """Scan back from ``end`` (the offsets the caller follows from) to ``begin``."""
         self._offsets = (dict(begin), dict(end))
-        self._parts = {tp: _PartitionScan(tp, end[tp], begin.get(tp, 0), done=end[tp] <= begin.get(tp, 0))
-                       for tp in end}
+        self._parts = {
+            tp: _PartitionScan(tp, end[tp], begin.get(tp, 0), done=end[tp] <= begin.get(tp, 0)) for tp in end
+        }
 
     def stats(self) -> dict[str, Any]:
         """JSON-able progress: records and bytes read, partitions left, skipped records."""
         parts = self._parts or {}
-        return {"records": self.records, "bytes": self.bytes, "done": self.done, "exhausted": self.exhausted,
-                "partitions_left": sorted(p.tp.partition for p in parts.values() if not p.done),
-                "skipped_records": self.skipped.count, "highest_verified": self.highest_verified}
+        return {
+            "records": self.records,
+            "bytes": self.bytes,
+            "done": self.done,
+            "exhausted": self.exhausted,
+            "partitions_left": sorted(p.tp.partition for p in parts.values() if not p.done),
+            "skipped_records": self.skipped.count,
+            "highest_verified": self.highest_verified,
+        }
 
     def reached(self, partition: int) -> int | None:
         """The lowest offset the scan read back to in ``partition`` (None: not scanned)."""
@@ -733,8 +763,14 @@ class LatestScan:
         """Scan one bounded step; ``None`` while not done, else the confirmed candidates, best first."""
         if self._parts is None or self._offsets is None:
             raise RuntimeError("LatestScan.step before start")
-        reader = _Reader(consumer, self.topic, time.monotonic() + deadline_s, prober=prober,
-                         skipped=self.skipped, offsets=self._offsets)
+        reader = _Reader(
+            consumer,
+            self.topic,
+            time.monotonic() + deadline_s,
+            prober=prober,
+            skipped=self.skipped,
+            offsets=self._offsets,
+        )
         limits = self.limits
         started, records_before = time.monotonic(), self.records
         while not self.done:
@@ -753,15 +789,34 @@ class LatestScan:
         found = [p.best for p in (self._parts or {}).values() if p.best is not None and p.done]
         return sorted(found, key=lambda c: (c.manifest.version, c.manifest.created_at), reverse=True)
 
-    def load(self, consumer: Any, candidate: _Candidate, *, limits: LoadLimits | None = None, prober: Any = None,
-             timeout_s: float = 60.0) -> LoadedCheckpoint:
+    def load(
+        self,
+        consumer: Any,
+        candidate: _Candidate,
+        *,
+        limits: LoadLimits | None = None,
+        prober: Any = None,
+        timeout_s: float = 60.0,
+    ) -> LoadedCheckpoint:
         """The weights of a confirmed candidate (chunks kept on the way, the rest fetched by offset)."""
-        reader = _Reader(consumer, self.topic, time.monotonic() + timeout_s, prober=prober,
-                         skipped=self.skipped, offsets=self._offsets)
+        reader = _Reader(
+            consumer,
+            self.topic,
+            time.monotonic() + timeout_s,
+            prober=prober,
+            skipped=self.skipped,
+            offsets=self._offsets,
+        )
         tensors, metadata = reader.weights(candidate, limits)
         record = candidate.record
-        return LoadedCheckpoint(manifest=candidate.manifest, tensors=tensors, metadata=metadata,
-                                topic=self.topic, partition=record.partition, offset=record.offset)
+        return LoadedCheckpoint(
+            manifest=candidate.manifest,
+            tensors=tensors,
+            metadata=metadata,
+            topic=self.topic,
+            partition=record.partition,
+            offset=record.offset,
+        )
 
     def resume(self, candidate: _Candidate) -> None:
         """``candidate`` was refused at load: scan on below it in its partition."""
@@ -780,12 +835,18 @@ class LatestScan:
                 continue
             if not part.done and part.best is not None:
                 best, part.best = part.best, None
-                self.refusals.append(Refusal(
-                    "unconfirmed",
-                    CheckpointError(f"{self.model} v{best.manifest.version} at {self.topic}[{part.tp.partition}]@"
-                                    f"{best.record.offset}: the scan's budget ran out before its chunks "
-                                    f"(a replayed manifest hides newer versions behind it)"),
-                    part.tp.partition, best.record.offset))
+                self.refusals.append(
+                    Refusal(
+                        "unconfirmed",
+                        CheckpointError(
+                            f"{self.model} v{best.manifest.version} at {self.topic}[{part.tp.partition}]@"
+                            f"{best.record.offset}: the scan's budget ran out before its chunks "
+                            f"(a replayed manifest hides newer versions behind it)"
+                        ),
+                        part.tp.partition,
+                        best.record.offset,
+                    )
+                )
             part.done = True
 
     def _window(self, reader: _Reader, part: _PartitionScan) -> None:
@@ -828,8 +889,9 @@ class LatestScan:
 
     def _bound(self, part: _PartitionScan) -> int | None:
         assert self._parts is not None
-        times = [p.best.record.timestamp for p in self._parts.values()
-                 if p is not part and p.done and p.best is not None]
+        times = [
+            p.best.record.timestamp for p in self._parts.values() if p is not part and p.done and p.best is not None
+        ]
         return max(times) if times else None
 
     def _record(self, part: _PartitionScan, record: Any, window: dict[int, Any]) -> None:
@@ -857,11 +919,17 @@ class LatestScan:
         if best is not None and manifest.version <= best.manifest.version:
             return  # history below a newer candidate found later in the log
         if manifest.version < self.floor:
-            self.refusals.append(Refusal(
-                "downgrade",
-                CheckpointError(f"{manifest.model} v{manifest.version} at {self.topic}[{record.partition}]@"
-                                f"{record.offset} is below v{self.floor}, the highest good version this node knows"),
-                record.partition, record.offset))
+            self.refusals.append(
+                Refusal(
+                    "downgrade",
+                    CheckpointError(
+                        f"{manifest.model} v{manifest.version} at {self.topic}[{record.partition}]@"
+                        f"{record.offset} is below v{self.floor}, the highest good version this node knows"
+                    ),
+                    record.partition,
+                    record.offset,
+                )
+            )
             return
         # A newer version: the candidate now, confirmed once the scan reaches its first chunk.
         offsets = manifest.weights.chunk_offsets

@@ -166,14 +166,10 @@ def sign_manifest(manifest: CheckpointManifest, private_key: Ed25519PrivateKey) 
     message = canonical_bytes(manifest)
     normalised = _decoder.decode(message)
     value = base64.b64encode(private_key.sign(message)).decode("ascii")
-    return msgspec.structs.replace(
-        normalised, signature=Signature(alg=ALG, key_id=key_id(private_key), value=value)
-    )
+    return msgspec.structs.replace(normalised, signature=Signature(alg=ALG, key_id=key_id(private_key), value=value))
 
 
-def verify_manifest(
-    manifest: CheckpointManifest, public_key: Ed25519PublicKey | Iterable[Ed25519PublicKey]
-) -> None:
+def verify_manifest(manifest: CheckpointManifest, public_key: Ed25519PublicKey | Iterable[Ed25519PublicKey]) -> None:
     """Check that a trusted key signed exactly this manifest, or raise :class:`SignatureError`.
 
     ``public_key`` may be several keys (during a key rotation); the one whose

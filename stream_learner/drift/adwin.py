@@ -91,10 +91,15 @@ class ADWIN(river_base.DriftDetector):
 
     def window(self) -> ADWINWindow:
         """The running state, to continue from with :meth:`restore`."""
-        return ADWINWindow(drift_detected=self._drift_detected, tick=self._tick, width=self._width,
-                           total=self._total, variance=self._variance,
-                           totals=[list(row) for row in self._totals],
-                           variances=[list(row) for row in self._variances])
+        return ADWINWindow(
+            drift_detected=self._drift_detected,
+            tick=self._tick,
+            width=self._width,
+            total=self._total,
+            variance=self._variance,
+            totals=[list(row) for row in self._totals],
+            variances=[list(row) for row in self._variances],
+        )
 
     def restore(self, window: ADWINWindow, *, what: str = "ADWIN window") -> None:
         """Continue from a :meth:`window` of an ADWIN with these parameters.
@@ -117,8 +122,16 @@ class ADWIN(river_base.DriftDetector):
             raise DriftStateError(f"{what}: totals and variances differ in shape")
         if any(len(row) > self.max_buckets for row in totals):
             raise DriftStateError(f"{what}: a row holds more than max_buckets={self.max_buckets} buckets")
-        require_finite(what, [window.width, window.total, window.variance,
-                              *(x for row in totals for x in row), *(x for row in variances for x in row)])
+        require_finite(
+            what,
+            [
+                window.width,
+                window.total,
+                window.variance,
+                *(x for row in totals for x in row),
+                *(x for row in variances for x in row),
+            ],
+        )
         if window.width != float(sum(len(row) << i for i, row in enumerate(totals))):
             raise DriftStateError(f"{what}: width {window.width} is not the number of values in its buckets")
         self._drift_detected = window.drift_detected
@@ -152,7 +165,7 @@ class ADWIN(river_base.DriftDetector):
                 self._reset()
             # The update that makes the tick a multiple of the clock is the only one that checks.
             k = min(clock - self._tick % clock, n - j)
-            self._insert_run(xs[j:j + k], estimates)
+            self._insert_run(xs[j : j + k], estimates)
             self._tick += k - 1
             j += k
             self._drift_detected = self._detect_change()  # counts the run's last tick

@@ -247,22 +247,37 @@ class ADWINDetector(_TwinDetector):
 
     def _make(self) -> tuple[ADWIN, ADWIN | None]:
         """A fresh drift ADWIN and warning twin."""
+
         def adwin(delta: float) -> ADWIN:
-            return ADWIN(delta=delta, clock=self.clock, max_buckets=self.max_buckets,
-                         min_window_length=self.min_window_length, grace_period=self.grace_period)
+            return ADWIN(
+                delta=delta,
+                clock=self.clock,
+                max_buckets=self.max_buckets,
+                min_window_length=self.min_window_length,
+                grace_period=self.grace_period,
+            )
+
         return adwin(self.delta), None if self.warning_delta is None else adwin(self.warning_delta)
 
     def _params(self) -> ADWINParams:
         return ADWINParams(
-            delta=float(self.delta), warning_delta=None if self.warning_delta is None else float(self.warning_delta),
-            clock=self.clock, max_buckets=self.max_buckets, min_window_length=self.min_window_length,
-            grace_period=self.grace_period)
+            delta=float(self.delta),
+            warning_delta=None if self.warning_delta is None else float(self.warning_delta),
+            clock=self.clock,
+            max_buckets=self.max_buckets,
+            min_window_length=self.min_window_length,
+            grace_period=self.grace_period,
+        )
 
     def state(self) -> dict[str, Any]:
         """Format, kind, signal, parameters and both ADWINs' windows (an ``ADWINDetectorState``), as JSON-able data."""
         state = ADWINDetectorState(
-            format=STATE_FORMAT, signal=self.signal, params=self._params(), drift=self._drift.window(),
-            warning=None if self._warning is None else self._warning.window())
+            format=STATE_FORMAT,
+            signal=self.signal,
+            params=self._params(),
+            drift=self._drift.window(),
+            warning=None if self._warning is None else self._warning.window(),
+        )
         return msgspec.to_builtins(state)  # type: ignore[no-any-return]
 
     def restore(self, state: Mapping[str, Any]) -> None:
@@ -274,8 +289,9 @@ class ADWINDetector(_TwinDetector):
         :class:`~.state.DriftStateError` if it is malformed; the detector is
         unchanged when either is raised.
         """
-        saved = load_detector_state(state, ADWINDetectorState, name=self.name, signal=self.signal,
-                                    params=self._params())
+        saved = load_detector_state(
+            state, ADWINDetectorState, name=self.name, signal=self.signal, params=self._params()
+        )
         self._check_twin(saved.warning)
         drift, warning = self._make()
         drift.restore(saved.drift, what=f"{self.name}: drift window")
@@ -352,28 +368,44 @@ class PageHinkleyDetector(_TwinDetector):
 
     def _make(self) -> tuple[river_drift.PageHinkley, river_drift.PageHinkley | None]:
         """A fresh drift test and warning twin."""
+
         def test(threshold: float) -> river_drift.PageHinkley:
-            return river_drift.PageHinkley(min_instances=self.min_instances, delta=self.delta,
-                                           threshold=threshold, alpha=self.alpha, mode=self.mode)
+            return river_drift.PageHinkley(
+                min_instances=self.min_instances,
+                delta=self.delta,
+                threshold=threshold,
+                alpha=self.alpha,
+                mode=self.mode,
+            )
+
         return test(self.threshold), None if self.warning_threshold is None else test(self.warning_threshold)
 
     def _params(self) -> PageHinkleyParams:
         return PageHinkleyParams(
-            min_instances=self.min_instances, delta=float(self.delta), threshold=float(self.threshold),
-            alpha=float(self.alpha), mode=self.mode,
-            warning_threshold=None if self.warning_threshold is None else float(self.warning_threshold))
+            min_instances=self.min_instances,
+            delta=float(self.delta),
+            threshold=float(self.threshold),
+            alpha=float(self.alpha),
+            mode=self.mode,
+            warning_threshold=None if self.warning_threshold is None else float(self.warning_threshold),
+        )
 
     def state(self) -> dict[str, Any]:
         """Format, kind, signal, parameters and both tests' sums (a ``PageHinkleyDetectorState``), as JSON-able data."""
         state = PageHinkleyDetectorState(
-            format=STATE_FORMAT, signal=self.signal, params=self._params(), drift=save_page_hinkley(self._drift),
-            warning=None if self._warning is None else save_page_hinkley(self._warning))
+            format=STATE_FORMAT,
+            signal=self.signal,
+            params=self._params(),
+            drift=save_page_hinkley(self._drift),
+            warning=None if self._warning is None else save_page_hinkley(self._warning),
+        )
         return msgspec.to_builtins(state)  # type: ignore[no-any-return]
 
     def restore(self, state: Mapping[str, Any]) -> None:
         """Continue from :meth:`state`; raises as :meth:`ADWINDetector.restore` does, and then changes nothing."""
-        saved = load_detector_state(state, PageHinkleyDetectorState, name=self.name, signal=self.signal,
-                                    params=self._params())
+        saved = load_detector_state(
+            state, PageHinkleyDetectorState, name=self.name, signal=self.signal, params=self._params()
+        )
         self._check_twin(saved.warning)
         drift, warning = self._make()
         restore_page_hinkley(drift, saved.drift, self.name)

@@ -112,12 +112,14 @@ class DriftMonitor:
         >>> {name: det.signal for name, det in DriftMonitor.default().detectors.items()}
         {'adwin_error': 'error', 'page_hinkley_loss': 'loss', 'adwin_confidence': 'confidence'}
         """
-        return cls([
-            ADWINDetector("error"),
-            PageHinkleyDetector("loss"),
-            # Label-free: the model's confidence moves as soon as its inputs do, long before labels arrive.
-            ADWINDetector("confidence"),
-        ])
+        return cls(
+            [
+                ADWINDetector("error"),
+                PageHinkleyDetector("loss"),
+                # Label-free: the model's confidence moves as soon as its inputs do, long before labels arrive.
+                ADWINDetector("confidence"),
+            ]
+        )
 
     @property
     def detectors(self) -> Mapping[str, Detector]:

@@ -75,7 +75,11 @@ Action: TypeAlias = Alert | StartChallenger | PromoteChallengerIfBetter | Optimi
 # Execution order: swap in the better model, give its optimizer a fresh start and a boost,
 # then publish the result (the pre-drift model is already the parent checkpoint).
 _DRIFT_ORDER: tuple[DriftActionName, ...] = (
-    "promote_challenger_if_better", "optimizer_reset", "lr_boost", "checkpoint")
+    "promote_challenger_if_better",
+    "optimizer_reset",
+    "lr_boost",
+    "checkpoint",
+)
 
 T = TypeVar("T")
 

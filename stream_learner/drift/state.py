@@ -192,8 +192,9 @@ def load_detector_state(state: object, cls: type[S], *, name: str, signal: str, 
     if saved.signal != signal:
         raise IncompatibleStateError(f"{name}: saved signal {saved.signal!r}, configured {signal!r}")
     if saved.params != params:
-        raise IncompatibleStateError(f"{name}: saved params {msgspec.to_builtins(saved.params)}, "
-                                     f"configured {msgspec.to_builtins(params)}")
+        raise IncompatibleStateError(
+            f"{name}: saved params {msgspec.to_builtins(saved.params)}, configured {msgspec.to_builtins(params)}"
+        )
     return saved
 
 
@@ -209,11 +210,15 @@ def require_finite(what: str, values: Iterable[float]) -> None:
 def save_page_hinkley(test: river_drift.PageHinkley) -> PageHinkleyTest:
     """The running sums of a River ``PageHinkley`` (its parameters are the detector's)."""
     return PageHinkleyTest(
-        drift_detected=test._drift_detected, n=test._x_mean.n, mean=test._x_mean._mean,
-        sum_increase=test._sum_increase, sum_decrease=test._sum_decrease,
+        drift_detected=test._drift_detected,
+        n=test._x_mean.n,
+        mean=test._x_mean._mean,
+        sum_increase=test._sum_increase,
+        sum_decrease=test._sum_decrease,
         min_increase=None if test._min_increase == math.inf else test._min_increase,
         # River starts it at the int -1; as a float it compares and subtracts the same.
-        max_decrease=float(test._max_decrease))
+        max_decrease=float(test._max_decrease),
+    )
 
 
 def restore_page_hinkley(test: river_drift.PageHinkley, saved: PageHinkleyTest, name: str) -> None:

@@ -22,8 +22,7 @@ def example_id(kind: str, prediction_event_id: str, label_event_id: str | None) 
     >>> example_id("unlabeled", "p-1", None) != example_id("late", "p-1", "l-1")
     True
     """
-    digest = hashlib.blake2b(f"{kind}\x1f{prediction_event_id}\x1f{label_event_id or ''}".encode(),
-                             digest_size=16)
+    digest = hashlib.blake2b(f"{kind}\x1f{prediction_event_id}\x1f{label_event_id or ''}".encode(), digest_size=16)
     return digest.hexdigest()
 
 
@@ -56,22 +55,24 @@ _prediction = msgspec.json.Decoder(Prediction)
 def encode_example(emission: Emission) -> bytes:
     """The record value of the joined example for one emission (JSON, as :func:`~stream_learner.events.encode`)."""
     p, lab = emission.prediction, emission.label
-    return _encode_out(_ExampleOut(
-        example_id=example_id(emission.kind, p.event_id, lab.event_id if lab else None),
-        kind=emission.kind,
-        request_id=p.request_id,
-        model=p.model,
-        model_version=p.model_version,
-        features=msgspec.Raw(p.features),
-        prediction=msgspec.Raw(p.prediction),
-        label=lab.label if lab else None,
-        prediction_event_id=p.event_id,
-        prediction_time=int(p.time),
-        prediction_source=p.source,
-        label_event_id=lab.event_id if lab else None,
-        label_time=int(lab.time) if lab else None,
-        label_source=lab.source if lab else None,
-    ))
+    return _encode_out(
+        _ExampleOut(
+            example_id=example_id(emission.kind, p.event_id, lab.event_id if lab else None),
+            kind=emission.kind,
+            request_id=p.request_id,
+            model=p.model,
+            model_version=p.model_version,
+            features=msgspec.Raw(p.features),
+            prediction=msgspec.Raw(p.prediction),
+            label=lab.label if lab else None,
+            prediction_event_id=p.event_id,
+            prediction_time=int(p.time),
+            prediction_source=p.source,
+            label_event_id=lab.event_id if lab else None,
+            label_time=int(lab.time) if lab else None,
+            label_source=lab.source if lab else None,
+        )
+    )
 
 
 def build_example(emission: Emission) -> ExampleEvent:

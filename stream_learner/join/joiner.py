@@ -147,7 +147,9 @@ class Joiner:
             settings.topic_labels: Codec(LABEL.event_type, settings.max_event_bytes),
         }
         self.consumer: KafkaConsumer = make_consumer(
-            settings, group_id=settings.joiner_group_id, max_poll_records=settings.joiner_max_poll_records,
+            settings,
+            group_id=settings.joiner_group_id,
+            max_poll_records=settings.joiner_max_poll_records,
         )
         self.consumer.subscribe(list(self.topics))
         self.producer: KafkaProducer = make_producer(settings)
@@ -234,8 +236,7 @@ class Joiner:
                 if not self._acks:
                     break
                 # An acknowledging step with no events; it may still close windows (idle advance).
-                result = self.store.step(progress=[], acks=self._acks, events=[], now_ms=self.clock(),
-                                         durable=True)
+                result = self.store.step(progress=[], acks=self._acks, events=[], now_ms=self.clock(), durable=True)
                 self._acks = []
                 self._account(result)
                 self._output = _Output(result.emissions, result.tokens, [], {})
@@ -248,8 +249,9 @@ class Joiner:
 
     # -- parts of a step --------------------------------------------------------
 
-    def _decode(self, batch: dict[TopicPartition, list[Any]]) -> tuple[
-            list[JoinInput], dict[TopicPartition, int], dict[TopicPartition, int], list[Any]]:
+    def _decode(
+        self, batch: dict[TopicPartition, list[Any]]
+    ) -> tuple[list[JoinInput], dict[TopicPartition, int], dict[TopicPartition, int], list[Any]]:
         """Decode a poll: the join inputs, max event time and next offset per partition, dead-letter futures."""
         events: list[JoinInput] = []
         append = events.append
@@ -290,8 +292,9 @@ class Joiner:
             # Caught up only once this process has read to the end it last fetched: a restarted
             # joiner (highwater unknown until its first fetch) starts with every partition active.
             caught_up = highwater is not None and position is not None and position >= highwater
-            progress.append(PartitionProgress(f"{tp.topic}:{tp.partition}", max_times.get(tp, -1), caught_up,
-                                              tp in max_times))
+            progress.append(
+                PartitionProgress(f"{tp.topic}:{tp.partition}", max_times.get(tp, -1), caught_up, tp in max_times)
+            )
         return progress
 
     def _total_partitions(self) -> int:
@@ -308,9 +311,16 @@ class Joiner:
         elif now >= self._next_claim:
             claim = now - self.settings.joiner_outbox_lease_ms
         call.now, call.claim, call.started = now, claim, time.perf_counter()
-        self.store.send(progress=call.progress, acks=call.acks, events=call.events, now_ms=now,
-                        claim_before_ms=claim, total_partitions=self._total_partitions(), durable=True,
-                        again=again)
+        self.store.send(
+            progress=call.progress,
+            acks=call.acks,
+            events=call.events,
+            now_ms=now,
+            claim_before_ms=claim,
+            total_partitions=self._total_partitions(),
+            durable=True,
+            again=again,
+        )
         call.sent = True
 
     def _receive(self, call: _Call) -> StepResult:
@@ -357,9 +367,19 @@ class Joiner:
         call = output.call
         if call is None:
             return
-        redone = self._with_retry("redis", lambda: self.store.step(
-            progress=call.progress, acks=[], events=call.events, now_ms=self.clock(),
-            claim_before_ms=call.now + 1, total_partitions=self._total_partitions(), durable=True, again=True))
+        redone = self._with_retry(
+            "redis",
+            lambda: self.store.step(
+                progress=call.progress,
+                acks=[],
+                events=call.events,
+                now_ms=self.clock(),
+                claim_before_ms=call.now + 1,
+                total_partitions=self._total_partitions(),
+                durable=True,
+                again=True,
+            ),
+        )
         self._account(redone)
         output.emissions = output.emissions + redone.emissions
         output.tokens = output.tokens + redone.tokens
@@ -398,6 +418,7 @@ class Joiner:
 
     def _commit(self, offsets: dict[TopicPartition, int], retry: bool = True) -> None:
         start = time.perf_counter()
+
         def commit() -> None:
             self.consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()})
 

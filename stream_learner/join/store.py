@@ -122,9 +122,21 @@ def _lua_string(data: bytes) -> msgspec.Raw:
 
 def pack_prediction(event: PredictionEvent, source: Source | None) -> msgspec.Raw:
     """What the join state stores for a prediction, framed for :meth:`RedisJoinStore.send`."""
-    return _lua_string(_pack(StoredPrediction(
-        "w", float(event.event_time), event.event_id, event.request_id, event.model, event.model_version,
-        _json(event.features), _json(event.prediction), source)))
+    return _lua_string(
+        _pack(
+            StoredPrediction(
+                "w",
+                float(event.event_time),
+                event.event_id,
+                event.request_id,
+                event.model,
+                event.model_version,
+                _json(event.features),
+                _json(event.prediction),
+                source,
+            )
+        )
+    )
 
 
 def pack_label(event: LabelEvent, source: Source | None) -> msgspec.Raw:
@@ -230,9 +242,16 @@ class RedisJoinStore:
         self._seq = itertools.count(1)
         self._sent: _Sent | None = None
         s = settings
-        self._fixed = [s.joiner_window_ms, s.joiner_late_retention_ms, s.joiner_orphan_retention_ms,
-                       s.joiner_state_ttl_ms, s.joiner_idle_timeout_ms, int(s.joiner_idle_advance),
-                       s.joiner_max_expire_per_poll, s.joiner_allowed_lateness_ms]
+        self._fixed = [
+            s.joiner_window_ms,
+            s.joiner_late_retention_ms,
+            s.joiner_orphan_retention_ms,
+            s.joiner_state_ttl_ms,
+            s.joiner_idle_timeout_ms,
+            int(s.joiner_idle_advance),
+            s.joiner_max_expire_per_poll,
+            s.joiner_allowed_lateness_ms,
+        ]
 
     # -- one step -------------------------------------------------------------
 
@@ -249,8 +268,16 @@ class RedisJoinStore:
         again: bool = False,
     ) -> StepResult:
         """Run one join step (:meth:`send`, :meth:`receive`, and with ``durable`` :meth:`wait_durable`)."""
-        self.send(progress=progress, acks=acks, events=events, now_ms=now_ms, claim_before_ms=claim_before_ms,
-                  total_partitions=total_partitions, durable=durable, again=again)
+        self.send(
+            progress=progress,
+            acks=acks,
+            events=events,
+            now_ms=now_ms,
+            claim_before_ms=claim_before_ms,
+            total_partitions=total_partitions,
+            durable=durable,
+            again=again,
+        )
         result = self.receive()
         if durable:
             self.wait_durable()
@@ -282,9 +309,19 @@ class RedisJoinStore:
         """
         token = f"{self._token_prefix}{next(self._seq)}"
         args = [
-            "EVALSHA", self.SHA, 1, self.settings.joiner_redis_prefix, now_ms, *self._fixed,
-            claim_before_ms, total_partitions, token, _pack(acks),
-            _pack([(p.name, p.max_event_time, p.caught_up, p.read) for p in progress]), _pack(events), int(again),
+            "EVALSHA",
+            self.SHA,
+            1,
+            self.settings.joiner_redis_prefix,
+            now_ms,
+            *self._fixed,
+            claim_before_ms,
+            total_partitions,
+            token,
+            _pack(acks),
+            _pack([(p.name, p.max_event_time, p.caught_up, p.read) for p in progress]),
+            _pack(events),
+            int(again),
         ]
         if self._sent is not None:
             self._drop(self._sent.conn)  # the reply of an earlier send was never read
@@ -320,9 +357,13 @@ class RedisJoinStore:
         if isinstance(reply, Exception):
             raise reply
         self._unconfirmed[sent.conn] = sent.wait
-        result = StepResult(watermark=int(reply[0]), duplicates=int(reply[1]),
-                            orphans_dropped=int(reply[2]), early_labels=int(reply[3]),
-                            more_to_claim=bool(int(reply[4])))
+        result = StepResult(
+            watermark=int(reply[0]),
+            duplicates=int(reply[1]),
+            orphans_dropped=int(reply[2]),
+            early_labels=int(reply[3]),
+            more_to_claim=bool(int(reply[4])),
+        )
         if reply[5]:
             result.emissions = decode_emissions(reply[5])
             result.tokens.append(sent.token)

@@ -26,24 +26,40 @@ def learner_config(settings: Settings) -> LearnerConfig:
     if not settings.trainer_features:
         raise ConfigError("trainer_features is empty: declare the model's features (STREAM_LEARNER_TRAINER_FEATURES)")
     try:
-        spec = ModelSpec(kind=settings.trainer_architecture, task=settings.trainer_task,
-                         features=tuple(settings.trainer_features), classes=tuple(settings.trainer_classes),
-                         hidden=tuple(settings.trainer_hidden), seed=settings.trainer_seed)
+        spec = ModelSpec(
+            kind=settings.trainer_architecture,
+            task=settings.trainer_task,
+            features=tuple(settings.trainer_features),
+            classes=tuple(settings.trainer_classes),
+            hidden=tuple(settings.trainer_hidden),
+            seed=settings.trainer_seed,
+        )
     except ValueError as exc:
         raise ConfigError(f"invalid model settings: {exc}") from None
     return LearnerConfig(
-        model_name=settings.trainer_model, spec=spec, optimizer=settings.trainer_optimizer,
-        lr=settings.trainer_lr, weight_decay=settings.trainer_weight_decay, clip_norm=settings.trainer_clip_norm,
-        spike_factor=settings.trainer_spike_factor, spike_warmup_batches=settings.trainer_spike_warmup_batches,
+        model_name=settings.trainer_model,
+        spec=spec,
+        optimizer=settings.trainer_optimizer,
+        lr=settings.trainer_lr,
+        weight_decay=settings.trainer_weight_decay,
+        clip_norm=settings.trainer_clip_norm,
+        spike_factor=settings.trainer_spike_factor,
+        spike_warmup_batches=settings.trainer_spike_warmup_batches,
         spike_patience=settings.trainer_spike_patience,
-        pseudo_enabled=settings.trainer_pseudo_enabled, pseudo_threshold=settings.trainer_pseudo_threshold,
-        pseudo_weight=settings.trainer_pseudo_weight, dedup_window=settings.trainer_dedup_window,
+        pseudo_enabled=settings.trainer_pseudo_enabled,
+        pseudo_threshold=settings.trainer_pseudo_threshold,
+        pseudo_weight=settings.trainer_pseudo_weight,
+        dedup_window=settings.trainer_dedup_window,
         metrics_window=settings.trainer_metrics_window,
         # The serving variants' parts, only when variants are derived here (stream_learner.optimize).
         recent_window=settings.variant_window if settings.trainer_variants else 0,
-        student=StudentConfig(hidden=tuple(settings.trainer_student_hidden), alpha=settings.trainer_student_alpha,
-                              temperature=settings.trainer_student_temperature)
-        if "student" in settings.trainer_variants else None,
+        student=StudentConfig(
+            hidden=tuple(settings.trainer_student_hidden),
+            alpha=settings.trainer_student_alpha,
+            temperature=settings.trainer_student_temperature,
+        )
+        if "student" in settings.trainer_variants
+        else None,
     )
 
 
@@ -53,8 +69,12 @@ def build_learner(settings: Settings) -> tuple[OnlineLearner, DriftPolicy]:
     return OnlineLearner(learner_config(settings), drift=monitor), policy
 
 
-def state_store(settings: Settings, *, stop: threading.Event | None = None,
-                on_retry: Callable[[BaseException, float], None] | None = None) -> StateStore:
+def state_store(
+    settings: Settings,
+    *,
+    stop: threading.Event | None = None,
+    on_retry: Callable[[BaseException, float], None] | None = None,
+) -> StateStore:
     """The trainer's state store the settings name (a directory by default, or Redis).
 
     The Redis store is retried while Redis is unavailable (down, restarting,
@@ -63,6 +83,8 @@ def state_store(settings: Settings, *, stop: threading.Event | None = None,
     disk) need a person.
     """
     if settings.trainer_state_store == "redis":
-        return RetryingStateStore(RedisStateStore(make_redis(settings), f"sl:trainer:{settings.trainer_model}:state"),
-                                  Retry("redis (trainer state)", stop=stop, on_retry=on_retry))
+        return RetryingStateStore(
+            RedisStateStore(make_redis(settings), f"sl:trainer:{settings.trainer_model}:state"),
+            Retry("redis (trainer state)", stop=stop, on_retry=on_retry),
+        )
     return DirectoryStateStore(settings.trainer_state_dir)

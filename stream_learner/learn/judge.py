@@ -57,12 +57,16 @@ class DriftJudge:
             for name in self.names.get(signal, ()):
                 self.estimates[name] = estimates[name][-1]
         found.sort(key=lambda f: (f[0], f[1]))
-        return [finding for _, order, finding, before, after in found
-                if self._worse(signals[order][0], finding, before, after)]
+        return [
+            finding
+            for _, order, finding, before, after in found
+            if self._worse(signals[order][0], finding, before, after)
+        ]
 
     def _worse(self, signal: str, finding: DriftFinding, before: float, after: float) -> bool:
         per = self.counts.setdefault(
-            finding.detector, {"warning": 0, "drift": 0, "improvement": 0, "last_drift_index": -1})
+            finding.detector, {"warning": 0, "drift": 0, "improvement": 0, "last_drift_index": -1}
+        )
         worse = after < before if signal == "confidence" else after > before
         if not worse:
             per["improvement"] += 1
@@ -74,8 +78,11 @@ class DriftJudge:
 
     def save(self) -> dict[str, Any]:
         """JSON-able state, the monitor's included."""
-        return {"drift_counts": self.counts, "estimates": self.estimates,
-                "drift": self.monitor.state() if self.monitor is not None else None}
+        return {
+            "drift_counts": self.counts,
+            "estimates": self.estimates,
+            "drift": self.monitor.state() if self.monitor is not None else None,
+        }
 
     def load(self, meta: Mapping[str, Any]) -> None:
         """Restore what :meth:`save` returned."""

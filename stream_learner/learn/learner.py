@@ -131,8 +131,11 @@ class OnlineLearner:
         self.target = TargetScaler()
         self.main = self._trainable()
         self.challenger: Trainable | None = None
-        names = (["mae", "rmse_sq", "served_mae", "served_rmse_sq"] if self.regression
-                 else ["accuracy", "log_loss", "served_accuracy", "served_log_loss", "pseudo_precision"])
+        names = (
+            ["mae", "rmse_sq", "served_mae", "served_rmse_sq"]
+            if self.regression
+            else ["accuracy", "log_loss", "served_accuracy", "served_log_loss", "pseudo_precision"]
+        )
         self.scores = Scoreboard(names, c.metrics_window)
         self.challenger_scores = Scoreboard(["accuracy"], c.metrics_window)
         self.champion_scores = Scoreboard(["accuracy"], c.metrics_window)
@@ -142,15 +145,29 @@ class OnlineLearner:
         self.lr = LrSchedule(c.lr)
         self.judge = DriftJudge(self.drift)
         # The serving variants' parts (stream_learner.optimize), when the settings ask for them.
-        self.recent = RecentExamples(self.spec.features, c.recent_window, c.feature_abs_max) \
-            if c.recent_window else None
-        self.student = Student(self.spec, c.student, optimizer=c.optimizer, lr=c.lr, weight_decay=c.weight_decay,
-                               clip_norm=c.clip_norm) if c.student is not None else None
+        self.recent = (
+            RecentExamples(self.spec.features, c.recent_window, c.feature_abs_max) if c.recent_window else None
+        )
+        self.student = (
+            Student(
+                self.spec, c.student, optimizer=c.optimizer, lr=c.lr, weight_decay=c.weight_decay, clip_norm=c.clip_norm
+            )
+            if c.student is not None
+            else None
+        )
         self.examples_seen = 0
         self.chunk_base = 0
         self.counts = {
-            "labeled": 0, "pseudo": 0, "pseudo_skipped": 0, "late": 0, "duplicates": 0, "other_model": 0,
-            "rejected": 0, "batches": 0, "skipped_non_finite": 0, "rollbacks": 0,
+            "labeled": 0,
+            "pseudo": 0,
+            "pseudo_skipped": 0,
+            "late": 0,
+            "duplicates": 0,
+            "other_model": 0,
+            "rejected": 0,
+            "batches": 0,
+            "skipped_non_finite": 0,
+            "rollbacks": 0,
         }
 
     def _trainable(self) -> Trainable:
@@ -183,8 +200,11 @@ class OnlineLearner:
             if ex.model != model_name:
                 self.counts["other_model"] += 1
                 continue
-            if ex.kind != "unlabeled" and not (type(ex.label) is str and ex.label in known) and (
-                    reason := self._label_problem(ex.label)):
+            if (
+                ex.kind != "unlabeled"
+                and not (type(ex.label) is str and ex.label in known)
+                and (reason := self._label_problem(ex.label))
+            ):
                 self.counts["rejected"] += 1
                 result.rejected.append(Rejected(i, "invalid_label", reason))
                 continue
@@ -222,8 +242,10 @@ class OnlineLearner:
             labels = [nan if ex.kind == "unlabeled" else float(ex.label) for ex in rows]  # type: ignore[arg-type]
         else:
             index = self.class_index
-            labels = [nan if ex.kind == "unlabeled" else float(index[class_name(ex.label)])  # type: ignore[arg-type]
-                      for ex in rows]
+            labels = [
+                nan if ex.kind == "unlabeled" else float(index[class_name(ex.label)])  # type: ignore[arg-type]
+                for ex in rows
+            ]
         if self.recent is not None:
             self.recent.add([ex.features for ex in rows], labels)
         if self.student is not None:
@@ -246,8 +268,9 @@ class OnlineLearner:
             return f"label {class_name(label)!r} is not one of the model's classes {self.classes}"
         return None
 
-    def _evaluate_regression(self, rows: list[ExampleEvent], predictor: Predictor, out: torch.Tensor,
-                             result: ChunkResult) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    def _evaluate_regression(
+        self, rows: list[ExampleEvent], predictor: Predictor, out: torch.Tensor, result: ChunkResult
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Prequential scoring and the loss signal, then the standardized targets of the chunk."""
         mean, std = self.target.mean_std()
         preds = predictor.values(out)
@@ -275,9 +298,14 @@ class OnlineLearner:
         ys_std = [(y - mean) / std for y in ys]
         return torch.tensor(ys_std, dtype=torch.float32), torch.ones(len(ys), dtype=torch.float32), keep
 
-    def _evaluate_classes(self, rows: list[ExampleEvent], predictor: Predictor, out: torch.Tensor,
-                          challenger_out: torch.Tensor | None,
-                          result: ChunkResult) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    def _evaluate_classes(
+        self,
+        rows: list[ExampleEvent],
+        predictor: Predictor,
+        out: torch.Tensor,
+        challenger_out: torch.Tensor | None,
+        result: ChunkResult,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Prequential scoring and drift signals, pseudo-labels, then the training targets of the chunk."""
         c = self.config
         keep: list[int] = []
@@ -349,7 +377,8 @@ class OnlineLearner:
             scores.update_many("pseudo_precision", pseudo_hits)
             if challenger_arg is not None:
                 self.challenger_scores.update_many(
-                    "accuracy", [1.0 if challenger_arg[i] == y else 0.0 for i, y in zip(lab_rows, lab_y)])
+                    "accuracy", [1.0 if challenger_arg[i] == y else 0.0 for i, y in zip(lab_rows, lab_y)]
+                )
                 self.champion_scores.update_many("accuracy", accuracy)
             signals.append(("error", [0.0 if a == 1.0 else 1.0 for a in accuracy], lab_rows))
             signals.append(("loss", losses, lab_rows))
@@ -387,8 +416,7 @@ class OnlineLearner:
         # get_total_norm then clip_grads_with_norm_). Only a non-finite norm (which finite but
         # huge gradients can also give) needs the per-tensor check.
         norm = nn.utils.get_total_norm(grads) if c.clip_norm > 0 and grads else None
-        if (norm is None or not math.isfinite(float(norm))) and \
-                not all(bool(torch.isfinite(g).all()) for g in grads):
+        if (norm is None or not math.isfinite(float(norm))) and not all(bool(torch.isfinite(g).all()) for g in grads):
             t.optimizer.zero_grad(set_to_none=True)
             if count:
                 self.counts["skipped_non_finite"] += 1
@@ -458,10 +486,16 @@ class OnlineLearner:
         tensors["target"] = self.target.state_tensor()
         self.seen.save(tensors)
         meta.update(
-            featurizer_counts=self.featurizer.counts, scores=self.scores.state(),
-            challenger_scores=self.challenger_scores.state(), champion_scores=self.champion_scores.state(),
-            pseudo=self.pseudo.save(tensors), examples_seen=self.examples_seen, counts=self.counts,
-            **self.guard.save(), **self.lr.save(), **self.judge.save(),
+            featurizer_counts=self.featurizer.counts,
+            scores=self.scores.state(),
+            challenger_scores=self.challenger_scores.state(),
+            champion_scores=self.champion_scores.state(),
+            pseudo=self.pseudo.save(tensors),
+            examples_seen=self.examples_seen,
+            counts=self.counts,
+            **self.guard.save(),
+            **self.lr.save(),
+            **self.judge.save(),
         )
         # Tuples (Adam's betas) become lists, as they will when stored as JSON.
         return tensors, json.loads(json.dumps(meta, allow_nan=False))

@@ -24,11 +24,21 @@ def build_manifest(
     """The (unsigned) manifest of ``learner``'s current state as checkpoint ``version`` of ``model``."""
     c = learner.counts
     return CheckpointManifest(
-        model=model, version=version, parent=parent, created_at=now_ms(), input_offsets=input_offsets,
-        counts={"labeled": c["labeled"], "pseudo": c["pseudo"], "late": c["late"],
-                "skipped": c["duplicates"] + c["other_model"] + c["rejected"] + c["pseudo_skipped"],
-                "duplicates": c["duplicates"], "rollbacks": c["rollbacks"],
-                "skipped_non_finite": c["skipped_non_finite"], "batches": c["batches"]},
+        model=model,
+        version=version,
+        parent=parent,
+        created_at=now_ms(),
+        input_offsets=input_offsets,
+        counts={
+            "labeled": c["labeled"],
+            "pseudo": c["pseudo"],
+            "late": c["late"],
+            "skipped": c["duplicates"] + c["other_model"] + c["rejected"] + c["pseudo_skipped"],
+            "duplicates": c["duplicates"],
+            "rollbacks": c["rollbacks"],
+            "skipped_non_finite": c["skipped_non_finite"],
+            "batches": c["batches"],
+        },
         metrics=learner.summary(),
         drift_state=learner.drift_counts,
         feature_spec=list(learner.spec.features),
@@ -40,7 +50,7 @@ def build_manifest(
 def servable_weights(state_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What a serving node needs from the learner's state: the main model's parameters
     (``model.*``), the featurizer statistics and the target scaling."""
-    out = {f"model.{k[len('main.model.'):]}": v for k, v in state_tensors.items() if k.startswith("main.model.")}
+    out = {f"model.{k[len('main.model.') :]}": v for k, v in state_tensors.items() if k.startswith("main.model.")}
     out.update({k: state_tensors[k] for k in STATS})
     out["target"] = state_tensors["target"]
     return out

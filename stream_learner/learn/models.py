@@ -56,8 +56,10 @@ class ModelSpec:
         object.__setattr__(self, "int8_layers", tuple(self.int8_layers))
         if self.task in ("binary", "multiclass"):
             if len(self.classes) < 2 or (self.task == "binary" and len(self.classes) != 2):
-                raise ValueError(f"task {self.task} needs {'two' if self.task == 'binary' else 'two or more'} "
-                                 f"classes, got {list(self.classes)}")
+                raise ValueError(
+                    f"task {self.task} needs {'two' if self.task == 'binary' else 'two or more'} "
+                    f"classes, got {list(self.classes)}"
+                )
             if len(set(self.classes)) != len(self.classes):
                 raise ValueError("a class is named twice")
         if self.kind not in ("logreg", "mlp") and ":" not in self.kind:

@@ -57,10 +57,10 @@ class DedupWindow:
             return False
         at = 16 * self.next
         if self.count == self.size:
-            self.members.discard(bytes(self.ring[at:at + 16]))
+            self.members.discard(bytes(self.ring[at : at + 16]))
         else:
             self.count += 1
-        self.ring[at:at + 16] = digest
+        self.ring[at : at + 16] = digest
         self.members.add(digest)
         self.next = self.next + 1 if self.next + 1 < self.size else 0
         return True
@@ -68,7 +68,7 @@ class DedupWindow:
     def snapshot(self) -> bytes:
         """The digests, oldest first, concatenated."""
         if self.count < self.size:
-            return bytes(self.ring[:16 * self.count])
+            return bytes(self.ring[: 16 * self.count])
         at = 16 * self.next
         return bytes(self.ring[at:]) + bytes(self.ring[:at])
 
@@ -77,13 +77,16 @@ class DedupWindow:
         n = len(data) // 16
         self.members, self.ring, self.next, self.count = set(), bytearray(16 * self.size), 0, 0
         for i in range(max(0, n - self.size), n):
-            self.add(data[16 * i:16 * i + 16])
+            self.add(data[16 * i : 16 * i + 16])
 
     def save(self, tensors: Tensors) -> None:
         """Into ``tensors["dedup"]``: a ``[n, 16]`` uint8 matrix, oldest first."""
         seen = self.snapshot()
-        tensors["dedup"] = (torch.frombuffer(bytearray(seen), dtype=torch.uint8).reshape(len(seen) // 16, 16)
-                            if seen else torch.zeros((0, 16), dtype=torch.uint8))
+        tensors["dedup"] = (
+            torch.frombuffer(bytearray(seen), dtype=torch.uint8).reshape(len(seen) // 16, 16)
+            if seen
+            else torch.zeros((0, 16), dtype=torch.uint8)
+        )
 
     def load(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Restore what :meth:`save` wrote."""
@@ -122,10 +125,12 @@ class PseudoLabels:
         if any("\0" in k for k in self.labels):
             return [[k, v] for k, v in self.labels.items()]
         ids = "\0".join(self.labels)
-        tensors["pseudo.ids"] = torch.frombuffer(bytearray(ids.encode()), dtype=torch.uint8) if ids \
-            else torch.zeros(0, dtype=torch.uint8)
+        tensors["pseudo.ids"] = (
+            torch.frombuffer(bytearray(ids.encode()), dtype=torch.uint8) if ids else torch.zeros(0, dtype=torch.uint8)
+        )
         tensors["pseudo.classes"] = torch.from_numpy(
-            np.fromiter(self.labels.values(), dtype=np.int64, count=len(self.labels)))
+            np.fromiter(self.labels.values(), dtype=np.int64, count=len(self.labels))
+        )
         return None
 
     def load(self, tensors: Mapping[str, torch.Tensor], meta: list[list[Any]] | None) -> None:
@@ -178,8 +183,11 @@ class SpikeGuard:
 
     def save(self) -> dict[str, Any]:
         """JSON-able state."""
-        return {"loss_ema": None if math.isnan(self.loss_ema) else self.loss_ema,
-                "good_batches": self.good_batches, "spikes_in_a_row": self.spikes_in_a_row}
+        return {
+            "loss_ema": None if math.isnan(self.loss_ema) else self.loss_ema,
+            "good_batches": self.good_batches,
+            "spikes_in_a_row": self.spikes_in_a_row,
+        }
 
     def load(self, meta: Mapping[str, Any]) -> None:
         """Restore what :meth:`save` returned."""

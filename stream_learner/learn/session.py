@@ -122,8 +122,9 @@ class Sinks(Protocol):
         """A refused record (``None`` for an example that came decoded, with no record)."""
         ...
 
-    def drift(self, finding: DriftFinding, actions: Sequence[Action], *, event_time: int,
-              model_version: int | None) -> None:
+    def drift(
+        self, finding: DriftFinding, actions: Sequence[Action], *, event_time: int, model_version: int | None
+    ) -> None:
         """A drift finding and the actions the policy took."""
         ...
 
@@ -147,8 +148,9 @@ class CountingSinks:
         else:
             self.dead_letters += 1
 
-    def drift(self, finding: DriftFinding, actions: Sequence[Action], *, event_time: int,
-              model_version: int | None) -> None:
+    def drift(
+        self, finding: DriftFinding, actions: Sequence[Action], *, event_time: int, model_version: int | None
+    ) -> None:
         """Count a finding."""
         self.drifts += 1
 
@@ -252,8 +254,9 @@ class LearningSession:
 
     # -- start ---------------------------------------------------------------------
 
-    def restore(self, *, snapshot: Snapshot | Literal["load"] | None = "load",
-                legacy_topic: str = "") -> dict[str, Any] | None:
+    def restore(
+        self, *, snapshot: Snapshot | Literal["load"] | None = "load", legacy_topic: str = ""
+    ) -> dict[str, Any] | None:
         """Load the saved state (``None`` if there is none: a fresh start); republish if lost.
 
         Returns the snapshot's meta, whose ``position`` the driver resumes
@@ -279,8 +282,13 @@ class LearningSession:
             log.info("session_republish", model=self.model, version=self.version)
             manifest = msgspec.convert(meta["manifest"], CheckpointManifest)
             self._published(self.output.publish(manifest, weights_bytes(snapshot.tensors, self.model)))
-        log.info("session_restored", model=self.model, version=self.version, position=self.position,
-                 pending=len(self.pending))
+        log.info(
+            "session_restored",
+            model=self.model,
+            version=self.version,
+            position=self.position,
+            pending=len(self.pending),
+        )
         return meta
 
     # -- learning ------------------------------------------------------------------
@@ -366,9 +374,13 @@ class LearningSession:
         tensors, learner_meta = self.learner.state_dict()
         weights = weights_bytes(tensors, self.model)
         manifest = build_manifest(
-            self.learner, model=self.model, version=version, parent=self.version or None,
+            self.learner,
+            model=self.model,
+            version=version,
+            parent=self.version or None,
             input_offsets=[source_of(n, o) for n, o in sorted(self.applied_offsets().items())],
-            weights=weights, chunk_bytes=self.chunk_bytes,
+            weights=weights,
+            chunk_bytes=self.chunk_bytes,
         )
         self.version = version
         self.since_checkpoint = 0
@@ -387,18 +399,27 @@ class LearningSession:
         if self.on_published is not None:
             self.on_published(signed)
 
-    def save(self, *, manifest: CheckpointManifest | None = None,
-             state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None) -> None:
+    def save(
+        self,
+        *,
+        manifest: CheckpointManifest | None = None,
+        state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
+    ) -> None:
         """Save the whole state; ``manifest`` only when the state is exactly that version's."""
         tensors, learner_meta = state if state is not None else self.learner.state_dict()
         meta = dict(self.extra_state() if self.extra_state is not None else {})
-        meta.update({
-            "session": FORMAT, "version": self.version, "position": dict(self.position),
-            "pending": [_pack(x) for x in self.pending], "since_checkpoint": self.since_checkpoint,
-            "force_checkpoint": self.force_checkpoint,
-            "manifest": None if manifest is None else msgspec.json.decode(encode(manifest)),
-            "learner": learner_meta,
-        })
+        meta.update(
+            {
+                "session": FORMAT,
+                "version": self.version,
+                "position": dict(self.position),
+                "pending": [_pack(x) for x in self.pending],
+                "since_checkpoint": self.since_checkpoint,
+                "force_checkpoint": self.force_checkpoint,
+                "manifest": None if manifest is None else msgspec.json.decode(encode(manifest)),
+                "learner": learner_meta,
+            }
+        )
         self.store.save(Snapshot(tensors, meta))
 
     def close(self) -> None:

@@ -121,8 +121,10 @@ class Trainable:
         self.model.load_state_dict({key: tensors[f"{name}.model.{key}"] for key in keys})
         self.optimizer.load_state_dict(_get_optimizer(tensors, f"{name}.optimizer", meta[f"{name}.optimizer"]))
         if f"{name}.good.optimizer" in meta:
-            self.good = ({key: tensors[f"{name}.good.model.{key}"].clone() for key in keys},
-                         _get_optimizer(tensors, f"{name}.good.optimizer", meta[f"{name}.good.optimizer"]))
+            self.good = (
+                {key: tensors[f"{name}.good.model.{key}"].clone() for key in keys},
+                _get_optimizer(tensors, f"{name}.good.optimizer", meta[f"{name}.good.optimizer"]),
+            )
 
 
 def _put_optimizer(tensors: Tensors, prefix: str, state: OptimizerState) -> dict[str, Any]:
@@ -134,9 +136,13 @@ def _put_optimizer(tensors: Tensors, prefix: str, state: OptimizerState) -> dict
                 tensors[f"{prefix}.{idx}.{key}"] = value.detach().clone()
             else:
                 scalars.setdefault(str(idx), {})[key] = value
-    return {"param_groups": state["param_groups"], "scalars": scalars,
-            "tensor_keys": sorted(f"{idx}.{k}" for idx, p in state["state"].items()
-                                  for k, v in p.items() if isinstance(v, torch.Tensor))}
+    return {
+        "param_groups": state["param_groups"],
+        "scalars": scalars,
+        "tensor_keys": sorted(
+            f"{idx}.{k}" for idx, p in state["state"].items() for k, v in p.items() if isinstance(v, torch.Tensor)
+        ),
+    }
 
 
 def _get_optimizer(tensors: Mapping[str, torch.Tensor], prefix: str, meta: Mapping[str, Any]) -> OptimizerState:

@@ -58,8 +58,9 @@ class KafkaSinks:
     (``retry``), so a checkpoint waits for it rather than failing.
     """
 
-    def __init__(self, settings: Settings, producer: KafkaProducer, metrics: Metrics,
-                 retry: Retry | None = None) -> None:
+    def __init__(
+        self, settings: Settings, producer: KafkaProducer, metrics: Metrics, retry: Retry | None = None
+    ) -> None:
         self.settings = settings
         self.producer = producer
         self.metrics = metrics
@@ -76,20 +77,28 @@ class KafkaSinks:
         if len(self.pending) >= 1000:  # bounded: wait for these now rather than at the checkpoint
             self._wait()
 
-    def drift(self, finding: DriftFinding, actions: Sequence[Action], *, event_time: int,
-              model_version: int | None) -> None:
+    def drift(
+        self, finding: DriftFinding, actions: Sequence[Action], *, event_time: int, model_version: int | None
+    ) -> None:
         """Publish the finding's drift event, count and log it."""
         model = self.settings.trainer_model
         event = drift_event(finding, list(actions), model=model, event_time=event_time, model_version=model_version)
         self.producer.send(self.settings.topic_drift, key=model.encode(), value=encode(event))
         self.metrics.trainer_drifts.labels(kind=finding.kind.value, detector=finding.detector).inc()
-        log.warning("drift", detector=finding.detector, signal=finding.signal, kind=finding.kind.value,
-                    index=finding.index, actions=event.actions)
+        log.warning(
+            "drift",
+            detector=finding.detector,
+            signal=finding.signal,
+            kind=finding.kind.value,
+            index=finding.index,
+            actions=event.actions,
+        )
 
     def _wait(self) -> None:
         def acknowledged() -> None:
             for letter in self.pending:
                 letter.get(timeout=60)  # sends again after a transient failure; None if unsendable
+
         self.retry.call(acknowledged)
         self.pending.clear()
 
@@ -122,8 +131,10 @@ class Trainer:
         stop: threading.Event | None = None,
     ) -> None:
         if not settings.trainer_signing_key:
-            raise ConfigError("trainer_signing_key is not set: the trainer signs every checkpoint "
-                              "(generate one with `stream-learner keys generate`)")
+            raise ConfigError(
+                "trainer_signing_key is not set: the trainer signs every checkpoint "
+                "(generate one with `stream-learner keys generate`)"
+            )
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.stop = stop or threading.Event()
@@ -136,26 +147,39 @@ class Trainer:
         self.topic = settings.topic_examples
         self.consumer = make_consumer(settings, group_id=settings.trainer_group_id)
         # One producer for checkpoint chunks and dead letters: room for the larger of the two.
-        self.producer = make_producer(settings, max_request_size=max(settings.trainer_chunk_bytes,
-                                                                     settings.max_event_bytes) + RECORD_HEADROOM_BYTES)
+        self.producer = make_producer(
+            settings,
+            max_request_size=max(settings.trainer_chunk_bytes, settings.max_event_bytes) + RECORD_HEADROOM_BYTES,
+        )
         self.session = LearningSession(
-            learner, policy, model=settings.trainer_model,
+            learner,
+            policy,
+            model=settings.trainer_model,
             output=TopicOutput(settings, settings.trainer_model, private_key, producer=self.producer),
             store=store or state_store(settings, stop=self.stop, on_retry=self._retrying("redis")),
-            sinks=KafkaSinks(settings, self.producer, self.metrics,
-                             Retry("kafka (dead letters)", stop=self.stop, on_retry=self._retrying("kafka"))),
+            sinks=KafkaSinks(
+                settings,
+                self.producer,
+                self.metrics,
+                Retry("kafka (dead letters)", stop=self.stop, on_retry=self._retrying("kafka")),
+            ),
             chunk_size=settings.trainer_batch_size,
             checkpoint_every_examples=settings.trainer_checkpoint_every_examples,
-            checkpoint_every_s=settings.trainer_checkpoint_every_s, chunk_bytes=settings.trainer_chunk_bytes,
-            max_event_bytes=settings.max_event_bytes, clock=clock,
-            on_published=self._published, on_chunk=self._chunk,
+            checkpoint_every_s=settings.trainer_checkpoint_every_s,
+            chunk_bytes=settings.trainer_chunk_bytes,
+            max_event_bytes=settings.max_event_bytes,
+            clock=clock,
+            on_published=self._published,
+            on_chunk=self._chunk,
         )
         self.published: list[CheckpointManifest] = []
         self.pending_since = 0.0  # when the oldest pending record arrived
         # Serving variants of every version (trainer_variants; stream_learner.optimize), if asked for.
         self.variants = SessionVariants.from_settings(
-            settings, metrics=self.metrics,
-            output_for=lambda name: TopicOutput(settings, name, private_key, producer=self.producer))
+            settings,
+            metrics=self.metrics,
+            output_for=lambda name: TopicOutput(settings, name, private_key, producer=self.producer),
+        )
         if self.variants is not None:
             self.variants.attach(self.session)
         self._restore()
@@ -183,7 +207,7 @@ class Trainer:
     def offsets(self) -> dict[int, int]:
         """Per partition of the examples topic, the offset after the last record learned."""
         prefix = f"{self.topic}:"
-        return {int(n[len(prefix):]): o for n, o in self.session.applied_offsets().items() if n.startswith(prefix)}
+        return {int(n[len(prefix) :]): o for n, o in self.session.applied_offsets().items() if n.startswith(prefix)}
 
     def _restore(self) -> None:
         parts = [TopicPartition(self.topic, p) for p in sorted(self.consumer.partitions_for_topic(self.topic) or [0])]
@@ -214,6 +238,7 @@ class Trainer:
             def relay(outer: threading.Event = stop) -> None:
                 outer.wait()
                 self.stop.set()
+
             threading.Thread(target=relay, name="trainer-stop", daemon=True).start()
         log.info("trainer_started", model=self.settings.trainer_model, version=self.version)
         try:
@@ -227,8 +252,13 @@ class Trainer:
     def _retrying(self, dependency: str) -> Callable[[BaseException, float], None]:
         def counted(exc: BaseException, delay: float) -> None:
             self.metrics.trainer_retries.labels(dependency=dependency).inc()
-            log.warning("trainer_dependency_unavailable", dependency=dependency,
-                        error=f"{type(exc).__name__}: {exc}", retry_in_s=round(delay, 3))
+            log.warning(
+                "trainer_dependency_unavailable",
+                dependency=dependency,
+                error=f"{type(exc).__name__}: {exc}",
+                retry_in_s=round(delay, 3),
+            )
+
         return counted
 
     def step(self) -> int:
@@ -245,7 +275,7 @@ class Trainer:
             while start < len(records):
                 if not session.pending:
                     self.pending_since = self.clock()
-                part = records[start:start + size - len(session.pending)]
+                part = records[start : start + size - len(session.pending)]
                 session.add(part, {name: part[-1].offset + 1})
                 session.learn()
                 start += len(part)
@@ -284,8 +314,9 @@ class Trainer:
         self.metrics.trainer_checkpoints.inc()
         self.metrics.trainer_version.set(signed.version)
         try:
-            self.consumer.commit({TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1)
-                                  for p, o in self.offsets.items()})
+            self.consumer.commit(
+                {TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1) for p, o in self.offsets.items()}
+            )
         except Exception as exc:  # noqa: BLE001 - monitoring only; the state is what counts
             log.warning("trainer_commit_failed", error=str(exc))
         if self.on_checkpoint is not None:

@@ -61,7 +61,7 @@ def score(parent: Predictor, variant: Predictor, heldout: Window, *, batch: int 
     data = heldout.labeled()
     outs: list[list[torch.Tensor]] = [[], []]
     for start in range(0, len(data), batch):
-        raw = data.raw[start:start + batch]
+        raw = data.raw[start : start + batch]
         for i, p in enumerate((parent, variant)):
             outs[i].append(p.forward(p.featurizer.standardize(raw)))
     n = len(data)
@@ -73,20 +73,31 @@ def score(parent: Predictor, variant: Predictor, heldout: Window, *, batch: int 
         y = data.labels
         pred_p, pred_v = np.array(parent.values(out_p)), np.array(variant.values(out_v))
         rmse_p, rmse_v = float(np.sqrt(np.mean((pred_p - y) ** 2))), float(np.sqrt(np.mean((pred_v - y) ** 2)))
-        m.update(parent_rmse=rmse_p, rmse=rmse_v,
-                 rmse_rise_percent=100.0 * (rmse_v - rmse_p) / rmse_p if rmse_p > 0 else 0.0)
+        m.update(
+            parent_rmse=rmse_p, rmse=rmse_v, rmse_rise_percent=100.0 * (rmse_v - rmse_p) / rmse_p if rmse_p > 0 else 0.0
+        )
         return m
     y_t = torch.from_numpy(data.labels).long()
     arg_p, arg_v = out_p.argmax(dim=1), out_v.argmax(dim=1)
     acc_p, acc_v = float((arg_p == y_t).double().mean()), float((arg_v == y_t).double().mean())
-    m.update(parent_accuracy=acc_p, accuracy=acc_v, accuracy_drop_points=100.0 * (acc_p - acc_v),
-             agreement=float((arg_p == arg_v).double().mean()))
+    m.update(
+        parent_accuracy=acc_p,
+        accuracy=acc_v,
+        accuracy_drop_points=100.0 * (acc_p - acc_v),
+        agreement=float((arg_p == arg_v).double().mean()),
+    )
     return m
 
 
-def latency(predictors: Sequence[Predictor], rows: Sequence[dict[str, float | None]], *,
-            batches: Sequence[int] = (1, 64), budget_s: float = 0.3, min_repeats: int = 15,
-            max_repeats: int = 2000) -> list[dict[str, float]]:
+def latency(
+    predictors: Sequence[Predictor],
+    rows: Sequence[dict[str, float | None]],
+    *,
+    batches: Sequence[int] = (1, 64),
+    budget_s: float = 0.3,
+    min_repeats: int = 15,
+    max_repeats: int = 2000,
+) -> list[dict[str, float]]:
     """Per predictor, ``latency_b{B}_p50_ms`` and ``_p99_ms`` for each batch size (module docstring).
 
     Each round predicts one batch with every predictor in turn; rounds go on
@@ -102,7 +113,8 @@ def latency(predictors: Sequence[Predictor], rows: Sequence[dict[str, float | No
             p.predict(batch)
         began = time.perf_counter()
         while len(samples[0]) < max_repeats and (
-                len(samples[0]) < min_repeats or time.perf_counter() - began < budget_s):
+            len(samples[0]) < min_repeats or time.perf_counter() - began < budget_s
+        ):
             for i, p in enumerate(predictors):
                 t = time.perf_counter()
                 p.predict(batch)
@@ -117,17 +129,26 @@ def decide(name: str, measured: dict[str, float], config: GateConfig) -> Verdict
     """Publish ``name`` with these measurements, or skip it with a reason (module docstring)."""
     n = measured.get("heldout_examples", 0.0)
     if n < config.min_heldout_examples:
-        return Verdict(False, "too_few_examples",
-                       f"{name}: {int(n)} held-out labeled examples, fewer than {config.min_heldout_examples}")
+        return Verdict(
+            False,
+            "too_few_examples",
+            f"{name}: {int(n)} held-out labeled examples, fewer than {config.min_heldout_examples}",
+        )
     if "accuracy_drop_points" in measured and measured["accuracy_drop_points"] > config.max_drop:
-        return Verdict(False, "accuracy",
-                       f"{name}: accuracy {measured['accuracy']:.4f} vs parent {measured['parent_accuracy']:.4f} "
-                       f"on {int(n)} held-out examples, a drop of {measured['accuracy_drop_points']:.2f} points "
-                       f"> {config.max_drop}")
+        return Verdict(
+            False,
+            "accuracy",
+            f"{name}: accuracy {measured['accuracy']:.4f} vs parent {measured['parent_accuracy']:.4f} "
+            f"on {int(n)} held-out examples, a drop of {measured['accuracy_drop_points']:.2f} points "
+            f"> {config.max_drop}",
+        )
     if "rmse_rise_percent" in measured and measured["rmse_rise_percent"] > config.max_drop:
-        return Verdict(False, "accuracy",
-                       f"{name}: RMSE {measured['rmse']:.4g} vs parent {measured['parent_rmse']:.4g}, "
-                       f"{measured['rmse_rise_percent']:.2f}% higher > {config.max_drop}%")
+        return Verdict(
+            False,
+            "accuracy",
+            f"{name}: RMSE {measured['rmse']:.4g} vs parent {measured['parent_rmse']:.4g}, "
+            f"{measured['rmse_rise_percent']:.2f}% higher > {config.max_drop}%",
+        )
     if name in SPEED_VARIANTS:
         key = f"latency_b{config.serving_batch}_p50_ms"
         mine, theirs = measured.get(key), measured.get(f"parent_{key}")
@@ -135,7 +156,10 @@ def decide(name: str, measured: dict[str, float], config: GateConfig) -> Verdict
             return Verdict(False, "slower", f"{name}: latency at batch {config.serving_batch} not measured")
         speedup = theirs / mine if mine > 0 else float("inf")
         if speedup < config.min_speedup:
-            return Verdict(False, "slower",
-                           f"{name}: p50 {mine:.3f} ms vs parent {theirs:.3f} ms at batch {config.serving_batch} "
-                           f"({speedup:.2f}x, needs {config.min_speedup}x)")
+            return Verdict(
+                False,
+                "slower",
+                f"{name}: p50 {mine:.3f} ms vs parent {theirs:.3f} ms at batch {config.serving_batch} "
+                f"({speedup:.2f}x, needs {config.min_speedup}x)",
+            )
     return Verdict(True)

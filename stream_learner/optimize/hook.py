@@ -79,10 +79,13 @@ def recipes(settings: Settings, names: Sequence[str] | None = None) -> list[dict
 
 def gate_config(settings: Settings) -> GateConfig:
     """The gate the settings describe."""
-    return GateConfig(max_drop=settings.variant_max_accuracy_drop, min_speedup=settings.variant_min_speedup,
-                      serving_batch=settings.variant_serving_batch,
-                      heldout_examples=settings.variant_heldout_examples,
-                      min_heldout_examples=settings.variant_min_heldout_examples)
+    return GateConfig(
+        max_drop=settings.variant_max_accuracy_drop,
+        min_speedup=settings.variant_min_speedup,
+        serving_batch=settings.variant_serving_batch,
+        heldout_examples=settings.variant_heldout_examples,
+        min_heldout_examples=settings.variant_min_heldout_examples,
+    )
 
 
 @dataclass
@@ -97,8 +100,9 @@ class Outcome:
     manifest: CheckpointManifest | None = None  # the signed manifest, when published
 
 
-def derive(parent: Parent, recipe_list: Sequence[dict[str, Any]], window: Window, heldout: Window,
-           gate: GateConfig) -> list[Outcome]:
+def derive(
+    parent: Parent, recipe_list: Sequence[dict[str, Any]], window: Window, heldout: Window, gate: GateConfig
+) -> list[Outcome]:
     """Build every recipe's variant of ``parent`` and gate it on ``heldout`` (not published here).
 
     ``measured`` holds the gate's numbers (:mod:`~stream_learner.optimize.gate`) with the parent's
@@ -126,15 +130,21 @@ def derive(parent: Parent, recipe_list: Sequence[dict[str, Any]], window: Window
             for b in (1, 64):
                 measured[f"speedup_b{b}"] = theirs[f"latency_b{b}_p50_ms"] / mine[f"latency_b{b}_p50_ms"]
         measured.update(
-            parameters=float(variant.servable.parameters), parent_parameters=float(parent.servable.parameters),
-            bytes=float(len(variant.servable.weights_bytes(lineage(parent.model, name)))), parent_bytes=parent_bytes,
-            build_seconds=variant.build_seconds, gate_seconds=time.perf_counter() - began, **variant.details)
+            parameters=float(variant.servable.parameters),
+            parent_parameters=float(parent.servable.parameters),
+            bytes=float(len(variant.servable.weights_bytes(lineage(parent.model, name)))),
+            parent_bytes=parent_bytes,
+            build_seconds=variant.build_seconds,
+            gate_seconds=time.perf_counter() - began,
+            **variant.details,
+        )
         outcomes.append(Outcome(name, parent.version, decide(name, measured, gate), measured, variant))
     return outcomes
 
 
-def variant_manifest(parent_manifest: CheckpointManifest, outcome: Outcome,
-                     chunk_bytes: int) -> tuple[CheckpointManifest, bytes]:
+def variant_manifest(
+    parent_manifest: CheckpointManifest, outcome: Outcome, chunk_bytes: int
+) -> tuple[CheckpointManifest, bytes]:
     """The unsigned manifest and the weights of a passing variant, as version ``v`` of ``<model>#<variant>``.
 
     ``parent`` names the parent version (a variant's lineage has one version per parent version);
@@ -144,30 +154,50 @@ def variant_manifest(parent_manifest: CheckpointManifest, outcome: Outcome,
     name = lineage(parent_manifest.model, outcome.name)
     weights = outcome.variant.servable.weights_bytes(name)
     manifest = msgspec.structs.replace(
-        parent_manifest, model=name, parent=parent_manifest.version, created_at=now_ms(),
-        architecture=outcome.variant.servable.spec.to_dict(), weights=weights_info(weights, chunk_bytes),
+        parent_manifest,
+        model=name,
+        parent=parent_manifest.version,
+        created_at=now_ms(),
+        architecture=outcome.variant.servable.spec.to_dict(),
+        weights=weights_info(weights, chunk_bytes),
         signature=None,
-        variant=VariantInfo(name=outcome.name, parent_model=parent_manifest.model,
-                            parent_version=parent_manifest.version, parent_sha256=parent_manifest.weights.sha256,
-                            recipe=outcome.variant.recipe, measured=outcome.measured))
+        variant=VariantInfo(
+            name=outcome.name,
+            parent_model=parent_manifest.model,
+            parent_version=parent_manifest.version,
+            parent_sha256=parent_manifest.weights.sha256,
+            recipe=outcome.variant.recipe,
+            measured=outcome.measured,
+        ),
+    )
     return manifest, weights
 
 
 def count(metrics: Metrics | None, outcome: Outcome) -> None:
     """Count and log an outcome."""
     if outcome.verdict.publish:
-        log.info("variant_published", variant=outcome.name, version=outcome.version,
-                 **{k: round(v, 6) for k, v in outcome.measured.items()})
+        log.info(
+            "variant_published",
+            variant=outcome.name,
+            version=outcome.version,
+            **{k: round(v, 6) for k, v in outcome.measured.items()},
+        )
         if metrics is not None:
             metrics.variants_published.labels(variant=outcome.name).inc()
     else:
-        log.warning("variant_skipped", variant=outcome.name, version=outcome.version, reason=outcome.verdict.label,
-                    detail=outcome.verdict.reason)
+        log.warning(
+            "variant_skipped",
+            variant=outcome.name,
+            version=outcome.version,
+            reason=outcome.verdict.label,
+            detail=outcome.verdict.reason,
+        )
         if metrics is not None:
             metrics.variants_skipped.labels(variant=outcome.name, reason=outcome.verdict.label).inc()
     if metrics is not None and outcome.measured:
         metrics.variant_seconds.labels(variant=outcome.name).observe(
-            outcome.measured.get("build_seconds", 0.0) + outcome.measured.get("gate_seconds", 0.0))
+            outcome.measured.get("build_seconds", 0.0) + outcome.measured.get("gate_seconds", 0.0)
+        )
 
 
 @dataclass
@@ -186,9 +216,16 @@ class SessionVariants:
     sees every outcome (tests, the bench).
     """
 
-    def __init__(self, recipe_list: Sequence[dict[str, Any]], gate: GateConfig, *,
-                 output_for: Callable[[str], Output], chunk_bytes: int, metrics: Metrics | None = None,
-                 on_outcome: Callable[[Outcome], None] | None = None) -> None:
+    def __init__(
+        self,
+        recipe_list: Sequence[dict[str, Any]],
+        gate: GateConfig,
+        *,
+        output_for: Callable[[str], Output],
+        chunk_bytes: int,
+        metrics: Metrics | None = None,
+        on_outcome: Callable[[Outcome], None] | None = None,
+    ) -> None:
         self.recipes = list(recipe_list)
         self.gate = gate
         self.output_for = output_for
@@ -202,13 +239,19 @@ class SessionVariants:
         self.session: Any = None
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, output_for: Callable[[str], Output],
-                      metrics: Metrics | None = None) -> SessionVariants | None:
+    def from_settings(
+        cls, settings: Settings, *, output_for: Callable[[str], Output], metrics: Metrics | None = None
+    ) -> SessionVariants | None:
         """The hook ``trainer_variants`` asks for, or ``None`` when it is empty."""
         if not settings.trainer_variants:
             return None
-        return cls(recipes(settings), gate_config(settings), output_for=output_for,
-                   chunk_bytes=settings.trainer_chunk_bytes, metrics=metrics)
+        return cls(
+            recipes(settings),
+            gate_config(settings),
+            output_for=output_for,
+            chunk_bytes=settings.trainer_chunk_bytes,
+            metrics=metrics,
+        )
 
     def attach(self, session: Any) -> SessionVariants:
         """Chain this hook into ``session``'s callbacks (theirs run first); return ``self``."""

@@ -62,8 +62,10 @@ class Optimizer:
         if not settings.trainer_signing_key:
             raise ConfigError("trainer_signing_key is not set: the optimize role signs the variants it publishes")
         if "student" in settings.trainer_variants:
-            raise ConfigError("the student is trained alongside the teacher: the trainer derives it "
-                              "(trainer_variants on the trainer), not the optimize role")
+            raise ConfigError(
+                "the student is trained alongside the teacher: the trainer derives it "
+                "(trainer_variants on the trainer), not the optimize role"
+            )
         if not settings.trainer_variants:
             raise ConfigError("trainer_variants is empty: name the variants to derive (int8, pruned, sparse)")
         self.settings = settings
@@ -73,9 +75,10 @@ class Optimizer:
         self.gate = gate_config(settings)
         self.poll_timeout_ms = poll_timeout_ms
         self.private_key = load_private_key(settings.trainer_signing_key)
-        self.keys = ([load_public_key(p) for p in settings.serving_public_keys] or [self.private_key.public_key()])
-        self.outputs = {r["name"]: TopicOutput(settings, lineage(self.model, r["name"]), self.private_key)
-                        for r in self.recipes}
+        self.keys = [load_public_key(p) for p in settings.serving_public_keys] or [self.private_key.public_key()]
+        self.outputs = {
+            r["name"]: TopicOutput(settings, lineage(self.model, r["name"]), self.private_key) for r in self.recipes
+        }
         self.done = min(o.latest_version() for o in self.outputs.values())  # every variant of <= done is out
         self.follower = make_reader_consumer(settings)
         self.loader = make_reader_consumer(settings)
@@ -175,8 +178,11 @@ class Optimizer:
         return w
 
     def _offsets(self, manifest: CheckpointManifest) -> dict[TopicPartition, int]:
-        return {TopicPartition(s.topic, s.partition): s.offset for s in manifest.input_offsets
-                if s.topic == self.settings.topic_examples}
+        return {
+            TopicPartition(s.topic, s.partition): s.offset
+            for s in manifest.input_offsets
+            if s.topic == self.settings.topic_examples
+        }
 
     def _heldout(self, manifest: CheckpointManifest, following: CheckpointManifest | None) -> Window | None:
         """The held-out examples of ``manifest``'s version, or ``None`` while they are not all in."""

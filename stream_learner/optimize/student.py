@@ -53,15 +53,22 @@ def student_spec(teacher: ModelSpec, hidden: Sequence[int] = ()) -> ModelSpec:
     there is nothing smaller to build (a logistic regression teacher)."""
     if not hidden:
         if teacher.kind != "mlp":
-            raise ValueError(f"the teacher is {teacher.kind!r}: give the student's widths "
-                             "(trainer_student_hidden)")
+            raise ValueError(f"the teacher is {teacher.kind!r}: give the student's widths (trainer_student_hidden)")
         hidden = tuple(max(4, h // 4) for h in teacher.hidden)
-    return dataclasses.replace(teacher, kind="mlp", hidden=tuple(hidden), params={}, int8_layers=(),
-                               seed=teacher.seed + 1)
+    return dataclasses.replace(
+        teacher, kind="mlp", hidden=tuple(hidden), params={}, int8_layers=(), seed=teacher.seed + 1
+    )
 
 
-def distill_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, labels: torch.Tensor, *,
-                 regression: bool, alpha: float, temperature: float) -> torch.Tensor:
+def distill_loss(
+    student_out: torch.Tensor,
+    teacher_out: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    regression: bool,
+    alpha: float,
+    temperature: float,
+) -> torch.Tensor:
     """Per-example distillation loss (see the module docstring); ``labels`` NaN where there is none
     (classes as float indices, regression values standardized as the teacher learns them)."""
     has = ~torch.isnan(labels)
@@ -81,8 +88,16 @@ def distill_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, labels: t
 class Student:
     """The student part: its :class:`Trainable` and one distillation step per chunk."""
 
-    def __init__(self, teacher: ModelSpec, config: StudentConfig, *, optimizer: str, lr: float,
-                 weight_decay: float, clip_norm: float) -> None:
+    def __init__(
+        self,
+        teacher: ModelSpec,
+        config: StudentConfig,
+        *,
+        optimizer: str,
+        lr: float,
+        weight_decay: float,
+        clip_norm: float,
+    ) -> None:
         self.config = config
         self.spec = student_spec(teacher, config.hidden)
         self.clip_norm = clip_norm
@@ -100,8 +115,14 @@ class Student:
         model, opt = self.trainable.model, self.trainable.optimizer
         set_training(model, True)
         out = model(x)
-        loss = distill_loss(out, teacher_out.detach(), labels, regression=regression,
-                            alpha=self.config.alpha, temperature=self.config.temperature).mean()
+        loss = distill_loss(
+            out,
+            teacher_out.detach(),
+            labels,
+            regression=regression,
+            alpha=self.config.alpha,
+            temperature=self.config.temperature,
+        ).mean()
         value = float(loss.detach())
         if not math.isfinite(value):
             self.skipped += 1

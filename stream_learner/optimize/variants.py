@@ -60,8 +60,17 @@ from .int8 import Int8Linear
 from .student import distill_loss
 from .window import Window
 
-__all__ = ["DEFAULT_RECIPES", "NAMES", "SPEED_VARIANTS", "Parent", "Servable", "Variant", "VariantSkipped",
-           "make_variant", "recipe_of"]
+__all__ = [
+    "DEFAULT_RECIPES",
+    "NAMES",
+    "SPEED_VARIANTS",
+    "Parent",
+    "Servable",
+    "Variant",
+    "VariantSkipped",
+    "make_variant",
+    "recipe_of",
+]
 
 #: The variants there are, in the order they are built.
 NAMES = ("int8", "pruned", "sparse", "student")
@@ -112,8 +121,9 @@ class Servable:
     def predictor(self, config: LearnerConfig | None = None) -> Predictor:
         """A :class:`Predictor` of it, built as a serving node builds one (strict load, eval mode)."""
         network = build_model(self.spec)
-        network.load_state_dict({k[len("model."):]: v for k, v in self.tensors.items() if k.startswith("model.")},
-                                strict=True)
+        network.load_state_dict(
+            {k[len("model.") :]: v for k, v in self.tensors.items() if k.startswith("model.")}, strict=True
+        )
         network.eval()
         network.requires_grad_(False)
         featurizer = (config or LearnerConfig(model_name="variant", spec=self.spec)).featurizer()
@@ -189,7 +199,7 @@ def _stats(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _network(spec: ModelSpec, tensors: Mapping[str, torch.Tensor]) -> nn.Module:
     net = build_model(spec)
-    net.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
+    net.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
     return net
 
 
@@ -197,18 +207,23 @@ def _int8(spec: ModelSpec, tensors: dict[str, torch.Tensor], min_features: int) 
     if spec.int8_layers:
         raise VariantSkipped("the parent is int8 already")
     net = _network(spec, tensors)
-    paths = [name for name, m in net.named_modules()
-             if isinstance(m, nn.Linear) and min(m.in_features, m.out_features) >= min_features]
+    paths = [
+        name
+        for name, m in net.named_modules()
+        if isinstance(m, nn.Linear) and min(m.in_features, m.out_features) >= min_features
+    ]
     if not paths:
-        raise VariantSkipped(f"no linear layer with at least {min_features} inputs and outputs: "
-                             "nothing worth quantizing")
+        raise VariantSkipped(
+            f"no linear layer with at least {min_features} inputs and outputs: nothing worth quantizing"
+        )
     for path in paths:
         parent_path, _, attr = path.rpartition(".")
         holder = net.get_submodule(parent_path) if parent_path else net
         setattr(holder, attr, Int8Linear.from_linear(getattr(holder, attr)))
     variant = dataclasses.replace(spec, int8_layers=tuple(paths))
-    return Servable(variant, {**{f"model.{k}": v.detach().clone() for k, v in net.state_dict().items()},
-                              **_stats(tensors)})
+    return Servable(
+        variant, {**{f"model.{k}": v.detach().clone() for k, v in net.state_dict().items()}, **_stats(tensors)}
+    )
 
 
 def _linears(spec: ModelSpec, tensors: Mapping[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -245,8 +260,9 @@ def _pruned(spec: ModelSpec, tensors: dict[str, torch.Tensor], fraction: float) 
     return Servable(dataclasses.replace(spec, hidden=tuple(len(k) for k in keep)), out)
 
 
-def _sparse(spec: ModelSpec, tensors: dict[str, torch.Tensor],
-            fraction: float) -> tuple[Servable, dict[str, torch.Tensor]]:
+def _sparse(
+    spec: ModelSpec, tensors: dict[str, torch.Tensor], fraction: float
+) -> tuple[Servable, dict[str, torch.Tensor]]:
     if spec.int8_layers:
         raise VariantSkipped("the parent is int8: magnitude pruning applies to float weights")
     if not 0 < fraction < 1:
@@ -275,8 +291,13 @@ def _sparse(spec: ModelSpec, tensors: dict[str, torch.Tensor],
     return Servable(spec, out), masks
 
 
-def _finetune(parent: Servable, variant: Servable, recipe: Mapping[str, Any], window: Window,
-              masks: dict[str, torch.Tensor] | None) -> Servable:
+def _finetune(
+    parent: Servable,
+    variant: Servable,
+    recipe: Mapping[str, Any],
+    window: Window,
+    masks: dict[str, torch.Tensor] | None,
+) -> Servable:
     """A short distillation fine-tune of ``variant`` on the window (see the module docstring)."""
     epochs, batch = int(recipe["epochs"]), int(recipe["batch"])
     if epochs <= 0 or len(window) == 0:
@@ -298,9 +319,15 @@ def _finetune(parent: Servable, variant: Servable, recipe: Mapping[str, Any], wi
     for _ in range(epochs):
         order = torch.randperm(len(x), generator=generator)
         for start in range(0, len(x), batch):
-            idx = order[start:start + batch]
-            loss = distill_loss(net(x[idx]), teacher_out[idx], labels[idx], regression=regression,
-                                alpha=float(recipe["alpha"]), temperature=float(recipe["temperature"])).mean()
+            idx = order[start : start + batch]
+            loss = distill_loss(
+                net(x[idx]),
+                teacher_out[idx],
+                labels[idx],
+                regression=regression,
+                alpha=float(recipe["alpha"]),
+                temperature=float(recipe["temperature"]),
+            ).mean()
             opt.zero_grad(set_to_none=True)
             torch.autograd.backward(loss)
             opt.step()

@@ -81,7 +81,7 @@ class RecentExamples:
         raw[np.abs(raw) > self.abs_max] = np.nan  # the featurizer's rule: out of range is missing
         ys = np.asarray(labels, dtype=np.float64)
         if len(rows) > self.capacity:
-            raw, ys = raw[-self.capacity:], ys[-self.capacity:]
+            raw, ys = raw[-self.capacity :], ys[-self.capacity :]
             self.total += len(rows) - self.capacity
         slots = (self.total + np.arange(len(ys))) % self.capacity
         self.raw[slots] = raw
@@ -113,6 +113,6 @@ class RecentExamples:
         self.labels[:] = np.nan
         n = min(len(labels), self.capacity)
         slots = (total - n + np.arange(n)) % self.capacity
-        self.raw[slots] = raw[len(labels) - n:]
-        self.labels[slots] = labels[len(labels) - n:]
+        self.raw[slots] = raw[len(labels) - n :]
+        self.labels[slots] = labels[len(labels) - n :]
         self.total = total

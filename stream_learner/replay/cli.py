@@ -28,24 +28,47 @@ from .runner import Replay
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The replay sub-command's own arguments (settings come as flags too)."""
-    parser.add_argument("--source", choices=["events", "examples"], default="events",
-                        help="events: predictions + labels through the join, then training (default); "
-                             "examples: training alone, on the examples topic")
-    parser.add_argument("--from", dest="range_from", default="beginning", metavar="BOUND",
-                        help="start (inclusive): beginning, an offset, P=O,... or TOPIC:P=O,..., "
-                             "t:<ms> or an ISO-8601 time (record timestamps)")
-    parser.add_argument("--to", dest="range_to", default="end", metavar="BOUND",
-                        help="end (exclusive), same forms; end = the end offsets when the replay starts")
-    parser.add_argument("--replay-id", default=None,
-                        help="names the replay's state and lineage (default: a digest of these arguments)")
-    parser.add_argument("--lineage", default=None,
-                        help="model name to publish under (default <trainer_model>@replay-<id>)")
-    parser.add_argument("--output-dir", default=None,
-                        help="write checkpoints here (<dir>/<lineage>/vN.*) instead of the model topic")
-    parser.add_argument("--overwrite-live", action="store_true",
-                        help="allow --lineage to be the live model (new versions after its newest)")
-    parser.add_argument("--close-windows", action="store_true",
-                        help="at the end, close the join windows still open (unlabeled examples)")
+    parser.add_argument(
+        "--source",
+        choices=["events", "examples"],
+        default="events",
+        help="events: predictions + labels through the join, then training (default); "
+        "examples: training alone, on the examples topic",
+    )
+    parser.add_argument(
+        "--from",
+        dest="range_from",
+        default="beginning",
+        metavar="BOUND",
+        help="start (inclusive): beginning, an offset, P=O,... or TOPIC:P=O,..., "
+        "t:<ms> or an ISO-8601 time (record timestamps)",
+    )
+    parser.add_argument(
+        "--to",
+        dest="range_to",
+        default="end",
+        metavar="BOUND",
+        help="end (exclusive), same forms; end = the end offsets when the replay starts",
+    )
+    parser.add_argument(
+        "--replay-id", default=None, help="names the replay's state and lineage (default: a digest of these arguments)"
+    )
+    parser.add_argument(
+        "--lineage", default=None, help="model name to publish under (default <trainer_model>@replay-<id>)"
+    )
+    parser.add_argument(
+        "--output-dir", default=None, help="write checkpoints here (<dir>/<lineage>/vN.*) instead of the model topic"
+    )
+    parser.add_argument(
+        "--overwrite-live",
+        action="store_true",
+        help="allow --lineage to be the live model (new versions after its newest)",
+    )
+    parser.add_argument(
+        "--close-windows",
+        action="store_true",
+        help="at the end, close the join windows still open (unlabeled examples)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
 
 
@@ -53,9 +76,16 @@ def plan_from_args(args: argparse.Namespace) -> ReplayPlan:
     """The replay plan the arguments describe (the default id is a digest of them)."""
     defining = [args.source, args.range_from, args.range_to, args.lineage, args.output_dir, args.close_windows]
     replay_id = args.replay_id or hashlib.sha256(json.dumps(defining).encode()).hexdigest()[:12]
-    return ReplayPlan(replay_id=replay_id, source=args.source, start=args.range_from, end=args.range_to,
-                      lineage=args.lineage, output_dir=args.output_dir, overwrite_live=args.overwrite_live,
-                      close_windows=args.close_windows)
+    return ReplayPlan(
+        replay_id=replay_id,
+        source=args.source,
+        start=args.range_from,
+        end=args.range_to,
+        lineage=args.lineage,
+        output_dir=args.output_dir,
+        overwrite_live=args.overwrite_live,
+        close_windows=args.close_windows,
+    )
 
 
 def report_for(settings: Settings, summary: dict[str, Any]) -> dict[str, Any]:
@@ -83,8 +113,16 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         signal.signal(sig, interrupt)
     summary = Replay(settings, plan, stop=stop, progress=not args.no_progress).run()
     if not summary["done"]:
-        print(json.dumps({"replay_id": plan.replay_id, "done": False, "records_read": summary["records_read"],
-                          "of": summary["records_in_ranges"]}))
+        print(
+            json.dumps(
+                {
+                    "replay_id": plan.replay_id,
+                    "done": False,
+                    "records_read": summary["records_read"],
+                    "of": summary["records_in_ranges"],
+                }
+            )
+        )
         return 130
     print(to_markdown(report_for(settings, summary)))
     print(f"state, summary and report: {Path(settings.replay_state_dir) / plan.replay_id}")

@@ -45,12 +45,14 @@ class ReplayJoin:
         self.prefix = prefix
         self.parts = sorted(parts)
         self.client = make_redis(settings)
-        join_settings = msgspec.structs.replace(s, joiner_redis_prefix=prefix, joiner_idle_advance=False,
-                                                joiner_wait_aof=False)
+        join_settings = msgspec.structs.replace(
+            s, joiner_redis_prefix=prefix, joiner_idle_advance=False, joiner_wait_aof=False
+        )
         self.store = RedisJoinStore(self.client, join_settings)
         self.codecs: dict[str, tuple[Codec[Any], str, Callable[[Any, Source], msgspec.Raw]]] = {
             s.topic_predictions: (Codec(PREDICTION.event_type, s.max_event_bytes), "P", pack_prediction),
-            s.topic_labels: (Codec(LABEL.event_type, s.max_event_bytes), "L", pack_label)}
+            s.topic_labels: (Codec(LABEL.event_type, s.max_event_bytes), "L", pack_label),
+        }
         self.last_time: dict[tuple[str, int], int] = {}
         self.max_time = -1
         self.acks: list[str] = []
@@ -93,8 +95,15 @@ class ReplayJoin:
             self.max_time = max(self.max_time, max(max_times.values()))
         progress = [PartitionProgress(n, max_times.get(n, -1), False) for n in self.parts]
         began = time.perf_counter()
-        self.store.send(progress=progress, acks=self.acks, events=[ev for _, _, ev in events],
-                        now_ms=1000 * (k + 1), claim_before_ms=-1, total_partitions=len(self.parts), durable=False)
+        self.store.send(
+            progress=progress,
+            acks=self.acks,
+            events=[ev for _, _, ev in events],
+            now_ms=1000 * (k + 1),
+            claim_before_ms=-1,
+            total_partitions=len(self.parts),
+            durable=False,
+        )
         self.seconds += time.perf_counter() - began
 
     def receive(self) -> list[ExampleEvent]:
@@ -114,9 +123,14 @@ class ReplayJoin:
         beyond = self.max_time + s.joiner_window_ms + s.joiner_allowed_lateness_ms + 1
         for k in range(10_000):
             progress = [PartitionProgress(n, beyond, False) for n in self.parts]
-            result = self.store.step(progress=progress, acks=self.acks, events=[],
-                                     now_ms=1000 * (steps_done + k + 1), claim_before_ms=-1,
-                                     total_partitions=len(self.parts))
+            result = self.store.step(
+                progress=progress,
+                acks=self.acks,
+                events=[],
+                now_ms=1000 * (steps_done + k + 1),
+                claim_before_ms=-1,
+                total_partitions=len(self.parts),
+            )
             self.acks = result.tokens
             if not result.emissions:
                 break

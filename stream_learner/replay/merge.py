@@ -130,8 +130,10 @@ class MergedReader:
                         consumer.pause(self.tps[name])
             empty = 0 if batch else empty + 1
             if empty >= self.stall_polls:
-                raise ReplayError(f"no records for {self.stall_polls * 0.2:.0f} s from partitions "
-                                  f"{[n for n in missing if n in self.fetching]} below their end offsets")
+                raise ReplayError(
+                    f"no records for {self.stall_polls * 0.2:.0f} s from partitions "
+                    f"{[n for n in missing if n in self.fetching]} below their end offsets"
+                )
             for tp, records in batch.items():
                 name = tp_name(tp)
                 if name not in self.fetching:

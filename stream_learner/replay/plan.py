@@ -16,11 +16,24 @@ from .errors import ReplayError
 Source_ = Literal["events", "examples"]
 
 #: Settings that shape a replay's result: a resumed replay refuses to continue if one changed.
-_RESULT_SETTINGS_PREFIXES = ("trainer_", "joiner_window_ms", "joiner_allowed_lateness_ms",
-                             "joiner_late_retention_ms", "joiner_orphan_retention_ms",
-                             "joiner_max_expire_per_poll", "replay_join_step_events", "max_event_bytes")
-_NOT_RESULT = {"trainer_state_store", "trainer_state_dir", "trainer_signing_key", "trainer_group_id",
-               "trainer_checkpoint_every_s", "trainer_max_wait_ms"}
+_RESULT_SETTINGS_PREFIXES = (
+    "trainer_",
+    "joiner_window_ms",
+    "joiner_allowed_lateness_ms",
+    "joiner_late_retention_ms",
+    "joiner_orphan_retention_ms",
+    "joiner_max_expire_per_poll",
+    "replay_join_step_events",
+    "max_event_bytes",
+)
+_NOT_RESULT = {
+    "trainer_state_store",
+    "trainer_state_dir",
+    "trainer_signing_key",
+    "trainer_group_id",
+    "trainer_checkpoint_every_s",
+    "trainer_max_wait_ms",
+}
 
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9._@-]{1,200}")
@@ -61,8 +74,15 @@ class ReplayPlan:
 
 def result_fingerprint(settings: Settings, plan: ReplayPlan) -> str:
     """A digest of everything that shapes a replay's result (settings, source, lineage, window closing)."""
-    fields = {k: v for k, v in msgspec.structs.asdict(settings).items()
-              if k.startswith(_RESULT_SETTINGS_PREFIXES) and k not in _NOT_RESULT}
-    fields.update(source=plan.source, lineage=plan.lineage_name(settings), close_windows=plan.close_windows,
-                  topics=[settings.topic_predictions, settings.topic_labels, settings.topic_examples])
+    fields = {
+        k: v
+        for k, v in msgspec.structs.asdict(settings).items()
+        if k.startswith(_RESULT_SETTINGS_PREFIXES) and k not in _NOT_RESULT
+    }
+    fields.update(
+        source=plan.source,
+        lineage=plan.lineage_name(settings),
+        close_windows=plan.close_windows,
+        topics=[settings.topic_predictions, settings.topic_labels, settings.topic_examples],
+    )
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()

@@ -32,8 +32,16 @@ class Progress:
     True
     """
 
-    def __init__(self, label: str, total: int, *, stream: TextIO | None = None, every_s: float = 0.5,
-                 enabled: bool = True, done: int = 0) -> None:
+    def __init__(
+        self,
+        label: str,
+        total: int,
+        *,
+        stream: TextIO | None = None,
+        every_s: float = 0.5,
+        enabled: bool = True,
+        done: int = 0,
+    ) -> None:
         self.label = label
         self.total = total
         self.stream = stream or sys.stderr
@@ -51,8 +59,7 @@ class Progress:
         pct = 100.0 * done / self.total if self.total else 100.0
         eta = (self.total - done) / rate if rate > 0 else float("nan")
         eta_text = _duration(eta) if eta == eta else "?"
-        return (f"{self.label}: {done:,}/{self.total:,} records ({pct:.1f}%) "
-                f"{_rate(rate)} rec/s ETA {eta_text}")
+        return f"{self.label}: {done:,}/{self.total:,} records ({pct:.1f}%) {_rate(rate)} rec/s ETA {eta_text}"
 
     def update(self, done: int) -> None:
         """Show ``done`` if the last line is older than the interval."""

@@ -82,8 +82,10 @@ def parse_bound(text: str) -> Bound:
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise ConfigError(f"invalid range bound {text!r}: use beginning, end, an offset, P=O,..., "
-                          "t:<ms> or an ISO-8601 time with a zone") from None
+        raise ConfigError(
+            f"invalid range bound {text!r}: use beginning, end, an offset, P=O,..., "
+            "t:<ms> or an ISO-8601 time with a zone"
+        ) from None
     if moment.tzinfo is None:
         raise ConfigError(f"time bound {text!r} has no time zone (add Z or +HH:MM)")
     return Bound("time", time_ms=int(moment.timestamp() * 1000))
@@ -154,7 +156,9 @@ def resolve_ranges(consumer: KafkaConsumer, topics: list[str], start: Bound, end
     return out
 
 
-def end_offsets(consumer: KafkaConsumer, tps: list[TopicPartition], timeout_s: float = 30.0) -> dict[TopicPartition, int]:
+def end_offsets(
+    consumer: KafkaConsumer, tps: list[TopicPartition], timeout_s: float = 30.0
+) -> dict[TopicPartition, int]:
     """The end offset of every partition: the broker's ``ListOffsets`` answer, checked against a fetch.
 
     A fetch response carries the partition's high-water mark, which is what a
@@ -171,8 +175,10 @@ def end_offsets(consumer: KafkaConsumer, tps: list[TopicPartition], timeout_s: f
     deadline = time.monotonic() + timeout_s
     while any(consumer.highwater(tp) is None for tp in tps):
         if time.monotonic() > deadline:
-            raise ReplayError("no fetch response with a high-water mark within "
-                              f"{timeout_s:.0f} s for {[tp_name(tp) for tp in tps if consumer.highwater(tp) is None]}")
+            raise ReplayError(
+                "no fetch response with a high-water mark within "
+                f"{timeout_s:.0f} s for {[tp_name(tp) for tp in tps if consumer.highwater(tp) is None]}"
+            )
         consumer.poll(timeout_ms=100, max_records=1)
     out = {}
     for tp in tps:
@@ -183,8 +189,9 @@ def end_offsets(consumer: KafkaConsumer, tps: list[TopicPartition], timeout_s: f
     return out
 
 
-def _resolve(consumer: KafkaConsumer, tp: TopicPartition, bound: Bound, lo: int, hi: int,
-             edge: int) -> tuple[int, TimeAnswer | None]:
+def _resolve(
+    consumer: KafkaConsumer, tp: TopicPartition, bound: Bound, lo: int, hi: int, edge: int
+) -> tuple[int, TimeAnswer | None]:
     if bound.kind == "edge":
         return edge, None
     if bound.kind == "offset":
@@ -213,8 +220,13 @@ def offset_for_time(consumer: KafkaConsumer, tp: TopicPartition, time_ms: int, l
     if broker is not None and _consistent(consumer, tp, time_ms, broker, lo, hi):
         return TimeAnswer(time_ms, broker, broker, True)
     found = _scan(consumer, tp, time_ms, lo, hi)
-    log.warning("replay_broker_time_answer_corrected", partition=tp_name(tp), time_ms=time_ms,
-                broker_offset=broker, offset=found)
+    log.warning(
+        "replay_broker_time_answer_corrected",
+        partition=tp_name(tp),
+        time_ms=time_ms,
+        broker_offset=broker,
+        offset=found,
+    )
     return TimeAnswer(time_ms, found, broker, False)
 
 

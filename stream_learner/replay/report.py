@@ -61,9 +61,22 @@ def live_manifests(settings: Settings, model: str, public_key: Ed25519PublicKey)
 
 def compare(summary: dict[str, Any], live: list[CheckpointManifest], examples_topic: str) -> dict[str, Any]:
     """The comparison of a replay's summary with the live lineage's manifests (JSON-able)."""
-    report: dict[str, Any] = {"replay": {k: summary[k] for k in (
-        "replay_id", "lineage", "source", "version", "final_sha256", "final_sha256_as_live", "metrics",
-        "records_in_ranges", "counts")}}
+    report: dict[str, Any] = {
+        "replay": {
+            k: summary[k]
+            for k in (
+                "replay_id",
+                "lineage",
+                "source",
+                "version",
+                "final_sha256",
+                "final_sha256_as_live",
+                "metrics",
+                "records_in_ranges",
+                "counts",
+            )
+        }
+    }
     report["replay"]["learner_counts"] = {k: summary["learner_counts"].get(k) for k in summary["learner_counts"]}
     if not live:
         report.update(live=None, inputs_match=False, reason="no verified live manifest on the model topic")
@@ -79,26 +92,39 @@ def compare(summary: dict[str, Any], live: list[CheckpointManifest], examples_to
                 chosen, inputs_match, reason = m, True, "the live run applied exactly this range"
                 break
         else:
-            reason = ("no live manifest applied exactly this range (it must start at the beginning and end "
-                      "where a live checkpoint was taken); compared with the newest")
+            reason = (
+                "no live manifest applied exactly this range (it must start at the beginning and end "
+                "where a live checkpoint was taken); compared with the newest"
+            )
     else:
         reason = "an events replay's inputs are the prediction and label topics; live manifests name examples"
     live_applied = sum(src.offset for src in chosen.input_offsets if src.topic == examples_topic)
     report["live"] = {
-        "model": chosen.model, "version": chosen.version, "sha256": chosen.weights.sha256,
-        "metrics": chosen.metrics, "counts": chosen.counts,
+        "model": chosen.model,
+        "version": chosen.version,
+        "sha256": chosen.weights.sha256,
+        "metrics": chosen.metrics,
+        "counts": chosen.counts,
         "input_offsets": [[s.topic, s.partition, s.offset] for s in chosen.input_offsets],
         "examples_applied": live_applied,
     }
     report["inputs_match"] = inputs_match
     report["reason"] = reason
     report["digest_equal"] = (summary["final_sha256_as_live"] == chosen.weights.sha256) if inputs_match else None
-    report["metrics"] = {k: {"replay": summary["metrics"].get(k), "live": chosen.metrics.get(k)}
-                         for k in sorted(set(summary["metrics"]) | set(chosen.metrics))}
+    report["metrics"] = {
+        k: {"replay": summary["metrics"].get(k), "live": chosen.metrics.get(k)}
+        for k in sorted(set(summary["metrics"]) | set(chosen.metrics))
+    }
     lc = summary["learner_counts"]
-    replay_counts = {"labeled": lc["labeled"], "pseudo": lc["pseudo"], "late": lc["late"],
-                     "skipped": lc["duplicates"] + lc["other_model"] + lc["rejected"] + lc["pseudo_skipped"],
-                     "duplicates": lc["duplicates"], "rollbacks": lc["rollbacks"], "batches": lc["batches"]}
+    replay_counts = {
+        "labeled": lc["labeled"],
+        "pseudo": lc["pseudo"],
+        "late": lc["late"],
+        "skipped": lc["duplicates"] + lc["other_model"] + lc["rejected"] + lc["pseudo_skipped"],
+        "duplicates": lc["duplicates"],
+        "rollbacks": lc["rollbacks"],
+        "batches": lc["batches"],
+    }
     report["counts"] = {k: {"replay": replay_counts.get(k), "live": chosen.counts.get(k)} for k in _COUNTS}
     report["examples_applied"] = {"replay": summary["counts"]["examples"], "live": live_applied}
     return report
@@ -107,19 +133,30 @@ def compare(summary: dict[str, Any], live: list[CheckpointManifest], examples_to
 def to_markdown(report: dict[str, Any]) -> str:
     """The report as a short markdown document."""
     r = report["replay"]
-    lines = [f"# Replay {r['replay_id']} ({r['source']}) vs live", "",
-             f"- replayed lineage `{r['lineage']}` v{r['version']}, weights sha256 `{r['final_sha256']}` "
-             f"(as live name: `{r['final_sha256_as_live']}`)"]
+    lines = [
+        f"# Replay {r['replay_id']} ({r['source']}) vs live",
+        "",
+        (
+            f"- replayed lineage `{r['lineage']}` v{r['version']}, weights sha256 `{r['final_sha256']}` "
+            f"(as live name: `{r['final_sha256_as_live']}`)"
+        ),
+    ]
     live = report.get("live")
     if live is None:
         lines += [f"- live: {report['reason']}", ""]
         return "\n".join(lines)
-    lines += [f"- live `{live['model']}` v{live['version']}, weights sha256 `{live['sha256']}`",
-              f"- inputs match: **{report['inputs_match']}** ({report['reason']})",
-              f"- digest equal: **{report['digest_equal']}**",
-              f"- examples applied: replay {report['examples_applied']['replay']}, "
-              f"live {report['examples_applied']['live']}", "",
-              "| metric | replay | live |", "|---|---|---|"]
+    lines += [
+        f"- live `{live['model']}` v{live['version']}, weights sha256 `{live['sha256']}`",
+        f"- inputs match: **{report['inputs_match']}** ({report['reason']})",
+        f"- digest equal: **{report['digest_equal']}**",
+        (
+            f"- examples applied: replay {report['examples_applied']['replay']}, "
+            f"live {report['examples_applied']['live']}"
+        ),
+        "",
+        "| metric | replay | live |",
+        "|---|---|---|",
+    ]
     for k, v in report["metrics"].items():
         lines.append(f"| {k} | {_fmt(v['replay'])} | {_fmt(v['live'])} |")
     lines += ["", "| count | replay | live |", "|---|---|---|"]

@@ -64,6 +64,7 @@ __all__ = ["Replay", "ReplayPlan", "result_fingerprint"]
 
 log = structlog.get_logger(__name__)
 
+
 class Replay:
     """One replay (see the module docstring). ``run()`` returns its summary (a JSON-able dict).
 
@@ -92,8 +93,10 @@ class Replay:
         self.plan = plan
         self.lineage = plan.lineage_name(settings)
         if self.lineage == settings.trainer_model and not plan.overwrite_live:
-            raise ConfigError(f"lineage {self.lineage!r} is the live model's name: pass --overwrite-live to "
-                              "publish the replay as the live lineage's next versions")
+            raise ConfigError(
+                f"lineage {self.lineage!r} is the live model's name: pass --overwrite-live to "
+                "publish the replay as the live lineage's next versions"
+            )
         self.stop = stop or threading.Event()
         self.show_progress = progress
         self.poll_records = poll_records or settings.joiner_max_poll_records
@@ -108,11 +111,19 @@ class Replay:
         learner, policy = build_learner(settings)
         self.sinks = CountingSinks()
         self.session = LearningSession(
-            learner, policy, model=self.lineage, output=self._output(), store=self.store, sinks=self.sinks,
+            learner,
+            policy,
+            model=self.lineage,
+            output=self._output(),
+            store=self.store,
+            sinks=self.sinks,
             chunk_size=settings.trainer_batch_size,
             checkpoint_every_examples=settings.trainer_checkpoint_every_examples,
-            chunk_bytes=settings.trainer_chunk_bytes, max_event_bytes=settings.max_event_bytes,
-            extra_state=self._extra_state, on_built=self._built, on_chunk=self._chunk,
+            chunk_bytes=settings.trainer_chunk_bytes,
+            max_event_bytes=settings.max_event_bytes,
+            extra_state=self._extra_state,
+            on_built=self._built,
+            on_chunk=self._chunk,
         )
         # Serving variants of every version, as the live trainer derives them (trainer_variants).
         self.variants = SessionVariants.from_settings(settings, output_for=self._output)
@@ -144,8 +155,13 @@ class Replay:
     def counts(self) -> dict[str, int]:
         """Records read, examples learned, dead letters, rejected examples, drift findings."""
         events_dead = self.join.dead_letters if self.join is not None else self.event_dead_letters
-        return {"records_read": self._read_so_far(), "dead_letters": events_dead + self.sinks.dead_letters,
-                "examples": self.examples, "rejected": self.sinks.rejected, "drifts": self.sinks.drifts}
+        return {
+            "records_read": self._read_so_far(),
+            "dead_letters": events_dead + self.sinks.dead_letters,
+            "examples": self.examples,
+            "rejected": self.sinks.rejected,
+            "drifts": self.sinks.drifts,
+        }
 
     @property
     def timings(self) -> dict[str, float]:
@@ -166,8 +182,12 @@ class Replay:
                 # Pin the resolved ranges at once: a replay killed before its first checkpoint
                 # resumes over the same range (`end` does not move on).
                 self.session.save()
-            consumer = make_consumer(self.settings, group_id=None, max_poll_records=self.poll_records,
-                                     **({"fetch_max_bytes": self.fetch_max_bytes} if self.fetch_max_bytes else {}))
+            consumer = make_consumer(
+                self.settings,
+                group_id=None,
+                max_poll_records=self.poll_records,
+                **({"fetch_max_bytes": self.fetch_max_bytes} if self.fetch_max_bytes else {}),
+            )
             try:
                 if self.plan.source == "events":
                     finished = self._run_events(consumer, resumed)
@@ -192,8 +212,9 @@ class Replay:
     def _output(self, lineage: str | None = None) -> Output:
         """Where the replay's lineage (or one of its variant lineages) is published."""
         if self.plan.output_dir:
-            return DirectoryOutput(self.plan.output_dir, lineage or self.lineage, self.private_key,
-                                   self.settings.trainer_chunk_bytes)
+            return DirectoryOutput(
+                self.plan.output_dir, lineage or self.lineage, self.private_key, self.settings.trainer_chunk_bytes
+            )
         return TopicOutput(self.settings, lineage or self.lineage, self.private_key)
 
     def _topics(self) -> list[str]:
@@ -204,12 +225,14 @@ class Replay:
 
     def _run_examples(self, consumer: Any) -> bool:
         """Train on the examples topic's range; False if stopped before its end."""
+
         def decode(record: Any) -> tuple[int, Any]:
             return record.timestamp, record
 
         session = self.session
-        reader = MergedReader(consumer, self.ranges.ranges, decode, positions=session.position,
-                              poll_records=self.poll_records)
+        reader = MergedReader(
+            consumer, self.ranges.ranges, decode, positions=session.position, poll_records=self.poll_records
+        )
         progress = self._progress()
         batch, pending = self.settings.trainer_batch_size, session.pending
         for _, _, record in reader.read():
@@ -245,8 +268,9 @@ class Replay:
                 join.send(events, k)
                 join.receive()
             if resumed and self.steps_done and dict(reader.positions) != saved_positions:
-                raise ReplayError(f"rebuilding the join state ended at {reader.positions}, "
-                                  f"the snapshot says {saved_positions}")
+                raise ReplayError(
+                    f"rebuilding the join state ended at {reader.positions}, the snapshot says {saved_positions}"
+                )
             progress = self._progress()
             for events in steps:
                 after = dict(reader.positions)
@@ -287,14 +311,19 @@ class Replay:
 
     def _built(self, built: Built) -> None:
         """Record the version in the replay's list before the session saves the state that holds it."""
-        self.published.append({
-            "version": built.version, "sha256": built.manifest.weights.sha256,
-            # The weights file carries the model name in its metadata, so a lineage's digest
-            # differs from live's even for equal tensors; this one does not.
-            "sha256_as_live": sha256_hex(weights_bytes(built.tensors, self.settings.trainer_model)),
-            "examples": self.examples})
-        log.info("replay_checkpoint", lineage=self.lineage, version=built.version,
-                 sha256=built.manifest.weights.sha256[:16])
+        self.published.append(
+            {
+                "version": built.version,
+                "sha256": built.manifest.weights.sha256,
+                # The weights file carries the model name in its metadata, so a lineage's digest
+                # differs from live's even for equal tensors; this one does not.
+                "sha256_as_live": sha256_hex(weights_bytes(built.tensors, self.settings.trainer_model)),
+                "examples": self.examples,
+            }
+        )
+        log.info(
+            "replay_checkpoint", lineage=self.lineage, version=built.version, sha256=built.manifest.weights.sha256[:16]
+        )
 
     def _finish(self) -> None:
         # The range's end: the last partial chunk, as the live trainer cuts it once caught up.
@@ -314,14 +343,24 @@ class Replay:
         return sum(position.get(n, a) - a for n, (a, _) in self.ranges.ranges.items())
 
     def _progress(self) -> Progress:
-        return Progress(f"replay {self.plan.replay_id}", self.ranges.total(), enabled=self.show_progress,
-                        done=self._read_so_far())
+        return Progress(
+            f"replay {self.plan.replay_id}", self.ranges.total(), enabled=self.show_progress, done=self._read_so_far()
+        )
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"format": "stream-learner-replay/2", "plan": self.plan.__dict__, "fingerprint": self.fingerprint,
-                "lineage": self.lineage, "ranges": self.ranges.to_json(), "steps_done": self.steps_done,
-                "counts": self.counts, "published": self.published, "done": self.done, "seconds": self.seconds,
-                "started_at": self.started_at}
+        return {
+            "format": "stream-learner-replay/2",
+            "plan": self.plan.__dict__,
+            "fingerprint": self.fingerprint,
+            "lineage": self.lineage,
+            "ranges": self.ranges.to_json(),
+            "steps_done": self.steps_done,
+            "counts": self.counts,
+            "published": self.published,
+            "done": self.done,
+            "seconds": self.seconds,
+            "started_at": self.started_at,
+        }
 
     def _load(self) -> bool:
         """Restore the snapshot if there is one (True), else resolve the ranges (False)."""
@@ -329,22 +368,25 @@ class Replay:
         if snapshot is None:
             consumer = make_consumer(self.settings, group_id=None)
             try:
-                self.ranges = resolve_ranges(consumer, self._topics(), parse_bound(self.plan.start),
-                                             parse_bound(self.plan.end))
+                self.ranges = resolve_ranges(
+                    consumer, self._topics(), parse_bound(self.plan.start), parse_bound(self.plan.end)
+                )
             finally:
                 consumer.close()
             self.session.restore(snapshot=None)  # a fresh lineage starts at 0, a live one after its newest
             self.session.position = {n: a for n, (a, _) in self.ranges.ranges.items()}
-            log.info("replay_ranges", replay_id=self.plan.replay_id, ranges=self.ranges.ranges,
-                     times=self.ranges.times)
+            log.info("replay_ranges", replay_id=self.plan.replay_id, ranges=self.ranges.ranges, times=self.ranges.times)
             return False
         meta = snapshot.meta
         if meta.get("session") != SESSION_FORMAT:
-            raise ReplayError(f"replay {self.plan.replay_id!r} was saved by an older stream-learner; "
-                              "start a new replay id")
+            raise ReplayError(
+                f"replay {self.plan.replay_id!r} was saved by an older stream-learner; start a new replay id"
+            )
         if meta.get("fingerprint") != self.fingerprint:
-            raise ReplayError(f"replay {self.plan.replay_id!r} was started with other settings, source or lineage; "
-                              "resume it with the same ones, or start a new replay id")
+            raise ReplayError(
+                f"replay {self.plan.replay_id!r} was started with other settings, source or lineage; "
+                "resume it with the same ones, or start a new replay id"
+            )
         restored = self.session.restore(snapshot=snapshot)
         if self.variants is not None:
             self.variants.restored(restored)
@@ -359,23 +401,36 @@ class Replay:
         self.done = bool(meta["done"])
         self.seconds = float(meta["seconds"])
         self.started_at = float(meta["started_at"])
-        log.info("replay_resumed", replay_id=self.plan.replay_id, version=self.version,
-                 records=self._read_so_far(), of=self.ranges.total())
+        log.info(
+            "replay_resumed",
+            replay_id=self.plan.replay_id,
+            version=self.version,
+            records=self._read_so_far(),
+            of=self.ranges.total(),
+        )
         return True
 
     def summary(self) -> dict[str, Any]:
         """What the replay did: range, counts, versions and digests (JSON-able)."""
         last = self.published[-1] if self.published else None
         return {
-            "replay_id": self.plan.replay_id, "source": self.plan.source, "lineage": self.lineage,
-            "live_model": self.settings.trainer_model, "done": self.done,
+            "replay_id": self.plan.replay_id,
+            "source": self.plan.source,
+            "lineage": self.lineage,
+            "live_model": self.settings.trainer_model,
+            "done": self.done,
             "output": self.plan.output_dir or f"topic {self.settings.topic_models}",
-            "ranges": self.ranges.to_json(), "records_in_ranges": self.ranges.total(),
-            "records_read": self._read_so_far(), "counts": self.counts,
-            "learner_counts": dict(self.learner.counts), "metrics": self.learner.summary(),
-            "version": self.version, "published": self.published,
+            "ranges": self.ranges.to_json(),
+            "records_in_ranges": self.ranges.total(),
+            "records_read": self._read_so_far(),
+            "counts": self.counts,
+            "learner_counts": dict(self.learner.counts),
+            "metrics": self.learner.summary(),
+            "version": self.version,
+            "published": self.published,
             "final_sha256": last["sha256"] if last else None,
             "final_sha256_as_live": last["sha256_as_live"] if last else None,
-            "seconds": round(self.seconds, 3), "close_windows": self.plan.close_windows,
+            "seconds": round(self.seconds, 3),
+            "close_windows": self.plan.close_windows,
             "join_step_events": self.settings.replay_join_step_events,
         }

@@ -55,8 +55,9 @@ class CountingConsumer:
 
     def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[TopicPartition, list[ConsumerRecord]]:
         """``KafkaConsumer.poll``, counted."""
-        batch: dict[TopicPartition, list[ConsumerRecord]] = self.inner.poll(timeout_ms=timeout_ms,
-                                                                            max_records=max_records)
+        batch: dict[TopicPartition, list[ConsumerRecord]] = self.inner.poll(
+            timeout_ms=timeout_ms, max_records=max_records
+        )
         self.records += sum(len(records) for records in batch.values())
         return batch
 
@@ -67,14 +68,19 @@ class CountingConsumer:
 class ReaderClients:
     """The follower and the loader of one subscriber (see the module docstring)."""
 
-    def __init__(self, settings: Settings, options: Mapping[str, Any] | None = None, *,
-                 receive_limit: int = 16 * 1024 * 1024) -> None:
+    def __init__(
+        self, settings: Settings, options: Mapping[str, Any] | None = None, *, receive_limit: int = 16 * 1024 * 1024
+    ) -> None:
         self.settings = settings
         fetch = min(FETCH_BYTES, receive_limit // 2)
         # kafka-python options for every consumer: a response holds at most about `fetch` bytes
         # plus one batch, refused unread above the limit.
-        self.options = {"fetch_max_bytes": fetch, "max_partition_fetch_bytes": fetch,
-                        "receive_message_max_bytes": receive_limit + fetch, **dict(options or {})}
+        self.options = {
+            "fetch_max_bytes": fetch,
+            "max_partition_fetch_bytes": fetch,
+            "receive_message_max_bytes": receive_limit + fetch,
+            **dict(options or {}),
+        }
         self.follower: CountingConsumer | None = None
         self.loader: CountingConsumer | None = None
         self.prober: CountingConsumer | None = None
@@ -93,8 +99,11 @@ class ReaderClients:
         """The prober (the loop's alone), made if needed."""
         with self._lock:
             if self.prober is None:
-                self.prober = CountingConsumer(make_reader_consumer(
-                    self.settings, **{**self.options, "max_partition_fetch_bytes": 1, "fetch_max_bytes": 1}))
+                self.prober = CountingConsumer(
+                    make_reader_consumer(
+                        self.settings, **{**self.options, "max_partition_fetch_bytes": 1, "fetch_max_bytes": 1}
+                    )
+                )
             return self.prober
 
     def open(self) -> CountingConsumer:
@@ -126,5 +135,7 @@ class ReaderClients:
     def records(self) -> tuple[int, int]:
         """Records read so far by (the followers, the loaders), closed ones included; without the lock."""
         follower, loader = self.follower, self.loader  # locals: close() may None them meanwhile
-        return (self._closed[0] + (follower.records if follower else 0),
-                self._closed[1] + (loader.records if loader else 0))
+        return (
+            self._closed[0] + (follower.records if follower else 0),
+            self._closed[1] + (loader.records if loader else 0),
+        )

@@ -115,11 +115,22 @@ Offer = Callable[[ServedModel, float], bool]
 class TopicFollower:
     """Scan back, then follow: see the module docstring."""
 
-    def __init__(self, options: FollowOptions, clients: ReaderClients, versions: ServedVersions, *,
-                 window_bytes: int, offer: Offer, failed: Failed, window_records: int = 4096,
-                 scan_limits: ScanLimits | None = None, load_limits: LoadLimits | None = None,
-                 policy: BuildPolicy | None = None, floor: FloorStore | None = None,
-                 telemetry: ServingMetrics | None = None) -> None:
+    def __init__(
+        self,
+        options: FollowOptions,
+        clients: ReaderClients,
+        versions: ServedVersions,
+        *,
+        window_bytes: int,
+        offer: Offer,
+        failed: Failed,
+        window_records: int = 4096,
+        scan_limits: ScanLimits | None = None,
+        load_limits: LoadLimits | None = None,
+        policy: BuildPolicy | None = None,
+        floor: FloorStore | None = None,
+        telemetry: ServingMetrics | None = None,
+    ) -> None:
         self.options = options
         self.clients = clients
         self.versions = versions
@@ -130,8 +141,9 @@ class TopicFollower:
         self.policy = policy or BuildPolicy()
         self.floor = floor or FloorStore(None, options.topic, options.model)
         self.telemetry = telemetry
-        self.scan = LatestScan(options.topic, options.public_keys, options.model, floor=self.floor.load(),
-                               limits=scan_limits)
+        self.scan = LatestScan(
+            options.topic, options.public_keys, options.model, floor=self.floor.load(), limits=scan_limits
+        )
         self.skipped = Skipped()  # records too large to receive, while following
         self.positioned = False  # False again after the consumers are closed: positioned again
         self.positions: dict[TopicPartition, int] = {}  # the next offset to read, per partition
@@ -169,8 +181,12 @@ class TopicFollower:
         self._next_refresh = time.monotonic() + PARTITION_REFRESH_S
         self._last_progress = now = time.monotonic()
         self._progress = dict.fromkeys(self.positions, now)
-        log.info("subscriber_positioned", model=o.model, floor=self.scan.floor,
-                 positions={tp.partition: p for tp, p in self.positions.items()})
+        log.info(
+            "subscriber_positioned",
+            model=o.model,
+            floor=self.scan.floor,
+            positions={tp.partition: p for tp, p in self.positions.items()},
+        )
         return self._scan_step()
 
     @property
@@ -197,14 +213,19 @@ class TopicFollower:
                         candidates = []  # something as new is served already (followed meanwhile)
                         break
                     try:
-                        checkpoint = self.scan.load(loader, candidate, limits=self.load_limits,
-                                                    prober=prober, timeout_s=o.load_timeout_s)
+                        checkpoint = self.scan.load(
+                            loader, candidate, limits=self.load_limits, prober=prober, timeout_s=o.load_timeout_s
+                        )
                         served = load_served_model(checkpoint, self.policy)
                     except Exception as exc:
                         if is_transient(exc):
                             raise
-                        self.failed(exc, what=f"start v{candidate.manifest.version}",
-                                    partition=candidate.record.partition, offset=candidate.record.offset)
+                        self.failed(
+                            exc,
+                            what=f"start v{candidate.manifest.version}",
+                            partition=candidate.record.partition,
+                            offset=candidate.record.offset,
+                        )
                         self.scan.resume(candidate)  # scan on below it
                         continue
                     self._report_scan()  # refusals counted before the swap wakes anyone waiting for it
@@ -233,13 +254,20 @@ class TopicFollower:
 
     def scan_status(self) -> dict[str, Any]:
         """The start scan's progress (records and bytes read, done, exhausted, ...) and its time so far."""
-        return {**self.scan.stats(), "seconds": round(self._scan_seconds[0], 6),
-                "cpu_seconds": round(self._scan_seconds[1], 6)}
+        return {
+            **self.scan.stats(),
+            "seconds": round(self._scan_seconds[0], 6),
+            "cpu_seconds": round(self._scan_seconds[1], 6),
+        }
 
     def _report_scan(self) -> None:
         for refusal in self.scan.take_refusals():
-            self.failed(_Refused(refusal.reason, refusal.error), what="start scan",
-                        partition=refusal.partition, offset=refusal.offset)
+            self.failed(
+                _Refused(refusal.reason, refusal.error),
+                what="start scan",
+                partition=refusal.partition,
+                offset=refusal.offset,
+            )
         stats = self.scan_status()
         if self.telemetry is not None:
             self.telemetry.scan_records.set(stats["records"])
@@ -268,7 +296,8 @@ class TopicFollower:
         # A partition that gave nothing for a while: idle, or stuck on a record too large to
         # receive (looked at no more often than every STALL_S).
         if read_at - self._last_progress >= STALL_S and any(
-                read_at - self._progress.get(tp, 0.0) >= STALL_S for tp in self.positions):
+            read_at - self._progress.get(tp, 0.0) >= STALL_S for tp in self.positions
+        ):
             swapped = self._unstick(follower) or swapped
         for n, (tp, records) in enumerate(items):
             for record in records:
@@ -280,7 +309,7 @@ class TopicFollower:
                     # The broker failed us mid-load: read this manifest (and whatever this
                     # poll returned after it) again after a back-off.
                     self._seek(follower, tp, record.offset)
-                    for later_tp, later in items[n + 1:]:
+                    for later_tp, later in items[n + 1 :]:
                         self._seek(follower, later_tp, later[0].offset)
                     raise
                 self.positions[tp] = record.offset + 1
@@ -321,9 +350,18 @@ class TopicFollower:
                 self.skipped.add(tp.partition, bad)
                 if self.telemetry is not None:
                     self.telemetry.skipped_records.inc()
-                self.failed(_Refused("oversized", CheckpointError(
-                    f"the record at {tp.topic}[{tp.partition}]@{bad} is larger than this node can receive "
-                    f"(serving_max_record_bytes); skipped")), what="record", partition=tp.partition, offset=bad)
+                self.failed(
+                    _Refused(
+                        "oversized",
+                        CheckpointError(
+                            f"the record at {tp.topic}[{tp.partition}]@{bad} is larger than this node can receive "
+                            f"(serving_max_record_bytes); skipped"
+                        ),
+                    ),
+                    what="record",
+                    partition=tp.partition,
+                    offset=bad,
+                )
                 self.positions[tp] = bad + 1
             follower.seek(tp, self.positions[tp])
         return swapped
@@ -345,8 +383,7 @@ class TopicFollower:
             begin = follower.beginning_offsets(added)
             for tp in added:
                 self.positions[tp] = begin.get(tp, 0)
-            log.info("subscriber_partitions_added", model=self.options.model,
-                     partitions=[tp.partition for tp in added])
+            log.info("subscriber_partitions_added", model=self.options.model, partitions=[tp.partition for tp in added])
 
     def _on_manifest(self, record: ConsumerRecord, read_at: float) -> bool:
         o = self.options
@@ -359,36 +396,63 @@ class TopicFollower:
             self.versions.stale()
             o.metrics.serving_stale_manifests.inc()
             (log.info if version == followed else log.warning)(
-                "stale_manifest_ignored", model=o.model, version=version, followed=followed,
-                partition=record.partition, offset=record.offset)
+                "stale_manifest_ignored",
+                model=o.model,
+                version=version,
+                followed=followed,
+                partition=record.partition,
+                offset=record.offset,
+            )
             self._forget(record, followed)
             return False
         if version is not None and version < floor:
             self._forget(record, version)
-            self.failed(_Refused("downgrade", CheckpointError(
-                f"v{version} is below v{floor}, the highest good version this node knows")),
-                what=f"v{version}", partition=record.partition, offset=record.offset)
+            self.failed(
+                _Refused(
+                    "downgrade",
+                    CheckpointError(f"v{version} is below v{floor}, the highest good version this node knows"),
+                ),
+                what=f"v{version}",
+                partition=record.partition,
+                offset=record.offset,
+            )
             return False
         try:
             prober = self.clients.probing()
             with self.clients.loading() as loader:
-                checkpoint = load_manifest_record(loader, record, o.public_keys,
-                                                  window=self.window.chunks(record.partition),
-                                                  timeout_s=o.load_timeout_s, limits=self.load_limits,
-                                                  prober=prober, skipped=self.skipped)
+                checkpoint = load_manifest_record(
+                    loader,
+                    record,
+                    o.public_keys,
+                    window=self.window.chunks(record.partition),
+                    timeout_s=o.load_timeout_s,
+                    limits=self.load_limits,
+                    prober=prober,
+                    skipped=self.skipped,
+                )
             served = load_served_model(checkpoint, self.policy)
         except Exception as exc:
             if is_transient(exc):
                 raise
             self._forget(record, version)
-            self.failed(exc, what=f"v{version}" if version is not None else "manifest",
-                        partition=record.partition, offset=record.offset)
+            self.failed(
+                exc,
+                what=f"v{version}" if version is not None else "manifest",
+                partition=record.partition,
+                offset=record.offset,
+            )
             return False
         self._forget(record, served.version)
         if served.version < floor:  # the header lied about the version: the signed one decides
-            self.failed(_Refused("downgrade", CheckpointError(
-                f"v{served.version} is below v{floor}, the highest good version this node knows")),
-                what=f"v{served.version}", partition=record.partition, offset=record.offset)
+            self.failed(
+                _Refused(
+                    "downgrade",
+                    CheckpointError(f"v{served.version} is below v{floor}, the highest good version this node knows"),
+                ),
+                what=f"v{served.version}",
+                partition=record.partition,
+                offset=record.offset,
+            )
             return False
         if self.scanning and not self._published_since_start(served):
             # Maybe a replay of an old manifest: the scan decides whether newer lies behind it.
@@ -405,10 +469,18 @@ class TopicFollower:
         offsets = served.manifest.weights.chunk_offsets
         if self.scan.floor > 0 or (reached is not None and offsets and reached <= min(offsets)):
             return True
-        self.failed(_Refused("unconfirmed", CheckpointError(
-            f"v{served.version}: its chunks lie before where the start scan could read back to, and no floor "
-            f"vouches for it (a replayed manifest may hide newer versions)")),
-            what=f"v{served.version}", partition=served.partition, offset=served.offset)
+        self.failed(
+            _Refused(
+                "unconfirmed",
+                CheckpointError(
+                    f"v{served.version}: its chunks lie before where the start scan could read back to, and no floor "
+                    f"vouches for it (a replayed manifest may hide newer versions)"
+                ),
+            ),
+            what=f"v{served.version}",
+            partition=served.partition,
+            offset=served.offset,
+        )
         return False
 
     def _published_since_start(self, served: ServedModel) -> bool:
@@ -433,8 +505,9 @@ class TopicFollower:
 
     def _forget(self, manifest: ConsumerRecord, version: int | None) -> None:
         """The window's chunks before a handled manifest that no manifest to come needs."""
-        self.window.forget(manifest.partition, before=manifest.offset, version=version,
-                           followed=self._followed_version())
+        self.window.forget(
+            manifest.partition, before=manifest.offset, version=version, followed=self._followed_version()
+        )
 
 
 class _Refused(ModelLoadError):

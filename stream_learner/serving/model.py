@@ -193,8 +193,11 @@ def load_served_model(checkpoint: LoadedCheckpoint, policy: BuildPolicy = DEFAUL
     what = f"{manifest.model} v{manifest.version}"
     spec = _spec_from_manifest(manifest, policy)
     if spec.kind not in policy.allowed:
-        raise ModelLoadError(f"{what}: architecture {spec.kind!r} is not allowed on this node (allowed: "
-                             f"{sorted(policy.allowed)}; see serving_allowed_architectures)", "not_allowed")
+        raise ModelLoadError(
+            f"{what}: architecture {spec.kind!r} is not allowed on this node (allowed: "
+            f"{sorted(policy.allowed)}; see serving_allowed_architectures)",
+            "not_allowed",
+        )
     try:
         with torch.device("meta"):  # shapes and counts only: nothing is allocated
             skeleton = build_model(spec)
@@ -204,8 +207,10 @@ def load_served_model(checkpoint: LoadedCheckpoint, policy: BuildPolicy = DEFAUL
         raise ModelLoadError(f"{what}: architecture {spec.kind!r} did not build an nn.Module")
     n_parameters = sum(t.numel() for t in skeleton.state_dict().values())
     if n_parameters > policy.max_parameters:
-        raise ModelLoadError(f"{what}: architecture {spec.kind!r} has {n_parameters} parameters, the limit is "
-                             f"{policy.max_parameters}", "limit")
+        raise ModelLoadError(
+            f"{what}: architecture {spec.kind!r} has {n_parameters} parameters, the limit is {policy.max_parameters}",
+            "limit",
+        )
     tensors = checkpoint.tensors
     weights = _strict_weights(skeleton, tensors, what)
     _check_statistics(tensors, len(spec.features), what)
@@ -224,9 +229,13 @@ def load_served_model(checkpoint: LoadedCheckpoint, policy: BuildPolicy = DEFAUL
     target.load_tensor(tensors["target"])
 
     served = ServedModel(
-        model=manifest.model, version=manifest.version, manifest=manifest,
-        predictor=Predictor(spec, featurizer, target, network), loaded_at=time.time(),
-        partition=checkpoint.partition, offset=checkpoint.offset,
+        model=manifest.model,
+        version=manifest.version,
+        manifest=manifest,
+        predictor=Predictor(spec, featurizer, target, network),
+        loaded_at=time.time(),
+        partition=checkpoint.partition,
+        offset=checkpoint.offset,
     )
     _smoke(served, what)
     return served
@@ -254,8 +263,9 @@ def _spec_from_manifest(manifest: CheckpointManifest, policy: BuildPolicy = DEFA
         if isinstance(arch.get(name), list) and len(arch[name]) > limit:
             raise ModelLoadError(f"architecture {name} has {len(arch[name])} entries, the limit is {limit}", "limit")
     if len(manifest.feature_spec) > policy.max_features:
-        raise ModelLoadError(f"feature_spec has {len(manifest.feature_spec)} names, the limit is "
-                             f"{policy.max_features}", "limit")
+        raise ModelLoadError(
+            f"feature_spec has {len(manifest.feature_spec)} names, the limit is {policy.max_features}", "limit"
+        )
     known = {f.name for f in dataclasses.fields(ModelSpec)}
     if unknown := sorted(set(arch) - known):
         raise ModelLoadError(f"architecture has fields this reader does not know: {unknown}")
@@ -271,14 +281,16 @@ def _spec_from_manifest(manifest: CheckpointManifest, policy: BuildPolicy = DEFA
     except (TypeError, ValueError) as exc:
         raise ModelLoadError(f"architecture {manifest.architecture!r} is not a model spec: {exc}") from None
     if list(spec.features) != list(manifest.feature_spec):
-        raise ModelLoadError(f"architecture features {list(spec.features)} differ from the manifest's "
-                             f"feature_spec {manifest.feature_spec}")
+        raise ModelLoadError(
+            f"architecture features {list(spec.features)} differ from the manifest's "
+            f"feature_spec {manifest.feature_spec}"
+        )
     return spec
 
 
 def _strict_weights(network: nn.Module, tensors: Mapping[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
     """The ``model.*`` tensors, renamed for ``network``: the names, shapes and dtypes it has, no more, no less."""
-    weights = {name[len("model."):]: t for name, t in tensors.items() if name.startswith("model.")}
+    weights = {name[len("model.") :]: t for name, t in tensors.items() if name.startswith("model.")}
     expected = network.state_dict()
     if missing := sorted(set(expected) - set(weights)):
         raise ModelLoadError(f"{what}: weights lack {['model.' + k for k in missing]} that the architecture has")
@@ -289,7 +301,8 @@ def _strict_weights(network: nn.Module, tensors: Mapping[str, torch.Tensor], wha
         if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
             raise ModelLoadError(
                 f"{what}: model.{name} has shape {list(got.shape)} dtype {got.dtype}, the architecture "
-                f"wants shape {list(want.shape)} dtype {want.dtype}")
+                f"wants shape {list(want.shape)} dtype {want.dtype}"
+            )
     return weights
 
 
@@ -298,8 +311,9 @@ def _check_statistics(tensors: Mapping[str, torch.Tensor], n: int, what: str) ->
     counts and sums of squared deviations not negative (a negative variance has no square root)."""
     others = {name for name in tensors if not name.startswith("model.")}
     if others != {*STATS, "target"}:
-        raise ModelLoadError(f"{what}: expected statistics {sorted({*STATS, 'target'})}, "
-                             f"the weights have {sorted(others)}")
+        raise ModelLoadError(
+            f"{what}: expected statistics {sorted({*STATS, 'target'})}, the weights have {sorted(others)}"
+        )
     for name in STATS:
         t = tensors[name]
         if tuple(t.shape) != (n,) or not t.is_floating_point() or not bool(torch.isfinite(t).all()):
@@ -307,11 +321,16 @@ def _check_statistics(tensors: Mapping[str, torch.Tensor], n: int, what: str) ->
     target = tensors["target"]
     if tuple(target.shape) != (3,) or not target.is_floating_point() or not bool(torch.isfinite(target).all()):
         raise ModelLoadError(f"{what}: target must be 3 finite floats (count, mean, m2)")
-    for name, t in (("featurizer.count", tensors["featurizer.count"]), ("featurizer.m2", tensors["featurizer.m2"]),
-                    ("target count", target[0:1]), ("target m2", target[2:3])):
+    for name, t in (
+        ("featurizer.count", tensors["featurizer.count"]),
+        ("featurizer.m2", tensors["featurizer.m2"]),
+        ("target count", target[0:1]),
+        ("target m2", target[2:3]),
+    ):
         if bool((t < 0).any()):
-            raise ModelLoadError(f"{what}: {name} has negative values {t[t < 0][:4].tolist()}: not a state a "
-                                 f"learner can be in", "state")
+            raise ModelLoadError(
+                f"{what}: {name} has negative values {t[t < 0][:4].tolist()}: not a state a learner can be in", "state"
+            )
 
 
 def _smoke(served: ServedModel, what: str) -> None:
@@ -324,8 +343,11 @@ def _smoke(served: ServedModel, what: str) -> None:
     except Exception as exc:
         raise ModelLoadError(f"{what}: smoke prediction raised {type(exc).__name__}: {exc}", "smoke") from exc
     if tuple(out.shape) != (len(rows), served.spec.n_outputs):
-        raise ModelLoadError(f"{what}: the model outputs shape {list(out.shape)} for {len(rows)} rows, "
-                             f"expected [{len(rows)}, {served.spec.n_outputs}]", "architecture")
+        raise ModelLoadError(
+            f"{what}: the model outputs shape {list(out.shape)} for {len(rows)} rows, "
+            f"expected [{len(rows)}, {served.spec.n_outputs}]",
+            "architecture",
+        )
     values = [v for a in answers for v in (a.values() if isinstance(a, dict) else (a,))]
     if not bool(torch.isfinite(out).all()) or not all(math.isfinite(v) for v in values):
         raise ModelLoadError(f"{what}: smoke prediction is not finite: {answers}", "smoke")

@@ -145,10 +145,15 @@ class NodeLimits:
     @classmethod
     def from_settings(cls, settings: Settings) -> NodeLimits:
         """The limits the settings give."""
-        return cls(max_connections=settings.serving_max_connections, max_inflight=settings.serving_max_inflight,
-                   max_body_bytes=settings.serving_max_body_bytes, max_batch_values=settings.serving_max_batch_values,
-                   request_timeout_s=settings.serving_request_timeout_s,
-                   idle_timeout_s=settings.serving_idle_timeout_s, workers=settings.serving_workers)
+        return cls(
+            max_connections=settings.serving_max_connections,
+            max_inflight=settings.serving_max_inflight,
+            max_body_bytes=settings.serving_max_body_bytes,
+            max_batch_values=settings.serving_max_batch_values,
+            request_timeout_s=settings.serving_request_timeout_s,
+            idle_timeout_s=settings.serving_idle_timeout_s,
+            workers=settings.serving_workers,
+        )
 
 
 class ServingNode:
@@ -167,9 +172,17 @@ class ServingNode:
     :class:`NodeLimits` for what bounds what.
     """
 
-    def __init__(self, subscriber: ModelSource, *, sdk: PredictionLogger | None = None,
-                 metrics: Metrics | None = None, host: str = "127.0.0.1", port: int = 0,
-                 fallback: ServedModel | None = None, limits: NodeLimits | None = None) -> None:
+    def __init__(
+        self,
+        subscriber: ModelSource,
+        *,
+        sdk: PredictionLogger | None = None,
+        metrics: Metrics | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        fallback: ServedModel | None = None,
+        limits: NodeLimits | None = None,
+    ) -> None:
         self.subscriber = subscriber
         self.fallback = fallback
         self.sdk = sdk
@@ -247,25 +260,34 @@ class ServingNode:
         for request, prediction in zip(requests, predictions, strict=True):
             request_id = request.request_id or self._request_id()
             if self.sdk is not None:
-                self.sdk.log_prediction(request_id, request.features, prediction,
-                                        model=served.model, model_version=version)
-            out.append({"request_id": request_id, "model": served.model, "model_version": version,
-                        "prediction": prediction})
+                self.sdk.log_prediction(
+                    request_id, request.features, prediction, model=served.model, model_version=version
+                )
+            out.append(
+                {"request_id": request_id, "model": served.model, "model_version": version, "prediction": prediction}
+            )
         self.metrics.serving_predictions.inc(len(out))
         return out
 
     def model_info(self) -> dict[str, Any]:
         """What ``GET /model`` returns."""
         served = self.current
-        info: dict[str, Any] = {"status": dict(self.subscriber.status()),
-                                # A copy: the subscriber's thread appends while we read.
-                                "swaps": [{"version": v, "at": t} for v, t in list(self.swaps)],
-                                "http": {"connections": len(self._connections),
-                                         "inflight": self._inflight + self._inflight_light}}
+        info: dict[str, Any] = {
+            "status": dict(self.subscriber.status()),
+            # A copy: the subscriber's thread appends while we read.
+            "swaps": [{"version": v, "at": t} for v, t in list(self.swaps)],
+            "http": {"connections": len(self._connections), "inflight": self._inflight + self._inflight_light},
+        }
         if served is not None:
             m = served.manifest
-            info.update(model=m.model, version=m.version, parent=m.parent, created_at=m.created_at,
-                        counts=m.counts, metrics=m.metrics)
+            info.update(
+                model=m.model,
+                version=m.version,
+                parent=m.parent,
+                created_at=m.created_at,
+                counts=m.counts,
+                metrics=m.metrics,
+            )
         return info
 
     # -- the work of one POST /predict, on a worker thread -----------------------------------------
@@ -292,8 +314,10 @@ class ServingNode:
             self.telemetry.http_refused.labels(reason="work").inc()
             return HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {
                 "error": f"the body holds {pairs} key-value pairs; a request may ask for at most "
-                         f"{self.limits.max_batch_values} feature values: send smaller batches",
-                "kind": "too_much_work", "field": "$"}
+                f"{self.limits.max_batch_values} feature values: send smaller batches",
+                "kind": "too_much_work",
+                "field": "$",
+            }
         try:
             batch, requests = _parse(body, self.limits.max_batch)
             served = self.current
@@ -302,8 +326,10 @@ class ServingNode:
                 self.telemetry.http_refused.labels(reason="work").inc()
                 return HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {
                     "error": f"the request asks for {work} feature values (instances x features); the limit is "
-                             f"{self.limits.max_batch_values}: send smaller batches", "kind": "too_much_work",
-                    "field": "$.instances" if batch else "$.features"}
+                    f"{self.limits.max_batch_values}: send smaller batches",
+                    "kind": "too_much_work",
+                    "field": "$.instances" if batch else "$.features",
+                }
         except EventError as exc:
             self.metrics.serving_bad_requests.inc()
             return HTTPStatus.BAD_REQUEST, {"error": str(exc), "kind": exc.kind, "field": exc.field}
@@ -359,8 +385,9 @@ class ServingNode:
         connection = _Connection(writer)
         if not self._admit_connection(connection):
             self.telemetry.http_refused.labels(reason="connections").inc()
-            writer.write(_response(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "too many connections"}, close=True,
-                                   retry_after=1))
+            writer.write(
+                _response(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "too many connections"}, close=True, retry_after=1)
+            )
             writer.close()
             return
         try:
@@ -373,8 +400,9 @@ class ServingNode:
             self.telemetry.http_connections.set(len(self._connections))
             connection.close()
 
-    async def _one_request(self, connection: _Connection, reader: asyncio.StreamReader,
-                           writer: asyncio.StreamWriter) -> bool:
+    async def _one_request(
+        self, connection: _Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
         """Read, answer and write one request; False when the connection is to be closed."""
         limits = self.limits
         # Move this connection to the end (the newest) of the eviction order while it waits.
@@ -393,13 +421,20 @@ class ServingNode:
             head = first + await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), limits.request_timeout_s)
         except TimeoutError:
             self.telemetry.http_refused.labels(reason="timeout").inc()
-            await self._write(writer, _response(HTTPStatus.REQUEST_TIMEOUT, {"error": "request too slow"},
-                                                close=True), deadline + 1)
+            await self._write(
+                writer, _response(HTTPStatus.REQUEST_TIMEOUT, {"error": "request too slow"}, close=True), deadline + 1
+            )
             return False
         except (asyncio.LimitOverrunError, ValueError):
-            await self._write(writer, _response(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
-                                                {"error": f"request line and headers over {MAX_HEAD_BYTES} bytes"},
-                                                close=True), deadline)
+            await self._write(
+                writer,
+                _response(
+                    HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    {"error": f"request line and headers over {MAX_HEAD_BYTES} bytes"},
+                    close=True,
+                ),
+                deadline,
+            )
             return False
         try:
             method, path, version, headers = _parse_head(head)
@@ -409,25 +444,38 @@ class ServingNode:
         keep_alive = _keep_alive(version, headers)
         if method == "GET":
             status, body, content_type = self._get(path)
-            await self._write(writer, _response(status, body, close=not keep_alive, content_type=content_type),
-                              deadline)
+            await self._write(
+                writer, _response(status, body, close=not keep_alive, content_type=content_type), deadline
+            )
             return keep_alive
         if method != "POST":
-            await self._write(writer, _response(HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"no method {method}"},
-                                                close=True), deadline)
+            await self._write(
+                writer, _response(HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"no method {method}"}, close=True), deadline
+            )
             return False
         if path != "/predict":
             # The body is not read: the connection cannot be reused.
-            await self._write(writer, _response(HTTPStatus.NOT_FOUND, {"error": f"no such path {path}"},
-                                                close=True), deadline)
+            await self._write(
+                writer, _response(HTTPStatus.NOT_FOUND, {"error": f"no such path {path}"}, close=True), deadline
+            )
             return False
         length = _content_length(headers)
         if length is None or length < 0 or length > limits.max_body_bytes:
-            status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE if (length or 0) > limits.max_body_bytes \
+            status = (
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+                if (length or 0) > limits.max_body_bytes
                 else HTTPStatus.LENGTH_REQUIRED
+            )
             self.telemetry.http_refused.labels(reason="body").inc()
-            await self._write(writer, _response(status, {"error": f"a body of 0 to {limits.max_body_bytes} bytes "
-                                                                  f"with its Content-Length"}, close=True), deadline)
+            await self._write(
+                writer,
+                _response(
+                    status,
+                    {"error": f"a body of 0 to {limits.max_body_bytes} bytes with its Content-Length"},
+                    close=True,
+                ),
+                deadline,
+            )
             return False
         # Admission before the body is read: what is buffered and decoded at once is bounded. Light
         # requests have their own count, so that large batches never shed a single request.
@@ -436,16 +484,20 @@ class ServingNode:
             self._last_light = time.monotonic()
             overloaded = self._inflight_light >= limits.max_inflight
         else:
-            overloaded = (self._inflight >= limits.max_inflight
-                          or self._inflight_bytes + length > 4 * limits.max_body_bytes)
+            overloaded = (
+                self._inflight >= limits.max_inflight or self._inflight_bytes + length > 4 * limits.max_body_bytes
+            )
         if overloaded:
             self.telemetry.http_refused.labels(reason="overload").inc()
             if not light:
                 # Shed after its Retry-After, not at once: a client retrying in a loop otherwise
                 # costs the event loop a connection per attempt (a waiting coroutine costs nothing).
                 await asyncio.sleep(SHED_DELAY_S)
-            await self._write(writer, _response(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "overloaded, retry"},
-                                                close=True, retry_after=1), deadline)
+            await self._write(
+                writer,
+                _response(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "overloaded, retry"}, close=True, retry_after=1),
+                deadline,
+            )
             return False
         if light:
             self._inflight_light += 1
@@ -458,8 +510,11 @@ class ServingNode:
                 body = await asyncio.wait_for(reader.readexactly(length), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
                 self.telemetry.http_refused.labels(reason="timeout").inc()
-                await self._write(writer, _response(HTTPStatus.REQUEST_TIMEOUT, {"error": "request too slow"},
-                                                    close=True), deadline + 1)
+                await self._write(
+                    writer,
+                    _response(HTTPStatus.REQUEST_TIMEOUT, {"error": "request too slow"}, close=True),
+                    deadline + 1,
+                )
                 return False
             if light:
                 # A small body costs a fraction of a millisecond: answered on the loop itself. Handed to
@@ -480,7 +535,8 @@ class ServingNode:
         # Timed from its first byte to its reply being handed to the socket (observed first, so that
         # a client that has its answer finds it counted).
         self.metrics.serving_request_seconds.labels(code=str(int(status))).observe(
-            time.monotonic() - (deadline - limits.request_timeout_s))
+            time.monotonic() - (deadline - limits.request_timeout_s)
+        )
         await self._write(writer, reply, deadline)
         return keep_alive
 
@@ -499,8 +555,16 @@ class ServingNode:
             served = self.current
             if served is None:
                 return HTTPStatus.SERVICE_UNAVAILABLE, {"status": "no model yet"}, "application/json"
-            return HTTPStatus.OK, {"status": "ok", "model": served.model, "model_version": str(served.version),
-                                   "version": served.version}, "application/json"
+            return (
+                HTTPStatus.OK,
+                {
+                    "status": "ok",
+                    "model": served.model,
+                    "model_version": str(served.version),
+                    "version": served.version,
+                },
+                "application/json",
+            )
         if path == "/model":
             return HTTPStatus.OK, self.model_info(), "application/json"
         if path == "/metrics":
@@ -529,18 +593,31 @@ def _log_loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]
     if isinstance(exc, (ConnectionError, TimeoutError)):
         log.debug("serving_http_connection_error", error=str(exc))
         return
-    log.warning("serving_http_loop_error", message=context.get("message"),
-                error=f"{type(exc).__name__}: {exc}" if exc is not None else None)
+    log.warning(
+        "serving_http_loop_error",
+        message=context.get("message"),
+        error=f"{type(exc).__name__}: {exc}" if exc is not None else None,
+    )
 
 
 _STATUS_TEXT = {s.value: s.phrase for s in HTTPStatus}
 
 
-def _response(status: int, body: Mapping[str, Any] | bytes, *, close: bool,
-              content_type: str = "application/json", retry_after: int | None = None) -> bytes:
+def _response(
+    status: int,
+    body: Mapping[str, Any] | bytes,
+    *,
+    close: bool,
+    content_type: str = "application/json",
+    retry_after: int | None = None,
+) -> bytes:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    lines = [f"HTTP/1.1 {int(status)} {_STATUS_TEXT.get(int(status), '')}", f"Content-Type: {content_type}",
-             f"Content-Length: {len(data)}", "Connection: close" if close else "Connection: keep-alive"]
+    lines = [
+        f"HTTP/1.1 {int(status)} {_STATUS_TEXT.get(int(status), '')}",
+        f"Content-Type: {content_type}",
+        f"Content-Length: {len(data)}",
+        "Connection: close" if close else "Connection: keep-alive",
+    ]
     if retry_after is not None:
         lines.append(f"Retry-After: {retry_after}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + data
@@ -658,8 +735,15 @@ def run_node(settings: Settings, metrics: Metrics, *, stop: threading.Event, col
     # serving_pin_version, if set, is applied by the subscriber itself.
     subscriber = CheckpointSubscriber(settings, keys, on_swap=on_swap, metrics=metrics)
     fallback = cold_start_model(settings) if cold_start else None
-    node = ServingNode(subscriber, sdk=sdk, metrics=metrics, host=settings.serving_host,
-                       port=settings.serving_port, fallback=fallback, limits=NodeLimits.from_settings(settings))
+    node = ServingNode(
+        subscriber,
+        sdk=sdk,
+        metrics=metrics,
+        host=settings.serving_host,
+        port=settings.serving_port,
+        fallback=fallback,
+        limits=NodeLimits.from_settings(settings),
+    )
     metrics.health.add_check("serving", lambda: _has_model(node))
     subscriber.start(wait_s=None)
     node.start()
@@ -693,11 +777,20 @@ def cold_start_model(settings: Settings) -> ServedModel:
     config = learner_config(settings)
     tensors, _ = OnlineLearner(config).state_dict()
     manifest = CheckpointManifest(
-        model=settings.serving_model or settings.trainer_model, version=0, parent=None, created_at=now_ms(),
-        input_offsets=[], counts={}, metrics={}, drift_state={}, feature_spec=list(config.spec.features),
-        architecture=config.spec.to_dict(), weights=WeightsInfo(format="safetensors", size=0, chunks=1,
-                                                               sha256="0" * 64))
+        model=settings.serving_model or settings.trainer_model,
+        version=0,
+        parent=None,
+        created_at=now_ms(),
+        input_offsets=[],
+        counts={},
+        metrics={},
+        drift_state={},
+        feature_spec=list(config.spec.features),
+        architecture=config.spec.to_dict(),
+        weights=WeightsInfo(format="safetensors", size=0, chunks=1, sha256="0" * 64),
+    )
     # Built from the operator's own settings: their architecture is allowed by definition.
     policy = BuildPolicy.of([config.spec.kind], max_parameters=1 << 62)
-    return load_served_model(LoadedCheckpoint(manifest, servable_weights(tensors), {}, settings.topic_models, -1, -1),
-                             policy)
+    return load_served_model(
+        LoadedCheckpoint(manifest, servable_weights(tensors), {}, settings.topic_models, -1, -1), policy
+    )

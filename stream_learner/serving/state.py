@@ -73,8 +73,12 @@ class FloorStore:
         if self.path is not None:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write(self.path, json.dumps({"topic": self.topic, "model": self.model,
-                                                    "highest_version": version, "at": time.time()}).encode())
+                atomic_write(
+                    self.path,
+                    json.dumps(
+                        {"topic": self.topic, "model": self.model, "highest_version": version, "at": time.time()}
+                    ).encode(),
+                )
             except OSError as exc:  # a full disk must not stop serving; the floor stays in memory
                 log.warning("serving_state_not_saved", path=str(self.path), version=version, error=str(exc))
         return True

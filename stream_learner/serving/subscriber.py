@@ -134,8 +134,9 @@ class CheckpointSubscriber:
         self.consumer_options = self._clients.options
         self._versions = ServedVersions(pinned=settings.serving_pin_version)
         self.policy = BuildPolicy.of(settings.serving_allowed_architectures, settings.serving_max_parameters)
-        self.load_limits = LoadLimits(max_bytes=settings.serving_max_model_bytes,
-                                      max_tensors=settings.serving_max_tensors)
+        self.load_limits = LoadLimits(
+            max_bytes=settings.serving_max_model_bytes, max_tensors=settings.serving_max_tensors
+        )
         self.telemetry = serving_metrics(self.metrics)
         self._log_limiter = LogLimiter()
         floor = FloorStore(settings.serving_state_dir or None, self.topic, self.model)
@@ -146,11 +147,21 @@ class CheckpointSubscriber:
         # lock: a write that loses a race at worst re-reads the version pinned, or finds no pin.
         self._pin_due: float | None = 0.0 if settings.serving_pin_version is not None else None
         self._topic_follower = TopicFollower(
-            self, self._clients, self._versions, window_bytes=self.window_bytes, offer=self._offer,
-            failed=self._failed, window_records=settings.serving_window_records,
-            scan_limits=ScanLimits(max_records=settings.serving_scan_max_records,
-                                   max_bytes=settings.serving_scan_max_bytes),
-            load_limits=self.load_limits, policy=self.policy, floor=floor, telemetry=self.telemetry)
+            self,
+            self._clients,
+            self._versions,
+            window_bytes=self.window_bytes,
+            offer=self._offer,
+            failed=self._failed,
+            window_records=settings.serving_window_records,
+            scan_limits=ScanLimits(
+                max_records=settings.serving_scan_max_records, max_bytes=settings.serving_scan_max_bytes
+            ),
+            load_limits=self.load_limits,
+            policy=self.policy,
+            floor=floor,
+            telemetry=self.telemetry,
+        )
         self.telemetry.floor_version.set(self._topic_follower.scan.floor)
         # A serving variant (serving_variant; "" for none whatever the settings say): see serving/variant.py.
         variant = settings.serving_variant if variant is None else variant
@@ -200,8 +211,9 @@ class CheckpointSubscriber:
         where = f"model {self.model!r} on topic {self.topic!r}"
         last_error = self._versions.last_error
         if last_error is None or last_error.startswith("not_found:"):
-            raise CheckpointNotFoundError(f"no checkpoint of {where} within {wait_s:g}s"
-                                          + (f"; {last_error}" if last_error else ""))
+            raise CheckpointNotFoundError(
+                f"no checkpoint of {where} within {wait_s:g}s" + (f"; {last_error}" if last_error else "")
+            )
         raise CheckpointError(f"no servable checkpoint of {where} within {wait_s:g}s; last error: {last_error}")
 
     def stop(self, timeout_s: float = 30.0) -> None:
@@ -236,8 +248,15 @@ class CheckpointSubscriber:
         started = time.monotonic()
         try:
             with self._clients.loading() as loader:
-                checkpoint = read_version(loader, self.topic, self.public_keys, version, self.model,
-                                          timeout_s=timeout_s or self.load_timeout_s, limits=self.load_limits)
+                checkpoint = read_version(
+                    loader,
+                    self.topic,
+                    self.public_keys,
+                    version,
+                    self.model,
+                    timeout_s=timeout_s or self.load_timeout_s,
+                    limits=self.load_limits,
+                )
             served = load_served_model(checkpoint, self.policy)
         except Exception as exc:
             self._failed(exc, what=f"pin to v{version}")
@@ -245,8 +264,7 @@ class CheckpointSubscriber:
         current, swap = self._versions.pin(served)
         self._pin_due = None
         if swap is not None:
-            log.info("model_pinned", model=self.model, version=version,
-                     previous=swap.old.version if swap.old else None)
+            log.info("model_pinned", model=self.model, version=version, previous=swap.old.version if swap.old else None)
             self._swapped(swap, started)
         return current
 
@@ -286,17 +304,23 @@ class CheckpointSubscriber:
         scan = topic.scan_status()
         skipped = topic.skipped.count + topic.scan.skipped.count
         last = topic.skipped.last or topic.scan.skipped.last
-        status = {"model": self.model, "topic": self.topic, **self._versions.counts(),
-                  "running": self._thread is not None and self._thread.is_alive(),
-                  "floor_version": topic.scan.floor,
-                  "highest_verified_version": max(topic.scan.highest_verified or 0,
-                                                  self._versions.followed.version if self._versions.followed else 0)
-                  or None,
-                  "skipped_records": skipped,
-                  "last_skipped": {"partition": last[0], "offset": last[1]} if last else None,
-                  "window": {"records": len(topic.window), "bytes": topic.window.size},
-                  "catch_up": dict(scan),
-                  "records_followed": followed, "records_fetched": loaded - topic.catch_up_records}
+        status = {
+            "model": self.model,
+            "topic": self.topic,
+            **self._versions.counts(),
+            "running": self._thread is not None and self._thread.is_alive(),
+            "floor_version": topic.scan.floor,
+            "highest_verified_version": max(
+                topic.scan.highest_verified or 0, self._versions.followed.version if self._versions.followed else 0
+            )
+            or None,
+            "skipped_records": skipped,
+            "last_skipped": {"partition": last[0], "offset": last[1]} if last else None,
+            "window": {"records": len(topic.window), "bytes": topic.window.size},
+            "catch_up": dict(scan),
+            "records_followed": followed,
+            "records_fetched": loaded - topic.catch_up_records,
+        }
         if self._variant is not None:
             status["variant"] = self._variant.status(self._versions.current)
             status["version"] = self.version
@@ -366,8 +390,12 @@ class CheckpointSubscriber:
         if swap is not None:
             self._swapped(swap, read_at)
         elif self._versions.followed is served:  # newer, and remembered for unpin
-            log.info("newer_version_loaded_while_pinned", model=self.model, version=served.version,
-                     pinned=self._versions.pinned)
+            log.info(
+                "newer_version_loaded_while_pinned",
+                model=self.model,
+                version=served.version,
+                pinned=self._versions.pinned,
+            )
         return swap is not None
 
     def _swapped(self, swap: Swap, read_at: float) -> None:
@@ -380,9 +408,15 @@ class CheckpointSubscriber:
         self.metrics.serving_version.set(new.version)
         self.metrics.serving_swaps.inc()
         self.metrics.serving_swap_seconds.observe(seconds)
-        log.info("model_swapped", model=self.model, version=new.version,
-                 previous=old.version if old is not None else None, seconds=round(seconds, 4),
-                 partition=new.partition, offset=new.offset)
+        log.info(
+            "model_swapped",
+            model=self.model,
+            version=new.version,
+            previous=old.version if old is not None else None,
+            seconds=round(seconds, 4),
+            partition=new.partition,
+            offset=new.offset,
+        )
         if self._variant is not None:
             self._variant.report()
         if self.on_swap is not None:
@@ -402,6 +436,13 @@ class CheckpointSubscriber:
         suppressed = self._log_limiter.allow(reason)
         if suppressed is None:
             return
-        log.warning("checkpoint_refused" if reason != "broker" else "subscriber_broker_error",
-                    model=self.model, what=what or None, reason=reason, error=str(exc)[:500],
-                    served=self.version, suppressed_since=suppressed or None, **context)
+        log.warning(
+            "checkpoint_refused" if reason != "broker" else "subscriber_broker_error",
+            model=self.model,
+            what=what or None,
+            reason=reason,
+            error=str(exc)[:500],
+            served=self.version,
+            suppressed_since=suppressed or None,
+            **context,
+        )

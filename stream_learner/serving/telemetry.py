@@ -54,27 +54,42 @@ def serving_metrics(metrics: Metrics) -> ServingMetrics:
             return found
         r = metrics.registry
         made = ServingMetrics(
-            floor_version=Gauge("stream_learner_serving_floor_version",
-                                "The highest good version this node knows; it never serves a lower one.",
-                                registry=r),
-            highest_verified_version=Gauge("stream_learner_serving_highest_verified_version",
-                                           "The highest version with a valid signature seen on the topic.",
-                                           registry=r),
-            skipped_records=Counter("stream_learner_serving_skipped_records_total",
-                                    "Model-topic records larger than the receive limit, skipped.", registry=r),
-            window_records=Gauge("stream_learner_serving_window_records", "Chunk records the follower holds.",
-                                 registry=r),
-            window_bytes=Gauge("stream_learner_serving_window_bytes", "Bytes of the chunk records held.",
-                               registry=r),
-            scan_records=Gauge("stream_learner_serving_start_scan_records",
-                               "Records the start scan read back from the end of the topic.", registry=r),
-            http_connections=Gauge("stream_learner_serving_http_connections", "Open HTTP connections.",
-                                   registry=r),
-            http_inflight=Gauge("stream_learner_serving_http_inflight",
-                                "Requests being decoded and predicted, or waiting for a worker.", registry=r),
-            http_refused=Counter("stream_learner_serving_http_refused_total",
-                                 "Connections and requests the HTTP node refused or cut, by reason.", ["reason"],
-                                 registry=r),
+            floor_version=Gauge(
+                "stream_learner_serving_floor_version",
+                "The highest good version this node knows; it never serves a lower one.",
+                registry=r,
+            ),
+            highest_verified_version=Gauge(
+                "stream_learner_serving_highest_verified_version",
+                "The highest version with a valid signature seen on the topic.",
+                registry=r,
+            ),
+            skipped_records=Counter(
+                "stream_learner_serving_skipped_records_total",
+                "Model-topic records larger than the receive limit, skipped.",
+                registry=r,
+            ),
+            window_records=Gauge(
+                "stream_learner_serving_window_records", "Chunk records the follower holds.", registry=r
+            ),
+            window_bytes=Gauge("stream_learner_serving_window_bytes", "Bytes of the chunk records held.", registry=r),
+            scan_records=Gauge(
+                "stream_learner_serving_start_scan_records",
+                "Records the start scan read back from the end of the topic.",
+                registry=r,
+            ),
+            http_connections=Gauge("stream_learner_serving_http_connections", "Open HTTP connections.", registry=r),
+            http_inflight=Gauge(
+                "stream_learner_serving_http_inflight",
+                "Requests being decoded and predicted, or waiting for a worker.",
+                registry=r,
+            ),
+            http_refused=Counter(
+                "stream_learner_serving_http_refused_total",
+                "Connections and requests the HTTP node refused or cut, by reason.",
+                ["reason"],
+                registry=r,
+            ),
         )
         _BY_REGISTRY[r] = made
         return made

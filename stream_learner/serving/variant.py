@@ -55,8 +55,10 @@ def choose(parent: ServedModel | None, variant: ServedModel | None, max_lag: int
         return parent, "no variant loaded yet" if parent is not None else "nothing loaded yet"
     if parent is None or parent.version - variant.version <= max_lag:
         return variant, ""
-    return parent, (f"the newest variant is of v{variant.version}, {parent.version - variant.version} versions "
-                    f"behind the parent v{parent.version} (serving_variant_max_lag={max_lag})")
+    return parent, (
+        f"the newest variant is of v{variant.version}, {parent.version - variant.version} versions "
+        f"behind the parent v{parent.version} (serving_variant_max_lag={max_lag})"
+    )
 
 
 class VariantFollower:
@@ -74,10 +76,17 @@ class VariantFollower:
         self._lock = threading.Lock()
         # Its own metrics registry: the node's serving gauges describe what it serves, set by the outer.
         self.inner = CheckpointSubscriber(
-            outer.settings, outer.public_keys, model=self.lineage, variant="", on_swap=self._swapped,
-            metrics=Metrics(roles=["serving"]), poll_timeout_ms=outer.poll_timeout_ms,
-            load_timeout_s=outer.load_timeout_s, window_bytes=outer.window_bytes,
-            consumer_options=outer.consumer_options)
+            outer.settings,
+            outer.public_keys,
+            model=self.lineage,
+            variant="",
+            on_swap=self._swapped,
+            metrics=Metrics(roles=["serving"]),
+            poll_timeout_ms=outer.poll_timeout_ms,
+            load_timeout_s=outer.load_timeout_s,
+            window_bytes=outer.window_bytes,
+            consumer_options=outer.consumer_options,
+        )
 
     def current(self, parent: ServedModel | None) -> ServedModel | None:
         """What to serve now (two attribute reads: each a whole model)."""
@@ -113,8 +122,13 @@ class VariantFollower:
             if is_variant:
                 log.info("variant_served", model=self.outer.model, variant=self.variant, version=served.version)
             else:
-                log.warning("variant_fallback", model=self.outer.model, variant=self.variant,
-                            version=served.version, reason=why or "pinned")
+                log.warning(
+                    "variant_fallback",
+                    model=self.outer.model,
+                    variant=self.variant,
+                    version=served.version,
+                    reason=why or "pinned",
+                )
 
     def status(self, parent: ServedModel | None) -> dict[str, Any]:
         """The ``variant`` section of the subscriber's status."""
@@ -122,14 +136,22 @@ class VariantFollower:
         pinned = self.outer._versions.pinned is not None
         is_variant = served is not None and served is self.served and not pinned
         inner = self.inner.status()
-        return {"name": self.variant, "lineage": self.lineage, "max_lag": self.max_lag,
-                "serving": "variant" if is_variant else "parent",
-                "fallback_reason": None if is_variant else (why or ("pinned" if pinned else None)),
-                "variant_version": self.served.version if self.served is not None else None,
-                "parent_version": parent.version if parent is not None else None,
-                "recipe": self.served.manifest.variant.recipe
-                if self.served is not None and self.served.manifest.variant is not None else None,
-                "measured": self.served.manifest.variant.measured
-                if self.served is not None and self.served.manifest.variant is not None else None,
-                "swaps": inner["swaps"], "failures": inner["failures"],
-                "failures_by_reason": inner["failures_by_reason"], "last_error": inner["last_error"]}
+        return {
+            "name": self.variant,
+            "lineage": self.lineage,
+            "max_lag": self.max_lag,
+            "serving": "variant" if is_variant else "parent",
+            "fallback_reason": None if is_variant else (why or ("pinned" if pinned else None)),
+            "variant_version": self.served.version if self.served is not None else None,
+            "parent_version": parent.version if parent is not None else None,
+            "recipe": self.served.manifest.variant.recipe
+            if self.served is not None and self.served.manifest.variant is not None
+            else None,
+            "measured": self.served.manifest.variant.measured
+            if self.served is not None and self.served.manifest.variant is not None
+            else None,
+            "swaps": inner["swaps"],
+            "failures": inner["failures"],
+            "failures_by_reason": inner["failures_by_reason"],
+            "last_error": inner["last_error"],
+        }

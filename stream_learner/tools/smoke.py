@@ -93,8 +93,9 @@ def decode_topics(
     return report
 
 
-def run_smoke(settings: Settings, events: int = 10_000, bad: int = 5, metrics: Metrics | None = None,
-              seed: int = 7) -> dict[str, Any]:
+def run_smoke(
+    settings: Settings, events: int = 10_000, bad: int = 5, metrics: Metrics | None = None, seed: int = 7
+) -> dict[str, Any]:
     """The foundation end to end; return a summary.
 
     Sends ``events`` predictions through the SDK with labels for 70% (within
@@ -116,8 +117,9 @@ def run_smoke(settings: Settings, events: int = 10_000, bad: int = 5, metrics: M
             p = 1 / (1 + math.exp(-z))
             served = rng.random()  # the deployed model knows nothing yet
             t = start_ms + i // 10
-            sent_ids.add(sdk.log_prediction(f"req-{i}", features, {"yes": served, "no": 1 - served},
-                                            event_time=t) or "")
+            sent_ids.add(
+                sdk.log_prediction(f"req-{i}", features, {"yes": served, "no": 1 - served}, event_time=t) or ""
+            )
             fate = rng.random()
             if fate < 0.7:
                 delay, kinds = rng.randrange(window), ["labeled"]
@@ -132,11 +134,19 @@ def run_smoke(settings: Settings, events: int = 10_000, bad: int = 5, metrics: M
     produce_s = time.monotonic() - t0
     stats = sdk.stats
     raw = make_producer(settings)
-    malformed = [b"{not json", b'{"event_id": "x"}',
-                 (b'{"event_id":"x","request_id":"r","model":"m",'
-                  b'"model_version":"1","event_time":1,"features":{"a":"text"},"prediction":0.5}'),
-                 (b'{"event_id":"x","request_id":"r","model":"m","model_version":"1","event_time":1,'
-                  b'"features":{"a":NaN},"prediction":0.5}'), b"\xff\xfe"]
+    malformed = [
+        b"{not json",
+        b'{"event_id": "x"}',
+        (
+            b'{"event_id":"x","request_id":"r","model":"m",'
+            b'"model_version":"1","event_time":1,"features":{"a":"text"},"prediction":0.5}'
+        ),
+        (
+            b'{"event_id":"x","request_id":"r","model":"m","model_version":"1","event_time":1,'
+            b'"features":{"a":NaN},"prediction":0.5}'
+        ),
+        b"\xff\xfe",
+    ]
     for i in range(bad):
         raw.send(settings.topic_predictions, key=b"bad", value=malformed[i % len(malformed)])
     raw.flush()
@@ -160,25 +170,25 @@ def run_smoke(settings: Settings, events: int = 10_000, bad: int = 5, metrics: M
     }
 
 
-def run_joiner_until(settings: Settings, expected: Counter[str], *, metrics: Metrics | None = None,
-                     timeout_s: float = 120.0) -> dict[str, int]:
+def run_joiner_until(
+    settings: Settings, expected: Counter[str], *, metrics: Metrics | None = None, timeout_s: float = 120.0
+) -> dict[str, int]:
     """Run a joiner in this process until it emitted ``expected`` examples (or time ran out)."""
     from ..join.joiner import Joiner
 
     joiner = Joiner(settings, metrics=metrics, poll_timeout_ms=100)
     deadline = time.monotonic() + timeout_s
     try:
-        while time.monotonic() < deadline and any(
-            joiner.counts.examples[kind] < n for kind, n in expected.items()
-        ):
+        while time.monotonic() < deadline and any(joiner.counts.examples[kind] < n for kind, n in expected.items()):
             joiner.step()
     finally:
         joiner.close()
     return dict(joiner.counts.examples)
 
 
-def run_trainer_until(settings: Settings, examples: int, *, metrics: Metrics | None = None,
-                      timeout_s: float = 120.0) -> dict[str, object]:
+def run_trainer_until(
+    settings: Settings, examples: int, *, metrics: Metrics | None = None, timeout_s: float = 120.0
+) -> dict[str, object]:
     """Train the demo model on the joined examples; return what its last checkpoint says."""
     import tempfile
     from pathlib import Path
@@ -192,9 +202,13 @@ def run_trainer_until(settings: Settings, examples: int, *, metrics: Metrics | N
     private_pem, _ = generate_keypair()
     (workdir / "signing.pem").write_bytes(private_pem)
     trainer_settings = msgspec.structs.replace(
-        settings, trainer_model="demo", trainer_features=[f"f{j}" for j in range(16)],
-        trainer_classes=["no", "yes"], trainer_signing_key=str(workdir / "signing.pem"),
-        trainer_state_dir=str(workdir / "state"), trainer_checkpoint_every_examples=5000,
+        settings,
+        trainer_model="demo",
+        trainer_features=[f"f{j}" for j in range(16)],
+        trainer_classes=["no", "yes"],
+        trainer_signing_key=str(workdir / "signing.pem"),
+        trainer_state_dir=str(workdir / "state"),
+        trainer_checkpoint_every_examples=5000,
     )
     trainer = Trainer(trainer_settings, metrics=metrics)
     deadline = time.monotonic() + timeout_s
@@ -202,7 +216,9 @@ def run_trainer_until(settings: Settings, examples: int, *, metrics: Metrics | N
         while time.monotonic() < deadline and (sum(trainer.offsets.values()) < examples or trainer.buffer):
             trainer.step()
         # A checkpoint for what came after the last one, if anything did.
-        last = trainer.checkpoint() if trainer.session.since_checkpoint or not trainer.published else trainer.published[-1]
+        last = (
+            trainer.checkpoint() if trainer.session.since_checkpoint or not trainer.published else trainer.published[-1]
+        )
     finally:
         trainer.close()
     return {

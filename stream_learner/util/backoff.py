@@ -25,8 +25,9 @@ class Backoff:
     together do not retry together.
     """
 
-    def __init__(self, first: float = 0.1, limit: float = 5.0, *, jitter: float = 0.0,
-                 rng: random.Random | None = None) -> None:
+    def __init__(
+        self, first: float = 0.1, limit: float = 5.0, *, jitter: float = 0.0, rng: random.Random | None = None
+    ) -> None:
         if not 0 < first <= limit:
             raise ValueError(f"back-off needs 0 < first <= limit, got {first} and {limit}")
         if not 0.0 <= jitter < 1.0:

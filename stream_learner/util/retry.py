@@ -71,8 +71,13 @@ _REDIS_PERMANENT: tuple[type[BaseException], ...] = (
 #: Kafka errors kafka-python does not mark retriable, but a wait cures.
 _KAFKA_TRANSIENT: tuple[type[BaseException], ...] = (kafka_errors.BrokerNotAvailableError,)
 #: TLS errors that mean "the connection dropped", not "the configuration is wrong".
-_SSL_TRANSIENT: tuple[type[BaseException], ...] = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLWantReadError,
-                                                   ssl.SSLWantWriteError, ssl.SSLSyscallError)
+_SSL_TRANSIENT: tuple[type[BaseException], ...] = (
+    ssl.SSLEOFError,
+    ssl.SSLZeroReturnError,
+    ssl.SSLWantReadError,
+    ssl.SSLWantWriteError,
+    ssl.SSLSyscallError,
+)
 
 
 class Stopped(StreamLearnerError):
@@ -172,11 +177,18 @@ class Retry:
     its group membership); it should return early once ``stop`` is set.
     """
 
-    def __init__(self, what: str, *, stop: threading.Event | None = None, backoff: Backoff | None = None,
-                 first: float = 0.1, limit: float = 5.0,
-                 classify: Callable[[BaseException], bool] = is_transient,
-                 on_retry: Callable[[BaseException, float], None] | None = None,
-                 wait: Callable[[float], None] | None = None) -> None:
+    def __init__(
+        self,
+        what: str,
+        *,
+        stop: threading.Event | None = None,
+        backoff: Backoff | None = None,
+        first: float = 0.1,
+        limit: float = 5.0,
+        classify: Callable[[BaseException], bool] = is_transient,
+        on_retry: Callable[[BaseException, float], None] | None = None,
+        wait: Callable[[float], None] | None = None,
+    ) -> None:
         self.what = what
         self.stop = stop
         self.wait = wait
@@ -201,8 +213,12 @@ class Retry:
                 if self.on_retry is not None:
                     self.on_retry(exc, delay)
                 else:
-                    log.warning("dependency_unavailable", dependency=self.what,
-                                error=f"{type(exc).__name__}: {exc}", retry_in_s=round(delay, 3))
+                    log.warning(
+                        "dependency_unavailable",
+                        dependency=self.what,
+                        error=f"{type(exc).__name__}: {exc}",
+                        retry_in_s=round(delay, 3),
+                    )
                 failed = True
                 if self.wait is not None:
                     self.wait(delay)

@@ -19,7 +19,10 @@ def model_state(version: int, hidden: int = 1024) -> dict[str, torch.Tensor]:
     """An MLP's state dict (about 1.06M parameters at hidden=1024), different per version."""
     torch.manual_seed(version)
     net = torch.nn.Sequential(
-        torch.nn.Linear(512, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 512), torch.nn.ReLU(),
+        torch.nn.Linear(512, hidden),
+        torch.nn.ReLU(),
+        torch.nn.Linear(hidden, 512),
+        torch.nn.ReLU(),
         torch.nn.Linear(512, 10),
     )
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -27,8 +30,9 @@ def model_state(version: int, hidden: int = 1024) -> dict[str, torch.Tensor]:
     return state
 
 
-def manifest_for(weights: bytes, model: str = "churn", version: int = 1, created_at: int | None = None,
-                 **fields: Any) -> CheckpointManifest:
+def manifest_for(
+    weights: bytes, model: str = "churn", version: int = 1, created_at: int | None = None, **fields: Any
+) -> CheckpointManifest:
     """A complete, unsigned manifest describing ``weights``."""
     base: dict[str, Any] = {
         "model": model,
@@ -59,8 +63,9 @@ def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
     for name in a:
         x, y = a[name], b[name]
         assert (x.dtype, tuple(x.shape)) == (y.dtype, tuple(y.shape)), name
-        assert torch.equal(x.contiguous().reshape(-1).view(torch.uint8),
-                           y.contiguous().reshape(-1).view(torch.uint8)), name
+        assert torch.equal(
+            x.contiguous().reshape(-1).view(torch.uint8), y.contiguous().reshape(-1).view(torch.uint8)
+        ), name
 
 
 #: Apache Kafka's default ``message.max.bytes``. Tansu accepted 128 MiB

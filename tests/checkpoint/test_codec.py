@@ -56,7 +56,7 @@ def test_decoded_tensors_are_independent_and_writable() -> None:
 def test_bad_metadata_and_non_tensors_are_refused() -> None:
     with pytest.raises(CheckpointError, match="str to str"):
         encode_tensors({"w": torch.zeros(1)}, {"n": 3})  # type: ignore[dict-item]
-    with pytest.raises(CheckpointError, match="torch.Tensor"):
+    with pytest.raises(CheckpointError, match=r"torch\.Tensor"):
         encode_tensors({"w": [1.0, 2.0]})  # type: ignore[dict-item]
     with pytest.raises(CheckpointError, match="dense"):
         encode_tensors({"w": torch.eye(3).to_sparse()})

@@ -18,7 +18,8 @@ from .test_publish_read import publish
 
 @pytest.mark.slow
 def test_small_records_before_large_ones_never_make_one_read_hold_more_than_the_window(
-        settings: Settings, producer: Any, consumer: Any, keypair: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings: Settings, producer: Any, consumer: Any, keypair: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     topic = settings.topic_models
     _, _, signed = publish(producer, topic, keypair[0], 1, hidden=16, chunk_bytes=4096)
     junk = KafkaProducer(linger_ms=20, batch_size=1 << 20, max_request_size=2 << 20, **kafka_options(settings))
@@ -58,4 +59,3 @@ def test_small_records_before_large_ones_never_make_one_read_hold_more_than_the_
     # One window read holds at most the window's bytes plus one record (and one fetch past it).
     assert max(held) <= (4 << 20) + (2 << 20) + (1 << 20), max(held)
     assert scan.stats()["records"] >= end[tps[0]] - signed.weights.chunk_offsets[0] - 1
-

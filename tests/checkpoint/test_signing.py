@@ -47,9 +47,7 @@ def test_round_trip_through_the_wire(keypair, signed) -> None:
 
 
 def test_canonical_bytes_are_deterministic_and_exclude_the_signature(signed) -> None:
-    reordered = msgspec.structs.replace(
-        signed, counts=dict(reversed(list(signed.counts.items()))), signature=None
-    )
+    reordered = msgspec.structs.replace(signed, counts=dict(reversed(list(signed.counts.items()))), signature=None)
     assert canonical_bytes(reordered) == canonical_bytes(signed)
     text = canonical_bytes(signed)
     assert b'"signature":null' in text and signed.signature.value.encode() not in text
@@ -80,7 +78,7 @@ def test_tampering_with_any_byte_of_any_field_is_detected(keypair, signed) -> No
     wire = events.encode(signed)
     detected = refused_by_decoder = 0
     for i, replacement in _mutations(wire):
-        tampered = wire[:i] + replacement + wire[i + 1:]
+        tampered = wire[:i] + replacement + wire[i + 1 :]
         try:
             manifest = events.MANIFEST.decode(tampered)
         except EventError:
@@ -98,11 +96,20 @@ def test_tampering_with_any_byte_of_any_field_is_detected(keypair, signed) -> No
     assert detected > 300 and detected > refused_by_decoder, (detected, refused_by_decoder)
 
 
-@pytest.mark.parametrize("field, value", [
-    ("version", 4), ("parent", None), ("created_at", 1), ("counts", {"labeled": 31, "pseudo": 3}),
-    ("metrics", {"accuracy": 0.91, "log_loss": 0.25}), ("feature_spec", ["tenure_months", "age"]),
-    ("drift_state", {}), ("architecture", {"kind": "mlp", "hidden": [1025]}), ("input_offsets", []),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("version", 4),
+        ("parent", None),
+        ("created_at", 1),
+        ("counts", {"labeled": 31, "pseudo": 3}),
+        ("metrics", {"accuracy": 0.91, "log_loss": 0.25}),
+        ("feature_spec", ["tenure_months", "age"]),
+        ("drift_state", {}),
+        ("architecture", {"kind": "mlp", "hidden": [1025]}),
+        ("input_offsets", []),
+    ],
+)
 def test_changing_any_field_breaks_the_signature(keypair, signed, field, value) -> None:
     with pytest.raises(SignatureError, match="does not verify"):
         verify_manifest(msgspec.structs.replace(signed, **{field: value}), keypair[1])
@@ -146,8 +153,12 @@ def test_keys_load_from_pem_bytes_text_and_files(tmp_path: Path) -> None:
     private_pem, public_pem = generate_keypair()
     (tmp_path / "k.pem").write_bytes(private_pem)
     (tmp_path / "k.pub").write_bytes(public_pem)
-    privates = [load_private_key(private_pem), load_private_key(private_pem.decode()),
-                load_private_key(tmp_path / "k.pem"), load_private_key(str(tmp_path / "k.pem"))]
+    privates = [
+        load_private_key(private_pem),
+        load_private_key(private_pem.decode()),
+        load_private_key(tmp_path / "k.pem"),
+        load_private_key(str(tmp_path / "k.pem")),
+    ]
     publics = [load_public_key(public_pem), load_public_key(tmp_path / "k.pub")]
     ids = {key_id(k) for k in privates + publics}
     assert len(ids) == 1 and len(ids.pop()) == 16
@@ -156,13 +167,17 @@ def test_keys_load_from_pem_bytes_text_and_files(tmp_path: Path) -> None:
 
 def test_wrong_keys_are_refused(tmp_path: Path) -> None:
     ec_key = ec.generate_private_key(ec.SECP256R1())
-    ec_pem = ec_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption())
+    ec_pem = ec_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     with pytest.raises(SignatureError, match="Ed25519"):
         load_private_key(ec_pem)
     with pytest.raises(SignatureError, match="Ed25519"):
-        load_public_key(ec_key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                         serialization.PublicFormat.SubjectPublicKeyInfo))
+        load_public_key(
+            ec_key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
     with pytest.raises(SignatureError, match="cannot read key file"):
         load_public_key(tmp_path / "missing.pem")
     with pytest.raises(SignatureError, match="not a PEM public key"):

@@ -16,8 +16,15 @@ from stream_learner.join.joiner import Joiner
 
 def prediction(i: int | str, t: int, **kw: object) -> PredictionEvent:
     req = f"req-{i}"
-    fields = dict(event_id=f"p-{i}", request_id=req, model="m", model_version="1", event_time=t,
-                  features={"x": float(hash(req) % 100)}, prediction={"a": 0.7, "b": 0.3})
+    fields = dict(
+        event_id=f"p-{i}",
+        request_id=req,
+        model="m",
+        model_version="1",
+        event_time=t,
+        features={"x": float(hash(req) % 100)},
+        prediction={"a": 0.7, "b": 0.3},
+    )
     fields.update(kw)
     return PredictionEvent(**fields)  # type: ignore[arg-type]
 
@@ -50,25 +57,32 @@ def advance_all(settings: Settings, t: int, partitions: int = 3, tag: str = "tic
     producer = make_producer(settings)
     for p in range(partitions):
         req = f"{tag}-{t}-{p}"
-        producer.send(settings.topic_predictions, key=req.encode(), partition=p,
-                      value=encode(prediction(f"{tag}-{t}-{p}", t)))
-        producer.send(settings.topic_labels, key=req.encode(), partition=p,
-                      value=encode(label(f"{tag}-{t}-{p}", t)))
+        producer.send(
+            settings.topic_predictions, key=req.encode(), partition=p, value=encode(prediction(f"{tag}-{t}-{p}", t))
+        )
+        producer.send(settings.topic_labels, key=req.encode(), partition=p, value=encode(label(f"{tag}-{t}-{p}", t)))
     producer.flush()
     producer.close()
 
 
-def read_examples(settings: Settings, timeout_s: float = 5.0, expect: int | None = None,
-                  until: Callable[[list[ExampleEvent]], bool] | None = None) -> list[ExampleEvent]:
+def read_examples(
+    settings: Settings,
+    timeout_s: float = 5.0,
+    expect: int | None = None,
+    until: Callable[[list[ExampleEvent]], bool] | None = None,
+) -> list[ExampleEvent]:
     """Every example on the examples topic, waiting up to ``timeout_s`` for
     ``expect`` of them or for ``until(examples)`` to hold."""
     consumer = make_consumer(settings, group_id=None)
-    parts = [TopicPartition(settings.topic_examples, p)
-             for p in sorted(consumer.partitions_for_topic(settings.topic_examples) or [])]
+    parts = [
+        TopicPartition(settings.topic_examples, p)
+        for p in sorted(consumer.partitions_for_topic(settings.topic_examples) or [])
+    ]
     consumer.assign(parts)
     consumer.seek_to_beginning(*parts)
     out: list[ExampleEvent] = []
     deadline = time.monotonic() + timeout_s
+
     def done() -> bool:
         return (expect is not None and len(out) >= expect) or (until is not None and until(out))
 

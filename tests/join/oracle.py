@@ -76,8 +76,16 @@ def expected_examples(events: Iterable[PredictionEvent | LabelEvent], window_ms:
 
     def add(kind: str, p: PredictionEvent, lab: LabelEvent | None) -> None:
         eid = example_id(kind, p.event_id, lab.event_id if lab else None)
-        out.examples[eid] = Expected(eid, kind, p.request_id, p.event_id, lab.event_id if lab else None,
-                                     lab.label if lab else None, p.event_time, lab.event_time if lab else None)
+        out.examples[eid] = Expected(
+            eid,
+            kind,
+            p.request_id,
+            p.event_id,
+            lab.event_id if lab else None,
+            lab.label if lab else None,
+            p.event_time,
+            lab.event_time if lab else None,
+        )
 
     for req, p in predictions.items():
         lab = labels.get(req)
@@ -101,13 +109,19 @@ def mismatches(examples: Iterable[ExampleEvent], oracle: OracleResult, limit: in
     for x in everything:
         got.setdefault(x.example_id, x)
     problems: list[str] = []
-    missing = [(e.kind, e.request_id, e.prediction_event_id, e.label_event_id, e.example_id)
-               for e in (oracle.examples[k] for k in oracle.examples.keys() - got.keys())]
-    extra = [(x.kind, x.request_id, x.prediction_event_id, x.label_event_id, x.example_id)
-             for x in (got[k] for k in got.keys() - oracle.examples.keys())]
+    missing = [
+        (e.kind, e.request_id, e.prediction_event_id, e.label_event_id, e.example_id)
+        for e in (oracle.examples[k] for k in oracle.examples.keys() - got.keys())
+    ]
+    extra = [
+        (x.kind, x.request_id, x.prediction_event_id, x.label_event_id, x.example_id)
+        for x in (got[k] for k in got.keys() - oracle.examples.keys())
+    ]
     if missing:
-        problems.append(f"{len(missing)} missing (kind, request, prediction id, label id, example id), "
-                        f"e.g. {sorted(missing, key=lambda e: e[1])[:limit]}")
+        problems.append(
+            f"{len(missing)} missing (kind, request, prediction id, label id, example id), "
+            f"e.g. {sorted(missing, key=lambda e: e[1])[:limit]}"
+        )
     if extra:
         problems.append(f"{len(extra)} extra, e.g. {sorted(extra, key=lambda e: e[1])[:limit]}")
     if missing and extra:
@@ -115,18 +129,34 @@ def mismatches(examples: Iterable[ExampleEvent], oracle: OracleResult, limit: in
         carrying = {x[1] for x in extra if x[0] == "unlabeled" and x[3] is not None}
         instead = sum(1 for e in missing if e[0] == "unlabeled" and e[1] in carrying)
         if instead:
-            problems.append(f"{instead} of the missing are unlabeled examples emitted instead with the "
-                            f"(late) label in them, under another example id")
+            problems.append(
+                f"{instead} of the missing are unlabeled examples emitted instead with the "
+                f"(late) label in them, under another example id"
+            )
     wrong = []
     for x in everything:
         e = oracle.examples.get(x.example_id)
         if e is None:
             continue
         k = x.example_id
-        actual = (x.kind, x.request_id, x.prediction_event_id, x.label_event_id, x.label,
-                  x.prediction_time, x.label_time)
-        wanted = (e.kind, e.request_id, e.prediction_event_id, e.label_event_id, e.label,
-                  e.prediction_time, e.label_time)
+        actual = (
+            x.kind,
+            x.request_id,
+            x.prediction_event_id,
+            x.label_event_id,
+            x.label,
+            x.prediction_time,
+            x.label_time,
+        )
+        wanted = (
+            e.kind,
+            e.request_id,
+            e.prediction_event_id,
+            e.label_event_id,
+            e.label,
+            e.prediction_time,
+            e.label_time,
+        )
         if actual != wanted:
             wrong.append(f"{k}: got {actual}, expected {wanted}")
     if wrong:

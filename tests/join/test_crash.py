@@ -49,11 +49,17 @@ TICK_TAG = "tick"
 
 def joiner_settings(settings: Settings) -> Settings:
     return msgspec.structs.replace(
-        settings, joiner_window_ms=W, joiner_late_retention_ms=10**9, joiner_orphan_retention_ms=ORPHAN_RETENTION,
-        joiner_state_ttl_ms=2 * 10**9, joiner_idle_advance=False,
-        consumer_session_timeout_ms=6000, consumer_max_poll_interval_ms=3000,
+        settings,
+        joiner_window_ms=W,
+        joiner_late_retention_ms=10**9,
+        joiner_orphan_retention_ms=ORPHAN_RETENTION,
+        joiner_state_ttl_ms=2 * 10**9,
+        joiner_idle_advance=False,
+        consumer_session_timeout_ms=6000,
+        consumer_max_poll_interval_ms=3000,
         joiner_group_id=f"{settings.topic_predictions}-crash-joiner",
-        joiner_redis_prefix="{" + settings.topic_predictions + "}:", log_format="json",
+        joiner_redis_prefix="{" + settings.topic_predictions + "}:",
+        log_format="json",
     )
 
 
@@ -109,8 +115,10 @@ class ExampleReader:
 
     def __init__(self, settings: Settings) -> None:
         self.consumer: KafkaConsumer = make_consumer(settings, group_id=None)
-        self.parts = [TopicPartition(settings.topic_examples, p)
-                      for p in sorted(self.consumer.partitions_for_topic(settings.topic_examples) or [])]
+        self.parts = [
+            TopicPartition(settings.topic_examples, p)
+            for p in sorted(self.consumer.partitions_for_topic(settings.topic_examples) or [])
+        ]
         self.consumer.assign(self.parts)
         self.consumer.seek_to_beginning(*self.parts)
         self.records: list[ExampleEvent] = []
@@ -126,8 +134,15 @@ class ExampleReader:
                 got += 1
         return got
 
-    def read_until(self, wanted: AbstractSet[str], timeout_s: float, *, linger_s: float,
-                   check: Callable[[], None] = lambda: None, stall_s: float = 20.0) -> float:
+    def read_until(
+        self,
+        wanted: AbstractSet[str],
+        timeout_s: float,
+        *,
+        linger_s: float,
+        check: Callable[[], None] = lambda: None,
+        stall_s: float = 20.0,
+    ) -> float:
         """Read until every id in ``wanted`` was seen, nothing new came for ``stall_s`` (what
         is missing will not come) or ``timeout_s`` passed, calling ``check`` between polls;
         then ``linger_s`` more, so examples that should not exist have their chance to show up.
@@ -169,8 +184,9 @@ def is_tick(request_id: str) -> bool:
 
 
 def start_joiner(env: dict[str, str], log: Any) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "stream_learner.cli", "joiner"], env=env,
-                            stdout=log, stderr=log, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "stream_learner.cli", "joiner"], env=env, stdout=log, stderr=log, start_new_session=True
+    )
 
 
 def stop(proc: subprocess.Popen[bytes], sig: int) -> None:
@@ -185,7 +201,8 @@ def stop(proc: subprocess.Popen[bytes], sig: int) -> None:
 
 @pytest.mark.slow
 def test_joiner_sigkilled_at_random_loses_nothing_and_invents_nothing(
-    settings: Settings, tmp_path: Path,
+    settings: Settings,
+    tmp_path: Path,
 ) -> None:
     started = time.monotonic()
     s = joiner_settings(settings)
@@ -234,13 +251,16 @@ def test_joiner_sigkilled_at_random_loses_nothing_and_invents_nothing(
                 proc.wait(10)
                 kills += 1
                 killed_working += reader.end() > end_before + reclaimed
-                kill_log.append(f"{'work' if round_ % 3 else 'start'}+{kill_at - anchor:.1f}s"
-                                f"={time.monotonic() - spawned:.1f}s/{reclaimed}+{reader.end() - end_before - reclaimed}ex")
+                kill_log.append(
+                    f"{'work' if round_ % 3 else 'start'}+{kill_at - anchor:.1f}s"
+                    f"={time.monotonic() - spawned:.1f}s/{reclaimed}+{reader.end() - end_before - reclaimed}ex"
+                )
 
             log.write(b"\n===== final run =====\n")
             log.flush()
             proc = start_joiner(env, log)
             final_started = time.monotonic()
+
             def alive() -> None:
                 assert proc.poll() is None, f"joiner exited on its own ({proc.returncode}):\n{tail(stderr_path)}"
 
@@ -258,11 +278,13 @@ def test_joiner_sigkilled_at_random_loses_nothing_and_invents_nothing(
     for x in examples:
         unique.setdefault(x.example_id, x)
     duplicates = len(examples) - len(unique)
-    print(f"\ncrash test: {len(stream)} input events, {len(oracle.examples)} expected examples "
-          f"{dict(oracle.counts())}, {len(oracle.orphans)} orphans; examples topic held {len(examples)} "
-          f"({duplicates} duplicates); {kills} SIGKILLs {kill_log}; produce {produced_at - started:.1f}s, "
-          f"kill phase {final_started - produced_at:.1f}s, final run {done_at - final_started:.1f}s, "
-          f"total {time.monotonic() - started:.1f}s")
+    print(
+        f"\ncrash test: {len(stream)} input events, {len(oracle.examples)} expected examples "
+        f"{dict(oracle.counts())}, {len(oracle.orphans)} orphans; examples topic held {len(examples)} "
+        f"({duplicates} duplicates); {kills} SIGKILLs {kill_log}; produce {produced_at - started:.1f}s, "
+        f"kill phase {final_started - produced_at:.1f}s, final run {done_at - final_started:.1f}s, "
+        f"total {time.monotonic() - started:.1f}s"
+    )
 
     dump = tmp_path / "examples.jsonl"
     dump.write_bytes(b"\n".join(msgspec.json.encode(x) for x in reader.records))

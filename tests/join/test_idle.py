@@ -31,11 +31,16 @@ PARTITIONS = 3
 
 def joiner_settings(settings: Settings, **kw: object) -> Settings:
     return msgspec.structs.replace(
-        settings, joiner_idle_advance=True, joiner_idle_timeout_ms=3_000, log_format="json",
-        consumer_session_timeout_ms=6000, consumer_max_poll_interval_ms=3000,
+        settings,
+        joiner_idle_advance=True,
+        joiner_idle_timeout_ms=3_000,
+        log_format="json",
+        consumer_session_timeout_ms=6000,
+        consumer_max_poll_interval_ms=3000,
         joiner_group_id=f"{settings.topic_predictions}-idle",
         joiner_redis_prefix="{" + settings.topic_predictions + "}:",
-        **kw)
+        **kw,
+    )
 
 
 class App:
@@ -44,12 +49,20 @@ class App:
     def __init__(self, settings: Settings) -> None:
         confluent_kafka = pytest.importorskip("confluent_kafka")
         self.settings = settings
-        self.producer = confluent_kafka.Producer({"bootstrap.servers": settings.bootstrap_servers,
-                                                  "enable.idempotence": True, "linger.ms": 1})
+        self.producer = confluent_kafka.Producer(
+            {"bootstrap.servers": settings.bootstrap_servers, "enable.idempotence": True, "linger.ms": 1}
+        )
 
     def prediction(self, req: str, t: int, partition: int) -> None:
-        value = {"event_id": f"p-{req}", "request_id": req, "model": "m", "model_version": "1", "event_time": t,
-                 "features": {"x": 1.0}, "prediction": {"a": 0.6, "b": 0.4}}
+        value = {
+            "event_id": f"p-{req}",
+            "request_id": req,
+            "model": "m",
+            "model_version": "1",
+            "event_time": t,
+            "features": {"x": 1.0},
+            "prediction": {"a": 0.6, "b": 0.4},
+        }
         self.producer.produce(self.settings.topic_predictions, key=req, value=json.dumps(value), partition=partition)
         self.producer.poll(0)
 
@@ -63,8 +76,9 @@ class App:
 
 
 def start_joiner(settings: Settings, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "stream_learner.cli", "joiner"], env=settings_env(settings),
-                            stderr=log.open("a"))
+    return subprocess.Popen(
+        [sys.executable, "-m", "stream_learner.cli", "joiner"], env=settings_env(settings), stderr=log.open("a")
+    )
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -77,8 +91,9 @@ def stop(proc: subprocess.Popen) -> None:
 def test_a_steady_trickle_an_hour_late_gives_every_pair_labeled(settings: Settings, tmp_path: Path) -> None:
     # Event times an hour behind the wall clock (a delayed producer, a backfill through the live topics),
     # a record on every partition every 100 ms, each label 500 ms of event time after its prediction.
-    s = joiner_settings(settings, joiner_window_ms=10_000, joiner_late_retention_ms=600_000,
-                        joiner_orphan_retention_ms=600_000)
+    s = joiner_settings(
+        settings, joiner_window_ms=10_000, joiner_late_retention_ms=600_000, joiner_orphan_retention_ms=600_000
+    )
     app = App(s)
     proc = start_joiner(s, tmp_path / "joiner.log")
     lag = 3_600_000
@@ -92,11 +107,11 @@ def test_a_steady_trickle_an_hour_late_gives_every_pair_labeled(settings: Settin
                 req = f"r-{k}-{p}"
                 app.prediction(req, t, p)
                 sent.append((req, t, p))
-            for req, pt, p in sent[-5 * PARTITIONS - PARTITIONS:-5 * PARTITIONS]:
+            for req, pt, p in sent[-5 * PARTITIONS - PARTITIONS : -5 * PARTITIONS]:
                 app.label(req, pt + 500, p)  # the label of the prediction sent 500 ms ago
             k += 1
             time.sleep(0.1)
-        for req, pt, p in sent[-5 * PARTITIONS:]:
+        for req, pt, p in sent[-5 * PARTITIONS :]:
             app.label(req, pt + 500, p)
         app.flush()
         examples = read_examples(s, expect=len(sent), timeout_s=60)
@@ -113,8 +128,9 @@ def test_a_steady_trickle_an_hour_late_gives_every_pair_labeled(settings: Settin
 def test_a_joiner_down_longer_than_the_idle_timeout_loses_no_label(settings: Settings, tmp_path: Path) -> None:
     # Window 5 s and orphan retention 4 s of event time, idle timeout 3 s, the joiner down 12 s: under a
     # wall-clock watermark every window would close and every early label would be dropped as an orphan.
-    s = joiner_settings(settings, joiner_window_ms=5_000, joiner_late_retention_ms=600_000,
-                        joiner_orphan_retention_ms=4_000)
+    s = joiner_settings(
+        settings, joiner_window_ms=5_000, joiner_late_retention_ms=600_000, joiner_orphan_retention_ms=4_000
+    )
     app = App(s)
     log = tmp_path / "joiner.log"
     proc = start_joiner(s, log)

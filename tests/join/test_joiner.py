@@ -26,10 +26,15 @@ W = 10_000  # window, ms of event time
 @pytest.fixture
 def jsettings(settings: Settings) -> Settings:
     return msgspec.structs.replace(
-        settings, joiner_window_ms=W, joiner_late_retention_ms=60_000, joiner_orphan_retention_ms=30_000,
+        settings,
+        joiner_window_ms=W,
+        joiner_late_retention_ms=60_000,
+        joiner_orphan_retention_ms=30_000,
         joiner_group_id=f"{settings.topic_predictions}-joiner",
-        joiner_redis_prefix=f"{{{settings.topic_predictions}}}:", joiner_idle_advance=False,
-        consumer_session_timeout_ms=6000, consumer_max_poll_interval_ms=3000,
+        joiner_redis_prefix=f"{{{settings.topic_predictions}}}:",
+        joiner_idle_advance=False,
+        consumer_session_timeout_ms=6000,
+        consumer_max_poll_interval_ms=3000,
     )
 
 
@@ -122,8 +127,12 @@ def test_orphan_label_is_dropped_after_retention(jsettings: Settings) -> None:
         wait_until(lambda: joiner.counts.early_labels == 1, what="the label to be stored")
         advance_all(jsettings, T0 + jsettings.joiner_orphan_retention_ms + 1)
         wait_until(lambda: joiner.counts.orphans_dropped == 1, what="the orphan to be dropped")
-        assert joiner.metrics.registry.get_sample_value(
-            "stream_learner_joiner_joins_total", {"kind": "orphan_label_dropped"}) == 1
+        assert (
+            joiner.metrics.registry.get_sample_value(
+                "stream_learner_joiner_joins_total", {"kind": "orphan_label_dropped"}
+            )
+            == 1
+        )
         assert not joiner.store.client.exists(f"{jsettings.joiner_redis_prefix}r:req-7")
 
 
@@ -134,8 +143,12 @@ def test_bad_events_go_to_the_dead_letter_topic_and_the_joiner_goes_on(jsettings
         examples = only(read_examples(jsettings, expect=1, timeout_s=20), "req-8")
         wait_until(lambda: joiner.counts.dead_letters == 2, what="two dead letters")
     for kind in ("malformed_json", "missing_field"):
-        assert joiner.metrics.registry.get_sample_value(
-            "stream_learner_dead_letters_total", {"stage": "joiner", "kind": kind}) == 1
+        assert (
+            joiner.metrics.registry.get_sample_value(
+                "stream_learner_dead_letters_total", {"stage": "joiner", "kind": kind}
+            )
+            == 1
+        )
     assert ("req-8", "labeled") in examples
     consumer = make_consumer(jsettings, group_id=None)
     tp = TopicPartition(jsettings.topic_dlq, 0)
@@ -170,8 +183,14 @@ def test_two_joiner_processes_in_one_group(jsettings: Settings, tmp_path) -> Non
             events.append(label(i, T0 + i + 50))
     produce(jsettings, events)
     advance_all(jsettings, T0 + n + 10 * W)
-    procs = [subprocess.Popen([sys.executable, "-m", "stream_learner.cli", "joiner"], env=settings_env(jsettings),
-                              stderr=(tmp_path / f"joiner{k}.log").open("w")) for k in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "stream_learner.cli", "joiner"],
+            env=settings_env(jsettings),
+            stderr=(tmp_path / f"joiner{k}.log").open("w"),
+        )
+        for k in range(2)
+    ]
     try:
         examples = read_examples(jsettings, expect=n, timeout_s=90)
     finally:
@@ -192,12 +211,18 @@ def test_two_joiner_processes_in_one_group(jsettings: Settings, tmp_path) -> Non
 @pytest.mark.slow
 def test_events_from_librdkafka_join(jsettings: Settings) -> None:
     confluent_kafka = pytest.importorskip("confluent_kafka")
-    producer = confluent_kafka.Producer({"bootstrap.servers": jsettings.bootstrap_servers,
-                                         "enable.idempotence": True})
+    producer = confluent_kafka.Producer({"bootstrap.servers": jsettings.bootstrap_servers, "enable.idempotence": True})
     n = 300
     for i in range(n):
-        p = {"event_id": f"cp-{i}", "request_id": f"c-{i}", "model": "m", "model_version": "1",
-             "event_time": T0 + i, "features": {"x": 1.0}, "prediction": 0.5}
+        p = {
+            "event_id": f"cp-{i}",
+            "request_id": f"c-{i}",
+            "model": "m",
+            "model_version": "1",
+            "event_time": T0 + i,
+            "features": {"x": 1.0},
+            "prediction": 0.5,
+        }
         lab = {"event_id": f"cl-{i}", "request_id": f"c-{i}", "event_time": T0 + i + 1, "label": 1}
         # librdkafka's partitioner puts the label of a request on another
         # partition than kafka-python would: the join must not care.
@@ -211,8 +236,9 @@ def test_events_from_librdkafka_join(jsettings: Settings) -> None:
 
 @pytest.mark.slow
 def test_when_traffic_stops_idle_inputs_let_wall_clock_close_windows(jsettings: Settings) -> None:
-    idle = msgspec.structs.replace(jsettings, joiner_idle_advance=True, joiner_idle_timeout_ms=500,
-                                   joiner_window_ms=500)
+    idle = msgspec.structs.replace(
+        jsettings, joiner_idle_advance=True, joiner_idle_timeout_ms=500, joiner_window_ms=500
+    )
     from stream_learner.events import now_ms
 
     produce(idle, [prediction(10, now_ms())])  # one prediction, then silence
@@ -223,8 +249,9 @@ def test_when_traffic_stops_idle_inputs_let_wall_clock_close_windows(jsettings: 
 
 @pytest.mark.slow
 def test_without_idle_advance_silence_keeps_windows_open(jsettings: Settings) -> None:
-    quiet = msgspec.structs.replace(jsettings, joiner_idle_advance=False, joiner_idle_timeout_ms=500,
-                                    joiner_window_ms=500)
+    quiet = msgspec.structs.replace(
+        jsettings, joiner_idle_advance=False, joiner_idle_timeout_ms=500, joiner_window_ms=500
+    )
     from stream_learner.events import now_ms
 
     produce(quiet, [prediction(11, now_ms())])

@@ -31,8 +31,15 @@ GOOD_AFTER_EACH = 100
 
 
 def prediction_json(i: int) -> dict:
-    return {"event_id": f"p-{i}", "request_id": f"g-{i}", "model": "m", "model_version": "1",
-            "event_time": T0 + i, "features": {"x": float(i % 7)}, "prediction": {"a": 0.6, "b": 0.4}}
+    return {
+        "event_id": f"p-{i}",
+        "request_id": f"g-{i}",
+        "model": "m",
+        "model_version": "1",
+        "event_time": T0 + i,
+        "features": {"x": float(i % 7)},
+        "prediction": {"a": 0.6, "b": 0.4},
+    }
 
 
 def poison_records() -> list[tuple[str, bytes, bytes]]:
@@ -42,10 +49,12 @@ def poison_records() -> list[tuple[str, bytes, bytes]]:
     for depth in (1_000, 10_000):
         nest = "[" * depth + "]" * depth
         out.append((f"{depth} deep in an unknown field", (text[:-1] + f', "zz": {nest}}}').encode(), b"too_deep"))
-        out.append((f"{depth} deep in a feature", text.replace('{"x": 6.0}', '{"x": ' + nest + "}").encode(),
-                    b"too_deep"))
-        out.append((f"{depth} deep in the prediction",
-                    text.replace('{"a": 0.6, "b": 0.4}', nest).encode(), b"too_deep"))
+        out.append(
+            (f"{depth} deep in a feature", text.replace('{"x": 6.0}', '{"x": ' + nest + "}").encode(), b"too_deep")
+        )
+        out.append(
+            (f"{depth} deep in the prediction", text.replace('{"a": 0.6, "b": 0.4}', nest).encode(), b"too_deep")
+        )
     for size in (2 << 20, 3_000_000):
         padding = "p" * (size - len(text) - len(', "pad": ""'))
         out.append((f"{size} bytes", (text[:-1] + f', "pad": "{padding}"}}').encode(), b"oversized"))
@@ -56,15 +65,20 @@ def poison_records() -> list[tuple[str, bytes, bytes]]:
 def test_poison_records_go_to_the_dead_letter_topic_and_the_joiner_goes_on(settings: Settings, tmp_path: Path) -> None:
     confluent_kafka = pytest.importorskip("confluent_kafka")
     s = msgspec.structs.replace(
-        settings, joiner_window_ms=60_000, joiner_idle_advance=False, log_format="json",
-        consumer_session_timeout_ms=6000, consumer_max_poll_interval_ms=3000,
+        settings,
+        joiner_window_ms=60_000,
+        joiner_idle_advance=False,
+        log_format="json",
+        consumer_session_timeout_ms=6000,
+        consumer_max_poll_interval_ms=3000,
         joiner_group_id=f"{settings.topic_predictions}-poison",
         joiner_redis_prefix="{" + settings.topic_predictions + "}:",
     )
     poisons = poison_records()
     assert {len(v) for n, v, _ in poisons if "bytes" in n} == {2 << 20, 3_000_000}
-    producer = confluent_kafka.Producer({"bootstrap.servers": s.bootstrap_servers, "enable.idempotence": True,
-                                         "message.max.bytes": 8_000_000})
+    producer = confluent_kafka.Producer(
+        {"bootstrap.servers": s.bootstrap_servers, "enable.idempotence": True, "message.max.bytes": 8_000_000}
+    )
     good = 0
     for _, value, _ in poisons:
         producer.produce(s.topic_predictions, key=b"poison", value=value, partition=0)
@@ -78,8 +92,9 @@ def test_poison_records_go_to_the_dead_letter_topic_and_the_joiner_goes_on(setti
     assert producer.flush(60) == 0
 
     log = tmp_path / "joiner.log"
-    proc = subprocess.Popen([sys.executable, "-m", "stream_learner.cli", "joiner"], env=settings_env(s),
-                            stderr=log.open("w"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stream_learner.cli", "joiner"], env=settings_env(s), stderr=log.open("w")
+    )
     try:
         examples = read_examples(s, expect=good, timeout_s=120)
         alive = proc.poll() is None

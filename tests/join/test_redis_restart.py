@@ -70,9 +70,14 @@ def stop_valkey(servers: LocalServers, how: str) -> None:
 def test_valkey_restart_mid_stream_loses_nothing(settings: Settings, servers: LocalServers, how: str) -> None:
     started = time.monotonic()
     s = msgspec.structs.replace(
-        settings, joiner_window_ms=W, joiner_late_retention_ms=10**9, joiner_orphan_retention_ms=60_000,
-        joiner_state_ttl_ms=2 * 10**9, joiner_idle_advance=False,
-        consumer_session_timeout_ms=6000, consumer_max_poll_interval_ms=3000,
+        settings,
+        joiner_window_ms=W,
+        joiner_late_retention_ms=10**9,
+        joiner_orphan_retention_ms=60_000,
+        joiner_state_ttl_ms=2 * 10**9,
+        joiner_idle_advance=False,
+        consumer_session_timeout_ms=6000,
+        consumer_max_poll_interval_ms=3000,
         joiner_group_id=f"{settings.topic_predictions}-restart-joiner",
         joiner_redis_prefix="{" + settings.topic_predictions + "}:",
     )
@@ -86,7 +91,7 @@ def test_valkey_restart_mid_stream_loses_nothing(settings: Settings, servers: Lo
         chunks = 40
         step = -(-len(second) // chunks)
         for k in range(0, len(second), step):
-            produce_raw(s, second[k:k + step])
+            produce_raw(s, second[k : k + step])
             time.sleep(0.15)
 
     producer = threading.Thread(target=trickle, daemon=True)
@@ -124,12 +129,13 @@ def test_valkey_restart_mid_stream_loses_nothing(settings: Settings, servers: Lo
 
     examples: list[ExampleEvent] = [x for x in reader.records if not x.request_id.startswith(f"req-{TICK_TAG}-")]
     unique = {x.example_id: x for x in examples}
-    retries = joiner.metrics.registry.get_sample_value("stream_learner_joiner_retries_total",
-                                                       {"dependency": "redis"})
-    print(f"\nredis restart ({how}): {len(stream)} input events, {len(oracle.examples)} expected "
-          f"{dict(oracle.counts())}; {seen_at_stop} examples before Valkey stopped, down {downtime:.1f}s; "
-          f"topic held {len(examples)} ({len(examples) - len(unique)} duplicates); redis retries {retries}; "
-          f"joiner counts {joiner.counts.examples}; total {time.monotonic() - started:.1f}s")
+    retries = joiner.metrics.registry.get_sample_value("stream_learner_joiner_retries_total", {"dependency": "redis"})
+    print(
+        f"\nredis restart ({how}): {len(stream)} input events, {len(oracle.examples)} expected "
+        f"{dict(oracle.counts())}; {seen_at_stop} examples before Valkey stopped, down {downtime:.1f}s; "
+        f"topic held {len(examples)} ({len(examples) - len(unique)} duplicates); redis retries {retries}; "
+        f"joiner counts {joiner.counts.examples}; total {time.monotonic() - started:.1f}s"
+    )
 
     problems = mismatches(examples, oracle)
     assert not problems, "\n".join(problems)

@@ -25,11 +25,20 @@ from ..procs import settings_env
 
 
 def joiner(settings: Settings) -> subprocess.Popen[str]:
-    s = msgspec.structs.replace(settings, log_format="json", consumer_session_timeout_ms=6000,
-                                consumer_max_poll_interval_ms=3000,
-                                joiner_group_id=f"{settings.topic_predictions}-stop-joiner")
-    return subprocess.Popen([sys.executable, "-m", "stream_learner.cli", "joiner"], env=settings_env(s),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    s = msgspec.structs.replace(
+        settings,
+        log_format="json",
+        consumer_session_timeout_ms=6000,
+        consumer_max_poll_interval_ms=3000,
+        joiner_group_id=f"{settings.topic_predictions}-stop-joiner",
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "stream_learner.cli", "joiner"],
+        env=settings_env(s),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def lines(stderr: str) -> list[dict]:

@@ -40,8 +40,12 @@ TTL = 10**9
 @pytest.fixture
 def store_settings(servers: LocalServers) -> Settings:
     return msgspec.structs.replace(
-        servers.settings, joiner_window_ms=W, joiner_late_retention_ms=LATE, joiner_orphan_retention_ms=ORPHAN,
-        joiner_state_ttl_ms=TTL, joiner_redis_prefix=f"{{st-{uuid.uuid4().hex[:8]}}}:",
+        servers.settings,
+        joiner_window_ms=W,
+        joiner_late_retention_ms=LATE,
+        joiner_orphan_retention_ms=ORPHAN,
+        joiner_state_ttl_ms=TTL,
+        joiner_redis_prefix=f"{{st-{uuid.uuid4().hex[:8]}}}:",
         joiner_max_expire_per_poll=100_000,
     )
 
@@ -54,8 +58,15 @@ def client(store_settings: Settings):
 
 
 def pred(req: str, t: int, eid: str | None = None) -> PredictionEvent:
-    return PredictionEvent(event_id=eid or f"p-{req}", request_id=req, model="m", model_version="1",
-                           event_time=t, features={"x": 1.5, "y": None}, prediction={"a": 0.25, "b": 0.75})
+    return PredictionEvent(
+        event_id=eid or f"p-{req}",
+        request_id=req,
+        model="m",
+        model_version="1",
+        event_time=t,
+        features={"x": 1.5, "y": None},
+        prediction={"a": 0.25, "b": 0.75},
+    )
 
 
 def lab(req: str, t: int, eid: str | None = None) -> LabelEvent:
@@ -72,12 +83,26 @@ def inputs(events: list[PredictionEvent | LabelEvent], offset: int = 0) -> list[
     return out
 
 
-def step(store: RedisJoinStore, events: list[PredictionEvent | LabelEvent], *, watermark_time: int = -1,
-         acks: list[str] | None = None, claim_before: int = -1, now: int = 10**12) -> StepResult:
+def step(
+    store: RedisJoinStore,
+    events: list[PredictionEvent | LabelEvent],
+    *,
+    watermark_time: int = -1,
+    acks: list[str] | None = None,
+    claim_before: int = -1,
+    now: int = 10**12,
+) -> StepResult:
     """One step; the single input partition reports ``watermark_time`` (or the batch's latest event time)."""
     top = max([ev.event_time for ev in events] + [watermark_time])
-    return store.step(progress=[PartitionProgress("p:0", top, False)], acks=acks or [], events=inputs(events),
-                      now_ms=now, claim_before_ms=claim_before, total_partitions=1, durable=True)
+    return store.step(
+        progress=[PartitionProgress("p:0", top, False)],
+        acks=acks or [],
+        events=inputs(events),
+        now_ms=now,
+        claim_before_ms=claim_before,
+        total_partitions=1,
+        durable=True,
+    )
 
 
 def kinds(result: StepResult) -> list[tuple[str, str, str | None]]:
@@ -203,8 +228,9 @@ def random_stream(rng: random.Random, n: int) -> list[PredictionEvent | LabelEve
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_random_batches_follow_the_reference_semantics(store_settings: Settings, client: redis.Redis,
-                                                       seed: int) -> None:
+def test_random_batches_follow_the_reference_semantics(
+    store_settings: Settings, client: redis.Redis, seed: int
+) -> None:
     rng = random.Random(seed)
     store = RedisJoinStore(client, store_settings)
     ref = Reference(W, LATE, ORPHAN)
@@ -214,7 +240,7 @@ def test_random_batches_follow_the_reference_semantics(store_settings: Settings,
     totals = {"emissions": 0, "dup": 0, "early": 0, "orphans": 0}
     while k < len(stream):
         size = rng.choice((1, 2, 3, 10, 50, 200))
-        batch = stream[k:k + size]
+        batch = stream[k : k + size]
         k += size
         # Now and then the watermark jumps ahead of the batch (another partition reported).
         jump = ref.top + rng.randint(0, 400) if rng.random() < 0.1 else -1
@@ -247,15 +273,31 @@ def test_examples_carry_the_stored_events_and_sources(store_settings: Settings, 
     label = LabelEvent(event_id="l-a", request_id="a", event_time=T0 + 5, label=2.0, model="m")
     first = step(store, [label])  # early: it waits in Redis
     assert first.emissions == [] and first.early_labels == 1
-    got = store.step(progress=[PartitionProgress("p:0", T0, False)], acks=[], now_ms=10**12,
-                     events=inputs([p], offset=41), total_partitions=1)
+    got = store.step(
+        progress=[PartitionProgress("p:0", T0, False)],
+        acks=[],
+        now_ms=10**12,
+        events=inputs([p], offset=41),
+        total_partitions=1,
+    )
     [emission] = got.emissions
     x = build_example(emission)
     assert x == ExampleEvent(
-        example_id=example_id("labeled", "p-a", "l-a"), kind="labeled", request_id="a", model="m", model_version="1",
-        features=p.features, prediction=12.5, label=2.0, prediction_event_id="p-a", prediction_time=T0,
-        prediction_source=Source("preds", 0, 41), label_event_id="l-a", label_time=T0 + 5,
-        label_source=Source("labels", 0, 0))
+        example_id=example_id("labeled", "p-a", "l-a"),
+        kind="labeled",
+        request_id="a",
+        model="m",
+        model_version="1",
+        features=p.features,
+        prediction=12.5,
+        label=2.0,
+        prediction_event_id="p-a",
+        prediction_time=T0,
+        prediction_source=Source("preds", 0, 41),
+        label_event_id="l-a",
+        label_time=T0 + 5,
+        label_source=Source("labels", 0, 0),
+    )
     # The record value the joiner sends is exactly the encoded example.
     assert encode_example(emission) == encode(x)
     late = step(store, [pred("u", T0), lab("u", T0 + W + 1)])
@@ -263,8 +305,7 @@ def test_examples_carry_the_stored_events_and_sources(store_settings: Settings, 
     assert [build_example(e).label for e in late.emissions] == [None, "a"]
 
 
-def test_joined_state_keeps_no_payload_and_ttls_are_set_once(store_settings: Settings,
-                                                             client: redis.Redis) -> None:
+def test_joined_state_keeps_no_payload_and_ttls_are_set_once(store_settings: Settings, client: redis.Redis) -> None:
     store = RedisJoinStore(client, store_settings)
     prefix = store_settings.joiner_redis_prefix
     step(store, [pred("w", T0), lab("e", T0)])
@@ -276,8 +317,9 @@ def test_joined_state_keeps_no_payload_and_ttls_are_set_once(store_settings: Set
         assert 0 < client.pttl(f"{prefix}r:{req}") <= TTL + ORPHAN
 
 
-def test_outbox_entry_is_kept_until_acknowledged_and_can_be_claimed(store_settings: Settings,
-                                                                    client: redis.Redis) -> None:
+def test_outbox_entry_is_kept_until_acknowledged_and_can_be_claimed(
+    store_settings: Settings, client: redis.Redis
+) -> None:
     store = RedisJoinStore(client, store_settings)
     got = step(store, [pred("a", T0), lab("a", T0 + 1), pred("b", T0), lab("b", T0 + W + 1)], now=1000)
     assert kinds(got) == [("labeled", "p-a", "l-a"), ("unlabeled", "p-b", None), ("late", "p-b", "l-b")]
@@ -307,8 +349,9 @@ def test_claims_come_a_few_entries_per_step(store_settings: Settings, client: re
     assert store.pending_outbox() == 0
 
 
-def test_a_step_survives_a_script_cache_flush_and_a_lost_connection(store_settings: Settings,
-                                                                    client: redis.Redis) -> None:
+def test_a_step_survives_a_script_cache_flush_and_a_lost_connection(
+    store_settings: Settings, client: redis.Redis
+) -> None:
     store = RedisJoinStore(client, store_settings)
     step(store, [pred("a", T0)])
     client.script_flush()
@@ -323,15 +366,28 @@ def test_a_step_survives_a_script_cache_flush_and_a_lost_connection(store_settin
 def test_a_lost_waitaof_reply_makes_the_step_run_again(store_settings: Settings, client: redis.Redis) -> None:
     store = RedisJoinStore(client, store_settings)
     events = [pred("a", T0), lab("a", T0 + 1)]
-    store.send(progress=[PartitionProgress("p:0", T0 + 1, False)], acks=[], events=inputs(events), now_ms=1000,
-               total_partitions=1)
+    store.send(
+        progress=[PartitionProgress("p:0", T0 + 1, False)],
+        acks=[],
+        events=inputs(events),
+        now_ms=1000,
+        total_partitions=1,
+    )
     first = store.receive()
     client.connection_pool.disconnect(inuse_connections=True)  # the WAITAOF reply is lost with it
     with pytest.raises(redis.ConnectionError):
         store.wait_durable()
     # Run again: no second effect on the state, and the first try's outbox entry is claimed.
-    again = store.step(progress=[PartitionProgress("p:0", T0 + 1, False)], acks=[], events=inputs(events),
-                       now_ms=2000, claim_before_ms=1001, total_partitions=1, durable=True, again=True)
+    again = store.step(
+        progress=[PartitionProgress("p:0", T0 + 1, False)],
+        acks=[],
+        events=inputs(events),
+        now_ms=2000,
+        claim_before_ms=1001,
+        total_partitions=1,
+        durable=True,
+        again=True,
+    )
     assert kinds(again) == kinds(first) == [("labeled", "p-a", "l-a")] and again.tokens == first.tokens
     assert again.duplicates == 2
     store.wait_durable()
@@ -347,16 +403,34 @@ NOW = 2_000_000_000_000
 
 @pytest.fixture
 def idle_store(store_settings: Settings, client: redis.Redis) -> RedisJoinStore:
-    return RedisJoinStore(client, msgspec.structs.replace(
-        store_settings, joiner_idle_timeout_ms=IDLE, joiner_idle_advance=True, joiner_window_ms=10_000,
-        joiner_late_retention_ms=20_000, joiner_orphan_retention_ms=20_000))
+    return RedisJoinStore(
+        client,
+        msgspec.structs.replace(
+            store_settings,
+            joiner_idle_timeout_ms=IDLE,
+            joiner_idle_advance=True,
+            joiner_window_ms=10_000,
+            joiner_late_retention_ms=20_000,
+            joiner_orphan_retention_ms=20_000,
+        ),
+    )
 
 
-def poll(store: RedisJoinStore, now: int, parts: dict[str, tuple[int, bool, bool]],
-         events: list[PredictionEvent | LabelEvent] | None = None, total: int = 2) -> StepResult:
+def poll(
+    store: RedisJoinStore,
+    now: int,
+    parts: dict[str, tuple[int, bool, bool]],
+    events: list[PredictionEvent | LabelEvent] | None = None,
+    total: int = 2,
+) -> StepResult:
     """One call: ``parts`` maps a partition to (max event time or -1, caught up, read records)."""
-    return store.step(progress=[PartitionProgress(n, t, c, r) for n, (t, c, r) in parts.items()], acks=[],
-                      events=inputs(events or []), now_ms=now, total_partitions=total)
+    return store.step(
+        progress=[PartitionProgress(n, t, c, r) for n, (t, c, r) in parts.items()],
+        acks=[],
+        events=inputs(events or []),
+        now_ms=now,
+        total_partitions=total,
+    )
 
 
 def silence(store: RedisJoinStore, start: int, end: int, names: tuple[str, ...] = ("a", "b")) -> StepResult:
@@ -382,7 +456,8 @@ def test_a_steady_trickle_is_never_idle_whatever_its_event_times(idle_store: Red
 
 
 def test_an_idle_partition_stops_holding_the_watermark_back_and_a_record_makes_it_active(
-        idle_store: RedisJoinStore) -> None:
+    idle_store: RedisJoinStore,
+) -> None:
     t = NOW - LAG
     poll(idle_store, NOW, {"a": (t, True, True), "b": (t - 9_000, True, True)})
     # b stays caught up and silent; a keeps getting records.
@@ -392,8 +467,10 @@ def test_an_idle_partition_stops_holding_the_watermark_back_and_a_record_makes_i
     # A record on b: active again at once, holding the watermark where it was (it never goes back).
     got = poll(idle_store, NOW + 5_000, {"a": (t + 5_000, True, True), "b": (t - 8_000, False, True)})
     assert got.watermark == t + 4_000
-    assert poll(idle_store, NOW + 6_000, {"a": (t + 6_000, True, True), "b": (t + 5_500, True, True)}).watermark == \
-        t + 5_500
+    assert (
+        poll(idle_store, NOW + 6_000, {"a": (t + 6_000, True, True), "b": (t + 5_500, True, True)}).watermark
+        == t + 5_500
+    )
 
 
 def test_a_partition_nobody_reports_is_active_a_restarted_joiner_expires_nothing(idle_store: RedisJoinStore) -> None:
@@ -407,8 +484,7 @@ def test_a_partition_nobody_reports_is_active_a_restarted_joiner_expires_nothing
         got = poll(idle_store, now, {})
         assert got.watermark == t + 1_000 and got.emissions == []
     # Assigned again, reading the backlog (not caught up): the label waiting unread joins.
-    got = poll(idle_store, NOW + IDLE + 20_000, {"a": (t + 5, False, True), "b": (-1, False, False)},
-               [lab("w", t + 5)])
+    got = poll(idle_store, NOW + IDLE + 20_000, {"a": (t + 5, False, True), "b": (-1, False, False)}, [lab("w", t + 5)])
     assert kinds(got) == [("labeled", "p-w", "l-w")]
     # Caught up again: the silence counts from now, not from before the outage.
     got = silence(idle_store, NOW + IDLE + 20_500, NOW + 2 * IDLE + 20_000)
@@ -427,17 +503,23 @@ def test_labels_of_predictions_idle_advance_expired_become_late_never_orphans(id
     assert got.watermark == t + 60_000 and closed == [("unlabeled", "p-x", None)]
     assert idle_store.event_watermark() == t
     # Traffic comes back with the events that were on their way: nothing was collected under them.
-    got = poll(idle_store, NOW + IDLE + 60_500, {"a": (t + 30, False, True), "b": (t + 20, False, True)},
-               [lab("x", t + 30), pred("early", t + 20)])
+    got = poll(
+        idle_store,
+        NOW + IDLE + 60_500,
+        {"a": (t + 30, False, True), "b": (t + 20, False, True)},
+        [lab("x", t + 30), pred("early", t + 20)],
+    )
     # (the early label's pair is judged by its event times, as always: within the window)
     assert kinds(got) == [("late", "p-x", "l-x"), ("labeled", "p-early", "l-early")]
     assert got.orphans_dropped == 0
 
 
-def test_without_idle_advance_an_all_idle_input_keeps_the_watermark(store_settings: Settings,
-                                                                      client: redis.Redis) -> None:
-    store = RedisJoinStore(client, msgspec.structs.replace(store_settings, joiner_idle_timeout_ms=IDLE,
-                                                           joiner_idle_advance=False))
+def test_without_idle_advance_an_all_idle_input_keeps_the_watermark(
+    store_settings: Settings, client: redis.Redis
+) -> None:
+    store = RedisJoinStore(
+        client, msgspec.structs.replace(store_settings, joiner_idle_timeout_ms=IDLE, joiner_idle_advance=False)
+    )
     t = NOW - LAG
     poll(store, NOW, {"a": (t, True, True), "b": (t, True, True)})
     assert poll(store, NOW + 10 * IDLE, {"a": (-1, True, False), "b": (-1, True, False)}).watermark == t

@@ -15,8 +15,15 @@ from .streams import AGRAWAL_FEATURES
 @pytest.fixture
 def tsettings(settings: Settings, keys, tmp_path: Path) -> Settings:
     return msgspec.structs.replace(
-        settings, trainer_model="m", trainer_features=AGRAWAL_FEATURES, trainer_classes=["0", "1"],
-        trainer_hidden=[16], trainer_signing_key=str(keys[0]), trainer_state_dir=str(tmp_path / "state"),
-        trainer_checkpoint_every_examples=1000, trainer_checkpoint_every_s=3600, trainer_max_wait_ms=200,
+        settings,
+        trainer_model="m",
+        trainer_features=AGRAWAL_FEATURES,
+        trainer_classes=["0", "1"],
+        trainer_hidden=[16],
+        trainer_signing_key=str(keys[0]),
+        trainer_state_dir=str(tmp_path / "state"),
+        trainer_checkpoint_every_examples=1000,
+        trainer_checkpoint_every_s=3600,
+        trainer_max_wait_ms=200,
         trainer_group_id=f"{settings.topic_examples}-trainer",
     )

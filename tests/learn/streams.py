@@ -10,8 +10,9 @@ from stream_learner.events import ExampleEvent
 from stream_learner.join.examples import example_id
 
 
-def agrawal_examples(n: int, *, seed: int = 1, unlabeled: float = 0.0, model: str = "m",
-                     classification_function: int = 0) -> list[ExampleEvent]:
+def agrawal_examples(
+    n: int, *, seed: int = 1, unlabeled: float = 0.0, model: str = "m", classification_function: int = 0
+) -> list[ExampleEvent]:
     """``n`` joined examples from River's Agrawal generator (binary classes "0"/"1")."""
     rng = random.Random(seed)
     out = []
@@ -21,12 +22,22 @@ def agrawal_examples(n: int, *, seed: int = 1, unlabeled: float = 0.0, model: st
         features = {k: float(v) for k, v in x.items()}
         pid = f"p{seed}-{i}"
         lid = None if kind == "unlabeled" else f"l{seed}-{i}"
-        out.append(ExampleEvent(
-            example_id=example_id(kind, pid, lid), kind=kind, request_id=f"r{seed}-{i}", model=model,
-            model_version="1", features=features, prediction={"0": 0.5, "1": 0.5},
-            label=None if kind == "unlabeled" else str(y), prediction_event_id=pid, prediction_time=i,
-            label_event_id=lid, label_time=None if lid is None else i + 1,
-        ))
+        out.append(
+            ExampleEvent(
+                example_id=example_id(kind, pid, lid),
+                kind=kind,
+                request_id=f"r{seed}-{i}",
+                model=model,
+                model_version="1",
+                features=features,
+                prediction={"0": 0.5, "1": 0.5},
+                label=None if kind == "unlabeled" else str(y),
+                prediction_event_id=pid,
+                prediction_time=i,
+                label_event_id=lid,
+                label_time=None if lid is None else i + 1,
+            )
+        )
     return out
 
 

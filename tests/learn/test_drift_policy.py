@@ -46,8 +46,12 @@ def test_abrupt_drift_is_detected_and_announced(tsettings: Settings) -> None:
 
 
 def test_lr_boost(tsettings: Settings) -> None:
-    trainer = run(tsettings, trainer_drift_on_drift=["lr_boost"], trainer_drift_lr_boost_batches=10**6,
-                  trainer_drift_lr_boost_factor=3.0)
+    trainer = run(
+        tsettings,
+        trainer_drift_on_drift=["lr_boost"],
+        trainer_drift_lr_boost_batches=10**6,
+        trainer_drift_lr_boost_factor=3.0,
+    )
     lrs = {g["lr"] for g in trainer.learner.main.optimizer.param_groups}
     assert lrs == {tsettings.trainer_lr * 3.0}
     assert trainer.learner.lr.boost_left > 0
@@ -70,8 +74,12 @@ def test_optimizer_reset(tsettings: Settings) -> None:
 def test_challenger_started_at_warning_and_settled_at_drift(tsettings: Settings) -> None:
     # Which detector fires first depends on the stream; drive the policy with
     # a warning, then a drift, through the real trainer (its own detectors off).
-    s = msgspec.structs.replace(tsettings, trainer_drift_challenger_on_warning=True, trainer_drift_enabled=False,
-                                trainer_drift_on_drift=["promote_challenger_if_better"])
+    s = msgspec.structs.replace(
+        tsettings,
+        trainer_drift_challenger_on_warning=True,
+        trainer_drift_enabled=False,
+        trainer_drift_on_drift=["promote_challenger_if_better"],
+    )
     produce_examples(s, abrupt_drift(2000, 1000))
     trainer = Trainer(s)
     try:
@@ -85,13 +93,17 @@ def test_challenger_started_at_warning_and_settled_at_drift(tsettings: Settings)
         trainer.session.answer(DriftFinding("adwin_error", "error", Signal.DRIFT, 1.0, 2000), 2)
         assert trainer.learner.challenger is None  # promoted or dropped, never left running
         challenger_won = trainer.learner.main is not main_before
-        assert challenger_won == (trainer.learner.challenger_scores.means["accuracy"].cumulative
-                                  > trainer.learner.champion_scores.means["accuracy"].cumulative)
+        assert challenger_won == (
+            trainer.learner.challenger_scores.means["accuracy"].cumulative
+            > trainer.learner.champion_scores.means["accuracy"].cumulative
+        )
     finally:
         trainer.close()
     events = [e for e in drift_events(s) if e.details["index"] in (1000, 2000)]
     assert [(e.kind, e.actions) for e in events] == [
-        ("warning", ["alert", "start_challenger"]), ("drift", ["alert", "promote_challenger_if_better"])]
+        ("warning", ["alert", "start_challenger"]),
+        ("drift", ["alert", "promote_challenger_if_better"]),
+    ]
 
 
 def test_no_detection_when_disabled(tsettings: Settings) -> None:

@@ -14,14 +14,15 @@ from .streams import AGRAWAL_FEATURES, agrawal_examples
 
 
 def config(**kw) -> LearnerConfig:
-    spec = ModelSpec(kind=kw.pop("kind", "mlp"), task="binary", features=AGRAWAL_FEATURES, classes=["0", "1"],
-                     hidden=[32])
+    spec = ModelSpec(
+        kind=kw.pop("kind", "mlp"), task="binary", features=AGRAWAL_FEATURES, classes=["0", "1"], hidden=[32]
+    )
     return LearnerConfig(model_name="m", spec=spec, **kw)
 
 
 def chunks(examples, size=64):
     for i in range(0, len(examples), size):
-        yield examples[i:i + size]
+        yield examples[i : i + size]
 
 
 def test_learns_agrawal_better_than_chance() -> None:
@@ -88,8 +89,10 @@ def test_high_threshold_skips_pseudo_steps() -> None:
 def test_absurd_features_never_reach_the_weights() -> None:
     learner = OnlineLearner(config())
     stream = agrawal_examples(3000)
-    poisoned = [msgspec.structs.replace(x, features={**x.features, "salary": 1e300}) if i % 100 == 0 else x
-                for i, x in enumerate(stream)]
+    poisoned = [
+        msgspec.structs.replace(x, features={**x.features, "salary": 1e300}) if i % 100 == 0 else x
+        for i, x in enumerate(stream)
+    ]
     for chunk in chunks(poisoned):
         learner.process(chunk)
     assert all(torch.isfinite(p).all() for p in learner.main.model.parameters())
@@ -147,8 +150,10 @@ def test_dedup_window_forgets_the_oldest_first_and_snapshots_in_order() -> None:
 
 def test_pseudo_labels_survive_a_restore_in_order_old_and_new_layouts() -> None:
     stream = agrawal_examples(1500, unlabeled=0.4)
-    odd = [msgspec.structs.replace(x, prediction_event_id=f"id\0{i}", example_id=f"odd{i}")
-           for i, x in enumerate(agrawal_examples(64, seed=8, unlabeled=1.0))]
+    odd = [
+        msgspec.structs.replace(x, prediction_event_id=f"id\0{i}", example_id=f"odd{i}")
+        for i, x in enumerate(agrawal_examples(64, seed=8, unlabeled=1.0))
+    ]
     for extra in ([], odd):  # an id with a NUL falls back to pairs in the meta
         a = OnlineLearner(config(pseudo_threshold=0.5))
         for chunk in chunks(stream + extra):

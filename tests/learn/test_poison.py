@@ -31,8 +31,13 @@ def poisoned_records() -> tuple[list[bytes], int, int]:
                 # A whole batch far outside the data (every feature at the
                 # clip) with alternating labels: the loss spikes.
                 extreme = dict.fromkeys(flipped.features, 100000000.0 if j % 2 else -100000000.0)
-                records.append(encode(msgspec.structs.replace(
-                    flipped, features=extreme, label=str(j % 2), example_id="flip-" + flipped.example_id)))
+                records.append(
+                    encode(
+                        msgspec.structs.replace(
+                            flipped, features=extreme, label=str(j % 2), example_id="flip-" + flipped.example_id
+                        )
+                    )
+                )
         raw = encode(ex)
         if i % 100 == 7:
             doc = json.loads(raw)
@@ -56,8 +61,9 @@ def poisoned_records() -> tuple[list[bytes], int, int]:
 
 def test_poison_and_a_loss_spike(tsettings: Settings, keys) -> None:
     records, refused, absurd = poisoned_records()
-    settings = msgspec.structs.replace(tsettings, trainer_checkpoint_every_examples=640,
-                                       trainer_spike_warmup_batches=10, trainer_spike_factor=2.0)
+    settings = msgspec.structs.replace(
+        tsettings, trainer_checkpoint_every_examples=640, trainer_spike_warmup_batches=10, trainer_spike_factor=2.0
+    )
     producer = make_producer(settings)
     for raw in records:
         producer.send(settings.topic_examples, key=b"k", value=raw)
@@ -124,8 +130,9 @@ def test_records_no_decoder_can_take_go_to_the_dead_letter_topic_and_training_go
         trainer.checkpoint()
     finally:
         trainer.close()
-    assert trainer.learner.counts["labeled"] + trainer.learner.counts["pseudo"] + \
-        trainer.learner.counts["pseudo_skipped"] == len(good)
+    assert trainer.learner.counts["labeled"] + trainer.learner.counts["pseudo"] + trainer.learner.counts[
+        "pseudo_skipped"
+    ] == len(good)
     consumer = make_consumer(tsettings, group_id=None)
     tp = TopicPartition(tsettings.topic_dlq, 0)
     consumer.assign([tp])

@@ -49,15 +49,22 @@ def stream() -> list:
 
 
 def manifests(settings: Settings) -> list:
-    return [MANIFEST.decode(r.value) for r in read_topic(settings, settings.topic_models)
-            if dict(r.headers).get("sl-type") == b"manifest"]
+    return [
+        MANIFEST.decode(r.value)
+        for r in read_topic(settings, settings.topic_models)
+        if dict(r.headers).get("sl-type") == b"manifest"
+    ]
 
 
 def applied_once(counts: dict[str, int]) -> dict[str, int]:
     """The counts that say every example was applied exactly once, whatever the timing (README, the trainer)."""
-    return {"labeled": counts["labeled"], "late": counts["late"], "duplicates": counts["duplicates"],
-            # unlabeled examples learned as pseudo-labels or skipped below the threshold, other models, rejected
-            "other": counts["pseudo"] + counts["skipped"] - counts["duplicates"]}
+    return {
+        "labeled": counts["labeled"],
+        "late": counts["late"],
+        "duplicates": counts["duplicates"],
+        # unlabeled examples learned as pseudo-labels or skipped below the threshold, other models, rejected
+        "other": counts["pseudo"] + counts["skipped"] - counts["duplicates"],
+    }
 
 
 @pytest.mark.slow
@@ -65,8 +72,9 @@ def test_sigkilled_trainer_matches_an_uninterrupted_one(tsettings: Settings, key
     examples = stream()
     produce_examples(tsettings, examples)
     total = len(examples)
-    base = msgspec.structs.replace(tsettings, trainer_checkpoint_every_examples=5000, trainer_checkpoint_every_s=1.0,
-                                   log_format="json")
+    base = msgspec.structs.replace(
+        tsettings, trainer_checkpoint_every_examples=5000, trainer_checkpoint_every_s=1.0, log_format="json"
+    )
 
     reference = msgspec.structs.replace(base, trainer_model="m", trainer_state_dir=str(tmp_path / "ref"))
     ref = Trainer(reference)  # the same construction as the CLI, drift detectors included
@@ -78,8 +86,9 @@ def test_sigkilled_trainer_matches_an_uninterrupted_one(tsettings: Settings, key
         ref.close()
 
     # The crashed run learns the same stream under its own state and topic.
-    crashed = msgspec.structs.replace(base, trainer_state_dir=str(tmp_path / "crashed"),
-                                      topic_models=base.topic_models + ".crashed")
+    crashed = msgspec.structs.replace(
+        base, trainer_state_dir=str(tmp_path / "crashed"), topic_models=base.topic_models + ".crashed"
+    )
     from stream_learner.bus import ensure_topics
 
     ensure_topics(crashed)

@@ -42,8 +42,9 @@ SEED = 31
 
 
 @pytest.mark.slow
-def test_a_trainer_killed_while_examples_trickle_in_applies_each_exactly_once(tsettings: Settings, keys,
-                                                                                 tmp_path: Path) -> None:
+def test_a_trainer_killed_while_examples_trickle_in_applies_each_exactly_once(
+    tsettings: Settings, keys, tmp_path: Path
+) -> None:
     rng = random.Random(SEED)
     examples = []
     for ex in agrawal_examples(N, unlabeled=0.2, seed=SEED):
@@ -51,8 +52,9 @@ def test_a_trainer_killed_while_examples_trickle_in_applies_each_exactly_once(ts
         if rng.random() < 0.01:
             examples.append(ex)
     total = len(examples)
-    base = msgspec.structs.replace(tsettings, trainer_checkpoint_every_examples=2000, trainer_checkpoint_every_s=1.0,
-                                   log_format="json")
+    base = msgspec.structs.replace(
+        tsettings, trainer_checkpoint_every_examples=2000, trainer_checkpoint_every_s=1.0, log_format="json"
+    )
     produce_examples(base, examples)  # the reference reads them as a backlog
     reference = Trainer(msgspec.structs.replace(base, trainer_state_dir=str(tmp_path / "ref")))
     try:
@@ -63,14 +65,17 @@ def test_a_trainer_killed_while_examples_trickle_in_applies_each_exactly_once(ts
         reference.close()
     want = reference.published[-1]
 
-    live = msgspec.structs.replace(base, trainer_state_dir=str(tmp_path / "live"),
-                                   topic_examples=base.topic_examples + ".live",
-                                   topic_models=base.topic_models + ".live")
+    live = msgspec.structs.replace(
+        base,
+        trainer_state_dir=str(tmp_path / "live"),
+        topic_examples=base.topic_examples + ".live",
+        topic_models=base.topic_models + ".live",
+    )
     ensure_topics(live)
 
     def trickle() -> None:  # ~30 s: the kills, and the last run's first seconds, fall while it goes on
         for k in range(0, total, 400):
-            produce_examples(live, examples[k:k + 400])
+            produce_examples(live, examples[k : k + 400])
             time.sleep(0.6)
 
     producer = threading.Thread(target=trickle, daemon=True)
@@ -108,6 +113,8 @@ def test_a_trainer_killed_while_examples_trickle_in_applies_each_exactly_once(ts
     assert versions == list(range(1, len(versions) + 1)), versions
     wanted = read_latest(base, base.topic_models, public, "m")
     same = all(torch.equal(got.tensors[k], t) for k, t in wanted.tensors.items())
-    print(f"\nlive crash: {KILLS} kills while {total} examples trickled in; versions 1..{versions[-1]}; "
-          f"counts exact; weights bit-identical to the backlog run: {same} (timing decides, README); "
-          f"batches {got.manifest.counts['batches']} vs {want.counts['batches']}")
+    print(
+        f"\nlive crash: {KILLS} kills while {total} examples trickled in; versions 1..{versions[-1]}; "
+        f"counts exact; weights bit-identical to the backlog run: {same} (timing decides, README); "
+        f"batches {got.manifest.counts['batches']} vs {want.counts['batches']}"
+    )

@@ -53,12 +53,14 @@ def stream() -> list:
 
 
 @pytest.mark.slow
-def test_a_trainer_on_the_redis_state_store_survives_valkey_sigkills(tsettings: Settings, servers: LocalServers,
-                                                                       keys, tmp_path: Path) -> None:
+def test_a_trainer_on_the_redis_state_store_survives_valkey_sigkills(
+    tsettings: Settings, servers: LocalServers, keys, tmp_path: Path
+) -> None:
     examples = stream()
     total = len(examples)
-    base = msgspec.structs.replace(tsettings, trainer_checkpoint_every_examples=2000, trainer_checkpoint_every_s=1.0,
-                                   log_format="json")
+    base = msgspec.structs.replace(
+        tsettings, trainer_checkpoint_every_examples=2000, trainer_checkpoint_every_s=1.0, log_format="json"
+    )
     # The reference: every example at once, a directory state store, no outage.
     produce_examples(base, examples)
     reference = Trainer(msgspec.structs.replace(base, trainer_state_dir=str(tmp_path / "ref")))
@@ -71,8 +73,12 @@ def test_a_trainer_on_the_redis_state_store_survives_valkey_sigkills(tsettings: 
     want = reference.published[-1].counts
 
     # The run under test learns the same examples, written again as a trickle, from its own topics.
-    s = msgspec.structs.replace(base, trainer_state_store="redis", topic_examples=base.topic_examples + ".r",
-                                topic_models=base.topic_models + ".r")
+    s = msgspec.structs.replace(
+        base,
+        trainer_state_store="redis",
+        topic_examples=base.topic_examples + ".r",
+        topic_models=base.topic_models + ".r",
+    )
     ensure_topics(s)
     client = redis.Redis.from_url(s.redis_url)
     client.delete(f"sl:trainer:{s.trainer_model}:state")
@@ -90,7 +96,7 @@ def test_a_trainer_on_the_redis_state_store_survives_valkey_sigkills(tsettings: 
 
         def trickle() -> None:
             for k in range(0, total, 500):
-                produce_examples(s, examples[k:k + 500])
+                produce_examples(s, examples[k : k + 500])
                 time.sleep(0.5)
 
         producer = threading.Thread(target=trickle, daemon=True)
@@ -132,5 +138,7 @@ def test_a_trainer_on_the_redis_state_store_survives_valkey_sigkills(tsettings: 
     assert versions == list(range(1, len(versions) + 1)), versions
     waits = [json.loads(line) for line in text.splitlines() if '"trainer_dependency_unavailable"' in line]
     assert len(waits) >= 3 and {w["dependency"] for w in waits} == {"redis"}
-    print(f"\ntrainer on redis: {total} examples, Valkey down at start and {len(outages)} times "
-          f"({', '.join(f'{d:.1f}s' for d in outages)}), {len(waits)} waits logged, versions 1..{versions[-1]}")
+    print(
+        f"\ntrainer on redis: {total} examples, Valkey down at start and {len(outages)} times "
+        f"({', '.join(f'{d:.1f}s' for d in outages)}), {len(waits)} waits logged, versions 1..{versions[-1]}"
+    )

@@ -33,9 +33,15 @@ SEED = 11
 @pytest.mark.slow
 def test_a_sigkilled_trainer_ends_with_the_uninterrupted_student(vsettings: Settings, keys, tmp_path: Path) -> None:
     produce_examples(vsettings, agrawal_examples(N, unlabeled=0.2, seed=SEED))
-    base = msgspec.structs.replace(vsettings, trainer_variants=["student"], trainer_checkpoint_every_examples=4000,
-                                   trainer_checkpoint_every_s=1.0, trainer_hidden=[16], trainer_student_hidden=[],
-                                   log_format="json")
+    base = msgspec.structs.replace(
+        vsettings,
+        trainer_variants=["student"],
+        trainer_checkpoint_every_examples=4000,
+        trainer_checkpoint_every_s=1.0,
+        trainer_hidden=[16],
+        trainer_student_hidden=[],
+        log_format="json",
+    )
     reference = msgspec.structs.replace(base, trainer_state_dir=str(tmp_path / "ref"))
     ref = Trainer(reference)
     try:
@@ -45,8 +51,9 @@ def test_a_sigkilled_trainer_ends_with_the_uninterrupted_student(vsettings: Sett
     finally:
         ref.close()
 
-    crashed = msgspec.structs.replace(base, trainer_state_dir=str(tmp_path / "crashed"),
-                                      topic_models=base.topic_models + ".crashed")
+    crashed = msgspec.structs.replace(
+        base, trainer_state_dir=str(tmp_path / "crashed"), topic_models=base.topic_models + ".crashed"
+    )
     ensure_topics(crashed)
     env = settings_env(crashed)
     log = (tmp_path / "trainer.log").open("w")

@@ -33,7 +33,7 @@ def trained(hidden=(64, 64), n=3000):
     learner = OnlineLearner(LearnerConfig(model_name="m", spec=spec, recent_window=1000, student=StudentConfig()))
     examples = agrawal_examples(n, unlabeled=0.2)
     for i in range(0, n, 32):
-        learner.process(examples[i:i + 32])
+        learner.process(examples[i : i + 32])
     stats = {**learner.featurizer.state_dict(), "target": learner.target.state_tensor()}
     model = {f"model.{k}": v.clone() for k, v in learner.main.model.state_dict().items()}
     student = Servable(learner.student.spec, {**learner.student.servable(), **stats})
@@ -77,20 +77,43 @@ def test_a_recipe_that_does_not_apply_is_skipped_with_its_reason() -> None:
     _, parent = trained(hidden=(8,), n=320)
     with pytest.raises(VariantSkipped, match="nothing worth quantizing"):
         make_variant(parent, recipe_of("int8"), trained(hidden=(8,), n=320)[0].recent.window())
-    logreg = Parent("m", 1, Servable(ModelSpec(kind="logreg", task="binary", features=["a"], classes=["0", "1"]),
-                                     {}))
+    logreg = Parent("m", 1, Servable(ModelSpec(kind="logreg", task="binary", features=["a"], classes=["0", "1"]), {}))
     with pytest.raises(VariantSkipped, match="needs a float MLP"):
         make_variant(logreg, recipe_of("pruned"), trained(n=32)[0].recent.window())
 
 
-@pytest.mark.parametrize(("measured", "label"), [
-    ({"heldout_examples": 50.0}, "too_few_examples"),
-    ({"heldout_examples": 500.0, "accuracy": 0.9, "parent_accuracy": 0.91, "accuracy_drop_points": 1.0}, "accuracy"),
-    ({"heldout_examples": 500.0, "accuracy": 0.91, "parent_accuracy": 0.91, "accuracy_drop_points": 0.0,
-      "latency_b1_p50_ms": 0.05, "parent_latency_b1_p50_ms": 0.05}, "slower"),
-    ({"heldout_examples": 500.0, "accuracy": 0.91, "parent_accuracy": 0.91, "accuracy_drop_points": 0.0,
-      "latency_b1_p50_ms": 0.02, "parent_latency_b1_p50_ms": 0.05}, ""),
-])
+@pytest.mark.parametrize(
+    ("measured", "label"),
+    [
+        ({"heldout_examples": 50.0}, "too_few_examples"),
+        (
+            {"heldout_examples": 500.0, "accuracy": 0.9, "parent_accuracy": 0.91, "accuracy_drop_points": 1.0},
+            "accuracy",
+        ),
+        (
+            {
+                "heldout_examples": 500.0,
+                "accuracy": 0.91,
+                "parent_accuracy": 0.91,
+                "accuracy_drop_points": 0.0,
+                "latency_b1_p50_ms": 0.05,
+                "parent_latency_b1_p50_ms": 0.05,
+            },
+            "slower",
+        ),
+        (
+            {
+                "heldout_examples": 500.0,
+                "accuracy": 0.91,
+                "parent_accuracy": 0.91,
+                "accuracy_drop_points": 0.0,
+                "latency_b1_p50_ms": 0.02,
+                "parent_latency_b1_p50_ms": 0.05,
+            },
+            "",
+        ),
+    ],
+)
 def test_the_gate_decides_on_accuracy_then_speed(measured: dict[str, float], label: str) -> None:
     verdict = decide("int8", measured, GateConfig(min_heldout_examples=100))
     assert verdict.publish is (label == "") and verdict.label == label
@@ -98,16 +121,35 @@ def test_the_gate_decides_on_accuracy_then_speed(measured: dict[str, float], lab
 
 def test_a_manifest_without_a_variant_signs_the_bytes_it_always_did_and_a_variants_recipe_is_signed() -> None:
     private, public = (load_private_key(k) if i == 0 else load_public_key(k) for i, k in enumerate(generate_keypair()))
-    plain = CheckpointManifest(model="m", version=1, parent=None, created_at=0, input_offsets=[], counts={},
-                               metrics={}, drift_state={}, feature_spec=["a"], architecture={},
-                               weights=WeightsInfo(format="safetensors", size=1, chunks=1, sha256="0" * 64))
+    plain = CheckpointManifest(
+        model="m",
+        version=1,
+        parent=None,
+        created_at=0,
+        input_offsets=[],
+        counts={},
+        metrics={},
+        drift_state={},
+        feature_spec=["a"],
+        architecture={},
+        weights=WeightsInfo(format="safetensors", size=1, chunks=1, sha256="0" * 64),
+    )
     assert b"variant" not in canonical_bytes(plain)  # what an older reader computes too
     older = msgspec.json.decode(encode(sign_manifest(plain, private)))
     older.pop("variant")  # as an older writer wrote it
     verify_manifest(MANIFEST.decode(msgspec.json.encode(older)), public)
-    variant = msgspec.structs.replace(plain, model="m#int8", variant=VariantInfo(
-        name="int8", parent_model="m", parent_version=1, parent_sha256="0" * 64, recipe={"min_features": 16},
-        measured={"accuracy": 0.9}))
+    variant = msgspec.structs.replace(
+        plain,
+        model="m#int8",
+        variant=VariantInfo(
+            name="int8",
+            parent_model="m",
+            parent_version=1,
+            parent_sha256="0" * 64,
+            recipe={"min_features": 16},
+            measured={"accuracy": 0.9},
+        ),
+    )
     signed = sign_manifest(variant, private)
     verify_manifest(MANIFEST.decode(encode(signed)), public)
     other_recipe = msgspec.structs.replace(signed.variant, recipe={"min_features": 1})
@@ -124,8 +166,8 @@ def test_the_student_is_saved_with_the_learner_and_continues_bit_for_bit() -> No
     restored.load_state_dict(tensors, meta)
     more = agrawal_examples(320, seed=5)
     for i in range(0, 320, 32):
-        learner.process(more[i:i + 32])
-        restored.process(more[i:i + 32])
+        learner.process(more[i : i + 32])
+        restored.process(more[i : i + 32])
     for (k, a), b in zip(learner.student.model.state_dict().items(), restored.student.model.state_dict().values()):
         assert torch.equal(a, b), k
     assert np.array_equal(learner.recent.window().raw, restored.recent.window().raw, equal_nan=True)

@@ -45,7 +45,8 @@ def train(settings: Settings, *, sparse_that_fails: bool = False) -> tuple[Train
 
 @pytest.mark.slow
 def test_trainer_variants_are_published_verified_served_refused_when_forged_and_fall_back(
-        vsettings: Settings, keys, other_keypair) -> None:
+    vsettings: Settings, keys, other_keypair
+) -> None:
     produce_examples(vsettings, agrawal_examples(N, unlabeled=0.2))
     trainer, outcomes = train(vsettings, sparse_that_fails=True)
     try:
@@ -56,8 +57,12 @@ def test_trainer_variants_are_published_verified_served_refused_when_forged_and_
         assert published == {(n, v) for n in ("int8", "pruned", "student") for v in (1, 2)}, outcomes
         sparse = [o for o in outcomes if o.name == "sparse"]
         assert [o.verdict.label for o in sparse] == ["accuracy", "accuracy"], sparse
-        assert trainer.metrics.registry.get_sample_value(
-            "stream_learner_variants_skipped_total", {"variant": "sparse", "reason": "accuracy"}) == 2
+        assert (
+            trainer.metrics.registry.get_sample_value(
+                "stream_learner_variants_skipped_total", {"variant": "sparse", "reason": "accuracy"}
+            )
+            == 2
+        )
         with pytest.raises(CheckpointNotFoundError):
             read_latest(vsettings, vsettings.topic_models, public, "m#sparse", timeout_s=10)
 
@@ -120,8 +125,12 @@ def test_the_optimize_role_publishes_the_trainers_variant_bytes(vsettings: Setti
     trainer, outcomes = train(with_hook)
     trainer.close()
     # The same stream, a trainer without variants on its own model topic, then the role on that topic.
-    plain = msgspec.structs.replace(vsettings, trainer_variants=[], topic_models=vsettings.topic_models + ".plain",
-                                    trainer_state_dir=vsettings.trainer_state_dir + ".plain")
+    plain = msgspec.structs.replace(
+        vsettings,
+        trainer_variants=[],
+        topic_models=vsettings.topic_models + ".plain",
+        trainer_state_dir=vsettings.trainer_state_dir + ".plain",
+    )
     ensure_topics(plain)
     trainer, _ = train(plain)
     trainer.close()

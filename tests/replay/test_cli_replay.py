@@ -29,14 +29,24 @@ def wait_for_checkpoints(proc: subprocess.Popen[bytes], log_path: Path, n: int, 
 
 
 @pytest.mark.slow
-def test_sigint_then_the_same_command_resumes_to_the_uninterrupted_result(rsettings: Settings,
-                                                                         tmp_path: Path) -> None:
+def test_sigint_then_the_same_command_resumes_to_the_uninterrupted_result(rsettings: Settings, tmp_path: Path) -> None:
     s = msgspec.structs.replace(rsettings, trainer_checkpoint_every_examples=1000, log_format="json")
     stream = generate(10_000, seed=5)
     produce_raw(s, stream)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "stream_learner.cli", "replay", "--lineage", "m@cli", "--output-dir", str(out),
-           "--close-windows", "--replay-id", "cli"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "stream_learner.cli",
+        "replay",
+        "--lineage",
+        "m@cli",
+        "--output-dir",
+        str(out),
+        "--close-windows",
+        "--replay-id",
+        "cli",
+    ]
     env = settings_env(s)
     log_path = tmp_path / "replay.log"
     with log_path.open("w") as log:
@@ -65,15 +75,27 @@ def test_sigint_then_the_same_command_resumes_to_the_uninterrupted_result(rsetti
 
 
 @pytest.mark.slow
-def test_sigkill_mid_run_then_the_same_command_ends_with_the_uninterrupted_versions(rsettings: Settings,
-                                                                                   tmp_path: Path) -> None:
+def test_sigkill_mid_run_then_the_same_command_ends_with_the_uninterrupted_versions(
+    rsettings: Settings, tmp_path: Path
+) -> None:
     """A kill -9 leaves the state of the last checkpoint (saved before its publish) and Redis keys
     mid-join: the resumed run republishes what may be missing, rebuilds the join and ends the same."""
     s = msgspec.structs.replace(rsettings, trainer_checkpoint_every_examples=1000, log_format="json")
     produce_raw(s, generate(10_000, seed=6))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "stream_learner.cli", "replay", "--lineage", "m@k", "--output-dir", str(out),
-           "--replay-id", "k", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "stream_learner.cli",
+        "replay",
+        "--lineage",
+        "m@k",
+        "--output-dir",
+        str(out),
+        "--replay-id",
+        "k",
+        "--no-progress",
+    ]
     env = settings_env(s)
     log_path = tmp_path / "replay.log"
     with log_path.open("w") as log:
@@ -81,8 +103,11 @@ def test_sigkill_mid_run_then_the_same_command_ends_with_the_uninterrupted_versi
         wait_for_checkpoints(proc, log_path, 3)
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
-    state = json.loads((Path(s.replay_state_dir) / "k" / "summary.json").read_text()) \
-        if (Path(s.replay_state_dir) / "k" / "summary.json").exists() else None
+    state = (
+        json.loads((Path(s.replay_state_dir) / "k" / "summary.json").read_text())
+        if (Path(s.replay_state_dir) / "k" / "summary.json").exists()
+        else None
+    )
     assert state is None  # killed: no summary was written
     with log_path.open("a") as log:
         done = subprocess.run(cmd, env=env, stderr=log, stdout=subprocess.DEVNULL, timeout=300)

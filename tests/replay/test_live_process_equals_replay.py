@@ -35,12 +35,18 @@ N = 5 * 512
 
 @pytest.mark.slow
 def test_a_trainer_process_and_an_examples_replay_publish_the_same_versions(rsettings: Settings) -> None:
-    s = msgspec.structs.replace(rsettings, trainer_features=AGRAWAL_FEATURES, trainer_classes=["0", "1"],
-                                trainer_checkpoint_every_examples=500, log_format="json")
+    s = msgspec.structs.replace(
+        rsettings,
+        trainer_features=AGRAWAL_FEATURES,
+        trainer_classes=["0", "1"],
+        trainer_checkpoint_every_examples=500,
+        log_format="json",
+    )
     produce_examples(s, agrawal_examples(N, unlabeled=0.2, seed=5))
     public = load_public_key(Path(s.trainer_signing_key).with_suffix(".pub.pem"))
-    proc = subprocess.Popen([sys.executable, "-m", "stream_learner.cli", "trainer"], env=settings_env(s),
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stream_learner.cli", "trainer"], env=settings_env(s), stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -55,14 +61,28 @@ def test_a_trainer_process_and_an_examples_replay_publish_the_same_versions(rset
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
-    live = {m.version: m for m in (MANIFEST.decode(r.value) for r in read_topic(s, s.topic_models)
-                                   if dict(r.headers).get("sl-type") == b"manifest") if m.model == "m"}
+    live = {
+        m.version: m
+        for m in (
+            MANIFEST.decode(r.value)
+            for r in read_topic(s, s.topic_models)
+            if dict(r.headers).get("sl-type") == b"manifest"
+        )
+        if m.model == "m"
+    }
 
     _, got = replay(s, "same", source="examples")
     assert got["done"] and got["counts"]["examples"] == N
     assert sorted(live) == [e["version"] for e in got["published"]] == list(range(1, len(live) + 1))
-    mine = {m.version: m for m in (MANIFEST.decode(r.value) for r in read_topic(s, s.topic_models)
-                                   if dict(r.headers).get("sl-type") == b"manifest") if m.model == "m@replay-same"}
+    mine = {
+        m.version: m
+        for m in (
+            MANIFEST.decode(r.value)
+            for r in read_topic(s, s.topic_models)
+            if dict(r.headers).get("sl-type") == b"manifest"
+        )
+        if m.model == "m@replay-same"
+    }
     for entry in got["published"]:
         v = entry["version"]
         assert entry["sha256_as_live"] == live[v].weights.sha256, f"v{v}: weights differ"

@@ -112,10 +112,18 @@ def test_a_replay_by_time_learns_exactly_the_records_in_that_time(rsettings: Set
     s = msgspec.structs.replace(rsettings, trainer_features=AGRAWAL_FEATURES, trainer_classes=["0", "1"])
     values = [encode(x) for x in agrawal_examples(PER_PARTITION, seed=5)]
     produce_timed(s, s.topic_examples, 1, values)
-    _, by_time = replay(s, "t", source="examples", start=f"t:{T0 + 300}", end="2026-01-01T00:00:01.2Z",
-                        lineage="m@x", output_dir=str(tmp_path / "t"))
-    _, by_offset = replay(s, "o", source="examples", start="30", end="120", lineage="m@x",
-                          output_dir=str(tmp_path / "o"))
+    _, by_time = replay(
+        s,
+        "t",
+        source="examples",
+        start=f"t:{T0 + 300}",
+        end="2026-01-01T00:00:01.2Z",
+        lineage="m@x",
+        output_dir=str(tmp_path / "t"),
+    )
+    _, by_offset = replay(
+        s, "o", source="examples", start="30", end="120", lineage="m@x", output_dir=str(tmp_path / "o")
+    )
     assert by_time["ranges"]["ranges"] == {f"{s.topic_examples}:0": [30, 120]}
     assert by_time["counts"]["examples"] == 90
     assert by_time["published"] == by_offset["published"]

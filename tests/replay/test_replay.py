@@ -36,20 +36,34 @@ def events(rsettings: Settings) -> list:
 
 
 def replay(settings: Settings, replay_id: str, **kw) -> tuple[Replay, dict]:
-    options = {k: kw.pop(k) for k in ("stop", "poll_records", "fetch_max_bytes", "on_chunk", "on_examples")
-               if k in kw}
+    options = {k: kw.pop(k) for k in ("stop", "poll_records", "fetch_max_bytes", "on_chunk", "on_examples") if k in kw}
     r = Replay(settings, ReplayPlan(replay_id=replay_id, **kw), progress=False, **options)
     return r, r.run()
 
 
 def test_two_replays_of_the_same_range_have_identical_digests_whatever_the_fetch_size(
-        rsettings: Settings, events, tmp_path: Path) -> None:
+    rsettings: Settings, events, tmp_path: Path
+) -> None:
     seen: dict[str, list[ExampleEvent]] = {"a": [], "b": []}
-    _, a = replay(rsettings, "a", lineage="m@audit", output_dir=str(tmp_path / "out-a"), close_windows=True,
-                  on_examples=seen["a"].extend)
+    _, a = replay(
+        rsettings,
+        "a",
+        lineage="m@audit",
+        output_dir=str(tmp_path / "out-a"),
+        close_windows=True,
+        on_examples=seen["a"].extend,
+    )
     # Tiny fetches: every poll boundary falls elsewhere.
-    _, b = replay(rsettings, "b", lineage="m@audit", output_dir=str(tmp_path / "out-b"), close_windows=True,
-                  poll_records=7, fetch_max_bytes=4096, on_examples=seen["b"].extend)
+    _, b = replay(
+        rsettings,
+        "b",
+        lineage="m@audit",
+        output_dir=str(tmp_path / "out-b"),
+        close_windows=True,
+        poll_records=7,
+        fetch_max_bytes=4096,
+        on_examples=seen["b"].extend,
+    )
     assert a["done"] and b["done"]
     assert a["records_read"] == b["records_read"] == a["records_in_ranges"] == len(events)
     assert [x.example_id for x in seen["a"]] == [x.example_id for x in seen["b"]]  # same examples, same order
@@ -80,7 +94,7 @@ def test_examples_replay_equals_the_live_trainer_bit_for_bit(rsettings: Settings
     public = load_public_key(Path(s.trainer_signing_key).with_suffix(".pub.pem"))
     want = read_latest(s, s.topic_models, public, "m")
 
-    r, got = replay(s, "ex", source="examples")  # to the model topic, lineage m@replay-ex
+    _r, got = replay(s, "ex", source="examples")  # to the model topic, lineage m@replay-ex
     mine = read_latest(s, s.topic_models, public, "m@replay-ex")
     assert mine.manifest.weights.sha256 == got["final_sha256"]
     assert got["final_sha256_as_live"] == want.manifest.weights.sha256
@@ -103,8 +117,9 @@ def test_events_replay_joins_what_the_live_joiner_joined(rsettings: Settings, ev
         wait_until(lambda: joiner.store.pending_outbox() == 0, 30, "the joiner to produce its examples")
     live = read_examples(rsettings, timeout_s=10, expect=sum(joiner.counts.examples.values()))
     seen: list[ExampleEvent] = []
-    _, summary = replay(rsettings, "ev", output_dir=str(Path(rsettings.replay_state_dir) / "out"),
-                        on_examples=seen.extend)
+    _, summary = replay(
+        rsettings, "ev", output_dir=str(Path(rsettings.replay_state_dir) / "out"), on_examples=seen.extend
+    )
     assert summary["done"] and summary["records_read"] == len(events)
     live_ids = {(x.example_id, x.kind) for x in live}
     assert {(x.example_id, x.kind) for x in seen} == live_ids
@@ -122,6 +137,7 @@ def test_interrupted_replay_resumes_to_the_same_digests(rsettings: Settings, eve
             chunks["n"] += 1
             if chunks["n"] >= n:
                 stop.set()
+
         return on_chunk
 
     plan = dict(lineage="m@r", output_dir=str(tmp_path / "cut"), close_windows=True)
@@ -160,8 +176,9 @@ def test_resuming_with_other_settings_is_refused(rsettings: Settings, events, tm
 
 
 def test_interrupted_examples_replay_resumes_to_the_same_digests(rsettings: Settings, tmp_path: Path) -> None:
-    s = msgspec.structs.replace(rsettings, trainer_features=AGRAWAL_FEATURES, trainer_classes=["0", "1"],
-                                trainer_checkpoint_every_examples=300)
+    s = msgspec.structs.replace(
+        rsettings, trainer_features=AGRAWAL_FEATURES, trainer_classes=["0", "1"], trainer_checkpoint_every_examples=300
+    )
     produce_examples(s, agrawal_examples(2_000, unlabeled=0.2, seed=9))
     _, whole = replay(s, "whole", source="examples", lineage="m@e", output_dir=str(tmp_path / "whole"))
     stop = threading.Event()
@@ -175,8 +192,16 @@ def test_interrupted_examples_replay_resumes_to_the_same_digests(rsettings: Sett
     runs = []
     while not runs or not runs[-1]["done"]:
         stop.clear()
-        _, summary = replay(s, "cut", source="examples", lineage="m@e", output_dir=str(tmp_path / "cut"),
-                            stop=stop, on_chunk=on_chunk, poll_records=100)
+        _, summary = replay(
+            s,
+            "cut",
+            source="examples",
+            lineage="m@e",
+            output_dir=str(tmp_path / "cut"),
+            stop=stop,
+            on_chunk=on_chunk,
+            poll_records=100,
+        )
         runs.append(summary)
         assert len(runs) < 20
     assert len(runs) >= 4  # 2,000 examples in chunks of 32, stopped every 13 chunks
@@ -223,8 +248,9 @@ def test_a_partition_with_nothing_in_the_range_does_not_hold_the_watermark(rsett
     producer.flush()
     producer.close()
     seen: list[ExampleEvent] = []
-    _, summary = replay(rsettings, "idle", output_dir=str(Path(rsettings.replay_state_dir) / "o"),
-                        on_examples=seen.extend)
+    _, summary = replay(
+        rsettings, "idle", output_dir=str(Path(rsettings.replay_state_dir) / "o"), on_examples=seen.extend
+    )
     assert summary["records_read"] == n + n // 2
     # The watermark: the smallest of the non-empty partitions' largest event times.
     watermark = min(t0 + 100 * (n - 2), t0 + 100 * (n - 1), t0 + 100 * (n - 2) + 10)

@@ -41,8 +41,12 @@ def producer(settings: Settings) -> Iterator[Any]:
 def stats(n: int = len(FEATURES)) -> dict[str, torch.Tensor]:
     """Featurizer and target statistics that leave features and outputs unscaled."""
     zeros = torch.zeros(n, dtype=torch.float64)
-    return {"featurizer.count": zeros, "featurizer.mean": zeros.clone(), "featurizer.m2": zeros.clone(),
-            "target": torch.zeros(3, dtype=torch.float64)}
+    return {
+        "featurizer.count": zeros,
+        "featurizer.mean": zeros.clone(),
+        "featurizer.m2": zeros.clone(),
+        "target": torch.zeros(3, dtype=torch.float64),
+    }
 
 
 def identifiable(version: int) -> dict[str, torch.Tensor]:
@@ -52,34 +56,68 @@ def identifiable(version: int) -> dict[str, torch.Tensor]:
     versions' tensors would answer something no single version answers
     (3 * old + new is not 4 * anything between them).
     """
-    return {"model.weight": torch.tensor([[float(version), float(version)]]),
-            "model.bias": torch.tensor([float(version)]), **stats()}
+    return {
+        "model.weight": torch.tensor([[float(version), float(version)]]),
+        "model.bias": torch.tensor([float(version)]),
+        **stats(),
+    }
 
 
-def manifest(version: int, weights: bytes, *, architecture: dict[str, Any] | None = None,
-             chunk_bytes: int = 128, model: str = MODEL) -> CheckpointManifest:
+def manifest(
+    version: int,
+    weights: bytes,
+    *,
+    architecture: dict[str, Any] | None = None,
+    chunk_bytes: int = 128,
+    model: str = MODEL,
+) -> CheckpointManifest:
     """An unsigned manifest for ``weights``."""
     return CheckpointManifest(
-        model=model, version=version, parent=version - 1 if version > 1 else None,
-        created_at=1_767_225_600_000 + version, input_offsets=[], counts={"labeled": version}, metrics={},
-        drift_state={}, feature_spec=list(FEATURES),
+        model=model,
+        version=version,
+        parent=version - 1 if version > 1 else None,
+        created_at=1_767_225_600_000 + version,
+        input_offsets=[],
+        counts={"labeled": version},
+        metrics={},
+        drift_state={},
+        feature_spec=list(FEATURES),
         architecture=architecture if architecture is not None else SPEC.to_dict(),
-        weights=weights_info(weights, chunk_bytes))
+        weights=weights_info(weights, chunk_bytes),
+    )
 
 
-def publish(producer: Any, topic: str, key: Ed25519PrivateKey, version: int, *,
-            tensors: dict[str, torch.Tensor] | None = None, weights: bytes | None = None,
-            architecture: dict[str, Any] | None = None, chunk_bytes: int = 128,
-            model: str = MODEL) -> CheckpointManifest:
+def publish(
+    producer: Any,
+    topic: str,
+    key: Ed25519PrivateKey,
+    version: int,
+    *,
+    tensors: dict[str, torch.Tensor] | None = None,
+    weights: bytes | None = None,
+    architecture: dict[str, Any] | None = None,
+    chunk_bytes: int = 128,
+    model: str = MODEL,
+) -> CheckpointManifest:
     """Publish a version (identifiable weights unless given) in several small chunks; the signed manifest."""
     data = weights if weights is not None else encode_tensors(tensors or identifiable(version), {"model": model})
-    return publish_checkpoint(producer, topic, manifest(version, data, architecture=architecture,
-                                                        chunk_bytes=chunk_bytes, model=model),
-                              data, key, chunk_bytes=chunk_bytes)
+    return publish_checkpoint(
+        producer,
+        topic,
+        manifest(version, data, architecture=architecture, chunk_bytes=chunk_bytes, model=model),
+        data,
+        key,
+        chunk_bytes=chunk_bytes,
+    )
 
 
-def wait_for(condition: Callable[[], Any], timeout_s: float = 30.0, what: str = "condition",
-             step: Callable[[], Any] = lambda: time.sleep(0.02), detail: Callable[[], Any] = lambda: "") -> Any:
+def wait_for(
+    condition: Callable[[], Any],
+    timeout_s: float = 30.0,
+    what: str = "condition",
+    step: Callable[[], Any] = lambda: time.sleep(0.02),
+    detail: Callable[[], Any] = lambda: "",
+) -> Any:
     """Run ``step`` until ``condition`` is truthy; fail the test after ``timeout_s``, with ``detail()``."""
     deadline = time.monotonic() + timeout_s
     while True:

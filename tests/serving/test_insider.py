@@ -17,7 +17,8 @@ from .test_topic_attacks import rss_kib
 
 @pytest.mark.slow
 def test_a_signed_checkpoint_with_a_100_mb_safetensors_header_is_refused_with_memory_bounded(
-        settings: Settings, producer: Any, keypair: Any) -> None:
+    settings: Settings, producer: Any, keypair: Any
+) -> None:
     publish(producer, settings.topic_models, keypair[0], 1)
     metrics = Metrics()
     sub = CheckpointSubscriber(settings, keypair[1], model=MODEL, metrics=metrics)

@@ -57,8 +57,13 @@ def raw_status(url: str, request: str) -> int:
 @pytest.fixture
 def node_settings(settings: Settings) -> Settings:
     # The cold-start model is the trainer's starting point: same spec as the published versions.
-    return msgspec.structs.replace(settings, trainer_model=MODEL, trainer_features=FEATURES,
-                                   trainer_task="regression", trainer_architecture="logreg")
+    return msgspec.structs.replace(
+        settings,
+        trainer_model=MODEL,
+        trainer_features=FEATURES,
+        trainer_task="regression",
+        trainer_architecture="logreg",
+    )
 
 
 @pytest.fixture
@@ -66,8 +71,12 @@ def node(node_settings: Settings, keypair: Any) -> Iterator[ServingNode]:
     metrics = Metrics()
     sdk = PredictionLogger(settings=node_settings, metrics=metrics)
     holder: list[ServingNode] = []
-    sub = CheckpointSubscriber(node_settings, keypair[1], metrics=metrics,
-                               on_swap=lambda new, old: holder[0].record_swap(new, old) if holder else None)
+    sub = CheckpointSubscriber(
+        node_settings,
+        keypair[1],
+        metrics=metrics,
+        on_swap=lambda new, old: holder[0].record_swap(new, old) if holder else None,
+    )
     n = ServingNode(sub, sdk=sdk, metrics=metrics, fallback=cold_start_model(node_settings))
     holder.append(n)
     sub.start(wait_s=None)
@@ -79,7 +88,8 @@ def node(node_settings: Settings, keypair: Any) -> Iterator[ServingNode]:
 
 
 def test_predictions_are_served_stamped_and_logged_then_a_checkpoint_is_swapped_in(
-        node: ServingNode, node_settings: Settings, producer: Any, keypair: Any) -> None:
+    node: ServingNode, node_settings: Settings, producer: Any, keypair: Any
+) -> None:
     status, cold = call(node.url, "POST", "/predict", {"request_id": "r-0", "features": ROW})
     assert status == 200 and cold["model_version"] == "0" and cold["model"] == MODEL
     assert isinstance(cold["prediction"], float)
@@ -88,8 +98,12 @@ def test_predictions_are_served_stamped_and_logged_then_a_checkpoint_is_swapped_
     wait_for(lambda: call(node.url, "GET", "/health")[1].get("model_version") == "3", what="v3 served")
     status, one = call(node.url, "POST", "/predict", {"request_id": "r-1", "features": ROW})
     assert status == 200 and one == {"request_id": "r-1", "model": MODEL, "model_version": "3", "prediction": 12.0}
-    status, batch = call(node.url, "POST", "/predict",
-                         {"instances": [{"features": ROW}, {"request_id": "r-3", "features": {"a": 0.0, "b": None}}]})
+    status, batch = call(
+        node.url,
+        "POST",
+        "/predict",
+        {"instances": [{"features": ROW}, {"request_id": "r-3", "features": {"a": 0.0, "b": None}}]},
+    )
     assert status == 200
     first, second = batch["predictions"]
     assert first["prediction"] == 12.0 and first["request_id"]  # an id is made when none is given
@@ -152,18 +166,22 @@ def test_without_a_model_the_node_answers_503(settings: Settings, keypair: Any) 
 
 
 @pytest.mark.slow
-def test_the_serve_command_runs_a_node_until_sigterm(node_settings: Settings, producer: Any, keypair: Any,
-                                                      tmp_path: Path) -> None:
+def test_the_serve_command_runs_a_node_until_sigterm(
+    node_settings: Settings, producer: Any, keypair: Any, tmp_path: Path
+) -> None:
     pub = tmp_path / "signing.pub.pem"
-    pub.write_bytes(keypair[1].public_bytes(serialization.Encoding.PEM,
-                                            serialization.PublicFormat.SubjectPublicKeyInfo))
+    pub.write_bytes(
+        keypair[1].public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
     publish(producer, node_settings.topic_models, keypair[0], 5)
     port = free_port()
     env = settings_env(msgspec.structs.replace(node_settings, serving_public_keys=[str(pub)], serving_port=port))
-    proc = subprocess.Popen([sys.executable, "-m", "stream_learner.cli", "serve"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stream_learner.cli", "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     url = f"http://127.0.0.1:{port}"
     try:
+
         def ready() -> bool:
             try:
                 return call(url, "GET", "/health")[1].get("model_version") == "5"
@@ -181,8 +199,13 @@ def test_the_serve_command_runs_a_node_until_sigterm(node_settings: Settings, pr
 
 @pytest.mark.slow
 def test_serve_without_public_keys_is_a_configuration_error(settings: Settings) -> None:
-    out = subprocess.run([sys.executable, "-m", "stream_learner.cli", "serve"], env=settings_env(settings),
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "stream_learner.cli", "serve"],
+        env=settings_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 1 and "serving_public_keys" in out.stdout + out.stderr
 
 
@@ -215,18 +238,25 @@ def test_health_and_predict_give_the_model_version_alike_and_requests_are_timed(
 
 @pytest.mark.slow
 def test_the_serve_process_exports_serving_metrics_only_and_its_health(
-        node_settings: Settings, producer: Any, keypair: Any, tmp_path: Path) -> None:
+    node_settings: Settings, producer: Any, keypair: Any, tmp_path: Path
+) -> None:
     pub = tmp_path / "signing.pub.pem"
-    pub.write_bytes(keypair[1].public_bytes(serialization.Encoding.PEM,
-                                            serialization.PublicFormat.SubjectPublicKeyInfo))
+    pub.write_bytes(
+        keypair[1].public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
     publish(producer, node_settings.topic_models, keypair[0], 5)
     port, metrics_port = free_port(), free_port()
-    env = settings_env(msgspec.structs.replace(node_settings, serving_public_keys=[str(pub)], serving_port=port,
-                                               metrics_port=metrics_port))
-    proc = subprocess.Popen([sys.executable, "-m", "stream_learner.cli", "serve"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    env = settings_env(
+        msgspec.structs.replace(
+            node_settings, serving_public_keys=[str(pub)], serving_port=port, metrics_port=metrics_port
+        )
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stream_learner.cli", "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     url = f"http://127.0.0.1:{port}"
     try:
+
         def ready() -> bool:
             try:
                 return call(url, "GET", "/health")[0] == 200
@@ -239,11 +269,18 @@ def test_the_serve_process_exports_serving_metrics_only_and_its_health(
         for where in (url, f"http://127.0.0.1:{metrics_port}"):
             text = call(where, "GET", "/metrics")[1]
             names = set(re.findall(r"^# TYPE (\S+)", text, re.M))
-            assert not {n for n in names if n.startswith(("stream_learner_joiner_", "stream_learner_trainer_",
-                                                          "stream_learner_events_decoded"))}, names
-            assert {"stream_learner_serving_model_version", "stream_learner_serving_request_seconds",
-                    "stream_learner_sdk_events_total", "stream_learner_build_info",
-                    "process_cpu_seconds_total"} <= names
+            assert not {
+                n
+                for n in names
+                if n.startswith(("stream_learner_joiner_", "stream_learner_trainer_", "stream_learner_events_decoded"))
+            }, names
+            assert {
+                "stream_learner_serving_model_version",
+                "stream_learner_serving_request_seconds",
+                "stream_learner_sdk_events_total",
+                "stream_learner_build_info",
+                "process_cpu_seconds_total",
+            } <= names
             assert 'stream_learner_serving_request_seconds_count{code="200"} 1.0' in text
         status, health = call(f"http://127.0.0.1:{metrics_port}", "GET", "/health")
         assert status == 200 and health["roles"]["serving"] == {"healthy": True, "detail": f"serving {MODEL} v5"}

@@ -53,8 +53,9 @@ def post(conn: http.client.HTTPConnection, body: bytes) -> tuple[int, Any]:
 
 
 def refused(node: ServingNode, reason: str) -> float:
-    return node.metrics.registry.get_sample_value("stream_learner_serving_http_refused_total",
-                                                  {"reason": reason}) or 0.0
+    return (
+        node.metrics.registry.get_sample_value("stream_learner_serving_http_refused_total", {"reason": reason}) or 0.0
+    )
 
 
 # -- 17.6: bodies nesting 10,000 levels, and the work one request asks for ------------------------
@@ -76,8 +77,9 @@ def test_bodies_nesting_10000_levels_are_answered_400_on_the_same_connection(ser
             status, reply = post(conn, body)
             assert status == 400, case
             # Named: nesting refused as such, or the field where an object or a number was due.
-            assert (reply["kind"] == "too_deep" and "nest" in reply["error"]) or \
-                reply["field"].startswith(("$.features", "$.instances")), (case, reply)
+            assert (reply["kind"] == "too_deep" and "nest" in reply["error"]) or reply["field"].startswith(
+                ("$.features", "$.instances")
+            ), (case, reply)
         # The same keep-alive connection still serves.
         status, reply = post(conn, json.dumps({"features": ROW}).encode())
         assert status == 200 and reply["prediction"] == 12.0
@@ -208,17 +210,30 @@ def test_concurrent_large_batches_are_shed_not_queued_and_a_single_request_is_st
 @pytest.mark.slow
 def test_client_resets_print_no_traceback(settings: Settings, producer: Any, keypair: Any, tmp_path: Path) -> None:
     pub = tmp_path / "signing.pub.pem"
-    pub.write_bytes(keypair[1].public_bytes(serialization.Encoding.PEM,
-                                            serialization.PublicFormat.SubjectPublicKeyInfo))
+    pub.write_bytes(
+        keypair[1].public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
     publish(producer, settings.topic_models, keypair[0], 5)
     port = free_port()
     node_settings = msgspec.structs.replace(
-        settings, serving_public_keys=[str(pub)], serving_port=port, trainer_model=MODEL, trainer_features=FEATURES,
-        trainer_task="regression", trainer_architecture="logreg", log_format="json")
-    proc = subprocess.Popen([sys.executable, "-m", "stream_learner.cli", "serve"], env=settings_env(node_settings),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        settings,
+        serving_public_keys=[str(pub)],
+        serving_port=port,
+        trainer_model=MODEL,
+        trainer_features=FEATURES,
+        trainer_task="regression",
+        trainer_architecture="logreg",
+        log_format="json",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stream_learner.cli", "serve"],
+        env=settings_env(node_settings),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
+
         def ready() -> bool:
             try:
                 return call(url, "GET", "/health")[1].get("version") == 5

@@ -32,8 +32,9 @@ class Spy:
         self.seen.append((signal, index, value))
         return []
 
-    def observe_many(self, signal: str, values: list[float], *,
-                     indices: list[int]) -> tuple[list[Any], dict[str, list[float]]]:
+    def observe_many(
+        self, signal: str, values: list[float], *, indices: list[int]
+    ) -> tuple[list[Any], dict[str, list[float]]]:
         # The batched form of observe (DriftMonitor.observe_many): no findings, no detector estimates.
         self.seen.extend((signal, i, v) for i, v in zip(indices, values))
         return [], {}
@@ -70,7 +71,7 @@ def trained(spec: ModelSpec, examples: list[Any]) -> tuple[OnlineLearner, Learne
     config = LearnerConfig(model_name="m", spec=spec)
     learner = OnlineLearner(config)
     for i in range(0, len(examples), 64):
-        learner.process(examples[i:i + 64])
+        learner.process(examples[i : i + 64])
     return learner, config
 
 
@@ -80,8 +81,9 @@ def served_and_probe(learner: OnlineLearner, config: LearnerConfig) -> tuple[Any
     # What the trainer publishes, through safetensors bytes as they cross the topic.
     data = encode_tensors(servable_weights(tensors), {"model": "m"})
     weights, metadata = decode_tensors(data)
-    m = msgspec.structs.replace(manifest(7, data, architecture=config.spec.to_dict()),
-                                feature_spec=list(config.spec.features))
+    m = msgspec.structs.replace(
+        manifest(7, data, architecture=config.spec.to_dict()), feature_spec=list(config.spec.features)
+    )
     served = load_served_model(LoadedCheckpoint(m, weights, metadata, "sl.models", 0, 42))
     spy = Spy()
     probe = OnlineLearner(config, drift=spy)
@@ -164,22 +166,28 @@ def test_identifiable_weights_load() -> None:
     assert not served.network.training and not any(p.requires_grad for p in served.network.parameters())
 
 
-@pytest.mark.parametrize(("change", "fields", "message"), [
-    (lambda t: t.pop("model.bias"), {}, "weights lack"),
-    (lambda t: t.update({"model.extra": torch.zeros(1)}), {}, "architecture lacks"),
-    (lambda t: t.update({"model.weight": t["model.weight"].double()}), {}, "dtype torch.float64"),
-    (lambda t: t.update({"model.weight": torch.zeros(1, 3)}), {}, "shape [1, 3]"),
-    (lambda t: t.pop("featurizer.m2"), {}, "expected statistics"),
-    (lambda t: t.update({"challenger.model.weight": torch.zeros(1)}), {}, "expected statistics"),
-    (lambda t: t.update({"featurizer.mean": torch.zeros(3, dtype=torch.float64)}), {}, "must be 2 finite"),
-    (lambda t: t.update({"featurizer.mean": torch.tensor([0.0, math.inf], dtype=torch.float64)}), {},
-     "must be 2 finite"),
-    (lambda t: t.update({"target": torch.tensor([2.0, math.nan, 1.0], dtype=torch.float64)}), {}, "target"),
-    (lambda t: None, {"feature_spec": ["b", "a"]}, "differ from the manifest's feature_spec"),
-    (lambda t: None, {"architecture": {**SPEC.to_dict(), "dropout": 0.5}}, "does not know: ['dropout']"),
-    (lambda t: None, {"architecture": {**SPEC.to_dict(), "kind": "nope"}}, "not a model spec"),
-    (lambda t: None, {"architecture": {**SPEC.to_dict(), "kind": "os:getcwd"}}, "cannot build"),
-])
+@pytest.mark.parametrize(
+    ("change", "fields", "message"),
+    [
+        (lambda t: t.pop("model.bias"), {}, "weights lack"),
+        (lambda t: t.update({"model.extra": torch.zeros(1)}), {}, "architecture lacks"),
+        (lambda t: t.update({"model.weight": t["model.weight"].double()}), {}, "dtype torch.float64"),
+        (lambda t: t.update({"model.weight": torch.zeros(1, 3)}), {}, "shape [1, 3]"),
+        (lambda t: t.pop("featurizer.m2"), {}, "expected statistics"),
+        (lambda t: t.update({"challenger.model.weight": torch.zeros(1)}), {}, "expected statistics"),
+        (lambda t: t.update({"featurizer.mean": torch.zeros(3, dtype=torch.float64)}), {}, "must be 2 finite"),
+        (
+            lambda t: t.update({"featurizer.mean": torch.tensor([0.0, math.inf], dtype=torch.float64)}),
+            {},
+            "must be 2 finite",
+        ),
+        (lambda t: t.update({"target": torch.tensor([2.0, math.nan, 1.0], dtype=torch.float64)}), {}, "target"),
+        (lambda t: None, {"feature_spec": ["b", "a"]}, "differ from the manifest's feature_spec"),
+        (lambda t: None, {"architecture": {**SPEC.to_dict(), "dropout": 0.5}}, "does not know: ['dropout']"),
+        (lambda t: None, {"architecture": {**SPEC.to_dict(), "kind": "nope"}}, "not a model spec"),
+        (lambda t: None, {"architecture": {**SPEC.to_dict(), "kind": "os:getcwd"}}, "cannot build"),
+    ],
+)
 def test_loading_is_strict(change: Any, fields: dict[str, Any], message: str) -> None:
     tensors = identifiable(2)
     change(tensors)

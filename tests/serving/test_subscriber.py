@@ -31,8 +31,11 @@ def subscriber(settings: Settings, keypair: Any, **kwargs: Any) -> CheckpointSub
 def send_manifest_record(producer: Any, topic: str, signed: Any) -> int:
     """Produce a manifest record as the publisher would (used to replay or forge one)."""
     headers = [(H_TYPE, b"manifest"), (H_MODEL, signed.model.encode()), (H_VERSION, str(signed.version).encode())]
-    return producer.send(topic, key=signed.model.encode(), value=encode(signed), headers=headers,
-                         partition=0).get(timeout=30).offset
+    return (
+        producer.send(topic, key=signed.model.encode(), value=encode(signed), headers=headers, partition=0)
+        .get(timeout=30)
+        .offset
+    )
 
 
 def failures(metrics: Metrics, reason: str) -> float:
@@ -42,8 +45,9 @@ def failures(metrics: Metrics, reason: str) -> float:
 # -- catching up and following ----------------------------------------------------------
 
 
-def test_catch_up_after_50_versions_reads_the_newest_only_then_follows_forward(settings: Settings, producer,
-                                                                                keypair) -> None:
+def test_catch_up_after_50_versions_reads_the_newest_only_then_follows_forward(
+    settings: Settings, producer, keypair
+) -> None:
     topic = settings.topic_models
     for v in range(1, 51):
         signed = publish(producer, topic, keypair[0], v)
@@ -89,8 +93,12 @@ def test_start_waits_for_a_first_model_and_follows_in_order(settings: Settings, 
     publish(producer, topic, keypair[0], 1)
     swaps: list[tuple[int, int | None]] = []
     metrics = Metrics()
-    sub = subscriber(settings, keypair, metrics=metrics,
-                     on_swap=lambda new, old: swaps.append((new.version, old.version if old else None)))
+    sub = subscriber(
+        settings,
+        keypair,
+        metrics=metrics,
+        on_swap=lambda new, old: swaps.append((new.version, old.version if old else None)),
+    )
     with sub.start(wait_s=30):
         assert sub.version == 1 and swaps == [(1, None)]
         for v in range(2, 6):
@@ -132,8 +140,9 @@ def test_pin_unpin_and_rollback(settings: Settings, producer, keypair) -> None:
     for v in (1, 2, 3):
         publish(producer, topic, keypair[0], v)
     swaps: list[tuple[int, int | None]] = []
-    with subscriber(settings, keypair, on_swap=lambda new, old: swaps.append((new.version, old and old.version))
-                    ) as sub:
+    with subscriber(
+        settings, keypair, on_swap=lambda new, old: swaps.append((new.version, old and old.version))
+    ) as sub:
         assert sub.version == 3
         pinned = sub.pin(1)
         assert sub.current is pinned and pinned.version == 1 and pinned.predict_one(ROW) == 4.0
@@ -170,7 +179,8 @@ def test_a_pinned_version_in_the_settings_is_served_at_start(settings: Settings,
 
 @pytest.mark.slow
 def test_start_raises_when_no_checkpoint_arrives_and_then_a_late_first_version_is_served(
-        settings: Settings, producer, keypair) -> None:
+    settings: Settings, producer, keypair
+) -> None:
     sub = subscriber(settings, keypair)
     with pytest.raises(CheckpointNotFoundError, match="no checkpoint of model 'm'"):
         sub.start(wait_s=2)
@@ -182,8 +192,9 @@ def test_start_raises_when_no_checkpoint_arrives_and_then_a_late_first_version_i
 
 
 @pytest.mark.slow
-def test_a_failing_callback_and_an_unreachable_broker_do_not_kill_the_thread(settings: Settings, producer,
-                                                                               keypair) -> None:
+def test_a_failing_callback_and_an_unreachable_broker_do_not_kill_the_thread(
+    settings: Settings, producer, keypair
+) -> None:
     publish(producer, settings.topic_models, keypair[0], 1)
 
     def explode(new: Any, old: Any) -> None:
@@ -197,11 +208,13 @@ def test_a_failing_callback_and_an_unreachable_broker_do_not_kill_the_thread(set
 
     # A broker that is not there: broker failures are counted, retried with a back-off.
     down = msgspec.structs.replace(settings, bootstrap_servers="127.0.0.1:1")
-    sub = CheckpointSubscriber(down, keypair[1], model=MODEL,
-                               consumer_options={"bootstrap_timeout_ms": 500}).start(wait_s=None)
+    sub = CheckpointSubscriber(down, keypair[1], model=MODEL, consumer_options={"bootstrap_timeout_ms": 500}).start(
+        wait_s=None
+    )
     try:
-        wait_for(lambda: sub.status()["failures_by_reason"].get("broker", 0) >= 3, timeout_s=30,
-                 what="three broker failures")
+        wait_for(
+            lambda: sub.status()["failures_by_reason"].get("broker", 0) >= 3, timeout_s=30, what="three broker failures"
+        )
         assert sub.status()["running"] and sub.current is None
         assert sub.status()["last_error"].startswith("broker:")
     finally:
@@ -211,8 +224,7 @@ def test_a_failing_callback_and_an_unreachable_broker_do_not_kill_the_thread(set
 # -- swaps under load ------------------------------------------------------------------------
 
 
-def test_swaps_under_prediction_load_fail_no_request_and_mix_no_versions(settings: Settings, producer,
-                                                                          keypair) -> None:
+def test_swaps_under_prediction_load_fail_no_request_and_mix_no_versions(settings: Settings, producer, keypair) -> None:
     topic = settings.topic_models
     publish(producer, topic, keypair[0], 1)
     last = 15
@@ -295,7 +307,8 @@ def _missing_chunk(producer: Any, topic: str, keypair: Any, other: Any, tmp_path
     offsets = list(signed.weights.chunk_offsets)
     assert len(offsets) >= 3
     forged = msgspec.structs.replace(
-        signed, weights=msgspec.structs.replace(signed.weights, chunk_offsets=offsets[:-1] + [offsets[0]]))
+        signed, weights=msgspec.structs.replace(signed.weights, chunk_offsets=offsets[:-1] + [offsets[0]])
+    )
     send_manifest_record(producer, topic, sign_manifest(forged, keypair[0]))
 
 
@@ -329,8 +342,7 @@ def _huge_header(producer: Any, topic: str, keypair: Any, other: Any, tmp_path: 
     entries = b",".join(b'"t%d":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}' % i for i in range(100_000))
     header = b"{" + entries + b"}"
     header += b" " * (-len(header) % 8)
-    publish(producer, topic, keypair[0], 2, weights=len(header).to_bytes(8, "little") + header,
-            chunk_bytes=512 * 1024)
+    publish(producer, topic, keypair[0], 2, weights=len(header).to_bytes(8, "little") + header, chunk_bytes=512 * 1024)
 
 
 def _negative_variance(producer: Any, topic: str, keypair: Any, other: Any, tmp_path: Path) -> None:
@@ -356,7 +368,8 @@ REFUSALS = {
 
 @pytest.mark.parametrize("case", list(REFUSALS))
 def test_a_bad_checkpoint_is_refused_and_the_last_good_model_keeps_serving(
-        case: str, settings: Settings, producer, keypair, other_keypair, tmp_path: Path) -> None:
+    case: str, settings: Settings, producer, keypair, other_keypair, tmp_path: Path
+) -> None:
     make_bad, reason, message = REFUSALS[case]
     topic = settings.topic_models
     publish(producer, topic, keypair[0], 1)
@@ -390,7 +403,8 @@ def test_the_pickle_payload_is_live(tmp_path: Path) -> None:
 
 
 def test_a_forged_newest_manifest_at_start_is_passed_over_and_the_last_good_version_served(
-        settings: Settings, producer, keypair, other_keypair) -> None:
+    settings: Settings, producer, keypair, other_keypair
+) -> None:
     """Issue 18.1: a manifest the node cannot verify after the newest good one must not make a
     restarting node serve nothing (it did: the start read stopped at the first manifest record)."""
     topic = settings.topic_models
@@ -424,8 +438,9 @@ def test_chunks_outside_the_window_are_fetched_by_offset(settings: Settings, pro
         sub.stop()
 
 
-def test_a_broker_error_while_loading_retries_the_same_manifest(settings: Settings, producer, keypair,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_broker_error_while_loading_retries_the_same_manifest(
+    settings: Settings, producer, keypair, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from stream_learner.checkpoint.reader import ReadTimeoutError
     from stream_learner.serving import follower
 
@@ -469,8 +484,7 @@ class PartitionProducer:
         return self.inner.send(topic, **{**kwargs, "partition": self.partition})
 
 
-def test_every_partition_is_followed_from_where_the_catch_up_left_it(settings: Settings, producer,
-                                                                       keypair) -> None:
+def test_every_partition_is_followed_from_where_the_catch_up_left_it(settings: Settings, producer, keypair) -> None:
     from kafka import KafkaAdminClient
     from kafka.admin import NewTopic
 

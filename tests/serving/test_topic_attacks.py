@@ -60,8 +60,9 @@ def settled(settings: Settings) -> None:
 def restarted(settings: Settings, keypair: Any, **kwargs: Any) -> tuple[CheckpointSubscriber, list[int]]:
     settled(settings)
     swaps: list[int] = []
-    sub = CheckpointSubscriber(settings, keypair[1], model=MODEL,
-                               on_swap=lambda new, old: swaps.append(new.version), **kwargs)
+    sub = CheckpointSubscriber(
+        settings, keypair[1], model=MODEL, on_swap=lambda new, old: swaps.append(new.version), **kwargs
+    )
     return sub, swaps
 
 
@@ -74,8 +75,9 @@ def raw_producer(settings: Settings, **options: Any) -> KafkaProducer:
 
 
 def _unsigned_4_bytes(producer: Any, settings: Settings, keypair: Any, other: Any, signed: dict) -> None:
-    producer.send(settings.topic_models, key=MODEL.encode(), value=b"\x00\x01\x02\x03", headers=MANIFEST_HEADERS,
-                  partition=0).get(timeout=30)
+    producer.send(
+        settings.topic_models, key=MODEL.encode(), value=b"\x00\x01\x02\x03", headers=MANIFEST_HEADERS, partition=0
+    ).get(timeout=30)
 
 
 def _forged(producer: Any, settings: Settings, keypair: Any, other: Any, signed: dict) -> None:
@@ -83,14 +85,14 @@ def _forged(producer: Any, settings: Settings, keypair: Any, other: Any, signed:
 
 
 def _unsigned_copy(producer: Any, settings: Settings, keypair: Any, other: Any, signed: dict) -> None:
-    send_manifest_record(producer, settings.topic_models, msgspec.structs.replace(signed[3], version=4,
-                                                                                   signature=None))
+    send_manifest_record(producer, settings.topic_models, msgspec.structs.replace(signed[3], version=4, signature=None))
 
 
 def _deeply_nested(producer: Any, settings: Settings, keypair: Any, other: Any, signed: dict) -> None:
     nested = b'{"model":"m","version":99,"drift_state":{"a":' + b"[" * 10_000 + b"]" * 10_000 + b"}}"
-    producer.send(settings.topic_models, key=MODEL.encode(), value=nested, headers=MANIFEST_HEADERS,
-                  partition=0).get(timeout=30)
+    producer.send(settings.topic_models, key=MODEL.encode(), value=nested, headers=MANIFEST_HEADERS, partition=0).get(
+        timeout=30
+    )
 
 
 START_ATTACKS = {
@@ -103,7 +105,8 @@ START_ATTACKS = {
 
 @pytest.mark.parametrize("case", list(START_ATTACKS))
 def test_a_restarting_node_serves_the_last_good_version_past_what_it_cannot_verify(
-        case: str, settings: Settings, producer: Any, keypair: Any, other_keypair: Any) -> None:
+    case: str, settings: Settings, producer: Any, keypair: Any, other_keypair: Any
+) -> None:
     attack, reason = START_ATTACKS[case]
     signed = {v: publish(producer, settings.topic_models, keypair[0], v) for v in (1, 2, 3)}
     served_then_stopped(settings, keypair, 3)
@@ -128,8 +131,9 @@ def test_a_restarting_node_serves_the_last_good_version_past_what_it_cannot_veri
 
 
 @pytest.mark.parametrize("state", ["restarting node", "new node, no state"])
-def test_a_replayed_old_manifest_is_never_served_at_start(state: str, settings: Settings, producer: Any,
-                                                          keypair: Any, tmp_path: Path) -> None:
+def test_a_replayed_old_manifest_is_never_served_at_start(
+    state: str, settings: Settings, producer: Any, keypair: Any, tmp_path: Path
+) -> None:
     signed = {v: publish(producer, settings.topic_models, keypair[0], v) for v in range(1, 6)}
     if state == "restarting node":
         served_then_stopped(settings, keypair, 5)
@@ -149,8 +153,9 @@ def test_a_replayed_old_manifest_is_never_served_at_start(state: str, settings: 
         sub.stop()
 
 
-def test_a_start_version_below_the_floor_is_refused_counted_and_shown(settings: Settings, producer: Any,
-                                                                      keypair: Any) -> None:
+def test_a_start_version_below_the_floor_is_refused_counted_and_shown(
+    settings: Settings, producer: Any, keypair: Any
+) -> None:
     from stream_learner.serving import ServingNode, cold_start_model
 
     from .test_node import call
@@ -181,8 +186,13 @@ def test_a_start_version_below_the_floor_is_refused_counted_and_shown(settings: 
         assert 'stream_learner_serving_swap_failures_total{reason="downgrade"} 1.0' in text
         assert call(node.url, "GET", "/health")[0] == 503
         # Nor does the cold-start model (version 0) serve in its place: it is below the floor too.
-        cold = msgspec.structs.replace(settings, trainer_model=MODEL, trainer_features=["a", "b"],
-                                       trainer_task="regression", trainer_architecture="logreg")
+        cold = msgspec.structs.replace(
+            settings,
+            trainer_model=MODEL,
+            trainer_features=["a", "b"],
+            trainer_task="regression",
+            trainer_architecture="logreg",
+        )
         cold_node = ServingNode(sub, metrics=Metrics(), fallback=cold_start_model(cold)).start()
         try:
             assert call(cold_node.url, "GET", "/health")[0] == 503
@@ -197,7 +207,8 @@ def test_a_start_version_below_the_floor_is_refused_counted_and_shown(settings: 
 
 @pytest.mark.parametrize("state", ["restarting node", "new node, no state"])
 def test_a_replay_the_scan_cannot_rule_out_is_served_only_if_the_floor_vouches_for_it(
-        state: str, settings: Settings, producer: Any, keypair: Any) -> None:
+    state: str, settings: Settings, producer: Any, keypair: Any
+) -> None:
     signed = {v: publish(producer, settings.topic_models, keypair[0], v) for v in (1, 2, 3)}
     served_then_stopped(settings, keypair, 3)
     junk = raw_producer(settings)
@@ -226,8 +237,9 @@ def test_a_replay_the_scan_cannot_rule_out_is_served_only_if_the_floor_vouches_f
 
 
 @pytest.mark.slow
-def test_a_restarting_node_becomes_ready_past_200000_empty_records(settings: Settings, producer: Any,
-                                                                   keypair: Any) -> None:
+def test_a_restarting_node_becomes_ready_past_200000_empty_records(
+    settings: Settings, producer: Any, keypair: Any
+) -> None:
     publish(producer, settings.topic_models, keypair[0], 1)
     publish(producer, settings.topic_models, keypair[0], 2)
     junk = raw_producer(settings)
@@ -247,8 +259,9 @@ def test_a_restarting_node_becomes_ready_past_200000_empty_records(settings: Set
 
 
 @pytest.mark.slow
-def test_a_restarting_node_becomes_ready_past_a_record_over_100_mb(settings: Settings, producer: Any,
-                                                                   keypair: Any) -> None:
+def test_a_restarting_node_becomes_ready_past_a_record_over_100_mb(
+    settings: Settings, producer: Any, keypair: Any
+) -> None:
     publish(producer, settings.topic_models, keypair[0], 1)
     publish(producer, settings.topic_models, keypair[0], 2)
     big = raw_producer(settings, max_request_size=120 * 1024 * 1024)
@@ -265,8 +278,9 @@ def test_a_restarting_node_becomes_ready_past_a_record_over_100_mb(settings: Set
         sub.stop()
 
 
-def test_the_start_scan_makes_progress_across_broker_errors(settings: Settings, producer: Any, keypair: Any,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_start_scan_makes_progress_across_broker_errors(
+    settings: Settings, producer: Any, keypair: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from stream_learner.checkpoint import reader
     from stream_learner.checkpoint.reader import ReadTimeoutError
 
@@ -308,7 +322,8 @@ def rss_kib() -> int:
 
 @pytest.mark.slow
 def test_200000_junk_chunks_while_following_cost_bounded_memory_and_do_not_delay_a_swap(
-        settings: Settings, producer: Any, keypair: Any) -> None:
+    settings: Settings, producer: Any, keypair: Any
+) -> None:
     publish(producer, settings.topic_models, keypair[0], 1)
     sub, _ = restarted(settings, keypair)
     try:
@@ -317,9 +332,20 @@ def test_200000_junk_chunks_while_following_cost_bounded_memory_and_do_not_delay
         junk = raw_producer(settings)
         for i in range(200_000):
             # Chunks of versions that will never come: each kept until evicted.
-            junk.send(settings.topic_models, key=MODEL.encode(), value=b"", partition=0, headers=[
-                (H_TYPE, b"chunk"), (H_MODEL, MODEL.encode()), (H_VERSION, str(10**9 + i).encode()),
-                (H_CHUNK_INDEX, b"0"), (H_CHUNK_COUNT, b"1"), (H_SHA256, b"0" * 64)])
+            junk.send(
+                settings.topic_models,
+                key=MODEL.encode(),
+                value=b"",
+                partition=0,
+                headers=[
+                    (H_TYPE, b"chunk"),
+                    (H_MODEL, MODEL.encode()),
+                    (H_VERSION, str(10**9 + i).encode()),
+                    (H_CHUNK_INDEX, b"0"),
+                    (H_CHUNK_COUNT, b"1"),
+                    (H_SHA256, b"0" * 64),
+                ],
+            )
         junk.flush()
         junk.close()
         step_until(sub, lambda: sub.status()["records_followed"] >= 200_000, timeout_s=120, what="the junk read")
@@ -339,8 +365,9 @@ def test_200000_junk_chunks_while_following_cost_bounded_memory_and_do_not_delay
 
 
 @pytest.mark.slow
-def test_a_record_too_large_to_receive_is_skipped_counted_and_following_goes_on(settings: Settings,
-                                                                                producer: Any, keypair: Any) -> None:
+def test_a_record_too_large_to_receive_is_skipped_counted_and_following_goes_on(
+    settings: Settings, producer: Any, keypair: Any
+) -> None:
     small = msgspec.structs.replace(settings, serving_max_record_bytes=1 << 20)
     publish(producer, settings.topic_models, keypair[0], 1)
     metrics = Metrics()

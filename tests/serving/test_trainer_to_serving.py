@@ -22,11 +22,18 @@ def test_a_subscriber_serves_each_checkpoint_the_trainer_publishes(settings: Set
     (tmp_path / "k.pem").write_bytes(private_pem)
     (tmp_path / "k.pub.pem").write_bytes(public_pem)
     tsettings = msgspec.structs.replace(
-        settings, trainer_model="m", trainer_features=AGRAWAL_FEATURES, trainer_classes=["0", "1"],
-        trainer_hidden=[16], trainer_signing_key=str(tmp_path / "k.pem"),
-        trainer_state_dir=str(tmp_path / "state"), trainer_checkpoint_every_examples=1000,
-        trainer_checkpoint_every_s=3600, trainer_max_wait_ms=200,
-        trainer_group_id=f"{settings.topic_examples}-trainer", serving_public_keys=[str(tmp_path / "k.pub.pem")],
+        settings,
+        trainer_model="m",
+        trainer_features=AGRAWAL_FEATURES,
+        trainer_classes=["0", "1"],
+        trainer_hidden=[16],
+        trainer_signing_key=str(tmp_path / "k.pem"),
+        trainer_state_dir=str(tmp_path / "state"),
+        trainer_checkpoint_every_examples=1000,
+        trainer_checkpoint_every_s=3600,
+        trainer_max_wait_ms=200,
+        trainer_group_id=f"{settings.topic_examples}-trainer",
+        serving_public_keys=[str(tmp_path / "k.pub.pem")],
     )
     producer = make_producer(tsettings)
     for ex in agrawal_examples(3000):
@@ -36,8 +43,9 @@ def test_a_subscriber_serves_each_checkpoint_the_trainer_publishes(settings: Set
 
     served: list[int] = []
     # Started before anything is published: the model name defaults to trainer_model.
-    sub = CheckpointSubscriber(tsettings, load_public_key(public_pem),
-                               on_swap=lambda new, old: served.append(new.version)).start(wait_s=None)
+    sub = CheckpointSubscriber(
+        tsettings, load_public_key(public_pem), on_swap=lambda new, old: served.append(new.version)
+    ).start(wait_s=None)
     trainer = Trainer(tsettings)
     try:
         for _ in range(10_000):
@@ -50,7 +58,7 @@ def test_a_subscriber_serves_each_checkpoint_the_trainer_publishes(settings: Set
         # served grows in on_swap, which runs just after the swap itself.
         wait_for(lambda: served and served[-1] == published[-1], what=f"v{published[-1]}")
         # Each version once, in order (the follower may start after v1 if the trainer is quick).
-        assert served == published[published.index(served[0]):]
+        assert served == published[published.index(served[0]) :]
         model = sub.current
         assert model.manifest == trainer.published[-1] and sub.status()["failures"] == 0
 

@@ -17,10 +17,15 @@ class Record(NamedTuple):
     key: bytes | None = None
 
 
-def chunk(partition: int, offset: int, version: int | str, size: int = 4, index: bytes = b"0",
-          count: bytes = b"1") -> Record:
-    return Record(partition, offset, b"x" * size,
-                  [(H_VERSION, str(version).encode()), (H_CHUNK_INDEX, index), (H_CHUNK_COUNT, count)])
+def chunk(
+    partition: int, offset: int, version: int | str, size: int = 4, index: bytes = b"0", count: bytes = b"1"
+) -> Record:
+    return Record(
+        partition,
+        offset,
+        b"x" * size,
+        [(H_VERSION, str(version).encode()), (H_CHUNK_INDEX, index), (H_CHUNK_COUNT, count)],
+    )
 
 
 #: What a 4-byte chunk costs the window (value, headers, overhead); its headers add 1 byte per version digit.

@@ -155,8 +155,10 @@ class Application:
         """Start the labels, then the clients; ``t0`` is when traffic starts."""
         self.labels.start()
         self.t0 = time.time()
-        self._clients = [threading.Thread(target=self._client, name=f"demo-client-{n}", daemon=True)
-                         for n in range(self.config.clients)]
+        self._clients = [
+            threading.Thread(target=self._client, name=f"demo-client-{n}", daemon=True)
+            for n in range(self.config.clients)
+        ]
         for c in self._clients:
             c.start()
 
@@ -183,8 +185,12 @@ class Application:
             request_id = f"req-{i}"
             asked = time.perf_counter()
             try:
-                conn.request("POST", "/predict", json.dumps({"request_id": request_id, "features": features}),
-                             {"Content-Type": "application/json"})
+                conn.request(
+                    "POST",
+                    "/predict",
+                    json.dumps({"request_id": request_id, "features": features}),
+                    {"Content-Type": "application/json"},
+                )
                 resp = conn.getresponse()
                 body = json.loads(resp.read())
                 if resp.status != 200:
@@ -199,8 +205,9 @@ class Application:
                 continue
             latency = time.perf_counter() - asked
             probs = body["prediction"]
-            self.served[i] = Served(time.time() - self.t0, int(body["model_version"]),
-                                    int(max(probs, key=probs.get)) == y, latency)
+            self.served[i] = Served(
+                time.time() - self.t0, int(body["model_version"]), int(max(probs, key=probs.get)) == y, latency
+            )
             fate = self.fates[i]
             if fate < config.label_missing:
                 continue

@@ -38,8 +38,9 @@ class Baseline:
     correct: list[bool | None]
 
 
-def static_baseline(settings: Settings, rows: list[Row], served: list[Served | None],
-                    drift_index: int) -> Baseline | None:
+def static_baseline(
+    settings: Settings, rows: list[Row], served: list[Served | None], drift_index: int
+) -> Baseline | None:
     """The baseline for this run, or ``None`` when no request before the drift was answered."""
     before = [(i, s) for i, s in enumerate(served[:drift_index]) if s is not None]
     if not before:
@@ -50,7 +51,7 @@ def static_baseline(settings: Settings, rows: list[Row], served: list[Served | N
     correct: list[bool | None] = [None if s is None else s.correct for s in served]
     todo = [i for i in range(first, len(rows)) if served[i] is not None]
     for start in range(0, len(todo), _BATCH):
-        batch = todo[start:start + _BATCH]
+        batch = todo[start : start + _BATCH]
         for i, answer in zip(batch, model.predict([rows[i][0] for i in batch]), strict=True):
             assert isinstance(answer, dict)  # a classifier: class -> probability
             correct[i] = int(max(answer, key=answer.__getitem__)) == rows[i][1]

@@ -42,12 +42,19 @@ def run_demo(base: Settings, config: DemoConfig | None = None, *, progress: bool
     rows = demo_rows(config)
     settings = msgspec.structs.replace(
         base,
-        joiner_window_ms=config.window_ms, joiner_idle_timeout_ms=1000,
-        consumer_session_timeout_ms=6000, consumer_max_poll_interval_ms=3000, consumer_fetch_max_wait_ms=50,
-        trainer_model=MODEL, trainer_features=FEATURES, trainer_classes=["0", "1"],
+        joiner_window_ms=config.window_ms,
+        joiner_idle_timeout_ms=1000,
+        consumer_session_timeout_ms=6000,
+        consumer_max_poll_interval_ms=3000,
+        consumer_fetch_max_wait_ms=50,
+        trainer_model=MODEL,
+        trainer_features=FEATURES,
+        trainer_classes=["0", "1"],
         # Freshness: a checkpoint a second (small model), partial batches after 100 ms.
-        trainer_checkpoint_every_s=1.0, trainer_max_wait_ms=100,
-        serving_model=MODEL, log_format="json",
+        trainer_checkpoint_every_s=1.0,
+        trainer_max_wait_ms=100,
+        serving_model=MODEL,
+        log_format="json",
     )
     work = Path(tempfile.mkdtemp(prefix="stream-learner-demo-"))  # keys and trainer state: fresh each run
     try:
@@ -65,9 +72,11 @@ def _run_in(work: Path, settings: Settings, config: DemoConfig, rows: list[Row],
         (work / "signing.pem").write_bytes(private_pem)
         (work / "signing.pub.pem").write_bytes(public_pem)
         settings = msgspec.structs.replace(
-            servers.settings, trainer_signing_key=str(work / "signing.pem"),
+            servers.settings,
+            trainer_signing_key=str(work / "signing.pem"),
             trainer_state_dir=str(work / "trainer-state"),
-            serving_public_keys=[str(work / "signing.pub.pem")], serving_port=(port := free_port()),
+            serving_public_keys=[str(work / "signing.pub.pem")],
+            serving_port=(port := free_port()),
         )
         procs: list[subprocess.Popen[bytes]] = []
         try:
@@ -81,8 +90,12 @@ def _run_in(work: Path, settings: Settings, config: DemoConfig, rows: list[Row],
 
 def _start(args: Sequence[str], settings: Settings, logfile: Path) -> subprocess.Popen[bytes]:
     with logfile.open("wb") as f:
-        return subprocess.Popen([sys.executable, "-m", "stream_learner.cli", *args], env=settings_env(settings),
-                                stdout=f, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-m", "stream_learner.cli", *args],
+            env=settings_env(settings),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -120,8 +133,14 @@ def _wait_ready(port: int, procs: Sequence[subprocess.Popen[bytes]], timeout_s: 
     raise StreamLearnerError(f"the serving node did not become ready in {timeout_s:.0f} s")
 
 
-def _play(settings: Settings, config: DemoConfig, rows: list[Row], port: int,
-          procs: Sequence[subprocess.Popen[bytes]], progress: bool) -> dict[str, Any]:
+def _play(
+    settings: Settings,
+    config: DemoConfig,
+    rows: list[Row],
+    port: int,
+    procs: Sequence[subprocess.Popen[bytes]],
+    progress: bool,
+) -> dict[str, Any]:
     _wait_ready(port, procs)
     monitor = Monitor(settings)
     monitor.start()
@@ -134,8 +153,15 @@ def _play(settings: Settings, config: DemoConfig, rows: list[Row], port: int,
         sdk.close()
 
 
-def _traffic(settings: Settings, config: DemoConfig, rows: list[Row], port: int, monitor: Monitor,
-             sdk: PredictionLogger, progress: bool) -> dict[str, Any]:
+def _traffic(
+    settings: Settings,
+    config: DemoConfig,
+    rows: list[Row],
+    port: int,
+    monitor: Monitor,
+    sdk: PredictionLogger,
+    progress: bool,
+) -> dict[str, Any]:
     app = Application(config, rows, port, sdk)
     app.start()
     reporter = Progress(config, app.served, monitor, app.t0, app.drift_time, enabled=progress)
@@ -148,8 +174,9 @@ def _traffic(settings: Settings, config: DemoConfig, rows: list[Row], port: int,
     answered = sum(x is not None for x in app.served)
     deadline = time.monotonic() + 30
     complete = False
-    while time.monotonic() < deadline and not (complete := _caught_up(monitor, port, answered,
-                                                                      len(app.labels.sent_at))):
+    while time.monotonic() < deadline and not (
+        complete := _caught_up(monitor, port, answered, len(app.labels.sent_at))
+    ):
         time.sleep(0.5)
     reporter.stop.set()
     reporter.join()
@@ -158,17 +185,27 @@ def _traffic(settings: Settings, config: DemoConfig, rows: list[Row], port: int,
     sdk.close()
     _, model_info = _get(port, "/model")
     baseline = static_baseline(settings, rows, app.served, config.drift_index)
-    summary = summarize(config, app.served, app.failures, monitor.seen, app.labels.sent_at, model_info, app.t0,
-                        app.drift_wall, sdk.stats, baseline)
+    summary = summarize(
+        config,
+        app.served,
+        app.failures,
+        monitor.seen,
+        app.labels.sent_at,
+        model_info,
+        app.t0,
+        app.drift_wall,
+        sdk.stats,
+        baseline,
+    )
     summary["complete"] = complete
     (config.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (config.out / "report.html").write_text(report_html(config, app.served, app.t0, app.drift_wall, summary,
-                                                        baseline))
+    (config.out / "report.html").write_text(report_html(config, app.served, app.t0, app.drift_wall, summary, baseline))
     return summary
 
 
-def _warm_up(sdk: PredictionLogger, monitor: Monitor, procs: Sequence[subprocess.Popen[bytes]],
-             timeout_s: float = 60.0) -> None:
+def _warm_up(
+    sdk: PredictionLogger, monitor: Monitor, procs: Sequence[subprocess.Popen[bytes]], timeout_s: float = 60.0
+) -> None:
     """Wait until the joiner has joined its group: a probe request comes out joined.
 
     A consumer group's first join can take seconds (on Tansu, the rebalance
@@ -193,8 +230,11 @@ def _caught_up(monitor: Monitor, port: int, predictions: int, labels: int) -> bo
         kinds = seen.examples
         newest = max(seen.manifests.values(), key=lambda m: m.version, default=None)
         # Distinct examples: one labeled-or-unlabeled per prediction, one labeled-or-late per label.
-        if (newest is None or kinds["labeled"] + kinds["unlabeled"] != predictions
-                or kinds["labeled"] + kinds["late"] != labels):
+        if (
+            newest is None
+            or kinds["labeled"] + kinds["unlabeled"] != predictions
+            or kinds["labeled"] + kinds["late"] != labels
+        ):
             return False
         # Offsets are the next to apply, per examples partition: the newest
         # checkpoint covers every example the monitor has read.

@@ -58,8 +58,11 @@ class Monitor(threading.Thread):
     def run(self) -> None:
         s = self.settings
         consumer = make_consumer(s, None)
-        tps = [TopicPartition(t, p) for t in (s.topic_examples, s.topic_models, s.topic_drift)
-               for p in sorted(consumer.partitions_for_topic(t) or ())]
+        tps = [
+            TopicPartition(t, p)
+            for t in (s.topic_examples, s.topic_models, s.topic_drift)
+            for p in sorted(consumer.partitions_for_topic(t) or ())
+        ]
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
         try:
@@ -101,8 +104,16 @@ class Monitor(threading.Thread):
 class Progress(threading.Thread):
     """One status line a second: requests, served accuracy, model version, drift."""
 
-    def __init__(self, config: DemoConfig, served: list[Served | None], monitor: Monitor, t0: float,
-                 drift_time: list[float], *, enabled: bool) -> None:
+    def __init__(
+        self,
+        config: DemoConfig,
+        served: list[Served | None],
+        monitor: Monitor,
+        t0: float,
+        drift_time: list[float],
+        *,
+        enabled: bool,
+    ) -> None:
         super().__init__(name="demo-progress", daemon=True)
         self.config, self.served, self.monitor, self.t0 = config, served, monitor, t0
         self.drift_time = drift_time
@@ -116,15 +127,16 @@ class Progress(threading.Thread):
             ticks += 1
             # On a terminal the line rewrites itself each second; in a log, one every 5 s.
             if self.enabled and (self.tty or ticks % 5 == 0):
-                print(("\r" if self.tty else "") + self.line(), end="" if self.tty else "\n",
-                      file=sys.stderr, flush=True)
+                print(
+                    ("\r" if self.tty else "") + self.line(), end="" if self.tty else "\n", file=sys.stderr, flush=True
+                )
         if self.enabled and self.tty:
             print(file=sys.stderr)
 
     def line(self) -> str:
         """The current status line."""
         done = [s for s in self.served if s is not None]
-        recent = done[-self.config.rolling_window:]
+        recent = done[-self.config.rolling_window :]
         acc = sum(s.correct for s in recent) / len(recent) if recent else float("nan")
         drift_ms = self.drift_time[0] * 1000 if self.drift_time else None
         with self.monitor.lock:
@@ -136,6 +148,8 @@ class Progress(threading.Thread):
         if drifts:
             drift += f", detected by {drifts[0].detector}"
         version = done[-1].version if done else "-"
-        return (f"[{time.time() - self.t0:5.1f}s] served {len(done):>6,}/{self.config.requests:,}  "
-                f"examples {examples:>6,}  served acc (last {self.config.rolling_window}) {acc:.3f}  model v{version}  "
-                f"{drift}   ")
+        return (
+            f"[{time.time() - self.t0:5.1f}s] served {len(done):>6,}/{self.config.requests:,}  "
+            f"examples {examples:>6,}  served acc (last {self.config.rolling_window}) {acc:.3f}  model v{version}  "
+            f"{drift}   "
+        )

@@ -93,9 +93,18 @@ def _mean(values: Sequence[bool]) -> float | None:
     return round(sum(values) / len(values), 4) if values else None
 
 
-def summarize(config: DemoConfig, served: list[Served | None], failures: Counter[str], seen: Observed,
-              label_sent_at: dict[str, float], model_info: dict[str, Any], t0: float, drift_wall: float | None,
-              sdk_stats: SDKStats, baseline: Baseline | None = None) -> dict[str, Any]:
+def summarize(
+    config: DemoConfig,
+    served: list[Served | None],
+    failures: Counter[str],
+    seen: Observed,
+    label_sent_at: dict[str, float],
+    model_info: dict[str, Any],
+    t0: float,
+    drift_wall: float | None,
+    sdk_stats: SDKStats,
+    baseline: Baseline | None = None,
+) -> dict[str, Any]:
     """The summary of a run, as ``summary.json`` has it."""
     answered = [(i, s) for i, s in enumerate(served) if s is not None]
     k = config.drift_index
@@ -111,7 +120,8 @@ def summarize(config: DemoConfig, served: list[Served | None], failures: Counter
     if baseline is not None and curves.static is not None:
         kept = [(i, bool(baseline.correct[i])) for i, _ in answered]
         static = {
-            "version": baseline.version, "from_request": baseline.first,
+            "version": baseline.version,
+            "from_request": baseline.first,
             "after_drift": _mean([c for i, c in kept if i >= k]),
             "worst_after_drift": round(_drop(curves.static, after), 4),
             "final": _mean([c for _, c in kept if _ >= k][-3000:]),
@@ -128,8 +138,9 @@ def summarize(config: DemoConfig, served: list[Served | None], failures: Counter
         if where is None:
             continue
         p, o = where
-        version = next((v for v, m in covers if any(src.partition == p and src.offset > o
-                                                   for src in m.input_offsets)), None)
+        version = next(
+            (v for v, m in covers if any(src.partition == p and src.offset > o for src in m.input_offsets)), None
+        )
         if version is None:
             continue
         at = next((t for t, v in swaps if v >= version and t >= sent), None)
@@ -138,10 +149,16 @@ def summarize(config: DemoConfig, served: list[Served | None], failures: Counter
     total = len(served)
     return {
         "requests": {"sent": total, "answered": len(answered), "failed": dict(failures)},
-        "labels": {"sent": len(label_sent_at), "never_sent": total - len(label_sent_at),
-                   "sdk_failed": sdk_stats.failed, "sdk_dropped": sdk_stats.dropped},
-        "examples": {**{kind: seen.examples[kind] for kind in ("labeled", "unlabeled", "late")},
-                     "duplicates": seen.duplicates},
+        "labels": {
+            "sent": len(label_sent_at),
+            "never_sent": total - len(label_sent_at),
+            "sdk_failed": sdk_stats.failed,
+            "sdk_dropped": sdk_stats.dropped,
+        },
+        "examples": {
+            **{kind: seen.examples[kind] for kind in ("labeled", "unlabeled", "late")},
+            "duplicates": seen.duplicates,
+        },
         "join_rates": {kind: round(seen.examples[kind] / total, 4) for kind in ("labeled", "unlabeled", "late")},
         "served_accuracy": {
             "before_drift": round(pre_acc, 4),
@@ -152,8 +169,11 @@ def summarize(config: DemoConfig, served: list[Served | None], failures: Counter
             "rolling_window": curves.window,
         },
         "static_baseline": static,
-        "latency_ms": {"p50": _round(quantile(latencies, 0.5)), "p99": _round(quantile(latencies, 0.99)),
-                       "max": _round(max(latencies, default=None))},
+        "latency_ms": {
+            "p50": _round(quantile(latencies, 0.5)),
+            "p99": _round(quantile(latencies, 0.99)),
+            "max": _round(max(latencies, default=None)),
+        },
         "drift": {
             "at_request": k,
             "at_s": round(drift_wall - t0, 2) if drift_wall else None,
@@ -163,11 +183,17 @@ def summarize(config: DemoConfig, served: list[Served | None], failures: Counter
             "drift_events": len(drifts),
             "warnings": sum(d.kind == "warning" for d in seen.drift),
         },
-        "checkpoints": {"published": len(seen.manifests), "newest": max(seen.manifests, default=None),
-                        "swaps_at_node": len(swaps),
-                        "node_failures": model_info.get("status", {}).get("failures")},
-        "freshness_s": {"labels": len(fresh), "p50": _round(quantile(fresh, 0.5)),
-                        "p99": _round(quantile(fresh, 0.99))},
+        "checkpoints": {
+            "published": len(seen.manifests),
+            "newest": max(seen.manifests, default=None),
+            "swaps_at_node": len(swaps),
+            "node_failures": model_info.get("status", {}).get("failures"),
+        },
+        "freshness_s": {
+            "labels": len(fresh),
+            "p50": _round(quantile(fresh, 0.5)),
+            "p99": _round(quantile(fresh, 0.99)),
+        },
         "report": str(config.out / "report.html"),
     }
 
@@ -176,19 +202,28 @@ def describe(summary: dict[str, Any]) -> str:
     """The summary in a few lines for a person (the JSON has everything)."""
     r, acc, d, c, f = (summary[k] for k in ("requests", "served_accuracy", "drift", "checkpoints", "freshness_s"))
     ex, lat, static = summary["examples"], summary["latency_ms"], summary["static_baseline"]
-    detected = (f"detected {d['detected_after_s']} s later by {d['detector']}" if d["detected_after_s"] is not None
-                else "not detected")
+    detected = (
+        f"detected {d['detected_after_s']} s later by {d['detector']}"
+        if d["detected_after_s"] is not None
+        else "not detected"
+    )
     lines = [
         f"requests   {r['answered']:,} answered of {r['sent']:,}, failed: {r['failed'] or 'none'}",
-        (f"examples   {ex['labeled']:,} labeled, {ex['unlabeled']:,} unlabeled, {ex['late']:,} late"
-         f" (all accounted for: {'yes' if summary['complete'] else 'NO'})"),
-        (f"served acc before the drift {acc['before_drift']}, after {acc['after_drift']} (worst"
-         f" {acc['worst_after_drift']} over {acc['rolling_window']} requests), final {acc['final']};"
-         f" back to 95% after {acc['recovered_to_95pct_after_requests']} requests"),
+        (
+            f"examples   {ex['labeled']:,} labeled, {ex['unlabeled']:,} unlabeled, {ex['late']:,} late"
+            f" (all accounted for: {'yes' if summary['complete'] else 'NO'})"
+        ),
+        (
+            f"served acc before the drift {acc['before_drift']}, after {acc['after_drift']} (worst"
+            f" {acc['worst_after_drift']} over {acc['rolling_window']} requests), final {acc['final']};"
+            f" back to 95% after {acc['recovered_to_95pct_after_requests']} requests"
+        ),
     ]
     if static is not None:
-        lines.append(f"no learning v{static['version']} kept from request {static['from_request']:,}: after the drift"
-                     f" {static['after_drift']} (worst {static['worst_after_drift']}), final {static['final']}")
+        lines.append(
+            f"no learning v{static['version']} kept from request {static['from_request']:,}: after the drift"
+            f" {static['after_drift']} (worst {static['worst_after_drift']}), final {static['final']}"
+        )
     lines += [
         f"latency    p50 {lat['p50']} ms, p99 {lat['p99']} ms, max {lat['max']} ms (request -> answer)",
         f"drift      at {d['at_s']} s (request {d['at_request']:,}), {detected}",
@@ -244,8 +279,14 @@ def _per_second(points: Sequence[Served]) -> list[tuple[float, float, float]]:
     return [(t + 0.5, quantile(v, 0.5) or 0.0, quantile(v, 0.99) or 0.0) for t, v in sorted(buckets.items())]
 
 
-def report_html(config: DemoConfig, served: list[Served | None], t0: float, drift_wall: float | None,
-                summary: dict[str, Any], baseline: Baseline | None = None) -> str:
+def report_html(
+    config: DemoConfig,
+    served: list[Served | None],
+    t0: float,
+    drift_wall: float | None,
+    summary: dict[str, Any],
+    baseline: Baseline | None = None,
+) -> str:
     """A self-contained HTML page: the summary and an SVG plot of served accuracy and latency over time.
 
     The plot is also written alone to ``served_accuracy.svg`` in ``config.out``.
@@ -272,15 +313,19 @@ def report_html(config: DemoConfig, served: list[Served | None], t0: float, drif
         extra = f' stroke-dasharray="{dash}"' if dash else ""
         return f'<polyline fill="none" stroke="{color}" stroke-width="1.6"{extra} points="{pts}"/>'
 
-    parts = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
-              f'font-size="11">'),
-             (f'<rect x="{left}" y="{acc_top}" width="{w - left - right}" height="{acc_h}" fill="#fafafa" '
-              f'stroke="#ccc"/>'),
-             (f'<text x="{left}" y="14" font-size="13" font-weight="bold">Served accuracy, last '
-              f'{curves.window} requests (from the first full window)</text>')]
+    parts = [
+        (f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">'),
+        (f'<rect x="{left}" y="{acc_top}" width="{w - left - right}" height="{acc_h}" fill="#fafafa" stroke="#ccc"/>'),
+        (
+            f'<text x="{left}" y="14" font-size="13" font-weight="bold">Served accuracy, last '
+            f"{curves.window} requests (from the first full window)</text>"
+        ),
+    ]
     for a in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0):
-        parts.append(f'<line x1="{left}" x2="{w - right}" y1="{y(a):.1f}" y2="{y(a):.1f}" stroke="#e4e4e4"/>'
-                     f'<text x="{left - 6}" y="{y(a) + 4:.1f}" text-anchor="end">{a:.1f}</text>')
+        parts.append(
+            f'<line x1="{left}" x2="{w - right}" y1="{y(a):.1f}" y2="{y(a):.1f}" stroke="#e4e4e4"/>'
+            f'<text x="{left - 6}" y="{y(a) + 4:.1f}" text-anchor="end">{a:.1f}</text>'
+        )
     ticks = range(0, int(t_max) + 1, 10 if t_max > 30 else 5)
     for t in ticks:
         for bottom in (acc_top + acc_h, lat_top + lat_h):
@@ -289,8 +334,10 @@ def report_html(config: DemoConfig, served: list[Served | None], t0: float, drif
     last = None
     for s in points:
         if s.version != last:
-            parts.append(f'<line x1="{x(s.sent_at):.1f}" x2="{x(s.sent_at):.1f}" y1="{acc_top + acc_h}" '
-                         f'y2="{acc_top + acc_h - 8}" stroke="#4a7"><title>v{s.version}</title></line>')
+            parts.append(
+                f'<line x1="{x(s.sent_at):.1f}" x2="{x(s.sent_at):.1f}" y1="{acc_top + acc_h}" '
+                f'y2="{acc_top + acc_h - 8}" stroke="#4a7"><title>v{s.version}</title></line>'
+            )
             last = s.version
     marks: list[tuple[float, str, str]] = []
     if drift_wall is not None:
@@ -299,9 +346,11 @@ def report_html(config: DemoConfig, served: list[Served | None], t0: float, drif
         marks.append((summary["drift"]["detected_at_s"], "#e90", "detected"))
     marks.sort()
     for (at, color, label), row in zip(marks, label_rows([(x(at), lab) for at, _, lab in marks]), strict=True):
-        parts.append(f'<line x1="{x(at):.1f}" x2="{x(at):.1f}" y1="{acc_top - 4 - 13 * row}" '
-                     f'y2="{lat_top + lat_h}" stroke="{color}" stroke-dasharray="5,3"/>'
-                     f'<text x="{x(at) + 3:.1f}" y="{acc_top - 6 - 13 * row}" fill="{color}">{label}</text>')
+        parts.append(
+            f'<line x1="{x(at):.1f}" x2="{x(at):.1f}" y1="{acc_top - 4 - 13 * row}" '
+            f'y2="{lat_top + lat_h}" stroke="{color}" stroke-dasharray="5,3"/>'
+            f'<text x="{x(at) + 3:.1f}" y="{acc_top - 6 - 13 * row}" fill="{color}">{label}</text>'
+        )
     legend = [("#247", "", "served (learning live)")]
     if baseline is not None and curves.static is not None:
         start = next((n for n, i in enumerate(curves.index) if i >= baseline.first), len(points))
@@ -316,18 +365,28 @@ def report_html(config: DemoConfig, served: list[Served | None], t0: float, drif
     def ly(ms: float) -> float:
         return lat_top + lat_h * (1 - min(ms, top_ms) / top_ms)
 
-    parts.append(f'<text x="{left}" y="{lat_top - 8}" font-size="13" font-weight="bold">Latency per second'
-                 f' (request to answer), ms</text>')
-    parts.append(f'<rect x="{left}" y="{lat_top}" width="{w - left - right}" height="{lat_h}" fill="#fafafa" '
-                 f'stroke="#ccc"/>')
+    parts.append(
+        f'<text x="{left}" y="{lat_top - 8}" font-size="13" font-weight="bold">Latency per second'
+        f" (request to answer), ms</text>"
+    )
+    parts.append(
+        f'<rect x="{left}" y="{lat_top}" width="{w - left - right}" height="{lat_h}" fill="#fafafa" stroke="#ccc"/>'
+    )
     for ms in (0.0, top_ms / 2, top_ms):
-        parts.append(f'<line x1="{left}" x2="{w - right}" y1="{ly(ms):.1f}" y2="{ly(ms):.1f}" stroke="#e4e4e4"/>'
-                     f'<text x="{left - 6}" y="{ly(ms) + 4:.1f}" text-anchor="end">{ms:g}</text>')
+        parts.append(
+            f'<line x1="{left}" x2="{w - right}" y1="{ly(ms):.1f}" y2="{ly(ms):.1f}" stroke="#e4e4e4"/>'
+            f'<text x="{left - 6}" y="{ly(ms) + 4:.1f}" text-anchor="end">{ms:g}</text>'
+        )
     for i, color in ((1, "#6a3"), (2, "#a36")):
         pts = " ".join(f"{x(p[0]):.1f},{ly(p[i]):.1f}" for p in seconds)
         parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.4" points="{pts}"/>')
-    legend += [("#6a3", "", "latency p50"), ("#a36", "", "latency p99"), ("#c33", "5,3", "drift (concept changes)"),
-               ("#e90", "5,3", "drift detected"), ("#4a7", "", "model swap at the node (tick)")]
+    legend += [
+        ("#6a3", "", "latency p50"),
+        ("#a36", "", "latency p99"),
+        ("#c33", "5,3", "drift (concept changes)"),
+        ("#e90", "5,3", "drift detected"),
+        ("#4a7", "", "model swap at the node (tick)"),
+    ]
     # The legend under the plots, entries flowing left to right, wrapped to the width.
     lx, row = float(left), 0
     for color, dash, text in legend:
@@ -336,17 +395,26 @@ def report_html(config: DemoConfig, served: list[Served | None], t0: float, drif
             lx, row = float(left), row + 1
         ly_ = legend_top + 18 * row
         extra = f' stroke-dasharray="{dash}"' if dash else ""
-        parts.append(f'<line x1="{lx:.1f}" x2="{lx + 22:.1f}" y1="{ly_ - 4}" y2="{ly_ - 4}" stroke="{color}" '
-                     f'stroke-width="2"{extra}/><text x="{lx + 28:.1f}" y="{ly_}">{escape(text)}</text>')
+        parts.append(
+            f'<line x1="{lx:.1f}" x2="{lx + 22:.1f}" y1="{ly_ - 4}" y2="{ly_ - 4}" stroke="{color}" '
+            f'stroke-width="2"{extra}/><text x="{lx + 28:.1f}" y="{ly_}">{escape(text)}</text>'
+        )
         lx += width
     if baseline is not None:
-        parts.append(f'<text x="{left}" y="{legend_top + 18 * (row + 1) + 4}" fill="#555">Without learning: the '
-                     f'version the node served when the concept changed (read back from the model topic) answers '
-                     f'every later request of this run,</text><text x="{left}" y="{legend_top + 18 * (row + 1) + 18}"'
-                     f' fill="#555">scored like the live answers.</text>')
+        parts.append(
+            f'<text x="{left}" y="{legend_top + 18 * (row + 1) + 4}" fill="#555">Without learning: the '
+            f"version the node served when the concept changed (read back from the model topic) answers "
+            f'every later request of this run,</text><text x="{left}" y="{legend_top + 18 * (row + 1) + 18}"'
+            f' fill="#555">scored like the live answers.</text>'
+        )
     parts.append("</svg>")
     svg = "\n".join(parts)
     (config.out / "served_accuracy.svg").write_text(svg)
-    return ("<!doctype html><meta charset='utf-8'><title>stream-learner demo</title>"
-            "<h1>stream-learner demo</h1>" + svg +
-            "<h2>Summary</h2><pre>" + escape(json.dumps(summary, indent=2)) + "</pre>")
+    return (
+        "<!doctype html><meta charset='utf-8'><title>stream-learner demo</title>"
+        "<h1>stream-learner demo</h1>"
+        + svg
+        + "<h2>Summary</h2><pre>"
+        + escape(json.dumps(summary, indent=2))
+        + "</pre>"
+    )
