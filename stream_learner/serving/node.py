@@ -362,9 +362,20 @@ class ServingNode:
             await self._stopped.wait()
         finally:
             server.close()
-            for connection in list(self._connections):
-                connection.writer.transport.abort()
-            await asyncio.sleep(0)
+            await self._drain()
+
+    async def _drain(self) -> None:
+        """Stop accepting, close idle connections, let requests in flight finish (bounded), abort the rest."""
+        for connection in list(self._connections):
+            if connection.idle:
+                connection.close()
+        # Bounded well inside a container's default 10 s stop grace, slow clients or not.
+        deadline = time.monotonic() + min(self.limits.request_timeout_s, 5.0)
+        while any(not c.idle for c in self._connections) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for connection in list(self._connections):
+            connection.writer.transport.abort()
+        await asyncio.sleep(0)
 
     def _admit_connection(self, connection: _Connection) -> bool:
         """Room for one more connection: close the one idle the longest if need be."""
@@ -441,7 +452,8 @@ class ServingNode:
         except ValueError as exc:
             await self._write(writer, _response(HTTPStatus.BAD_REQUEST, {"error": str(exc)}, close=True), deadline)
             return False
-        keep_alive = _keep_alive(version, headers)
+        # A node that is stopping answers this request and then closes the connection.
+        keep_alive = _keep_alive(version, headers) and not (self._stopped is not None and self._stopped.is_set())
         if method == "GET":
             status, body, content_type = self._get(path)
             await self._write(

@@ -288,3 +288,36 @@ def test_the_serve_process_exports_serving_metrics_only_and_its_health(
         proc.send_signal(signal.SIGTERM)
         out = proc.communicate(timeout=30)[0].decode()
     assert proc.returncode in (0, 130), out[-2000:]
+
+
+def test_stop_finishes_the_request_in_flight_closes_idle_connections_and_stops_accepting(node: ServingNode) -> None:
+    import socket
+    import threading
+
+    host, port = node.url.removeprefix("http://").split(":")
+    body = json.dumps({"features": ROW}).encode()
+    head = f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    idle = socket.create_connection((host, int(port)), timeout=10)
+    busy = socket.create_connection((host, int(port)), timeout=10)
+    try:
+        busy.sendall(head.encode())  # a request half sent when the stop comes
+        wait_for(lambda: any(not c.idle for c in node._connections), 5, "the node reading the request")
+        stopper = threading.Thread(target=node.stop)
+        stopper.start()
+        wait_for(lambda: node._stopped is not None and node._stopped.is_set(), 5, "the stop")
+        assert idle.recv(1024) == b""  # the idle connection is closed at once
+        with pytest.raises(OSError):
+            socket.create_connection((host, int(port)), timeout=2)  # nothing new is accepted
+        busy.sendall(b"\r\n" + body)
+        reply = b""
+        while chunk := busy.recv(65536):
+            reply += chunk
+        stopper.join(10)
+        assert not stopper.is_alive()
+    finally:
+        idle.close()
+        busy.close()
+    status_line, _, rest = reply.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 200 OK", reply
+    assert b"Connection: close" in rest
+    assert "prediction" in json.loads(rest.partition(b"\r\n\r\n")[2])
