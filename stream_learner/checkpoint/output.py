@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 import msgspec
+import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from kafka import KafkaProducer
 
@@ -26,10 +27,11 @@ from ..bus import make_producer
 from ..config import Settings
 from ..events import MANIFEST, CheckpointManifest, encode
 from ..util.files import atomic_write
-from .errors import CheckpointNotFoundError
 from .publish import publish_checkpoint, weights_info
-from .reader import make_reader_consumer, read_latest
+from .reader import make_reader_consumer, newest_version
 from .signing import sign_manifest
+
+log = structlog.get_logger(__name__)
 
 
 class Output(Protocol):
@@ -67,13 +69,21 @@ class TopicOutput:
     def latest_version(self) -> int:
         consumer = make_reader_consumer(self.settings)
         try:
-            return read_latest(
+            version, refused = newest_version(
                 consumer, self.settings.topic_models, self.private_key.public_key(), self.lineage
-            ).manifest.version
-        except CheckpointNotFoundError:
-            return 0
+            )
         finally:
             consumer.close()
+        for r in refused:  # unsigned or forged records at the end must not stop the trainer
+            log.warning(
+                "output_record_refused",
+                lineage=self.lineage,
+                reason=r.reason,
+                partition=r.partition,
+                offset=r.offset,
+                error=str(r.error),
+            )
+        return version
 
     def publish(self, manifest: CheckpointManifest, weights: bytes) -> CheckpointManifest:
         return publish_checkpoint(

@@ -51,8 +51,10 @@ without the key appended: it verifies every manifest it meets, goes on
 past what it refuses, confirms a candidate only once it has read back to
 its chunks (so a replayed old manifest loses to the versions between),
 refuses versions below a floor, and runs in bounded, resumable steps.
-:func:`read_latest` keeps its own rule (the newest manifest record is
-authoritative, never a fallback), which the trainer's output relies on.
+:func:`newest_version` runs it to its end for a trainer numbering its
+versions. :func:`read_latest` keeps its own rule (the newest manifest
+record is authoritative, never a fallback): a tool's or a test's precise
+answer about what is at the end of the topic.
 
 **Following the topic.** A subscriber that reads the topic forward (see
 :mod:`stream_learner.serving`) already holds each new manifest record; it
@@ -273,6 +275,36 @@ def _read(
         finally:
             consumer.close()
     return _Reader(source, topic, time.monotonic() + timeout_s).load(keys, model, version, limits)
+
+
+def newest_version(
+    consumer: KafkaConsumer,
+    topic: str,
+    public_key: PublicKeys,
+    model: str,
+    *,
+    timeout_s: float = 60.0,
+    limits: ScanLimits | None = None,
+) -> tuple[int, list[Refusal]]:
+    """The highest *signed* version of ``model`` on the topic (0 if none), and what the scan refused.
+
+    A :class:`LatestScan` run to its end: records a writer without the key
+    appended (unsigned, forged or malformed manifests) are passed over and
+    returned as refusals instead of raising, so they cannot stop a trainer
+    numbering its versions; a signed manifest counts whatever became of its
+    chunks, so no version number is ever used twice. Raises
+    :class:`ReadTimeoutError` if the scan does not finish within ``timeout_s``.
+    """
+    scan = LatestScan(topic, public_key, model, limits=limits)
+    tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+    if not tps:
+        raise CheckpointError(f"topic {topic!r} does not exist or has no partitions")
+    scan.start(consumer.beginning_offsets(tps), consumer.end_offsets(tps))
+    deadline = time.monotonic() + timeout_s
+    while scan.step(consumer, deadline_s=max(0.1, deadline - time.monotonic())) is None:
+        if time.monotonic() > deadline:
+            raise ReadTimeoutError(f"the scan of {topic!r} for {model!r} did not finish in {timeout_s:g} s")
+    return scan.highest_verified or 0, scan.take_refusals()
 
 
 def record_header(record: Any, name: str) -> bytes | None:

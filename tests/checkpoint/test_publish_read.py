@@ -374,3 +374,25 @@ def test_a_chunk_above_the_brokers_limit_is_refused_before_any_manifest(
         publish(producer, settings.topic_models, keypair[0], 1, chunk_bytes=2 * 1024 * 1024)
     with pytest.raises(CheckpointNotFoundError):
         read_latest(consumer, settings.topic_models, keypair[1], "churn")
+
+
+def test_records_without_the_key_at_the_end_do_not_stop_the_trainer_numbering_its_versions(
+    settings: Settings, producer, consumer, keypair
+) -> None:
+    from stream_learner.checkpoint.output import TopicOutput
+
+    private, public = keypair
+    topic = settings.topic_models
+    publish(producer, topic, private, 1, hidden=16, chunk_bytes=1 << 20)
+    _, _, v2 = publish(producer, topic, private, 2, hidden=16, chunk_bytes=1 << 20)
+    headers = [(H_TYPE, b"manifest"), (H_MODEL, b"churn"), (H_VERSION, b"99")]
+    producer.send(topic, key=b"churn", value=b"\x00\x01\x02\x03", headers=headers).get(timeout=30)  # unsigned
+    forged = msgspec.structs.replace(v2, version=99)  # its signature no longer matches
+    send_manifest(producer, topic, forged)
+    with pytest.raises(CheckpointError):
+        read_latest(consumer, topic, public, "churn")  # the strict reader names what is at the end
+    output = TopicOutput(settings, "churn", private, producer=producer)
+    try:
+        assert output.latest_version() == 2  # was: the trainer's start raised, and so every restart
+    finally:
+        output.close()
