@@ -52,6 +52,17 @@ Positive = Annotated[int, Meta(ge=1)]
 TopicName = Annotated[str, Meta(min_length=1, max_length=249, pattern=r"^[A-Za-z0-9._-]+$")]
 
 
+def _has_hash_tag(key: str) -> bool:
+    """True if ``key`` holds a Redis Cluster hash tag: a non-empty ``{...}``.
+
+    >>> _has_hash_tag("sl:{j}:"), _has_hash_tag("sl:j:"), _has_hash_tag("sl:{}:")
+    (True, False, False)
+    """
+    start = key.find("{")
+    end = key.find("}", start + 1) if start >= 0 else -1
+    return end > start + 1
+
+
 class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Every setting of every role.
 
@@ -108,6 +119,8 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Client certificate (PEM) for Redis TLS (rediss:// only)."""
     redis_ssl_keyfile: str | None = None
     """Private key (PEM) of redis_ssl_certfile."""
+    redis_cluster: bool = False
+    """redis_url names a node of a Redis Cluster: each role talks to the primary owning its keys' slot."""
 
     # Topics (docs/architecture.md, "Topics").
     topic_predictions: TopicName = "sl.predictions"
@@ -348,6 +361,9 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
                 raise ValueError("sasl_username and sasl_password are required for SASL")
         if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
             raise ValueError("ssl_certfile and ssl_keyfile must be set together")
+        if self.redis_cluster and not _has_hash_tag(self.joiner_redis_prefix):
+            # Without one the join's keys spread over slots and its atomic script cannot run.
+            raise ValueError("joiner_redis_prefix needs a hash tag ({...}) when redis_cluster is set")
         if self.joiner_state_ttl_ms < self.joiner_window_ms + self.joiner_late_retention_ms:
             raise ValueError("joiner_state_ttl_ms must be at least joiner_window_ms + joiner_late_retention_ms")
 

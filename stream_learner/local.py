@@ -167,44 +167,7 @@ class LocalServers:
 
     def start_redis(self, timeout_s: float = 30.0) -> None:
         """Start Valkey with the append-only file on and wait for PING."""
-        data = self.workdir / "valkey"
-        data.mkdir(exist_ok=True)
-        log_path = self.workdir / "valkey.log"
-        self.redis = subprocess.Popen(
-            [
-                valkey_binary(),
-                "--port",
-                str(self.redis_port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(data),
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "everysec",
-                "--save",
-                "",
-                "--protected-mode",
-                "no",
-                "--daemonize",
-                "no",
-            ],
-            stdout=log_path.open("ab"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-        def check() -> None:
-            import redis
-
-            client = redis.Redis.from_url(self.redis_url, socket_timeout=1)
-            try:
-                client.ping()
-            finally:
-                client.close()
-
-        _wait(check, "Valkey", self.redis, log_path, timeout_s)
+        self.redis = _start_valkey(self.redis_port, self.workdir / "valkey", self.workdir / "valkey.log", timeout_s)
 
     @staticmethod
     def _stop(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM) -> None:
@@ -244,6 +207,182 @@ class LocalServers:
             "pids": [p.pid for p in (self.kafka, self.redis) if p is not None],
             "workdir": str(self.workdir),
         }
+
+
+def _start_valkey(
+    port: int, data: Path, log_path: Path, timeout_s: float, extra: tuple[str, ...] = ()
+) -> subprocess.Popen[bytes]:
+    """One Valkey on ``127.0.0.1:port`` with the append-only file on, answering PING."""
+    data.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [
+            valkey_binary(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(data),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "",
+            "--protected-mode",
+            "no",
+            "--daemonize",
+            "no",
+            *extra,
+        ],
+        stdout=log_path.open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+    def check() -> None:
+        import redis
+
+        client = redis.Redis(port=port, socket_timeout=1)
+        try:
+            client.ping()
+        finally:
+            client.close()
+
+    _wait(check, "Valkey", proc, log_path, timeout_s)
+    return proc
+
+
+class LocalValkeyCluster:
+    """A Valkey cluster of ``size`` primaries on free loopback ports, the 16384 slots split evenly.
+
+    For tests of the roles on Redis Cluster: :attr:`url` names one node
+    (a role finds the others), :meth:`owner` says which node holds a key's
+    slot, :meth:`move_slot` moves a slot and its keys to another node as an
+    operator resharding would, and :meth:`kill` stops one node.
+    """
+
+    SLOTS = 16384
+
+    def __init__(self, size: int = 3, workdir: str | Path | None = None) -> None:
+        self.size = size
+        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="sl-cluster-"))
+        self.ports = [free_port() for _ in range(size)]
+        self.bus_ports = [free_port() for _ in range(size)]  # the default, port + 10000, may be taken or too high
+        self.procs: list[subprocess.Popen[bytes] | None] = []
+
+    @property
+    def url(self) -> str:
+        """``redis://`` URL of the first node."""
+        return f"redis://127.0.0.1:{self.ports[0]}/0"
+
+    def client(self, index: int) -> Any:
+        """A plain client of node ``index``."""
+        import redis
+
+        return redis.Redis(port=self.ports[index], socket_timeout=5)
+
+    def start(self, timeout_s: float = 30.0) -> LocalValkeyCluster:
+        """Start the nodes, give each its share of the slots, join them and wait for ``cluster_state:ok``."""
+        for i, port in enumerate(self.ports):
+            extra = (
+                *("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
+                *("--cluster-node-timeout", "2000", "--cluster-port", str(self.bus_ports[i])),
+            )
+            self.procs.append(
+                _start_valkey(port, self.workdir / f"node{i}", self.workdir / f"node{i}.log", timeout_s, extra)
+            )
+        share = self.SLOTS // self.size
+        for i in range(self.size):
+            c = self.client(i)
+            try:
+                hi = self.SLOTS - 1 if i == self.size - 1 else (i + 1) * share - 1
+                c.execute_command("CLUSTER", "ADDSLOTSRANGE", i * share, hi)
+                if i:
+                    c.execute_command("CLUSTER", "MEET", "127.0.0.1", self.ports[0], self.bus_ports[0])
+            finally:
+                c.close()
+        deadline = time.monotonic() + timeout_s
+        while not all(self._ok(i) for i in range(self.size)):
+            if time.monotonic() > deadline:
+                self.stop()
+                raise LocalServerError(
+                    f"the Valkey cluster did not form within {timeout_s:g} s (logs in {self.workdir})"
+                )
+            time.sleep(0.1)
+        return self
+
+    def _ok(self, index: int) -> bool:
+        c = self.client(index)
+        try:
+            info = c.execute_command("CLUSTER", "INFO")
+            text = info.decode() if isinstance(info, bytes) else str(info)
+            return "cluster_state:ok" in text and f"cluster_known_nodes:{self.size}" in text
+        finally:
+            c.close()
+
+    def node_id(self, index: int) -> str:
+        """The cluster id of node ``index``."""
+        c = self.client(index)
+        try:
+            raw = c.execute_command("CLUSTER", "MYID")
+            return raw.decode() if isinstance(raw, bytes) else str(raw)
+        finally:
+            c.close()
+
+    def owner(self, key: str) -> int:
+        """The index of the node that owns ``key``'s slot."""
+        from redis.crc import key_slot
+
+        slot = int(key_slot(key.encode()))
+        for i in range(self.size):
+            c = self.client(i)
+            try:
+                if self._serves(c, slot):
+                    return i
+            finally:
+                c.close()
+        raise LocalServerError(f"no node owns slot {slot}")
+
+    def _serves(self, c: Any, slot: int) -> bool:
+        myid = c.execute_command("CLUSTER", "MYID")
+        for start, end, primary, *_ in c.execute_command("CLUSTER", "SLOTS"):
+            if int(start) <= slot <= int(end):
+                return bool(primary[2] == myid)
+        return False
+
+    def move_slot(self, key: str, to: int) -> int:
+        """Move ``key``'s slot with all its keys to node ``to`` (``SETSLOT``/``MIGRATE``); return the slot."""
+        from redis.crc import key_slot
+
+        slot = key_slot(key.encode())
+        src = self.owner(key)
+        if src == to:
+            return slot
+        a, b = self.client(src), self.client(to)
+        try:
+            b.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", self.node_id(src))
+            a.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", self.node_id(to))
+            while keys := a.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000):
+                a.execute_command("MIGRATE", "127.0.0.1", self.ports[to], "", 0, 5000, "KEYS", *keys)
+            for c in (b, a, *(self.client(i) for i in range(self.size) if i not in (src, to))):
+                c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", self.node_id(to))
+        finally:
+            a.close()
+            b.close()
+        return slot
+
+    def stop(self) -> None:
+        """Stop every node."""
+        for proc in self.procs:
+            LocalServers._stop(proc)
+        self.procs = []
+
+    def __enter__(self) -> LocalValkeyCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def write_state(path: Path, servers: LocalServers) -> None:

@@ -139,7 +139,7 @@ class Joiner:
         self.clock = clock
         self.poll_timeout_ms = poll_timeout_ms
         self.stop = threading.Event()  # run()'s; ends a wait for a dependency at once
-        self.store = RedisJoinStore(redis_client or make_redis(settings), settings)
+        self.store = RedisJoinStore(redis_client or make_redis(settings, settings.joiner_redis_prefix), settings)
         self.counts = JoinerCounts()
         self.topics = {settings.topic_predictions: "prediction", settings.topic_labels: "label"}
         self.codecs: dict[str, Codec[Any]] = {

@@ -429,7 +429,7 @@ class RedisJoinStore:
     def _confirm_after_error(self, index: int) -> None:
         """Read the WAITAOF reply behind a failed script call (it waited for nothing)."""
         try:
-            self._conns[index].read_response()
+            self._live(index).read_response()  # gone if the failure was a MOVED (the client reconnects)
         except redis.ResponseError:
             pass
 

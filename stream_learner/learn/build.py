@@ -84,7 +84,7 @@ def state_store(
     """
     if settings.trainer_state_store == "redis":
         return RetryingStateStore(
-            RedisStateStore(make_redis(settings), f"sl:trainer:{settings.trainer_model}:state"),
+            RedisStateStore(make_redis(settings, key := f"sl:trainer:{settings.trainer_model}:state"), key),
             Retry("redis (trainer state)", stop=stop, on_retry=on_retry),
         )
     return DirectoryStateStore(settings.trainer_state_dir)

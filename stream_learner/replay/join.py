@@ -44,7 +44,7 @@ class ReplayJoin:
         self.settings = settings
         self.prefix = prefix
         self.parts = sorted(parts)
-        self.client = make_redis(settings)
+        self.client = make_redis(settings, prefix)
         join_settings = msgspec.structs.replace(
             s, joiner_redis_prefix=prefix, joiner_idle_advance=False, joiner_wait_aof=False
         )

@@ -58,6 +58,7 @@ _REDIS_TRANSIENT: tuple[type[BaseException], ...] = (
     redis.ConnectionError,  # refused, reset, closed, and BusyLoadingError (LOADING) and MaxConnectionsError
     redis.TimeoutError,
     redis.exceptions.TryAgainError,  # a cluster slot migrating
+    redis.exceptions.AskError,  # and MovedError: the slot moved; the client asks its new owner next
     redis.exceptions.ClusterDownError,  # and MasterDownError
     redis.exceptions.ReadOnlyError,  # a replica that is being promoted
     redis.exceptions.OutOfMemoryError,  # maxmemory: eviction or an operator frees it

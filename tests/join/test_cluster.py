@@ -1,0 +1,118 @@
+"""The joiner and the trainer's state on a real three-node Valkey cluster, while the slot moves.
+
+The roles are given the URL of a node that does *not* own their slot; the
+joiner's slot is then resharded to another node (``SETSLOT``/``MIGRATE``,
+as an operator would) while it works. The examples topic, deduplicated by
+example id, must equal the offline oracle, and the trainer's state must
+read back as saved.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import msgspec
+import pytest
+import torch
+
+from stream_learner.checkpoint.state import Snapshot
+from stream_learner.config import Settings
+from stream_learner.events import ExampleEvent
+from stream_learner.learn.build import state_store
+from stream_learner.local import LocalValkeyCluster
+from stream_learner.redis_conn import make_redis
+
+from .helpers import RunningJoiner, advance_all
+from .oracle import expected_examples, mismatches
+from .test_crash import ExampleReader, produce_raw
+from .test_redis_restart import TICK_TAG, W, generate
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalValkeyCluster]:
+    with LocalValkeyCluster(3, tmp_path_factory.mktemp("cluster")) as c:
+        yield c
+
+
+def elsewhere(cluster: LocalValkeyCluster, key: str) -> str:
+    """The URL of a node that does not own ``key``'s slot."""
+    owner = cluster.owner(key)
+    other = (owner + 1) % cluster.size
+    return f"redis://127.0.0.1:{cluster.ports[other]}/0"
+
+
+def test_a_prefix_without_a_hash_tag_is_refused_on_a_cluster() -> None:
+    with pytest.raises(ValueError, match="hash tag"):
+        Settings(redis_cluster=True, joiner_redis_prefix="sl:j:")
+    with pytest.raises(ValueError, match="unix"):
+        make_redis(Settings(redis_cluster=True, redis_url="unix:///tmp/x.sock"), "sl:{j}:")
+
+
+def test_the_joiner_on_a_cluster_loses_nothing_while_its_slot_moves(
+    settings: Settings, cluster: LocalValkeyCluster
+) -> None:
+    prefix = "{" + settings.topic_predictions + "}:"
+    s = msgspec.structs.replace(
+        settings,
+        redis_url=elsewhere(cluster, prefix),
+        redis_cluster=True,
+        joiner_redis_prefix=prefix,
+        joiner_window_ms=W,
+        joiner_late_retention_ms=10**9,
+        joiner_orphan_retention_ms=60_000,
+        joiner_state_ttl_ms=2 * 10**9,
+        joiner_idle_advance=False,
+        joiner_group_id=f"{settings.topic_predictions}-cluster-joiner",
+    )
+    stream = generate(6_000, 9_113)
+    oracle = expected_examples(stream, W)
+    half = len(stream) // 2
+    produce_raw(s, stream[:half])
+    reader = ExampleReader(s)
+    moved_from = cluster.owner(prefix)
+    with RunningJoiner(s) as joiner:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(reader.ids) < 300:
+            reader.poll(100)
+        assert reader.ids, "the joiner produced nothing on the cluster"
+        second = threading.Thread(target=produce_raw, args=(s, stream[half:]), daemon=True)
+        second.start()
+        seen_at_move = len(reader.ids)
+        cluster.move_slot(prefix, (moved_from + 2) % cluster.size)  # while the joiner works
+        second.join(60)
+        advance_all(s, max(ev.event_time for ev in stream) + 10 * W, partitions=s.partitions_input, tag=TICK_TAG)
+        reader.read_until(oracle.examples.keys(), 90, linger_s=1)
+    reader.drain()
+    reader.close()
+    examples: list[ExampleEvent] = [x for x in reader.records if not x.request_id.startswith(f"req-{TICK_TAG}-")]
+    unique = {x.example_id: x for x in examples}
+    retries = joiner.metrics.registry.get_sample_value("stream_learner_joiner_retries_total", {"dependency": "redis"})
+    print(
+        f"\ncluster: {len(oracle.examples)} expected, {seen_at_move} before the slot moved from node "
+        f"{moved_from} to {cluster.owner(prefix)}; {len(examples)} on the topic; redis retries {retries}"
+    )
+    assert cluster.owner(prefix) != moved_from
+    assert 0 < seen_at_move < len(oracle.examples), "the slot did not move mid-stream"
+    problems = mismatches(examples, oracle)
+    assert not problems, "\n".join(problems)
+    assert Counter(x.kind for x in unique.values()) == oracle.counts()
+    assert joiner.counts.dead_letters == 0
+
+
+def test_the_trainer_state_on_a_cluster_follows_its_slot(settings: Settings, cluster: LocalValkeyCluster) -> None:
+    s = msgspec.structs.replace(settings, trainer_state_store="redis", trainer_model=f"m-{settings.topic_predictions}")
+    key = f"sl:trainer:{s.trainer_model}:state"
+    s = msgspec.structs.replace(s, redis_url=elsewhere(cluster, key), redis_cluster=True)
+    store = state_store(s)
+    first = Snapshot(tensors={"w": torch.arange(6.0)}, meta={"version": 1})
+    store.save(first)
+    assert cluster.client(cluster.owner(key)).exists(key) == 1  # on the owner, not the node named
+    cluster.move_slot(key, (cluster.owner(key) + 1) % cluster.size)
+    got = store.load()  # a MOVED reply, then the new owner
+    assert got is not None and torch.equal(got.tensors["w"], first.tensors["w"]) and got.meta == first.meta
+    store.save(Snapshot(tensors={"w": torch.ones(2)}, meta={"version": 2}))
+    again = store.load()
+    assert again is not None and again.meta == {"version": 2}
