@@ -321,6 +321,10 @@ class LocalValkeyCluster:
         finally:
             c.close()
 
+    def live(self) -> list[int]:
+        """The indexes of the nodes running."""
+        return [i for i, p in enumerate(self.procs) if p is not None and p.poll() is None]
+
     def node_id(self, index: int) -> str:
         """The cluster id of node ``index``."""
         c = self.client(index)
@@ -335,7 +339,7 @@ class LocalValkeyCluster:
         from redis.crc import key_slot
 
         slot = int(key_slot(key.encode()))
-        for i in range(self.size):
+        for i in self.live():
             c = self.client(i)
             try:
                 if self._serves(c, slot):
@@ -365,12 +369,53 @@ class LocalValkeyCluster:
             a.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", self.node_id(to))
             while keys := a.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000):
                 a.execute_command("MIGRATE", "127.0.0.1", self.ports[to], "", 0, 5000, "KEYS", *keys)
-            for c in (b, a, *(self.client(i) for i in range(self.size) if i not in (src, to))):
+            for c in (b, a, *(self.client(i) for i in self.live() if i not in (src, to))):
                 c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", self.node_id(to))
         finally:
             a.close()
             b.close()
         return slot
+
+    def add_replica(self, of: int, timeout_s: float = 30.0) -> int:
+        """Start one more node as a replica of node ``of``; return its index once it is in sync."""
+        i = len(self.ports)
+        self.ports.append(free_port())
+        self.bus_ports.append(free_port())
+        extra = (
+            *("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
+            *("--cluster-node-timeout", "2000", "--cluster-port", str(self.bus_ports[i])),
+        )
+        self.procs.append(
+            _start_valkey(self.ports[i], self.workdir / f"node{i}", self.workdir / f"node{i}.log", 30, extra)
+        )
+        c = self.client(i)
+        try:
+            c.execute_command("CLUSTER", "MEET", "127.0.0.1", self.ports[0], self.bus_ports[0])
+            primary = self.node_id(of)
+            deadline = time.monotonic() + timeout_s
+            while True:  # REPLICATE needs the primary to be known first
+                try:
+                    c.execute_command("CLUSTER", "REPLICATE", primary)
+                    break
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+            while c.info("replication").get("master_link_status") != "up":
+                if time.monotonic() > deadline:
+                    raise LocalServerError(f"node {i} did not sync with node {of} within {timeout_s:g} s")
+                time.sleep(0.1)
+        finally:
+            c.close()
+        return i
+
+    def kill(self, index: int) -> None:
+        """SIGKILL node ``index`` (a crash: its replica, if any, takes over after the node timeout)."""
+        proc = self.procs[index]
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        self.procs[index] = None
 
     def stop(self) -> None:
         """Stop every node."""

@@ -51,6 +51,7 @@ def test_a_prefix_without_a_hash_tag_is_refused_on_a_cluster() -> None:
         make_redis(Settings(redis_cluster=True, redis_url="unix:///tmp/x.sock"), "sl:{j}:")
 
 
+@pytest.mark.slow
 def test_the_joiner_on_a_cluster_loses_nothing_while_its_slot_moves(
     settings: Settings, cluster: LocalValkeyCluster
 ) -> None:
@@ -116,3 +117,24 @@ def test_the_trainer_state_on_a_cluster_follows_its_slot(settings: Settings, clu
     store.save(Snapshot(tensors={"w": torch.ones(2)}, meta={"version": 2}))
     again = store.load()
     assert again is not None and again.meta == {"version": 2}
+
+
+def test_the_trainer_state_survives_a_failover_of_its_primary(settings: Settings, tmp_path) -> None:
+    with LocalValkeyCluster(3, tmp_path) as cluster:
+        s = msgspec.structs.replace(settings, trainer_state_store="redis", trainer_model="m-failover")
+        key = f"sl:trainer:{s.trainer_model}:state"
+        primary = cluster.owner(key)
+        replica = cluster.add_replica(primary)
+        s = msgspec.structs.replace(s, redis_url=elsewhere(cluster, key), redis_cluster=True)
+        store = state_store(s)
+        saved = Snapshot(tensors={"w": torch.arange(4.0)}, meta={"version": 7})
+        store.save(saved)
+        c = cluster.client(primary)
+        try:
+            c.execute_command("WAIT", 1, 5000)  # on the replica before the crash
+        finally:
+            c.close()
+        cluster.kill(primary)
+        got = store.load()  # refused connections, the slot map asked again, the promoted replica
+        assert cluster.owner(key) == replica
+        assert got is not None and torch.equal(got.tensors["w"], saved.tensors["w"]) and got.meta == saved.meta
