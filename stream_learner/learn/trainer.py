@@ -27,10 +27,12 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import structlog
 import torch
 from kafka import KafkaProducer, TopicPartition
+from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from ..bus import RECORD_HEADROOM_BYTES, DeadLetter, DeadLetters, make_consumer, make_producer
@@ -67,6 +69,7 @@ class KafkaSinks:
         self.retry = retry or Retry("kafka (dead letters)")
         self.dead_letters = DeadLetters(producer, settings.topic_dlq, stage="trainer", metrics=metrics)
         self.pending: list[DeadLetter] = []  # dead letters not yet acknowledged
+        self.drifts: list[tuple[bytes, bytes, Any]] = []  # drift events (key, value, future) not yet acknowledged
 
     def dead_letter(self, record: Record | None, error: EventError) -> None:
         """Send a refused record to the dead-letter topic (acknowledged by :meth:`flush`)."""
@@ -83,7 +86,10 @@ class KafkaSinks:
         """Publish the finding's drift event, count and log it."""
         model = self.settings.trainer_model
         event = drift_event(finding, list(actions), model=model, event_time=event_time, model_version=model_version)
-        self.producer.send(self.settings.topic_drift, key=model.encode(), value=encode(event))
+        key, value = model.encode(), encode(event)
+        self.drifts.append((key, value, self.producer.send(self.settings.topic_drift, key=key, value=value)))
+        if len(self.drifts) >= 1000:
+            self._wait()
         self.metrics.trainer_drifts.labels(kind=finding.kind.value, detector=finding.detector).inc()
         log.warning(
             "drift",
@@ -98,9 +104,17 @@ class KafkaSinks:
         def acknowledged() -> None:
             for letter in self.pending:
                 letter.get(timeout=60)  # sends again after a transient failure; None if unsendable
+            for i, (key, value, future) in enumerate(self.drifts):
+                try:
+                    future.get(timeout=60)
+                except KafkaError:
+                    # Sent again; the retry awaits the new send (a transient error) or raises (a permanent one).
+                    self.drifts[i] = (key, value, self.producer.send(self.settings.topic_drift, key=key, value=value))
+                    raise
 
         self.retry.call(acknowledged)
         self.pending.clear()
+        self.drifts.clear()
 
     def flush(self) -> None:
         """Every dead letter and drift event sent so far is acknowledged by the broker."""
