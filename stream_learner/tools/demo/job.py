@@ -56,7 +56,7 @@ def run_demo(base: Settings, config: DemoConfig | None = None, *, progress: bool
         serving_model=MODEL,
         log_format="json",
     )
-    work = Path(tempfile.mkdtemp(prefix="stream-learner-demo-"))  # keys and trainer state: fresh each run
+    work = Path(tempfile.mkdtemp(prefix="stream-learner-demo-"))  # keys, trainer state, node floor: fresh each run
     try:
         return _run_in(work, settings, config, rows, progress)
     finally:
@@ -75,6 +75,9 @@ def _run_in(work: Path, settings: Settings, config: DemoConfig, rows: list[Row],
             servers.settings,
             trainer_signing_key=str(work / "signing.pem"),
             trainer_state_dir=str(work / "trainer-state"),
+            # The node's floor too: a floor left by an earlier run (its own keys and topics) would
+            # make this run's node refuse every version below it, and never become ready.
+            serving_state_dir=str(work / "serving-state"),
             serving_public_keys=[str(work / "signing.pub.pem")],
             serving_port=(port := free_port()),
         )
