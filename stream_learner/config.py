@@ -261,6 +261,8 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A speed variant (int8, pruned, student) must be this many times faster than its parent (p50)."""
     variant_serving_batch: Positive = 1
     """The batch size the speed gate measures at (the serving batch size)."""
+    variant_latency_budget_s: Annotated[float, Meta(gt=0)] = 0.3
+    """Seconds the gate times each variant and its parent per batch size (paid per variant per version)."""
     variant_int8_min_features: Positive = 16
     """int8: quantize the linear layers with at least this many inputs and outputs."""
     variant_prune_fraction: Annotated[float, Meta(gt=0, lt=1)] = 0.5
