@@ -45,6 +45,10 @@ class DemoConfig:
     out: Path = Path("demo-report")
     # Requests in the rolling accuracy: the one window of the progress line, the plot and the summary.
     rolling_window: int = 500
+    # Serving variants the trainer derives from every version (trainer_variants) and the report replays.
+    # Not pruned: for the demo's 64-wide MLP it is skipped as not faster, as the student is, at the cost
+    # of a fine-tune per version in the trainer's loop (README, "Serving variants").
+    variants: tuple[str, ...] = ("int8", "sparse", "student")
 
     @property
     def requests(self) -> int:

@@ -32,6 +32,7 @@ from .app import FEATURES, MODEL, PROBE, Application, DemoConfig, Row, demo_rows
 from .baseline import static_baseline
 from .monitor import Monitor, Progress
 from .report import report_html, summarize
+from .variants import read_log, replay_variants
 
 
 def run_demo(base: Settings, config: DemoConfig | None = None, *, progress: bool = True) -> dict[str, Any]:
@@ -54,7 +55,18 @@ def run_demo(base: Settings, config: DemoConfig | None = None, *, progress: bool
         trainer_checkpoint_every_s=1.0,
         trainer_max_wait_ms=100,
         serving_model=MODEL,
-        log_format="json",
+        log_format="json",  # also what the report reads the trainer's gate decisions from (run.log)
+        # The trainer derives and gates the variants in its loop (the optimize role, a process of its
+        # own, gated 6 of 29 versions in a short run here: at a version a second it falls behind).
+        trainer_variants=list(config.variants),
+        # The gate runs once a version, a version a second here: the default 0.3 s per batch size and
+        # variant would stall the trainer for most of each second. The demo's model answers in ~0.03 ms,
+        # so 0.05 s is still hundreds of timed rounds for each p50.
+        variant_latency_budget_s=0.05,
+        # The fine-tune (sparse) passes over the window twice per version, the largest cost in the loop:
+        # 1000 examples are the last ~3 s of traffic, the last few versions (2000 would be ~6 s, reaching
+        # far back across the drift), and still hold a version's held-out examples.
+        variant_window=1000,
     )
     work = Path(tempfile.mkdtemp(prefix="stream-learner-demo-"))  # keys, trainer state, node floor: fresh each run
     try:
@@ -188,6 +200,15 @@ def _traffic(
     sdk.close()
     _, model_info = _get(port, "/model")
     baseline = static_baseline(settings, rows, app.served, config.drift_index)
+    variants = replay_variants(
+        settings,
+        rows,
+        app.served,
+        config.variants,
+        monitor.seen.variants,
+        read_log(config.out / "run.log"),
+        app.t0,
+    )
     summary = summarize(
         config,
         app.served,
@@ -199,10 +220,13 @@ def _traffic(
         app.drift_wall,
         sdk.stats,
         baseline,
+        variants,
     )
     summary["complete"] = complete
     (config.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (config.out / "report.html").write_text(report_html(config, app.served, app.t0, app.drift_wall, summary, baseline))
+    (config.out / "report.html").write_text(
+        report_html(config, app.served, app.t0, app.drift_wall, summary, baseline, variants)
+    )
     return summary
 
 
