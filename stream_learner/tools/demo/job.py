@@ -59,14 +59,19 @@ def run_demo(base: Settings, config: DemoConfig | None = None, *, progress: bool
         # The trainer derives and gates the variants in its loop (the optimize role, a process of its
         # own, gated 6 of 29 versions in a short run here: at a version a second it falls behind).
         trainer_variants=list(config.variants),
-        # The gate runs once a version, a version a second here: the default 0.3 s per batch size and
-        # variant would stall the trainer for most of each second. The demo's model answers in ~0.03 ms,
-        # so 0.05 s is still hundreds of timed rounds for each p50.
-        variant_latency_budget_s=0.05,
-        # The fine-tune (sparse) passes over the window twice per version, the largest cost in the loop:
-        # 1000 examples are the last ~3 s of traffic, the last few versions (2000 would be ~6 s, reaching
-        # far back across the drift), and still hold a version's held-out examples.
-        variant_window=1000,
+        # What deriving costs, cut to what a version a second allows (with 0.05 s of timing, two passes
+        # over 1000 examples and the decision at the next save, a version cost the trainer ~0.5 s: in a
+        # full run here it fell behind and freshness p50 went from 1.0 s to 7.4 s; with these, 1.5 s):
+        # - the gate's timing: the demo's model answers in ~0.03 ms, so 0.02 s per batch size is still
+        #   ~300 timed rounds at batch 1 for each p50 (default 0.3 s);
+        # - the fine-tune (sparse): one pass over the last 500 examples, ~1.5 s of traffic, the newest
+        #   versions' (default two passes over 2000, ~6 s, reaching back across the drift);
+        # - the decision after 250 held-out labeled examples (~1 s of traffic), not at the next
+        #   version's save, where it would delay every checkpoint (default 1000: never reached here).
+        variant_latency_budget_s=0.02,
+        variant_window=500,
+        variant_finetune_epochs=1,
+        variant_heldout_examples=250,
     )
     work = Path(tempfile.mkdtemp(prefix="stream-learner-demo-"))  # keys, trainer state, node floor: fresh each run
     try:
