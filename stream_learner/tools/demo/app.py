@@ -31,7 +31,7 @@ Row = tuple[dict[str, float], int]  # a request's features and its true class
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """What the simulated application does. Defaults take about 80 s here."""
+    """What the simulated application does. Defaults take about 80 s on a quiet machine (README)."""
 
     rate: float = 400.0  # requests per second
     seconds: float = 60.0  # of traffic
