@@ -36,6 +36,8 @@ in stream_learner/optimize/int8.py.
 Run::
 
     .venv/bin/python bench/bench_variants.py [--sizes default,1m,20m] [--micro] [--check]
+    .venv/bin/python bench/bench_variants.py --sizes 1m --streams agrawal --student-lr-scale 4 \\
+        --out /tmp/student-lr.json    # one change, elsewhere
 
 Results go to ``bench/results/variants.json``, with each target of the 20M
 runs checked (``target_checks``: the value, met or not, and by how much it
@@ -165,13 +167,20 @@ def print_targets(checks: list[dict[str, Any]]) -> None:
         )
 
 
-def run_one(size: str, stream_name: str) -> dict[str, Any]:
+def run_one(size: str, stream_name: str, student_lr_scale: float = 1.0) -> dict[str, Any]:
+    """One size on one stream; the student learns at ``student_lr_scale`` times the teacher's rate."""
     hidden, lr, n_train, n_heldout = SIZES[size]
     stream = make_stream(stream_name, n_train + n_heldout, (n_train // 2), SEED)
     events = to_events(stream)
     spec = ModelSpec(kind="mlp", task="binary", features=stream.features, classes=stream.classes, hidden=tuple(hidden))
     learner = OnlineLearner(
-        LearnerConfig(model_name="bench", spec=spec, lr=lr, recent_window=2000, student=StudentConfig())
+        LearnerConfig(
+            model_name="bench",
+            spec=spec,
+            lr=lr,
+            recent_window=2000,
+            student=StudentConfig(lr=None if student_lr_scale == 1 else lr * student_lr_scale),
+        )
     )
     torch.set_num_threads(2)
     began = time.perf_counter()
@@ -207,6 +216,7 @@ def run_one(size: str, stream_name: str) -> dict[str, Any]:
         "stream": stream.description,
         "hidden": hidden,
         "lr": lr,
+        "student_lr": lr * student_lr_scale,
         "train_examples": n_train,
         "heldout_examples": n_heldout,
         "train_seconds": round(train_s, 2),
@@ -314,6 +324,10 @@ def main() -> None:
     parser.add_argument("--streams", default="agrawal,shuttle")
     parser.add_argument("--micro", action="store_true")
     parser.add_argument(
+        "--student-lr-scale", type=float, default=1.0, help="the student's learning rate in teacher's (1: the same)"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the results go")
+    parser.add_argument(
         "--check", action="store_true", help="only check the targets against the stored results (no training)"
     )
     args = parser.parse_args()
@@ -330,7 +344,7 @@ def main() -> None:
             print(f"  {name:42s} b1 {r['b1_p50_ms']:8.3f}  b64 {r['b64_p50_ms']:8.3f}")
     for size in args.sizes.split(","):
         for stream in args.streams.split(","):
-            r = run_one(size, stream)
+            r = run_one(size, stream, args.student_lr_scale)
             results["runs"].append(r)
             pl = r["parent_latency"]
             print(
@@ -360,11 +374,11 @@ def main() -> None:
                     f"{v['agreement']:.4f} | {v['build_seconds']:.2f}"
                 )
     results["target_checks"] = check_targets(results["runs"])
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2))
+    args.out.parent.mkdir(exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
     print(f"\ntargets: {TARGETS}")
     print_targets(results["target_checks"])
-    print(f"results: {RESULTS}")
+    print(f"results: {args.out}")
 
 
 if __name__ == "__main__":

@@ -249,6 +249,8 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Weight of the distillation term in the student's loss (1 - alpha: the labelled loss)."""
     trainer_student_temperature: Annotated[float, Meta(gt=0)] = 2.0
     """Temperature of the teacher's and the student's softened probabilities."""
+    trainer_student_lr: Annotated[float, Meta(gt=0)] | None = None
+    """The student's learning rate (unset: the teacher's; README, "Serving variants", on a higher one)."""
     variant_window: Positive = 2000
     """Recent examples kept raw for the variants: fine-tuned on before a version, gated on after it."""
     variant_heldout_examples: Positive = 1000
