@@ -35,9 +35,14 @@ in stream_learner/optimize/int8.py.
 
 Run::
 
-    .venv/bin/python bench/bench_variants.py [--sizes default,1m,20m] [--micro]
+    .venv/bin/python bench/bench_variants.py [--sizes default,1m,20m] [--micro] [--check]
+    .venv/bin/python bench/bench_variants.py --sizes 1m --streams agrawal --student-lr-scale 4 \\
+        --out /tmp/student-lr.json    # one change, elsewhere
 
-Results go to ``bench/results/variants.json``.
+Results go to ``bench/results/variants.json``, with each target of the 20M
+runs checked (``target_checks``: the value, met or not, and by how much it
+falls short); ``--check`` prints those checks from the stored results
+without training anything.
 """
 
 from __future__ import annotations
@@ -80,13 +85,102 @@ TARGETS = (
 )
 
 
-def run_one(size: str, stream_name: str) -> dict[str, Any]:
+#: The issue's targets on the ~20M model: variant -> (measure, bound, "min" or "max", what it is).
+TARGET_BOUNDS: dict[str, list[tuple[str, float, str, str]]] = {
+    "int8": [
+        ("speedup_b1", 1.8, "min", "speed-up at batch 1"),
+        ("accuracy_drop_points", 0.5, "max", "accuracy drop (points)"),
+        ("bytes_ratio", 0.3, "max", "bytes vs parent"),
+    ],
+    "pruned": [
+        ("speedup_b1", 1.5, "min", "speed-up at batch 1"),
+        ("accuracy_drop_points", 0.5, "max", "accuracy drop (points)"),
+    ],
+    "student": [
+        ("parameters_ratio", 0.1, "max", "parameters vs parent"),
+        ("accuracy_drop_points", 1.0, "max", "accuracy drop (points)"),
+        ("speedup_b1", 5.0, "min", "speed-up at batch 1"),
+    ],
+}
+
+
+def check_targets(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each target of :data:`TARGET_BOUNDS` on each 20M run: the value, met or not, and by how much it misses.
+
+    >>> run = {"size": "20m", "stream": "Agrawal", "train_examples": 6000, "variants": {"student": {"parameters": 6.0,
+    ...        "parent_parameters": 100.0, "accuracy_drop_points": 2.7, "speedup_b1": 9.0}}}
+    >>> [(c["what"], c["met"], c["short_by"]) for c in check_targets([run])]
+    [('parameters vs parent', True, 0.0), ('accuracy drop (points)', False, 1.7), ('speed-up at batch 1', True, 0.0)]
+    """
+    out = []
+    for run in runs:
+        if run["size"] != "20m":
+            continue
+        for name, bounds in TARGET_BOUNDS.items():
+            v = run["variants"].get(name)
+            if v is None or "parameters" not in v:
+                continue
+            values = {
+                **v,
+                "parameters_ratio": v["parameters"] / v["parent_parameters"],
+                **({"bytes_ratio": v["bytes"] / v["parent_bytes"]} if "bytes" in v else {}),
+            }
+            for key, bound, kind, what in bounds:
+                value = float(values[key])
+                short = max(0.0, bound - value) if kind == "min" else max(0.0, value - bound)
+                out.append(
+                    {
+                        "stream": run["stream"],
+                        "variant": name,
+                        "what": what,
+                        "value": round(value, 4),
+                        "bound": bound,
+                        "met": short == 0.0,
+                        "short_by": round(short, 4),
+                        "agreement": v.get("agreement"),
+                        "train_examples": run["train_examples"],
+                    }
+                )
+    return out
+
+
+def print_targets(checks: list[dict[str, Any]]) -> None:
+    """The target checks, one line each; a miss says by how much, and what the run shows about why:
+    the variant's agreement with its parent, the training examples, the same measure on the other streams."""
+    for c in checks:
+        verdict = "met" if c["met"] else f"NOT MET, short by {c['short_by']:g}"
+        if not c["met"]:
+            others = [
+                f"{o['value']:g} on {o['stream'].split(' (')[0]}"
+                for o in checks
+                if o["variant"] == c["variant"] and o["what"] == c["what"] and o["stream"] != c["stream"]
+            ]
+            verdict += (
+                f" (agreement with the parent {c['agreement']}, after {c['train_examples']} training examples"
+                + (f"; {', '.join(others)}" if others else "")
+                + ")"
+            )
+        sign = ">=" if c["what"].startswith("speed") else "<="
+        print(
+            f"  {c['variant']:8s} {c['stream'][:24]:24s} {c['what']:24s} {c['value']:>9g}"
+            f" (target {sign} {c['bound']:g}): {verdict}"
+        )
+
+
+def run_one(size: str, stream_name: str, student_lr_scale: float = 1.0) -> dict[str, Any]:
+    """One size on one stream; the student learns at ``student_lr_scale`` times the teacher's rate."""
     hidden, lr, n_train, n_heldout = SIZES[size]
     stream = make_stream(stream_name, n_train + n_heldout, (n_train // 2), SEED)
     events = to_events(stream)
     spec = ModelSpec(kind="mlp", task="binary", features=stream.features, classes=stream.classes, hidden=tuple(hidden))
     learner = OnlineLearner(
-        LearnerConfig(model_name="bench", spec=spec, lr=lr, recent_window=2000, student=StudentConfig())
+        LearnerConfig(
+            model_name="bench",
+            spec=spec,
+            lr=lr,
+            recent_window=2000,
+            student=StudentConfig(lr=None if student_lr_scale == 1 else lr * student_lr_scale),
+        )
     )
     torch.set_num_threads(2)
     began = time.perf_counter()
@@ -122,6 +216,7 @@ def run_one(size: str, stream_name: str) -> dict[str, Any]:
         "stream": stream.description,
         "hidden": hidden,
         "lr": lr,
+        "student_lr": lr * student_lr_scale,
         "train_examples": n_train,
         "heldout_examples": n_heldout,
         "train_seconds": round(train_s, 2),
@@ -228,7 +323,19 @@ def main() -> None:
     parser.add_argument("--sizes", default="default,1m,20m")
     parser.add_argument("--streams", default="agrawal,shuttle")
     parser.add_argument("--micro", action="store_true")
+    parser.add_argument(
+        "--student-lr-scale", type=float, default=1.0, help="the student's learning rate in teacher's (1: the same)"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the results go")
+    parser.add_argument(
+        "--check", action="store_true", help="only check the targets against the stored results (no training)"
+    )
     args = parser.parse_args()
+    if args.check:
+        stored = json.loads(RESULTS.read_text())
+        print(f"targets, from {RESULTS} ({stored['machine']['date']}):")
+        print_targets(check_targets(stored["runs"]))
+        return
     results: dict[str, Any] = {"machine": machine_info(), "targets": TARGETS, "runs": []}
     if args.micro:
         results["micro"] = micro()
@@ -237,7 +344,7 @@ def main() -> None:
             print(f"  {name:42s} b1 {r['b1_p50_ms']:8.3f}  b64 {r['b64_p50_ms']:8.3f}")
     for size in args.sizes.split(","):
         for stream in args.streams.split(","):
-            r = run_one(size, stream)
+            r = run_one(size, stream, args.student_lr_scale)
             results["runs"].append(r)
             pl = r["parent_latency"]
             print(
@@ -266,9 +373,12 @@ def main() -> None:
                     f"{v['accuracy']:.4f} vs {v['parent_accuracy']:.4f} ({-v['accuracy_drop_points']:+.2f}) | "
                     f"{v['agreement']:.4f} | {v['build_seconds']:.2f}"
                 )
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2))
-    print(f"\ntargets: {TARGETS}\nresults: {RESULTS}")
+    results["target_checks"] = check_targets(results["runs"])
+    args.out.parent.mkdir(exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"\ntargets: {TARGETS}")
+    print_targets(results["target_checks"])
+    print(f"results: {args.out}")
 
 
 if __name__ == "__main__":

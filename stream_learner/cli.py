@@ -280,6 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, help="directory for the report")
     demo.add_argument("--seed", type=int)
     demo.add_argument("--quiet", action="store_true", help="no live progress line")
+    demo.add_argument(
+        "--variants",
+        type=_variant_list,
+        help="serving variants the trainer derives and the report replays, comma-separated "
+        "(int8, pruned, sparse, student; '' for none; default int8,sparse,student)",
+    )
     demo.set_defaults(func=cmd_demo)
 
     smoke = sub.add_parser(
@@ -368,11 +374,30 @@ _SETTINGS_NOTE = (
 )
 
 
+def _variant_list(text: str) -> tuple[str, ...]:
+    """``--variants``: names of serving variants, comma-separated ('' for none).
+
+    >>> _variant_list("int8, student"), _variant_list("")
+    (('int8', 'student'), ())
+    """
+    from .optimize.variants import NAMES
+
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in NAMES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown variant {', '.join(unknown)}: use {', '.join(NAMES)}")
+    return names
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> int:
     """The main job (see :mod:`stream_learner.tools.demo`); print its summary, exit 0 if nothing failed."""
     from .tools.demo import DemoConfig, describe, run_demo
 
-    given = {name: value for name in ("rate", "seconds", "out", "seed") if (value := getattr(args, name)) is not None}
+    given = {
+        name: value
+        for name in ("rate", "seconds", "out", "seed", "variants")
+        if (value := getattr(args, name)) is not None
+    }
     config = DemoConfig(**given)
     summary = run_demo(settings, config, progress=not args.quiet)
     if not args.quiet:

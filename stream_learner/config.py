@@ -262,6 +262,8 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Weight of the distillation term in the student's loss (1 - alpha: the labelled loss)."""
     trainer_student_temperature: Annotated[float, Meta(gt=0)] = 2.0
     """Temperature of the teacher's and the student's softened probabilities."""
+    trainer_student_lr: Annotated[float, Meta(gt=0)] | None = None
+    """The student's learning rate (unset: the teacher's; README, "Serving variants", on a higher one)."""
     variant_window: Positive = 2000
     """Recent examples kept raw for the variants: fine-tuned on before a version, gated on after it."""
     variant_heldout_examples: Positive = 1000
@@ -274,6 +276,8 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A speed variant (int8, pruned, student) must be this many times faster than its parent (p50)."""
     variant_serving_batch: Positive = 1
     """The batch size the speed gate measures at (the serving batch size)."""
+    variant_latency_budget_s: Annotated[float, Meta(gt=0)] = 0.3
+    """Seconds the gate times each variant and its parent per batch size (paid per variant per version)."""
     variant_int8_min_features: Positive = 16
     """int8: quantize the linear layers with at least this many inputs and outputs."""
     variant_prune_fraction: Annotated[float, Meta(gt=0, lt=1)] = 0.5

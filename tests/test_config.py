@@ -185,3 +185,25 @@ def test_origins_say_default_env_file_or_flag(tmp_path: Path) -> None:
     assert origins["metrics_port"] == "flag --metrics-port"
     assert origins["log_format"] == origins["redis_url"] == "default"
     assert set(origins) == set(FIELDS)
+
+
+def test_the_variant_settings_reach_the_gate_and_the_student() -> None:
+    from stream_learner.learn.build import learner_config
+    from stream_learner.optimize.hook import gate_config
+
+    settings = load_settings(
+        env={},
+        flags={
+            "trainer_features": ["a", "b"],
+            "trainer_variants": ["student"],
+            "trainer_lr": 0.001,
+            "trainer_student_lr": 0.004,
+            "variant_latency_budget_s": 0.02,
+        },
+    )
+    student = learner_config(settings).student
+    assert student is not None and student.lr == 0.004
+    assert gate_config(settings).latency_budget_s == 0.02
+    # Unset: the student learns at the teacher's rate, the gate times for 0.3 s per batch size.
+    defaults = load_settings(env={}, flags={"trainer_features": ["a"], "trainer_variants": ["student"]})
+    assert learner_config(defaults).student.lr is None and gate_config(defaults).latency_budget_s == 0.3

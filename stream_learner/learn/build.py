@@ -57,6 +57,7 @@ def learner_config(settings: Settings) -> LearnerConfig:
             hidden=tuple(settings.trainer_student_hidden),
             alpha=settings.trainer_student_alpha,
             temperature=settings.trainer_student_temperature,
+            lr=settings.trainer_student_lr,
         )
         if "student" in settings.trainer_variants
         else None,

@@ -85,6 +85,7 @@ def gate_config(settings: Settings) -> GateConfig:
         serving_batch=settings.variant_serving_batch,
         heldout_examples=settings.variant_heldout_examples,
         min_heldout_examples=settings.variant_min_heldout_examples,
+        latency_budget_s=settings.variant_latency_budget_s,
     )
 
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import structlog
 
@@ -49,7 +49,19 @@ log = structlog.get_logger(__name__)
 __all__ = ["VariantFollower", "choose"]
 
 
-def choose(parent: ServedModel | None, variant: ServedModel | None, max_lag: int) -> tuple[ServedModel | None, str]:
+class Versioned(Protocol):
+    """Anything with a version: a served model, or what the demo replays a node's choice with."""
+
+    @property
+    def version(self) -> int:
+        """The (parent) version it is of."""
+        ...
+
+
+M = TypeVar("M", bound=Versioned)
+
+
+def choose(parent: M | None, variant: M | None, max_lag: int) -> tuple[M | None, str]:
     """The model to serve of the newest parent and the newest variant, and why (empty: the variant)."""
     if variant is None:
         return parent, "no variant loaded yet" if parent is not None else "nothing loaded yet"

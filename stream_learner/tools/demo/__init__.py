@@ -21,14 +21,24 @@ Afterwards the model version served when the concept changed answers every
 request again, read back from the model topic, to show what users would
 have been served without learning (:mod:`.baseline`).
 
+The trainer also derives the serving variants ``DemoConfig.variants`` asks
+for (``trainer_variants``: int8, sparse and the distilled student by
+default) from every version and gates them; the report lists its decisions
+and, for each variant some version of which passed, replays a node started
+with ``--serving-variant`` on the same requests, with the node's own choice
+between the variant and the fp32 model, so the variant's accuracy stands
+next to the fp32 model's on the same requests, with its latency and what
+fell back to fp32 and why (:mod:`.variants`).
+
 Writes ``summary.json`` and ``report.html`` (an SVG plot of served accuracy
-over time, with and without learning, marked with the drift, its detection
-and the model versions, and the latency on the same time axis) to the output
-directory.
+over time, with and without learning and for each replayed variant, marked
+with the drift, its detection and the model versions, the latency on the
+same time axis, and the variants' table) to the output directory.
 
 * :mod:`.app` — the simulated application and its traffic;
 * :mod:`.monitor` — what the topics say while it runs, the progress line;
 * :mod:`.baseline` — the static model's answers to the same requests;
+* :mod:`.variants` — the gate's decisions, and a variant-following node replayed;
 * :mod:`.report` — the summary, its text, the HTML page and SVG plot;
 * :mod:`.job` — the orchestration: servers, processes, warm-up, the wait.
 """

@@ -47,7 +47,7 @@ def static_baseline(
         return None
     version = before[-1][1].version  # what served the last request of the old concept
     first = next(i for i, s in before if s.version == version)
-    model = _load(settings, version)
+    model = load_version(settings, version)
     correct: list[bool | None] = [None if s is None else s.correct for s in served]
     todo = [i for i in range(first, len(rows)) if served[i] is not None]
     for start in range(0, len(todo), _BATCH):
@@ -58,11 +58,13 @@ def static_baseline(
     return Baseline(version, first, correct)
 
 
-def _load(settings: Settings, version: int) -> ServedModel:
+def load_version(settings: Settings, version: int, model: str = MODEL) -> ServedModel:
+    """Version ``version`` of ``model`` (a variant: its lineage) read back from the model topic,
+    verified and built as a node loads it; version 0 of the model is the cold-start model."""
     from ...checkpoint.reader import read_version
     from ...serving import cold_start_model, load_served_model, public_keys_from_settings
 
-    if version == 0:  # the cold-start model served it: the trainer's untrained starting point
+    if version == 0 and model == MODEL:  # the cold-start model served it: the trainer's untrained starting point
         return cold_start_model(settings)
-    checkpoint = read_version(settings, settings.topic_models, public_keys_from_settings(settings), version, MODEL)
+    checkpoint = read_version(settings, settings.topic_models, public_keys_from_settings(settings), version, model)
     return load_served_model(checkpoint)

@@ -32,6 +32,7 @@ from .app import FEATURES, MODEL, PROBE, Application, DemoConfig, Row, demo_rows
 from .baseline import static_baseline
 from .monitor import Monitor, Progress
 from .report import report_html, summarize
+from .variants import read_log, replay_variants
 
 
 def run_demo(base: Settings, config: DemoConfig | None = None, *, progress: bool = True) -> dict[str, Any]:
@@ -54,9 +55,25 @@ def run_demo(base: Settings, config: DemoConfig | None = None, *, progress: bool
         trainer_checkpoint_every_s=1.0,
         trainer_max_wait_ms=100,
         serving_model=MODEL,
-        log_format="json",
+        log_format="json",  # also what the report reads the trainer's gate decisions from (run.log)
+        # The trainer derives and gates the variants in its loop (the optimize role, a process of its
+        # own, gated 6 of 29 versions in a short run here: at a version a second it falls behind).
+        trainer_variants=list(config.variants),
+        # What deriving costs, cut to what a version a second allows (with 0.05 s of timing, two passes
+        # over 1000 examples and the decision at the next save, a version cost the trainer ~0.5 s: in a
+        # full run here it fell behind and freshness p50 went from 1.0 s to 7.4 s; with these, 1.5 s):
+        # - the gate's timing: the demo's model answers in ~0.03 ms, so 0.02 s per batch size is still
+        #   ~300 timed rounds at batch 1 for each p50 (default 0.3 s);
+        # - the fine-tune (sparse): one pass over the last 500 examples, ~1.5 s of traffic, the newest
+        #   versions' (default two passes over 2000, ~6 s, reaching back across the drift);
+        # - the decision after 250 held-out labeled examples (~1 s of traffic), not at the next
+        #   version's save, where it would delay every checkpoint (default 1000: never reached here).
+        variant_latency_budget_s=0.02,
+        variant_window=500,
+        variant_finetune_epochs=1,
+        variant_heldout_examples=250,
     )
-    work = Path(tempfile.mkdtemp(prefix="stream-learner-demo-"))  # keys and trainer state: fresh each run
+    work = Path(tempfile.mkdtemp(prefix="stream-learner-demo-"))  # keys, trainer state, node floor: fresh each run
     try:
         return _run_in(work, settings, config, rows, progress)
     finally:
@@ -75,6 +92,9 @@ def _run_in(work: Path, settings: Settings, config: DemoConfig, rows: list[Row],
             servers.settings,
             trainer_signing_key=str(work / "signing.pem"),
             trainer_state_dir=str(work / "trainer-state"),
+            # The node's floor too: a floor left by an earlier run (its own keys and topics) would
+            # make this run's node refuse every version below it, and never become ready.
+            serving_state_dir=str(work / "serving-state"),
             serving_public_keys=[str(work / "signing.pub.pem")],
             serving_port=(port := free_port()),
         )
@@ -185,6 +205,15 @@ def _traffic(
     sdk.close()
     _, model_info = _get(port, "/model")
     baseline = static_baseline(settings, rows, app.served, config.drift_index)
+    variants = replay_variants(
+        settings,
+        rows,
+        app.served,
+        config.variants,
+        monitor.seen.variants,
+        read_log(config.out / "run.log"),
+        app.t0,
+    )
     summary = summarize(
         config,
         app.served,
@@ -196,10 +225,13 @@ def _traffic(
         app.drift_wall,
         sdk.stats,
         baseline,
+        variants,
     )
     summary["complete"] = complete
     (config.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (config.out / "report.html").write_text(report_html(config, app.served, app.t0, app.drift_wall, summary, baseline))
+    (config.out / "report.html").write_text(
+        report_html(config, app.served, app.t0, app.drift_wall, summary, baseline, variants)
+    )
     return summary
 
 

@@ -1,7 +1,8 @@
 """Watching the run from outside: what the pipeline's topics say, and the live progress line.
 
 :class:`Monitor` reads the examples, model and drift topics from the
-beginning: the join by kind, the checkpoints' manifests, the drift events.
+beginning: the join by kind, the checkpoints' manifests (the model's and its
+serving variants', apart), the drift events.
 :class:`Progress` prints one status line a second from the application's
 responses and the monitor's counts.
 """
@@ -23,7 +24,7 @@ from ...checkpoint.publish import H_TYPE, TYPE_MANIFEST
 from ...config import Settings
 from ...errors import EventError
 from ...events import DRIFT, EXAMPLE, MANIFEST
-from .app import PROBE, DemoConfig, Served
+from .app import MODEL, PROBE, DemoConfig, Served
 
 log = structlog.get_logger(__name__)
 
@@ -35,7 +36,10 @@ class Observed:
     examples: Counter[str] = field(default_factory=Counter)
     example_at: dict[str, tuple[int, int]] = field(default_factory=dict)  # label event id -> (partition, offset)
     examples_end: dict[int, int] = field(default_factory=dict)  # partition -> one past the last example read
-    manifests: dict[int, Any] = field(default_factory=dict)  # version -> manifest
+    manifests: dict[int, Any] = field(default_factory=dict)  # version -> manifest (the demo model's own)
+    # Variant name -> version -> (manifest, when the monitor read it): when a node following the
+    # variant could have had it at the earliest (a variant of the demo model is a few kB).
+    variants: dict[str, dict[int, tuple[Any, float]]] = field(default_factory=dict)
     drift: list[Any] = field(default_factory=list)
     probed: bool = False  # the warm-up probe came out of the joiner
     example_ids: set[str] = field(default_factory=set)
@@ -94,7 +98,11 @@ class Monitor(threading.Thread):
             elif topic == s.topic_models:
                 if dict(record.headers or ()).get(H_TYPE) == TYPE_MANIFEST:
                     m = MANIFEST.decode(record.value)
-                    seen.manifests[m.version] = m
+                    # A variant is version v of its own lineage (demo#int8): never the parent's v.
+                    if m.variant is not None and m.variant.parent_model == MODEL:
+                        seen.variants.setdefault(m.variant.name, {})[m.version] = (m, time.time())
+                    elif m.model == MODEL:
+                        seen.manifests[m.version] = m
             else:
                 seen.drift.append(DRIFT.decode(record.value))
         except EventError as exc:  # the pipeline's own topics: would be a bug, so say it

@@ -17,7 +17,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from html import escape
 from typing import Any
 
@@ -25,6 +25,7 @@ from ...sdk import SDKStats
 from .app import DemoConfig, Served
 from .baseline import Baseline
 from .monitor import Observed
+from .variants import VariantRun, summarize_variants
 
 
 def rolling(correct: Sequence[bool], window: int) -> list[float]:
@@ -68,16 +69,26 @@ class Curves:
     index: list[int]
     live: list[float]
     static: list[float] | None
+    variants: dict[str, list[float]] = field(default_factory=dict)  # a node following each, replayed
 
     @classmethod
-    def of(cls, served: Sequence[Served | None], window: int, baseline: Baseline | None) -> Curves:
-        """The curves of a run."""
+    def of(
+        cls,
+        served: Sequence[Served | None],
+        window: int,
+        baseline: Baseline | None,
+        variants: Sequence[VariantRun] = (),
+    ) -> Curves:
+        """The curves of a run (``variants``: those a node following them was replayed for)."""
         index = [i for i, s in enumerate(served) if s is not None]
         live = rolling([s.correct for s in served if s is not None], window)
         static = None
         if baseline is not None:
             static = rolling([bool(baseline.correct[i]) for i in index], window)
-        return cls(window, index, live, static)
+        replayed = {
+            v.name: rolling([bool(v.correct[i]) for i in index], window) for v in variants if v.correct is not None
+        }
+        return cls(window, index, live, static, replayed)
 
     def full_after(self, request: int) -> list[int]:
         """Positions whose window holds only requests from ``request`` on."""
@@ -104,6 +115,7 @@ def summarize(
     drift_wall: float | None,
     sdk_stats: SDKStats,
     baseline: Baseline | None = None,
+    variants: Sequence[VariantRun] = (),
 ) -> dict[str, Any]:
     """The summary of a run, as ``summary.json`` has it."""
     answered = [(i, s) for i, s in enumerate(served) if s is not None]
@@ -194,6 +206,7 @@ def summarize(
             "p50": _round(quantile(fresh, 0.5)),
             "p99": _round(quantile(fresh, 0.99)),
         },
+        "variants": summarize_variants(variants, served, k),
         "report": str(config.out / "report.html"),
     }
 
@@ -229,9 +242,101 @@ def describe(summary: dict[str, Any]) -> str:
         f"drift      at {d['at_s']} s (request {d['at_request']:,}), {detected}",
         f"models     {c['published']} checkpoints published, {c['swaps_at_node']} swapped in by the node",
         f"freshness  label sent -> node serves a model trained on it: p50 {f['p50']} s, p99 {f['p99']} s",
+        *(variant_line(name, v) for name, v in summary.get("variants", {}).items()),
         f"report     {summary['report']}",
     ]
     return "\n".join(lines)
+
+
+def variant_line(name: str, v: dict[str, Any]) -> str:
+    """One variant of the summary in a line: the gate's decisions, and the replayed node next to fp32.
+
+    >>> variant_line("int8", {"gated": 3, "published": 0, "skipped": {"not_applicable": 3}, "served": None})
+    'variant    int8: 0 of 3 versions passed the gate (skipped: not_applicable 3); served: fp32 throughout'
+    """
+    skipped = ", ".join(f"{reason} {n}" for reason, n in sorted(v["skipped"].items())) or "none"
+    head = f"variant    {name}: {v['published']} of {v['gated']} versions passed the gate (skipped: {skipped})"
+    s = v["served"]
+    if s is None:
+        return f"{head}; served: fp32 throughout"
+    fallback = ", ".join(f"{why} {n:,}" for why, n in sorted(s["fallback"].items())) or "none"
+    replayed = f"{head}\n           --serving-variant {name} (replayed): "
+    if not s["by_variant"]:  # its versions came too late for the node's rule: fp32 answered everything
+        return f"{replayed}no request by the variant of {s['requests']:,}; fallback to fp32: {fallback}"
+    return (
+        f"{replayed}{s['by_variant']:,} of {s['requests']:,} requests"
+        f" by the variant, acc {s['accuracy_variant']} vs fp32 {s['accuracy_fp32']} on the same requests;"
+        f" node {s['node_accuracy']} vs {s['node_accuracy_fp32']}; fallback to fp32: {fallback};"
+        f" p50 b1 {s['latency_b1_p50_ms']} vs {s['latency_b1_p50_ms_fp32']} ms ({s['speedup_b1']}x, gate)"
+    )
+
+
+#: The replayed variant curves' colours, in the order of ``DemoConfig.variants``.
+_VARIANT_COLORS = ("#8a2be2", "#d2691e", "#008b8b", "#b8860b")
+
+_VARIANTS_NOTE = (
+    "<p>Each variant is derived by the trainer from every version and gated on the examples learned after it "
+    "(accuracy within <code>variant_max_accuracy_drop</code> of its parent; a speed variant also "
+    "<code>variant_min_speedup</code> times faster). The run's node served fp32. For each variant that passed, "
+    "the requests are answered again as a node started with <code>--serving-variant</code> would have answered "
+    "them: the newest passing version read by then, while at most <code>serving_variant_max_lag</code> versions "
+    "behind the fp32 version the node served, else fp32 (the fallback). <i>acc variant / fp32</i>: on the "
+    "requests the variant answered, its answers and the fp32 answers the application got. Latency: the gate's "
+    "p50 of the prediction path at batch 1 (not HTTP), variant and parent measured interleaved.</p>"
+)
+
+
+def variants_table(variants: dict[str, dict[str, Any]]) -> str:
+    """The ``variants`` of the summary as an HTML table (empty without variants)."""
+    if not variants:
+        return ""
+    head = (
+        "variant",
+        "versions gated",
+        "passed",
+        "skipped (reason: n)",
+        "requests by the variant",
+        "acc variant / fp32, same requests",
+        "node acc / fp32 (after the drift)",
+        "fallback to fp32 (why: n)",
+        "p50 b1 ms variant / fp32 (speed-up)",
+        "params ×",
+        "bytes ×",
+    )
+    rows = []
+    for name, v in variants.items():
+        skipped = "<br>".join(
+            f"<span title='{escape(v['skip_example'].get(r, ''), quote=True)}'>{escape(r)}: {n}</span>"
+            for r, n in sorted(v["skipped"].items())
+        )
+        cells = [f"<code>{escape(name)}</code>", str(v["gated"]), str(v["published"]), skipped or "—"]
+        s = v["served"]
+        if s is None or not s["by_variant"]:
+            why = "no version passed" if s is None else "its versions came too late"
+            cells += [f"0 (fp32 throughout: {why})", *["—"] * 6]
+        else:
+            fallback = "<br>".join(f"{escape(w)}: {n:,}" for w, n in sorted(s["fallback"].items())) or "none"
+            cells += [
+                f"{s['by_variant']:,} of {s['requests']:,}",
+                f"{s['accuracy_variant']} / {s['accuracy_fp32']}",
+                (
+                    f"{s['node_accuracy']} / {s['node_accuracy_fp32']} ({s['node_after_drift']} / "
+                    f"{s['node_after_drift_fp32']})"
+                ),
+                fallback,
+                f"{s['latency_b1_p50_ms']} / {s['latency_b1_p50_ms_fp32']} ({s['speedup_b1']}×)",
+                str(s["parameters_ratio"]),
+                str(s["bytes_ratio"]),
+            ]
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return (
+        "<h2>Serving variants</h2><table border='1' cellpadding='4' style='border-collapse:collapse'><tr>"
+        + "".join(f"<th>{escape(h)}</th>" for h in head)
+        + "</tr>"
+        + "".join(rows)
+        + "</table>"
+        + _VARIANTS_NOTE
+    )
 
 
 def _round(x: float | None) -> float | None:
@@ -286,12 +391,14 @@ def report_html(
     drift_wall: float | None,
     summary: dict[str, Any],
     baseline: Baseline | None = None,
+    variants: Sequence[VariantRun] = (),
 ) -> str:
-    """A self-contained HTML page: the summary and an SVG plot of served accuracy and latency over time.
+    """A self-contained HTML page: the summary, an SVG plot of served accuracy and latency over time,
+    and the serving variants' table.
 
     The plot is also written alone to ``served_accuracy.svg`` in ``config.out``.
     """
-    curves = Curves.of(served, config.rolling_window, baseline)
+    curves = Curves.of(served, config.rolling_window, baseline, variants)
     points = [s for s in served if s is not None]  # in the order of curves.index
     w, left, right = 960, 56, 16
     acc_top, acc_h = 58, 300  # room above the plot for the marks' labels
@@ -357,6 +464,9 @@ def report_html(
         parts.append(polyline(curves.static, max(start, curves.window - 1), "#999", "6,3"))
         since = f" kept from {points[start].sent_at:.1f}s" if start < len(points) else ""
         legend.append(("#999", "6,3", f"without learning: v{baseline.version}{since}"))
+    for (name, curve), color in zip(curves.variants.items(), _VARIANT_COLORS, strict=False):
+        parts.append(polyline(curve, min(curves.window - 1, len(points)), color, "2,2"))
+        legend.append((color, "2,2", f"--serving-variant {name} (replayed)"))
     parts.append(polyline(curves.live, min(curves.window - 1, len(points)), "#247"))
     # Latency, on the same time axis.
     seconds = _per_second(points)
@@ -414,6 +524,7 @@ def report_html(
         "<!doctype html><meta charset='utf-8'><title>stream-learner demo</title>"
         "<h1>stream-learner demo</h1>"
         + svg
+        + variants_table(summary.get("variants", {}))
         + "<h2>Summary</h2><pre>"
         + escape(json.dumps(summary, indent=2))
         + "</pre>"
