@@ -461,6 +461,8 @@ def cmd_trainer(args: argparse.Namespace, settings: Settings, metrics: Metrics) 
     except Stopped:
         log.info("trainer_stopped_before_start")
         return 0
+    # SIGUSR1: the next checkpoint is a full one (a model on a frozen base publishes deltas otherwise).
+    signal.signal(signal.SIGUSR1, lambda *_: trainer.session.request_full())
     trainer.run(stop)
     return 0
 
