@@ -51,7 +51,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ..checkpoint.reader import LoadedCheckpoint
 from ..config import Settings
 from ..errors import EventError
-from ..events import CheckpointManifest, Codec, Features, Ident, WeightsInfo, now_ms
+from ..events import CheckpointManifest, Codec, Features, Ident, WeightsInfo, WeightsLayout, now_ms
 from ..learn.build import learner_config
 from ..learn.learner import OnlineLearner
 from ..learn.manifest import servable_weights
@@ -787,7 +787,8 @@ def cold_start_model(settings: Settings) -> ServedModel:
     (0, ['no', 'yes'])
     """
     config = learner_config(settings)
-    tensors, _ = OnlineLearner(config).state_dict()
+    learner = OnlineLearner(config)
+    tensors, _ = learner.state_dict()
     manifest = CheckpointManifest(
         model=settings.serving_model or settings.trainer_model,
         version=0,
@@ -803,6 +804,7 @@ def cold_start_model(settings: Settings) -> ServedModel:
     )
     # Built from the operator's own settings: their architecture is allowed by definition.
     policy = BuildPolicy.of([config.spec.kind], max_parameters=1 << 62)
-    return load_served_model(
-        LoadedCheckpoint(manifest, servable_weights(tensors), {}, settings.topic_models, -1, -1), policy
-    )
+    # On a frozen base: the whole model (the frozen parameters are the learner's, from the base).
+    full = WeightsLayout(delta=False) if config.base is not None else None
+    weights = servable_weights(tensors, full, learner.frozen_tensors())
+    return load_served_model(LoadedCheckpoint(manifest, weights, {}, settings.topic_models, -1, -1), policy)
