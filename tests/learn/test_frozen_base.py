@@ -229,3 +229,26 @@ def test_settings_build_a_lora_learner_and_check_the_device(tmp_path: Path) -> N
         with pytest.raises(ConfigError, match="no CUDA device"):
             check_device("cuda:1", what="serving_device")
     assert check_device("cpu", what="trainer_device") == torch.device("cpu")
+
+
+def test_a_node_checks_its_device_and_base_at_start(tmp_path: Path, keypair) -> None:
+    from stream_learner.serving import CheckpointSubscriber, cold_start_model
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"serving_device='cuda'.*no CUDA device"):
+            CheckpointSubscriber(Settings(serving_device="cuda"), keypair[1], model="m")
+    with pytest.raises(ConfigError, match="serving_base_weights: cannot read"):
+        CheckpointSubscriber(Settings(serving_base_weights=str(tmp_path / "absent")), keypair[1], model="m")
+    # A cold-start node on a frozen base serves the whole untrained model (the base's values, frozen).
+    base_path = write_base(tmp_path / "base.safetensors")
+    served = cold_start_model(
+        Settings(
+            trainer_features=AGRAWAL_FEATURES,
+            trainer_architecture=ARCH,
+            trainer_seed=3,
+            trainer_base_weights=str(base_path),
+            trainer_trainable="head",
+            trainer_head_modules=["head"],
+        )
+    )
+    assert torch.equal(served.network.get_submodule("embed").weight, load_base(base_path).tensors["embed.weight"])
