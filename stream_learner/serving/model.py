@@ -298,10 +298,13 @@ def _structure(module: nn.Module) -> nn.Module:
     ``load_state_dict(assign=True)`` does, table entry by table entry: the template is never touched).
     Ten times cheaper than ``copy.deepcopy`` for a model of hundreds of layers."""
     clone = copy.copy(module)
-    clone._parameters = dict(module._parameters)
-    clone._buffers = dict(module._buffers)
-    clone._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
-    clone._modules = {name: _structure(child) if child is not None else None for name, child in module._modules.items()}
+    # Every table of its own (parameters, buffers, hooks, ...): nothing done to the copy reaches the template.
+    for name, value in vars(module).items():
+        if isinstance(value, (dict, set, list)):
+            clone.__dict__[name] = copy.copy(value)
+    clone.__dict__["_modules"] = {
+        name: _structure(child) if child is not None else None for name, child in module._modules.items()
+    }
     return clone
 
 

@@ -252,3 +252,22 @@ def test_a_node_checks_its_device_and_base_at_start(tmp_path: Path, keypair) -> 
         )
     )
     assert torch.equal(served.network.get_submodule("embed").weight, load_base(base_path).tensors["embed.weight"])
+
+
+def test_models_built_from_one_cached_skeleton_stay_apart(tmp_path: Path) -> None:
+    base_path = write_base(tmp_path / "base.safetensors")
+    learner = OnlineLearner(lora_config(base_path))
+    policy = BuildPolicy.of([ARCH], bases=[load_base(base_path)])
+    rows = [ex.features for ex in agrawal_examples(20, seed=9)]
+    stream = list(chunks(agrawal_examples(320)))
+    models, wanted = [], []
+    for version in (1, 2):
+        for chunk in stream[5 * (version - 1) : 5 * version]:
+            learner.process(chunk)
+        models.append(served(*checkpoint(learner, version, full_every=0), policy))
+        wanted.append(learner.predictor.predict(rows))
+    assert wanted[0] != wanted[1]
+    assert [m.predict(rows) for m in models] == wanted  # the first is not changed by building the second
+    hooked = models[1].network.register_forward_hook(lambda *_: None)
+    assert not models[0].network._forward_hooks and served(*checkpoint(learner, 3), policy).network._forward_hooks == {}
+    hooked.remove()
