@@ -147,6 +147,7 @@ def test_deltas_and_full_checkpoints_serve_what_the_learner_predicts(tmp_path: P
     full, full_bytes = checkpoint(learner, 3)
     assert delta.layout is not None and delta.layout.delta and delta.layout.base_sha256 == load_base(base_path).sha256
     assert full.layout is not None and not full.layout.delta
+    assert not checkpoint(learner, 4, full=True)[0].layout.delta  # on demand (the trainer's SIGUSR1)
     delta_names = set(decode_tensors(delta_bytes)[0])
     assert "model.embed.weight" not in delta_names and "model.blocks.0.q.lora_A" in delta_names
     assert "model.embed.weight" in decode_tensors(full_bytes)[0]

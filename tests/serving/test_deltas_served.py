@@ -136,6 +136,10 @@ def test_deltas_are_verified_applied_in_order_across_a_restart_and_refused_on_an
             step_until(second, lambda v=v: second.version == v, what=f"v{v}")
             assert second.current.predict(ROWS) == run.predicted[v]
         assert served_again == [7, 8, 9] and second.status()["failures"] == 0
+        # Rollback to a delta: any version is the base plus its own delta, no chain to replay.
+        assert second.pin(8).predict(ROWS) == run.predicted[8] and second.version == 8
+        second.unpin()
+        assert second.version == 9 and second.current.predict(ROWS) == run.predicted[9]
 
         # A signed delta on another base (a trainer given another base file): refused, counted, v9 stays.
         other = write_base(tmp_path / "other.safetensors", seed=8)
