@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import sys
@@ -92,7 +93,7 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=6, help="chunks learned per selection (one delta each)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # as trainer_torch_threads and a serving node default to
-    out: dict[str, Any] = {"model": ARCH}
+    out: dict[str, Any] = {"model": ARCH, "load_average_at_start": list(os.getloadavg())}
     with tempfile.TemporaryDirectory() as tmp:
         plain = build_model(spec("head"))
         state = plain.state_dict()
@@ -182,13 +183,15 @@ def main() -> None:
         current = None
         before = rss_mb()
         swap_s: list[float] = []
+        swap_cpu: list[float] = []  # this thread's CPU time: what the swap costs, without the neighbours' share
         rss: list[float] = []
         for i in range(args.swaps):
             manifest, data = deltas[i % len(deltas)]
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.thread_time()
             tensors, metadata = decode_tensors(data)
             current = load_served_model(LoadedCheckpoint(manifest, tensors, metadata, "t", 0, i), policy)
             swap_s.append(time.perf_counter() - t)
+            swap_cpu.append(time.thread_time() - c)
             current.predict(rows)
             rss.append(rss_mb())
         full_s: list[float] = []
@@ -205,6 +208,8 @@ def main() -> None:
             "delta_p50_ms": round(pct(swap_s, 0.5) * 1000, 2),
             "delta_p99_ms": round(pct(swap_s, 0.99) * 1000, 2),
             "delta_max_ms": round(max(swap_s) * 1000, 2),
+            "delta_cpu_p50_ms": round(pct(swap_cpu, 0.5) * 1000, 2),
+            "delta_cpu_p99_ms": round(pct(swap_cpu, 0.99) * 1000, 2),
             "full_bytes": len(full_lora[1]),
             "full_p50_ms": round(pct(full_s, 0.5) * 1000, 1),
             "rss_mb_before": round(before, 1),
@@ -213,9 +218,11 @@ def main() -> None:
             "rss_mb_max_during_delta_swaps": round(max(rss), 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }
+        out["load_average_at_end"] = list(os.getloadavg())
         s = out["swaps"]
         print(f"\nnode: {args.swaps} LoRA delta swaps ({s['delta_bytes']:,} bytes each) on the held base")
-        print(f"  delta swap p50 {s['delta_p50_ms']} ms, p99 {s['delta_p99_ms']} ms, max {s['delta_max_ms']} ms")
+        print(f"  delta swap p50 {s['delta_p50_ms']} ms, p99 {s['delta_p99_ms']} ms, max {s['delta_max_ms']} ms (wall)")
+        print(f"  delta swap CPU p50 {s['delta_cpu_p50_ms']} ms, p99 {s['delta_cpu_p99_ms']} ms (this thread)")
         print(f"  full swap ({s['full_bytes']:,} bytes) p50 {s['full_p50_ms']} ms")
         print(
             f"  RSS {s['rss_mb_before']} MB before, {s['rss_mb_after_10']} MB after 10 swaps, {s['rss_mb_end']} MB "
