@@ -38,6 +38,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -49,6 +50,7 @@ from ..errors import ConfigError
 __all__ = [
     "DTYPES",
     "BaseWeights",
+    "Dtype",
     "LoRALinear",
     "add_lora",
     "check_device",
@@ -56,7 +58,9 @@ __all__ = [
     "load_base",
 ]
 
-#: The precisions a checkpoint may be published in.
+#: A precision a checkpoint may be published in (``trainer_checkpoint_dtype``).
+Dtype = Literal["float32", "float16", "bfloat16"]
+#: The torch dtype of each.
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

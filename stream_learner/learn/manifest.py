@@ -17,7 +17,7 @@ from ..checkpoint.codec import encode_tensors
 from ..checkpoint.publish import weights_info
 from ..events import CheckpointManifest, Source, WeightsLayout, now_ms
 from .featurizer import STATS
-from .frozen import DTYPES
+from .frozen import DTYPES, Dtype
 from .learner import OnlineLearner
 
 
@@ -60,7 +60,7 @@ def build_manifest(
 
 
 def layout_for(
-    learner: OnlineLearner, version: int, *, dtype: str, full_every: int, full: bool
+    learner: OnlineLearner, version: int, *, dtype: Dtype, full_every: int, full: bool
 ) -> WeightsLayout | None:
     """The layout of ``version``: ``None`` for an ordinary float32 model without a base (its manifest
     is what it always was); a delta when the model has frozen parameters, unless ``full`` was asked
@@ -70,7 +70,7 @@ def layout_for(
         return None
     frozen = bool(learner.main.frozen)
     delta = frozen and not full and not (full_every and version % full_every == 0)
-    return WeightsLayout(dtype=dtype, base_sha256=base.sha256 if base is not None else None, delta=delta)  # type: ignore[arg-type]
+    return WeightsLayout(dtype=dtype, base_sha256=base.sha256 if base is not None else None, delta=delta)
 
 
 def servable_weights(

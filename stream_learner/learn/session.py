@@ -74,6 +74,7 @@ from ..drift import (
 )
 from ..errors import EventError
 from ..events import EXAMPLE, CheckpointManifest, Codec, ExampleEvent, Source, encode
+from .frozen import Dtype
 from .learner import ChunkResult, OnlineLearner
 from .manifest import build_manifest, layout_for, weights_bytes
 
@@ -227,7 +228,7 @@ class LearningSession:
         on_published: Callable[[CheckpointManifest], None] | None = None,
         on_chunk: Callable[[ChunkResult, int], None] | None = None,
         full_every: int = 0,
-        checkpoint_dtype: str = "float32",
+        checkpoint_dtype: Dtype = "float32",
     ) -> None:
         self.learner = learner
         self.policy = policy
