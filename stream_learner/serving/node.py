@@ -18,7 +18,8 @@ Endpoints (JSON):
   (a string, as in ``/predict`` and the prediction events) and ``version``
   (the same number as an integer, as in ``/model``); else 503.
 * ``GET /model`` — the subscriber's status, the manifest's version, parent,
-  metrics and counts, and the history of swaps (version, time).
+  metrics, counts, weights digest and layout (precision, base digest, delta
+  or full), and the history of swaps (version, time).
 * ``GET /metrics`` — Prometheus text.
 
 A bad request is the caller's to fix and is answered synchronously, so it
@@ -287,6 +288,9 @@ class ServingNode:
                 created_at=m.created_at,
                 counts=m.counts,
                 metrics=m.metrics,
+                weights_sha256=m.weights.sha256,
+                # dtype, base digest, delta or full (None: an ordinary float32 checkpoint).
+                layout=msgspec.to_builtins(m.layout) if m.layout is not None else None,
             )
         return info
 

@@ -4,26 +4,32 @@ and counted while the last good model stays."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
+import torch
 
 from stream_learner.bus import make_producer
 from stream_learner.checkpoint import publish_checkpoint, weights_info
 from stream_learner.checkpoint.signing import generate_keypair, load_private_key, load_public_key
-from stream_learner.config import Settings
+from stream_learner.config import Settings, settings_env
 from stream_learner.events import encode
 from stream_learner.learn.frozen import load_base
 from stream_learner.learn.manifest import weights_bytes
 from stream_learner.learn.trainer import Trainer
+from stream_learner.local import free_port
 from stream_learner.metrics import Metrics
 from stream_learner.serving import CheckpointSubscriber
 
 from ..learn.streams import AGRAWAL_FEATURES, agrawal_examples
 from ..learn.test_frozen_base import ARCH, LORA, write_base
-from .conftest import step_until
+from .conftest import step_until, wait_for
+from .test_node import call
 
 EVERY = 320  # examples per version
 ROWS = [ex.features for ex in agrawal_examples(40, seed=21)]
@@ -74,10 +80,12 @@ class Run:
         self.stream = agrawal_examples(12 * EVERY, seed=5)
         self.produced = 0
         self.predicted: dict[int, list[Any]] = {}
+        self.one: dict[int, Any] = {}  # ROWS[0] alone: a node answers a one-row request with a batch of one
         self.trainer = Trainer(settings, on_checkpoint=self._published)
 
     def _published(self, manifest: Any) -> None:
         self.predicted[manifest.version] = self.trainer.learner.predictor.predict(ROWS)
+        self.one[manifest.version] = self.trainer.learner.predictor.predict(ROWS[:1])[0]
 
     def versions(self, n: int) -> None:
         """Produce and learn ``n`` more versions' worth of examples."""
@@ -189,3 +197,63 @@ def test_deltas_are_verified_applied_in_order_across_a_restart_and_refused_on_an
         second.stop()
     finally:
         run.trainer.close()
+
+
+@pytest.mark.slow
+def test_the_serve_process_applies_deltas_across_a_sigkill_and_refuses_a_missing_device(
+    lsettings: Settings, tmp_path: Path
+) -> None:
+    port = free_port()
+    env = settings_env(msgspec.structs.replace(lsettings, serving_port=port))
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "stream_learner.cli", "serve"]
+    run = Run(lsettings)
+
+    def serving(proc: subprocess.Popen, version: int) -> bool:
+        try:
+            return call(url, "GET", "/health")[1].get("version") == version
+        except OSError:
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            return False
+
+    def check(version: int) -> None:
+        """The node serves exactly that version's published weights, a delta on the base, and predicts what
+        the learner did at that version (to float32 rounding: the node's torch may use other threads)."""
+        _, model = call(url, "GET", "/model")
+        published = next(m for m in run.trainer.published if m.version == version)
+        assert model["weights_sha256"] == published.weights.sha256 and model["layout"]["delta"], model
+        got = call(url, "POST", "/predict", {"features": ROWS[0]})[1]["prediction"]
+        assert got == pytest.approx(run.one[version], rel=1e-6, abs=1e-9)
+
+    procs: list[subprocess.Popen] = []
+    try:
+        run.versions(4)  # v3 full, v4 a delta
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        wait_for(lambda: serving(procs[-1], 4), timeout_s=90, what="the node to serve the delta v4")
+        check(4)
+        procs[-1].send_signal(signal.SIGKILL)
+        procs[-1].wait(10)
+        run.versions(3)  # v5, v7 deltas, v6 full, while the node is down
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        wait_for(lambda: serving(procs[-1], 7), timeout_s=90, what="the restarted node to serve the delta v7")
+        check(7)
+        run.versions(1)
+        wait_for(lambda: serving(procs[-1], 8), timeout_s=60, what="the next delta, v8")
+        check(8)
+        _, model = call(url, "GET", "/model")
+        assert model["status"]["failures"] == 0, model
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.communicate(timeout=30)
+        run.trainer.close()
+    if not torch.cuda.is_available():  # a device this machine lacks: a clear error at start
+        out = subprocess.run(
+            cmd,
+            env=settings_env(msgspec.structs.replace(lsettings, serving_device="cuda", serving_port=free_port())),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 1 and "no CUDA device" in out.stdout + out.stderr, out.stdout + out.stderr
