@@ -272,3 +272,18 @@ def test_models_built_from_one_cached_skeleton_stay_apart(tmp_path: Path) -> Non
     hooked = models[1].network.register_forward_hook(lambda *_: None)
     assert not models[0].network._forward_hooks and served(*checkpoint(learner, 3), policy).network._forward_hooks == {}
     hooked.remove()
+
+
+def test_all_learns_from_the_base_as_a_start_and_publishes_full_versions(tmp_path: Path) -> None:
+    base_path = write_base(tmp_path / "base.safetensors", seed=4)
+    base = load_base(base_path)
+    learner = OnlineLearner(LearnerConfig(model_name="m", spec=plain_spec(seed=3), base=base, trainable="all"))
+    state = learner.main.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in base.tensors.items())  # the base's values, not the seed's
+    assert state["embed.weight"].data_ptr() != base.tensors["embed.weight"].data_ptr()  # copied: it learns
+    for chunk in chunks(agrawal_examples(96)):
+        learner.process(chunk)
+    assert not torch.equal(learner.main.model.state_dict()["embed.weight"], base.tensors["embed.weight"])
+    manifest, data = checkpoint(learner, 1)
+    assert manifest.layout.base_sha256 == base.sha256 and not manifest.layout.delta
+    assert "model.embed.weight" in decode_tensors(data)[0]
