@@ -104,6 +104,7 @@ _ROLE_GROUPS = {
         "topics",
         "topic_setup",
         "model",
+        "large",
         "learning",
         "checkpoints",
         "drift",
@@ -119,7 +120,10 @@ VERB_SETTINGS: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
     "joiner": (_ROLE_GROUPS["joiner"], frozenset()),
     "trainer": (_ROLE_GROUPS["trainer"], frozenset()),
     "run": (tuple(dict.fromkeys(_ROLE_GROUPS["joiner"] + _ROLE_GROUPS["trainer"])), frozenset()),
-    "serve": (("kafka", "consumer", "topics", "topic_setup", "model", "serving", "metrics", "logs"), frozenset()),
+    "serve": (
+        ("kafka", "consumer", "topics", "topic_setup", "model", "large", "serving", "metrics", "logs"),
+        frozenset(),
+    ),
     "replay": (
         (
             "kafka",
@@ -128,6 +132,7 @@ VERB_SETTINGS: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
             "topics",
             "joiner",
             "model",
+            "large",
             "learning",
             "checkpoints",
             "drift",
