@@ -104,6 +104,7 @@ _ROLE_GROUPS = {
         "topics",
         "topic_setup",
         "model",
+        "large",
         "learning",
         "checkpoints",
         "drift",
@@ -119,7 +120,10 @@ VERB_SETTINGS: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
     "joiner": (_ROLE_GROUPS["joiner"], frozenset()),
     "trainer": (_ROLE_GROUPS["trainer"], frozenset()),
     "run": (tuple(dict.fromkeys(_ROLE_GROUPS["joiner"] + _ROLE_GROUPS["trainer"])), frozenset()),
-    "serve": (("kafka", "consumer", "topics", "topic_setup", "model", "serving", "metrics", "logs"), frozenset()),
+    "serve": (
+        ("kafka", "consumer", "topics", "topic_setup", "model", "large", "serving", "metrics", "logs"),
+        frozenset(),
+    ),
     "replay": (
         (
             "kafka",
@@ -128,6 +132,7 @@ VERB_SETTINGS: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
             "topics",
             "joiner",
             "model",
+            "large",
             "learning",
             "checkpoints",
             "drift",
@@ -486,6 +491,8 @@ def cmd_trainer(args: argparse.Namespace, settings: Settings, metrics: Metrics) 
     except Stopped:
         log.info("trainer_stopped_before_start")
         return 0
+    # SIGUSR1: the next checkpoint is a full one (a model on a frozen base publishes deltas otherwise).
+    signal.signal(signal.SIGUSR1, lambda *_: trainer.session.request_full())
     trainer.run(stop)
     return 0
 

@@ -287,6 +287,31 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     variant_finetune_epochs: Annotated[int, Meta(ge=0)] = 2
     """pruned, sparse: passes of the distillation fine-tune over the recent window."""
 
+    # Large models (README, "Bringing a large model"; stream_learner.learn.frozen): a frozen
+    # pretrained base, what learns on it, delta checkpoints, precision and device.
+    trainer_base_weights: str = ""
+    """A local safetensors file of pretrained tensors named as the model's; its SHA-256 is in every manifest."""
+    trainer_trainable: Literal["all", "head", "lora"] = "all"
+    """What learns: all, head (trainer_head_modules) or lora (trainer_lora_layers and the head); the rest is frozen."""
+    trainer_head_modules: list[str] = []
+    """Modules that learn in full with trainer_trainable=head or lora (comma-separated module paths)."""
+    trainer_lora_layers: list[str] = []
+    """nn.Linear modules given LoRA adapters with trainer_trainable=lora (comma-separated module paths)."""
+    trainer_lora_rank: Positive = 8
+    """Rank of each LoRA adapter."""
+    trainer_lora_alpha: Annotated[float, Meta(gt=0)] = 16.0
+    """LoRA scaling: an adapter's output is multiplied by alpha / rank."""
+    trainer_full_checkpoint_every: Annotated[int, Meta(ge=0)] = 10
+    """With a frozen base, every Nth version is full, the others deltas (only what learns); 0: deltas only."""
+    trainer_checkpoint_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Precision of the published weights (the trainer's own state stays float32)."""
+    trainer_device: Annotated[str, Meta(pattern=r"^(cpu|cuda(:[0-9]+)?)$")] = "cpu"
+    """Where the trainer's model and batches live: cpu, cuda or cuda:N (checked at start)."""
+    serving_base_weights: str = ""
+    """The base file a node applies deltas to (its SHA-256 must be the manifest's); unset: deltas are refused."""
+    serving_device: Annotated[str, Meta(pattern=r"^(cpu|cuda(:[0-9]+)?)$")] = "cpu"
+    """Where a node's models run: cpu, cuda or cuda:N (checked at start)."""
+
     # Replay (README, "Replay").
     replay_state_dir: str = ".stream-learner/replay"
     """Where each replay keeps its resumable state and report (one directory per replay id)."""
@@ -523,6 +548,20 @@ SETTING_GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
             "trainer_architecture",
             "trainer_hidden",
             "trainer_seed",
+        ),
+    ),
+    "large": (
+        "Large models: a frozen base, delta checkpoints, precision, device",
+        (
+            "trainer_base_weights",
+            "trainer_trainable",
+            "trainer_head_modules",
+            "trainer_lora_",
+            "trainer_full_checkpoint_every",
+            "trainer_checkpoint_dtype",
+            "trainer_device",
+            "serving_base_weights",
+            "serving_device",
         ),
     ),
     "checkpoints": (

@@ -194,11 +194,29 @@ class VariantInfo(Struct, frozen=True, kw_only=True):
     measured: dict[Name, Finite]
 
 
+class WeightsLayout(Struct, frozen=True, kw_only=True):
+    """How a checkpoint's tensors relate to a frozen base, and their precision (``CheckpointManifest.layout``).
+
+    ``dtype``: the precision of the published floating model tensors (a node
+    computes in float32 all the same). ``base_sha256``: the SHA-256 of the
+    frozen base file the model was learned on (``null``: no base).
+    ``delta``: the weights hold only the tensors that learn (and the
+    statistics); the frozen ones are the base's, which the node must hold
+    (``serving_base_weights``) or refuse the version. A full checkpoint
+    (``delta`` false) holds every tensor and needs no base.
+    """
+
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    base_sha256: Annotated[str, Meta(pattern="^[0-9a-f]{64}$")] | None = None
+    delta: bool = False
+
+
 class CheckpointManifest(Struct, frozen=True, kw_only=True):
     """A model version published to the model topic (schema ``manifest.v1``).
 
-    ``variant`` is optional (default ``null``: an ordinary checkpoint); a
-    manifest without it signs and verifies exactly as before the field existed.
+    ``variant`` and ``layout`` are optional (default ``null``: an ordinary
+    checkpoint, float32, no base); a manifest without them signs and
+    verifies exactly as before the fields existed.
     """
 
     model: Name
@@ -214,6 +232,7 @@ class CheckpointManifest(Struct, frozen=True, kw_only=True):
     weights: WeightsInfo
     signature: Signature | None = None
     variant: VariantInfo | None = None
+    layout: WeightsLayout | None = None
 
 
 DriftKind = Literal["warning", "drift", "status"]

@@ -904,15 +904,20 @@ class LatestScan:
             self.records += hi - lo  # a gap (compaction, transactions): progress all the same
         window = {r.offset: r for r in records}
         bound = self._bound(part)
+        # A partition done mid-window keeps its cursor just above the records it has not handled:
+        # if its candidate is then refused at load, resume() goes on from there, so a version
+        # between it and the window's end (a full one below a delta the node cannot apply) is met.
         for record in reversed(records):
             if bound is not None and record.timestamp < bound and part.best is None:
-                part.done = True
+                part.done, part.cursor = True, record.offset + 1
                 return
             if part.best is not None and record.offset < part.confirm_at:
-                part.done = True  # read back to its first chunk: confirmed; older records do not matter
+                # Read back to its first chunk: confirmed; older records do not matter.
+                part.done, part.cursor = True, record.offset + 1
                 return
             self._record(part, record, window)
             if part.done:
+                part.cursor = record.offset
                 return
         if part.best is not None and part.cursor <= part.confirm_at:
             part.done = True

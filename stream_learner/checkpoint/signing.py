@@ -17,7 +17,7 @@ round-trip form.
 A verifier checks only the fields it knows: a manifest with fields added by
 a newer writer does not verify on an older reader (it fails closed), so
 adding a manifest field needs a new schema version, or readers that know it
-first. An optional field added later (``variant``) is left out of the signed
+first. An optional field added later (``variant``, ``layout``) is left out of the signed
 bytes while it is ``null``, so manifests without it sign exactly as they did
 before it existed, and older readers verify them.
 
@@ -60,6 +60,8 @@ from .errors import SignatureError
 ALG: Literal["ed25519"] = "ed25519"
 
 _canonical = msgspec.json.Encoder(order="sorted")
+#: Optional fields added to manifest.v1 after it was first signed, in the order they came.
+_LATER_FIELDS = ("variant", "layout")
 _plain = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(CheckpointManifest)
 
@@ -147,13 +149,13 @@ def canonical_bytes(manifest: CheckpointManifest) -> bytes:
         normalised = _decoder.decode(_plain.encode(unsigned))
     except (msgspec.ValidationError, msgspec.EncodeError) as exc:
         raise SignatureError(f"manifest is not a valid manifest.v1: {exc}") from None
-    if normalised.variant is None:
-        # Fields added after manifest.v1 was first signed are signed only when set (see the module
-        # docstring): the bytes of a manifest without them are those older writers signed.
-        fields = msgspec.to_builtins(normalised)
-        del fields["variant"]
-        return _canonical.encode(fields)
-    return _canonical.encode(normalised)
+    # Fields added after manifest.v1 was first signed are signed only when set (see the module
+    # docstring): the bytes of a manifest without them are those older writers signed.
+    fields = msgspec.to_builtins(normalised)
+    for name in _LATER_FIELDS:
+        if fields[name] is None:
+            del fields[name]
+    return _canonical.encode(fields)
 
 
 def sign_manifest(manifest: CheckpointManifest, private_key: Ed25519PrivateKey) -> CheckpointManifest:

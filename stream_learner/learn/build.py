@@ -17,6 +17,7 @@ from ..errors import ConfigError
 from ..optimize.student import StudentConfig
 from ..redis_conn import make_redis
 from ..util.retry import Retry
+from .frozen import check_device, load_base
 from .learner import LearnerConfig, OnlineLearner
 from .models import ModelSpec
 
@@ -25,6 +26,7 @@ def learner_config(settings: Settings) -> LearnerConfig:
     """The learner configuration the settings describe (:class:`ConfigError` if they cannot)."""
     if not settings.trainer_features:
         raise ConfigError("trainer_features is empty: declare the model's features (STREAM_LEARNER_TRAINER_FEATURES)")
+    lora = settings.trainer_trainable == "lora"
     try:
         spec = ModelSpec(
             kind=settings.trainer_architecture,
@@ -33,9 +35,24 @@ def learner_config(settings: Settings) -> LearnerConfig:
             classes=tuple(settings.trainer_classes),
             hidden=tuple(settings.trainer_hidden),
             seed=settings.trainer_seed,
+            lora_layers=tuple(settings.trainer_lora_layers) if lora else (),
+            lora_rank=settings.trainer_lora_rank if lora else 0,
+            lora_alpha=settings.trainer_lora_alpha if lora else 0.0,
         )
     except ValueError as exc:
         raise ConfigError(f"invalid model settings: {exc}") from None
+    if lora and not settings.trainer_lora_layers:
+        raise ConfigError("trainer_trainable=lora needs trainer_lora_layers (the nn.Linear layers to adapt)")
+    check_device(settings.trainer_device, what="trainer_device")
+    base = load_base(settings.trainer_base_weights) if settings.trainer_base_weights else None
+    if base is not None and settings.trainer_variants:
+        # The variants rebuild and re-save whole models (stream_learner.optimize): not on a frozen base yet.
+        raise ConfigError("trainer_variants cannot be used with trainer_base_weights (not supported yet)")
+    if settings.trainer_trainable != "all" and base is None:
+        raise ConfigError(
+            f"trainer_trainable={settings.trainer_trainable} freezes what does not learn: it needs "
+            "trainer_base_weights (the frozen values)"
+        )
     return LearnerConfig(
         model_name=settings.trainer_model,
         spec=spec,
@@ -61,13 +78,20 @@ def learner_config(settings: Settings) -> LearnerConfig:
         )
         if "student" in settings.trainer_variants
         else None,
+        base=base,
+        trainable=settings.trainer_trainable,
+        head_modules=tuple(settings.trainer_head_modules),
+        device=settings.trainer_device,
     )
 
 
 def build_learner(settings: Settings) -> tuple[OnlineLearner, DriftPolicy]:
     """The learner the settings describe, with its drift detectors (if on), and the drift policy."""
     monitor, policy = drift_from_settings(settings)
-    return OnlineLearner(learner_config(settings), drift=monitor), policy
+    try:
+        return OnlineLearner(learner_config(settings), drift=monitor), policy
+    except ValueError as exc:  # a base or a selection that does not fit the architecture
+        raise ConfigError(f"invalid model settings: {exc}") from None
 
 
 def state_store(

@@ -48,6 +48,7 @@ from ..optimize.student import Student, StudentConfig
 from ..optimize.window import RecentExamples
 from .evaluation import Scoreboard, ServedClasses
 from .featurizer import Featurizer
+from .frozen import BaseWeights
 from .judge import DriftJudge, SignalValues
 from .models import ModelSpec
 from .parts import DedupWindow, LrSchedule, PseudoLabels, SpikeGuard, Tensors
@@ -86,6 +87,12 @@ class LearnerConfig:
     recent_window: int = 0
     #: The distilled student trained alongside (None: none; see stream_learner.optimize.student).
     student: StudentConfig | None = None
+    #: A frozen pretrained base and what learns on it (see stream_learner.learn.frozen).
+    base: BaseWeights | None = field(default=None, compare=False)
+    trainable: str = "all"
+    head_modules: tuple[str, ...] = ()
+    #: Where the model and the batches live (checked by the builder: see frozen.check_device).
+    device: str = "cpu"
 
     def featurizer(self) -> Featurizer:
         """A fresh featurizer for the spec's features (the learner's and a served model's)."""
@@ -172,7 +179,20 @@ class OnlineLearner:
 
     def _trainable(self) -> Trainable:
         c = self.config
-        return Trainable(self.spec, c.optimizer, c.lr, c.weight_decay)
+        return Trainable(
+            self.spec,
+            c.optimizer,
+            c.lr,
+            c.weight_decay,
+            base=c.base,
+            trainable=c.trainable,
+            head=c.head_modules,
+            device=torch.device(c.device),
+        )
+
+    def frozen_tensors(self) -> dict[str, torch.Tensor]:
+        """The main model's frozen parameters (the base's values; empty without a frozen base)."""
+        return self.main.frozen_state()
 
     @property
     def predictor(self) -> Predictor:
@@ -390,6 +410,8 @@ class OnlineLearner:
         (``count``) is counted, guarded against spikes and scheduled."""
         c = self.config
         set_training(t.model, True)
+        if t.device.type != "cpu":
+            x, y, w = x.to(t.device), y.to(t.device), w.to(t.device)
         out = t.model(x)
         if self.regression:
             per = (out[:, 0] - y) ** 2
@@ -409,7 +431,7 @@ class OnlineLearner:
             return math.nan
         t.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        params = list(t.model.parameters())
+        params = t.learning()
         grads = [p.grad for p in params if p.grad is not None]
         # A finite total norm means every gradient is finite: one check instead of one per
         # tensor, and the norm is the one clipping needs (clip_grad_norm_ is exactly

@@ -38,6 +38,13 @@ def set_training(model: nn.Module, mode: bool) -> None:
         model.train(mode)
 
 
+def _device(network: nn.Module) -> torch.device | None:
+    """The network's device when it is not the CPU (None: the CPU, or no parameters)."""
+    for param in network.parameters():
+        return None if param.device.type == "cpu" else param.device
+    return None
+
+
 @dataclass(frozen=True, eq=False)
 class Predictor:
     """A network with the statistics that turn rows into its inputs and its outputs into answers."""
@@ -59,9 +66,11 @@ class Predictor:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The network's raw output in eval mode, without autograd: logits, or standardized values."""
         set_training(self.network, False)
+        device = _device(self.network)
         with torch.no_grad():
-            out: torch.Tensor = self.network(x)
-        return out
+            out: torch.Tensor = self.network(x if device is None else x.to(device))
+        # Probabilities, values and scores are computed on the CPU whatever device the network is on.
+        return out if device is None else out.cpu()
 
     def probabilities(self, out: torch.Tensor) -> torch.Tensor:
         """Class probabilities (float64 softmax over the logits)."""

@@ -74,8 +74,9 @@ from ..drift import (
 )
 from ..errors import EventError
 from ..events import EXAMPLE, CheckpointManifest, Codec, ExampleEvent, Source, encode
+from .frozen import Dtype
 from .learner import ChunkResult, OnlineLearner
-from .manifest import build_manifest, weights_bytes
+from .manifest import build_manifest, layout_for, weights_bytes
 
 log = structlog.get_logger(__name__)
 
@@ -226,6 +227,8 @@ class LearningSession:
         on_built: Callable[[Built], None] | None = None,
         on_published: Callable[[CheckpointManifest], None] | None = None,
         on_chunk: Callable[[ChunkResult, int], None] | None = None,
+        full_every: int = 0,
+        checkpoint_dtype: Dtype = "float32",
     ) -> None:
         self.learner = learner
         self.policy = policy
@@ -242,6 +245,9 @@ class LearningSession:
         self.on_built = on_built
         self.on_published = on_published
         self.on_chunk = on_chunk
+        self.full_every = full_every
+        self.checkpoint_dtype = checkpoint_dtype
+        self.full_requested = False  # the next checkpoint is full (request_full; not saved: a layout choice)
         self.decode = Codec(EXAMPLE.event_type, max_event_bytes).decode
         self.version = 0
         self.position: dict[str, int] = {}  # topic:partition -> next offset to read
@@ -281,7 +287,8 @@ class LearningSession:
             # Crashed between saving the state and publishing it: publish now.
             log.info("session_republish", model=self.model, version=self.version)
             manifest = msgspec.convert(meta["manifest"], CheckpointManifest)
-            self._published(self.output.publish(manifest, weights_bytes(snapshot.tensors, self.model)))
+            weights = weights_bytes(snapshot.tensors, self.model, manifest.layout, self._frozen(manifest))
+            self._published(self.output.publish(manifest, weights))
         log.info(
             "session_restored",
             model=self.model,
@@ -366,13 +373,26 @@ class LearningSession:
                 applied[name] = min(applied.get(name, item.offset), item.offset)
         return applied
 
+    def request_full(self) -> None:
+        """Make the next checkpoint a full one (with a frozen base; see ``trainer_full_checkpoint_every``)."""
+        self.full_requested = True
+
+    def _frozen(self, manifest: CheckpointManifest) -> dict[str, torch.Tensor] | None:
+        """The frozen parameters a full checkpoint on a base holds besides the state's tensors."""
+        layout = manifest.layout
+        return self.learner.frozen_tensors() if layout is not None and not layout.delta else None
+
     def checkpoint(self) -> CheckpointManifest:
         """Save the state, then publish it as the next version (see the module docstring)."""
         began = time.perf_counter()
         self.sinks.flush()
         version = self.version + 1
         tensors, learner_meta = self.learner.state_dict()
-        weights = weights_bytes(tensors, self.model)
+        layout = layout_for(
+            self.learner, version, dtype=self.checkpoint_dtype, full_every=self.full_every, full=self.full_requested
+        )
+        frozen = self.learner.frozen_tensors() if layout is not None and not layout.delta else None
+        weights = weights_bytes(tensors, self.model, layout, frozen)
         manifest = build_manifest(
             self.learner,
             model=self.model,
@@ -381,7 +401,9 @@ class LearningSession:
             input_offsets=[source_of(n, o) for n, o in sorted(self.applied_offsets().items())],
             weights=weights,
             chunk_bytes=self.chunk_bytes,
+            layout=layout,
         )
+        self.full_requested = False
         self.version = version
         self.since_checkpoint = 0
         self.force_checkpoint = False

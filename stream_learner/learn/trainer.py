@@ -182,6 +182,8 @@ class Trainer:
             checkpoint_every_s=settings.trainer_checkpoint_every_s,
             chunk_bytes=settings.trainer_chunk_bytes,
             max_event_bytes=settings.max_event_bytes,
+            full_every=settings.trainer_full_checkpoint_every,
+            checkpoint_dtype=settings.trainer_checkpoint_dtype,
             clock=clock,
             on_published=self._published,
             on_chunk=self._chunk,

@@ -121,6 +121,8 @@ class Replay:
             checkpoint_every_examples=settings.trainer_checkpoint_every_examples,
             chunk_bytes=settings.trainer_chunk_bytes,
             max_event_bytes=settings.max_event_bytes,
+            full_every=settings.trainer_full_checkpoint_every,
+            checkpoint_dtype=settings.trainer_checkpoint_dtype,
             extra_state=self._extra_state,
             on_built=self._built,
             on_chunk=self._chunk,
@@ -317,7 +319,14 @@ class Replay:
                 "sha256": built.manifest.weights.sha256,
                 # The weights file carries the model name in its metadata, so a lineage's digest
                 # differs from live's even for equal tensors; this one does not.
-                "sha256_as_live": sha256_hex(weights_bytes(built.tensors, self.settings.trainer_model)),
+                "sha256_as_live": sha256_hex(
+                    weights_bytes(
+                        built.tensors,
+                        self.settings.trainer_model,
+                        built.manifest.layout,
+                        self.session.learner.frozen_tensors() if built.manifest.layout is not None else None,
+                    )
+                ),
                 "examples": self.examples,
             }
         )

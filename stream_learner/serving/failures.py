@@ -5,6 +5,7 @@ Reasons: ``signature``, ``digest``, ``incomplete``, ``not_found``,
 ``smoke``, ``downgrade`` (a version below the highest good one the node
 knows), ``unconfirmed`` (the start scan's budget ran out before it could
 rule out a replay), ``oversized`` (a record too large to receive, skipped),
+``no_base`` (a delta checkpoint on a frozen base this node does not hold),
 ``broker``, ``error``.
 
 Every failure is counted under one ``reason`` label
@@ -35,8 +36,9 @@ class ModelLoadError(CheckpointError):
     """A verified checkpoint cannot be served: its architecture does not match its
     weights (``reason="architecture"``), is not allowed on this node
     (``"not_allowed"``) or exceeds its bounds (``"limit"``), its statistics are
-    not a state a learner can be in (``"state"``), or its smoke prediction is
-    not finite (``"smoke"``)."""
+    not a state a learner can be in (``"state"``), its smoke prediction is
+    not finite (``"smoke"``), or it is a delta on a base the node does not
+    hold (``"no_base"``)."""
 
     def __init__(self, message: str, reason: str = "architecture") -> None:
         super().__init__(message)

@@ -27,9 +27,13 @@ finite and in range (counts and sums of squares not negative).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 import math
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -39,6 +43,7 @@ from torch import nn
 from ..checkpoint.reader import LoadedCheckpoint
 from ..events import MAX_CLASSES, MAX_FEATURES, CheckpointManifest
 from ..learn.featurizer import STATS, Featurizer
+from ..learn.frozen import DTYPES, BaseWeights
 from ..learn.learner import LearnerConfig
 from ..learn.models import ModelSpec, build_model
 from ..learn.predictor import Predictor
@@ -67,11 +72,27 @@ class BuildPolicy:
     max_parameters: int = 50_000_000
     max_layers: int = MAX_LAYERS
     max_features: int = MAX_FEATURES
+    #: The frozen bases this node holds, by SHA-256 (``serving_base_weights``): what deltas apply to.
+    bases: Mapping[str, BaseWeights] = dataclasses.field(default_factory=dict, compare=False)
+    #: Where the networks run (``serving_device``, checked at start).
+    device: str = "cpu"
 
     @classmethod
-    def of(cls, factories: Iterable[str] = (), max_parameters: int = 50_000_000) -> BuildPolicy:
-        """The built-ins plus ``factories``."""
-        return cls(allowed=BUILT_IN | frozenset(factories), max_parameters=max_parameters)
+    def of(
+        cls,
+        factories: Iterable[str] = (),
+        max_parameters: int = 50_000_000,
+        *,
+        bases: Iterable[BaseWeights] = (),
+        device: str = "cpu",
+    ) -> BuildPolicy:
+        """The built-ins plus ``factories``, with the ``bases`` held."""
+        return cls(
+            allowed=BUILT_IN | frozenset(factories),
+            max_parameters=max_parameters,
+            bases={b.sha256: b for b in bases},
+            device=device,
+        )
 
 
 DEFAULT_POLICY = BuildPolicy()
@@ -199,8 +220,7 @@ def load_served_model(checkpoint: LoadedCheckpoint, policy: BuildPolicy = DEFAUL
             "not_allowed",
         )
     try:
-        with torch.device("meta"):  # shapes and counts only: nothing is allocated
-            skeleton = build_model(spec)
+        skeleton = _meta_skeleton(spec)
     except Exception as exc:  # an allowed factory may raise anything; the model is refused
         raise ModelLoadError(f"{what}: cannot build architecture {spec.kind!r}: {exc}") from exc
     if not isinstance(skeleton, nn.Module):
@@ -211,9 +231,13 @@ def load_served_model(checkpoint: LoadedCheckpoint, policy: BuildPolicy = DEFAUL
             f"{what}: architecture {spec.kind!r} has {n_parameters} parameters, the limit is {policy.max_parameters}",
             "limit",
         )
-    tensors = checkpoint.tensors
-    weights = _strict_weights(skeleton, tensors, what)
+    tensors = _with_base(manifest, checkpoint.tensors, policy, what)
+    layout = manifest.layout
+    published = DTYPES[layout.dtype] if layout is not None and layout.dtype != "float32" else None
+    weights = _strict_weights(skeleton, tensors, what, published)
     _check_statistics(tensors, len(spec.features), what)
+    if policy.device != "cpu":
+        weights = {k: v.to(policy.device) for k, v in weights.items()}
     network = _materialize(skeleton, spec, weights, what)
     network.eval()
     network.requires_grad_(False)
@@ -239,6 +263,49 @@ def load_served_model(checkpoint: LoadedCheckpoint, policy: BuildPolicy = DEFAUL
     )
     _smoke(served, what)
     return served
+
+
+#: Meta-device models by signed architecture (at most _SKELETON_CACHE): a delta of a large model is swapped
+#: in tens of milliseconds, and building its skeleton (hundreds of layers' constructors) was most of them.
+_SKELETONS: OrderedDict[str, nn.Module] = OrderedDict()
+_SKELETON_CACHE = 4
+_SKELETONS_LOCK = threading.Lock()
+
+
+def _meta_skeleton(spec: ModelSpec) -> nn.Module:
+    """A fresh meta-device model of ``spec`` (shapes and counts only: nothing is allocated): a structural
+    copy of one built before for the same architecture (see :func:`_structure`)."""
+    key = json.dumps(spec.to_dict(), sort_keys=True, default=str)
+    with _SKELETONS_LOCK:
+        template = _SKELETONS.get(key)
+        if template is not None:
+            _SKELETONS.move_to_end(key)
+    if template is None:
+        with torch.device("meta"):
+            template = build_model(spec)
+        if not isinstance(template, nn.Module):
+            return template  # refused by the caller, never cached
+        with _SKELETONS_LOCK:
+            _SKELETONS[key] = template
+            while len(_SKELETONS) > _SKELETON_CACHE:
+                _SKELETONS.popitem(last=False)
+    return _structure(template)
+
+
+def _structure(module: nn.Module) -> nn.Module:
+    """A copy of ``module``'s tree: new module objects with their own parameter, buffer and child tables,
+    holding the template's (meta) tensors until the caller assigns its own in their place (which
+    ``load_state_dict(assign=True)`` does, table entry by table entry: the template is never touched).
+    Ten times cheaper than ``copy.deepcopy`` for a model of hundreds of layers."""
+    clone = copy.copy(module)
+    # Every table of its own (parameters, buffers, hooks, ...): nothing done to the copy reaches the template.
+    for name, value in vars(module).items():
+        if isinstance(value, (dict, set, list)):
+            clone.__dict__[name] = copy.copy(value)
+    clone.__dict__["_modules"] = {
+        name: _structure(child) if child is not None else None for name, child in module._modules.items()
+    }
+    return clone
 
 
 def _materialize(skeleton: nn.Module, spec: ModelSpec, weights: Mapping[str, torch.Tensor], what: str) -> nn.Module:
@@ -288,9 +355,39 @@ def _spec_from_manifest(manifest: CheckpointManifest, policy: BuildPolicy = DEFA
     return spec
 
 
-def _strict_weights(network: nn.Module, tensors: Mapping[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
-    """The ``model.*`` tensors, renamed for ``network``: the names, shapes and dtypes it has, no more, no less."""
+def _with_base(
+    manifest: CheckpointManifest, tensors: Mapping[str, torch.Tensor], policy: BuildPolicy, what: str
+) -> Mapping[str, torch.Tensor]:
+    """A delta's tensors with the frozen ones of the base it names (the delta's own win), or the
+    tensors as they are (a full checkpoint). A delta on a base this node does not hold is refused
+    (``reason="no_base"``): the last good model stays."""
+    layout = manifest.layout
+    if layout is None or not layout.delta:
+        return tensors
+    base = policy.bases.get(layout.base_sha256 or "")
+    if base is None:
+        held = ", ".join(sorted(k[:12] + "..." for k in policy.bases)) or "none (serving_base_weights)"
+        raise ModelLoadError(
+            f"{what} is a delta on base {(layout.base_sha256 or '?')[:12]}..., this node holds {held}", "no_base"
+        )
+    return {**{f"model.{k}": v for k, v in base.tensors.items()}, **tensors}
+
+
+def _strict_weights(
+    network: nn.Module, tensors: Mapping[str, torch.Tensor], what: str, published: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """The ``model.*`` tensors, renamed for ``network``: the names, shapes and dtypes it has, no more, no less.
+
+    ``published``: the precision the manifest's layout declares; floating tensors in it are cast to
+    the architecture's dtype (a node computes as the trainer does), any other dtype is refused.
+    """
     weights = {name[len("model.") :]: t for name, t in tensors.items() if name.startswith("model.")}
+    if published is not None:
+        expected_dtypes = {k: v.dtype for k, v in network.state_dict().items()}
+        for name, t in list(weights.items()):
+            want_dtype = expected_dtypes.get(name)
+            if want_dtype is not None and want_dtype.is_floating_point and t.dtype == published:
+                weights[name] = t.to(want_dtype)
     expected = network.state_dict()
     if missing := sorted(set(expected) - set(weights)):
         raise ModelLoadError(f"{what}: weights lack {['model.' + k for k in missing]} that the architecture has")

@@ -18,7 +18,8 @@ Endpoints (JSON):
   (a string, as in ``/predict`` and the prediction events) and ``version``
   (the same number as an integer, as in ``/model``); else 503.
 * ``GET /model`` — the subscriber's status, the manifest's version, parent,
-  metrics and counts, and the history of swaps (version, time).
+  metrics, counts, weights digest and layout (precision, base digest, delta
+  or full), and the history of swaps (version, time).
 * ``GET /metrics`` — Prometheus text.
 
 A bad request is the caller's to fix and is answered synchronously, so it
@@ -51,7 +52,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ..checkpoint.reader import LoadedCheckpoint
 from ..config import Settings
 from ..errors import EventError
-from ..events import CheckpointManifest, Codec, Features, Ident, WeightsInfo, now_ms
+from ..events import CheckpointManifest, Codec, Features, Ident, WeightsInfo, WeightsLayout, now_ms
 from ..learn.build import learner_config
 from ..learn.learner import OnlineLearner
 from ..learn.manifest import servable_weights
@@ -287,6 +288,9 @@ class ServingNode:
                 created_at=m.created_at,
                 counts=m.counts,
                 metrics=m.metrics,
+                weights_sha256=m.weights.sha256,
+                # dtype, base digest, delta or full (None: an ordinary float32 checkpoint).
+                layout=msgspec.to_builtins(m.layout) if m.layout is not None else None,
             )
         return info
 
@@ -787,7 +791,8 @@ def cold_start_model(settings: Settings) -> ServedModel:
     (0, ['no', 'yes'])
     """
     config = learner_config(settings)
-    tensors, _ = OnlineLearner(config).state_dict()
+    learner = OnlineLearner(config)
+    tensors, _ = learner.state_dict()
     manifest = CheckpointManifest(
         model=settings.serving_model or settings.trainer_model,
         version=0,
@@ -803,6 +808,7 @@ def cold_start_model(settings: Settings) -> ServedModel:
     )
     # Built from the operator's own settings: their architecture is allowed by definition.
     policy = BuildPolicy.of([config.spec.kind], max_parameters=1 << 62)
-    return load_served_model(
-        LoadedCheckpoint(manifest, servable_weights(tensors), {}, settings.topic_models, -1, -1), policy
-    )
+    # On a frozen base: the whole model (the frozen parameters are the learner's, from the base).
+    full = WeightsLayout(delta=False) if config.base is not None else None
+    weights = servable_weights(tensors, full, learner.frozen_tensors())
+    return load_served_model(LoadedCheckpoint(manifest, weights, {}, settings.topic_models, -1, -1), policy)

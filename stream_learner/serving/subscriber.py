@@ -39,6 +39,7 @@ from ..checkpoint.reader import LoadLimits, PublicKeys, ScanLimits, key_list, re
 from ..checkpoint.signing import load_public_key
 from ..config import Settings
 from ..errors import ConfigError
+from ..learn.frozen import check_device, load_base
 from ..metrics import Metrics
 from ..util.backoff import Backoff
 from .clients import ReaderClients
@@ -133,7 +134,17 @@ class CheckpointSubscriber:
         self._clients = ReaderClients(settings, consumer_options, receive_limit=settings.serving_max_record_bytes)
         self.consumer_options = self._clients.options
         self._versions = ServedVersions(pinned=settings.serving_pin_version)
-        self.policy = BuildPolicy.of(settings.serving_allowed_architectures, settings.serving_max_parameters)
+        # The device and the frozen base are checked and loaded here, at start: a device this machine
+        # lacks or a base file that cannot be read is a ConfigError now, never a failure mid-stream.
+        device = check_device(settings.serving_device, what="serving_device")
+        bases = (
+            [load_base(settings.serving_base_weights, what="serving_base_weights").to(device)]
+            if settings.serving_base_weights
+            else []
+        )
+        self.policy = BuildPolicy.of(
+            settings.serving_allowed_architectures, settings.serving_max_parameters, bases=bases, device=str(device)
+        )
         self.load_limits = LoadLimits(
             max_bytes=settings.serving_max_model_bytes, max_tensors=settings.serving_max_tensors
         )

@@ -1,0 +1,237 @@
+"""A large model on a frozen base: bytes per published version (full, head-only, LoRA), delta swaps, memory.
+
+The model is the issue's target shape, ``stream_learner.learn.encoder:token_encoder_large``: a
+100,000 x 512 token embedding (51.2M parameters) and six 512-wide transformer blocks with a
+1024-wide feed-forward (12.6M), 63.8M parameters in all. Its "pretrained" base is every tensor but
+the head, written to a safetensors file (float32, 255 MB) the trainer and the node are given.
+
+In one process:
+
+1. **Bytes per published version.** For each selection — ``head`` (the head learns), ``lora``
+   (rank-8 adapters on every block's ``q``, ``k``, ``v``, ``o``, plus the head) — the real
+   :class:`~stream_learner.learn.learner.OnlineLearner` learns a few chunks of 32 Agrawal
+   examples on the base, then the bytes a version publishes are computed by the trainer's own
+   function (:func:`~stream_learner.learn.manifest.weights_bytes`): full (every tensor, what a
+   model without a frozen base publishes every version, and what a full checkpoint holds) and
+   the delta, in float32, float16 and bfloat16. The ratios are delta / full in the same dtype.
+2. **Delta swaps.** The serving node's loader (:func:`~stream_learner.serving.model.load_served_model`
+   with the base held, as ``serving_base_weights`` makes it) turns the bytes of real LoRA deltas
+   (one per chunk learned) into a served model, ``--swaps`` times round-robin, each replacing the
+   last as a node's swap does: decode, compose with the base, strict checks, build, smoke
+   prediction. p50/p99 of that, and the process's RSS before, after the first swaps and at the
+   end (flat means the base is shared, not copied, per version). A few full swaps for comparison.
+   Fetching the chunks from the broker is not included (see bench_freshness.py for a topic).
+
+Run::
+
+    .venv/bin/python bench/bench_large.py [--swaps 200] [--chunks 6]
+
+Results go to ``bench/results/large.json``. On 2 shared cores, read the ratios; the milliseconds
+move with the neighbours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stream_learner.checkpoint.codec import decode_tensors, encode_tensors
+from stream_learner.checkpoint.reader import LoadedCheckpoint
+from stream_learner.learn.frozen import load_base
+from stream_learner.learn.learner import LearnerConfig, OnlineLearner
+from stream_learner.learn.manifest import build_manifest, layout_for, weights_bytes
+from stream_learner.learn.models import ModelSpec, build_model, parameter_count
+from stream_learner.serving.model import BuildPolicy, load_served_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.learn.streams import AGRAWAL_FEATURES, agrawal_examples
+
+ARCH = "stream_learner.learn.encoder:token_encoder_large"
+LORA = tuple(f"blocks.{i}.{m}" for i in range(6) for m in ("q", "k", "v", "o"))
+
+
+def rss_mb() -> float:
+    """The resident set size now (MB), from /proc (ru_maxrss is only the peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def spec(trainable: str) -> ModelSpec:
+    lora = trainable == "lora"
+    return ModelSpec(
+        kind=ARCH,
+        task="binary",
+        features=AGRAWAL_FEATURES,
+        classes=["0", "1"],
+        seed=1,
+        lora_layers=LORA if lora else (),
+        lora_rank=8 if lora else 0,
+        lora_alpha=16.0 if lora else 0.0,
+    )
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--swaps", type=int, default=200)
+    parser.add_argument("--chunks", type=int, default=6, help="chunks learned per selection (one delta each)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # as trainer_torch_threads and a serving node default to
+    out: dict[str, Any] = {"model": ARCH, "load_average_at_start": list(os.getloadavg())}
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = build_model(spec("head"))
+        state = plain.state_dict()
+        out["parameters"] = sum(t.numel() for t in state.values())
+        out["embedding_parameters"] = state["embed.weight"].numel()
+        base_path = Path(tmp) / "base.safetensors"
+        base_path.write_bytes(encode_tensors({k: v for k, v in state.items() if not k.startswith("head.")}))
+        del plain, state
+        t = time.perf_counter()
+        base = load_base(base_path)
+        out["base"] = {"bytes": base.size, "load_and_hash_s": round(time.perf_counter() - t, 3)}
+        print(f"model {out['parameters'] / 1e6:.1f}M parameters ({out['embedding_parameters'] / 1e6:.1f}M embedding)")
+        print(f"base file {base.size / 1e6:.1f} MB, read and hashed in {out['base']['load_and_hash_s']} s")
+
+        stream = agrawal_examples(32 * args.chunks, seed=3)
+        sizes: dict[str, dict[str, int]] = {}
+        deltas: list[tuple[Any, bytes]] = []
+        full_lora: tuple[Any, bytes] | None = None
+        for trainable in ("head", "lora"):
+            config = LearnerConfig(
+                model_name="m", spec=spec(trainable), base=base, trainable=trainable, head_modules=("head",)
+            )
+            learner = OnlineLearner(config)
+            learning = parameter_count(learner.main.model)
+            steps = []
+            for i in range(args.chunks):
+                t = time.perf_counter()
+                learner.process(stream[32 * i : 32 * (i + 1)])
+                steps.append(time.perf_counter() - t)
+                if trainable == "lora":
+                    tensors, _ = learner.state_dict()
+                    layout = layout_for(learner, i + 1, dtype="float32", full_every=0, full=False)
+                    data = weights_bytes(tensors, "m", layout)
+                    manifest = build_manifest(
+                        learner,
+                        model="m",
+                        version=i + 1,
+                        parent=None,
+                        input_offsets=[],
+                        weights=data,
+                        chunk_bytes=512 * 1024,
+                        layout=layout,
+                    )
+                    deltas.append((manifest, data))
+            tensors, _ = learner.state_dict()
+            row: dict[str, int] = {"learning_parameters": learning}
+            for dtype in ("float32", "float16", "bfloat16"):
+                for kind in ("delta", "full"):
+                    layout = layout_for(learner, 1, dtype=dtype, full_every=0, full=kind == "full")
+                    frozen = learner.frozen_tensors() if kind == "full" else None
+                    data = weights_bytes(tensors, "m", layout, frozen)
+                    row[f"{kind}_{dtype}"] = len(data)
+                    if trainable == "lora" and kind == "full" and dtype == "float32":
+                        manifest = build_manifest(
+                            learner,
+                            model="m",
+                            version=99,
+                            parent=None,
+                            input_offsets=[],
+                            weights=data,
+                            chunk_bytes=512 * 1024,
+                            layout=layout,
+                        )
+                        full_lora = (manifest, data)
+            row["chunk_ms_p50"] = round(statistics.median(steps) * 1000, 1)  # type: ignore[assignment]
+            sizes[trainable] = row
+            del learner
+        out["bytes"] = sizes
+
+        print("\nbytes per published version (delta / full in the same dtype)")
+        print(f"{'':10} {'learning':>12} {'dtype':>9} {'full':>14} {'delta':>12} {'delta/full':>11}")
+        for trainable, row in sizes.items():
+            for dtype in ("float32", "float16", "bfloat16"):
+                full, delta = row[f"full_{dtype}"], row[f"delta_{dtype}"]
+                print(
+                    f"{trainable:10} {row['learning_parameters']:>12,} {dtype:>9} {full:>14,} {delta:>12,} "
+                    f"{100 * delta / full:>10.3f}%"
+                )
+        head_ms, lora_ms = sizes["head"]["chunk_ms_p50"], sizes["lora"]["chunk_ms_p50"]
+        print(f"learning one chunk of 32 (p50): head {head_ms} ms, lora {lora_ms} ms")
+
+        # -- the node's side: delta swaps on a held base ---------------------------------------
+        node_base = load_base(base_path, what="serving_base_weights")
+        del base
+        policy = BuildPolicy.of([ARCH], max_parameters=100_000_000, bases=[node_base])
+        rows = [ex.features for ex in agrawal_examples(1, seed=9)]
+        current = None
+        before = rss_mb()
+        swap_s: list[float] = []
+        swap_cpu: list[float] = []  # this thread's CPU time: what the swap costs, without the neighbours' share
+        rss: list[float] = []
+        for i in range(args.swaps):
+            manifest, data = deltas[i % len(deltas)]
+            t, c = time.perf_counter(), time.thread_time()
+            tensors, metadata = decode_tensors(data)
+            current = load_served_model(LoadedCheckpoint(manifest, tensors, metadata, "t", 0, i), policy)
+            swap_s.append(time.perf_counter() - t)
+            swap_cpu.append(time.thread_time() - c)
+            current.predict(rows)
+            rss.append(rss_mb())
+        full_s: list[float] = []
+        assert full_lora is not None
+        for _ in range(5):
+            t = time.perf_counter()
+            tensors, metadata = decode_tensors(full_lora[1])
+            full_model = load_served_model(LoadedCheckpoint(full_lora[0], tensors, metadata, "t", 0, 0), policy)
+            full_s.append(time.perf_counter() - t)
+            del full_model, tensors
+        out["swaps"] = {
+            "count": args.swaps,
+            "delta_bytes": len(deltas[0][1]),
+            "delta_p50_ms": round(pct(swap_s, 0.5) * 1000, 2),
+            "delta_p99_ms": round(pct(swap_s, 0.99) * 1000, 2),
+            "delta_max_ms": round(max(swap_s) * 1000, 2),
+            "delta_cpu_p50_ms": round(pct(swap_cpu, 0.5) * 1000, 2),
+            "delta_cpu_p99_ms": round(pct(swap_cpu, 0.99) * 1000, 2),
+            "full_bytes": len(full_lora[1]),
+            "full_p50_ms": round(pct(full_s, 0.5) * 1000, 1),
+            "rss_mb_before": round(before, 1),
+            "rss_mb_after_10": round(rss[min(9, len(rss) - 1)], 1),
+            "rss_mb_end": round(rss[-1], 1),
+            "rss_mb_max_during_delta_swaps": round(max(rss), 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        }
+        out["load_average_at_end"] = list(os.getloadavg())
+        s = out["swaps"]
+        print(f"\nnode: {args.swaps} LoRA delta swaps ({s['delta_bytes']:,} bytes each) on the held base")
+        print(f"  delta swap p50 {s['delta_p50_ms']} ms, p99 {s['delta_p99_ms']} ms, max {s['delta_max_ms']} ms (wall)")
+        print(f"  delta swap CPU p50 {s['delta_cpu_p50_ms']} ms, p99 {s['delta_cpu_p99_ms']} ms (this thread)")
+        print(f"  full swap ({s['full_bytes']:,} bytes) p50 {s['full_p50_ms']} ms")
+        print(
+            f"  RSS {s['rss_mb_before']} MB before, {s['rss_mb_after_10']} MB after 10 swaps, {s['rss_mb_end']} MB "
+            f"after {args.swaps} (max {s['rss_mb_max_during_delta_swaps']} MB during the delta swaps)"
+        )
+    results = Path(__file__).resolve().parent / "results" / "large.json"
+    results.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"\n-> {results}")
+
+
+if __name__ == "__main__":
+    main()
