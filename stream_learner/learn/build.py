@@ -17,6 +17,7 @@ from ..errors import ConfigError
 from ..optimize.student import StudentConfig
 from ..redis_conn import make_redis
 from ..util.retry import Retry
+from .inputs import load_tokenizers, parse_inputs
 from .learner import LearnerConfig, OnlineLearner
 from .models import ModelSpec
 
@@ -26,16 +27,25 @@ def learner_config(settings: Settings) -> LearnerConfig:
     if not settings.trainer_features:
         raise ConfigError("trainer_features is empty: declare the model's features (STREAM_LEARNER_TRAINER_FEATURES)")
     try:
+        inputs = load_tokenizers(parse_inputs(settings.trainer_features))
         spec = ModelSpec(
             kind=settings.trainer_architecture,
             task=settings.trainer_task,
-            features=tuple(settings.trainer_features),
+            features=tuple(i.name for i in inputs),
             classes=tuple(settings.trainer_classes),
             hidden=tuple(settings.trainer_hidden),
             seed=settings.trainer_seed,
+            params=dict(settings.trainer_architecture_params),
+            inputs=inputs,
+            collate=settings.trainer_collate or "",
         )
     except ValueError as exc:
         raise ConfigError(f"invalid model settings: {exc}") from None
+    if settings.trainer_variants and (spec.inputs or spec.collate):
+        raise ConfigError(
+            "trainer_variants need a spec of numeric features: the variants' window and student read numbers "
+            f"only (features {list(settings.trainer_features)})"
+        )
     return LearnerConfig(
         model_name=settings.trainer_model,
         spec=spec,

@@ -7,7 +7,7 @@ import torch
 from ..checkpoint.codec import encode_tensors
 from ..checkpoint.publish import weights_info
 from ..events import CheckpointManifest, Source, now_ms
-from .featurizer import STATS
+from .featurizer import STATS, TOKENIZER_PREFIX
 from .learner import OnlineLearner
 
 
@@ -49,9 +49,11 @@ def build_manifest(
 
 def servable_weights(state_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What a serving node needs from the learner's state: the main model's parameters
-    (``model.*``), the featurizer statistics and the target scaling."""
+    (``model.*``), the featurizer statistics (and each text's tokenizer) and the target scaling."""
     out = {f"model.{k[len('main.model.') :]}": v for k, v in state_tensors.items() if k.startswith("main.model.")}
     out.update({k: state_tensors[k] for k in STATS})
+    # A text's tokenizer travels with the weights it was learned with (signed by their digest).
+    out.update({k: v for k, v in state_tensors.items() if k.startswith(TOKENIZER_PREFIX)})
     out["target"] = state_tensors["target"]
     return out
 

@@ -20,16 +20,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..events import class_name
-from .featurizer import Featurizer
+from .featurizer import Featurizer, ModelInput
 from .models import ModelSpec
 from .target import TargetScaler
 
-Rows = Sequence[Mapping[str, float | None]]
+Rows = Sequence[Mapping[str, Any]]
 
 
 def set_training(model: nn.Module, mode: bool) -> None:
@@ -52,11 +53,12 @@ class Predictor:
         """Class names in output order (empty for regression)."""
         return tuple(class_name(c) for c in self.spec.classes)
 
-    def featurize(self, rows: Rows, *, learn: bool = False) -> torch.Tensor:
-        """The standardized inputs; ``learn`` also updates the statistics (the learner only)."""
+    def featurize(self, rows: Rows, *, learn: bool = False) -> ModelInput:
+        """The model's inputs (:class:`~stream_learner.learn.featurizer.RowsRefused` for rows that do not fit
+        the spec); ``learn`` also updates the statistics (the learner only)."""
         return self.featurizer.transform(rows, learn=learn)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: ModelInput) -> torch.Tensor:
         """The network's raw output in eval mode, without autograd: logits, or standardized values."""
         set_training(self.network, False)
         with torch.no_grad():
