@@ -308,7 +308,8 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Where a node keeps its floor, the highest good version it served (one file per topic and model):
     a restart never serves less. "" in TOML: not kept."""
     serving_allowed_architectures: list[str] = []
-    """Model factories (package.module:function) a node may build besides logreg and mlp (comma-separated)."""
+    """Model factories and collate hooks (package.module:function) a node may run besides logreg and mlp
+    (comma-separated)."""
     serving_max_model_bytes: Positive = 256 * 1024 * 1024
     """Largest weights a manifest may declare (bytes); larger checkpoints are refused before a chunk is read."""
     serving_max_parameters: Positive = 50_000_000
