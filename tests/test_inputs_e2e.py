@@ -161,6 +161,7 @@ def test_categories_vectors_and_texts_flow_from_the_sdk_to_a_serving_node(pipeli
         assert "long-text" not in letters
 
         published = trainer.published[-1]
+        assert published.counts["truncated_texts"] == 1 and published.counts["rejected"] == 2
         arch = published.architecture
         assert [i["kind"] for i in arch["inputs"]] == ["numeric", "category", "vector", "text"]
 

@@ -23,22 +23,27 @@ def build_manifest(
 ) -> CheckpointManifest:
     """The (unsigned) manifest of ``learner``'s current state as checkpoint ``version`` of ``model``."""
     c = learner.counts
+    counts = {
+        "labeled": c["labeled"],
+        "pseudo": c["pseudo"],
+        "late": c["late"],
+        "skipped": c["duplicates"] + c["other_model"] + c["rejected"] + c["pseudo_skipped"],
+        "duplicates": c["duplicates"],
+        "rollbacks": c["rollbacks"],
+        "skipped_non_finite": c["skipped_non_finite"],
+        "batches": c["batches"],
+    }
+    if learner.spec.inputs:
+        # What only inputs with kinds can meet (a numeric spec's manifest stays as it was).
+        f = learner.featurizer.counts
+        counts.update(rejected=c["rejected"], unknown_categories=f["unknown_category"], truncated_texts=f["truncated"])
     return CheckpointManifest(
         model=model,
         version=version,
         parent=parent,
         created_at=now_ms(),
         input_offsets=input_offsets,
-        counts={
-            "labeled": c["labeled"],
-            "pseudo": c["pseudo"],
-            "late": c["late"],
-            "skipped": c["duplicates"] + c["other_model"] + c["rejected"] + c["pseudo_skipped"],
-            "duplicates": c["duplicates"],
-            "rollbacks": c["rollbacks"],
-            "skipped_non_finite": c["skipped_non_finite"],
-            "batches": c["batches"],
-        },
+        counts=counts,
         metrics=learner.summary(),
         drift_state=learner.drift_counts,
         feature_spec=list(learner.spec.features),

@@ -105,6 +105,12 @@ def test_an_invalid_spec_stops_the_trainer_at_start_naming_the_feature() -> None
         learner_config(Settings(trainer_features=["r:text:tokenizer=/nonexistent.json:max_length=3"]))
     with pytest.raises(ConfigError, match="trainer_variants need a spec of numeric features"):
         learner_config(Settings(trainer_features=["a", "p:category:buckets=4"], trainer_variants=["int8"]))
+    from stream_learner.optimize.role import Optimizer
+
+    with pytest.raises(ConfigError, match="trainer_variants need a spec of numeric features"):
+        Optimizer(
+            Settings(trainer_features=["a", "p:category:buckets=4"], trainer_variants=["int8"], trainer_signing_key="k")
+        )
 
 
 # -- the featurizer --------------------------------------------------------------------------------------
@@ -299,6 +305,7 @@ def test_the_manifest_records_the_inputs_and_a_served_model_featurizes_as_the_le
     checkpoint = checkpoint_of(learner)
     arch = checkpoint.manifest.architecture
     assert checkpoint.manifest.feature_spec == ["age", "plan", "city", "emb", "review"]
+    assert checkpoint.manifest.counts["unknown_categories"] == 12  # "platinum", one in four of 48
     digest = hashlib.sha256(tokenizer.read_bytes()).hexdigest()
     assert [i["kind"] for i in arch["inputs"]] == ["numeric", "category", "category", "vector", "text"]
     assert arch["inputs"][1] == {
