@@ -173,6 +173,13 @@ class Featurizer:
         Raises :class:`RowsRefused` (nothing counted) if a row holds something else than a number or
         ``null`` for a numeric feature.
         """
+        matrix, counts = self._raw(rows)
+        for key, n in counts.items():
+            self.counts[key] += n
+        return matrix
+
+    def _raw(self, rows: Rows) -> tuple[np.ndarray, dict[str, int]]:
+        """:meth:`raw_matrix` without counting: the matrix and what it would count."""
         names, name_set = self.numeric, self._name_set
         # numpy turns None into NaN for a float dtype: missing and null alike. One flat list
         # (map over the names, in C) and a subset test per row: half the time of a nested
@@ -188,13 +195,12 @@ class Featurizer:
         if not set(map(type, flat)) <= _NUMBER:
             raise RowsRefused(self._numeric_errors(rows))
         matrix = np.array(flat, dtype=np.float64).reshape(len(rows), len(names))
-        self.counts["unknown"] += unknown
-        self.counts["missing"] += int(np.isnan(matrix).sum())
+        counts = {"unknown": unknown, "missing": int(np.isnan(matrix).sum())}
         bad = np.abs(matrix) > self.abs_max
         if bad.any():
-            self.counts["out_of_range"] += int(bad.sum())
+            counts["out_of_range"] = int(bad.sum())
             matrix[bad] = np.nan
-        return matrix
+        return matrix, counts
 
     def _numeric_errors(self, rows: Rows) -> dict[int, FeatureError]:
         errors: dict[int, FeatureError] = {}
@@ -237,7 +243,7 @@ class Featurizer:
                 texts[inp.name] = self._tokens(inp, rows, errors, counts)
             at += inp.width
         try:
-            raw = self.raw_matrix(rows)  # counts missing, unknown and out-of-range numbers itself
+            raw, raw_counts = self._raw(rows)
         except RowsRefused as refused:
             errors.update({i: e for i, e in refused.errors.items() if i not in errors})
         hooked: dict[str, torch.Tensor] = {}
@@ -249,8 +255,8 @@ class Featurizer:
                 found = culprits(self._hook, self.collate, rows) or dict.fromkeys(range(len(rows)), exc)
                 errors.update({i: e for i, e in found.items() if i not in errors})
         if errors:
-            raise RowsRefused(errors)
-        for key, n in counts.items():
+            raise RowsRefused(errors)  # before anything is counted: the rows that fit come again alone
+        for key, n in (*counts.items(), *raw_counts.items()):
             self.counts[key] += n
         if self.numeric:
             missing = np.isnan(raw)

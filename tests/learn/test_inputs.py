@@ -167,10 +167,13 @@ def test_unknown_categories_are_counted_or_refused_as_declared() -> None:
 def test_a_vector_that_does_not_fit_is_refused_naming_it(value: Any, kind: str, says: str) -> None:
     f = Featurizer(parse_inputs(["a", "emb:vector:length=3"]))
     with pytest.raises(RowsRefused) as refused:
-        f.transform([{"a": 1.0, "emb": [0.0, 0.0, 0.0]}, {"a": 2.0, "emb": value}])
+        f.transform([{"emb": [0.0, 0.0, 0.0], "zz": 1.0}, {"a": 2.0, "emb": value}])
     assert list(refused.value.errors) == [1] and refused.value.field == "$.features.emb"
     assert refused.value.kind == kind and says in refused.value.reason
-    assert f.count.tolist() == [0.0] and f.counts["missing"] == 0  # nothing learned or counted
+    # Nothing learned or counted: the rows that fit come again alone, and are counted then.
+    assert f.count.tolist() == [0.0] and set(f.counts.values()) == {0}
+    f.transform([{"emb": [0.0, 0.0, 0.0], "zz": 1.0}])
+    assert (f.counts["missing"], f.counts["unknown"]) == (1, 1)
 
 
 def test_a_number_written_as_a_string_is_refused_not_read() -> None:
