@@ -31,6 +31,7 @@ import ast
 import functools
 import inspect
 import itertools
+import json
 import os
 import re
 import sys
@@ -185,13 +186,22 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     trainer_classes: list[str] = msgspec.field(default_factory=lambda: ["0", "1"])
     """Class names, in output order (comma-separated in env and flags)."""
     trainer_features: list[str] = []
-    """The feature spec: ordered feature names (required to train or cold-start)."""
+    """The feature spec, in order (required to train or cold-start): NAME for a number, or NAME:category:vocab=A|B|C
+    (unknown=refuse to refuse unknowns), NAME:category:buckets=N (hashed), NAME:vector:length=N,
+    NAME:text:tokenizer=PATH:max_length=N (overflow=refuse to refuse longer texts); README, "Inputs"."""
     trainer_architecture: Annotated[str, Meta(min_length=1)] = "mlp"
     """logreg, mlp, or package.module:function returning an nn.Module."""
     trainer_hidden: list[Annotated[int, Meta(ge=1)]] = msgspec.field(default_factory=lambda: [64])
     """MLP hidden layer widths."""
     trainer_seed: int = 0
     """Weight initialisation seed."""
+    # Inputs and the user model's parameters (README, "Inputs"; stream_learner.learn.inputs): recorded in the
+    # signed architecture, so a serving node featurizes and builds exactly as the trainer did.
+    trainer_architecture_params: dict[str, Any] = {}
+    """Keyword arguments of the model factory (JSON in env and flags, a table in TOML); logreg and mlp take
+    text_dim only."""
+    trainer_collate: str | None = None
+    """package.module:function turning a batch of feature dicts into extra tensors for a user model (unset: none)."""
     trainer_batch_size: Positive = 32
     """Examples per mini-batch (a chunk)."""
     trainer_max_wait_ms: Positive = 500
@@ -340,7 +350,8 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Where a node keeps its floor, the highest good version it served (one file per topic and model):
     a restart never serves less. "" in TOML: not kept."""
     serving_allowed_architectures: list[str] = []
-    """Model factories (package.module:function) a node may build besides logreg and mlp (comma-separated)."""
+    """Model factories and collate hooks (package.module:function) a node may run besides logreg and mlp
+    (comma-separated)."""
     serving_max_model_bytes: Positive = 256 * 1024 * 1024
     """Largest weights a manifest may declare (bytes); larger checkpoints are refused before a chunk is read."""
     serving_max_parameters: Positive = 50_000_000
@@ -517,6 +528,8 @@ def format_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (list, tuple)):
         return ",".join(map(str, value))
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
     return str(value)
 
 
@@ -548,6 +561,8 @@ SETTING_GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
             "trainer_architecture",
             "trainer_hidden",
             "trainer_seed",
+            "trainer_architecture_params",
+            "trainer_collate",
         ),
     ),
     "large": (
@@ -623,9 +638,20 @@ LIST_FIELDS = frozenset(
 )
 
 
+#: Settings that are tables: an environment variable or flag gives them as a JSON object.
+DICT_FIELDS = frozenset(
+    name for name, hint in typing.get_type_hints(Settings).items() if typing.get_origin(hint) is dict
+)
+
+
 def _split_lists(field: str, value: Any) -> Any:
     if field in LIST_FIELDS and isinstance(value, str):
         return [part.strip() for part in value.split(",") if part.strip()]
+    if field in DICT_FIELDS and isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value  # refused as a string (not an object), naming the setting and where it came from
     return value
 
 
@@ -660,13 +686,13 @@ def _from_toml(path: Path) -> dict[str, _Layer]:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     out: dict[str, _Layer] = {}
     for key, value in data.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and key not in DICT_FIELDS:
             prefix = "" if key == "kafka" else f"{key}_"
             items = [(prefix + k, v) for k, v in value.items()]
         else:
             items = [(key, value)]
         for field, v in items:
-            if field not in FIELDS or isinstance(v, dict):
+            if field not in FIELDS or (isinstance(v, dict) and field not in DICT_FIELDS):
                 raise ConfigError(f"unknown setting {field!r} in config file {path}")
             out[field] = _Layer(v, f"file {path}", f"config file {path}")
     return out

@@ -5,15 +5,25 @@ the ``msgspec`` structs below are the same contract in Python, and the tests
 prove the two agree. The hot path decodes with ``msgspec`` (about a
 microsecond for a 16-feature prediction), never with ``jsonschema``.
 
-Feature values are numbers or ``null``:
+Feature values (``prediction.v2``, ``example.v2``) are numbers, strings
+(a category, or a text), arrays of numbers (a vector) or ``null``; a v1
+event (numbers and ``null`` only) is a v2 event:
 
-* a string, boolean, ``NaN`` or ``Infinity`` is refused: the whole event is
-  rejected with an :class:`~stream_learner.errors.EventError` naming the
-  feature, and the consumer sends it to the dead-letter topic;
+* a boolean, an object, an array holding anything but numbers, ``NaN`` or
+  ``Infinity`` is refused: the whole event is rejected with an
+  :class:`~stream_learner.errors.EventError` naming the feature, and the
+  consumer sends it to the dead-letter topic;
+* whether a value fits the model (a number for a numeric feature, a vector
+  of the declared length, a category of the vocabulary, a text short enough)
+  is the model's to say: its featurizer refuses the example, naming the
+  feature, and the trainer dead-letters it (:mod:`stream_learner.learn.inputs`);
 * ``null`` or an absent feature is *missing*: the featurizer imputes it and
   counts it;
 * a feature the model does not know is *unknown*: kept in the example for
   lineage, ignored by the model, counted.
+
+The v1 shapes stay in :mod:`stream_learner.events_v1`, from which the v1
+schema files are generated.
 
 Top-level fields that this version does not know are ignored, so a v1 reader
 accepts events from a newer writer that only added fields.
@@ -86,7 +96,14 @@ Name = Annotated[str, Meta(min_length=1, max_length=256)]
 Version = Annotated[str, Meta(min_length=1, max_length=128)]
 #: Milliseconds since the Unix epoch; 2**53 keeps it exact in every JSON reader.
 EventTime = Annotated[int, Meta(ge=0, le=2**53)]
-Features = Annotated[dict[Name, Finite | None], Meta(max_length=MAX_FEATURES)]
+#: Most characters of a string feature value (a category or a text), and numbers in a vector value.
+MAX_TEXT_CHARS = 1_000_000
+MAX_VECTOR = 65_536
+Text = Annotated[str, Meta(max_length=MAX_TEXT_CHARS)]
+Vector = Annotated[list[Finite], Meta(max_length=MAX_VECTOR)]
+#: One feature value: a number, a string (a category or a text), a vector of numbers, or missing.
+FeatureValue = Finite | Text | Vector | None
+Features = Annotated[dict[Name, FeatureValue], Meta(max_length=MAX_FEATURES)]
 ClassProbs = Annotated[dict[Name, Probability], Meta(min_length=1, max_length=MAX_CLASSES)]
 #: A regression value, or class name -> probability for a classifier.
 Prediction = Finite | ClassProbs
@@ -98,7 +115,7 @@ Count = Annotated[int, Meta(ge=0)]
 
 
 class PredictionEvent(Struct, frozen=True, kw_only=True):
-    """What an application served for one request (schema ``prediction.v1``)."""
+    """What an application served for one request (schema ``prediction.v2``; a v1 event is one)."""
 
     event_id: Ident
     request_id: Ident
@@ -131,7 +148,7 @@ ExampleKind = Literal["labeled", "unlabeled", "late"]
 
 
 class ExampleEvent(Struct, frozen=True, kw_only=True):
-    """A prediction joined with its label, or closed without one (schema ``example.v1``).
+    """A prediction joined with its label, or closed without one (schema ``example.v2``; a v1 example is one).
 
     ``labeled``: the label came within the window. ``unlabeled``: the window
     closed with no label (input of the pseudo-label step). ``late``: the label
@@ -313,6 +330,7 @@ class Codec(Generic[E]):
         self.max_depth = max_depth
         self._decoder = msgspec.json.Decoder(event_type)
         self._quotes = _QUOTE_COUNTS.get(event_type)
+        self._strings = _STRING_VALUES.get(event_type)
         self._fields = frozenset(event_type.__struct_fields__)
 
     def decode(self, data: bytes | bytearray | memoryview | None) -> E:
@@ -335,7 +353,13 @@ class Codec(Generic[E]):
         quotes = self._quotes
         if quotes is not None:
             raw = bytes(data) if isinstance(data, memoryview) else data  # a memoryview has no count()
-            if raw.count(b'"') != quotes(event, raw):
+            found = raw.count(b'"')
+            expected = quotes(event, raw)
+            # String feature values (categories, texts) are counted only when the count is off: an
+            # event of numbers alone pays nothing for them.
+            if found != expected and (
+                self._strings is None or expected < 0 or found != expected + self._strings(event)
+            ):
                 self._scan(raw)
         return event
 
@@ -465,7 +489,7 @@ def _undecodable(exc: BaseException) -> EventError:
 # Every string of a JSON text (key or value) is two quote characters, and a
 # quote inside a string is escaped (one more). So the bytes hold at least
 # twice as many quotes as the decoded event has strings (its keys, string
-# values, feature and class names), and exactly twice as many only if no key
+# values, feature and class names, string feature values), and exactly twice as many only if no key
 # is given twice, no field is unknown and no string holds an escaped quote.
 # An optional field that decoded to None may be absent or written as null:
 # a ``"name":null`` in the bytes is taken as the field (if it is not the
@@ -531,6 +555,13 @@ def _example_quotes(ev: ExampleEvent, data: bytes | bytearray) -> int:
 _PREDICTION_SOURCE, _LABEL_EVENT_ID = _nulls("prediction_source"), _nulls("label_event_id")
 _LABEL_TIME, _LABEL_SOURCE = _nulls("label_time"), _nulls("label_source")
 
+
+def _string_values(ev: PredictionEvent | ExampleEvent) -> int:
+    """The quotes of the string feature values (v2: categories, texts), which the counts above leave out."""
+    return 2 * sum(1 for v in ev.features.values() if type(v) is str)
+
+
+_STRING_VALUES: dict[type, Callable[[Any], int]] = {PredictionEvent: _string_values, ExampleEvent: _string_values}
 
 _QUOTE_COUNTS: dict[type, Callable[[Any, bytes | bytearray], int]] = {
     PredictionEvent: _prediction_quotes,
@@ -599,21 +630,27 @@ def _resolve_keys(path: str, data: bytes | bytearray | memoryview, culprit: Call
         obj: Any = json.loads(bytes(data))
     except Exception:  # noqa: BLE001 - not parseable by Python (too deep, huge number): keep msgspec's path
         return path
-    out = "$"
-    for part in re.findall(r"\.(\w+)|\[(\d+)\]|(\[\.\.\.\])", path[1:]):
-        name, index, wildcard = part
+    parts = re.findall(r"\.(\w+)|\[(\d+)\]|(\[\.\.\.\])", path[1:])
+    return _walk("$", obj, parts, culprit) or path
+
+
+def _walk(out: str, obj: Any, parts: list[tuple[str, str, str]], culprit: Callable[[Any], bool] | None) -> str | None:
+    """The path along ``parts`` to a value ``culprit`` blames, a wildcard taking the first key that leads to
+    one (a vector's element: ``$.features[...][1]`` is ``$.features.emb[1]``); the wildcard kept if none does."""
+    for at, (name, index, wildcard) in enumerate(parts):
         if name and isinstance(obj, dict):
             out, obj = f"{out}.{name}", obj.get(name)
-        elif index and isinstance(obj, list):
+        elif index and isinstance(obj, list) and int(index) < len(obj):
             out, obj = f"{out}[{index}]", obj[int(index)]
         elif wildcard and isinstance(obj, dict):
-            key = next((k for k, v in obj.items() if culprit and culprit(v)), None)
-            if key is None:
-                return out + "[...]"
-            out, obj = f"{out}.{key}", obj[key]
+            for key, value in obj.items():
+                found = _walk(f"{out}.{key}", value, parts[at + 1 :], culprit)
+                if found is not None and "[...]" not in found:
+                    return found
+            return out + "[...]" + "".join(f".{n}" if n else f"[{i}]" if i else "[...]" for n, i, _ in parts[at + 1 :])
         else:
-            return path
-    return out
+            return None
+    return out if culprit is None or culprit(obj) else None
 
 
 def _explain_malformed(msg: str, data: bytes | bytearray | memoryview) -> EventError:

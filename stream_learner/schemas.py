@@ -1,10 +1,11 @@
 """The JSON Schema files of the wire contract, generated from the typed events.
 
-``schemas/*.v1.json`` are committed and are what non-Python producers read.
+``schemas/*.json`` are committed and are what non-Python producers read.
 They are written from the ``msgspec`` structs in :mod:`stream_learner.events`
-so the two cannot silently disagree; the test suite fails if a file is stale,
-and old fixtures under ``tests/fixtures/`` keep validating (backward
-compatibility). Regenerate after changing an event::
+(and, for the v1 shapes that v2 widened, :mod:`stream_learner.events_v1`) so
+the two cannot silently disagree; the test suite fails if a file is stale,
+and old fixtures under ``tests/fixtures/`` keep validating and decoding
+(backward compatibility). Regenerate after changing an event::
 
     python -m stream_learner.schemas write schemas/
 """
@@ -18,14 +19,17 @@ from typing import Any
 
 import msgspec
 
+from . import events_v1
 from .events import CheckpointManifest, DriftEvent, ExampleEvent, LabelEvent, PredictionEvent
 
 #: Schema name (file stem) -> the struct it describes. A breaking change gets
 #: a new version in the name; the old file stays.
 SCHEMAS: dict[str, type[msgspec.Struct]] = {
-    "prediction.v1": PredictionEvent,
+    "prediction.v1": events_v1.PredictionEvent,
+    "prediction.v2": PredictionEvent,
     "label.v1": LabelEvent,
-    "example.v1": ExampleEvent,
+    "example.v1": events_v1.ExampleEvent,
+    "example.v2": ExampleEvent,
     "manifest.v1": CheckpointManifest,
     "drift.v1": DriftEvent,
 }

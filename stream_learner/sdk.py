@@ -40,7 +40,7 @@ from kafka import KafkaProducer
 
 from .bus import make_producer
 from .config import Settings
-from .events import LABEL, PREDICTION, encode, now_ms
+from .events import LABEL, PREDICTION, FeatureValue, encode, now_ms
 from .metrics import Metrics
 from .util.backoff import Backoff
 
@@ -116,7 +116,7 @@ class PredictionLogger:
     def log_prediction(
         self,
         request_id: str,
-        features: Mapping[str, float | None],
+        features: Mapping[str, FeatureValue],
         prediction: float | Mapping[str, float],
         *,
         model: str | None = None,
@@ -126,8 +126,12 @@ class PredictionLogger:
     ) -> str | None:
         """Log what was served for ``request_id``; return the event id, or None if dropped.
 
+        A feature value is a number, a string (a category or a text), a list
+        of numbers (a vector) or ``None`` (``prediction.v2``); whether it fits
+        the model (a vector's length, a category's vocabulary) is the
+        trainer's to say, which dead-letters an example that does not.
         Raises :class:`~stream_learner.errors.EventError` (naming the field)
-        for an invalid event, e.g. a string or NaN feature value.
+        for an invalid event, e.g. a boolean, an object or a NaN feature value.
         """
         event_id = event_id or f"{self._id_prefix}-{next(self._ids)}"
         event = PREDICTION.convert(

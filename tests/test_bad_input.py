@@ -44,7 +44,16 @@ CASES = [
     ("invalid JSON", b'{"event_id": "e1", ', "malformed_json", "$", "truncated"),
     ("not UTF-8", b"\xff\xfe\x00", "malformed_json", "$", "invalid character"),
     ("missing field", variant(request_id=...), "missing_field", "$.request_id", "missing required field"),
-    ("wrong type: string feature", variant(features={"a": "high"}), "wrong_type", "$.features.a", "got `str`"),
+    # prediction.v2: a string is a category or a text (whether it fits is the model's featurizer's to say).
+    ("wrong type: object feature", variant(features={"a": {"x": 1}}), "wrong_type", "$.features.a", "got `object`"),
+    (
+        "wrong type: vector of strings",
+        variant(features={"a": [1.0, "2"]}),
+        "wrong_type",
+        "$.features.a[1]",
+        "got `str`",
+    ),
+    ("non-finite in a vector", variant(features={"a": [1.0, float("nan")]}), "non_finite", "$.features.a[1]", "NaN"),
     ("wrong type: bool feature", variant(features={"a": True}), "wrong_type", "$.features.a", "got `bool`"),
     ("wrong type: version", variant(model_version=3), "wrong_type", "$.model_version", "got `int`"),
     ("wrong type: top level", b"[1, 2]", "wrong_type", "$", "got `array`"),

@@ -13,18 +13,31 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stream_learner import events
+from stream_learner import events, events_v1
 from stream_learner.errors import EventError
 from stream_learner.schemas import SCHEMAS, render
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
+#: Each schema's own decoder: v1 files against the strict v1 decoders, v2 against the roles' decoders.
 CODECS = {
-    "prediction.v1": events.PREDICTION,
+    "prediction.v1": events_v1.PREDICTION_V1,
+    "prediction.v2": events.PREDICTION,
     "label.v1": events.LABEL,
-    "example.v1": events.EXAMPLE,
+    "example.v1": events_v1.EXAMPLE_V1,
+    "example.v2": events.EXAMPLE,
     "manifest.v1": events.MANIFEST,
     "drift.v1": events.DRIFT,
+}
+#: What the roles decode with, by schema: a v1 event is a v2 event.
+ROLE_CODECS = {**CODECS, "prediction.v1": events.PREDICTION, "example.v1": events.EXAMPLE}
+#: The newest version of each schema, which whatever a role writes must validate against.
+NEWEST = {
+    "prediction": "prediction.v2",
+    "label": "label.v1",
+    "example": "example.v2",
+    "manifest": "manifest.v1",
+    "drift": "drift.v1",
 }
 
 
@@ -61,6 +74,27 @@ def test_stored_fixtures_still_validate_and_decode(path: Path) -> None:
     VALIDATORS[name].validate(json.loads(events.encode(event)))
 
 
+@pytest.mark.parametrize("path", sorted(FIXTURES.glob("v1/*.json")), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_v1_fixtures_decode_as_the_roles_decode_and_stay_v1(path: Path) -> None:
+    """Backward compatibility: what a v1 producer wrote is read by today's roles as it was meant, and what they
+    write back for it is still valid v1 (an old reader downstream keeps reading it) and valid in the newest version."""
+    kind = path.stem.split("_")[0]
+    data = path.read_bytes()
+    event = ROLE_CODECS[f"{kind}.v1"].decode(data)
+    assert json.loads(events.encode(event)) == json.loads(events.encode(CODECS[f"{kind}.v1"].decode(data)))
+    VALIDATORS[f"{kind}.v1"].validate(json.loads(events.encode(event)))
+    VALIDATORS[NEWEST[kind]].validate(json.loads(events.encode(event)))
+
+
+def test_v2_values_are_refused_by_the_v1_schema_and_decoder() -> None:
+    """A v1 reader refuses (does not misread) a v2 feature value: old joiners dead-letter it, loudly."""
+    data = (FIXTURES / "v2" / "prediction.json").read_bytes()
+    assert not VALIDATORS["prediction.v1"].is_valid(json.loads(data))
+    with pytest.raises(EventError) as refused:
+        events_v1.PREDICTION_V1.decode(data)
+    assert refused.value.field.startswith("$.features.") and refused.value.kind == "wrong_type"
+
+
 def test_every_schema_has_fixtures() -> None:
     covered = {f"{p.stem.split('_')[0]}.{p.parent.name}" for p in _fixture_files()}
     assert covered == set(SCHEMAS)
@@ -71,18 +105,34 @@ def test_every_schema_has_fixtures() -> None:
 names = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1, max_size=12)
 finite = st.floats(allow_nan=False, allow_infinity=False)
 features = st.dictionaries(names, st.one_of(st.none(), finite, st.integers(-(2**53), 2**53)), max_size=20)
+# v2: strings (categories, texts, quotes and all) and vectors of numbers as well.
+features_v2 = st.dictionaries(
+    names,
+    st.one_of(st.none(), finite, st.integers(-(2**53), 2**53), st.text(max_size=30), st.lists(finite, max_size=6)),
+    max_size=20,
+)
 probs = st.dictionaries(names, st.floats(0, 1), min_size=1, max_size=5)
 times = st.integers(0, 2**53)
 sources = st.builds(events.Source, names, st.integers(0, 1000), st.integers(0, 2**62))
 
 predictions = st.builds(
-    events.PredictionEvent,
+    events_v1.PredictionEvent,
     event_id=names,
     request_id=names,
     model=names,
     model_version=names,
     event_time=times,
     features=features,
+    prediction=st.one_of(finite, probs),
+)
+predictions_v2 = st.builds(
+    events.PredictionEvent,
+    event_id=names,
+    request_id=names,
+    model=names,
+    model_version=names,
+    event_time=times,
+    features=features_v2,
     prediction=st.one_of(finite, probs),
 )
 labels = st.builds(
@@ -93,23 +143,30 @@ labels = st.builds(
     label=st.one_of(names, finite),
     model=st.one_of(st.none(), names),
 )
-examples = st.builds(
-    events.ExampleEvent,
-    example_id=names,
-    kind=st.sampled_from(["labeled", "unlabeled", "late"]),
-    request_id=names,
-    model=names,
-    model_version=names,
-    features=features,
-    prediction=st.one_of(finite, probs),
-    label=st.one_of(st.none(), names, finite),
-    prediction_event_id=names,
-    prediction_time=times,
-    prediction_source=st.one_of(st.none(), sources),
-    label_event_id=st.one_of(st.none(), names),
-    label_time=st.one_of(st.none(), times),
-    label_source=st.one_of(st.none(), sources),
-)
+
+
+def _examples(struct: type, feats: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.builds(
+        struct,
+        example_id=names,
+        kind=st.sampled_from(["labeled", "unlabeled", "late"]),
+        request_id=names,
+        model=names,
+        model_version=names,
+        features=feats,
+        prediction=st.one_of(finite, probs),
+        label=st.one_of(st.none(), names, finite),
+        prediction_event_id=names,
+        prediction_time=times,
+        prediction_source=st.one_of(st.none(), sources),
+        label_event_id=st.one_of(st.none(), names),
+        label_time=st.one_of(st.none(), times),
+        label_source=st.one_of(st.none(), sources),
+    )
+
+
+examples = _examples(events_v1.ExampleEvent, features)
+examples_v2 = _examples(events.ExampleEvent, features_v2)
 drifts = st.builds(
     events.DriftEvent,
     event_id=names,
@@ -123,7 +180,14 @@ drifts = st.builds(
     actions=st.lists(names, max_size=3),
     details=st.dictionaries(names, st.one_of(finite, names), max_size=3),
 )
-STRATEGIES = {"prediction.v1": predictions, "label.v1": labels, "example.v1": examples, "drift.v1": drifts}
+STRATEGIES = {
+    "prediction.v1": predictions,
+    "prediction.v2": predictions_v2,
+    "label.v1": labels,
+    "example.v1": examples,
+    "example.v2": examples_v2,
+    "drift.v1": drifts,
+}
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
@@ -291,7 +355,7 @@ def _repeats(pairs: Any, fields: set[str]) -> bool:
     return any(k in fields and isinstance(v, _Pairs) and len({kk for kk, _ in v}) != len(v) for k, v in pairs)
 
 
-@pytest.mark.parametrize("name", ["prediction.v1", "label.v1", "example.v1"])
+@pytest.mark.parametrize("name", ["prediction.v1", "prediction.v2", "label.v1", "example.v1", "example.v2"])
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_a_repeated_key_is_refused_and_nothing_else_is(name: str, data: st.DataObject) -> None:

@@ -41,7 +41,9 @@ def test_round_trip_100k_events_zero_loss(settings: Settings) -> None:
 def test_invalid_event_raises_on_the_callers_thread(settings: Settings) -> None:
     with PredictionLogger(settings=settings, model="m", model_version="1") as sdk:
         with pytest.raises(EventError, match=r"\$\.features\.b"):
-            sdk.log_prediction("r", {"a": 1.0, "b": "text"}, 0.5)
+            sdk.log_prediction("r", {"a": 1.0, "b": True}, 0.5)
+        with pytest.raises(EventError, match=r"\$\.features\.b\[1\]"):
+            sdk.log_prediction("r", {"a": 1.0, "b": [1.0, float("nan")]}, 0.5)
         with pytest.raises(EventError, match=r"\$\.features\.b"):
             sdk.log_prediction("r", {"a": 1.0, "b": float("nan")}, 0.5)
         with pytest.raises(EventError, match=r"\$\.model"):

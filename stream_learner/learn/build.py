@@ -18,6 +18,7 @@ from ..optimize.student import StudentConfig
 from ..redis_conn import make_redis
 from ..util.retry import Retry
 from .frozen import check_device, load_base
+from .inputs import load_tokenizers, parse_inputs
 from .learner import LearnerConfig, OnlineLearner
 from .models import ModelSpec
 
@@ -28,21 +29,30 @@ def learner_config(settings: Settings) -> LearnerConfig:
         raise ConfigError("trainer_features is empty: declare the model's features (STREAM_LEARNER_TRAINER_FEATURES)")
     lora = settings.trainer_trainable == "lora"
     try:
+        inputs = load_tokenizers(parse_inputs(settings.trainer_features))
         spec = ModelSpec(
             kind=settings.trainer_architecture,
             task=settings.trainer_task,
-            features=tuple(settings.trainer_features),
+            features=tuple(i.name for i in inputs),
             classes=tuple(settings.trainer_classes),
             hidden=tuple(settings.trainer_hidden),
             seed=settings.trainer_seed,
             lora_layers=tuple(settings.trainer_lora_layers) if lora else (),
             lora_rank=settings.trainer_lora_rank if lora else 0,
             lora_alpha=settings.trainer_lora_alpha if lora else 0.0,
+            params=dict(settings.trainer_architecture_params),
+            inputs=inputs,
+            collate=settings.trainer_collate or "",
         )
     except ValueError as exc:
         raise ConfigError(f"invalid model settings: {exc}") from None
     if lora and not settings.trainer_lora_layers:
         raise ConfigError("trainer_trainable=lora needs trainer_lora_layers (the nn.Linear layers to adapt)")
+    if settings.trainer_variants and (spec.inputs or spec.collate):
+        raise ConfigError(
+            "trainer_variants need a spec of numeric features: the variants' window and student read numbers "
+            f"only (features {list(settings.trainer_features)})"
+        )
     check_device(settings.trainer_device, what="trainer_device")
     base = load_base(settings.trainer_base_weights) if settings.trainer_base_weights else None
     if base is not None and settings.trainer_variants:

@@ -47,7 +47,7 @@ from ..events import ExampleEvent, class_name
 from ..optimize.student import Student, StudentConfig
 from ..optimize.window import RecentExamples
 from .evaluation import Scoreboard, ServedClasses
-from .featurizer import Featurizer
+from .featurizer import Featurizer, ModelInput, RowsRefused, move_input
 from .frozen import BaseWeights
 from .judge import DriftJudge, SignalValues
 from .models import ModelSpec
@@ -96,7 +96,12 @@ class LearnerConfig:
 
     def featurizer(self) -> Featurizer:
         """A fresh featurizer for the spec's features (the learner's and a served model's)."""
-        return Featurizer(self.spec.features, clip=self.feature_clip, abs_max=self.feature_abs_max)
+        return Featurizer(
+            self.spec.inputs or self.spec.features,
+            clip=self.feature_clip,
+            abs_max=self.feature_abs_max,
+            collate=self.spec.collate,
+        )
 
 
 @dataclass
@@ -106,6 +111,7 @@ class Rejected:
     index: int
     kind: str
     reason: str
+    field: str = "$.label"
 
 
 @dataclass
@@ -117,6 +123,13 @@ class ChunkResult:
     rejected: list[Rejected] = field(default_factory=list)
     findings: list[DriftFinding] = field(default_factory=list)
     confidences: list[float] = field(default_factory=list)
+
+
+def take_rows(x: ModelInput, index: torch.Tensor) -> ModelInput:
+    """The rows ``index`` of a model input: one tensor, or each of its named tensors."""
+    if isinstance(x, torch.Tensor):
+        return x[index]
+    return {k: v[index] for k, v in x.items()}
 
 
 class OnlineLearner:
@@ -210,6 +223,7 @@ class OnlineLearner:
         """Evaluate, then learn from one chunk of examples (see the module docstring)."""
         result = ChunkResult()
         rows: list[ExampleEvent] = []
+        where: list[int] = []  # each row's index in the chunk
         blake2b, remember, model_name = hashlib.blake2b, self.seen.add, self.config.model_name
         # A label that is one of the class names as given is fine: no need to ask _label_problem.
         known = self.class_index if not self.regression else {}
@@ -229,13 +243,26 @@ class OnlineLearner:
                 result.rejected.append(Rejected(i, "invalid_label", reason))
                 continue
             rows.append(ex)
+            where.append(i)
         self.chunk_base = self.examples_seen  # drift findings are indexed chunk_base + row
         self.examples_seen += len(chunk)
         if not rows:
             return result
 
         predictor = self.predictor
-        x = predictor.featurize([ex.features for ex in rows], learn=True)
+        try:
+            x = predictor.featurize([ex.features for ex in rows], learn=True)
+        except RowsRefused as refused:
+            # Features that do not fit the spec: those examples are refused (dead letters naming the
+            # feature), the rest featurized as if they had come alone; nothing was counted or learned.
+            for r in sorted(refused.errors):
+                error = refused.errors[r]
+                self.counts["rejected"] += 1
+                result.rejected.append(Rejected(where[r], error.kind, error.reason, error.field))
+            rows = [ex for r, ex in enumerate(rows) if r not in refused.errors]
+            if not rows:
+                return result
+            x = predictor.featurize([ex.features for ex in rows], learn=True)
         out = predictor.forward(x)
         if self.recent is not None or self.student is not None:
             self._variant_parts(rows, x, out)
@@ -248,13 +275,13 @@ class OnlineLearner:
             targets, weights, keep = self._evaluate_classes(rows, predictor, out, challenger_out, result)
         if keep:
             # keep is increasing, so keeping as many rows as there are is keeping them all.
-            x_keep = x if len(keep) == len(rows) else x[torch.tensor(keep, dtype=torch.long)]
+            x_keep = x if len(keep) == len(rows) else take_rows(x, torch.tensor(keep, dtype=torch.long))
             result.loss = self._step(self.main, x_keep, targets, weights, count=True)
             if self.challenger is not None:
                 self._step(self.challenger, x_keep, targets, weights, count=False)
         return result
 
-    def _variant_parts(self, rows: list[ExampleEvent], x: torch.Tensor, out: torch.Tensor) -> None:
+    def _variant_parts(self, rows: list[ExampleEvent], x: ModelInput, out: torch.Tensor) -> None:
         """The recent window takes the chunk; the student learns it from the teacher's prequential
         outputs (before the teacher's step, with the target statistics the teacher learns with)."""
         nan = math.nan
@@ -269,6 +296,8 @@ class OnlineLearner:
         if self.recent is not None:
             self.recent.add([ex.features for ex in rows], labels)
         if self.student is not None:
+            # The variants' parts run on numeric specs only (build.learner_config refuses the rest).
+            assert isinstance(x, torch.Tensor)
             y = torch.tensor(labels, dtype=torch.float32)
             if self.regression:
                 mean, std = self.target.mean_std()
@@ -405,13 +434,13 @@ class OnlineLearner:
         result.findings.extend(self.judge.observe(signals, self.chunk_base))
         return torch.tensor(ys, dtype=torch.long), torch.tensor(ws, dtype=torch.float32), keep
 
-    def _step(self, t: Trainable, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, *, count: bool) -> float:
+    def _step(self, t: Trainable, x: ModelInput, y: torch.Tensor, w: torch.Tensor, *, count: bool) -> float:
         """One optimizer step; returns the batch loss (NaN when skipped). Only the main model
         (``count``) is counted, guarded against spikes and scheduled."""
         c = self.config
         set_training(t.model, True)
         if t.device.type != "cpu":
-            x, y, w = x.to(t.device), y.to(t.device), w.to(t.device)
+            x, y, w = move_input(x, t.device), y.to(t.device), w.to(t.device)
         out = t.model(x)
         if self.regression:
             per = (out[:, 0] - y) ** 2
@@ -525,12 +554,14 @@ class OnlineLearner:
     def load_state_dict(self, tensors: Tensors, meta: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
         self._reset()
+        # First: a state learned with another tokenizer says so, before its weights fail to fit.
+        self.featurizer.load_state_dict(tensors)
         self.main.load(tensors, meta, "main")
         if "challenger.model" in meta:
             self.challenger = self._trainable()
             self.challenger.load(tensors, meta, "challenger")
-        self.featurizer.load_state_dict(tensors)
-        self.featurizer.counts = dict(meta["featurizer_counts"])
+        # A state saved before a count existed has none of it yet: it starts at 0.
+        self.featurizer.counts = {**self.featurizer.counts, **meta["featurizer_counts"]}
         self.target.load_tensor(tensors["target"])
         self.seen.load(tensors)
         self.scores.restore(meta["scores"])

@@ -16,7 +16,7 @@ import torch
 from ..checkpoint.codec import encode_tensors
 from ..checkpoint.publish import weights_info
 from ..events import CheckpointManifest, Source, WeightsLayout, now_ms
-from .featurizer import STATS
+from .featurizer import STATS, TOKENIZER_PREFIX
 from .frozen import DTYPES, Dtype
 from .learner import OnlineLearner
 
@@ -34,22 +34,27 @@ def build_manifest(
 ) -> CheckpointManifest:
     """The (unsigned) manifest of ``learner``'s current state as checkpoint ``version`` of ``model``."""
     c = learner.counts
+    counts = {
+        "labeled": c["labeled"],
+        "pseudo": c["pseudo"],
+        "late": c["late"],
+        "skipped": c["duplicates"] + c["other_model"] + c["rejected"] + c["pseudo_skipped"],
+        "duplicates": c["duplicates"],
+        "rollbacks": c["rollbacks"],
+        "skipped_non_finite": c["skipped_non_finite"],
+        "batches": c["batches"],
+    }
+    if learner.spec.inputs:
+        # What only inputs with kinds can meet (a numeric spec's manifest stays as it was).
+        f = learner.featurizer.counts
+        counts.update(rejected=c["rejected"], unknown_categories=f["unknown_category"], truncated_texts=f["truncated"])
     return CheckpointManifest(
         model=model,
         version=version,
         parent=parent,
         created_at=now_ms(),
         input_offsets=input_offsets,
-        counts={
-            "labeled": c["labeled"],
-            "pseudo": c["pseudo"],
-            "late": c["late"],
-            "skipped": c["duplicates"] + c["other_model"] + c["rejected"] + c["pseudo_skipped"],
-            "duplicates": c["duplicates"],
-            "rollbacks": c["rollbacks"],
-            "skipped_non_finite": c["skipped_non_finite"],
-            "batches": c["batches"],
-        },
+        counts=counts,
         metrics=learner.summary(),
         drift_state=learner.drift_counts,
         feature_spec=list(learner.spec.features),
@@ -79,7 +84,7 @@ def servable_weights(
     frozen: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """What a serving node needs from the learner's state: the main model's parameters
-    (``model.*``), the featurizer statistics and the target scaling.
+    (``model.*``), the featurizer statistics (and each text's tokenizer) and the target scaling.
 
     With a ``layout``, floating model tensors are cast to its dtype, and a full one (not a delta)
     also holds the ``frozen`` parameters (the base's values: :meth:`OnlineLearner.frozen_tensors`).
@@ -91,6 +96,8 @@ def servable_weights(
         dtype = DTYPES[layout.dtype]
         out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in out.items()}
     out.update({k: state_tensors[k] for k in STATS})
+    # A text's tokenizer travels with the weights it was learned with (signed by their digest).
+    out.update({k: v for k, v in state_tensors.items() if k.startswith(TOKENIZER_PREFIX)})
     out["target"] = state_tensors["target"]
     return out
 

@@ -20,16 +20,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..events import class_name
-from .featurizer import Featurizer
+from .featurizer import Featurizer, ModelInput, move_input
 from .models import ModelSpec
 from .target import TargetScaler
 
-Rows = Sequence[Mapping[str, float | None]]
+Rows = Sequence[Mapping[str, Any]]
 
 
 def set_training(model: nn.Module, mode: bool) -> None:
@@ -59,16 +60,17 @@ class Predictor:
         """Class names in output order (empty for regression)."""
         return tuple(class_name(c) for c in self.spec.classes)
 
-    def featurize(self, rows: Rows, *, learn: bool = False) -> torch.Tensor:
-        """The standardized inputs; ``learn`` also updates the statistics (the learner only)."""
+    def featurize(self, rows: Rows, *, learn: bool = False) -> ModelInput:
+        """The model's inputs (:class:`~stream_learner.learn.featurizer.RowsRefused` for rows that do not fit
+        the spec); ``learn`` also updates the statistics (the learner only)."""
         return self.featurizer.transform(rows, learn=learn)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: ModelInput) -> torch.Tensor:
         """The network's raw output in eval mode, without autograd: logits, or standardized values."""
         set_training(self.network, False)
         device = _device(self.network)
         with torch.no_grad():
-            out: torch.Tensor = self.network(x if device is None else x.to(device))
+            out: torch.Tensor = self.network(x if device is None else move_input(x, device))
         # Probabilities, values and scores are computed on the CPU whatever device the network is on.
         return out if device is None else out.cpu()
 

@@ -341,7 +341,7 @@ class LearningSession:
                 sinks.dead_letter(item, exc)
         result = self.learner.process(examples)
         for rejected in result.rejected:
-            sinks.dead_letter(kept[rejected.index], EventError(rejected.kind, "$.label", rejected.reason))
+            sinks.dead_letter(kept[rejected.index], EventError(rejected.kind, rejected.field, rejected.reason))
         if result.findings:  # the chunk's event time is only needed for drift events
             event_time = max((x.label_time or x.prediction_time for x in examples), default=0)
             for finding in result.findings:

@@ -68,6 +68,12 @@ class Optimizer:
             )
         if not settings.trainer_variants:
             raise ConfigError("trainer_variants is empty: name the variants to derive (int8, pruned, sparse)")
+        if any(":" in f for f in settings.trainer_features) or settings.trainer_collate:
+            # The window and the gate read numbers only, as the trainer's variants do (learn.build).
+            raise ConfigError(
+                "trainer_variants need a spec of numeric features: the variants' window reads numbers only "
+                f"(features {list(settings.trainer_features)})"
+            )
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.model = settings.trainer_model

@@ -72,7 +72,7 @@ class RecentExamples:
         self.labels = np.full(capacity, np.nan)
         self.total = 0  # examples ever added; entry i lives in slot i % capacity
 
-    def add(self, rows: Sequence[Mapping[str, float | None]], labels: Sequence[float]) -> None:
+    def add(self, rows: Sequence[Mapping[str, Any]], labels: Sequence[float]) -> None:
         """Append a chunk's examples (rows as the learner got them) and their labels."""
         if not rows:
             return

@@ -36,13 +36,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..checkpoint.reader import LoadedCheckpoint
 from ..events import MAX_CLASSES, MAX_FEATURES, CheckpointManifest
-from ..learn.featurizer import STATS, Featurizer
+from ..learn.featurizer import STATS, TOKENIZER_PREFIX, Featurizer, attach_tokenizers
 from ..learn.frozen import DTYPES, BaseWeights
 from ..learn.learner import LearnerConfig
 from ..learn.models import ModelSpec, build_model
@@ -97,7 +98,7 @@ class BuildPolicy:
 
 DEFAULT_POLICY = BuildPolicy()
 
-Rows = Sequence[Mapping[str, float | None]]
+Rows = Sequence[Mapping[str, Any]]
 Answer = float | dict[str, float]
 
 
@@ -164,11 +165,14 @@ class ServedModel:
         """Per row, a regression value or ``{class name: probability}``, as ``PredictionEvent.prediction`` takes it.
 
         A feature that is absent, ``None``, NaN or out of range is missing
-        (imputed); a feature the model does not know is ignored.
+        (imputed); a feature the model does not know is ignored; a value that
+        does not fit its declared input raises
+        :class:`~stream_learner.learn.featurizer.RowsRefused` (an
+        :class:`~stream_learner.errors.EventError` naming the feature).
         """
         return self.predictor.predict(rows)
 
-    def predict_one(self, features: Mapping[str, float | None]) -> Answer:
+    def predict_one(self, features: Mapping[str, Any]) -> Answer:
         """:meth:`predict` for one row."""
         return self.predict([features])[0]
 
@@ -213,12 +217,13 @@ def load_served_model(checkpoint: LoadedCheckpoint, policy: BuildPolicy = DEFAUL
     manifest = checkpoint.manifest
     what = f"{manifest.model} v{manifest.version}"
     spec = _spec_from_manifest(manifest, policy)
-    if spec.kind not in policy.allowed:
-        raise ModelLoadError(
-            f"{what}: architecture {spec.kind!r} is not allowed on this node (allowed: "
-            f"{sorted(policy.allowed)}; see serving_allowed_architectures)",
-            "not_allowed",
-        )
+    for code in (spec.kind, spec.collate):
+        if code and code not in policy.allowed:
+            raise ModelLoadError(
+                f"{what}: {'architecture' if code == spec.kind else 'collate hook'} {code!r} is not allowed on "
+                f"this node (allowed: {sorted(policy.allowed)}; see serving_allowed_architectures)",
+                "not_allowed",
+            )
     try:
         skeleton = _meta_skeleton(spec)
     except Exception as exc:  # an allowed factory may raise anything; the model is refused
@@ -235,7 +240,7 @@ def load_served_model(checkpoint: LoadedCheckpoint, policy: BuildPolicy = DEFAUL
     layout = manifest.layout
     published = DTYPES[layout.dtype] if layout is not None and layout.dtype != "float32" else None
     weights = _strict_weights(skeleton, tensors, what, published)
-    _check_statistics(tensors, len(spec.features), what)
+    _check_statistics(tensors, spec, what)
     if policy.device != "cpu":
         weights = {k: v.to(policy.device) for k, v in weights.items()}
     network = _materialize(skeleton, spec, weights, what)
@@ -245,8 +250,10 @@ def load_served_model(checkpoint: LoadedCheckpoint, policy: BuildPolicy = DEFAUL
     # Built as the trainer builds its own: LearnerConfig's clip and range (the
     # manifest does not carry them and the trainer never changes them).
     try:
+        if spec.inputs:  # each text reads with the tokenizer the checkpoint carries, of the signed digest
+            spec = dataclasses.replace(spec, inputs=attach_tokenizers(spec.inputs, tensors))
         featurizer = LearnerConfig(model_name=manifest.model, spec=spec).featurizer()
-        featurizer.load_state_dict({name: tensors[name] for name in STATS})
+        featurizer.load_state_dict(tensors)
     except ValueError as exc:
         raise ModelLoadError(f"{what}: {exc}") from None
     target = TargetScaler()
@@ -403,14 +410,15 @@ def _strict_weights(
     return weights
 
 
-def _check_statistics(tensors: Mapping[str, torch.Tensor], n: int, what: str) -> None:
-    """Exactly the featurizer statistics (``n`` finite floats each) and the target's 3, besides the weights;
-    counts and sums of squared deviations not negative (a negative variance has no square root)."""
+def _check_statistics(tensors: Mapping[str, torch.Tensor], spec: ModelSpec, what: str) -> None:
+    """Exactly the featurizer statistics (a finite float per numeric feature each), each text's tokenizer
+    and the target's 3, besides the weights; counts and sums of squared deviations not negative (a
+    negative variance has no square root)."""
+    n = sum(1 for i in spec.inputs if i.kind == "numeric") if spec.inputs else len(spec.features)
+    expected = {*STATS, "target", *(TOKENIZER_PREFIX + i.name for i in spec.inputs if i.kind == "text")}
     others = {name for name in tensors if not name.startswith("model.")}
-    if others != {*STATS, "target"}:
-        raise ModelLoadError(
-            f"{what}: expected statistics {sorted({*STATS, 'target'})}, the weights have {sorted(others)}"
-        )
+    if others != expected:
+        raise ModelLoadError(f"{what}: expected statistics {sorted(expected)}, the weights have {sorted(others)}")
     for name in STATS:
         t = tensors[name]
         if tuple(t.shape) != (n,) or not t.is_floating_point() or not bool(torch.isfinite(t).all()):

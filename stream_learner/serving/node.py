@@ -54,6 +54,7 @@ from ..config import Settings
 from ..errors import EventError
 from ..events import CheckpointManifest, Codec, Features, Ident, WeightsInfo, WeightsLayout, now_ms
 from ..learn.build import learner_config
+from ..learn.featurizer import RowsRefused
 from ..learn.learner import OnlineLearner
 from ..learn.manifest import servable_weights
 from ..metrics import Metrics
@@ -341,6 +342,10 @@ class ServingNode:
             out = self.predict(requests)
         except LookupError as exc:
             return HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(exc)}
+        except RowsRefused as exc:  # a value that does not fit the model's declared inputs: the caller's
+            self.metrics.serving_bad_requests.inc()
+            field = f"$.instances[{min(exc.errors)}]{exc.field[1:]}" if batch else exc.field
+            return HTTPStatus.BAD_REQUEST, {"error": f"{field}: {exc.reason}", "kind": exc.kind, "field": field}
         except Exception as exc:  # ours, not the caller's: answer 500, keep serving
             log.exception("serving_predict_failed")
             return HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(exc).__name__}: {exc}"}
@@ -692,10 +697,10 @@ def _parse(body: bytes, max_batch: int = MAX_BATCH) -> tuple[bool, list[PredictR
 
     >>> _parse(b'{"features": {"x": 1.5}, "request_id": "r1"}')
     (False, [PredictRequest(features={'x': 1.5}, request_id='r1')])
-    >>> _parse(b'{"features": {"x": "high"}}')
+    >>> _parse(b'{"features": {"x": true}}')
     Traceback (most recent call last):
     ...
-    stream_learner.errors.EventError: $.features.x: expected `float | null`, got `str`
+    stream_learner.errors.EventError: $.features.x: expected `float | str | array | null`, got `bool`
     >>> _parse(b'{"features": {"x": ' + b"[" * 10_000 + b"]" * 10_000 + b"}}")
     Traceback (most recent call last):
     ...
@@ -807,7 +812,7 @@ def cold_start_model(settings: Settings) -> ServedModel:
         weights=WeightsInfo(format="safetensors", size=0, chunks=1, sha256="0" * 64),
     )
     # Built from the operator's own settings: their architecture is allowed by definition.
-    policy = BuildPolicy.of([config.spec.kind], max_parameters=1 << 62)
+    policy = BuildPolicy.of([c for c in (config.spec.kind, config.spec.collate) if c], max_parameters=1 << 62)
     # On a frozen base: the whole model (the frozen parameters are the learner's, from the base).
     full = WeightsLayout(delta=False) if config.base is not None else None
     weights = servable_weights(tensors, full, learner.frozen_tensors())

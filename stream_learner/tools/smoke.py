@@ -139,7 +139,7 @@ def run_smoke(
         b'{"event_id": "x"}',
         (
             b'{"event_id":"x","request_id":"r","model":"m",'
-            b'"model_version":"1","event_time":1,"features":{"a":"text"},"prediction":0.5}'
+            b'"model_version":"1","event_time":1,"features":{"a":true},"prediction":0.5}'
         ),
         (
             b'{"event_id":"x","request_id":"r","model":"m","model_version":"1","event_time":1,'
