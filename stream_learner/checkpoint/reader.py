@@ -142,9 +142,15 @@ class Skipped:
 
     count: int = 0
     last: tuple[int, int] | None = None  # (partition, offset)
+    seen: set[tuple[int, int]] = field(default_factory=set)
 
     def add(self, partition: int, offset: int) -> None:
-        """Count one record skipped at ``partition``/``offset``."""
+        """Count one record skipped at ``partition``/``offset`` (once: a read retried, or another scan
+        passing the same record, skips it again)."""
+        if (partition, offset) in self.seen:
+            return
+        if len(self.seen) < 100_000:
+            self.seen.add((partition, offset))
         self.count += 1
         self.last = (partition, offset)
 

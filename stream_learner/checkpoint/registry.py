@@ -55,7 +55,7 @@ from msgspec import Meta, Struct
 from ..events import EventTime, Name, Signature, encode, now_ms
 from .errors import CheckpointError, SignatureError
 from .publish import H_MODEL, H_TYPE
-from .reader import PublicKeys, ScanLimits, _Overflow, _Reader, key_list, record_bytes, record_header
+from .reader import PublicKeys, ScanLimits, Skipped, _Overflow, _Reader, key_list, record_bytes, record_header
 from .signing import sign_record, signed_bytes, verify_signature
 
 log = structlog.get_logger(__name__)
@@ -222,6 +222,7 @@ class RegistryScan:
     exhausted: bool = False
     done: bool = False
     refusals: list[RegistryRefusal] = field(default_factory=list)
+    skipped: Skipped = field(default_factory=Skipped)  # records too large to receive (shared with the manifest scan)
     _best: Found | None = None
     _cursor: int | None = None
     _begin: int = 0
@@ -277,6 +278,7 @@ class RegistryScan:
             self.topic,
             time.monotonic() + deadline_s,
             prober=prober,
+            skipped=self.skipped,
             offsets=({tp: self._begin}, {tp: self._end}),
         )
         started, before = time.monotonic(), self.records

@@ -181,7 +181,7 @@ class TopicFollower:
                 self.scan.start(begin, end)
             registry_tp = TopicPartition(o.topic, REGISTRY_PARTITION)
             if self.registry is not None and self.registry.scan is None and registry_tp in end:
-                self.registry.start(begin.get(registry_tp, 0), end[registry_tp])
+                self.registry.start(begin.get(registry_tp, 0), end[registry_tp], skipped=self.scan.skipped)
         follower.assign(sorted(self.positions, key=lambda tp: tp.partition))
         for tp, offset in self.positions.items():
             follower.seek(tp, offset)
@@ -258,7 +258,10 @@ class TopicFollower:
         return swapped
 
     def _nothing_found(self) -> None:
-        """The start scan found no version of this model: say so, naming the models the topic holds."""
+        """The start scan met no signed manifest of this model: say so, naming the models the topic holds
+        (a wrong model name), without counting a failure (no record was refused)."""
+        if self.scan.highest_verified is not None:
+            return  # versions were there and refused: counted by reason already
         o = self.options
         others = sorted(self.scan.other_models)
         if others:
@@ -267,10 +270,10 @@ class TopicFollower:
                 f"{', '.join(repr(m) for m in others)} (serving_model, else trainer_model, names the model "
                 f"served); following on in case {o.model!r} appears"
             )
+            log.warning("model_not_on_topic", model=o.model, topic=o.topic, models_on_topic=others)
         else:
             self.problem = f"no checkpoint of model {o.model!r} on topic {o.topic!r} yet; following on"
-        log.warning("model_not_on_topic", model=o.model, topic=o.topic, models_on_topic=others)
-        self.failed(CheckpointNotFoundError(self.problem), what="start scan")
+            log.info("model_not_on_topic_yet", model=o.model, topic=o.topic)
 
     def _finish_scan(self) -> None:
         """Nothing more to scan: drop what is left (the candidates older than what is served)."""

@@ -32,7 +32,7 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..checkpoint.errors import CheckpointError
-from ..checkpoint.reader import ScanLimits
+from ..checkpoint.reader import ScanLimits, Skipped
 from ..checkpoint.registry import (
     Found,
     RegistryRecord,
@@ -124,11 +124,18 @@ class RegistryFollower:
 
     # -- start ------------------------------------------------------------------------------
 
-    def start(self, begin: int, end: int) -> None:
-        """The follower starts at ``end`` of partition 0: search back from there."""
+    def start(self, begin: int, end: int, *, skipped: Skipped | None = None) -> None:
+        """The follower starts at ``end`` of partition 0: search back from there (records too large to
+        receive counted in ``skipped``)."""
         self._start_end = end
         self.scan = RegistryScan(
-            self.topic, self.keys, self.model, floor=self.floor, stop=self.stop, limits=self.limits
+            self.topic,
+            self.keys,
+            self.model,
+            floor=self.floor,
+            stop=self.stop,
+            limits=self.limits,
+            skipped=skipped if skipped is not None else Skipped(),
         )
         self.scan.start(begin, end)
         if self.scan.done:

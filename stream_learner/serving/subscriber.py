@@ -241,8 +241,9 @@ class CheckpointSubscriber:
             raise CheckpointNotFoundError(f"nothing to serve of {where} within {wait_s:g}s: {self._waiting}")
         last_error = self._versions.last_error
         if last_error is None or last_error.startswith("not_found:"):
+            detail = self._topic_follower.problem or last_error
             raise CheckpointNotFoundError(
-                f"no checkpoint of {where} within {wait_s:g}s" + (f"; {last_error}" if last_error else "")
+                f"no checkpoint of {where} within {wait_s:g}s" + (f"; {detail}" if detail else "")
             )
         raise CheckpointError(f"no servable checkpoint of {where} within {wait_s:g}s; last error: {last_error}")
 
@@ -532,6 +533,7 @@ class CheckpointSubscriber:
                 model=self.model,
                 version=served.version,
                 pinned=self._versions.pinned,
+                held=self._versions.hold or None,  # the registry's start search, or an alias not set
             )
         return swap is not None
 
