@@ -719,6 +719,9 @@ class LatestScan:
         self.highest_verified: int | None = None  # the highest signed version met, whatever came of it
         self.exhausted = False
         self.other_models: set[str] = set()  # other models with a verified manifest met (see _note_other)
+        # Called with every window read, (partition, records, lo, hi), before it is handled: a scan of
+        # other records back from the same end (the registry's) uses the same read.
+        self.observer: Callable[[TopicPartition, list[Any], int, int], None] | None = None
         self._tried: set[bytes] = set()
         self._parts: dict[TopicPartition, _PartitionScan] | None = None
         self._offsets: tuple[dict[TopicPartition, int], dict[TopicPartition, int]] | None = None
@@ -889,6 +892,8 @@ class LatestScan:
                 size = max(1, (over.position - lo) // 2)  # read fewer, from the same end
         part.size = size * 2
         part.cursor = lo
+        if self.observer is not None:
+            self.observer(part.tp, records, lo, hi)
         if records:
             cost = sum(record_bytes(r) for r in records)
             self.records += len(records)

@@ -305,6 +305,17 @@ class RegistryScan:
             except _Overflow as over:
                 size = max(1, (over.position - lo) // 2)
         self._size = size * 2
+        self.observe(records, lo, hi)
+
+    def observe(self, records: list[Any], lo: int, hi: int) -> None:
+        """Handle the records of partition 0 in ``[lo, hi)``, read by this scan or by another one reading
+        back from the same end (the manifest scan: one read serves both); ignored unless ``hi`` is
+        where this scan is (a window it has not handled, right below what it has)."""
+        if self.done or self._cursor is None or hi != self._cursor:
+            return
+        low = max(self._begin, self.stop)
+        lo = max(lo, low)
+        records = [r for r in records if lo <= r.offset < hi]
         self._cursor = lo
         if records:
             cost = sum(record_bytes(r) for r in records)
@@ -324,6 +335,8 @@ class RegistryScan:
             # Confirmed; or back at the beginning, or where this node searched to before (nothing
             # older can be newer than the record it applied then).
             self.done = True
+        elif self.records >= self.limits.max_records or self.bytes >= self.limits.max_bytes:
+            self._exhaust()
 
     def _consider(self, record: Any) -> None:
         try:

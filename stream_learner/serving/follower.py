@@ -182,6 +182,10 @@ class TopicFollower:
             registry_tp = TopicPartition(o.topic, REGISTRY_PARTITION)
             if self.registry is not None and self.registry.scan is None and registry_tp in end:
                 self.registry.start(begin.get(registry_tp, 0), end[registry_tp], skipped=self.scan.skipped)
+                registry = self.registry
+                # One backward read for both: the registry's search takes the manifest scan's windows of
+                # partition 0, and reads on by itself only once that scan is done.
+                self.scan.observer = lambda tp, records, lo, hi: registry.observe(tp.partition, records, lo, hi)
         follower.assign(sorted(self.positions, key=lambda tp: tp.partition))
         for tp, offset in self.positions.items():
             follower.seek(tp, offset)
@@ -365,7 +369,7 @@ class TopicFollower:
     def _registry_step(self) -> None:
         """One bounded step of the registry's start search, while it runs (with the loader, like the scan)."""
         registry = self.registry
-        if registry is None or registry.scan is None or registry.ready:
+        if registry is None or registry.scan is None or registry.ready or self.scanning:
             return
         prober = self.clients.probing()
         with self.clients.loading() as loader:

@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from ..checkpoint.errors import CheckpointError
 from ..checkpoint.reader import ScanLimits, Skipped
 from ..checkpoint.registry import (
+    REGISTRY_PARTITION,
     Found,
     RegistryRecord,
     RegistryScan,
@@ -149,10 +150,25 @@ class RegistryFollower:
         try:
             done = scan.step(loader, prober=prober, deadline_s=deadline_s)
         finally:
-            for refusal in scan.take_refusals():
-                self.failed(_Refused(refusal.reason, refusal.error), what="registry record", offset=refusal.offset)
+            self._report()
         if done:
             self._verdict()
+
+    def observe(self, partition: int, records: list[Any], lo: int, hi: int) -> None:
+        """A window the manifest scan read back from the same end: the search uses it instead of reading
+        it again (see :meth:`RegistryScan.observe`)."""
+        scan = self.scan
+        if scan is None or scan.done or partition != REGISTRY_PARTITION:
+            return
+        scan.observe(records, lo, hi)
+        self._report()
+        if scan.done:
+            self._verdict()
+
+    def _report(self) -> None:
+        if self.scan is not None:
+            for refusal in self.scan.take_refusals():
+                self.failed(_Refused(refusal.reason, refusal.error), what="registry record", offset=refusal.offset)
 
     def _verdict(self) -> None:
         assert self.scan is not None
