@@ -359,3 +359,33 @@ def test_a_wrong_model_name_says_which_models_the_topic_holds(settings: Settings
     finally:
         node.stop()
         sub.stop()
+
+
+def test_a_restarted_node_reads_back_only_what_was_appended_since_a_fresh_one_to_the_record(
+    settings: Settings, producer: Any, keypair: Any
+) -> None:
+    topic = settings.topic_models
+    for v in range(1, 31):
+        signed = publish(producer, topic, keypair[0], v)
+    per_version = signed.weights.chunks + 1
+    catalog.set_alias(settings, keypair[0], MODEL, "champion", 5)
+    for v in range(31, 41):
+        publish(producer, topic, keypair[0], v)
+    first = CheckpointSubscriber(settings, [keypair[1]], model=MODEL, alias="champion")
+    try:
+        step_until(first, lambda: first.version == 5, what="champion v5")
+        # Without state: back to the registry record (and its writer's end), past ten versions.
+        assert first.status()["registry"]["search"]["records"] >= 10 * per_version
+    finally:
+        first.stop()
+    for v in (41, 42):
+        publish(producer, topic, keypair[0], v)
+    again = CheckpointSubscriber(settings, [keypair[1]], model=MODEL, alias="champion")
+    try:
+        step_until(again, lambda: again.version == 5, what="champion v5 after a restart")
+        # With state: only the two versions published since the first node started.
+        search = again.status()["registry"]["search"]
+        assert search["done"] and not search["exhausted"]
+        assert search["records"] <= 2 * per_version + 2, search
+    finally:
+        again.stop()
