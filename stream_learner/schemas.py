@@ -18,7 +18,7 @@ from typing import Any
 
 import msgspec
 
-from .events import CheckpointManifest, DriftEvent, ExampleEvent, LabelEvent, PredictionEvent
+from .events import CheckpointManifest, DriftEvent, ExampleEvent, LabelEvent, PredictionEvent, RegistryRecord
 
 #: Schema name (file stem) -> the struct it describes. A breaking change gets
 #: a new version in the name; the old file stays.
@@ -28,6 +28,7 @@ SCHEMAS: dict[str, type[msgspec.Struct]] = {
     "example.v1": ExampleEvent,
     "manifest.v1": CheckpointManifest,
     "drift.v1": DriftEvent,
+    "registry.v1": RegistryRecord,
 }
 
 _BASE_ID = "https://github.com/stream-learner/stream-learner/schemas/"

@@ -25,6 +25,7 @@ CODECS = {
     "example.v1": events.EXAMPLE,
     "manifest.v1": events.MANIFEST,
     "drift.v1": events.DRIFT,
+    "registry.v1": events.REGISTRY,
 }
 
 

@@ -43,20 +43,23 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import msgspec
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
-from msgspec import Meta, Struct
 
-from ..events import EventTime, Name, Signature, encode, now_ms
+from ..errors import EventError
+from ..events import REGISTRY, REGISTRY_HISTORY_MAX, RegistryRecord, encode, now_ms
 from .errors import CheckpointError, SignatureError
 from .publish import H_MODEL, H_TYPE
 from .reader import PublicKeys, ScanLimits, Skipped, _Overflow, _Reader, key_list, record_bytes, record_header
 from .signing import sign_record, signed_bytes, verify_signature
+
+#: Previous versions kept per alias (what successive rollbacks go back through).
+HISTORY_MAX = REGISTRY_HISTORY_MAX
 
 log = structlog.get_logger(__name__)
 
@@ -77,36 +80,8 @@ H_SEQ = "sl-registry-seq"
 TYPE_REGISTRY = b"registry"
 #: Registry records are written to, and read from, this partition of the model topic alone.
 REGISTRY_PARTITION = 0
-#: Previous versions kept per alias (what successive rollbacks go back through).
-HISTORY_MAX = 20
 #: A registry record larger than this is refused unread (a real one is a few hundred bytes).
 MAX_RECORD_BYTES = 64 * 1024
-
-VersionNumber = Annotated[int, Meta(ge=1)]
-
-
-class RegistryRecord(Struct, frozen=True, kw_only=True):
-    """The registry state of one model after one change (schema ``registry.v1``; see the module docstring).
-
-    ``aliases`` maps an alias to a version; ``pin`` is the version every node
-    serves whatever its alias (``None``: no pin); ``history`` holds each
-    alias's previous versions, oldest first; ``log_end`` is the end offset of
-    partition 0 read before writing; ``change`` says what this record did.
-    """
-
-    schema: Literal["registry.v1"] = "registry.v1"
-    model: Name
-    seq: Annotated[int, Meta(ge=1)]
-    log_end: Annotated[int, Meta(ge=0)]
-    created_at: EventTime
-    aliases: Annotated[dict[Name, VersionNumber], Meta(max_length=64)] = {}
-    pin: VersionNumber | None = None
-    history: Annotated[
-        dict[Name, Annotated[list[VersionNumber], Meta(max_length=HISTORY_MAX)]], Meta(max_length=64)
-    ] = {}
-    change: Annotated[str, Meta(max_length=1024)] = ""
-    signature: Signature | None = None
-
 
 _decoder = msgspec.json.Decoder(RegistryRecord)
 
@@ -164,8 +139,8 @@ def verify_registry_record(topic: str, record: Any, keys: PublicKeys) -> Registr
     if len(value) > MAX_RECORD_BYTES:
         raise CheckpointError(f"registry record at {where} is {len(value)} bytes, at most {MAX_RECORD_BYTES}")
     try:
-        decoded = _decoder.decode(value)
-    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
+        decoded = REGISTRY.decode(value)
+    except EventError as exc:
         raise CheckpointError(f"registry record at {where} is invalid: {exc}") from None
     verify_registry(decoded, key_list(keys))
     if (record_header(record, H_MODEL), record_header(record, H_SEQ)) != (
