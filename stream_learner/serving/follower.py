@@ -199,8 +199,9 @@ class TopicFollower:
             floor=self.scan.floor,
             positions={tp.partition: p for tp, p in self.positions.items()},
         )
-        self._registry_step()
-        return self._scan_step()
+        swapped = self._scan_step()
+        self._registry_step()  # on from where the scan left partition 0, in the same step once it is done
+        return swapped
 
     @property
     def scanning(self) -> bool:
@@ -312,8 +313,8 @@ class TopicFollower:
     def follow(self, follower: CountingConsumer) -> bool:
         """A step of the start scan if it runs, new partitions if it is time, then one poll: keep this
         model's chunks, load each newer manifest; True if a version was swapped in."""
-        self._registry_step()
         swapped = self._scan_step() if self.scanning or self._deferred is not None else False
+        self._registry_step()
         if time.monotonic() >= self._next_refresh:
             self._refresh_partitions(follower)
         try:

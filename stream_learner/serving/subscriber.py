@@ -312,7 +312,8 @@ class CheckpointSubscriber:
 
     def unpin(self) -> None:
         """Undo :meth:`pin`: serve what the registry says (the newest good version if it says nothing), and
-        follow newer ones (a no-op if not pinned)."""
+        follow newer ones (a no-op if not pinned). At once, unless the registry's start search is not done:
+        then the loop serves what it finds once it is (not the newest meanwhile: a fleet-wide pin may hold)."""
         self._pin_due = None
         self._local_pin = None
         if self._registry is not None and self._target()[0] != "newest":
