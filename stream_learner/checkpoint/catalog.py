@@ -241,11 +241,16 @@ def _write(
             key,
             model,
             change,
-            limits=ScanLimits(max_records=settings.serving_scan_max_records, max_bytes=settings.serving_scan_max_bytes),
+            limits=_limits(settings),
         )
     finally:
         consumer.close()
         producer.close()
+
+
+def _limits(settings: Settings) -> ScanLimits:
+    """The registry search's bounds: the serving start scan's settings."""
+    return ScanLimits(max_records=settings.serving_scan_max_records, max_bytes=settings.serving_scan_max_bytes)
 
 
 def _parts(state: RegistryRecord | None) -> tuple[dict[str, int], int | None, dict[str, list[int]]]:
@@ -302,7 +307,7 @@ def rollback(
     try:
         from .registry import scan_registry
 
-        scan, _ = scan_registry(consumer, settings.topic_models, key.public_key(), model)
+        scan, _ = scan_registry(consumer, settings.topic_models, key.public_key(), model, limits=_limits(settings))
     finally:
         consumer.close()
     state = scan.found.record if scan.found is not None else None
