@@ -389,3 +389,54 @@ def test_a_restarted_node_reads_back_only_what_was_appended_since_a_fresh_one_to
         assert search["records"] <= 2 * per_version + 2, search
     finally:
         again.stop()
+
+
+@pytest.mark.slow
+def test_the_serve_command_follows_an_alias(
+    settings: Settings, producer: Any, keypair: Any, key_files: tuple[Path, Path]
+) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from stream_learner.config import settings_env
+    from stream_learner.local import free_port
+
+    topic = settings.topic_models
+    for v in (1, 2, 3):
+        publish(producer, topic, keypair[0], v)
+    catalog.set_alias(settings, keypair[0], MODEL, "champion", 2)
+    port = free_port()
+    env = settings_env(
+        msgspec.structs.replace(
+            settings, serving_model=MODEL, serving_public_keys=[str(key_files[1])], serving_port=port
+        )
+    )
+    # This checkout's code, whatever the environment has installed (the test runs in its own directory).
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stream_learner.cli", "serve", "--serving-alias", "champion"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def health() -> dict[str, Any]:
+        try:
+            body: dict[str, Any] = call(url, "GET", "/health")[1]
+            return body
+        except OSError:
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            return {}
+
+    try:
+        wait_for(lambda: health().get("version") == 2, timeout_s=60, what="the serve process at champion v2")
+        assert health()["alias"] == "champion"
+        assert call(url, "POST", "/predict", {"features": ROW})[1]["prediction"] == 8.0
+        catalog.rollback(settings, keypair[0], MODEL, to=1)
+        wait_for(lambda: health().get("version") == 1, timeout_s=30, what="the serve process rolled back to v1")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=30)[0].decode()
+    assert proc.returncode in (0, 130), out[-2000:]
