@@ -145,6 +145,16 @@ VERB_SETTINGS: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
     "topics": (("kafka", "topics", "topic_setup", "logs"), frozenset({"create_topics"})),
     "config": (tuple(SETTING_GROUPS), frozenset()),
     "optimize": (("kafka", "consumer", "topics", "model", "checkpoints", "variants", "metrics", "logs"), frozenset()),
+    # The registry's writer signs with the trainer's key; listing verifies with the nodes' keys (or that key's half).
+    "models": (
+        ("kafka", "topics", "checkpoints", "serving", "logs"),
+        frozenset(
+            f
+            for f in FIELDS
+            if (f.startswith(("trainer_checkpoint_", "trainer_state_", "serving_")) or f == "trainer_group_id")
+            and f not in ("serving_public_keys", "serving_scan_max_records", "serving_scan_max_bytes")
+        ),
+    ),
     "keys": ((), frozenset()),
     "local": (("topics", "topic_setup", "logs"), frozenset({"create_topics"})),
     # The demo runs its own servers, model and cadence (tools/demo/job.py); the learning itself is yours to vary.
@@ -354,6 +364,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--show-origin", action="store_true", help="also say where each value comes from: default, env, file or flag"
     )
     config.set_defaults(func=cmd_config)
+
+    models = sub.add_parser(
+        "models",
+        parents=common("models"),
+        help="the model registry on the model topic: list, show, alias, pin, unpin, rollback (signed records)",
+    )
+    models.add_argument(
+        "action",
+        choices=["list", "show", "alias", "pin", "unpin", "rollback"],
+        help="list | show MODEL | alias MODEL ALIAS VERSION | pin MODEL VERSION | unpin MODEL | rollback MODEL",
+    )
+    models.add_argument("names", nargs="*", metavar="ARG", help="the action's model, alias and version")
+    models.add_argument("--alias", default="champion", help="rollback: the alias moved back (default: champion)")
+    models.add_argument("--to", type=int, metavar="VERSION", help="rollback: the version to go back to")
+    models.set_defaults(func=cmd_models)
 
     replay = sub.add_parser(
         "replay",
@@ -623,6 +648,75 @@ def cmd_config(args: argparse.Namespace, settings: Settings, metrics: Metrics) -
     else:
         print(json.dumps(shown, indent=2))
     return 0
+
+
+_MODELS_ARGS = {"list": 0, "show": 1, "alias": 3, "pin": 2, "unpin": 1, "rollback": 1}
+
+
+def cmd_models(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> int:
+    """``stream-learner models ...``: print what the topic holds, or write one signed registry record (JSON out)."""
+    from .checkpoint import catalog
+    from .checkpoint.errors import CheckpointError
+    from .checkpoint.signing import load_private_key, load_public_key
+
+    action, names = args.action, list(args.names)
+    if len(names) != _MODELS_ARGS[action]:
+        print(
+            f"stream-learner models {action}: {_MODELS_ARGS[action]} argument(s) expected, got {names}", file=sys.stderr
+        )
+        return 2
+    try:
+        key = load_private_key(settings.trainer_signing_key) if settings.trainer_signing_key else None
+        if action in ("list", "show"):
+            keys = [load_public_key(p) for p in settings.serving_public_keys]
+            if key is not None:
+                keys.append(key.public_key())
+            if not keys:
+                print("stream-learner models: give serving_public_keys (or trainer_signing_key)", file=sys.stderr)
+                return 2
+            found = catalog.catalog(settings, keys)
+            out = catalog.list_models(found) if action == "list" else catalog.show_model(found, names[0])
+            print(json.dumps(out, indent=2))
+            return 0
+        if key is None:
+            print(
+                f"stream-learner models {action}: registry records are signed: give trainer_signing_key",
+                file=sys.stderr,
+            )
+            return 2
+        model = names[0]
+        if action == "alias":
+            written = catalog.set_alias(settings, key, model, names[1], _version(names[2]))
+        elif action == "pin":
+            written = catalog.pin(settings, key, model, _version(names[1]))
+        elif action == "unpin":
+            written = catalog.unpin(settings, key, model)
+        else:
+            written = catalog.rollback(settings, key, model, alias=args.alias, to=args.to)
+    except (CheckpointError, ValueError) as exc:
+        print(f"stream-learner models {action}: {exc}", file=sys.stderr)
+        return 1
+    record = written.record
+    print(
+        json.dumps(
+            {
+                "model": record.model,
+                "seq": record.seq,
+                "change": record.change,
+                "aliases": record.aliases,
+                "pin": record.pin,
+                "offset": written.offset,
+            }
+        )
+    )
+    return 0
+
+
+def _version(text: str) -> int:
+    version = int(text)
+    if version < 1:
+        raise ValueError(f"a version is a positive integer, got {text}")
+    return version
 
 
 def cmd_replay(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> int:

@@ -338,7 +338,11 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     serving_public_keys: list[str] = []
     """PEM files of the trainer public keys a serving node trusts (comma-separated; required)."""
     serving_pin_version: Annotated[int, Meta(ge=1)] | None = None
-    """Serve this version and do not follow newer ones."""
+    """Serve this version and do not follow newer ones (on this node, above what the registry says)."""
+    serving_alias: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    """Serve the version this registry alias names (champion, canary, ...); unset: the newest, or the registry's pin."""
+    serving_registry: bool = True
+    """Follow the model's registry records (aliases, a fleet-wide pin) on the model topic; false: ignore them."""
     serving_cold_start: bool = False
     """Until the first checkpoint, serve the trainer's untrained model (version 0, from the model settings)."""
     serving_host: str = "127.0.0.1"

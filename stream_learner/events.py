@@ -252,6 +252,36 @@ class CheckpointManifest(Struct, frozen=True, kw_only=True):
     layout: WeightsLayout | None = None
 
 
+VersionNumber = Annotated[int, Meta(ge=1)]
+#: Previous versions a registry record keeps per alias.
+REGISTRY_HISTORY_MAX = 20
+
+
+class RegistryRecord(Struct, frozen=True, kw_only=True):
+    """The registry state of one model after one change (schema ``registry.v1``).
+
+    See :mod:`stream_learner.checkpoint.registry` for how it is signed, ordered and found.
+
+    ``aliases`` maps an alias to a version; ``pin`` is the version every node
+    serves whatever its alias (``None``: no pin); ``history`` holds each
+    alias's previous versions, oldest first; ``log_end`` is the end offset of
+    partition 0 read before writing; ``change`` says what this record did.
+    """
+
+    schema: Literal["registry.v1"] = "registry.v1"
+    model: Name
+    seq: Annotated[int, Meta(ge=1)]
+    log_end: Annotated[int, Meta(ge=0)]
+    created_at: EventTime
+    aliases: Annotated[dict[Name, VersionNumber], Meta(max_length=64)] = {}
+    pin: VersionNumber | None = None
+    history: Annotated[
+        dict[Name, Annotated[list[VersionNumber], Meta(max_length=REGISTRY_HISTORY_MAX)]], Meta(max_length=64)
+    ] = {}
+    change: Annotated[str, Meta(max_length=1024)] = ""
+    signature: Signature | None = None
+
+
 DriftKind = Literal["warning", "drift", "status"]
 
 
@@ -574,6 +604,8 @@ LABEL: Codec[LabelEvent] = Codec(LabelEvent)
 EXAMPLE: Codec[ExampleEvent] = Codec(ExampleEvent)
 MANIFEST: Codec[CheckpointManifest] = Codec(CheckpointManifest)
 DRIFT: Codec[DriftEvent] = Codec(DriftEvent)
+#: Registry records are small: one larger than this is refused unread.
+REGISTRY: Codec[RegistryRecord] = Codec(RegistryRecord, 64 * 1024)
 
 # The error path below may be slow: it runs only for refused events, and turns msgspec's terse
 # message into one that names the field (msgspec writes dict keys as ``[...]``).

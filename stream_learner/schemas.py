@@ -20,7 +20,7 @@ from typing import Any
 import msgspec
 
 from . import events_v1
-from .events import CheckpointManifest, DriftEvent, ExampleEvent, LabelEvent, PredictionEvent
+from .events import CheckpointManifest, DriftEvent, ExampleEvent, LabelEvent, PredictionEvent, RegistryRecord
 
 #: Schema name (file stem) -> the struct it describes. A breaking change gets
 #: a new version in the name; the old file stays.
@@ -32,6 +32,7 @@ SCHEMAS: dict[str, type[msgspec.Struct]] = {
     "example.v2": ExampleEvent,
     "manifest.v1": CheckpointManifest,
     "drift.v1": DriftEvent,
+    "registry.v1": RegistryRecord,
 }
 
 _BASE_ID = "https://github.com/stream-learner/stream-learner/schemas/"

@@ -270,3 +270,11 @@ def test_a_role_creates_missing_topics_when_told(servers) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
+
+
+def test_serve_takes_an_alias_and_models_takes_its_actions() -> None:
+    args = build_parser().parse_args(["serve", "--serving-alias", "champion"])
+    assert args.serving_alias == "champion"
+    args = build_parser().parse_args(["models", "rollback", "churn", "--to", "3", "--alias", "canary"])
+    assert (args.action, args.names, args.to, args.alias) == ("rollback", ["churn"], 3, "canary")
+    assert "serving_alias" not in verb_fields("models") and "trainer_signing_key" in verb_fields("models")

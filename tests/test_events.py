@@ -28,6 +28,7 @@ CODECS = {
     "example.v2": events.EXAMPLE,
     "manifest.v1": events.MANIFEST,
     "drift.v1": events.DRIFT,
+    "registry.v1": events.REGISTRY,
 }
 #: What the roles decode with, by schema: a v1 event is a v2 event.
 ROLE_CODECS = {**CODECS, "prediction.v1": events.PREDICTION, "example.v1": events.EXAMPLE}

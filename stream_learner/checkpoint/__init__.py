@@ -1,9 +1,11 @@
 """Checkpoints: safetensors weights, signed manifests, the model topic, the trainer's state.
 
 * :mod:`.codec` — tensors <-> safetensors bytes (never pickle); :mod:`.digest` — their SHA-256;
-* :mod:`.signing` — Ed25519 keys, signing and verifying manifests;
+* :mod:`.signing` — Ed25519 keys, signing and verifying manifests and registry records;
 * :mod:`.publish` — chunks then signed manifest onto the model topic;
 * :mod:`.reader` — the newest (or a named) checkpoint, verified, read from the end;
+* :mod:`.registry` — signed registry records (aliases, a fleet-wide pin) and their search;
+* :mod:`.catalog` — ``stream-learner models``: what the topic holds, the registry changes;
 * :mod:`.state` — the trainer's atomic snapshot store (directory or Redis);
 * :mod:`.errors` — :class:`CheckpointError` and its subclasses.
 """

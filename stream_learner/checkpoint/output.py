@@ -27,6 +27,8 @@ from ..bus import make_producer
 from ..config import Settings
 from ..events import MANIFEST, CheckpointManifest, encode
 from ..util.files import atomic_write
+from ..util.retry import Retry, is_transient
+from .errors import CheckpointError, DigestError
 from .publish import publish_checkpoint, weights_info
 from .reader import make_reader_consumer, newest_version
 from .signing import sign_manifest
@@ -50,17 +52,53 @@ class Output(Protocol):
         ...
 
 
+def publish_transient(exc: BaseException) -> bool:
+    """True for a publish that failed because the broker was away (worth publishing again, whole).
+
+    A refused record, a missing ACL, a record too large, weights that do not
+    match their manifest: not transient, raised at once.
+
+    >>> from kafka.errors import KafkaTimeoutError, TopicAuthorizationFailedError
+    >>> def failed(cause):
+    ...     try:
+    ...         raise CheckpointError("checkpoint m v1: chunk 0 not acknowledged") from cause
+    ...     except CheckpointError as exc:
+    ...         return exc
+    >>> publish_transient(failed(KafkaTimeoutError())), publish_transient(failed(TopicAuthorizationFailedError()))
+    (True, False)
+    """
+    if isinstance(exc, DigestError):
+        return False
+    if isinstance(exc, CheckpointError):
+        return exc.__cause__ is not None and is_transient(exc.__cause__)
+    return is_transient(exc)
+
+
 class TopicOutput:
     """Checkpoints of ``lineage`` on the model topic, chunked and signed.
 
     ``producer`` (default: one of its own, closed with it) must allow
-    records of ``trainer_chunk_bytes`` plus headers.
+    records of ``trainer_chunk_bytes`` plus headers. With ``retry``, a
+    publish the broker fails transiently (:func:`publish_transient`) is
+    published again, whole, after a back-off, until it succeeds or the
+    retry's stop is set (:class:`~stream_learner.util.retry.Stopped`); a
+    permanent error is raised at once. A publish cut short leaves at worst
+    orphan chunks (no manifest names them; readers skip them) or, when only
+    the manifest's acknowledgement was lost, the same version twice, which
+    readers ignore as not newer.
     """
 
     def __init__(
-        self, settings: Settings, lineage: str, private_key: Ed25519PrivateKey, *, producer: KafkaProducer | None = None
+        self,
+        settings: Settings,
+        lineage: str,
+        private_key: Ed25519PrivateKey,
+        *,
+        producer: KafkaProducer | None = None,
+        retry: Retry | None = None,
     ) -> None:
         self.settings = settings
+        self.retry = retry
         self.lineage = lineage
         self.private_key = private_key
         self.own_producer = producer is None
@@ -86,14 +124,17 @@ class TopicOutput:
         return version
 
     def publish(self, manifest: CheckpointManifest, weights: bytes) -> CheckpointManifest:
-        return publish_checkpoint(
-            self.producer,
-            self.settings.topic_models,
-            manifest,
-            weights,
-            self.private_key,
-            chunk_bytes=self.settings.trainer_chunk_bytes,
-        )
+        def once() -> CheckpointManifest:
+            return publish_checkpoint(
+                self.producer,
+                self.settings.topic_models,
+                manifest,
+                weights,
+                self.private_key,
+                chunk_bytes=self.settings.trainer_chunk_bytes,
+            )
+
+        return self.retry.call(once) if self.retry is not None else once()
 
     def close(self) -> None:
         if self.own_producer:

@@ -144,9 +144,15 @@ class Skipped:
 
     count: int = 0
     last: tuple[int, int] | None = None  # (partition, offset)
+    seen: set[tuple[int, int]] = field(default_factory=set)
 
     def add(self, partition: int, offset: int) -> None:
-        """Count one record skipped at ``partition``/``offset``."""
+        """Count one record skipped at ``partition``/``offset`` (once: a read retried, or another scan
+        passing the same record, skips it again)."""
+        if (partition, offset) in self.seen:
+            return
+        if len(self.seen) < 100_000:
+            self.seen.add((partition, offset))
         self.count += 1
         self.last = (partition, offset)
 
@@ -744,6 +750,11 @@ class LatestScan:
         self.refusals: list[Refusal] = []  # since the caller last took them
         self.highest_verified: int | None = None  # the highest signed version met, whatever came of it
         self.exhausted = False
+        self.other_models: set[str] = set()  # other models with a verified manifest met (see _note_other)
+        # Called with every window read, (partition, records, lo, hi), before it is handled: a scan of
+        # other records back from the same end (the registry's) uses the same read.
+        self.observer: Callable[[TopicPartition, list[Any], int, int], None] | None = None
+        self._tried: set[bytes] = set()
         self._parts: dict[TopicPartition, _PartitionScan] | None = None
         self._offsets: tuple[dict[TopicPartition, int], dict[TopicPartition, int]] | None = None
 
@@ -858,6 +869,24 @@ class LatestScan:
             part.best, part.kept, part.kept_bytes, part.needed = None, {}, 0, set()
             part.done = part.cursor <= part.begin or self.exhausted
 
+    def _note_other(self, record: Any) -> None:
+        """Remember the name of another model with a verified manifest (bounded: one verification per
+        name, :data:`MAX_OTHER_MODELS` names): what a node asked for a model the topic lacks says."""
+        name = record_header(record, H_MODEL)
+        if (
+            name is None
+            or record_header(record, H_TYPE) != TYPE_MANIFEST
+            or name in self._tried
+            or len(self._tried) >= 4 * MAX_OTHER_MODELS
+            or len(self.other_models) >= MAX_OTHER_MODELS
+        ):
+            return
+        self._tried.add(name)
+        try:
+            self.other_models.add(verify_record(self.topic, record, {}, self.keys).manifest.model)
+        except Exception:  # noqa: BLE001 - a name only counts when a trusted key signed it
+            return
+
     def _exhaust(self) -> None:
         assert self._parts is not None
         self.exhausted = True
@@ -895,6 +924,8 @@ class LatestScan:
                 size = max(1, (over.position - lo) // 2)  # read fewer, from the same end
         part.size = size * 2
         part.cursor = lo
+        if self.observer is not None:
+            self.observer(part.tp, records, lo, hi)
         if records:
             cost = sum(record_bytes(r) for r in records)
             self.records += len(records)
@@ -933,6 +964,7 @@ class LatestScan:
 
     def _record(self, part: _PartitionScan, record: Any, window: dict[int, Any]) -> None:
         if record_header(record, H_MODEL) != self._model_b:
+            self._note_other(record)
             return
         kind = record_header(record, H_TYPE)
         best = part.best
@@ -982,6 +1014,9 @@ class LatestScan:
         if part.cursor <= part.confirm_at:
             part.done = True
 
+
+#: Names of other models the scan remembers, at most (a wrong model name is answered with them).
+MAX_OTHER_MODELS = 32
 
 #: Records in one backward window of the scan, at most (its bytes are bounded by ScanLimits.window_bytes).
 MAX_SCAN_WINDOW = 8192

@@ -45,9 +45,9 @@ import base64
 import binascii
 import hashlib
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import msgspec
 from cryptography.exceptions import InvalidSignature
@@ -141,21 +141,50 @@ def canonical_bytes(manifest: CheckpointManifest) -> bytes:
     Raises :class:`SignatureError` naming the problem if the manifest is not
     a valid ``manifest.v1``: such a manifest can be neither signed nor trusted.
     """
-    unsigned = msgspec.structs.replace(manifest, signature=None)
+    return signed_bytes(manifest, _decoder, "manifest.v1", optional=_LATER_FIELDS)
+
+
+def signed_bytes(
+    record: msgspec.Struct, decoder: msgspec.json.Decoder[Any], schema: str, *, optional: tuple[str, ...] = ()
+) -> bytes:
+    """The bytes the signature of any signed record (a manifest, a registry record) covers.
+
+    ``record`` is a struct with a ``signature`` field; it is encoded without
+    its signature, decoded back with ``decoder`` (which validates and
+    normalises it as ``schema``) and encoded compactly with sorted keys. The
+    ``optional`` fields are left out while they are ``null`` (fields added
+    after the schema was first signed). One mechanism for every record a
+    trainer's key signs: the record's own schema keeps one kind of record
+    from passing for another (a registry record does not decode as a
+    manifest).
+    """
+    unsigned = msgspec.structs.replace(record, signature=None)
     try:
         # A JSON round trip validates and normalises types (int -> float for
         # float fields), so this is the same for a struct built in Python and
         # one decoded from the wire.
-        normalised = _decoder.decode(_plain.encode(unsigned))
+        normalised = decoder.decode(_plain.encode(unsigned))
     except (msgspec.ValidationError, msgspec.EncodeError) as exc:
-        raise SignatureError(f"manifest is not a valid manifest.v1: {exc}") from None
-    # Fields added after manifest.v1 was first signed are signed only when set (see the module
-    # docstring): the bytes of a manifest without them are those older writers signed.
-    fields = msgspec.to_builtins(normalised)
-    for name in _LATER_FIELDS:
-        if fields[name] is None:
+        raise SignatureError(f"{schema.split('.')[0]} is not a valid {schema}: {exc}") from None
+    absent = [name for name in optional if getattr(normalised, name) is None]
+    if absent:
+        # Fields added after the schema was first signed are signed only when set (see the module
+        # docstring): the bytes of a record without them are those older writers signed.
+        fields = msgspec.to_builtins(normalised)
+        for name in absent:
             del fields[name]
-    return _canonical.encode(fields)
+        return _canonical.encode(fields)
+    return _canonical.encode(normalised)
+
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+
+def sign_record(record: S, message: bytes, decoder: msgspec.json.Decoder[S], private_key: Ed25519PrivateKey) -> S:
+    """``record`` normalised from ``message`` (its :func:`signed_bytes`) and signed by ``private_key``."""
+    normalised = decoder.decode(message)
+    value = base64.b64encode(private_key.sign(message)).decode("ascii")
+    return msgspec.structs.replace(normalised, signature=Signature(alg=ALG, key_id=key_id(private_key), value=value))
 
 
 def sign_manifest(manifest: CheckpointManifest, private_key: Ed25519PrivateKey) -> CheckpointManifest:
@@ -165,23 +194,24 @@ def sign_manifest(manifest: CheckpointManifest, private_key: Ed25519PrivateKey) 
     :func:`canonical_bytes` does, so the returned manifest, once encoded and
     decoded anywhere, still verifies.
     """
-    message = canonical_bytes(manifest)
-    normalised = _decoder.decode(message)
-    value = base64.b64encode(private_key.sign(message)).decode("ascii")
-    return msgspec.structs.replace(normalised, signature=Signature(alg=ALG, key_id=key_id(private_key), value=value))
+    return sign_record(manifest, canonical_bytes(manifest), _decoder, private_key)
 
 
-def verify_manifest(manifest: CheckpointManifest, public_key: Ed25519PublicKey | Iterable[Ed25519PublicKey]) -> None:
-    """Check that a trusted key signed exactly this manifest, or raise :class:`SignatureError`.
+def verify_signature(
+    what: str,
+    signature: Signature | None,
+    message: Callable[[], bytes],
+    public_key: Ed25519PublicKey | Iterable[Ed25519PublicKey],
+) -> None:
+    """Check that a trusted key signed ``message()``, or raise :class:`SignatureError` naming ``what``.
 
     ``public_key`` may be several keys (during a key rotation); the one whose
     :func:`key_id` the signature names is used. Raises for a missing
     signature, an unknown algorithm, a key id no trusted key has, a malformed
     signature value, or a signature that does not verify.
     """
-    what = f"manifest {manifest.model} v{manifest.version}"
     keys = [public_key] if isinstance(public_key, Ed25519PublicKey) else list(public_key)
-    sig = manifest.signature
+    sig = signature
     if sig is None:
         raise SignatureError(f"{what} is not signed")
     if sig.alg != ALG:
@@ -195,10 +225,23 @@ def verify_manifest(manifest: CheckpointManifest, public_key: Ed25519PublicKey |
     except (binascii.Error, ValueError):
         raise SignatureError(f"{what}: signature value is not base64") from None
     # Base64 has spare bits before the padding; accept only the canonical
-    # spelling, so no two different manifests carry the same signature.
+    # spelling, so no two different records carry the same signature.
     if base64.b64encode(raw).decode("ascii") != sig.value:
         raise SignatureError(f"{what}: signature value is not canonical base64")
     try:
-        key.verify(raw, canonical_bytes(manifest))
+        key.verify(raw, message())
     except InvalidSignature:
         raise SignatureError(f"{what}: signature does not verify with key {sig.key_id!r}") from None
+
+
+def verify_manifest(manifest: CheckpointManifest, public_key: Ed25519PublicKey | Iterable[Ed25519PublicKey]) -> None:
+    """Check that a trusted key signed exactly this manifest, or raise :class:`SignatureError`.
+
+    See :func:`verify_signature` for the keys and what is refused.
+    """
+    verify_signature(
+        f"manifest {manifest.model} v{manifest.version}",
+        manifest.signature,
+        lambda: canonical_bytes(manifest),
+        public_key,
+    )

@@ -36,7 +36,7 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from ..bus import RECORD_HEADROOM_BYTES, DeadLetter, DeadLetters, make_consumer, make_producer
-from ..checkpoint.output import TopicOutput
+from ..checkpoint.output import TopicOutput, publish_transient
 from ..checkpoint.signing import load_private_key
 from ..checkpoint.state import StateStore
 from ..config import Settings
@@ -169,7 +169,9 @@ class Trainer:
             learner,
             policy,
             model=settings.trainer_model,
-            output=TopicOutput(settings, settings.trainer_model, private_key, producer=self.producer),
+            output=TopicOutput(
+                settings, settings.trainer_model, private_key, producer=self.producer, retry=self._publish_retry()
+            ),
             store=store or state_store(settings, stop=self.stop, on_retry=self._retrying("redis")),
             sinks=KafkaSinks(
                 settings,
@@ -194,7 +196,9 @@ class Trainer:
         self.variants = SessionVariants.from_settings(
             settings,
             metrics=self.metrics,
-            output_for=lambda name: TopicOutput(settings, name, private_key, producer=self.producer),
+            output_for=lambda name: TopicOutput(
+                settings, name, private_key, producer=self.producer, retry=self._publish_retry()
+            ),
         )
         if self.variants is not None:
             self.variants.attach(self.session)
@@ -264,6 +268,12 @@ class Trainer:
             log.warning("trainer_stopped_waiting", reason=str(exc))
         finally:
             self.close()
+
+    def _publish_retry(self) -> Retry:
+        """A checkpoint publish the broker fails transiently is published again (stoppably), not fatal."""
+        return Retry(
+            "kafka (checkpoint publish)", stop=self.stop, on_retry=self._retrying("kafka"), classify=publish_transient
+        )
 
     def _retrying(self, dependency: str) -> Callable[[BaseException, float], None]:
         def counted(exc: BaseException, delay: float) -> None:

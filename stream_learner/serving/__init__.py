@@ -44,6 +44,13 @@ last good version whatever was appended. :meth:`CheckpointSubscriber.pin`
 newer versions are still verified and loaded in the background (so that
 unpinning is immediate), but not served.
 
+**The registry.** Signed registry records on the same topic
+(:mod:`stream_learner.checkpoint.registry`) name versions by alias and may
+pin one fleet-wide; the subscriber finds the newest valid one at start
+(nothing is served before) and follows them (:mod:`.registry`). What it
+serves: its own pin, else the registry's pin, else its alias's version
+(``serving_alias``), else the newest.
+
 **Failures** (a refused signature or key, a missing or foreign chunk, a
 digest mismatch, weights that are not safetensors, an architecture that
 does not match its weights, a non-finite smoke prediction, a broker error)
@@ -80,7 +87,8 @@ The README's Security section is the threat model.
 * :mod:`.clients` — the subscriber's two Kafka consumers;
 * :mod:`.follower` — the loop's work: catch up, then follow the topic;
 * :mod:`.versions` — the swap decisions: never backwards, the pin;
-* :mod:`.state` — the floor a node remembers across restarts;
+* :mod:`.state` — the floor and the registry record a node remembers across restarts;
+* :mod:`.registry` — the model registry as a subscriber follows it: aliases, a fleet-wide pin;
 * :mod:`.telemetry` — the serving side's own metrics, a limit on repeated log lines;
 * :mod:`.subscriber` — :class:`CheckpointSubscriber`, :func:`public_keys_from_settings`;
 * :mod:`.node` — :class:`ServingNode`, the HTTP service behind ``stream-learner serve``.

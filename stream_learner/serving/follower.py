@@ -72,10 +72,12 @@ from ..checkpoint.reader import (
     probe,
     record_header,
 )
+from ..checkpoint.registry import REGISTRY_PARTITION, TYPE_REGISTRY
 from ..metrics import Metrics
 from .clients import CountingConsumer, ReaderClients
 from .failures import ModelLoadError, is_transient
 from .model import BuildPolicy, ServedModel, load_served_model
+from .registry import RegistryFollower
 from .state import FloorStore
 from .telemetry import ServingMetrics
 from .versions import ServedVersions
@@ -130,8 +132,11 @@ class TopicFollower:
         policy: BuildPolicy | None = None,
         floor: FloorStore | None = None,
         telemetry: ServingMetrics | None = None,
+        registry: RegistryFollower | None = None,
     ) -> None:
         self.options = options
+        self.registry = registry
+        self.problem: str | None = None  # why nothing can be served, for an operator (a wrong model name)
         self.clients = clients
         self.versions = versions
         self.window = ChunkWindow(window_bytes, window_records)  # this model's chunks read while following
@@ -174,6 +179,13 @@ class TopicFollower:
             self.start_positions = dict(end)
             if not self.scan.started:
                 self.scan.start(begin, end)
+            registry_tp = TopicPartition(o.topic, REGISTRY_PARTITION)
+            if self.registry is not None and self.registry.scan is None and registry_tp in end:
+                self.registry.start(begin.get(registry_tp, 0), end[registry_tp], skipped=self.scan.skipped)
+                registry = self.registry
+                # One backward read for both: the registry's search takes the manifest scan's windows of
+                # partition 0, and reads on by itself only once that scan is done.
+                self.scan.observer = lambda tp, records, lo, hi: registry.observe(tp.partition, records, lo, hi)
         follower.assign(sorted(self.positions, key=lambda tp: tp.partition))
         for tp, offset in self.positions.items():
             follower.seek(tp, offset)
@@ -187,7 +199,9 @@ class TopicFollower:
             floor=self.scan.floor,
             positions={tp.partition: p for tp, p in self.positions.items()},
         )
-        return self._scan_step()
+        swapped = self._scan_step()
+        self._registry_step()  # on from where the scan left partition 0, in the same step once it is done
+        return swapped
 
     @property
     def scanning(self) -> bool:
@@ -240,11 +254,31 @@ class TopicFollower:
         if self.scan.done and self.scan.started:
             if not self.scan.candidates() or self._followed_version() is not None:
                 self._finish_scan()
+            if not self.scan.candidates() and self._followed_version() is None and self.problem is None:
+                self._nothing_found()
             if self._deferred is not None:
                 deferred, self._deferred = self._deferred, None
                 if self._vouched(deferred):
                     swapped = self.offer(deferred, time.monotonic()) or swapped
         return swapped
+
+    def _nothing_found(self) -> None:
+        """The start scan met no signed manifest of this model: say so, naming the models the topic holds
+        (a wrong model name), without counting a failure (no record was refused)."""
+        if self.scan.highest_verified is not None:
+            return  # versions were there and refused: counted by reason already
+        o = self.options
+        others = sorted(self.scan.other_models)
+        if others:
+            self.problem = (
+                f"no checkpoint of model {o.model!r} on topic {o.topic!r}; the topic holds checkpoints of "
+                f"{', '.join(repr(m) for m in others)} (serving_model, else trainer_model, names the model "
+                f"served); following on in case {o.model!r} appears"
+            )
+            log.warning("model_not_on_topic", model=o.model, topic=o.topic, models_on_topic=others)
+        else:
+            self.problem = f"no checkpoint of model {o.model!r} on topic {o.topic!r} yet; following on"
+            log.info("model_not_on_topic_yet", model=o.model, topic=o.topic)
 
     def _finish_scan(self) -> None:
         """Nothing more to scan: drop what is left (the candidates older than what is served)."""
@@ -280,6 +314,7 @@ class TopicFollower:
         """A step of the start scan if it runs, new partitions if it is time, then one poll: keep this
         model's chunks, load each newer manifest; True if a version was swapped in."""
         swapped = self._scan_step() if self.scanning or self._deferred is not None else False
+        self._registry_step()
         if time.monotonic() >= self._next_refresh:
             self._refresh_partitions(follower)
         try:
@@ -328,7 +363,22 @@ class TopicFollower:
             self.window.keep(record, followed=self._followed_version())
         elif kind == TYPE_MANIFEST:
             return self._on_manifest(record, read_at)
+        elif kind == TYPE_REGISTRY and self.registry is not None:
+            self.registry.followed(record)
         return False
+
+    def _registry_step(self) -> None:
+        """One bounded step of the registry's start search, while it runs (with the loader, like the scan)."""
+        registry = self.registry
+        if registry is None or registry.scan is None or registry.ready or self.scanning:
+            return
+        prober = self.clients.probing()
+        with self.clients.loading() as loader:
+            before = loader.records
+            try:
+                registry.step(loader, prober=prober, deadline_s=self.options.load_timeout_s)
+            finally:
+                self.catch_up_records += loader.records - before
 
     def _unstick(self, follower: CountingConsumer) -> bool:
         """Nothing for a while: if records are there all the same, read on past the one that cannot be

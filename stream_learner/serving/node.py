@@ -15,11 +15,16 @@ Endpoints (JSON):
   (a random one is made). Invalid input: 400 with the field named; no model
   yet: 503.
 * ``GET /health`` — 200 once a model serves, with ``model``, ``model_version``
-  (a string, as in ``/predict`` and the prediction events) and ``version``
-  (the same number as an integer, as in ``/model``); else 503.
-* ``GET /model`` — the subscriber's status, the manifest's version, parent,
-  metrics, counts, weights digest and layout (precision, base digest, delta
-  or full), and the history of swaps (version, time).
+  (a string, as in ``/predict`` and the prediction events), ``version``
+  (the same number as an integer, as in ``/model``) and ``alias`` when the
+  node follows one; else 503, whose ``detail`` says why when the subscriber
+  knows (an alias not set; a model the topic holds no checkpoint of, naming
+  the models it holds).
+* ``GET /model`` — ``alias``, ``serving_by`` (``newest``, ``alias champion
+  v12``, ``registry pin v9``, ``local pin v7``), ``problem``, the
+  subscriber's status (with the registry's state), the manifest's version,
+  parent, metrics, counts, weights digest and layout (precision, base
+  digest, delta or full), and the history of swaps (version, time).
 * ``GET /metrics`` — Prometheus text.
 
 A bad request is the caller's to fix and is answered synchronously, so it
@@ -223,6 +228,13 @@ class ServingNode:
         return served
 
     @property
+    def problem(self) -> str | None:
+        """Why the node serves nothing (or not what it was asked to), if its source says (a wrong model
+        name, an alias not set)."""
+        problem = getattr(self.subscriber, "problem", None)
+        return problem if isinstance(problem, str) else None
+
+    @property
     def url(self) -> str:
         """Base URL the node listens on, e.g. ``http://127.0.0.1:8080``."""
         host, port = self._socket.getsockname()[:2]
@@ -274,8 +286,12 @@ class ServingNode:
     def model_info(self) -> dict[str, Any]:
         """What ``GET /model`` returns."""
         served = self.current
+        status = dict(self.subscriber.status())
         info: dict[str, Any] = {
-            "status": dict(self.subscriber.status()),
+            "alias": status.get("alias"),
+            "serving_by": status.get("serving_by"),
+            "problem": self.problem,
+            "status": status,
             # A copy: the subscriber's thread appends while we read.
             "swaps": [{"version": v, "at": t} for v, t in list(self.swaps)],
             "http": {"connections": len(self._connections), "inflight": self._inflight + self._inflight_light},
@@ -574,18 +590,23 @@ class ServingNode:
     def _get(self, path: str) -> tuple[int, Mapping[str, Any] | bytes, str]:
         if path == "/health":
             served = self.current
+            problem = self.problem
             if served is None:
-                return HTTPStatus.SERVICE_UNAVAILABLE, {"status": "no model yet"}, "application/json"
-            return (
-                HTTPStatus.OK,
-                {
-                    "status": "ok",
-                    "model": served.model,
-                    "model_version": str(served.version),
-                    "version": served.version,
-                },
-                "application/json",
-            )
+                body: dict[str, Any] = {"status": "no model yet"}
+                if problem is not None:
+                    body["detail"] = problem
+                return HTTPStatus.SERVICE_UNAVAILABLE, body, "application/json"
+            ok: dict[str, Any] = {
+                "status": "ok",
+                "model": served.model,
+                "model_version": str(served.version),
+                "version": served.version,
+            }
+            if getattr(self.subscriber, "alias", None):
+                ok["alias"] = self.subscriber.alias  # type: ignore[attr-defined]
+            if problem is not None:
+                ok["detail"] = problem
+            return HTTPStatus.OK, ok, "application/json"
         if path == "/model":
             return HTTPStatus.OK, self.model_info(), "application/json"
         if path == "/metrics":
@@ -779,7 +800,9 @@ def run_node(settings: Settings, metrics: Metrics, *, stop: threading.Event, col
 def _has_model(node: ServingNode) -> tuple[bool, str]:
     """The serving role's health on the metrics port: healthy while it has a model to serve."""
     served = node.current
-    return (False, "no model yet") if served is None else (True, f"serving {served.model} v{served.version}")
+    if served is None:
+        return False, node.problem or "no model yet"
+    return True, f"serving {served.model} v{served.version}"
 
 
 def cold_start_model(settings: Settings) -> ServedModel:

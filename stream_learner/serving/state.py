@@ -33,7 +33,7 @@ from ..util.files import atomic_write
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["FloorStore"]
+__all__ = ["FloorStore", "RegistryStore"]
 
 
 class FloorStore:
@@ -82,3 +82,58 @@ class FloorStore:
             except OSError as exc:  # a full disk must not stop serving; the floor stays in memory
                 log.warning("serving_state_not_saved", path=str(self.path), version=version, error=str(exc))
         return True
+
+
+class RegistryStore:
+    """The registry record of ``model`` on ``topic`` a node applied last, and how far back it had searched.
+
+    One JSON file beside the floor's (``None`` directory: memory only):
+    the signed record as it was on the topic (verified again when loaded),
+    its offset in partition 0, and ``searched_to``: every record of
+    partition 0 before it was read by this node (at start or while
+    following), so a restart's registry search stops there.
+    """
+
+    def __init__(self, directory: str | Path | None, topic: str, model: str) -> None:
+        floor = FloorStore(directory, topic, model)
+        self.path = floor.path.with_suffix(".registry.json") if floor.path is not None else None
+        self.topic, self.model = topic, model
+        self._saved: tuple[bytes | None, int, int] | None = None  # (record JSON, offset, searched_to)
+
+    def load(self) -> tuple[bytes | None, int, int] | None:
+        """The record's JSON (``None``: no record was found), its offset and ``searched_to``; ``None`` if
+        nothing is kept (or the file is unreadable)."""
+        if self.path is None or not self.path.exists():
+            return self._saved
+        try:
+            data = json.loads(self.path.read_bytes())
+            record = data["record"]
+            saved = (record.encode() if record is not None else None, int(data["offset"]), int(data["searched_to"]))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("serving_state_unreadable", path=str(self.path), error=str(exc))
+            return self._saved
+        self._saved = saved
+        return saved
+
+    def save(self, record: bytes | None, offset: int, searched_to: int) -> None:
+        """Remember the record applied (its JSON as on the topic), where it is, and how far back was read."""
+        self._saved = (record, offset, searched_to)
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(
+                self.path,
+                json.dumps(
+                    {
+                        "topic": self.topic,
+                        "model": self.model,
+                        "record": record.decode() if record is not None else None,
+                        "offset": offset,
+                        "searched_to": searched_to,
+                        "at": time.time(),
+                    }
+                ).encode(),
+            )
+        except OSError as exc:  # a full disk must not stop serving; kept in memory
+            log.warning("serving_state_not_saved", path=str(self.path), error=str(exc))

@@ -43,10 +43,11 @@ from ..learn.frozen import check_device, load_base
 from ..metrics import Metrics
 from ..util.backoff import Backoff
 from .clients import ReaderClients
-from .failures import failure_reason
+from .failures import failure_reason, is_transient
 from .follower import TopicFollower
 from .model import BuildPolicy, ServedModel, load_served_model
-from .state import FloorStore
+from .registry import RegistryFollower
+from .state import FloorStore, RegistryStore
 from .telemetry import LogLimiter, serving_metrics
 from .variant import VariantFollower
 from .versions import ServedVersions, Swap
@@ -64,6 +65,9 @@ BACKOFF_S = (0.2, 5.0)
 
 #: How long before a pin from the settings that failed is tried again (seconds).
 PIN_RETRY_S = 30.0
+#: How long before a version the registry names that failed to load is tried again (seconds): its
+#: manifest may be in another partition than the registry record, read a little later.
+REGISTRY_RETRY_S = 5.0
 
 OnSwap = Callable[[ServedModel, ServedModel | None], None]
 
@@ -119,6 +123,8 @@ class CheckpointSubscriber:
         window_bytes: int | None = None,
         consumer_options: Mapping[str, Any] | None = None,
         variant: str | None = None,
+        alias: str | None = None,
+        registry: bool | None = None,
     ) -> None:
         self.settings = settings
         self.public_keys: list[Ed25519PublicKey] = key_list(public_keys)
@@ -133,7 +139,28 @@ class CheckpointSubscriber:
         self.window_bytes = window_bytes if window_bytes is not None else settings.serving_window_bytes
         self._clients = ReaderClients(settings, consumer_options, receive_limit=settings.serving_max_record_bytes)
         self.consumer_options = self._clients.options
-        self._versions = ServedVersions(pinned=settings.serving_pin_version)
+        self.alias = (alias if alias is not None else settings.serving_alias) or None
+        use_registry = settings.serving_registry if registry is None else registry
+        if self.alias and not use_registry:
+            raise ConfigError(f"serving_alias={self.alias!r} needs serving_registry=true: aliases are registry records")
+        # The registry (aliases, a fleet-wide pin; serving/registry.py): until its start search is done,
+        # nothing is served, since it may name another version than the newest.
+        self._registry = (
+            RegistryFollower(
+                settings.topic_models,
+                self.public_keys,
+                self.model,
+                RegistryStore(settings.serving_state_dir or None, settings.topic_models, self.model),
+                self._failed,
+                ScanLimits(max_records=settings.serving_scan_max_records, max_bytes=settings.serving_scan_max_bytes),
+            )
+            if use_registry
+            else None
+        )
+        self._versions = ServedVersions(pinned=settings.serving_pin_version, hold=self._registry is not None)
+        self._local_pin: int | None = settings.serving_pin_version  # pin() / serving_pin_version: above the registry
+        self._direct_due: float | None = None  # when to try again a version the registry names that failed
+        self._waiting: str | None = None  # why nothing (newer) is served: an alias not set
         # The device and the frozen base are checked and loaded here, at start: a device this machine
         # lacks or a base file that cannot be read is a ConfigError now, never a failure mid-stream.
         device = check_device(settings.serving_device, what="serving_device")
@@ -172,6 +199,7 @@ class CheckpointSubscriber:
             policy=self.policy,
             floor=floor,
             telemetry=self.telemetry,
+            registry=self._registry,
         )
         self.telemetry.floor_version.set(self._topic_follower.scan.floor)
         # A serving variant (serving_variant; "" for none whatever the settings say): see serving/variant.py.
@@ -220,10 +248,13 @@ class CheckpointSubscriber:
             return self
         self.stop()
         where = f"model {self.model!r} on topic {self.topic!r}"
+        if self._waiting is not None:
+            raise CheckpointNotFoundError(f"nothing to serve of {where} within {wait_s:g}s: {self._waiting}")
         last_error = self._versions.last_error
         if last_error is None or last_error.startswith("not_found:"):
+            detail = self._topic_follower.problem or last_error
             raise CheckpointNotFoundError(
-                f"no checkpoint of {where} within {wait_s:g}s" + (f"; {last_error}" if last_error else "")
+                f"no checkpoint of {where} within {wait_s:g}s" + (f"; {detail}" if detail else "")
             )
         raise CheckpointError(f"no servable checkpoint of {where} within {wait_s:g}s; last error: {last_error}")
 
@@ -258,20 +289,11 @@ class CheckpointSubscriber:
         """
         started = time.monotonic()
         try:
-            with self._clients.loading() as loader:
-                checkpoint = read_version(
-                    loader,
-                    self.topic,
-                    self.public_keys,
-                    version,
-                    self.model,
-                    timeout_s=timeout_s or self.load_timeout_s,
-                    limits=self.load_limits,
-                )
-            served = load_served_model(checkpoint, self.policy)
+            served = self._load_version(version, timeout_s)
         except Exception as exc:
             self._failed(exc, what=f"pin to v{version}")
             raise
+        self._local_pin = version
         current, swap = self._versions.pin(served)
         self._pin_due = None
         if swap is not None:
@@ -279,12 +301,35 @@ class CheckpointSubscriber:
             self._swapped(swap, started)
         return current
 
+    def _load_version(self, version: int, timeout_s: float | None = None) -> ServedModel:
+        """``version`` verified and loaded (the one followed, or served, if it is that one)."""
+        for known in (self._versions.followed, self._versions.current):
+            if known is not None and known.version == version and known.manifest.signature is not None:
+                return known
+        with self._clients.loading() as loader:
+            checkpoint = read_version(
+                loader,
+                self.topic,
+                self.public_keys,
+                version,
+                self.model,
+                timeout_s=timeout_s or self.load_timeout_s,
+                limits=self.load_limits,
+            )
+        return load_served_model(checkpoint, self.policy)
+
     #: Rolling back is pinning an older version: :meth:`pin` under the name operators look for.
     rollback = pin
 
     def unpin(self) -> None:
-        """Serve the newest good version again, and follow newer ones (a no-op if not pinned)."""
+        """Undo :meth:`pin`: serve what the registry says (the newest good version if it says nothing), and
+        follow newer ones (a no-op if not pinned). At once, unless the registry's start search is not done:
+        then the loop serves what it finds once it is (not the newest meanwhile: a fleet-wide pin may hold)."""
         self._pin_due = None
+        self._local_pin = None
+        if self._registry is not None and self._target()[0] != "newest":
+            self._direct_due = 0.0  # the loop serves what the registry names at its next step
+            return
         unpinned = self._versions.unpin()
         if unpinned is None:
             return
@@ -335,7 +380,100 @@ class CheckpointSubscriber:
         if self._variant is not None:
             status["variant"] = self._variant.status(self._versions.current)
             status["version"] = self.version
+        status["alias"] = self.alias
+        status["serving_by"] = self._target()[1] if self._local_pin is None else f"local pin v{self._local_pin}"
+        status["registry"] = self._registry.status() if self._registry is not None else None
+        status["problem"] = self.problem
         return status
+
+    @property
+    def problem(self) -> str | None:
+        """Why nothing is served, for an operator (``None`` while a model serves and nothing is amiss):
+        an alias not set, a model the topic holds no checkpoint of (naming the ones it holds)."""
+        if self._waiting is not None:
+            return self._waiting
+        if self.current is None:
+            return self._topic_follower.problem
+        return None
+
+    # -- the registry ------------------------------------------------------------------------
+
+    def _target(self) -> tuple[str, str, int | None]:
+        """What the registry says to serve: (``newest`` | ``version`` | ``wait``, why, the version)."""
+        registry = self._registry
+        if registry is None:
+            return "newest", "newest", None
+        if not registry.ready:
+            return "wait", "the registry's start search has not finished", None
+        state = registry.state
+        if state is not None and state.pin is not None:
+            return "version", f"registry pin v{state.pin}", state.pin
+        if self.alias:
+            version = state.aliases.get(self.alias) if state is not None else None
+            if version is None:
+                why = (
+                    f"alias {self.alias!r} of model {self.model!r} is not set on topic {self.topic!r} "
+                    f"(stream-learner models alias {self.model} {self.alias} VERSION sets it)"
+                )
+                return "wait", why, None
+            return "version", f"alias {self.alias} v{version}", version
+        return "newest", "newest", None
+
+    def _direct(self) -> bool:
+        """Serve what the registry says, when it changed (or a load it asked for is due again); True if swapped."""
+        registry = self._registry
+        if registry is None:
+            return False
+        changed = registry.take_changed()
+        if not changed and (self._direct_due is None or time.monotonic() < self._direct_due):
+            return False
+        self._direct_due = None
+        self._report_registry()
+        if self._local_pin is not None:
+            return False  # a pin on this node (pin(), serving_pin_version) wins over the registry
+        kind, why, version = self._target()
+        if kind == "wait":
+            if registry.ready and why != self._waiting:
+                log.warning("registry_alias_not_set", model=self.model, alias=self.alias, detail=why)
+            self._waiting = why if registry.ready else None
+            self._versions.hold_newer()
+            return False
+        self._waiting = None
+        started = time.monotonic()
+        if kind == "newest":
+            unpinned = self._versions.unpin()
+            if unpinned is None or unpinned[1] is None:
+                return False
+            log.info("registry_follows_newest", model=self.model, version=unpinned[1].new.version)
+            self._swapped(unpinned[1], started)
+            return True
+        assert version is not None
+        current = self._versions.current
+        if self._versions.pinned == version and current is not None and current.version == version:
+            return False
+        try:
+            served = self._load_version(version)
+        except Exception as exc:  # noqa: BLE001 - counted; the last good model keeps serving
+            if is_transient(exc) or isinstance(exc, CheckpointNotFoundError):
+                self._direct_due = time.monotonic() + REGISTRY_RETRY_S
+            self._failed(exc, what=f"{why} (registry)")
+            return False
+        _, swap = self._versions.pin(served)
+        log.info("registry_applied", model=self.model, serving=why, version=version)
+        if swap is not None:
+            self._swapped(swap, started)
+        return swap is not None
+
+    def _report_registry(self) -> None:
+        registry = self._registry
+        if registry is None:
+            return
+        state = registry.state
+        self.telemetry.registry_seq.set(state.seq if state is not None else 0)
+        self.telemetry.registry_pin_version.set((state.pin or 0) if state is not None else 0)
+        if self.alias:
+            version = state.aliases.get(self.alias) if state is not None else None
+            self.telemetry.alias_version.labels(alias=self.alias).set(version or 0)
 
     def poll_once(self) -> bool:
         """One step of the loop on the caller's thread (catch-up first); True if it swapped.
@@ -374,11 +512,12 @@ class CheckpointSubscriber:
     def _step(self) -> bool:
         follower = self._clients.open()
         if not self._topic_follower.positioned:
-            return self._topic_follower.catch_up(follower)
+            return self._topic_follower.catch_up(follower) | self._direct()
         swapped = False
         if self._pin_due is not None and time.monotonic() >= self._pin_due:
             swapped = self._pin_from_settings()
-        return self._topic_follower.follow(follower) or swapped
+        swapped = self._topic_follower.follow(follower) or swapped
+        return self._direct() or swapped
 
     def _pin_from_settings(self) -> bool:
         version = self._versions.pinned
@@ -406,6 +545,7 @@ class CheckpointSubscriber:
                 model=self.model,
                 version=served.version,
                 pinned=self._versions.pinned,
+                held=self._versions.hold or None,  # the registry's start search, or an alias not set
             )
         return swap is not None
 

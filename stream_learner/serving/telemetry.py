@@ -40,6 +40,9 @@ class ServingMetrics:
     http_connections: Gauge
     http_inflight: Gauge
     http_refused: Counter
+    registry_seq: Gauge
+    registry_pin_version: Gauge
+    alias_version: Gauge
 
 
 _BY_REGISTRY: weakref.WeakKeyDictionary[CollectorRegistry, ServingMetrics] = weakref.WeakKeyDictionary()
@@ -88,6 +91,22 @@ def serving_metrics(metrics: Metrics) -> ServingMetrics:
                 "stream_learner_serving_http_refused_total",
                 "Connections and requests the HTTP node refused or cut, by reason.",
                 ["reason"],
+                registry=r,
+            ),
+            registry_seq=Gauge(
+                "stream_learner_serving_registry_seq",
+                "Sequence number of the model's registry record applied (0: none).",
+                registry=r,
+            ),
+            registry_pin_version=Gauge(
+                "stream_learner_serving_registry_pin_version",
+                "The version the registry pins fleet-wide (0: no pin).",
+                registry=r,
+            ),
+            alias_version=Gauge(
+                "stream_learner_serving_alias_version",
+                "The version the alias this node follows names (0: not set).",
+                ["alias"],
                 registry=r,
             ),
         )

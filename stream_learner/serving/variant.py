@@ -92,6 +92,8 @@ class VariantFollower:
             outer.public_keys,
             model=self.lineage,
             variant="",
+            alias="",
+            registry=False,  # the registry names the parent's versions; the variant follows the parent's newest
             on_swap=self._swapped,
             metrics=Metrics(roles=["serving"]),
             poll_timeout_ms=outer.poll_timeout_ms,
@@ -102,7 +104,7 @@ class VariantFollower:
 
     def current(self, parent: ServedModel | None) -> ServedModel | None:
         """What to serve now (two attribute reads: each a whole model)."""
-        if self.outer._versions.pinned is not None:
+        if self.outer._versions.pinned is not None or self.outer._versions.hold:
             return parent
         return choose(parent, self.served, self.max_lag)[0]
 

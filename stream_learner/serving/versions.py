@@ -9,6 +9,9 @@ The rules:
 * **pinned**: a newer version is remembered as followed, not served; only
   :meth:`~ServedVersions.pin` serves an older version, and
   :meth:`~ServedVersions.unpin` serves the newest followed again;
+* **held**: while ``hold`` is set (a registry search at start not done yet,
+  an alias not set), nothing newer is served either; :meth:`~ServedVersions.unpin`
+  releases it;
 * **one reference**: ``current`` changes by one assignment, under the lock;
   readers (every request) read it without the lock.
 
@@ -56,10 +59,11 @@ class ServedVersions:
     the lock (one attribute read each); only the methods write them.
     """
 
-    def __init__(self, *, pinned: int | None) -> None:
+    def __init__(self, *, pinned: int | None, hold: bool = False) -> None:
         self.current: ServedModel | None = None  # what requests use
-        self.followed: ServedModel | None = None  # the newest good version; current unless pinned
+        self.followed: ServedModel | None = None  # the newest good version; current unless pinned or held
         self.pinned = pinned
+        self.hold = hold
         self.swaps = 0
         self._stale = 0
         self._failures: Counter[str] = Counter()  # by reason
@@ -85,7 +89,7 @@ class ServedVersions:
             if self.followed is not None and served.version <= self.followed.version:
                 self._stale += 1
                 return None  # a concurrent pin got there first; never go back
-            if self.pinned is not None:
+            if self.pinned is not None or self.hold:
                 self.followed = served
                 return None
             return self._make_current(served)
@@ -100,13 +104,18 @@ class ServedVersions:
             swap = self._make_current(served)
         return swap.new, swap
 
+    def hold_newer(self) -> None:
+        """Serve nothing newer than what is served now (an alias not set: wait for it)."""
+        with self._lock:
+            self.hold = True
+
     def unpin(self) -> tuple[ServedModel | None, Swap | None] | None:
-        """Serve the newest followed version again: ``None`` if not pinned, else the model
+        """Serve the newest followed version again: ``None`` if neither pinned nor held, else the model
         current now and the swap, if that changed the served model."""
         with self._lock:
-            if self.pinned is None:
+            if self.pinned is None and not self.hold:
                 return None
-            self.pinned = None
+            self.pinned, self.hold = None, False
             old, followed = self.current, self.followed
             swap = None
             if followed is None or (old is not None and old.version >= followed.version):
@@ -141,6 +150,7 @@ class ServedVersions:
             return {
                 "version": current.version if current else None,
                 "pinned": self.pinned,
+                "held": self.hold,
                 "followed_version": followed.version if followed else None,
                 "swaps": self.swaps,
                 "failures": sum(self._failures.values()),

@@ -92,8 +92,8 @@ def _run_in(work: Path, settings: Settings, config: DemoConfig, rows: list[Row],
             servers.settings,
             trainer_signing_key=str(work / "signing.pem"),
             trainer_state_dir=str(work / "trainer-state"),
-            # The node's floor too: a floor left by an earlier run (its own keys and topics) would
-            # make this run's node refuse every version below it, and never become ready.
+            # The node's floor and registry state belong to this run's topic: one left in the working
+            # directory by an earlier run (a floor of v27, say) would refuse this run's v1..v26.
             serving_state_dir=str(work / "serving-state"),
             serving_public_keys=[str(work / "signing.pub.pem")],
             serving_port=(port := free_port()),
