@@ -730,6 +730,9 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+#: Verbs that do one thing and exit: no metrics server (its port may be a running role's).
+ONE_SHOT_VERBS = frozenset({"config", "keys", "local", "topics", "models"})
+
 #: The metric families each verb exports (:data:`stream_learner.metrics.ROLES`); other verbs: all.
 VERB_METRICS: dict[str, tuple[str, ...]] = {
     "joiner": ("joiner",),
@@ -756,7 +759,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = Metrics(roles=VERB_METRICS.get(args.command), health=Health(settings.health_stall_s))
     for role in set(VERB_METRICS.get(args.command, ())) - {"sdk"}:
         metrics.health.expect(role)  # /health: 503 "starting" until the role reports
-    if settings.metrics_port is not None:
+    if settings.metrics_port is not None and args.command not in ONE_SHOT_VERBS:
         metrics.serve(settings.metrics_port)
         log.info("metrics_listening", port=settings.metrics_port, paths=["/metrics", "/health"])
     # SIGTERM (docker stop) takes the same clean path as Ctrl-C.

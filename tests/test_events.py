@@ -39,6 +39,7 @@ NEWEST = {
     "example": "example.v2",
     "manifest": "manifest.v1",
     "drift": "drift.v1",
+    "registry": "registry.v1",
 }
 
 
