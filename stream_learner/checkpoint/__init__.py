@@ -4,6 +4,7 @@
 * :mod:`.signing` — Ed25519 keys, signing and verifying manifests and registry records;
 * :mod:`.publish` — chunks then signed manifest onto the model topic;
 * :mod:`.reader` — the newest (or a named) checkpoint, verified, read from the end;
+* :mod:`.scan` — where a serving node starts: a verified, bounded, resumable backward scan;
 * :mod:`.registry` — signed registry records (aliases, a fleet-wide pin) and their search;
 * :mod:`.catalog` — ``stream-learner models``: what the topic holds, the registry changes;
 * :mod:`.state` — the trainer's atomic snapshot store (directory or Redis);

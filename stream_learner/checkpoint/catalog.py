@@ -30,7 +30,6 @@ from ..events import CheckpointManifest
 from .errors import CheckpointError, CheckpointNotFoundError
 from .publish import H_TYPE, TYPE_MANIFEST
 from .reader import (
-    ScanLimits,
     _Overflow,
     _Reader,
     make_reader_consumer,
@@ -47,6 +46,7 @@ from .registry import (
     verify_registry_record,
     write_registry,
 )
+from .scan import ScanLimits
 
 __all__ = ["Catalog", "catalog", "list_models", "pin", "rollback", "set_alias", "show_model", "unpin"]
 

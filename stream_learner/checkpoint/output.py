@@ -30,7 +30,8 @@ from ..util.files import atomic_write
 from ..util.retry import Retry, is_transient
 from .errors import CheckpointError, DigestError
 from .publish import publish_checkpoint, weights_info
-from .reader import make_reader_consumer, newest_version
+from .reader import make_reader_consumer
+from .scan import newest_version
 from .signing import sign_manifest
 
 log = structlog.get_logger(__name__)

@@ -55,7 +55,8 @@ from ..errors import EventError
 from ..events import REGISTRY, REGISTRY_HISTORY_MAX, RegistryRecord, encode, now_ms
 from .errors import CheckpointError, SignatureError
 from .publish import H_MODEL, H_TYPE
-from .reader import PublicKeys, ScanLimits, Skipped, _Overflow, _Reader, key_list, record_bytes, record_header
+from .reader import PublicKeys, Skipped, _Overflow, _Reader, key_list, record_bytes, record_header
+from .scan import ScanLimits
 from .signing import sign_record, signed_bytes, verify_signature
 
 #: Previous versions kept per alias (what successive rollbacks go back through).

@@ -7,7 +7,7 @@ and answers every request with ``subscriber.current.predict_one(features)``.
 
 1. *Start.* It takes the end offsets of every partition of the model
    topic and follows from there at once; the newest good version before
-   them is found by a :class:`~stream_learner.checkpoint.reader.LatestScan`
+   them is found by a :class:`~stream_learner.checkpoint.scan.LatestScan`
    reading back from the end in bounded steps between polls: every manifest
    it meets is verified, what it refuses is passed over (unsigned, forged,
    unparseable, replayed, below the floor), and a broker error loses none

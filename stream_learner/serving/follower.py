@@ -13,7 +13,7 @@ only inside :meth:`ReaderClients.loading <stream_learner.serving.clients.ReaderC
 **Start.** :meth:`TopicFollower.catch_up` takes the end offsets of every
 partition and positions the follower there at once; the newest good
 version *before* them is found by a
-:class:`~stream_learner.checkpoint.reader.LatestScan` that reads back from
+:class:`~stream_learner.checkpoint.scan.LatestScan` that reads back from
 those ends in bounded steps, one per loop step, between polls of the
 follower. So a topic whose end holds 200,000 junk records, forged or
 unsigned manifests or a record too large to receive delays nothing but
@@ -64,15 +64,14 @@ from ..checkpoint.errors import CheckpointError, CheckpointNotFoundError
 from ..checkpoint.publish import H_MODEL, H_TYPE, TYPE_CHUNK, TYPE_MANIFEST
 from ..checkpoint.reader import (
     STALL_S,
-    LatestScan,
     LoadLimits,
-    ScanLimits,
     Skipped,
     load_manifest_record,
     probe,
     record_header,
 )
 from ..checkpoint.registry import REGISTRY_PARTITION, TYPE_REGISTRY
+from ..checkpoint.scan import LatestScan, ScanLimits
 from ..metrics import Metrics
 from .clients import CountingConsumer, ReaderClients
 from .failures import ModelLoadError, is_transient

@@ -32,7 +32,7 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..checkpoint.errors import CheckpointError
-from ..checkpoint.reader import ScanLimits, Skipped
+from ..checkpoint.reader import Skipped
 from ..checkpoint.registry import (
     REGISTRY_PARTITION,
     Found,
@@ -42,6 +42,7 @@ from ..checkpoint.registry import (
     verify_registry,
     verify_registry_record,
 )
+from ..checkpoint.scan import ScanLimits
 from ..events import encode
 from .failures import ModelLoadError
 from .state import RegistryStore

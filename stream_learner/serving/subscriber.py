@@ -35,7 +35,8 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..checkpoint.errors import CheckpointError, CheckpointNotFoundError
-from ..checkpoint.reader import LoadLimits, PublicKeys, ScanLimits, key_list, read_version
+from ..checkpoint.reader import LoadLimits, PublicKeys, key_list, read_version
+from ..checkpoint.scan import ScanLimits
 from ..checkpoint.signing import load_public_key
 from ..config import Settings
 from ..errors import ConfigError

@@ -10,7 +10,7 @@ from kafka import KafkaProducer, TopicPartition
 
 from stream_learner.bus import kafka_options
 from stream_learner.checkpoint import reader
-from stream_learner.checkpoint.reader import LatestScan, ScanLimits
+from stream_learner.checkpoint.scan import LatestScan, ScanLimits
 from stream_learner.config import Settings
 
 from .test_publish_read import publish
