@@ -360,9 +360,9 @@ def run_ours(stream: Stream, events: list[ExampleEvent], o: Ours) -> dict[str, A
     # is unchanged and the capture costs one argmax per chunk.
     original = learner._evaluate_classes
 
-    def capture(rows: Any, predictor: Any, out: torch.Tensor, challenger_out: Any, result: Any) -> Any:
+    def capture(rows: Any, predictor: Any, out: torch.Tensor, *rest: Any) -> Any:
         preds.append(out.argmax(dim=1).tolist())
-        return original(rows, predictor, out, challenger_out, result)
+        return original(rows, predictor, out, *rest)
 
     learner._evaluate_classes = capture  # type: ignore[method-assign]
     chunks = [events[i : i + batch] for i in range(0, len(events), batch)]
