@@ -32,7 +32,6 @@ chunks ends bit-identical to one that never stopped.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -75,17 +74,9 @@ class LearnerConfig:
     spike_factor: float = 5.0
     spike_warmup_batches: int = 20
     spike_patience: int = 3
-    pseudo_enabled: bool = True
+    pseudo_enabled: bool = False
     pseudo_threshold: float = 0.9
     pseudo_weight: float = 0.3
-    #: How a batch's loss weighs pseudo-labels: "share" (one mean over every row, each pseudo row
-    #: weighing ``pseudo_weight``: a batch of few labels is mostly its own predictions) or "add"
-    #: (the labeled mean plus ``pseudo_weight`` x the pseudo-labeled mean).
-    pseudo_mix: str = "share"
-    #: Batches without pseudo-labels after a drift finding (0: none).
-    pseudo_suspend_batches: int = 0
-    #: Pseudo-labels from an EMA of the weights with this decay (Mean Teacher; 0: the model itself).
-    pseudo_teacher_decay: float = 0.0
     dedup_window: int = 100_000
     pseudo_memory: int = 100_000
     metrics_window: int = 1000
@@ -164,9 +155,6 @@ class OnlineLearner:
             if c.student is not None
             else None
         )
-        # The Mean Teacher: an EMA of the main model's weights that gives the pseudo-labels.
-        self.teacher = self._copy_model(self.main.model) if c.pseudo_teacher_decay > 0 else None
-        self.pseudo_suspended = 0  # batches left without pseudo-labels after a drift finding
         self.examples_seen = 0
         self.chunk_base = 0
         self.counts = {
@@ -181,13 +169,6 @@ class OnlineLearner:
             "skipped_non_finite": 0,
             "rollbacks": 0,
         }
-
-    @staticmethod
-    def _copy_model(model: nn.Module) -> nn.Module:
-        teacher = copy.deepcopy(model)
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        return teacher
 
     def _trainable(self) -> Trainable:
         c = self.config
@@ -244,11 +225,7 @@ class OnlineLearner:
         if self.regression:
             targets, weights, keep = self._evaluate_regression(rows, predictor, out, result)
         else:
-            targets, weights, keep = self._evaluate_classes(rows, predictor, out, challenger_out, result, x)
-            if self.pseudo_suspended > 0:
-                self.pseudo_suspended -= 1
-            if self.config.pseudo_suspend_batches and any(f.kind.value == "drift" for f in result.findings):
-                self.pseudo_suspended = self.config.pseudo_suspend_batches
+            targets, weights, keep = self._evaluate_classes(rows, predictor, out, challenger_out, result)
         if keep:
             # keep is increasing, so keeping as many rows as there are is keeping them all.
             x_keep = x if len(keep) == len(rows) else x[torch.tensor(keep, dtype=torch.long)]
@@ -330,7 +307,6 @@ class OnlineLearner:
         out: torch.Tensor,
         challenger_out: torch.Tensor | None,
         result: ChunkResult,
-        x: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Prequential scoring and drift signals, pseudo-labels, then the training targets of the chunk."""
         c = self.config
@@ -340,19 +316,13 @@ class OnlineLearner:
         probs = predictor.probabilities(out)
         conf, arg = probs.max(dim=1)
         conf_l, arg_l = conf.tolist(), arg.tolist()
-        # Pseudo-labels: the teacher's confident classes if there is a teacher, else the model's own.
-        p_conf_l, p_arg_l = conf_l, arg_l
-        if self.teacher is not None and x is not None and c.pseudo_enabled:
-            t_conf, t_arg = predictor.probabilities(self._teacher_out(x)).max(dim=1)
-            p_conf_l, p_arg_l = t_conf.tolist(), t_arg.tolist()
         challenger_arg = challenger_out.argmax(dim=1).tolist() if challenger_out is not None else None
         result.confidences.extend(conf_l)
         # One pass in row order for what depends on order across rows (the pseudo-label map,
         # the training targets); the scores and the drift signals are then computed per chunk
         # and fed in row order: the same values, in the same order, as one example at a time.
         class_index, pseudo = self.class_index, self.pseudo
-        pseudo_on = c.pseudo_enabled and self.pseudo_suspended == 0
-        threshold, pseudo_weight = c.pseudo_threshold, c.pseudo_weight
+        pseudo_on, threshold, pseudo_weight = c.pseudo_enabled, c.pseudo_threshold, c.pseudo_weight
         lab_rows: list[int] = []
         lab_y: list[int] = []
         pseudo_hits: list[float] = []
@@ -360,8 +330,8 @@ class OnlineLearner:
         for i, ex in enumerate(rows):
             kind = ex.kind
             if kind == "unlabeled":
-                if pseudo_on and p_conf_l[i] >= threshold:
-                    a = p_arg_l[i]
+                if pseudo_on and conf_l[i] >= threshold:
+                    a = arg_l[i]
                     keep.append(i)
                     ys.append(a)
                     ws.append(pseudo_weight)
@@ -415,25 +385,7 @@ class OnlineLearner:
             signals.append(("error", [0.0 if a == 1.0 else 1.0 for a in accuracy], lab_rows))
             signals.append(("loss", losses, lab_rows))
         result.findings.extend(self.judge.observe(signals, self.chunk_base))
-        if c.pseudo_mix == "add" and n_pseudo:
-            # The labeled mean plus pseudo_weight x the pseudo mean (_step sums, does not divide).
-            n_lab = len(lab_rows)
-            lab_w, ps_w = 1.0 / max(n_lab, 1), pseudo_weight / n_pseudo
-            ws = [lab_w if w == 1.0 and rows[i].kind != "unlabeled" else ps_w for i, w in zip(keep, ws)]
         return torch.tensor(ys, dtype=torch.long), torch.tensor(ws, dtype=torch.float32), keep
-
-    def _teacher_out(self, x: torch.Tensor) -> torch.Tensor:
-        assert self.teacher is not None
-        return Predictor(self.spec, self.featurizer, self.target, self.teacher).forward(x)
-
-    def _teacher_follow(self) -> None:
-        """The teacher moves toward the main model's weights after each of its steps."""
-        if self.teacher is None:
-            return
-        d = self.config.pseudo_teacher_decay
-        with torch.no_grad():
-            for t, s in zip(self.teacher.parameters(), self.main.model.parameters()):
-                t.mul_(d).add_(s, alpha=1.0 - d)
 
     def _step(
         self,
@@ -455,10 +407,7 @@ class OnlineLearner:
             per = (out[:, 0] - y) ** 2
         else:
             per = nn.functional.cross_entropy(out, y, reduction="none")
-        if self.config.pseudo_mix == "add" and not self.regression:
-            loss = (per * w).sum() if bool((w != 1.0).any()) else (per * w).sum() / w.sum()
-        else:
-            loss = (per * w).sum() / w.sum()
+        loss = (per * w).sum() / w.sum()
         value = float(loss.detach())
         if not math.isfinite(value):
             if count:
@@ -495,7 +444,6 @@ class OnlineLearner:
             self.counts["batches"] += 1
             self.guard.learned(labeled)
             self.lr.stepped(t.optimizer)
-            self._teacher_follow()
         return value
 
     # -- drift policy actions ---------------------------------------------------------
@@ -526,8 +474,6 @@ class OnlineLearner:
         better = ch.n > 0 and ch.cumulative > champ.cumulative
         if better:
             self.main = self.challenger
-            if self.teacher is not None:
-                self.teacher = self._copy_model(self.main.model)
         self.challenger = None
         return better
 
@@ -551,9 +497,6 @@ class OnlineLearner:
             self.student.save(tensors, meta)
         if self.recent is not None:
             self.recent.save(tensors, meta)
-        if self.teacher is not None:
-            for key, value in self.teacher.state_dict().items():
-                tensors[f"teacher.{key}"] = value.detach().clone()
         tensors.update(self.featurizer.state_dict())
         tensors["target"] = self.target.state_tensor()
         self.seen.save(tensors)
@@ -564,7 +507,6 @@ class OnlineLearner:
             champion_scores=self.champion_scores.state(),
             pseudo=self.pseudo.save(tensors),
             examples_seen=self.examples_seen,
-            pseudo_suspended=self.pseudo_suspended,
             counts=self.counts,
             **self.guard.save(tensors),
             **self.lr.save(),
@@ -580,13 +522,6 @@ class OnlineLearner:
         if "challenger.model" in meta:
             self.challenger = self._trainable()
             self.challenger.load(tensors, meta, "challenger")
-        if self.teacher is not None:
-            # A state saved without a teacher starts it from the main model's weights.
-            self.teacher = self._copy_model(self.main.model)
-            keys = [k for k in tensors if k.startswith("teacher.")]
-            if keys:
-                self.teacher.load_state_dict({k[len("teacher.") :]: tensors[k] for k in keys})
-        self.pseudo_suspended = int(meta.get("pseudo_suspended", 0))
         self.featurizer.load_state_dict(tensors)
         self.featurizer.counts = dict(meta["featurizer_counts"])
         self.target.load_tensor(tensors["target"])

@@ -17,6 +17,8 @@ def config(**kw) -> LearnerConfig:
     spec = ModelSpec(
         kind=kw.pop("kind", "mlp"), task="binary", features=AGRAWAL_FEATURES, classes=["0", "1"], hidden=[32]
     )
+    # Pseudo-labels are off by default (issue 14); these tests exercise them unless told otherwise.
+    kw.setdefault("pseudo_enabled", True)
     return LearnerConfig(model_name="m", spec=spec, **kw)
 
 
