@@ -1,4 +1,17 @@
-"""Quality benchmark: our online learner against River, side by side, on drifting and real streams.
+"""Quality benchmark: our online learner against River and MOA, side by side, on drifting and real streams.
+
+The default phase is ``targets`` (issue 14): on each of seven streams
+(``agrawal`` and ``led`` with an abrupt drift, ``sea``, ``shuttle``,
+``hyperplane`` with gradual drift, ``rbfdrift``, ``mixed`` with two abrupt
+drifts) River's LogisticRegression (one-vs-rest beyond two classes),
+HoeffdingAdaptiveTree and ARF, MOA's HoeffdingAdaptiveTree and
+AdaptiveRandomForest through CapyMOA (skipped when it is not installed; a
+bench/dev extra), and our default MLP: accuracy, examples/s, the accuracy
+in the first 5k after each abrupt drift, the spike guard's refusals outside
+drifts; then ours at 10 % labels with pseudo-labels on and off. It ends with
+the targets table: each target met, or by how much it is missed. The
+earlier phases (``main``, ``missing``, ``threads``, ``ablation``, on
+``--streams``) are described below and run with ``--phases``.
 
 Everything runs in one process, in memory (no Kafka, no Redis): the learner
 is the real :class:`stream_learner.learn.learner.OnlineLearner`, fed chunks
@@ -69,10 +82,11 @@ Phases:
 
 Run::
 
-    .venv/bin/python bench/bench_quality.py [--examples N] [--drift-at P] [--seed S] [--repeat R] [--sweep]
+    .venv/bin/python bench/bench_quality.py [--examples N] [--drift-at P] [--seed S] [--repeat R]
+    .venv/bin/python bench/bench_quality.py --phases main,missing,threads,ablation [--sweep]
 
-Results go to ``bench/results/quality.json``. The default run takes about
-4 min on the 2-core machine of bench/README.md; ``--sweep`` adds about 3.
+The targets phase writes ``bench/results/quality_targets.json``, the others
+``bench/results/quality.json``; MOA's and River's forests take most of its time.
 """
 
 from __future__ import annotations
@@ -94,7 +108,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from river import datasets, linear_model, preprocessing, tree
+from river import datasets, forest, linear_model, multiclass, preprocessing, tree
 from river.datasets import synth
 
 from stream_learner.config import Settings
@@ -109,6 +123,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_foundation import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quality.json"
+RESULTS_TARGETS = RESULTS.with_name("quality_targets.json")
 MODEL = "bench"
 SEED = 20240801
 WINDOW = 500  # rolling accuracy window for the recovery measure
@@ -128,6 +143,7 @@ class Stream:
     xs: list[dict[str, float]]
     ys: list[Any]  # River's native labels
     drift_at: int | None
+    abrupt: list[int] = dataclasses.field(default_factory=list)  # every abrupt drift's position
 
     @property
     def labels(self) -> list[str]:
@@ -159,14 +175,65 @@ def make_stream(name: str, n: int, at: int, seed: int) -> Stream:
         data = list(datasets.Shuttle())[:n]
         desc = f"Shuttle (River's bundled ODDS binary version), {len(data)} rows, no synthetic drift"
         drift_at = None
+    elif name == "hyperplane":
+        # Gradual drift: the hyperplane's weights move a little at every example.
+        gen = synth.Hyperplane(seed=seed, n_features=10, n_drift_features=5, mag_change=0.001, noise_percentage=0.05)
+        desc = "Hyperplane, 10 features, 5 drifting (mag_change 0.001: gradual drift), 5 % noise"
+        data = list(gen.take(n))
+        drift_at = None
+    elif name == "rbfdrift":
+        gen = synth.RandomRBFDrift(
+            seed_model=seed, seed_sample=seed + 1, n_classes=4, n_features=10, n_centroids=50, change_speed=0.0001
+        )
+        desc = "RandomRBFDrift, 4 classes, 10 features, 50 centroids all moving (speed 0.0001)"
+        data = list(gen.take(n))
+        drift_at = None
+    elif name == "led":
+        width = max(at // 100, 1)
+        gen = synth.ConceptDriftStream(
+            synth.LED(seed=seed, noise_percentage=0.1, irrelevant_features=True),
+            synth.LEDDrift(seed=seed + 1, noise_percentage=0.1, irrelevant_features=True, n_drift_features=7),
+            position=at,
+            width=width,
+            seed=seed,
+        )
+        desc = (
+            f"LED (10 digits, 24 binary features, 10 % noise) -> LEDDrift (7 features swapped) at {at} (width {width})"
+        )
+        data = list(gen.take(n))
+        drift_at = at
+    elif name == "mixed":
+        # Two abrupt drifts: function 0 -> 1 at n/3, back to 0 at 2n/3.
+        first, second = n // 3, 2 * n // 3
+        width = max(first // 100, 1)
+        gen = synth.ConceptDriftStream(
+            synth.Mixed(classification_function=0, seed=seed),
+            synth.ConceptDriftStream(
+                synth.Mixed(classification_function=1, seed=seed + 1),
+                synth.Mixed(classification_function=0, seed=seed + 2),
+                position=second - first,
+                width=width,
+                seed=seed + 3,
+            ),
+            position=first,
+            width=width,
+            seed=seed,
+        )
+        desc = f"Mixed f0 -> f1 at {first}, -> f0 at {second} (width {width})"
+        data = list(gen.take(n))
+        drift_at = first
+        abrupt = [first, second]
     else:
         raise ValueError(f"unknown stream {name!r}")
-    xs = [{k: float(v) for k, v in x.items()} for x, _ in data]
+    if name != "mixed":
+        abrupt = [drift_at] if drift_at is not None else []
+    # Feature names are strings (River's generators number some features).
+    xs = [{(k if isinstance(k, str) else f"x{k}"): float(v) for k, v in x.items()} for x, _ in data]
     ys = [y for _, y in data]  # River's own labels (Agrawal and Shuttle: int, SEA: bool)
-    features = list(data[0][0])
+    features = list(xs[0])
     # The learner needs its class list up front: collect it from the data first.
     classes = sorted({str(y) for y in ys})
-    return Stream(name, desc, features, classes, xs, ys, drift_at)
+    return Stream(name, desc, features, classes, xs, ys, drift_at, abrupt)
 
 
 def to_events(stream: Stream, unlabeled: Sequence[bool] | None = None) -> list[ExampleEvent]:
@@ -308,19 +375,25 @@ def run_ours(stream: Stream, events: list[ExampleEvent], o: Ours) -> dict[str, A
     # is unchanged and the capture costs one argmax per chunk.
     original = learner._evaluate_classes
 
-    def capture(rows: Any, predictor: Any, out: torch.Tensor, challenger_out: Any, result: Any) -> Any:
+    def capture(rows: Any, predictor: Any, out: torch.Tensor, *rest: Any) -> Any:
         preds.append(out.argmax(dim=1).tolist())
-        return original(rows, predictor, out, challenger_out, result)
+        return original(rows, predictor, out, *rest)
 
     learner._evaluate_classes = capture  # type: ignore[method-assign]
     chunks = [events[i : i + batch] for i in range(0, len(events), batch)]
     log: dict[str, Any] = {"findings": [], "promoted": 0}
     gc.collect()
     t0 = time.perf_counter()
-    for chunk in chunks:
+    counts = learner.counts
+    rollback_at: list[int] = []  # the first example of every batch the spike guard refused
+    for c, chunk in enumerate(chunks):
+        before = counts["rollbacks"]
         result = learner.process(chunk)
+        if counts["rollbacks"] != before:
+            rollback_at.append(c * batch)
         for finding in result.findings:
             apply_policy(learner, policy, finding, log)
+        counts = learner.counts  # a promotion keeps the counts dict; a load would not (none here)
     seconds = time.perf_counter() - t0
     flat = [p for chunk_preds in preds for p in chunk_preds]
     assert len(flat) == len(events), (len(flat), len(events))
@@ -353,6 +426,7 @@ def run_ours(stream: Stream, events: list[ExampleEvent], o: Ours) -> dict[str, A
         "seconds": seconds,
         "learner_accuracy": summary.get("accuracy"),
         "counts": dict(learner.counts),
+        "rollback_at": rollback_at,
         "drift_findings": len(log["findings"]),
         "drifts": [[f[0], f[2]] for f in drifts],
         "promoted": log["promoted"],
@@ -366,10 +440,25 @@ RIVER_MODELS: dict[str, Callable[[int], Any]] = {
     "river LogReg+scaler": lambda seed: preprocessing.StandardScaler() | linear_model.LogisticRegression(),
     "river HAT": lambda seed: tree.HoeffdingAdaptiveTreeClassifier(seed=seed),
 }
+#: The targets phase also runs River's adaptive random forest (10 trees, its defaults) and, for
+#: more than two classes, one-vs-rest logistic regression (River's LogisticRegression is binary).
+RIVER_TARGET_MODELS: dict[str, Callable[[int, int], Any]] = {
+    "river LogReg+scaler": lambda seed, k: (
+        preprocessing.StandardScaler()
+        | (
+            linear_model.LogisticRegression()
+            if k == 2
+            else multiclass.OneVsRestClassifier(linear_model.LogisticRegression())
+        )
+    ),
+    "river HAT": lambda seed, k: tree.HoeffdingAdaptiveTreeClassifier(seed=seed),
+    "river ARF": lambda seed, k: forest.ARFClassifier(seed=seed),
+}
+MOA_MODELS = ("moa HAT", "moa ARF")
 
 
 def run_river(name: str, stream: Stream, seed: int, learn_mask: Sequence[bool] | None = None) -> dict[str, Any]:
-    model = RIVER_MODELS[name](seed)
+    model = RIVER_MODELS[name](seed) if name in RIVER_MODELS else RIVER_TARGET_MODELS[name](seed, len(stream.classes))
     xs, ys = stream.xs, stream.ys
     preds: list[Any] = []
     append, predict, learn = preds.append, model.predict_one, model.learn_one
@@ -386,6 +475,50 @@ def run_river(name: str, stream: Stream, seed: int, learn_mask: Sequence[bool] |
                 learn(x, y)
     seconds = time.perf_counter() - t0
     return {"model": name, "family": "river", "preds": preds, "seconds": seconds}
+
+
+def moa_available() -> str | None:
+    """CapyMOA's version if it imports and its JVM starts, else None (the MOA models are skipped)."""
+    try:
+        import capymoa.classifier  # noqa: F401
+    except Exception:
+        return None
+    return importlib.metadata.version("capymoa")
+
+
+def run_moa(name: str, stream: Stream, seed: int, learn_mask: Sequence[bool] | None = None) -> dict[str, Any]:
+    """A MOA model through CapyMOA, prequential, one example at a time (MOA's defaults: ARF with
+    100 trees and 60 % of the features per split, HAT with a grace period of 200)."""
+    from capymoa.classifier import AdaptiveRandomForestClassifier, HoeffdingAdaptiveTree
+    from capymoa.core import LabeledInstance
+    from capymoa.stream import Schema
+
+    target = "__class__"
+    schema = Schema.from_custom(
+        features=[*stream.features, target], target=target, categories={target: stream.classes}, name=stream.name
+    )
+    if name == "moa ARF":
+        model: Any = AdaptiveRandomForestClassifier(schema=schema, random_seed=seed % 2**31)
+    elif name == "moa HAT":
+        model = HoeffdingAdaptiveTree(schema=schema, random_seed=seed % 2**31)
+    else:
+        raise ValueError(name)
+    index = {c: i for i, c in enumerate(stream.classes)}
+    xs = np.array([[x[f] for f in stream.features] for x in stream.xs], dtype=np.float64)
+    ys = [index[c] for c in stream.labels]
+    make = LabeledInstance.from_array
+    instances = [make(schema, xs[i], ys[i]) for i in range(len(ys))]  # built before the clock starts
+    preds: list[int] = []
+    append, predict, train = preds.append, model.predict, model.train
+    gc.collect()
+    t0 = time.perf_counter()
+    for i, inst in enumerate(instances):
+        p = predict(inst)
+        append(-1 if p is None else int(p))
+        if learn_mask is None or learn_mask[i]:
+            train(inst)
+    seconds = time.perf_counter() - t0
+    return {"model": name, "family": "moa", "pred_index": preds, "seconds": seconds}
 
 
 def run_majority(stream: Stream, learn_mask: Sequence[bool] | None = None) -> dict[str, Any]:
@@ -433,7 +566,9 @@ def recovery(correct: np.ndarray, at: int, window: int = WINDOW, level: float = 
     }
 
 
-def finish(stream: Stream, repeats: list[dict[str, Any]], labeled: np.ndarray | None = None) -> dict[str, Any]:
+def finish(
+    stream: Stream, repeats: list[dict[str, Any]], labeled: np.ndarray | None = None, *, keep: bool = False
+) -> dict[str, Any]:
     """Accuracy and recovery from the predictions, throughput from the fastest repeat.
 
     Every repeat of a model must predict exactly the same (everything is
@@ -443,6 +578,8 @@ def finish(stream: Stream, repeats: list[dict[str, Any]], labeled: np.ndarray | 
     correct = corrects[0]
     assert all(np.array_equal(correct, c) for c in corrects[1:]), f"{repeats[0]['model']} is not deterministic"
     run = repeats[0]
+    if keep:
+        run["_correct"] = correct  # for the caller, which pops it
     seconds = [r["seconds"] for r in repeats]
     n = len(correct)
     run["examples"] = n
@@ -582,6 +719,209 @@ def run_missing(stream: Stream, seed: int) -> dict[str, Any]:
     }
 
 
+# -- targets (issue 14) -------------------------------------------------------------
+
+TARGET_STREAMS = "agrawal,sea,shuttle,hyperplane,rbfdrift,led,mixed"
+AFTER_DRIFT = 5000  # the accuracy in the first examples after each abrupt drift
+LOW_LABELS = 0.1  # the labeled fraction of the low-label runs
+# The targets for our default configuration (issue 14).
+GOAL_GAP = -0.5  # accuracy points to the best River or MOA learner, at least
+GOAL_X_ARF = 4.0  # our examples/s over MOA ARF's, at least
+GOAL_PSEUDO_GAIN = 1.0  # points, pseudo-labels on vs off at 10 % labels, on at least half the streams
+GOAL_PSEUDO_LOSS = -0.1  # points, never below
+GOAL_REFUSALS = 0.005  # of all batches, refused by the spike guard with no drift involved
+
+#: Configurations of ours the targets phase can run beside the default (--candidates).
+CANDIDATES: dict[str, Ours] = {
+    "wide": default("mlp", hidden=(128,)),
+    "deep": default("mlp", hidden=(64, 64)),
+    "pseudo-off": default("mlp", pseudo=False),
+}
+
+
+def after_drift(correct: np.ndarray, abrupt: Sequence[int], n: int = AFTER_DRIFT) -> list[float]:
+    """The accuracy over the first ``n`` examples after each abrupt drift."""
+    return [float(correct[d : d + n].mean()) for d in abrupt]
+
+
+def refusals_without_drift(stream: Stream, run: dict[str, Any]) -> dict[str, Any]:
+    """The batches the spike guard refused, and those of them outside [drift - width, drift + AFTER_DRIFT)."""
+    width = max((stream.abrupt[0] if stream.abrupt else 0) // 100, 1)
+    quiet = [i for i in run["rollback_at"] if not any(d - width <= i < d + AFTER_DRIFT for d in stream.abrupt)]
+    batches = run["counts"]["batches"] + run["counts"]["rollbacks"] + run["counts"]["skipped_non_finite"]
+    return {
+        "refused": len(run["rollback_at"]),
+        "refused_no_drift": len(quiet),
+        "judged_batches": batches,
+        "refused_no_drift_fraction": len(quiet) / batches if batches else 0.0,
+    }
+
+
+def run_targets(stream: Stream, seed: int, *, repeat: int, moa: bool, candidates: Sequence[str]) -> dict[str, Any]:
+    """Every learner on the fully labeled stream, then ours at 10 % labels with pseudo-labels on and off."""
+    events = to_events(stream)
+    jobs: list[Callable[[], dict[str, Any]]] = [
+        lambda name=name: run_river(name, stream, seed) for name in RIVER_TARGET_MODELS
+    ]
+    if moa:
+        jobs += [lambda name=name: run_moa(name, stream, seed) for name in MOA_MODELS]
+    ours = [default("mlp"), *(CANDIDATES[c] for c in candidates)]
+    jobs += [lambda o=o: run_ours(stream, events, o) for o in ours]
+    raw: list[list[dict[str, Any]]] = [[] for _ in jobs]
+    for _ in range(repeat):
+        for i, job in enumerate(jobs):
+            raw[i].append(job())
+    runs = []
+    for r in raw:
+        run = finish(stream, r, keep=True)
+        run["after_drift"] = after_drift(np.asarray(run.pop("_correct")), stream.abrupt)
+        if run["family"] == "ours":
+            run.update(refusals_without_drift(stream, run))
+        runs.append(run)
+    rng = random.Random(seed + 17)
+    unlabeled = [rng.random() >= LOW_LABELS for _ in stream.xs]
+    labeled = ~np.array(unlabeled)
+    low_events = to_events(stream, unlabeled)
+    low = []
+    for o in (default("mlp", pseudo=True), default("mlp", pseudo=False)):
+        run = finish(stream, [run_ours(stream, low_events, o)], labeled, keep=True)
+        run["after_drift"] = after_drift(np.asarray(run.pop("_correct")), stream.abrupt)
+        run.update(refusals_without_drift(stream, run))
+        low.append(run)
+    return {
+        "stream": stream.name,
+        "description": stream.description,
+        "examples": len(stream.xs),
+        "abrupt_drifts": stream.abrupt,
+        "classes": stream.classes,
+        "repeat": repeat,
+        "runs": runs,
+        "low_labels": {"labeled_fraction": LOW_LABELS, "labeled": int(labeled.sum()), "runs": low},
+    }
+
+
+def judge_targets(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Our default configuration against each target, per stream, with the gaps."""
+    rows = []
+    for res in results:
+        runs = res["runs"]
+        ours = next(r for r in runs if r["model"] == "ours mlp drift default")
+        rivals = [r for r in runs if r["family"] in ("river", "moa")]
+        best = max(rivals, key=lambda r: r["accuracy"])
+        arf = next((r for r in runs if r["model"] == "moa ARF"), None)
+        on, off = res["low_labels"]["runs"]
+        row: dict[str, Any] = {
+            "stream": res["stream"],
+            "ours_accuracy": ours["accuracy"],
+            "best_model": best["model"],
+            "best_accuracy": best["accuracy"],
+            "gap_points": 100 * (ours["accuracy"] - best["accuracy"]),
+            "ours_examples_per_s": ours["examples_per_s"],
+            "arf_examples_per_s": arf["examples_per_s"] if arf else None,
+            "x_arf": ours["examples_per_s"] / arf["examples_per_s"] if arf else None,
+            "ours_after_drift": ours["after_drift"],
+            "arf_after_drift": arf["after_drift"] if arf else None,
+            "after_drift_gap_points": [100 * (a - b) for a, b in zip(ours["after_drift"], arf["after_drift"])]
+            if arf
+            else None,
+            "pseudo_on_accuracy": on["accuracy_hidden_truth"],
+            "pseudo_off_accuracy": off["accuracy_hidden_truth"],
+            "pseudo_gain_points": 100 * (on["accuracy_hidden_truth"] - off["accuracy_hidden_truth"]),
+            "pseudo_gain_labeled_points": 100 * (on["accuracy"] - off["accuracy"]),
+            "refused_no_drift_full": ours["refused_no_drift_fraction"],
+            "refused_no_drift_low": on["refused_no_drift_fraction"],
+            "refused_no_drift_low_pseudo_off": off["refused_no_drift_fraction"],
+        }
+        rows.append(row)
+    gains = [r["pseudo_gain_points"] for r in rows]
+    refusals = [max(r["refused_no_drift_full"], r["refused_no_drift_low"]) for r in rows]
+    x_arf = [r["x_arf"] for r in rows if r["x_arf"] is not None]
+    drift_gaps = [g for r in rows for g in (r["after_drift_gap_points"] or [])]
+    need = (len(rows) + 1) // 2
+    goals = {
+        "accuracy_within_0.5_of_best": {
+            "met": all(r["gap_points"] >= GOAL_GAP for r in rows),
+            "misses": {r["stream"]: round(r["gap_points"] - GOAL_GAP, 2) for r in rows if r["gap_points"] < GOAL_GAP},
+        },
+        "throughput_4x_moa_arf": {
+            "met": bool(x_arf) and min(x_arf) >= GOAL_X_ARF,
+            "misses": {
+                r["stream"]: round(r["x_arf"] - GOAL_X_ARF, 2) for r in rows if r["x_arf"] and r["x_arf"] < GOAL_X_ARF
+            },
+        },
+        "after_drift_at_least_moa_arf": {
+            "met": bool(drift_gaps) and min(drift_gaps) >= 0,
+            "misses": {
+                f"{r['stream']}@{d}": round(g, 2)
+                for r, res in zip(rows, results)
+                for d, g in zip(res["abrupt_drifts"], r["after_drift_gap_points"] or [])
+                if g < 0
+            },
+        },
+        "pseudo_gain_1pt_on_half": {
+            "met": sum(g >= GOAL_PSEUDO_GAIN for g in gains) >= need,
+            "streams_with_gain": sum(g >= GOAL_PSEUDO_GAIN for g in gains),
+            "needed": need,
+        },
+        "pseudo_never_below_-0.1": {
+            "met": min(gains) >= GOAL_PSEUDO_LOSS,
+            "misses": {
+                r["stream"]: round(r["pseudo_gain_points"] - GOAL_PSEUDO_LOSS, 2)
+                for r in rows
+                if r["pseudo_gain_points"] < GOAL_PSEUDO_LOSS
+            },
+        },
+        "refusals_no_drift_0.5%": {
+            "met": max(refusals) <= GOAL_REFUSALS,
+            "misses": {
+                r["stream"]: round(100 * (f - GOAL_REFUSALS), 2) for r, f in zip(rows, refusals) if f > GOAL_REFUSALS
+            },
+        },
+    }
+    return {"rows": rows, "goals": goals}
+
+
+def print_targets_stream(res: dict[str, Any]) -> None:
+    print(f"\n== targets: {res['stream']}: {res['description']}, {res['examples']} examples ==")
+    head = f"{'model':<34} {'acc':>6} {'ex/s':>8} {'first 5k after each drift':>26} {'refused (no drift)':>18}"
+    print(head)
+    print("-" * len(head))
+    for r in res["runs"]:
+        ad = " ".join(f"{a:.4f}" for a in r["after_drift"]) or "—"
+        ref = f"{r['refused']} ({r['refused_no_drift']})/{r['judged_batches']}" if r["family"] == "ours" else ""
+        print(f"{r['model']:<34} {r['accuracy']:>6.4f} {r['examples_per_s']:>8,.0f} {ad:>26} {ref:>18}")
+    print(f"-- {res['low_labels']['labeled_fraction']:.0%} labels (acc: labeled / every example against its truth)")
+    for r in res["low_labels"]["runs"]:
+        ad = " ".join(f"{a:.4f}" for a in r["after_drift"]) or "—"
+        ref = f"{r['refused']} ({r['refused_no_drift']})/{r['judged_batches']}"
+        print(
+            f"{r['model']:<34} {r['accuracy']:>6.4f}/{r['accuracy_hidden_truth']:.4f} {r['examples_per_s']:>8,.0f} "
+            f"{ad:>19} {ref:>18} pseudo {r['counts']['pseudo']}"
+        )
+
+
+def print_targets(judged: dict[str, Any]) -> None:
+    print("\n== targets for the default configuration (points; x = our ex/s over MOA ARF's) ==")
+    head = (
+        f"{'stream':<11} {'ours':>6} {'best rival':>22} {'gap':>6} {'x ARF':>6} {'after drift: ours-ARF':>22} "
+        f"{'pseudo +/-':>10} {'refused':>8}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in judged["rows"]:
+        ad = " ".join(f"{g:+.2f}" for g in r["after_drift_gap_points"] or []) or "—"
+        refused = 100 * max(r["refused_no_drift_full"], r["refused_no_drift_low"])
+        best = f"{r['best_model']} {100 * r['best_accuracy']:.2f}"
+        print(
+            f"{r['stream']:<11} {100 * r['ours_accuracy']:>6.2f} {best:>22} "
+            f"{r['gap_points']:>+6.2f} {_fmt(r['x_arf'], '.1f'):>6} {ad:>22} {r['pseudo_gain_points']:>+10.2f} "
+            f"{refused:>7.2f}%"
+        )
+    for name, g in judged["goals"].items():
+        extra = {k: v for k, v in g.items() if k != "met"}
+        print(f"{'MET ' if g['met'] else 'MISS'} {name}: {extra if extra else ''}")
+
+
 def _spin() -> None:
     while True:
         pass
@@ -719,6 +1059,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--examples", type=int, default=50_000, help="synthetic stream length (Shuttle: all 49 097)")
     ap.add_argument("--drift-at", type=int, default=25_000)
     ap.add_argument("--seed", type=int, default=SEED)
+    ap.add_argument(
+        "--phases",
+        default="targets",
+        help="comma-separated: targets (issue 14: every stream against River and MOA), main, missing, threads, "
+        "ablation (the earlier phases, on --streams)",
+    )
+    ap.add_argument("--target-streams", default=TARGET_STREAMS)
+    ap.add_argument(
+        "--candidates", default="", help=f"configurations of ours beside the default: {','.join(CANDIDATES)}"
+    )
+    ap.add_argument("--no-moa", action="store_true", help="skip the MOA models (CapyMOA) even if it is installed")
     ap.add_argument("--streams", default="agrawal,sea,shuttle")
     ap.add_argument(
         "--repeat", type=int, default=2, help="timed repeats of every model in the main tables (the fastest counts)"
@@ -734,14 +1085,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-missing", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="add the lr x batch x width grid around TUNED")
     ap.add_argument("--sweep-streams", default="agrawal,sea")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument(
+        "--out", type=Path, default=None, help=f"default {RESULTS_TARGETS.name} for targets alone, else {RESULTS.name}"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.torch_threads)
     info = machine_info()
     info.update(versions())
     t_all = time.perf_counter()
-    names = [s for s in args.streams.split(",") if s]
+    phases_on = {p for p in args.phases.split(",") if p}
+    if args.out is None:
+        args.out = RESULTS_TARGETS if phases_on == {"targets"} and not args.sweep else RESULTS
+    legacy = bool(phases_on & {"main", "missing", "threads", "ablation"}) or args.sweep
+    names = [s for s in args.streams.split(",") if s] if legacy else []
     streams = {name: make_stream(name, args.examples, args.drift_at, args.seed) for name in names}
+    moa = None if args.no_moa else moa_available()
+    info["capymoa"] = moa
     result: dict[str, Any] = {
         "benchmark": "quality",
         "seed": args.seed,
@@ -753,6 +1112,10 @@ def main(argv: list[str] | None = None) -> int:
         "unlabeled_fraction": UNLABELED_FRACTION,
         "tuned": {k: list(v) if isinstance(v, tuple) else v for k, v in TUNED.items()},
         "machine": info,
+        "after_drift": AFTER_DRIFT,
+        "low_labels": LOW_LABELS,
+        "targets": [],
+        "targets_judged": None,
         "main": [],
         "missing_labels": [],
         "threads": None,
@@ -765,26 +1128,40 @@ def main(argv: list[str] | None = None) -> int:
         phases[name] = time.perf_counter() - t
         print(f"({phases[name]:.0f} s)")
 
-    for name, stream in streams.items():
+    if "targets" in phases_on:
+        if moa is None and not args.no_moa:
+            print("CapyMOA is not installed (pip install capymoa, or the bench extra): the MOA models are skipped")
+        candidates = [c for c in args.candidates.split(",") if c]
+        for name in [n for n in args.target_streams.split(",") if n]:
+            t = time.perf_counter()
+            stream = make_stream(name, args.examples, args.drift_at, args.seed)
+            res = run_targets(stream, args.seed, repeat=args.repeat, moa=moa is not None, candidates=candidates)
+            result["targets"].append(res)
+            print_targets_stream(res)
+            phase(f"targets:{name}", t)
+        if result["targets"]:
+            result["targets_judged"] = judge_targets(result["targets"])
+            print_targets(result["targets_judged"])
+    for name, stream in streams.items() if "main" in phases_on else ():
         t = time.perf_counter()
         res = run_stream(stream, main_configs(), args.seed, repeat=args.repeat)
         result["main"].append(res)
         print_main(res)
         phase(f"main:{name}", t)
-    if not args.no_missing:
+    if not args.no_missing and "missing" in phases_on:
         for name, stream in streams.items():
             t = time.perf_counter()
             res = run_missing(stream, args.seed)
             result["missing_labels"].append(res)
             print_missing(res)
             phase(f"missing:{name}", t)
-    if args.threads_examples and "agrawal" in streams:
+    if args.threads_examples and "agrawal" in streams and "threads" in phases_on:
         t = time.perf_counter()
         res = run_threads(streams["agrawal"], args.threads_examples, args.torch_threads)
         result["threads"] = res
         print_small(f"torch intra-op threads, first {args.threads_examples} examples", res)
         phase("threads", t)
-    if not args.no_ablation:
+    if not args.no_ablation and "ablation" in phases_on:
         for name in [n for n in ("agrawal", "sea") if n in streams]:
             t = time.perf_counter()
             res = run_stream(streams[name], ablation_configs(), args.seed, river=False)

@@ -75,7 +75,7 @@ class LearnerConfig:
     spike_factor: float = 5.0
     spike_warmup_batches: int = 20
     spike_patience: int = 3
-    pseudo_enabled: bool = True
+    pseudo_enabled: bool = False
     pseudo_threshold: float = 0.9
     pseudo_weight: float = 0.3
     dedup_window: int = 100_000
@@ -276,7 +276,9 @@ class OnlineLearner:
         if keep:
             # keep is increasing, so keeping as many rows as there are is keeping them all.
             x_keep = x if len(keep) == len(rows) else take_rows(x, torch.tensor(keep, dtype=torch.long))
-            result.loss = self._step(self.main, x_keep, targets, weights, count=True)
+            # The positions (in keep) of the examples that carry a true label: what the spike guard judges.
+            truth = [j for j, i in enumerate(keep) if rows[i].kind != "unlabeled"]
+            result.loss = self._step(self.main, x_keep, targets, weights, count=True, truth=truth)
             if self.challenger is not None:
                 self._step(self.challenger, x_keep, targets, weights, count=False)
         return result
@@ -434,9 +436,19 @@ class OnlineLearner:
         result.findings.extend(self.judge.observe(signals, self.chunk_base))
         return torch.tensor(ys, dtype=torch.long), torch.tensor(ws, dtype=torch.float32), keep
 
-    def _step(self, t: Trainable, x: ModelInput, y: torch.Tensor, w: torch.Tensor, *, count: bool) -> float:
+    def _step(
+        self,
+        t: Trainable,
+        x: ModelInput,
+        y: torch.Tensor,
+        w: torch.Tensor,
+        *,
+        count: bool,
+        truth: list[int] | None = None,
+    ) -> float:
         """One optimizer step; returns the batch loss (NaN when skipped). Only the main model
-        (``count``) is counted, guarded against spikes and scheduled."""
+        (``count``) is counted, guarded against spikes (on the per-example losses of the rows at
+        ``truth``, the truly labeled ones) and scheduled."""
         c = self.config
         set_training(t.model, True)
         if t.device.type != "cpu":
@@ -452,7 +464,10 @@ class OnlineLearner:
             if count:
                 self.counts["skipped_non_finite"] += 1
             return math.nan
-        if count and self.guard.check(value) == "rollback":
+        labeled: list[float] = []
+        if count:
+            labeled = (per if truth is None or len(truth) == len(per) else per[truth]).detach().tolist()
+        if count and self.guard.check(labeled) == "rollback":
             # The current weights produce an abnormal loss: go back to the last
             # weights that did not, and do not learn from this batch.
             if t.rollback():
@@ -478,7 +493,7 @@ class OnlineLearner:
         t.optimizer.step()
         if count:
             self.counts["batches"] += 1
-            self.guard.learned(value)
+            self.guard.learned(labeled)
             self.lr.stepped(t.optimizer)
         return value
 
@@ -544,7 +559,7 @@ class OnlineLearner:
             pseudo=self.pseudo.save(tensors),
             examples_seen=self.examples_seen,
             counts=self.counts,
-            **self.guard.save(),
+            **self.guard.save(tensors),
             **self.lr.save(),
             **self.judge.save(),
         )
@@ -568,7 +583,7 @@ class OnlineLearner:
         self.challenger_scores.restore(meta["challenger_scores"])
         self.champion_scores.restore(meta["champion_scores"])
         self.pseudo.load(tensors, meta["pseudo"])
-        self.guard.load(meta)
+        self.guard.load(tensors, meta)
         self.lr.load(meta)
         self.judge.load(meta)
         self.examples_seen = int(meta["examples_seen"])

@@ -11,19 +11,22 @@ plus the chunk loop that drives them; its ``state_dict`` is the union.
 >>> w.add(b"a" * 16)                    # evicted by c: remembered again
 True
 >>> g = SpikeGuard(factor=5.0, warmup=2, patience=1)
->>> for loss in (1.0, 1.0):
-...     g.check(loss); g.learned(loss)
+>>> for losses in ([1.0, 0.5, 0.5], [0.5, 1.0, 0.5]):
+...     g.check(losses); g.learned(losses)
 'learn'
 'learn'
->>> g.check(10.0), g.check(10.0)        # a spike rolls back; the second in a row is a new level
+>>> g.check([10.0, 0.0, 0.0])           # one bad example in three: bad luck, not bad weights
+'learn'
+>>> g.check([10.0, 10.0, 0.0]), g.check([10.0, 10.0, 0.0])   # a spike; the second in a row is a new level
 ('rollback', 'learn')
 """
 
 from __future__ import annotations
 
+import heapq
 import math
-from collections import OrderedDict
-from collections.abc import Mapping
+from collections import OrderedDict, deque
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -146,52 +149,98 @@ class PseudoLabels:
 
 
 class SpikeGuard:
-    """Refuses a batch whose loss is far above its running average, unless the level persists.
+    """Refuses a batch whose loss on its labeled examples is implausibly high, unless the level persists.
 
-    :meth:`check` a counted batch's loss before its step: ``"rollback"``
-    when it exceeds ``factor`` × the running average after ``warmup`` good
-    batches (fewer than ``patience`` times in a row), else ``"learn"``; after
-    ``patience`` spikes in a row the new level is accepted as a concept
-    change. :meth:`learned` records a batch that was stepped.
+    Like is compared with like. Only the examples that carry a true label
+    are judged: a pseudo-label's loss is bounded by its own confidence and
+    would drag the running level down. And a batch of ``n`` labels is judged
+    as ``n`` examples: per-example losses are heavy-tailed (mostly near 0, a
+    confident mistake costs 2-30), so the mean of three labels that hold one
+    mistake is many times the running mean without anything being wrong.
+    Damaged weights raise the loss of most examples, a healthy model's bad
+    luck that of a few. So a batch is a spike only if it has at least
+    :attr:`MIN_LABELS` labels, at least half of them are each above
+    ``factor`` × the running mean (exponentially weighted per labeled
+    example, ``memory`` of them: a batch of 32 decays the past by about
+    0.9, as the per-batch average did), and their mean is above the mean of
+    the ``n`` worst of the last ``window`` labeled losses (worse than the
+    worst ``n`` examples of the recent past put together).
+
+    :meth:`check` a counted batch's labeled losses before its step: after
+    ``warmup`` good batches, ``"rollback"`` for a spike fewer than
+    ``patience`` times in a row, else ``"learn"``; after ``patience`` spikes
+    in a row the new level is accepted as a concept change. A batch with too
+    few labels is not judged. :meth:`learned` records a batch that was stepped.
     """
 
-    def __init__(self, factor: float, warmup: int, patience: int) -> None:
+    #: Fewer labels than this in a batch are no evidence against the weights: it is not judged.
+    MIN_LABELS = 3
+
+    def __init__(self, factor: float, warmup: int, patience: int, memory: float = 320.0, window: int = 512) -> None:
         self.factor = factor
         self.warmup = warmup
         self.patience = patience
-        self.loss_ema = math.nan
+        self.decay = 1.0 - 1.0 / memory
+        self.loss_ema = math.nan  # per labeled example
+        self.weight = 0.0  # the decayed number of labeled examples behind it
+        self.recent: deque[float] = deque(maxlen=window)  # the last labeled losses, oldest first
         self.good_batches = 0
         self.spikes_in_a_row = 0
 
-    def check(self, loss: float) -> Verdict:
-        """Whether a batch with this (finite) loss may be learned."""
-        spike = self.good_batches >= self.warmup and loss > self.factor * self.loss_ema
+    def check(self, losses: Sequence[float]) -> Verdict:
+        """Whether a batch whose labeled examples have these (finite) losses may be learned."""
+        n = len(losses)
+        if n == 0:
+            return "learn"
+        mean = math.fsum(losses) / n
+        # Cheap tests first: the worst-n bar is only needed (and only computed) past them.
+        spike = n >= self.MIN_LABELS and self.good_batches >= self.warmup
+        if spike:
+            level = self.factor * self.loss_ema
+            spike = 2 * sum(1 for x in losses if x > level) >= n
+        if spike and self.recent:
+            worst = heapq.nlargest(n, self.recent)
+            spike = mean > math.fsum(worst) / len(worst)
         if spike and self.spikes_in_a_row < self.patience:
             self.spikes_in_a_row += 1
             return "rollback"
         if spike:
             # The loss stayed high for `patience` batches in a row: not a bad
             # update but a new level (a concept drift). Accept it and learn.
-            self.loss_ema = loss
+            self.loss_ema, self.weight = mean, 0.0
         self.spikes_in_a_row = 0
         return "learn"
 
-    def learned(self, loss: float) -> None:
-        """A batch with this loss was stepped."""
+    def learned(self, losses: Sequence[float]) -> None:
+        """A batch whose labeled examples have these losses was stepped."""
+        n = len(losses)
+        if n == 0:
+            return
+        total = math.fsum(losses)
+        kept = self.weight * self.decay**n
+        self.loss_ema = total / n if kept == 0.0 else (kept * self.loss_ema + total) / (kept + n)
+        self.weight = kept + n
+        self.recent.extend(losses)
         self.good_batches += 1
-        self.loss_ema = loss if math.isnan(self.loss_ema) else 0.9 * self.loss_ema + 0.1 * loss
 
-    def save(self) -> dict[str, Any]:
-        """JSON-able state."""
+    def save(self, tensors: Tensors) -> dict[str, Any]:
+        """Into ``tensors["guard.recent"]`` (float64, oldest first); returns the JSON-able rest."""
+        tensors["guard.recent"] = torch.tensor(list(self.recent), dtype=torch.float64)
         return {
             "loss_ema": None if math.isnan(self.loss_ema) else self.loss_ema,
+            "loss_weight": self.weight,
             "good_batches": self.good_batches,
             "spikes_in_a_row": self.spikes_in_a_row,
         }
 
-    def load(self, meta: Mapping[str, Any]) -> None:
-        """Restore what :meth:`save` returned."""
+    def load(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+        """Restore what :meth:`save` wrote (a state from before the per-example statistics keeps
+        its level and starts its recent losses empty)."""
         self.loss_ema = math.nan if meta["loss_ema"] is None else float(meta["loss_ema"])
+        self.weight = float(meta.get("loss_weight", 0.0 if math.isnan(self.loss_ema) else 1.0))
+        self.recent.clear()
+        if "guard.recent" in tensors:
+            self.recent.extend(tensors["guard.recent"].tolist())
         self.good_batches = int(meta["good_batches"])
         self.spikes_in_a_row = int(meta["spikes_in_a_row"])
 

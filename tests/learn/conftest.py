@@ -26,4 +26,6 @@ def tsettings(settings: Settings, keys, tmp_path: Path) -> Settings:
         trainer_checkpoint_every_s=3600,
         trainer_max_wait_ms=200,
         trainer_group_id=f"{settings.topic_examples}-trainer",
+        # Off by default (issue 14); on here, so that the pseudo-label state is killed and restored too.
+        trainer_pseudo_enabled=True,
     )

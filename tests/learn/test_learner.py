@@ -17,6 +17,8 @@ def config(**kw) -> LearnerConfig:
     spec = ModelSpec(
         kind=kw.pop("kind", "mlp"), task="binary", features=AGRAWAL_FEATURES, classes=["0", "1"], hidden=[32]
     )
+    # Pseudo-labels are off by default (issue 14); these tests exercise them unless told otherwise.
+    kw.setdefault("pseudo_enabled", True)
     return LearnerConfig(model_name="m", spec=spec, **kw)
 
 
@@ -117,6 +119,48 @@ def test_loss_spike_rolls_back() -> None:
     assert all(torch.isfinite(v).all() for v in after.values())
     assert any(not torch.equal(before[k], after[k]) for k in before)  # not the damaged ones either
     assert all((after[k] - before[k]).abs().max() < 1.0 for k in before)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_spike_guard_does_not_refuse_batches_with_few_labels_without_a_drift(seed: int) -> None:
+    # 10 % labels, batches of 32: about three labels a batch, one mistake makes their mean loss
+    # many times the running mean. Before the guard judged labeled losses per example (at
+    # least half of them bad, worse than the worst of the recent ones), it refused 3 and 6 of
+    # these ~360 batches; no drift here, so none should be.
+    learner = OnlineLearner(config(pseudo_enabled=False))
+    for chunk in chunks(agrawal_examples(12000, seed=seed, unlabeled=0.9), 32):
+        learner.process(chunk)
+    assert learner.counts["batches"] > 300
+    assert learner.counts["rollbacks"] <= 0.005 * learner.counts["batches"], learner.counts
+
+
+def test_spike_guard_compares_labeled_losses_per_example() -> None:
+    from stream_learner.learn.parts import SpikeGuard
+
+    g = SpikeGuard(factor=5.0, warmup=3, patience=2)
+    healthy = [0.02, 0.01, 0.0, 2.5, 0.03, 0.0, 0.01, 0.04]  # one mistake in eight
+    for _ in range(40):
+        assert g.check(healthy) == "learn"
+        g.learned(healthy)
+    assert g.check([]) == "learn"  # pseudo-labels only: nothing to judge
+    assert g.check([4.0, 0.0]) == "learn"  # two labels: one mistake is no evidence
+    assert g.check([0.0, 3.0, 0.0, 0.0]) == "learn"  # a few bad draws
+    assert g.check([3.0, 3.0, 0.01]) == "learn"  # as bad as the worst recent examples, no worse
+    damaged = [40.0, 35.0, 0.0, 50.0]  # most examples far off: broken weights
+    assert g.check(damaged) == "rollback"
+    assert g.check(damaged) == "rollback"
+    assert g.check(damaged) == "learn"  # the level persisted (patience 2): a new concept, learned
+    g.learned(damaged)
+    assert g.loss_ema == pytest.approx(31.25)
+    # The state survives a save and load exactly; a state from before the per-example statistics loads.
+    tensors: dict[str, torch.Tensor] = {}
+    meta = g.save(tensors)
+    h = SpikeGuard(factor=5.0, warmup=3, patience=2)
+    h.load(tensors, msgspec.json.decode(msgspec.json.encode(meta)))
+    assert (h.loss_ema, h.weight, list(h.recent), h.good_batches) == (g.loss_ema, g.weight, list(g.recent), 41)
+    old = SpikeGuard(factor=5.0, warmup=3, patience=2)
+    old.load({}, {"loss_ema": 0.2, "good_batches": 30, "spikes_in_a_row": 0})
+    assert old.check(healthy) == "learn" and old.check(damaged) == "rollback"
 
 
 @pytest.mark.parametrize("kind", ["logreg", "mlp"])
