@@ -45,7 +45,13 @@ from typing import Any
 import redis
 import structlog
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import CommitFailedError, KafkaError
+from kafka.errors import (
+    CommitFailedError,
+    IllegalGenerationError,
+    KafkaError,
+    RebalanceInProgressError,
+    UnknownMemberIdError,
+)
 from kafka.structs import OffsetAndMetadata
 
 from ..bus import DeadLetters, make_consumer, make_producer
@@ -68,6 +74,11 @@ from .store import (
 )
 
 log = structlog.get_logger(__name__)
+
+
+#: A commit the group refuses because it is rebalancing or has moved on without us: not an
+#: error of ours (kafka-python raises any of these, depending on when the rebalance is seen).
+REBALANCED = (CommitFailedError, RebalanceInProgressError, IllegalGenerationError, UnknownMemberIdError)
 
 
 @dataclass
@@ -427,9 +438,10 @@ class Joiner:
                 self._with_retry("kafka", commit)
             else:
                 commit()
-        except CommitFailedError as exc:
-            # Our partitions moved to another joiner; it re-reads these inputs,
-            # which have no second effect, and our examples are already out.
+        except REBALANCED as exc:
+            # Our partitions moved (or are moving) to another joiner; it re-reads these inputs,
+            # which have no second effect, and our examples are already out. If they stay ours,
+            # the next commit covers these offsets.
             log.warning("joiner_commit_failed_rebalanced", error=str(exc))
         self.metrics.kafka_commit_seconds.observe(time.perf_counter() - start)
 

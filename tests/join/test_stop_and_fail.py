@@ -94,3 +94,20 @@ def test_a_joiner_waiting_for_a_redis_that_is_down_stops_on_sigterm(settings: Se
     assert proc.returncode == 0, err[-2000:]
     assert took < 10, f"took {took:.1f} s to stop"  # a wait slice is 0.5 s; the rest is closing the clients
     assert any(x["event"] == "joiner_stopped_while_waiting" for x in lines(err)), err[-2000:]
+
+
+@pytest.mark.parametrize("error", ["RebalanceInProgressError", "CommitFailedError", "IllegalGenerationError"])
+def test_a_commit_refused_by_a_rebalancing_group_does_not_stop_the_joiner(error: str) -> None:
+    """Seen under load in a kill storm: the joiner exited on RebalanceInProgressError from its commit."""
+    import types
+
+    import kafka.errors
+
+    from stream_learner.join.joiner import Joiner
+    from stream_learner.metrics import Metrics
+
+    def refuse(offsets: object) -> None:
+        raise getattr(kafka.errors, error)()
+
+    stub = types.SimpleNamespace(consumer=types.SimpleNamespace(commit=refuse), metrics=Metrics())
+    Joiner._commit(stub, {}, retry=False)  # type: ignore[arg-type]  # logged, not raised
