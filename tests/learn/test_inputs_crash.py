@@ -72,7 +72,12 @@ def test_a_sigkilled_trainer_with_every_kind_of_input_matches_an_uninterrupted_o
         # on a loaded machine, and a kill before it restored anything would prove nothing), at a
         # random moment of the next second.
         published = log_path.read_text().count("checkpoint_published")
+        restored = log_path.read_text().count('"trainer_restored"')
         proc = subprocess.Popen(cmd, env=env, stderr=log)
+        # Restored first (a start takes long on a loaded machine: a kill before it would not count).
+        deadline = time.monotonic() + 180
+        while log_path.read_text().count('"trainer_restored"') == restored and time.monotonic() < deadline:
+            time.sleep(0.05)
         deadline = time.monotonic() + 60
         while log_path.read_text().count("checkpoint_published") == published and time.monotonic() < deadline:
             time.sleep(0.05)
