@@ -24,3 +24,17 @@ def read_topic(settings: Settings, topic: str, *, partition: int = 0) -> list:
             records.extend(batch)
     consumer.close()
     return records
+
+
+def train_uninterrupted(settings: Settings, n: int) -> None:
+    """The reference of a kill storm: a trainer in this process reads ``n`` examples, learns them all and
+    checkpoints once more, never stopped."""
+    from stream_learner.learn.trainer import Trainer
+
+    ref = Trainer(settings)  # the same construction as the CLI, drift detectors included
+    try:
+        while sum(ref.offsets.values()) < n or ref.buffer:
+            ref.step()
+        ref.checkpoint()
+    finally:
+        ref.close()

@@ -20,9 +20,8 @@ from stream_learner.bus import ensure_topics
 from stream_learner.checkpoint.reader import read_latest
 from stream_learner.checkpoint.signing import load_public_key
 from stream_learner.config import Settings
-from stream_learner.learn.trainer import Trainer
 
-from ..procs import settings_env
+from ..procs import settings_env, train_uninterrupted
 from ..text_tokenizer import make_tokenizer
 from .test_inputs import spec_strings, stream
 from .test_trainer import produce_examples
@@ -50,13 +49,7 @@ def test_a_sigkilled_trainer_with_every_kind_of_input_matches_an_uninterrupted_o
     produce_examples(base, examples)
 
     reference = msgspec.structs.replace(base, trainer_state_dir=str(tmp_path / "ref"))
-    ref = Trainer(reference)
-    try:
-        while sum(ref.offsets.values()) < N or ref.buffer:
-            ref.step()
-        ref.checkpoint()
-    finally:
-        ref.close()
+    train_uninterrupted(reference, N)
 
     crashed = msgspec.structs.replace(
         base, trainer_state_dir=str(tmp_path / "crashed"), topic_models=base.topic_models + ".crashed"

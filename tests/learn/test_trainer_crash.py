@@ -26,9 +26,8 @@ from stream_learner.checkpoint.reader import read_latest
 from stream_learner.checkpoint.signing import load_public_key
 from stream_learner.config import Settings
 from stream_learner.events import MANIFEST
-from stream_learner.learn.trainer import Trainer
 
-from ..procs import read_topic, settings_env
+from ..procs import read_topic, settings_env, train_uninterrupted
 from .streams import agrawal_examples
 from .test_trainer import produce_examples
 
@@ -77,13 +76,7 @@ def test_sigkilled_trainer_matches_an_uninterrupted_one(tsettings: Settings, key
     )
 
     reference = msgspec.structs.replace(base, trainer_model="m", trainer_state_dir=str(tmp_path / "ref"))
-    ref = Trainer(reference)  # the same construction as the CLI, drift detectors included
-    try:
-        while sum(ref.offsets.values()) < total or ref.buffer:
-            ref.step()
-        ref.checkpoint()
-    finally:
-        ref.close()
+    train_uninterrupted(reference, total)
 
     # The crashed run learns the same stream under its own state and topic.
     crashed = msgspec.structs.replace(

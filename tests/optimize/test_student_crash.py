@@ -19,11 +19,10 @@ from stream_learner.checkpoint.reader import read_latest
 from stream_learner.checkpoint.signing import load_public_key
 from stream_learner.checkpoint.state import DirectoryStateStore
 from stream_learner.config import Settings
-from stream_learner.learn.trainer import Trainer
 
 from ..learn.streams import agrawal_examples
 from ..learn.test_trainer import produce_examples
-from ..procs import settings_env
+from ..procs import settings_env, train_uninterrupted
 
 N = 40_000
 KILLS = 10
@@ -43,13 +42,7 @@ def test_a_sigkilled_trainer_ends_with_the_uninterrupted_student(vsettings: Sett
         log_format="json",
     )
     reference = msgspec.structs.replace(base, trainer_state_dir=str(tmp_path / "ref"))
-    ref = Trainer(reference)
-    try:
-        while sum(ref.offsets.values()) < N or ref.buffer:
-            ref.step()
-        ref.checkpoint()
-    finally:
-        ref.close()
+    train_uninterrupted(reference, N)
 
     crashed = msgspec.structs.replace(
         base, trainer_state_dir=str(tmp_path / "crashed"), topic_models=base.topic_models + ".crashed"
