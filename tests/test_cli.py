@@ -82,6 +82,7 @@ def test_smoke_counts_end_to_end() -> None:
     assert sum(summary["dead_letters"].values()) == 5
 
 
+@pytest.mark.slow
 def test_verbs_that_do_not_train_or_serve_do_not_import_torch(tmp_path) -> None:
     # A fresh interpreter, as the console script starts: build the parser, run
     # `config`, `local down` and `keys generate`, and import the modules the joiner and topics
@@ -170,6 +171,7 @@ def test_a_setting_the_verb_does_not_use_is_refused_with_a_hint(capsys: pytest.C
     assert "`serve` does not use joiner_window_ms" in err and "stream-learner serve --help" in err
 
 
+@pytest.mark.slow
 def test_keys_generate_refuses_to_overwrite_existing_keys(tmp_path) -> None:
     cmd = [sys.executable, "-m", "stream_learner.cli", "keys", "generate", "--out", str(tmp_path)]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=60)

@@ -297,6 +297,7 @@ def test_healthcheck_probes_the_roles_health(name):
     assert "/metrics" not in probe
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LONG_RUNNING)
 def test_the_healthcheck_fails_on_an_unhealthy_answer_and_passes_on_a_healthy_one(name):
     # The probe as compose runs it, against a real /health server that answers 503, then 200.
@@ -437,6 +438,7 @@ def _bind_sources(name: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_keys_generate_writes_the_files_compose_mounts(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "stream_learner.cli", "keys", "generate", "--out", str(tmp_path)],

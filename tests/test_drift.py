@@ -238,6 +238,7 @@ ADWIN_PARAMS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("params", ADWIN_PARAMS, ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()) or "defaults")
 @pytest.mark.parametrize("sample", [error, loss, feature], ids=lambda f: f.__name__)
 def test_adwin_port_matches_rivers_signals_and_estimates_bit_for_bit(params: dict[str, Any], sample: Sampler) -> None:
@@ -527,6 +528,7 @@ def test_monitor_accepts_any_detector_implementing_the_protocol() -> None:
         DriftMonitor([ADWINDetector("error"), ADWINDetector("error")])
 
 
+@pytest.mark.slow
 def test_monitor_state_round_trips_and_resumes_identically() -> None:
     original = DriftMonitor.default()
     feed(original, 4, 0, 5000)
@@ -732,6 +734,7 @@ def random_batches(rng: random.Random, n: int) -> list[tuple[int, int]]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("params", ADWIN_PARAMS, ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()) or "defaults")
 @pytest.mark.parametrize("sample", [error, loss, confidence, feature], ids=lambda f: f.__name__)
 def test_adwin_update_many_is_update_one_by_one(params: dict[str, Any], sample: Sampler) -> None:
@@ -772,6 +775,7 @@ def test_detector_update_many_is_update_one_by_one(case: Case, seed: int) -> Non
     assert got == expected and expected
 
 
+@pytest.mark.slow
 def test_monitor_observe_many_is_observe_one_by_one() -> None:
     # Two detectors on one signal: findings come by position, then in detector order.
     def make() -> DriftMonitor:

@@ -192,6 +192,7 @@ STRATEGIES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
@@ -247,6 +248,7 @@ def _schema_accepts(name: str, doc: Any) -> bool:
     return finite_everywhere(doc) and VALIDATORS[name].is_valid(doc)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
@@ -261,6 +263,7 @@ def test_decoder_refuses_what_the_schema_refuses(name: str, data: st.DataObject)
     assert refused.value.field.startswith("$") and refused.value.reason
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(doc=json_values)
 def test_decoder_refuses_arbitrary_json_that_the_schema_refuses(doc: Any) -> None:
@@ -357,6 +360,7 @@ def _repeats(pairs: Any, fields: set[str]) -> bool:
     return any(k in fields and isinstance(v, _Pairs) and len({kk for kk, _ in v}) != len(v) for k, v in pairs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["prediction.v1", "prediction.v2", "label.v1", "example.v1", "example.v2"])
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())

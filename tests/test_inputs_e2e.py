@@ -99,6 +99,7 @@ def dead_letters(settings: Settings) -> dict[str, dict[str, str]]:
     return out
 
 
+@pytest.mark.slow
 def test_categories_vectors_and_texts_flow_from_the_sdk_to_a_serving_node(pipeline_settings: Settings) -> None:
     s = pipeline_settings
     n = 240

@@ -23,6 +23,7 @@ def _restore_logging():
         root.removeHandler(handler)
 
 
+@pytest.mark.slow
 def test_kafka_pythons_own_records_are_json_lines_in_a_json_log() -> None:
     # No broker on port 1: kafka-python logs its connection errors itself, through the stdlib.
     proc = subprocess.Popen(

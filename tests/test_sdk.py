@@ -74,6 +74,7 @@ def test_starts_without_a_broker_then_drops_when_full_without_blocking() -> None
     assert sdk.stats.failed == len(kept) and sdk.stats.sent == 0 and sdk.stats.buffered == 0
 
 
+@pytest.mark.slow
 def test_block_policy_waits_for_room_and_loses_nothing(settings: Settings) -> None:
     with PredictionLogger(
         settings=settings, model="m", model_version="1", buffer_bytes=4096, on_full="block", block_timeout_s=10

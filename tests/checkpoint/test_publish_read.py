@@ -72,6 +72,7 @@ def send_manifest(producer: Any, topic: str, manifest) -> int:
 # -- one partition, the default -------------------------------------------------
 
 
+@pytest.mark.slow
 def test_five_versions_latest_and_named_versions_are_bit_identical(
     settings: Settings, producer, consumer, keypair
 ) -> None:
@@ -100,6 +101,7 @@ def test_five_versions_latest_and_named_versions_are_bit_identical(
     assert read_version(settings, topic, public, 1).manifest.version == 1
 
 
+@pytest.mark.slow
 def test_latest_reads_a_handful_of_records_after_50_versions(settings: Settings, producer, consumer, keypair) -> None:
     private, public = keypair
     topic = settings.topic_models
@@ -118,6 +120,7 @@ def test_latest_reads_a_handful_of_records_after_50_versions(settings: Settings,
     assert consumer.records <= 2 * 6 * per_version
 
 
+@pytest.mark.slow
 def test_the_newest_manifest_of_the_requested_model_is_found_among_others(
     settings: Settings, producer, consumer, keypair
 ) -> None:
@@ -294,6 +297,7 @@ def test_chunks_first_then_the_signed_manifest_pointing_at_them(keypair) -> None
 # -- several partitions -----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_every_partition_is_searched(settings: Settings, producer, keypair) -> None:
     private, public = keypair
     topic = f"{settings.topic_models}.p3"

@@ -103,6 +103,7 @@ def test_the_joiner_on_a_cluster_loses_nothing_while_its_slot_moves(
     assert joiner.counts.dead_letters == 0
 
 
+@pytest.mark.slow
 def test_the_trainer_state_on_a_cluster_follows_its_slot(settings: Settings, cluster: LocalValkeyCluster) -> None:
     s = msgspec.structs.replace(settings, trainer_state_store="redis", trainer_model=f"m-{settings.topic_predictions}")
     key = f"sl:trainer:{s.trainer_model}:state"
@@ -119,6 +120,7 @@ def test_the_trainer_state_on_a_cluster_follows_its_slot(settings: Settings, clu
     assert again is not None and again.meta == {"version": 2}
 
 
+@pytest.mark.slow
 def test_the_trainer_state_survives_a_failover_of_its_primary(settings: Settings, tmp_path) -> None:
     with LocalValkeyCluster(3, tmp_path) as cluster:
         s = msgspec.structs.replace(settings, trainer_state_store="redis", trainer_model="m-failover")

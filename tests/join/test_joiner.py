@@ -52,6 +52,7 @@ def has(request: str, kind: str):
     return lambda examples: any(x.request_id == request and x.kind == kind for x in examples)
 
 
+@pytest.mark.slow
 def test_label_within_window_is_labeled_with_lineage(jsettings: Settings) -> None:
     produce(jsettings, [prediction(1, T0), label(1, T0 + 1_000, "b")])
     with RunningJoiner(jsettings):
@@ -136,6 +137,7 @@ def test_orphan_label_is_dropped_after_retention(jsettings: Settings) -> None:
         assert not joiner.store.client.exists(f"{jsettings.joiner_redis_prefix}r:req-7")
 
 
+@pytest.mark.slow
 def test_bad_events_go_to_the_dead_letter_topic_and_the_joiner_goes_on(jsettings: Settings) -> None:
     bad = [(jsettings.topic_predictions, b"{oops"), (jsettings.topic_labels, b'{"event_id": "x"}')]
     produce(jsettings, bad + [prediction(8, T0), label(8, T0 + 1)])

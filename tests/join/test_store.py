@@ -317,6 +317,7 @@ def test_joined_state_keeps_no_payload_and_ttls_are_set_once(store_settings: Set
         assert 0 < client.pttl(f"{prefix}r:{req}") <= TTL + ORPHAN
 
 
+@pytest.mark.slow
 def test_outbox_entry_is_kept_until_acknowledged_and_can_be_claimed(
     store_settings: Settings, client: redis.Redis
 ) -> None:
@@ -334,6 +335,7 @@ def test_outbox_entry_is_kept_until_acknowledged_and_can_be_claimed(
     assert not list(client.scan_iter(f"{store_settings.joiner_redis_prefix}ob:*"))
 
 
+@pytest.mark.slow
 def test_claims_come_a_few_entries_per_step(store_settings: Settings, client: redis.Redis) -> None:
     store = RedisJoinStore(client, store_settings)
     for i in range(20):
@@ -349,6 +351,7 @@ def test_claims_come_a_few_entries_per_step(store_settings: Settings, client: re
     assert store.pending_outbox() == 0
 
 
+@pytest.mark.slow
 def test_a_step_survives_a_script_cache_flush_and_a_lost_connection(
     store_settings: Settings, client: redis.Redis
 ) -> None:

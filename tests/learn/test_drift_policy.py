@@ -45,6 +45,7 @@ def test_abrupt_drift_is_detected_and_announced(tsettings: Settings) -> None:
     assert trainer.published and trainer.published[0].drift_state
 
 
+@pytest.mark.slow
 def test_lr_boost(tsettings: Settings) -> None:
     trainer = run(
         tsettings,
@@ -57,11 +58,13 @@ def test_lr_boost(tsettings: Settings) -> None:
     assert trainer.learner.lr.boost_left > 0
 
 
+@pytest.mark.slow
 def test_lr_boost_ends_after_its_batches(tsettings: Settings) -> None:
     trainer = run(tsettings, trainer_drift_on_drift=["lr_boost"], trainer_drift_lr_boost_batches=2)
     assert {g["lr"] for g in trainer.learner.main.optimizer.param_groups} == {tsettings.trainer_lr}
 
 
+@pytest.mark.slow
 def test_optimizer_reset(tsettings: Settings) -> None:
     trainer = run(tsettings, trainer_drift_on_drift=["optimizer_reset"])
     drifts = [e for e in drift_events(tsettings) if e.kind == "drift"]
@@ -71,6 +74,7 @@ def test_optimizer_reset(tsettings: Settings) -> None:
     assert steps < trainer.learner.counts["batches"]
 
 
+@pytest.mark.slow
 def test_challenger_started_at_warning_and_settled_at_drift(tsettings: Settings) -> None:
     # Which detector fires first depends on the stream; drive the policy with
     # a warning, then a drift, through the real trainer (its own detectors off).
@@ -106,6 +110,7 @@ def test_challenger_started_at_warning_and_settled_at_drift(tsettings: Settings)
     ]
 
 
+@pytest.mark.slow
 def test_no_detection_when_disabled(tsettings: Settings) -> None:
     trainer = run(tsettings, trainer_drift_enabled=False)
     assert trainer.learner.drift is None and drift_events(tsettings) == []

@@ -88,6 +88,7 @@ def test_lora_learns_only_adapters_and_head(tmp_path: Path) -> None:
     assert model.get_submodule("embed").weight.data_ptr() == learner.config.base.tensors["embed.weight"].data_ptr()
 
 
+@pytest.mark.slow
 def test_restored_lora_learner_is_bit_identical(tmp_path: Path) -> None:
     base = write_base(tmp_path / "base.safetensors")
     stream = agrawal_examples(960, unlabeled=0.2)

@@ -27,6 +27,7 @@ def chunks(examples, size=64):
         yield examples[i : i + size]
 
 
+@pytest.mark.slow
 def test_learns_agrawal_better_than_chance() -> None:
     learner = OnlineLearner(config())
     for chunk in chunks(agrawal_examples(6000)):
@@ -121,6 +122,7 @@ def test_loss_spike_rolls_back() -> None:
     assert all((after[k] - before[k]).abs().max() < 1.0 for k in before)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2])
 def test_spike_guard_does_not_refuse_batches_with_few_labels_without_a_drift(seed: int) -> None:
     # 10 % labels, batches of 32: about three labels a batch, one mistake makes their mean loss

@@ -6,6 +6,7 @@ import json
 import math
 
 import msgspec
+import pytest
 import torch
 from kafka import TopicPartition
 
@@ -59,6 +60,7 @@ def poisoned_records() -> tuple[list[bytes], int, int]:
     return records, refused, absurd
 
 
+@pytest.mark.slow
 def test_poison_and_a_loss_spike(tsettings: Settings, keys) -> None:
     records, refused, absurd = poisoned_records()
     settings = msgspec.structs.replace(
@@ -101,6 +103,7 @@ def test_poison_and_a_loss_spike(tsettings: Settings, keys) -> None:
     assert {dict(r.headers)[H_ERROR_KIND] for r in letters} == {b"non_finite"}
 
 
+@pytest.mark.slow
 def test_records_no_decoder_can_take_go_to_the_dead_letter_topic_and_training_goes_on(tsettings: Settings) -> None:
     good = agrawal_examples(300, seed=5)
     raw = encode(good[0])

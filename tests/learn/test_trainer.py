@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from stream_learner.bus import make_producer
 from stream_learner.checkpoint.reader import read_latest
 from stream_learner.checkpoint.signing import load_public_key
@@ -28,6 +30,7 @@ def run_until(trainer: Trainer, applied: int, max_steps: int = 10_000) -> None:
     raise AssertionError(f"applied only {trainer.offsets} of {applied}")
 
 
+@pytest.mark.slow
 def test_trains_and_publishes_signed_checkpoints(tsettings: Settings, keys) -> None:
     produce_examples(tsettings, agrawal_examples(3000))
     trainer = Trainer(tsettings)
@@ -47,6 +50,7 @@ def test_trains_and_publishes_signed_checkpoints(tsettings: Settings, keys) -> N
     assert set(latest.tensors) >= {"model.0.weight", "featurizer.mean"}
 
 
+@pytest.mark.slow
 def test_restart_resumes_from_its_state_not_from_kafka(tsettings: Settings) -> None:
     stream = agrawal_examples(2000)
     produce_examples(tsettings, stream)
@@ -71,6 +75,7 @@ def test_restart_resumes_from_its_state_not_from_kafka(tsettings: Settings) -> N
     assert versions == list(range(1, len(versions) + 1))
 
 
+@pytest.mark.slow
 def test_rolling_metrics_and_consumer_lag_are_gauges_with_the_model_label(tsettings: Settings) -> None:
     from stream_learner.metrics import Metrics
 

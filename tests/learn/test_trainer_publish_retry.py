@@ -40,6 +40,7 @@ def retries(trainer: Trainer) -> float:
     return value or 0.0
 
 
+@pytest.mark.slow
 def test_a_transient_publish_failure_is_retried_and_the_checkpoint_published(tsettings: Settings, keys) -> None:
     produce_examples(tsettings, agrawal_examples(200))
     trainer = Trainer(tsettings)
@@ -68,6 +69,7 @@ def test_a_permanent_publish_failure_is_raised_at_once(tsettings: Settings) -> N
         trainer.close()
 
 
+@pytest.mark.slow
 def test_a_stop_ends_a_publish_waiting_for_the_broker(tsettings: Settings) -> None:
     produce_examples(tsettings, agrawal_examples(100))
     stop = threading.Event()

@@ -51,6 +51,7 @@ def test_int8_layer_is_close_to_float_and_round_trips_through_safetensors_withou
     assert not list(q.parameters())  # nothing trainable, nothing pickled: buffers only
 
 
+@pytest.mark.slow
 def test_each_variant_serves_through_the_predictor_and_is_deterministic() -> None:
     learner, parent = trained()
     window = learner.recent.window()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import msgspec
+import pytest
 import torch
 
 from stream_learner.checkpoint.reader import read_latest
@@ -19,6 +20,7 @@ from ..learn.test_trainer import produce_examples
 from .test_replay import replay
 
 
+@pytest.mark.slow
 def test_an_examples_replay_on_a_frozen_base_equals_the_live_trainer(rsettings: Settings, tmp_path: Path) -> None:
     s = msgspec.structs.replace(
         rsettings,

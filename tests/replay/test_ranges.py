@@ -83,6 +83,7 @@ def test_time_bounds_match_the_records_whatever_the_broker_answers(settings: Set
         consumer.close()
 
 
+@pytest.mark.slow
 def test_resolve_ranges_by_time_offsets_and_edges(settings: Settings) -> None:
     produce_timed(settings, settings.topic_predictions, 3)
     produce_timed(settings, settings.topic_labels, 3)

@@ -41,6 +41,7 @@ def replay(settings: Settings, replay_id: str, **kw) -> tuple[Replay, dict]:
     return r, r.run()
 
 
+@pytest.mark.slow
 def test_two_replays_of_the_same_range_have_identical_digests_whatever_the_fetch_size(
     rsettings: Settings, events, tmp_path: Path
 ) -> None:
@@ -81,6 +82,7 @@ def test_two_replays_of_the_same_range_have_identical_digests_whatever_the_fetch
     assert out.manifest(a["version"]).weights.sha256 == a["final_sha256"]
 
 
+@pytest.mark.slow
 def test_examples_replay_equals_the_live_trainer_bit_for_bit(rsettings: Settings) -> None:
     s = msgspec.structs.replace(rsettings, trainer_features=AGRAWAL_FEATURES, trainer_classes=["0", "1"])
     produce_examples(s, agrawal_examples(3_000, unlabeled=0.2, seed=3))
@@ -126,6 +128,7 @@ def test_events_replay_joins_what_the_live_joiner_joined(rsettings: Settings, ev
     assert len(seen) == len({x.example_id for x in seen})  # the replay emits each example once
 
 
+@pytest.mark.slow
 def test_interrupted_replay_resumes_to_the_same_digests(rsettings: Settings, events, tmp_path: Path) -> None:
     _, whole = replay(rsettings, "whole", lineage="m@r", output_dir=str(tmp_path / "whole"), close_windows=True)
 
@@ -175,6 +178,7 @@ def test_resuming_with_other_settings_is_refused(rsettings: Settings, events, tm
         replay(other, "s", output_dir=str(tmp_path / "o"))
 
 
+@pytest.mark.slow
 def test_interrupted_examples_replay_resumes_to_the_same_digests(rsettings: Settings, tmp_path: Path) -> None:
     s = msgspec.structs.replace(
         rsettings, trainer_features=AGRAWAL_FEATURES, trainer_classes=["0", "1"], trainer_checkpoint_every_examples=300
@@ -209,6 +213,7 @@ def test_interrupted_examples_replay_resumes_to_the_same_digests(rsettings: Sett
     assert runs[-1]["learner_counts"] == whole["learner_counts"]
 
 
+@pytest.mark.slow
 def test_overwrite_live_continues_the_live_lineage(rsettings: Settings) -> None:
     s = msgspec.structs.replace(rsettings, trainer_features=AGRAWAL_FEATURES, trainer_classes=["0", "1"])
     produce_examples(s, agrawal_examples(1_200, seed=4))

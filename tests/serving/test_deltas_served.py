@@ -112,6 +112,7 @@ def node(settings: Settings, served: list[int], metrics: Metrics | None = None, 
     )
 
 
+@pytest.mark.slow
 def test_deltas_are_verified_applied_in_order_across_a_restart_and_refused_on_another_base(
     lsettings: Settings, tmp_path: Path
 ) -> None:

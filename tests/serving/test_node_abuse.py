@@ -144,6 +144,7 @@ def test_idle_keep_alive_connections_cost_no_thread_and_never_lock_out_a_client(
         node.stop()
 
 
+@pytest.mark.slow
 def test_a_slow_client_is_cut_by_total_time_not_per_byte(served: Any) -> None:
     node = make_node(served, request_timeout_s=1.0)
     try:
@@ -171,6 +172,7 @@ def test_a_slow_client_is_cut_by_total_time_not_per_byte(served: Any) -> None:
         node.stop()
 
 
+@pytest.mark.slow
 def test_concurrent_large_batches_are_shed_not_queued_and_a_single_request_is_still_served(served: Any) -> None:
     node = make_node(served, max_inflight=4, max_body_bytes=1 << 20, max_batch_values=200_000)
     rows = {"a": 1.0, "b": 2.0}

@@ -108,6 +108,7 @@ def raw_registry(producer: Any, topic: str, record: RegistryRecord, partition: i
     )
 
 
+@pytest.mark.slow
 def test_an_alias_moves_and_three_subscribers_follow_it(
     settings: Settings, producer: Any, keypair: Any, fleet: list[CheckpointSubscriber]
 ) -> None:
@@ -138,6 +139,7 @@ def test_an_alias_moves_and_three_subscribers_follow_it(
         newest.stop()
 
 
+@pytest.mark.slow
 def test_rollback_is_fleet_wide_in_one_command(
     settings: Settings,
     producer: Any,
@@ -208,6 +210,7 @@ def test_rollback_is_fleet_wide_in_one_command(
         watched.stop()
 
 
+@pytest.mark.slow
 def test_pin_and_unpin_are_fleet_wide(
     settings: Settings, producer: Any, keypair: Any, key_files: tuple[Path, Path], fleet: list[CheckpointSubscriber]
 ) -> None:
@@ -236,6 +239,7 @@ def test_pin_and_unpin_are_fleet_wide(
         newest.stop()
 
 
+@pytest.mark.slow
 def test_a_forged_or_unsigned_registry_record_is_refused_counted_and_changes_nothing(
     settings: Settings, producer: Any, keypair: Any, other_keypair: Any
 ) -> None:
@@ -271,6 +275,7 @@ def test_a_forged_or_unsigned_registry_record_is_refused_counted_and_changes_not
         sub.stop()
 
 
+@pytest.mark.slow
 def test_a_replayed_old_registry_record_does_not_move_the_alias_back(
     settings: Settings, producer: Any, keypair: Any
 ) -> None:
@@ -337,6 +342,7 @@ def test_two_writers_at_once_the_first_wins_and_the_second_is_told(
         sub.stop()
 
 
+@pytest.mark.slow
 def test_a_wrong_model_name_says_which_models_the_topic_holds(settings: Settings, producer: Any, keypair: Any) -> None:
     topic = settings.topic_models
     publish(producer, topic, keypair[0], 1, model="churn")
@@ -361,6 +367,7 @@ def test_a_wrong_model_name_says_which_models_the_topic_holds(settings: Settings
         sub.stop()
 
 
+@pytest.mark.slow
 def test_a_restarted_node_reads_back_only_what_was_appended_since_a_fresh_one_to_the_record(
     settings: Settings, producer: Any, keypair: Any
 ) -> None:

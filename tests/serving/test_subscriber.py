@@ -45,6 +45,7 @@ def failures(metrics: Metrics, reason: str) -> float:
 # -- catching up and following ----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_catch_up_after_50_versions_reads_the_newest_only_then_follows_forward(
     settings: Settings, producer, keypair
 ) -> None:
@@ -101,6 +102,7 @@ def test_catch_up_after_50_versions_reads_the_newest_only_then_follows_forward(
         sub.stop()
 
 
+@pytest.mark.slow
 def test_start_waits_for_a_first_model_and_follows_in_order(settings: Settings, producer, keypair) -> None:
     topic = settings.topic_models
     publish(producer, topic, keypair[0], 1)
@@ -148,6 +150,7 @@ def test_an_older_version_republished_is_not_swapped_in(settings: Settings, prod
         sub.stop()
 
 
+@pytest.mark.slow
 def test_pin_unpin_and_rollback(settings: Settings, producer, keypair) -> None:
     topic = settings.topic_models
     for v in (1, 2, 3):
@@ -178,6 +181,7 @@ def test_pin_unpin_and_rollback(settings: Settings, producer, keypair) -> None:
         assert swaps == [(3, None), (1, 3), (4, 1), (2, 4), (4, 2), (5, 4)]
 
 
+@pytest.mark.slow
 def test_a_pinned_version_in_the_settings_is_served_at_start(settings: Settings, producer, keypair) -> None:
     topic = settings.topic_models
     for v in (1, 2, 3):
@@ -240,6 +244,7 @@ def test_a_failing_callback_and_an_unreachable_broker_do_not_kill_the_thread(
 # -- swaps under load ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_swaps_under_prediction_load_fail_no_request_and_mix_no_versions(settings: Settings, producer, keypair) -> None:
     topic = settings.topic_models
     publish(producer, topic, keypair[0], 1)
@@ -500,6 +505,7 @@ class PartitionProducer:
         return self.inner.send(topic, **{**kwargs, "partition": self.partition})
 
 
+@pytest.mark.slow
 def test_every_partition_is_followed_from_where_the_catch_up_left_it(settings: Settings, producer, keypair) -> None:
     from kafka import KafkaAdminClient
     from kafka.admin import NewTopic

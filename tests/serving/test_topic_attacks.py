@@ -103,6 +103,7 @@ START_ATTACKS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(START_ATTACKS))
 def test_a_restarting_node_serves_the_last_good_version_past_what_it_cannot_verify(
     case: str, settings: Settings, producer: Any, keypair: Any, other_keypair: Any
@@ -130,6 +131,7 @@ def test_a_restarting_node_serves_the_last_good_version_past_what_it_cannot_veri
 # -- 18.2: a replayed, validly signed old manifest -------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("state", ["restarting node", "new node, no state"])
 def test_a_replayed_old_manifest_is_never_served_at_start(
     state: str, settings: Settings, producer: Any, keypair: Any, tmp_path: Path
@@ -153,6 +155,7 @@ def test_a_replayed_old_manifest_is_never_served_at_start(
         sub.stop()
 
 
+@pytest.mark.slow
 def test_a_start_version_below_the_floor_is_refused_counted_and_shown(
     settings: Settings, producer: Any, keypair: Any
 ) -> None:
@@ -205,6 +208,7 @@ def test_a_start_version_below_the_floor_is_refused_counted_and_shown(
         sub.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("state", ["restarting node", "new node, no state"])
 def test_a_replay_the_scan_cannot_rule_out_is_served_only_if_the_floor_vouches_for_it(
     state: str, settings: Settings, producer: Any, keypair: Any
@@ -278,6 +282,7 @@ def test_a_restarting_node_becomes_ready_past_a_record_over_100_mb(
         sub.stop()
 
 
+@pytest.mark.slow
 def test_the_start_scan_makes_progress_across_broker_errors(
     settings: Settings, producer: Any, keypair: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import msgspec
+import pytest
 
 from stream_learner.bus import make_producer
 from stream_learner.checkpoint.signing import generate_keypair, load_public_key
@@ -17,6 +18,7 @@ from ..learn.streams import AGRAWAL_FEATURES, agrawal_examples
 from .conftest import wait_for
 
 
+@pytest.mark.slow
 def test_a_subscriber_serves_each_checkpoint_the_trainer_publishes(settings: Settings, tmp_path: Path) -> None:
     private_pem, public_pem = generate_keypair()
     (tmp_path / "k.pem").write_bytes(private_pem)

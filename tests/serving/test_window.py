@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import pytest
+
 from stream_learner.checkpoint.publish import H_CHUNK_COUNT, H_CHUNK_INDEX, H_VERSION
 from stream_learner.checkpoint.reader import record_bytes
 from stream_learner.serving.window import ChunkWindow, header_version
@@ -40,6 +42,7 @@ def test_the_oldest_chunks_are_evicted_to_stay_within_the_budget() -> None:
     assert sorted(w.chunks(0)) == [3, 4] and w.size == 2 * UNIT and len(w) == 2
 
 
+@pytest.mark.slow
 def test_the_window_is_bounded_by_records_too_and_empty_records_are_not_free() -> None:
     w = ChunkWindow(max_bytes=1 << 30, max_records=100)
     for offset in range(200_000):
