@@ -15,10 +15,10 @@ from typing import Annotated
 
 from msgspec import Meta, Struct
 
-from .events import (
-    _QUOTE_COUNTS,
+from .events.codec import Codec
+from .events.quotes import QUOTE_COUNTS, example_quotes, prediction_quotes
+from .events.wire import (
     MAX_FEATURES,
-    Codec,
     EventTime,
     ExampleKind,
     Finite,
@@ -28,8 +28,6 @@ from .events import (
     Prediction,
     Source,
     Version,
-    _example_quotes,
-    _prediction_quotes,
 )
 
 __all__ = ["EXAMPLE_V1", "PREDICTION_V1", "ExampleEvent", "FeaturesV1", "PredictionEvent"]
@@ -76,8 +74,8 @@ class ExampleEvent(Struct, frozen=True, kw_only=True):
 
 # The same fast proof as v2's (a v1 event has no string feature values). Before the codecs, which
 # look it up when they are made.
-_QUOTE_COUNTS.setdefault(PredictionEvent, _prediction_quotes)
-_QUOTE_COUNTS.setdefault(ExampleEvent, _example_quotes)
+QUOTE_COUNTS.setdefault(PredictionEvent, prediction_quotes)
+QUOTE_COUNTS.setdefault(ExampleEvent, example_quotes)
 
 #: Strict v1 decoders (the tests' reference for the v1 files; the roles decode with v2).
 PREDICTION_V1: Codec[PredictionEvent] = Codec(PredictionEvent)

@@ -145,7 +145,7 @@ def test_each_verbs_help_lists_only_the_settings_it_uses_with_meaning_and_defaul
     for field in FIELDS:
         flag = flag_name(field)
         if field in used:
-            # Its flag, its meaning and its default, from the one description in config.py.
+            # Its flag, its meaning and its default, from the one description in config/settings.py.
             assert f"{flag} " in text or f"{flag}," in text, field
             described = f"{docs[field]} (default: {default_of(field) or 'unset'})"
             assert described.replace(" ", "") in squeezed, field

@@ -3,7 +3,9 @@
 * :mod:`.codec` — tensors <-> safetensors bytes (never pickle); :mod:`.digest` — their SHA-256;
 * :mod:`.signing` — Ed25519 keys, signing and verifying manifests and registry records;
 * :mod:`.publish` — chunks then signed manifest onto the model topic;
-* :mod:`.reader` — the newest (or a named) checkpoint, verified, read from the end;
+* :mod:`.reader` — the newest (or a named) checkpoint, verified, read from the end: the reading API;
+  :mod:`.fetch` — reading the topic's records by offset and backwards; :mod:`.verify` — trusting a
+  manifest record; :mod:`.assemble` — its chunks checked and joined into weights;
 * :mod:`.scan` — where a serving node starts: a verified, bounded, resumable backward scan;
 * :mod:`.registry` — signed registry records (aliases, a fleet-wide pin) and their search;
 * :mod:`.catalog` — ``stream-learner models``: what the topic holds, the registry changes;

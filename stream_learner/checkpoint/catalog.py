@@ -28,16 +28,9 @@ from ..bus import make_producer
 from ..config import Settings
 from ..events import CheckpointManifest
 from .errors import CheckpointError, CheckpointNotFoundError
+from .fetch import Overflow, RecordReader, record_bytes, record_header
 from .publish import H_TYPE, TYPE_MANIFEST
-from .reader import (
-    _Overflow,
-    _Reader,
-    make_reader_consumer,
-    read_version,
-    record_bytes,
-    record_header,
-    verify_record,
-)
+from .reader import make_reader_consumer, read_version
 from .registry import (
     REGISTRY_PARTITION,
     Found,
@@ -47,6 +40,7 @@ from .registry import (
     write_registry,
 )
 from .scan import ScanLimits
+from .verify import verify_record
 
 __all__ = ["Catalog", "catalog", "list_models", "pin", "rollback", "set_alias", "show_model", "unpin"]
 
@@ -103,7 +97,7 @@ def catalog(settings: Settings, keys: list[Ed25519PublicKey], *, limits: ScanLim
             raise CheckpointError(f"topic {topic!r} does not exist or has no partitions")
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         begin, end = consumer.beginning_offsets(tps), consumer.end_offsets(tps)
-        reader = _Reader(consumer, topic, time.monotonic() + READ_TIMEOUT_S, offsets=(begin, end))
+        reader = RecordReader(consumer, topic, time.monotonic() + READ_TIMEOUT_S, offsets=(begin, end))
         records = read_bytes = 0
         by_model: dict[str, list[Found]] = {}
         for tp in tps:
@@ -115,7 +109,7 @@ def catalog(settings: Settings, keys: list[Ed25519PublicKey], *, limits: ScanLim
                 lo = max(begin[tp], cursor - size)
                 try:
                     window = reader.read_range(tp, lo, cursor, max_bytes=limits.window_bytes if size > 1 else None)
-                except _Overflow as over:
+                except Overflow as over:
                     size = max(1, (over.position - lo) // 2)
                     continue
                 records += max(len(window), 1)

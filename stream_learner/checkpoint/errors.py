@@ -32,3 +32,7 @@ class CheckpointNotFoundError(CheckpointError):
 class LimitError(CheckpointError):
     """A checkpoint asks for more than the reader allows (declared size, chunks, safetensors header,
     tensor count, architecture): refused before the memory or the work is spent."""
+
+
+class ReadTimeoutError(CheckpointError):
+    """The broker did not deliver the records to read in time: worth retrying, unlike a failed check."""

@@ -54,10 +54,11 @@ from kafka.errors import KafkaError
 from ..errors import EventError
 from ..events import REGISTRY, REGISTRY_HISTORY_MAX, RegistryRecord, encode, now_ms
 from .errors import CheckpointError, SignatureError
+from .fetch import Overflow, RecordReader, Skipped, record_bytes, record_header
 from .publish import H_MODEL, H_TYPE
-from .reader import PublicKeys, Skipped, _Overflow, _Reader, key_list, record_bytes, record_header
 from .scan import ScanLimits
 from .signing import sign_record, signed_bytes, verify_signature
+from .verify import PublicKeys, key_list
 
 #: Previous versions kept per alias (what successive rollbacks go back through).
 HISTORY_MAX = REGISTRY_HISTORY_MAX
@@ -249,7 +250,7 @@ class RegistryScan:
         if self._cursor is None:
             raise RuntimeError("RegistryScan.step before start")
         tp = self.tp
-        reader = _Reader(
+        reader = RecordReader(
             consumer,
             self.topic,
             time.monotonic() + deadline_s,
@@ -268,7 +269,7 @@ class RegistryScan:
             self._window(reader)
         return True
 
-    def _window(self, reader: _Reader) -> None:
+    def _window(self, reader: RecordReader) -> None:
         assert self._cursor is not None
         low = max(self._begin, self.stop)
         size = max(1, min(self._size, 8192, int(self.limits.window_bytes / max(self._avg_bytes, 1.0))))
@@ -278,7 +279,7 @@ class RegistryScan:
             try:
                 records = reader.read_range(self.tp, lo, hi, max_bytes=None if size == 1 else self.limits.window_bytes)
                 break
-            except _Overflow as over:
+            except Overflow as over:
                 size = max(1, (over.position - lo) // 2)
         self._size = size * 2
         self.observe(records, lo, hi)
@@ -441,7 +442,7 @@ def write_registry(
     # Another writer may have read the same state: whatever lies between the end this writer read
     # and its own record decides which came first.
     tp = TopicPartition(topic, REGISTRY_PARTITION)
-    reader = _Reader(consumer, topic, time.monotonic() + timeout_s, offsets=({tp: end}, {tp: meta.offset + 1}))
+    reader = RecordReader(consumer, topic, time.monotonic() + timeout_s, offsets=({tp: end}, {tp: meta.offset + 1}))
     model_b = model.encode()
     for other in reader.read_range(tp, end, meta.offset):
         if not is_registry_record(other, model_b):

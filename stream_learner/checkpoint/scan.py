@@ -7,7 +7,7 @@ candidate only once it has read back to its chunks (so a replayed old
 manifest loses to the versions between), refuses versions below a floor,
 and runs in bounded, resumable steps. :func:`newest_version` runs it to its
 end for a trainer numbering its versions. It reads with the reader's
-windows and checks (:mod:`stream_learner.checkpoint.reader`).
+windows and checks (:mod:`.fetch`, :mod:`.verify`, :mod:`.assemble`).
 """
 
 from __future__ import annotations
@@ -19,22 +19,12 @@ from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
 
-from .errors import CheckpointError, SignatureError
+from .assemble import LoadLimits, load_weights
+from .errors import CheckpointError, ReadTimeoutError, SignatureError
+from .fetch import Overflow, RecordReader, Skipped, record_bytes, record_header
 from .publish import H_MODEL, H_TYPE, TYPE_CHUNK, TYPE_MANIFEST
-from .reader import (
-    LoadedCheckpoint,
-    LoadLimits,
-    PublicKeys,
-    ReadTimeoutError,
-    Skipped,
-    _Candidate,
-    _Overflow,
-    _Reader,
-    key_list,
-    record_bytes,
-    record_header,
-    verify_record,
-)
+from .reader import LoadedCheckpoint
+from .verify import Candidate, PublicKeys, key_list, verify_record
 
 
 def newest_version(
@@ -95,7 +85,7 @@ class _PartitionScan:
     tp: TopicPartition
     cursor: int  # the next window ends here (exclusive)
     begin: int
-    best: _Candidate | None = None  # the newest verified manifest above the floor not yet confirmed
+    best: Candidate | None = None  # the newest verified manifest above the floor not yet confirmed
     confirm_at: int = 0  # best is confirmed once the cursor is at or below its first chunk's offset
     done: bool = False
     avg_bytes: float = 1024.0  # of the records read, to size the next window in records
@@ -209,11 +199,11 @@ class LatestScan:
 
     # -- scanning ---------------------------------------------------------------
 
-    def step(self, consumer: Any, *, prober: Any = None, deadline_s: float = 60.0) -> list[_Candidate] | None:
+    def step(self, consumer: Any, *, prober: Any = None, deadline_s: float = 60.0) -> list[Candidate] | None:
         """Scan one bounded step; ``None`` while not done, else the confirmed candidates, best first."""
         if self._parts is None or self._offsets is None:
             raise RuntimeError("LatestScan.step before start")
-        reader = _Reader(
+        reader = RecordReader(
             consumer,
             self.topic,
             time.monotonic() + deadline_s,
@@ -234,7 +224,7 @@ class LatestScan:
                     self._window(reader, part)
         return self.candidates()
 
-    def candidates(self) -> list[_Candidate]:
+    def candidates(self) -> list[Candidate]:
         """The confirmed candidates, the newest version first."""
         found = [p.best for p in (self._parts or {}).values() if p.best is not None and p.done]
         return sorted(found, key=lambda c: (c.manifest.version, c.manifest.created_at), reverse=True)
@@ -242,14 +232,14 @@ class LatestScan:
     def load(
         self,
         consumer: Any,
-        candidate: _Candidate,
+        candidate: Candidate,
         *,
         limits: LoadLimits | None = None,
         prober: Any = None,
         timeout_s: float = 60.0,
     ) -> LoadedCheckpoint:
         """The weights of a confirmed candidate (chunks kept on the way, the rest fetched by offset)."""
-        reader = _Reader(
+        reader = RecordReader(
             consumer,
             self.topic,
             time.monotonic() + timeout_s,
@@ -257,7 +247,7 @@ class LatestScan:
             skipped=self.skipped,
             offsets=self._offsets,
         )
-        tensors, metadata = reader.weights(candidate, limits)
+        tensors, metadata = load_weights(reader, candidate, limits)
         record = candidate.record
         return LoadedCheckpoint(
             manifest=candidate.manifest,
@@ -268,7 +258,7 @@ class LatestScan:
             offset=record.offset,
         )
 
-    def resume(self, candidate: _Candidate) -> None:
+    def resume(self, candidate: Candidate) -> None:
         """``candidate`` was refused at load: scan on below it in its partition."""
         assert self._parts is not None
         part = self._parts[TopicPartition(self.topic, candidate.record.partition)]
@@ -317,7 +307,7 @@ class LatestScan:
                 )
             part.done = True
 
-    def _window(self, reader: _Reader, part: _PartitionScan) -> None:
+    def _window(self, reader: RecordReader, part: _PartitionScan) -> None:
         """Read one window back from the cursor and handle its records, newest first."""
         size = max(1, min(part.size, MAX_SCAN_WINDOW, int(self.limits.window_bytes / max(part.avg_bytes, 1.0))))
         hi = part.cursor
@@ -327,7 +317,7 @@ class LatestScan:
                 # Bounded in bytes as it is read: small records before may hide large ones here.
                 records = reader.read_range(part.tp, lo, hi, max_bytes=None if size == 1 else self.limits.window_bytes)
                 break
-            except _Overflow as over:
+            except Overflow as over:
                 size = max(1, (over.position - lo) // 2)  # read fewer, from the same end
         part.size = size * 2
         part.cursor = lo
@@ -409,7 +399,7 @@ class LatestScan:
             return
         # A newer version: the candidate now, confirmed once the scan reaches its first chunk.
         offsets = manifest.weights.chunk_offsets
-        part.best = _Candidate(manifest, record, {})
+        part.best = Candidate(manifest, record, {})
         part.needed = set(offsets)
         part.kept = {o: window[o] for o in part.needed if o in window and o < record.offset}
         part.kept_bytes = sum(len(r.value or b"") for r in part.kept.values())

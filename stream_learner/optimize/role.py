@@ -32,9 +32,10 @@ import structlog
 from kafka import TopicPartition
 
 from ..bus import make_consumer
+from ..checkpoint.fetch import record_header
 from ..checkpoint.output import TopicOutput
 from ..checkpoint.publish import H_MODEL, H_TYPE, TYPE_MANIFEST
-from ..checkpoint.reader import load_manifest_record, make_reader_consumer, record_header
+from ..checkpoint.reader import load_manifest_record, make_reader_consumer
 from ..checkpoint.signing import load_private_key, load_public_key
 from ..config import Settings
 from ..errors import ConfigError, EventError

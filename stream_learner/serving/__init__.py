@@ -74,7 +74,7 @@ guards what: :mod:`stream_learner.serving.subscriber`.
 and a key is trusted with weights, not code or unbounded work: a node
 builds only the built-in architectures and the factories named in
 ``serving_allowed_architectures``, and bounds everything before building
-(:mod:`.model`, :class:`~stream_learner.checkpoint.reader.LoadLimits`).
+(:mod:`.model`, :class:`~stream_learner.checkpoint.assemble.LoadLimits`).
 The README's Security section is the threat model.
 
 **Modules**, by concept:

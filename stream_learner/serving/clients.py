@@ -12,7 +12,7 @@ together on first use and closed together:
   :meth:`ReaderClients.close` takes the same lock, so a read is never cut
   short by a close from another thread;
 * the **prober** reads one record batch per fetch (see
-  :func:`~stream_learner.checkpoint.reader.probe`), to find and move past a
+  :func:`~stream_learner.checkpoint.fetch.probe`), to find and move past a
   record too large to receive; only the loop uses it, made on first use.
 
 Every consumer refuses a response larger than ``receive_limit`` bytes

@@ -25,9 +25,9 @@ from ..checkpoint.errors import (
     DigestError,
     IncompleteCheckpointError,
     LimitError,
+    ReadTimeoutError,
     SignatureError,
 )
-from ..checkpoint.reader import ReadTimeoutError
 
 __all__ = ["ModelLoadError", "failure_reason", "is_transient"]
 

@@ -32,7 +32,7 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..checkpoint.errors import CheckpointError
-from ..checkpoint.reader import Skipped
+from ..checkpoint.fetch import Skipped
 from ..checkpoint.registry import (
     REGISTRY_PARTITION,
     Found,

@@ -10,7 +10,7 @@ handled, the chunks before it that no manifest to come needs are forgotten
 
 **Contract.** The window holds at most ``max_records`` records and
 ``max_bytes`` of them, each counted with its key, headers and a fixed
-overhead (:func:`~stream_learner.checkpoint.reader.record_bytes`), so
+overhead (:func:`~stream_learner.checkpoint.fetch.record_bytes`), so
 empty records are not free. A chunk is kept only if its version header
 parses and is above the version followed, its index and count headers
 parse with ``index < count``, and it is not larger than the whole window;
@@ -48,8 +48,8 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Protocol
 
+from ..checkpoint.fetch import record_bytes, record_header
 from ..checkpoint.publish import H_CHUNK_COUNT, H_CHUNK_INDEX, H_VERSION
-from ..checkpoint.reader import record_bytes, record_header
 
 __all__ = ["ChunkRecord", "ChunkWindow", "header_version"]
 

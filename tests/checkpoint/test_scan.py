@@ -9,7 +9,7 @@ import pytest
 from kafka import KafkaProducer, TopicPartition
 
 from stream_learner.bus import kafka_options
-from stream_learner.checkpoint import reader
+from stream_learner.checkpoint import fetch
 from stream_learner.checkpoint.scan import LatestScan, ScanLimits
 from stream_learner.config import Settings
 
@@ -31,14 +31,14 @@ def test_small_records_before_large_ones_never_make_one_read_hold_more_than_the_
     last_offset = last.get(timeout=30).offset
     junk.close()
     held: list[int] = []
-    real = reader._Reader.read_range
+    real = fetch.RecordReader.read_range
 
     def measured(self: Any, tp: Any, lo: int, hi: int, max_bytes: int | None = None) -> Any:
         out = real(self, tp, lo, hi, max_bytes)
         held.append(sum(len(r.value or b"") for r in out))
         return out
 
-    monkeypatch.setattr(reader._Reader, "read_range", measured)
+    monkeypatch.setattr(fetch.RecordReader, "read_range", measured)
     tps = [TopicPartition(topic, 0)]
     # Tansu's end offset lags a batched produce by some records, and may take a while to move:
     # wait until it is past the large records and most of the tiny ones, and start from there.

@@ -286,7 +286,7 @@ def test_a_restarting_node_becomes_ready_past_a_record_over_100_mb(
 def test_the_start_scan_makes_progress_across_broker_errors(
     settings: Settings, producer: Any, keypair: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from stream_learner.checkpoint import reader
+    from stream_learner.checkpoint import fetch
     from stream_learner.checkpoint.reader import ReadTimeoutError
 
     publish(producer, settings.topic_models, keypair[0], 1)
@@ -295,7 +295,7 @@ def test_the_start_scan_makes_progress_across_broker_errors(
         junk.send(settings.topic_models, value=b"", partition=0)
     junk.flush()
     junk.close()
-    real = reader._Reader.read_range
+    real = fetch.RecordReader.read_range
     calls = [0]
 
     def flaky(self: Any, tp: Any, lo: int, hi: int, max_bytes: int | None = None) -> Any:
@@ -304,7 +304,7 @@ def test_the_start_scan_makes_progress_across_broker_errors(
             raise ReadTimeoutError("simulated")
         return real(self, tp, lo, hi, max_bytes)
 
-    monkeypatch.setattr(reader._Reader, "read_range", flaky)
+    monkeypatch.setattr(fetch.RecordReader, "read_range", flaky)
     sub, _ = restarted(settings, keypair)
     try:
         step_until(sub, lambda: sub.version == 1, timeout_s=60, what="v1 despite the broker errors")
