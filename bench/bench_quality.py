@@ -373,13 +373,13 @@ def run_ours(stream: Stream, events: list[ExampleEvent], o: Ours) -> dict[str, A
     # Capture the prequential predictions (argmax of the logits the learner
     # scores with) by shadowing one bound method on the instance; product code
     # is unchanged and the capture costs one argmax per chunk.
-    original = learner._evaluate_classes
+    original = learner.prequential.score_classes
 
     def capture(rows: Any, predictor: Any, out: torch.Tensor, *rest: Any) -> Any:
         preds.append(out.argmax(dim=1).tolist())
         return original(rows, predictor, out, *rest)
 
-    learner._evaluate_classes = capture  # type: ignore[method-assign]
+    learner.prequential.score_classes = capture  # type: ignore[method-assign]
     chunks = [events[i : i + batch] for i in range(0, len(events), batch)]
     log: dict[str, Any] = {"findings": [], "promoted": 0}
     gc.collect()
@@ -393,7 +393,7 @@ def run_ours(stream: Stream, events: list[ExampleEvent], o: Ours) -> dict[str, A
             rollback_at.append(c * batch)
         for finding in result.findings:
             apply_policy(learner, policy, finding, log)
-        counts = learner.counts  # a promotion keeps the counts dict; a load would not (none here)
+        counts = learner.counts  # a promotion and a load keep the counts dict (the parts share it)
     seconds = time.perf_counter() - t0
     flat = [p for chunk_preds in preds for p in chunk_preds]
     assert len(flat) == len(events), (len(flat), len(events))

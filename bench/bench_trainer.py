@@ -62,8 +62,8 @@ Each trainer step is split into stages by wrapping the instance's own
 methods (instance attributes shadow the bound methods; the product code is
 not changed): ``poll``, the session's ``_learn_chunk``, ``learner.process``,
 ``featurizer.transform`` (featurize), the model's forward pass with
-gradients off (predict), ``_evaluate_classes`` (prequential scoring,
-the drift detectors' updates and the training targets of the chunk), ``_step`` (the optimizer step, with
+gradients off (predict), ``prequential.score_classes`` (prequential scoring,
+the drift detectors' updates and the training targets of the chunk), ``stepper.step`` (the optimizer step, with
 ``remember_good`` counted apart inside it) and ``checkpoint`` (with its
 ``state_dict``, ``weights_bytes``, state-store ``save``, the output's ``publish``,
 producer ``flush`` and offset ``commit`` parts). ``decode loop`` is
@@ -325,9 +325,9 @@ class Stages:
         # The forward pass with gradients off is the prequential prediction;
         # with gradients on it is part of the train step.
         self.wrap(learner.main.model, "forward", "predict", when=lambda: not torch.is_grad_enabled())
-        self.wrap(learner, "_evaluate_classes", "evaluate")
-        self.wrap(learner, "_evaluate_regression", "evaluate")
-        self.wrap(learner, "_step", "train_step")
+        self.wrap(learner.prequential, "score_classes", "evaluate")
+        self.wrap(learner.prequential, "score_regression", "evaluate")
+        self.wrap(learner.stepper, "step", "train_step")
         self.wrap(learner.main, "remember_good", "remember_good")
 
     def wrap_trainer(self, trainer: Trainer) -> None:

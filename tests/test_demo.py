@@ -122,8 +122,11 @@ def test_the_report_has_the_baseline_a_legend_latency_and_one_rolling_window(tmp
     from collections import Counter
 
     from stream_learner.sdk import SDKStats
+    from stream_learner.tools.demo.curves import Curves
     from stream_learner.tools.demo.monitor import Observed
-    from stream_learner.tools.demo.report import Curves, label_rows, report_html, summarize
+    from stream_learner.tools.demo.plot import label_rows
+    from stream_learner.tools.demo.report import report_html
+    from stream_learner.tools.demo.summary import summarize
 
     config, served, baseline = _synthetic_run(tmp_path)
     summary = summarize(config, served, Counter(), Observed(), {}, {}, 0.0, 20.0, SDKStats(0, 0, 0, 0), baseline)
@@ -170,7 +173,8 @@ def test_a_node_following_a_variant_is_replayed_by_the_nodes_rule_and_scored_on_
 
     from stream_learner.sdk import SDKStats
     from stream_learner.tools.demo.monitor import Observed
-    from stream_learner.tools.demo.report import describe, report_html, summarize
+    from stream_learner.tools.demo.report import report_html
+    from stream_learner.tools.demo.summary import describe, summarize
     from stream_learner.tools.demo.variants import Decision, VariantRun, replay_choice
 
     config, served, baseline = _synthetic_run(tmp_path)  # parent v(1 + i // 400), request i answered at i / 100 s

@@ -5,7 +5,8 @@ it chunks of examples and snapshots its state. A chunk is processed
 atomically, in this order:
 
 1. drop duplicates (by example id, over a bounded window) and examples of
-   other models; refuse examples whose label the model cannot use;
+   other models; refuse examples whose label the model cannot use
+   (:class:`~stream_learner.learn.intake.Intake`);
 2. featurize the chunk (statistics that have not seen it), predict every
    example with the current model through the one
    :class:`~stream_learner.learn.predictor.Predictor` (prequential:
@@ -15,11 +16,13 @@ atomically, in this order:
    feed the drift signals to the :class:`~stream_learner.learn.judge.DriftJudge`;
 4. pseudo-label the unlabeled examples whose confidence reaches the
    threshold (they train with ``pseudo_weight``); a late label trains on the
-   truth and records whether the earlier pseudo-label was right;
+   truth and records whether the earlier pseudo-label was right (3 and 4:
+   :class:`~stream_learner.learn.prequential.Prequential`);
 5. one optimizer step on the chunk's trainable examples, unless the loss or a
    gradient is not finite (batch skipped) or the
    :class:`~stream_learner.learn.parts.SpikeGuard` refuses it (model and
-   optimizer rolled back to the last good state, batch skipped).
+   optimizer rolled back to the last good state, batch skipped;
+   :class:`~stream_learner.learn.stepper.Stepper`).
 
 The findings go back to the caller, whose drift policy may act on the
 learner (:meth:`OnlineLearner.boost_lr`, :meth:`~OnlineLearner.reset_optimizer`,
@@ -32,7 +35,6 @@ chunks ends bit-identical to one that never stopped.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Sequence
@@ -40,26 +42,25 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from ..drift import DriftFinding
 from ..events import ExampleEvent, class_name
 from ..optimize.student import Student, StudentConfig
 from ..optimize.window import RecentExamples
-from .evaluation import Scoreboard, ServedClasses
-from .featurizer import Featurizer, ModelInput, RowsRefused, move_input
+from .featurizer import Featurizer, ModelInput, RowsRefused
 from .frozen import BaseWeights
-from .judge import DriftJudge, SignalValues
+from .intake import Intake
+from .judge import DriftJudge
 from .models import ModelSpec
-from .parts import DedupWindow, LrSchedule, PseudoLabels, SpikeGuard, Tensors
-from .predictor import Predictor, set_training
+from .parts import Tensors
+from .predictor import Predictor
+from .prequential import Prequential
+from .stepper import Stepper
 from .target import TargetScaler
 from .trainable import Trainable
 
 if TYPE_CHECKING:
     from ..drift import DriftWatch
-
-_EPS = 1e-15
 
 
 @dataclass(frozen=True)
@@ -145,25 +146,55 @@ class OnlineLearner:
         c = self.config
         self.classes = [class_name(x) for x in self.spec.classes]
         self.class_index = {name: i for i, name in enumerate(self.classes)}
-        self.served = ServedClasses(self.class_index)
         self.regression = self.spec.task == "regression"
         self.featurizer = c.featurizer()
         self.target = TargetScaler()
         self.main = self._trainable()
         self.challenger: Trainable | None = None
-        names = (
-            ["mae", "rmse_sq", "served_mae", "served_rmse_sq"]
-            if self.regression
-            else ["accuracy", "log_loss", "served_accuracy", "served_log_loss", "pseudo_precision"]
-        )
-        self.scores = Scoreboard(names, c.metrics_window)
-        self.challenger_scores = Scoreboard(["accuracy"], c.metrics_window)
-        self.champion_scores = Scoreboard(["accuracy"], c.metrics_window)
-        self.seen = DedupWindow(c.dedup_window)
-        self.pseudo = PseudoLabels(c.pseudo_memory)
-        self.guard = SpikeGuard(c.spike_factor, c.spike_warmup_batches, c.spike_patience)
-        self.lr = LrSchedule(c.lr)
+        # One tally for every part (each bumps its own keys): a checkpoint carries it as one dict.
+        self.counts = {
+            "labeled": 0,
+            "pseudo": 0,
+            "pseudo_skipped": 0,
+            "late": 0,
+            "duplicates": 0,
+            "other_model": 0,
+            "rejected": 0,
+            "batches": 0,
+            "skipped_non_finite": 0,
+            "rollbacks": 0,
+        }
         self.judge = DriftJudge(self.drift)
+        self.intake = Intake(
+            c.model_name,
+            self.classes,
+            self.class_index,
+            regression=self.regression,
+            label_abs_max=c.feature_abs_max,
+            dedup_window=c.dedup_window,
+            counts=self.counts,
+        )
+        self.prequential = Prequential(
+            self.class_index,
+            regression=self.regression,
+            judge=self.judge,
+            target=self.target,
+            counts=self.counts,
+            metrics_window=c.metrics_window,
+            pseudo_memory=c.pseudo_memory,
+            pseudo_enabled=c.pseudo_enabled,
+            pseudo_threshold=c.pseudo_threshold,
+            pseudo_weight=c.pseudo_weight,
+        )
+        self.stepper = Stepper(
+            regression=self.regression,
+            clip_norm=c.clip_norm,
+            lr=c.lr,
+            spike_factor=c.spike_factor,
+            spike_warmup_batches=c.spike_warmup_batches,
+            spike_patience=c.spike_patience,
+            counts=self.counts,
+        )
         # The serving variants' parts (stream_learner.optimize), when the settings ask for them.
         self.recent = (
             RecentExamples(self.spec.features, c.recent_window, c.feature_abs_max) if c.recent_window else None
@@ -177,18 +208,6 @@ class OnlineLearner:
         )
         self.examples_seen = 0
         self.chunk_base = 0
-        self.counts = {
-            "labeled": 0,
-            "pseudo": 0,
-            "pseudo_skipped": 0,
-            "late": 0,
-            "duplicates": 0,
-            "other_model": 0,
-            "rejected": 0,
-            "batches": 0,
-            "skipped_non_finite": 0,
-            "rollbacks": 0,
-        }
 
     def _trainable(self) -> Trainable:
         c = self.config
@@ -222,28 +241,8 @@ class OnlineLearner:
     def process(self, chunk: Sequence[ExampleEvent]) -> ChunkResult:
         """Evaluate, then learn from one chunk of examples (see the module docstring)."""
         result = ChunkResult()
-        rows: list[ExampleEvent] = []
-        where: list[int] = []  # each row's index in the chunk
-        blake2b, remember, model_name = hashlib.blake2b, self.seen.add, self.config.model_name
-        # A label that is one of the class names as given is fine: no need to ask _label_problem.
-        known = self.class_index if not self.regression else {}
-        for i, ex in enumerate(chunk):
-            if not remember(blake2b(ex.example_id.encode(), digest_size=16).digest()):
-                self.counts["duplicates"] += 1
-                continue
-            if ex.model != model_name:
-                self.counts["other_model"] += 1
-                continue
-            if (
-                ex.kind != "unlabeled"
-                and not (type(ex.label) is str and ex.label in known)
-                and (reason := self._label_problem(ex.label))
-            ):
-                self.counts["rejected"] += 1
-                result.rejected.append(Rejected(i, "invalid_label", reason))
-                continue
-            rows.append(ex)
-            where.append(i)
+        rows, where, refused_labels = self.intake.admit(chunk)
+        result.rejected.extend(Rejected(i, "invalid_label", reason) for i, reason in refused_labels)
         self.chunk_base = self.examples_seen  # drift findings are indexed chunk_base + row
         self.examples_seen += len(chunk)
         if not rows:
@@ -269,18 +268,21 @@ class OnlineLearner:
         challenger_out = None
         if self.challenger is not None:
             challenger_out = Predictor(self.spec, self.featurizer, self.target, self.challenger.model).forward(x)
+        prequential = self.prequential
         if self.regression:
-            targets, weights, keep = self._evaluate_regression(rows, predictor, out, result)
+            targets, weights, keep = prequential.score_regression(rows, predictor, out, result, self.chunk_base)
         else:
-            targets, weights, keep = self._evaluate_classes(rows, predictor, out, challenger_out, result)
+            targets, weights, keep = prequential.score_classes(
+                rows, predictor, out, challenger_out, result, self.chunk_base
+            )
         if keep:
             # keep is increasing, so keeping as many rows as there are is keeping them all.
             x_keep = x if len(keep) == len(rows) else take_rows(x, torch.tensor(keep, dtype=torch.long))
             # The positions (in keep) of the examples that carry a true label: what the spike guard judges.
             truth = [j for j, i in enumerate(keep) if rows[i].kind != "unlabeled"]
-            result.loss = self._step(self.main, x_keep, targets, weights, count=True, truth=truth)
+            result.loss = self.stepper.step(self.main, x_keep, targets, weights, count=True, truth=truth)
             if self.challenger is not None:
-                self._step(self.challenger, x_keep, targets, weights, count=False)
+                self.stepper.step(self.challenger, x_keep, targets, weights, count=False)
         return result
 
     def _variant_parts(self, rows: list[ExampleEvent], x: ModelInput, out: torch.Tensor) -> None:
@@ -306,223 +308,30 @@ class OnlineLearner:
                 y = (y - mean) / std
             self.student.learn(x, out, y, regression=self.regression)
 
-    def _label_problem(self, label: Any) -> str | None:
-        if label is None:
-            return "a labeled example has no label"
-        if self.regression:
-            if isinstance(label, str):
-                return f"regression label must be a number, got {label!r}"
-            if not abs(label) <= self.config.feature_abs_max:
-                return f"label {label!r} is out of range"
-            return None
-        if class_name(label) not in self.class_index:
-            return f"label {class_name(label)!r} is not one of the model's classes {self.classes}"
-        return None
-
-    def _evaluate_regression(
-        self, rows: list[ExampleEvent], predictor: Predictor, out: torch.Tensor, result: ChunkResult
-    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """Prequential scoring and the loss signal, then the standardized targets of the chunk."""
-        mean, std = self.target.mean_std()
-        preds = predictor.values(out)
-        keep: list[int] = []
-        ys: list[float] = []
-        losses: list[float] = []
-        scores = self.scores
-        for i, ex in enumerate(rows):
-            if ex.kind == "unlabeled":
-                self.counts["pseudo_skipped"] += 1  # no confidence for a regression value
-                continue
-            y = float(ex.label)  # type: ignore[arg-type]
-            err = preds[i] - y
-            scores.update("mae", abs(err))
-            scores.update("rmse_sq", err * err)
-            if isinstance(ex.prediction, float):
-                scores.update("served_mae", abs(ex.prediction - y))
-                scores.update("served_rmse_sq", (ex.prediction - y) ** 2)
-            losses.append(err * err)
-            self.counts["late" if ex.kind == "late" else "labeled"] += 1
-            keep.append(i)
-            ys.append(y)
-        result.findings.extend(self.judge.observe([("loss", losses, keep)], self.chunk_base))
-        self.target.update(ys)
-        ys_std = [(y - mean) / std for y in ys]
-        return torch.tensor(ys_std, dtype=torch.float32), torch.ones(len(ys), dtype=torch.float32), keep
-
-    def _evaluate_classes(
-        self,
-        rows: list[ExampleEvent],
-        predictor: Predictor,
-        out: torch.Tensor,
-        challenger_out: torch.Tensor | None,
-        result: ChunkResult,
-    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """Prequential scoring and drift signals, pseudo-labels, then the training targets of the chunk."""
-        c = self.config
-        keep: list[int] = []
-        ys: list[int] = []
-        ws: list[float] = []
-        probs = predictor.probabilities(out)
-        conf, arg = probs.max(dim=1)
-        conf_l, arg_l = conf.tolist(), arg.tolist()
-        challenger_arg = challenger_out.argmax(dim=1).tolist() if challenger_out is not None else None
-        result.confidences.extend(conf_l)
-        # One pass in row order for what depends on order across rows (the pseudo-label map,
-        # the training targets); the scores and the drift signals are then computed per chunk
-        # and fed in row order: the same values, in the same order, as one example at a time.
-        class_index, pseudo = self.class_index, self.pseudo
-        pseudo_on, threshold, pseudo_weight = c.pseudo_enabled, c.pseudo_threshold, c.pseudo_weight
-        lab_rows: list[int] = []
-        lab_y: list[int] = []
-        pseudo_hits: list[float] = []
-        n_pseudo = n_skipped = n_late = 0
-        for i, ex in enumerate(rows):
-            kind = ex.kind
-            if kind == "unlabeled":
-                if pseudo_on and conf_l[i] >= threshold:
-                    a = arg_l[i]
-                    keep.append(i)
-                    ys.append(a)
-                    ws.append(pseudo_weight)
-                    pseudo.remember(ex.prediction_event_id, a)
-                    n_pseudo += 1
-                else:
-                    n_skipped += 1
-                continue
-            y = class_index[class_name(ex.label)]  # type: ignore[arg-type]
-            lab_rows.append(i)
-            lab_y.append(y)
-            if kind == "late":
-                n_late += 1
-                was = pseudo.take(ex.prediction_event_id)
-                if was is not None:
-                    pseudo_hits.append(1.0 if was == y else 0.0)
-            keep.append(i)
-            ys.append(y)
-            ws.append(1.0)
-        counts = self.counts
-        counts["pseudo"] += n_pseudo
-        counts["pseudo_skipped"] += n_skipped
-        counts["late"] += n_late
-        counts["labeled"] += len(lab_rows) - n_late
-        signals: list[SignalValues] = [("confidence", conf_l, list(range(len(rows))))]
-        if lab_rows:
-            # Indexing copies the probabilities exactly: the same floats as float(probs[i, y]).
-            p_y = probs[torch.tensor(lab_rows), torch.tensor(lab_y)].tolist()
-            accuracy = [1.0 if arg_l[i] == y else 0.0 for i, y in zip(lab_rows, lab_y)]
-            log = math.log
-            losses = [-log(max(p, _EPS)) for p in p_y]
-            scores = self.scores
-            scores.update_many("accuracy", accuracy)
-            scores.update_many("log_loss", losses)
-            served_acc: list[float] = []
-            served_loss: list[float] = []
-            served_of = self.served.of
-            for i, y in zip(lab_rows, lab_y):
-                served = served_of(rows[i].prediction)
-                if served is not None:
-                    served_acc.append(1.0 if served[0] == y else 0.0)
-                    served_loss.append(-log(max(served[1].get(y, 0.0), _EPS)))
-            scores.update_many("served_accuracy", served_acc)
-            scores.update_many("served_log_loss", served_loss)
-            scores.update_many("pseudo_precision", pseudo_hits)
-            if challenger_arg is not None:
-                self.challenger_scores.update_many(
-                    "accuracy", [1.0 if challenger_arg[i] == y else 0.0 for i, y in zip(lab_rows, lab_y)]
-                )
-                self.champion_scores.update_many("accuracy", accuracy)
-            signals.append(("error", [0.0 if a == 1.0 else 1.0 for a in accuracy], lab_rows))
-            signals.append(("loss", losses, lab_rows))
-        result.findings.extend(self.judge.observe(signals, self.chunk_base))
-        return torch.tensor(ys, dtype=torch.long), torch.tensor(ws, dtype=torch.float32), keep
-
-    def _step(
-        self,
-        t: Trainable,
-        x: ModelInput,
-        y: torch.Tensor,
-        w: torch.Tensor,
-        *,
-        count: bool,
-        truth: list[int] | None = None,
-    ) -> float:
-        """One optimizer step; returns the batch loss (NaN when skipped). Only the main model
-        (``count``) is counted, guarded against spikes (on the per-example losses of the rows at
-        ``truth``, the truly labeled ones) and scheduled."""
-        c = self.config
-        set_training(t.model, True)
-        if t.device.type != "cpu":
-            x, y, w = move_input(x, t.device), y.to(t.device), w.to(t.device)
-        out = t.model(x)
-        if self.regression:
-            per = (out[:, 0] - y) ** 2
-        else:
-            per = nn.functional.cross_entropy(out, y, reduction="none")
-        loss = (per * w).sum() / w.sum()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            if count:
-                self.counts["skipped_non_finite"] += 1
-            return math.nan
-        labeled: list[float] = []
-        if count:
-            labeled = (per if truth is None or len(truth) == len(per) else per[truth]).detach().tolist()
-        if count and self.guard.check(labeled) == "rollback":
-            # The current weights produce an abnormal loss: go back to the last
-            # weights that did not, and do not learn from this batch.
-            if t.rollback():
-                self.counts["rollbacks"] += 1
-            return math.nan
-        t.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        params = t.learning()
-        grads = [p.grad for p in params if p.grad is not None]
-        # A finite total norm means every gradient is finite: one check instead of one per
-        # tensor, and the norm is the one clipping needs (clip_grad_norm_ is exactly
-        # get_total_norm then clip_grads_with_norm_). Only a non-finite norm (which finite but
-        # huge gradients can also give) needs the per-tensor check.
-        norm = nn.utils.get_total_norm(grads) if c.clip_norm > 0 and grads else None
-        if (norm is None or not math.isfinite(float(norm))) and not all(bool(torch.isfinite(g).all()) for g in grads):
-            t.optimizer.zero_grad(set_to_none=True)
-            if count:
-                self.counts["skipped_non_finite"] += 1
-            return math.nan
-        if norm is not None:
-            nn.utils.clip_grads_with_norm_(params, c.clip_norm, norm)
-        t.remember_good()
-        t.optimizer.step()
-        if count:
-            self.counts["batches"] += 1
-            self.guard.learned(labeled)
-            self.lr.stepped(t.optimizer)
-        return value
-
     # -- drift policy actions ---------------------------------------------------------
 
     def boost_lr(self, factor: float, steps: int) -> None:
         """Multiply the learning rate by ``factor`` for the next ``steps`` batches."""
-        self.lr.boost(self.main.optimizer, factor, steps)
+        self.stepper.lr.boost(self.main.optimizer, factor, steps)
 
     def reset_optimizer(self) -> None:
         """Forget the optimizer's moments (a fresh optimizer on the same weights)."""
         self.main.reset_optimizer()
-        self.lr.boost_left = 0
+        self.stepper.lr.boost_left = 0
 
     def start_challenger(self) -> bool:
         """Start a fresh challenger model (no-op if one runs); True if started."""
         if self.challenger is not None:
             return False
         self.challenger = self._trainable()
-        self.challenger_scores = Scoreboard(["accuracy"], self.config.metrics_window)
-        self.champion_scores = Scoreboard(["accuracy"], self.config.metrics_window)
+        self.prequential.start_challenger()
         return True
 
     def promote_challenger_if_better(self) -> bool:
         """Replace the main model by the challenger if it scored better since it started."""
         if self.challenger is None:
             return False
-        ch, champ = self.challenger_scores.means["accuracy"], self.champion_scores.means["accuracy"]
-        better = ch.n > 0 and ch.cumulative > champ.cumulative
+        better = self.prequential.challenger_better()
         if better:
             self.main = self.challenger
         self.challenger = None
@@ -532,7 +341,7 @@ class OnlineLearner:
 
     def summary(self) -> dict[str, float]:
         """Current metrics (RMSE as the root of the mean squared error)."""
-        out = self.scores.summary()
+        out = self.prequential.scores.summary()
         for key in [k for k in out if "rmse_sq" in k]:
             out[key.replace("rmse_sq", "rmse")] = math.sqrt(out.pop(key))
         return out
@@ -550,17 +359,14 @@ class OnlineLearner:
             self.recent.save(tensors, meta)
         tensors.update(self.featurizer.state_dict())
         tensors["target"] = self.target.state_tensor()
-        self.seen.save(tensors)
+        # The parts in the order the state always had (tensors and meta keys alike).
+        self.intake.save(tensors)
         meta.update(
             featurizer_counts=self.featurizer.counts,
-            scores=self.scores.state(),
-            challenger_scores=self.challenger_scores.state(),
-            champion_scores=self.champion_scores.state(),
-            pseudo=self.pseudo.save(tensors),
+            **self.prequential.save(tensors),
             examples_seen=self.examples_seen,
             counts=self.counts,
-            **self.guard.save(tensors),
-            **self.lr.save(),
+            **self.stepper.save(tensors),
             **self.judge.save(),
         )
         # Tuples (Adam's betas) become lists, as they will when stored as JSON.
@@ -578,16 +384,14 @@ class OnlineLearner:
         # A state saved before a count existed has none of it yet: it starts at 0.
         self.featurizer.counts = {**self.featurizer.counts, **meta["featurizer_counts"]}
         self.target.load_tensor(tensors["target"])
-        self.seen.load(tensors)
-        self.scores.restore(meta["scores"])
-        self.challenger_scores.restore(meta["challenger_scores"])
-        self.champion_scores.restore(meta["champion_scores"])
-        self.pseudo.load(tensors, meta["pseudo"])
-        self.guard.load(tensors, meta)
-        self.lr.load(meta)
+        self.intake.load(tensors)
+        self.prequential.load(tensors, meta)
+        self.stepper.load(tensors, meta)
         self.judge.load(meta)
         self.examples_seen = int(meta["examples_seen"])
-        self.counts = dict(meta["counts"])
+        # In place: the parts share this dict.
+        self.counts.clear()
+        self.counts.update(meta["counts"])
         # A state saved before the variants were turned on has no such part: it starts fresh.
         if self.student is not None and "student.model" in meta:
             self.student.load(tensors, meta)

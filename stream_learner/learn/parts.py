@@ -2,8 +2,11 @@
 
 Every part writes its tensors into the state's tensor dict under its own
 names and returns its JSON-able meta from ``save``; ``load`` takes both
-back. :class:`~stream_learner.learn.learner.OnlineLearner` is these parts
-plus the chunk loop that drives them; its ``state_dict`` is the union.
+back. The learner's stages hold them (:mod:`.intake` the dedup window,
+:mod:`.prequential` the pseudo-labels, :mod:`.stepper` the spike guard and
+the learning-rate schedule), and
+:class:`~stream_learner.learn.learner.OnlineLearner` is the stages plus the
+chunk loop that drives them; its ``state_dict`` is the union.
 
 >>> w = DedupWindow(2)
 >>> [w.add(d) for d in (b"a" * 16, b"b" * 16, b"a" * 16, b"c" * 16)]

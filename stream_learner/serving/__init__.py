@@ -11,7 +11,7 @@ and answers every request with ``subscriber.current.predict_one(features)``.
    reading back from the end in bounded steps between polls: every manifest
    it meets is verified, what it refuses is passed over (unsigned, forged,
    unparseable, replayed, below the floor), and a broker error loses none
-   of its progress (:mod:`.follower`).
+   of its progress (:mod:`.follower`, :mod:`.startscan`).
 2. *Follow.* One consumer without a group (manual assignment, as the reader
    uses) reads every partition of the topic forward. Records are sorted by
    their headers first, which is cheap: another model's records are
@@ -85,19 +85,23 @@ The README's Security section is the threat model.
   refusal is named and counted;
 * :mod:`.window` — the bounded window of chunk records the follower keeps;
 * :mod:`.clients` — the subscriber's two Kafka consumers;
-* :mod:`.follower` — the loop's work: catch up, then follow the topic;
+* :mod:`.follower` — the loop's work: position at the end, then follow the topic;
+* :mod:`.startscan` — the start scan: the newest good version before the end, read back in bounded steps;
 * :mod:`.versions` — the swap decisions: never backwards, the pin;
+* :mod:`.choice` — which version to ask for: this node's pin, the registry's pin or alias, the newest;
+* :mod:`.trust` — the keys a node trusts and the bounds on what it builds (:func:`public_keys_from_settings`);
 * :mod:`.state` — the floor and the registry record a node remembers across restarts;
 * :mod:`.registry` — the model registry as a subscriber follows it: aliases, a fleet-wide pin;
 * :mod:`.telemetry` — the serving side's own metrics, a limit on repeated log lines;
-* :mod:`.subscriber` — :class:`CheckpointSubscriber`, :func:`public_keys_from_settings`;
+* :mod:`.subscriber` — :class:`CheckpointSubscriber`: the loop, its thread, swaps and ``status()``;
 * :mod:`.node` — :class:`ServingNode`, the HTTP service behind ``stream-learner serve``.
 """
 
 from .failures import ModelLoadError, failure_reason
 from .model import ServedModel, load_served_model
 from .node import ServingNode, cold_start_model, run_node
-from .subscriber import CheckpointSubscriber, public_keys_from_settings
+from .subscriber import CheckpointSubscriber
+from .trust import public_keys_from_settings
 
 __all__ = [
     "CheckpointSubscriber",

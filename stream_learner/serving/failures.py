@@ -17,6 +17,8 @@ reason is a failed check, and the version is refused.
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 from kafka.errors import KafkaError
 
 from ..checkpoint.errors import (
@@ -29,7 +31,7 @@ from ..checkpoint.errors import (
     SignatureError,
 )
 
-__all__ = ["ModelLoadError", "failure_reason", "is_transient"]
+__all__ = ["Failed", "ModelLoadError", "Refused", "failure_reason", "is_transient"]
 
 
 class ModelLoadError(CheckpointError):
@@ -43,6 +45,20 @@ class ModelLoadError(CheckpointError):
     def __init__(self, message: str, reason: str = "architecture") -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class Refused(ModelLoadError):
+    """A record refused by a rule of the serving side itself (a downgrade, an oversized record, ...),
+    counted under ``reason``."""
+
+    def __init__(self, reason: str, error: BaseException) -> None:
+        super().__init__(str(error), reason)
+
+
+class Failed(Protocol):
+    """Count and log a failure (the subscriber's ``_failed``, which its parts are handed)."""
+
+    def __call__(self, exc: BaseException, *, what: str = "", **context: Any) -> None: ...
 
 
 def failure_reason(exc: BaseException) -> str:

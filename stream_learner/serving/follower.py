@@ -1,35 +1,23 @@
-"""The subscriber loop's work: find the newest good version from the end of the model topic, follow it forward.
+"""The subscriber loop's work: position the follower at the end of the model topic, follow it forward.
 
 :class:`TopicFollower` holds everything only the loop touches (the
 follower consumer's positions, the
-:class:`~stream_learner.serving.window.ChunkWindow`, the start scan) and
-turns the records it reads into loaded models, which it offers to its
-subscriber; the subscriber decides about swaps
-(:class:`~stream_learner.serving.versions.ServedVersions`). It is used by
-one thread at a time (the subscriber's thread, or the caller of
-``poll_once``): it has no lock of its own. It reads the loader consumer
+:class:`~stream_learner.serving.window.ChunkWindow`, the
+:class:`~stream_learner.serving.startscan.StartScan` that finds the newest
+good version before where following began) and turns the records it reads
+into loaded models, which it offers to its subscriber; the subscriber
+decides about swaps (:class:`~stream_learner.serving.versions.ServedVersions`).
+It is used by one thread at a time (the subscriber's thread, or the caller
+of ``poll_once``): it has no lock of its own. It reads the loader consumer
 only inside :meth:`ReaderClients.loading <stream_learner.serving.clients.ReaderClients.loading>`.
 
 **Start.** :meth:`TopicFollower.catch_up` takes the end offsets of every
-partition and positions the follower there at once; the newest good
-version *before* them is found by a
-:class:`~stream_learner.checkpoint.scan.LatestScan` that reads back from
-those ends in bounded steps, one per loop step, between polls of the
-follower. So a topic whose end holds 200,000 junk records, forged or
-unsigned manifests or a record too large to receive delays nothing but
-the scan, which verifies every manifest it meets and goes on past what it
-refuses; a broker error loses none of its progress (the next step goes on
-from the same place), and nothing restarts "from the end" again. The
-scan's candidates are loaded newest first; one refused at load makes the
-scan go on below it. A version below the *floor* (the highest good version
-this node served, :class:`~stream_learner.serving.state.FloorStore`) is
-refused as ``downgrade``, at start and while following.
+partition and positions the follower there at once; the start scan reads
+back from those ends, one bounded step per loop step (:mod:`.startscan`).
+A version below the *floor* (the highest good version this node served,
+:class:`~stream_learner.serving.state.FloorStore`) is refused as
+``downgrade``, at start and while following.
 
-While the scan runs, a manifest the follower reads is served at once only
-if its chunks were all written after the follower's start positions (a
-publish that happened since): a replayed old manifest points at chunks
-far back and waits for the scan's verdict instead, which is that some
-newer version lies between (see ``LatestScan``).
 
 A failure that is a failed check is handed to ``failed`` and the record is
 done with; a broker failure (:func:`~stream_learner.serving.failures.is_transient`)
@@ -70,13 +58,14 @@ from ..checkpoint.reader import (
     probe,
     record_header,
 )
-from ..checkpoint.registry import REGISTRY_PARTITION, TYPE_REGISTRY
-from ..checkpoint.scan import LatestScan, ScanLimits
+from ..checkpoint.registry import TYPE_REGISTRY
+from ..checkpoint.scan import ScanLimits
 from ..metrics import Metrics
 from .clients import CountingConsumer, ReaderClients
-from .failures import ModelLoadError, is_transient
+from .failures import Failed, Refused, is_transient
 from .model import BuildPolicy, ServedModel, load_served_model
 from .registry import RegistryFollower
+from .startscan import StartScan
 from .state import FloorStore
 from .telemetry import ServingMetrics
 from .versions import ServedVersions
@@ -101,12 +90,6 @@ class FollowOptions(Protocol):
     metrics: Metrics
     poll_timeout_ms: int
     load_timeout_s: float
-
-
-class Failed(Protocol):
-    """Count and log a failure (the subscriber's)."""
-
-    def __call__(self, exc: BaseException, *, what: str = "", **context: Any) -> None: ...
 
 
 #: Offer a loaded model for a swap, with the monotonic time its record was read; True if swapped.
@@ -135,7 +118,6 @@ class TopicFollower:
     ) -> None:
         self.options = options
         self.registry = registry
-        self.problem: str | None = None  # why nothing can be served, for an operator (a wrong model name)
         self.clients = clients
         self.versions = versions
         self.window = ChunkWindow(window_bytes, window_records)  # this model's chunks read while following
@@ -145,16 +127,24 @@ class TopicFollower:
         self.policy = policy or BuildPolicy()
         self.floor = floor or FloorStore(None, options.topic, options.model)
         self.telemetry = telemetry
-        self.scan = LatestScan(
-            options.topic, options.public_keys, options.model, floor=self.floor.load(), limits=scan_limits
+        self.start_scan = StartScan(
+            options,
+            clients,
+            versions,
+            floor=self.floor.load(),
+            offer=offer,
+            failed=failed,
+            scan_limits=scan_limits,
+            load_limits=self.load_limits,
+            policy=self.policy,
+            telemetry=telemetry,
+            registry=registry,
         )
+        self.scan = self.start_scan.scan  # the floor it keeps and the records it skipped
         self.skipped = Skipped()  # records too large to receive, while following
         self.positioned = False  # False again after the consumers are closed: positioned again
         self.positions: dict[TopicPartition, int] = {}  # the next offset to read, per partition
         self.start_positions: dict[TopicPartition, int] = {}
-        self.catch_up_records = 0  # records read by the start scan so far
-        self._scan_seconds = [0.0, 0.0]  # wall, CPU
-        self._deferred: ServedModel | None = None  # followed while the scan ran; offered after it
         self._model_b = options.model.encode()
         self._next_refresh = 0.0
         self._last_progress = time.monotonic()  # the last look for a stuck partition
@@ -176,15 +166,7 @@ class TopicFollower:
             begin: dict[TopicPartition, int] = dict(follower.beginning_offsets(tps))
             self.positions = dict(end)
             self.start_positions = dict(end)
-            if not self.scan.started:
-                self.scan.start(begin, end)
-            registry_tp = TopicPartition(o.topic, REGISTRY_PARTITION)
-            if self.registry is not None and self.registry.scan is None and registry_tp in end:
-                self.registry.start(begin.get(registry_tp, 0), end[registry_tp], skipped=self.scan.skipped)
-                registry = self.registry
-                # One backward read for both: the registry's search takes the manifest scan's windows of
-                # partition 0, and reads on by itself only once that scan is done.
-                self.scan.observer = lambda tp, records, lo, hi: registry.observe(tp.partition, records, lo, hi)
+            self.start_scan.start(begin, end)
         follower.assign(sorted(self.positions, key=lambda tp: tp.partition))
         for tp, offset in self.positions.items():
             follower.seek(tp, offset)
@@ -198,122 +180,45 @@ class TopicFollower:
             floor=self.scan.floor,
             positions={tp.partition: p for tp, p in self.positions.items()},
         )
-        swapped = self._scan_step()
-        self._registry_step()  # on from where the scan left partition 0, in the same step once it is done
+        swapped = self.start_scan.step()
+        self.start_scan.registry_step()  # on from where the scan left partition 0, in the same step once it is done
         return swapped
 
     @property
-    def scanning(self) -> bool:
-        """True while the start scan has not finished."""
-        return self.scan.started and not self.scan.done
+    def floor_version(self) -> int:
+        """The highest good version this node knows (0: none)."""
+        return self.scan.floor
 
-    def _scan_step(self) -> bool:
-        """One bounded step of the start scan, then, once it is done, its candidates loaded newest first."""
-        if not self.scan.started or (self.scan.done and not self.scan.candidates() and self._deferred is None):
-            return False
-        o = self.options
-        started, cpu = time.monotonic(), time.thread_time()
-        swapped = False
-        prober = self.clients.probing()  # before the loader's lock, which making it takes
-        with self.clients.loading() as loader:
-            before = loader.records
-            try:
-                candidates = self.scan.step(loader, prober=prober, deadline_s=o.load_timeout_s)
-                while candidates:
-                    candidate = candidates.pop(0)
-                    followed = self._followed_version()
-                    if followed is not None and candidate.manifest.version <= followed:
-                        candidates = []  # something as new is served already (followed meanwhile)
-                        break
-                    try:
-                        checkpoint = self.scan.load(
-                            loader, candidate, limits=self.load_limits, prober=prober, timeout_s=o.load_timeout_s
-                        )
-                        served = load_served_model(checkpoint, self.policy)
-                    except Exception as exc:
-                        if is_transient(exc):
-                            raise
-                        self.failed(
-                            exc,
-                            what=f"start v{candidate.manifest.version}",
-                            partition=candidate.record.partition,
-                            offset=candidate.record.offset,
-                        )
-                        self.scan.resume(candidate)  # scan on below it
-                        continue
-                    self._report_scan()  # refusals counted before the swap wakes anyone waiting for it
-                    swapped = self.offer(served, started)
-                    candidates = []
-                    self._finish_scan()
-            finally:
-                self.catch_up_records += loader.records - before
-                self._scan_seconds[0] += time.monotonic() - started
-                self._scan_seconds[1] += time.thread_time() - cpu
-                self._report_scan()
-        if self.scan.done and self.scan.started:
-            if not self.scan.candidates() or self._followed_version() is not None:
-                self._finish_scan()
-            if not self.scan.candidates() and self._followed_version() is None and self.problem is None:
-                self._nothing_found()
-            if self._deferred is not None:
-                deferred, self._deferred = self._deferred, None
-                if self._vouched(deferred):
-                    swapped = self.offer(deferred, time.monotonic()) or swapped
-        return swapped
+    @property
+    def problem(self) -> str | None:
+        """Why nothing can be served, for an operator (a wrong model name), or ``None``."""
+        return self.start_scan.problem
 
-    def _nothing_found(self) -> None:
-        """The start scan met no signed manifest of this model: say so, naming the models the topic holds
-        (a wrong model name), without counting a failure (no record was refused)."""
-        if self.scan.highest_verified is not None:
-            return  # versions were there and refused: counted by reason already
-        o = self.options
-        others = sorted(self.scan.other_models)
-        if others:
-            self.problem = (
-                f"no checkpoint of model {o.model!r} on topic {o.topic!r}; the topic holds checkpoints of "
-                f"{', '.join(repr(m) for m in others)} (serving_model, else trainer_model, names the model "
-                f"served); following on in case {o.model!r} appears"
-            )
-            log.warning("model_not_on_topic", model=o.model, topic=o.topic, models_on_topic=others)
-        else:
-            self.problem = f"no checkpoint of model {o.model!r} on topic {o.topic!r} yet; following on"
-            log.info("model_not_on_topic_yet", model=o.model, topic=o.topic)
-
-    def _finish_scan(self) -> None:
-        """Nothing more to scan: drop what is left (the candidates older than what is served)."""
-        if self.scan._parts is not None:  # a finished scan keeps its stats, not its candidates
-            for part in self.scan._parts.values():
-                part.done, part.best, part.kept = True, None, {}
-
-    def scan_status(self) -> dict[str, Any]:
-        """The start scan's progress (records and bytes read, done, exhausted, ...) and its time so far."""
+    def status(self) -> dict[str, Any]:
+        """The subscriber's ``status()`` keys about the topic: the floor, the highest verified version, the
+        records skipped, the window, the start scan (``catch_up``), the records followed and fetched."""
+        followed, loaded = self.clients.records()
+        scan = self.start_scan
+        skipped = self.skipped.count + self.scan.skipped.count
+        last = self.skipped.last or self.scan.skipped.last
         return {
-            **self.scan.stats(),
-            "seconds": round(self._scan_seconds[0], 6),
-            "cpu_seconds": round(self._scan_seconds[1], 6),
+            "floor_version": self.scan.floor,
+            "highest_verified_version": max(self.scan.highest_verified or 0, self._followed_version() or 0) or None,
+            "skipped_records": skipped,
+            "last_skipped": {"partition": last[0], "offset": last[1]} if last else None,
+            "window": {"records": len(self.window), "bytes": self.window.size},
+            "catch_up": dict(scan.status()),
+            "records_followed": followed,
+            "records_fetched": loaded - scan.records,
         }
-
-    def _report_scan(self) -> None:
-        for refusal in self.scan.take_refusals():
-            self.failed(
-                _Refused(refusal.reason, refusal.error),
-                what="start scan",
-                partition=refusal.partition,
-                offset=refusal.offset,
-            )
-        stats = self.scan_status()
-        if self.telemetry is not None:
-            self.telemetry.scan_records.set(stats["records"])
-            if stats["highest_verified"] is not None:
-                self.telemetry.highest_verified_version.set(stats["highest_verified"])
 
     # -- following --------------------------------------------------------------------------
 
     def follow(self, follower: CountingConsumer) -> bool:
         """A step of the start scan if it runs, new partitions if it is time, then one poll: keep this
         model's chunks, load each newer manifest; True if a version was swapped in."""
-        swapped = self._scan_step() if self.scanning or self._deferred is not None else False
-        self._registry_step()
+        swapped = self.start_scan.step() if self.start_scan.pending else False
+        self.start_scan.registry_step()
         if time.monotonic() >= self._next_refresh:
             self._refresh_partitions(follower)
         try:
@@ -366,19 +271,6 @@ class TopicFollower:
             self.registry.followed(record)
         return False
 
-    def _registry_step(self) -> None:
-        """One bounded step of the registry's start search, while it runs (with the loader, like the scan)."""
-        registry = self.registry
-        if registry is None or registry.scan is None or registry.ready or self.scanning:
-            return
-        prober = self.clients.probing()
-        with self.clients.loading() as loader:
-            before = loader.records
-            try:
-                registry.step(loader, prober=prober, deadline_s=self.options.load_timeout_s)
-            finally:
-                self.catch_up_records += loader.records - before
-
     def _unstick(self, follower: CountingConsumer) -> bool:
         """Nothing for a while: if records are there all the same, read on past the one that cannot be
         received (see the module docstring); True if a version was swapped in meanwhile."""
@@ -400,7 +292,7 @@ class TopicFollower:
                 if self.telemetry is not None:
                     self.telemetry.skipped_records.inc()
                 self.failed(
-                    _Refused(
+                    Refused(
                         "oversized",
                         CheckpointError(
                             f"the record at {tp.topic}[{tp.partition}]@{bad} is larger than this node can receive "
@@ -457,7 +349,7 @@ class TopicFollower:
         if version is not None and version < floor:
             self._forget(record, version)
             self.failed(
-                _Refused(
+                Refused(
                     "downgrade",
                     CheckpointError(f"v{version} is below v{floor}, the highest good version this node knows"),
                 ),
@@ -494,7 +386,7 @@ class TopicFollower:
         self._forget(record, served.version)
         if served.version < floor:  # the header lied about the version: the signed one decides
             self.failed(
-                _Refused(
+                Refused(
                     "downgrade",
                     CheckpointError(f"v{served.version} is below v{floor}, the highest good version this node knows"),
                 ),
@@ -503,34 +395,11 @@ class TopicFollower:
                 offset=record.offset,
             )
             return False
-        if self.scanning and not self._published_since_start(served):
+        if self.start_scan.scanning and not self._published_since_start(served):
             # Maybe a replay of an old manifest: the scan decides whether newer lies behind it.
-            if self._deferred is None or served.version > self._deferred.version:
-                self._deferred = served
-            log.info("manifest_deferred_until_scan", model=o.model, version=served.version)
+            self.start_scan.defer(served)
             return False
         return self.offer(served, read_at)
-
-    def _vouched(self, served: ServedModel) -> bool:
-        """A manifest followed while the scan ran, whose chunks are older than the start: served only if
-        the scan read back to its first chunk (nothing newer hides between) or the floor vouches for it."""
-        reached = self.scan.reached(served.partition)
-        offsets = served.manifest.weights.chunk_offsets
-        if self.scan.floor > 0 or (reached is not None and offsets and reached <= min(offsets)):
-            return True
-        self.failed(
-            _Refused(
-                "unconfirmed",
-                CheckpointError(
-                    f"v{served.version}: its chunks lie before where the start scan could read back to, and no floor "
-                    f"vouches for it (a replayed manifest may hide newer versions)"
-                ),
-            ),
-            what=f"v{served.version}",
-            partition=served.partition,
-            offset=served.offset,
-        )
-        return False
 
     def _published_since_start(self, served: ServedModel) -> bool:
         """True if every chunk of ``served`` was written after the follower's start position."""
@@ -557,10 +426,3 @@ class TopicFollower:
         self.window.forget(
             manifest.partition, before=manifest.offset, version=version, followed=self._followed_version()
         )
-
-
-class _Refused(ModelLoadError):
-    """A record refused by a rule of the follower itself, counted under ``reason``."""
-
-    def __init__(self, reason: str, error: BaseException) -> None:
-        super().__init__(str(error), reason)

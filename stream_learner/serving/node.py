@@ -64,8 +64,9 @@ from ..metrics import Metrics
 from ..sdk import PredictionLogger
 from .http import MAX_BATCH, HttpFront, NodeLimits, _Connection
 from .model import BuildPolicy, ServedModel, load_served_model
-from .subscriber import CheckpointSubscriber, public_keys_from_settings
+from .subscriber import CheckpointSubscriber
 from .telemetry import serving_metrics
+from .trust import public_keys_from_settings
 
 log = structlog.get_logger(__name__)
 

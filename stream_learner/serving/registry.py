@@ -44,7 +44,7 @@ from ..checkpoint.registry import (
 )
 from ..checkpoint.scan import ScanLimits
 from ..events import encode
-from .failures import ModelLoadError
+from .failures import Refused
 from .state import RegistryStore
 
 log = structlog.get_logger(__name__)
@@ -53,11 +53,6 @@ __all__ = ["RegistryFollower"]
 
 #: Registry records read while the start search runs, kept for its verdict, at most.
 MAX_PENDING = 64
-
-
-class _Refused(ModelLoadError):
-    def __init__(self, reason: str, error: BaseException) -> None:
-        super().__init__(str(error), reason)
 
 
 class RegistryFollower:
@@ -169,7 +164,7 @@ class RegistryFollower:
     def _report(self) -> None:
         if self.scan is not None:
             for refusal in self.scan.take_refusals():
-                self.failed(_Refused(refusal.reason, refusal.error), what="registry record", offset=refusal.offset)
+                self.failed(Refused(refusal.reason, refusal.error), what="registry record", offset=refusal.offset)
 
     def _verdict(self) -> None:
         assert self.scan is not None
@@ -180,7 +175,7 @@ class RegistryFollower:
             confirmed = found.record.log_end >= self._start_end or scan.reached <= found.record.log_end
             if not confirmed and not (scan.exhausted and self.floor is not None):
                 self.failed(
-                    _Refused(
+                    Refused(
                         "unconfirmed",
                         CheckpointError(
                             f"registry record {self.model} seq {found.record.seq} at offset {found.offset}: "
@@ -224,7 +219,7 @@ class RegistryFollower:
         try:
             found = Found(verify_registry_record(self.topic, record, self.keys), record.offset)
         except CheckpointError as exc:
-            self.failed(_Refused(refusal_reason(exc), exc), what="registry record", offset=record.offset)
+            self.failed(Refused(refusal_reason(exc), exc), what="registry record", offset=record.offset)
             return
         if not self.ready:
             if len(self._pending) < MAX_PENDING:  # a writer replaying records by the thousand: bounded

@@ -18,7 +18,9 @@ touch what, which is also what each lock guards:
   reports, are :class:`~stream_learner.serving.versions.ServedVersions`'
   under its own lock, which may be taken while the clients' lock is held,
   never the other way round. A request takes neither: ``current`` is one
-  attribute read.
+  attribute read;
+* which version to ask for (this node's pin, the registry's word) is
+  :class:`~stream_learner.serving.choice.VersionChoice`'s, without a lock.
 
 Loading (verifying, building, the smoke prediction) happens before a swap
 is offered; metrics, logs and ``on_swap`` run after it, outside the locks.
@@ -35,27 +37,27 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..checkpoint.errors import CheckpointError, CheckpointNotFoundError
-from ..checkpoint.reader import LoadLimits, PublicKeys, key_list, read_version
+from ..checkpoint.reader import PublicKeys, key_list, read_version
 from ..checkpoint.scan import ScanLimits
-from ..checkpoint.signing import load_public_key
 from ..config import Settings
 from ..errors import ConfigError
-from ..learn.frozen import check_device, load_base
 from ..metrics import Metrics
 from ..util.backoff import Backoff
+from .choice import VersionChoice
 from .clients import ReaderClients
-from .failures import failure_reason, is_transient
+from .failures import failure_reason
 from .follower import TopicFollower
-from .model import BuildPolicy, ServedModel, load_served_model
+from .model import ServedModel, load_served_model
 from .registry import RegistryFollower
 from .state import FloorStore, RegistryStore
 from .telemetry import LogLimiter, serving_metrics
+from .trust import load_rules
 from .variant import VariantFollower
 from .versions import ServedVersions, Swap
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["CheckpointSubscriber", "public_keys_from_settings"]
+__all__ = ["CheckpointSubscriber"]
 
 #: Chunks of versions not yet loaded that the follower keeps in memory, at
 #: most (bytes). A manifest's chunks that fell out are fetched by offset.
@@ -64,30 +66,7 @@ DEFAULT_WINDOW_BYTES = 64 * 1024 * 1024
 #: Back-off after a broker error: doubles from the first value up to the second (seconds).
 BACKOFF_S = (0.2, 5.0)
 
-#: How long before a pin from the settings that failed is tried again (seconds).
-PIN_RETRY_S = 30.0
-#: How long before a version the registry names that failed to load is tried again (seconds): its
-#: manifest may be in another partition than the registry record, read a little later.
-REGISTRY_RETRY_S = 5.0
-
 OnSwap = Callable[[ServedModel, ServedModel | None], None]
-
-
-def public_keys_from_settings(settings: Settings) -> list[Ed25519PublicKey]:
-    """The trusted checkpoint keys named by ``serving_public_keys`` (PEM files).
-
-    Raises :class:`~stream_learner.errors.ConfigError` if none is set, and
-    :class:`~stream_learner.checkpoint.errors.SignatureError` for a file
-    that is unreadable or not an Ed25519 public key.
-
-    >>> public_keys_from_settings(Settings(serving_public_keys=[]))
-    Traceback (most recent call last):
-    ...
-    stream_learner.errors.ConfigError: serving_public_keys is empty: give the PEM file of the trainer's public key
-    """
-    if not settings.serving_public_keys:
-        raise ConfigError("serving_public_keys is empty: give the PEM file of the trainer's public key")
-    return [load_public_key(path) for path in settings.serving_public_keys]
 
 
 class CheckpointSubscriber:
@@ -159,32 +138,25 @@ class CheckpointSubscriber:
             else None
         )
         self._versions = ServedVersions(pinned=settings.serving_pin_version, hold=self._registry is not None)
-        self._local_pin: int | None = settings.serving_pin_version  # pin() / serving_pin_version: above the registry
-        self._direct_due: float | None = None  # when to try again a version the registry names that failed
-        self._waiting: str | None = None  # why nothing (newer) is served: an alias not set
-        # The device and the frozen base are checked and loaded here, at start: a device this machine
-        # lacks or a base file that cannot be read is a ConfigError now, never a failure mid-stream.
-        device = check_device(settings.serving_device, what="serving_device")
-        bases = (
-            [load_base(settings.serving_base_weights, what="serving_base_weights").to(device)]
-            if settings.serving_base_weights
-            else []
-        )
-        self.policy = BuildPolicy.of(
-            settings.serving_allowed_architectures, settings.serving_max_parameters, bases=bases, device=str(device)
-        )
-        self.load_limits = LoadLimits(
-            max_bytes=settings.serving_max_model_bytes, max_tensors=settings.serving_max_tensors
-        )
+        self.policy, self.load_limits = load_rules(settings)
         self.telemetry = serving_metrics(self.metrics)
         self._log_limiter = LogLimiter()
         floor = FloorStore(settings.serving_state_dir or None, self.topic, self.model)
         self._stop = threading.Event()
         self._first = threading.Event()  # set once a model is current
         self._thread: threading.Thread | None = None
-        # When the loop loads the settings' pin (None: loaded, or overridden by pin/unpin). No
-        # lock: a write that loses a race at worst re-reads the version pinned, or finds no pin.
-        self._pin_due: float | None = 0.0 if settings.serving_pin_version is not None else None
+        self._choice = VersionChoice(
+            self.model,
+            self.topic,
+            self._versions,
+            registry=self._registry,
+            alias=self.alias,
+            pinned=settings.serving_pin_version,
+            load=self._load_version,
+            swapped=self._swapped,
+            failed=self._failed,
+            telemetry=self.telemetry,
+        )
         self._topic_follower = TopicFollower(
             self,
             self._clients,
@@ -202,7 +174,7 @@ class CheckpointSubscriber:
             telemetry=self.telemetry,
             registry=self._registry,
         )
-        self.telemetry.floor_version.set(self._topic_follower.scan.floor)
+        self.telemetry.floor_version.set(self._topic_follower.floor_version)
         # A serving variant (serving_variant; "" for none whatever the settings say): see serving/variant.py.
         variant = settings.serving_variant if variant is None else variant
         self._variant = VariantFollower(self, variant, settings.serving_variant_max_lag) if variant else None
@@ -220,7 +192,7 @@ class CheckpointSubscriber:
     @property
     def floor_version(self) -> int:
         """The highest good version this node knows (0: none); it serves nothing lower."""
-        return self._topic_follower.scan.floor
+        return self._topic_follower.floor_version
 
     @property
     def version(self) -> int | None:
@@ -249,8 +221,8 @@ class CheckpointSubscriber:
             return self
         self.stop()
         where = f"model {self.model!r} on topic {self.topic!r}"
-        if self._waiting is not None:
-            raise CheckpointNotFoundError(f"nothing to serve of {where} within {wait_s:g}s: {self._waiting}")
+        if self._choice.waiting is not None:
+            raise CheckpointNotFoundError(f"nothing to serve of {where} within {wait_s:g}s: {self._choice.waiting}")
         last_error = self._versions.last_error
         if last_error is None or last_error.startswith("not_found:"):
             detail = self._topic_follower.problem or last_error
@@ -288,21 +260,9 @@ class CheckpointSubscriber:
         previous pin unchanged. Newer versions keep being verified and
         loaded in the background; :meth:`unpin` serves the newest again.
         """
-        started = time.monotonic()
-        try:
-            served = self._load_version(version, timeout_s)
-        except Exception as exc:
-            self._failed(exc, what=f"pin to v{version}")
-            raise
-        self._local_pin = version
-        current, swap = self._versions.pin(served)
-        self._pin_due = None
-        if swap is not None:
-            log.info("model_pinned", model=self.model, version=version, previous=swap.old.version if swap.old else None)
-            self._swapped(swap, started)
-        return current
+        return self._choice.pin(version, timeout_s=timeout_s)
 
-    def _load_version(self, version: int, timeout_s: float | None = None) -> ServedModel:
+    def _load_version(self, version: int, timeout_s: float | None) -> ServedModel:
         """``version`` verified and loaded (the one followed, or served, if it is that one)."""
         for known in (self._versions.followed, self._versions.current):
             if known is not None and known.version == version and known.manifest.signature is not None:
@@ -326,18 +286,7 @@ class CheckpointSubscriber:
         """Undo :meth:`pin`: serve what the registry says (the newest good version if it says nothing), and
         follow newer ones (a no-op if not pinned). At once, unless the registry's start search is not done:
         then the loop serves what it finds once it is (not the newest meanwhile: a fleet-wide pin may hold)."""
-        self._pin_due = None
-        self._local_pin = None
-        if self._registry is not None and self._target()[0] != "newest":
-            self._direct_due = 0.0  # the loop serves what the registry names at its next step
-            return
-        unpinned = self._versions.unpin()
-        if unpinned is None:
-            return
-        current, swap = unpinned
-        log.info("model_unpinned", model=self.model, version=current.version if current else None)
-        if swap is not None:
-            self._swapped(swap, time.monotonic())
+        self._choice.unpin()
 
     def status(self) -> dict[str, Any]:
         """What an operator wants to see (JSON-able).
@@ -356,33 +305,18 @@ class CheckpointSubscriber:
         exhausted, seconds, CPU seconds), ``records_followed``,
         ``records_fetched``.
         """
-        followed, loaded = self._clients.records()
-        topic = self._topic_follower
-        scan = topic.scan_status()
-        skipped = topic.skipped.count + topic.scan.skipped.count
-        last = topic.skipped.last or topic.scan.skipped.last
         status = {
             "model": self.model,
             "topic": self.topic,
             **self._versions.counts(),
             "running": self._thread is not None and self._thread.is_alive(),
-            "floor_version": topic.scan.floor,
-            "highest_verified_version": max(
-                topic.scan.highest_verified or 0, self._versions.followed.version if self._versions.followed else 0
-            )
-            or None,
-            "skipped_records": skipped,
-            "last_skipped": {"partition": last[0], "offset": last[1]} if last else None,
-            "window": {"records": len(topic.window), "bytes": topic.window.size},
-            "catch_up": dict(scan),
-            "records_followed": followed,
-            "records_fetched": loaded - topic.catch_up_records,
+            **self._topic_follower.status(),
         }
         if self._variant is not None:
             status["variant"] = self._variant.status(self._versions.current)
             status["version"] = self.version
         status["alias"] = self.alias
-        status["serving_by"] = self._target()[1] if self._local_pin is None else f"local pin v{self._local_pin}"
+        status["serving_by"] = self._choice.serving_by()
         status["registry"] = self._registry.status() if self._registry is not None else None
         status["problem"] = self.problem
         return status
@@ -391,90 +325,11 @@ class CheckpointSubscriber:
     def problem(self) -> str | None:
         """Why nothing is served, for an operator (``None`` while a model serves and nothing is amiss):
         an alias not set, a model the topic holds no checkpoint of (naming the ones it holds)."""
-        if self._waiting is not None:
-            return self._waiting
+        if self._choice.waiting is not None:
+            return self._choice.waiting
         if self.current is None:
             return self._topic_follower.problem
         return None
-
-    # -- the registry ------------------------------------------------------------------------
-
-    def _target(self) -> tuple[str, str, int | None]:
-        """What the registry says to serve: (``newest`` | ``version`` | ``wait``, why, the version)."""
-        registry = self._registry
-        if registry is None:
-            return "newest", "newest", None
-        if not registry.ready:
-            return "wait", "the registry's start search has not finished", None
-        state = registry.state
-        if state is not None and state.pin is not None:
-            return "version", f"registry pin v{state.pin}", state.pin
-        if self.alias:
-            version = state.aliases.get(self.alias) if state is not None else None
-            if version is None:
-                why = (
-                    f"alias {self.alias!r} of model {self.model!r} is not set on topic {self.topic!r} "
-                    f"(stream-learner models alias {self.model} {self.alias} VERSION sets it)"
-                )
-                return "wait", why, None
-            return "version", f"alias {self.alias} v{version}", version
-        return "newest", "newest", None
-
-    def _direct(self) -> bool:
-        """Serve what the registry says, when it changed (or a load it asked for is due again); True if swapped."""
-        registry = self._registry
-        if registry is None:
-            return False
-        changed = registry.take_changed()
-        if not changed and (self._direct_due is None or time.monotonic() < self._direct_due):
-            return False
-        self._direct_due = None
-        self._report_registry()
-        if self._local_pin is not None:
-            return False  # a pin on this node (pin(), serving_pin_version) wins over the registry
-        kind, why, version = self._target()
-        if kind == "wait":
-            if registry.ready and why != self._waiting:
-                log.warning("registry_alias_not_set", model=self.model, alias=self.alias, detail=why)
-            self._waiting = why if registry.ready else None
-            self._versions.hold_newer()
-            return False
-        self._waiting = None
-        started = time.monotonic()
-        if kind == "newest":
-            unpinned = self._versions.unpin()
-            if unpinned is None or unpinned[1] is None:
-                return False
-            log.info("registry_follows_newest", model=self.model, version=unpinned[1].new.version)
-            self._swapped(unpinned[1], started)
-            return True
-        assert version is not None
-        current = self._versions.current
-        if self._versions.pinned == version and current is not None and current.version == version:
-            return False
-        try:
-            served = self._load_version(version)
-        except Exception as exc:  # noqa: BLE001 - counted; the last good model keeps serving
-            if is_transient(exc) or isinstance(exc, CheckpointNotFoundError):
-                self._direct_due = time.monotonic() + REGISTRY_RETRY_S
-            self._failed(exc, what=f"{why} (registry)")
-            return False
-        _, swap = self._versions.pin(served)
-        log.info("registry_applied", model=self.model, serving=why, version=version)
-        if swap is not None:
-            self._swapped(swap, started)
-        return swap is not None
-
-    def _report_registry(self) -> None:
-        registry = self._registry
-        if registry is None:
-            return
-        state = registry.state
-        self.telemetry.registry_seq.set(state.seq if state is not None else 0)
-        self.telemetry.registry_pin_version.set((state.pin or 0) if state is not None else 0)
-        if self.alias:
-            version = state.aliases.get(self.alias) if state is not None else None
-            self.telemetry.alias_version.labels(alias=self.alias).set(version or 0)
 
     def poll_once(self) -> bool:
         """One step of the loop on the caller's thread (catch-up first); True if it swapped.
@@ -513,25 +368,10 @@ class CheckpointSubscriber:
     def _step(self) -> bool:
         follower = self._clients.open()
         if not self._topic_follower.positioned:
-            return self._topic_follower.catch_up(follower) | self._direct()
-        swapped = False
-        if self._pin_due is not None and time.monotonic() >= self._pin_due:
-            swapped = self._pin_from_settings()
+            return self._topic_follower.catch_up(follower) | self._choice.follow_registry()
+        swapped = self._choice.pin_from_settings()
         swapped = self._topic_follower.follow(follower) or swapped
-        return self._direct() or swapped
-
-    def _pin_from_settings(self) -> bool:
-        version = self._versions.pinned
-        if version is None:
-            self._pin_due = None
-            return False
-        try:
-            before = self._versions.swaps
-            self.pin(version)
-            return self._versions.swaps > before
-        except Exception:  # noqa: BLE001 - counted by pin(); retried later
-            self._pin_due = time.monotonic() + PIN_RETRY_S
-            return False
+        return self._choice.follow_registry() or swapped
 
     # -- swapping ---------------------------------------------------------------------------
 

@@ -55,7 +55,7 @@ def test_lr_boost(tsettings: Settings) -> None:
     )
     lrs = {g["lr"] for g in trainer.learner.main.optimizer.param_groups}
     assert lrs == {tsettings.trainer_lr * 3.0}
-    assert trainer.learner.lr.boost_left > 0
+    assert trainer.learner.stepper.lr.boost_left > 0
 
 
 @pytest.mark.slow
@@ -98,8 +98,8 @@ def test_challenger_started_at_warning_and_settled_at_drift(tsettings: Settings)
         assert trainer.learner.challenger is None  # promoted or dropped, never left running
         challenger_won = trainer.learner.main is not main_before
         assert challenger_won == (
-            trainer.learner.challenger_scores.means["accuracy"].cumulative
-            > trainer.learner.champion_scores.means["accuracy"].cumulative
+            trainer.learner.prequential.challenger_scores.means["accuracy"].cumulative
+            > trainer.learner.prequential.champion_scores.means["accuracy"].cumulative
         )
     finally:
         trainer.close()

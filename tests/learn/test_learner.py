@@ -80,7 +80,7 @@ def test_pseudo_labels_and_late_correction() -> None:
     learner.process(late)
     assert learner.counts["late"] == 64
     assert 0.0 <= learner.summary()["pseudo_precision"] <= 1.0
-    assert learner.scores.means["pseudo_precision"].n == 64
+    assert learner.prequential.scores.means["pseudo_precision"].n == 64
 
 
 def test_high_threshold_skips_pseudo_steps() -> None:
@@ -204,18 +204,18 @@ def test_pseudo_labels_survive_a_restore_in_order_old_and_new_layouts() -> None:
         a = OnlineLearner(config(pseudo_threshold=0.5))
         for chunk in chunks(stream + extra):
             a.process(chunk)
-        assert len(a.pseudo) > 100
+        assert len(a.prequential.pseudo) > 100
         tensors, meta = a.state_dict()
         assert (meta["pseudo"] is None) == (not extra)
         b = OnlineLearner(config(pseudo_threshold=0.5))
         b.load_state_dict(tensors, msgspec.json.decode(msgspec.json.encode(meta)))
-        assert list(b.pseudo.labels.items()) == list(a.pseudo.labels.items())
+        assert list(b.prequential.pseudo.labels.items()) == list(a.prequential.pseudo.labels.items())
     # A snapshot written before the map moved into tensors keeps it as pairs in the meta.
-    old_meta = {**meta, "pseudo": [[k, v] for k, v in a.pseudo.labels.items()]}
+    old_meta = {**meta, "pseudo": [[k, v] for k, v in a.prequential.pseudo.labels.items()]}
     old_tensors = {k: v for k, v in tensors.items() if not k.startswith("pseudo.")}
     c = OnlineLearner(config(pseudo_threshold=0.5))
     c.load_state_dict(old_tensors, old_meta)
-    assert list(c.pseudo.labels.items()) == list(a.pseudo.labels.items())
+    assert list(c.prequential.pseudo.labels.items()) == list(a.prequential.pseudo.labels.items())
 
 
 @pytest.mark.parametrize("scale, skipped", [(math.inf, True), (1e20, False)])

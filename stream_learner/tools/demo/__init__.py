@@ -39,12 +39,15 @@ same time axis, and the variants' table) to the output directory.
 * :mod:`.monitor` — what the topics say while it runs, the progress line;
 * :mod:`.baseline` — the static model's answers to the same requests;
 * :mod:`.variants` — the gate's decisions, and a variant-following node replayed;
-* :mod:`.report` — the summary, its text, the HTML page and SVG plot;
+* :mod:`.curves` — the rolling accuracy curves the summary and the plot share;
+* :mod:`.summary` — the summary (``summary.json``) and its text;
+* :mod:`.plot` — the SVG plot of served accuracy and latency over time;
+* :mod:`.report` — the HTML page: the plot, the variants' table, the summary;
 * :mod:`.job` — the orchestration: servers, processes, warm-up, the wait.
 """
 
 from .app import DemoConfig, demo_rows
 from .job import run_demo
-from .report import describe
+from .summary import describe
 
 __all__ = ["DemoConfig", "demo_rows", "describe", "run_demo"]

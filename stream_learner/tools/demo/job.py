@@ -5,7 +5,8 @@
 serving node), waits until the joiner has joined its group, plays the
 simulated application (:mod:`.app`) against the node while watching the
 topics (:mod:`.monitor`), waits until every event is accounted for and the
-node serves the newest checkpoint, and writes the results (:mod:`.report`).
+node serves the newest checkpoint, and writes the results (:mod:`.summary`,
+:mod:`.report`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from ...sdk import PredictionLogger
 from .app import FEATURES, MODEL, PROBE, Application, DemoConfig, Row, demo_rows
 from .baseline import static_baseline
 from .monitor import Monitor, Progress
-from .report import report_html, summarize
+from .report import report_html
+from .summary import summarize
 from .variants import read_log, replay_variants
 
 

@@ -1,0 +1,225 @@
+"""The learner's second stage: score a chunk before learning it (prequential), and pick what it trains on.
+
+Every labeled or late example is scored against the prediction of the
+model as it was before the chunk: cumulative and rolling accuracy and log
+loss (MAE and RMSE for a regression), the same for what the application
+*served*, and, while a challenger runs, its accuracy against the
+champion's on the same examples. The drift signals (error, loss,
+confidence) go to the :class:`~stream_learner.learn.judge.DriftJudge`.
+An unlabeled example whose confidence reaches the threshold is
+pseudo-labeled (trained with ``pseudo_weight``) and remembered, so that its
+late label can score the pseudo-label's precision.
+
+The scoreboards and the pseudo-label memory are this part's state, saved
+and restored by it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..events import ExampleEvent, class_name
+from .evaluation import Scoreboard, ServedClasses
+from .judge import DriftJudge, SignalValues
+from .parts import PseudoLabels, Tensors
+from .predictor import Predictor
+from .target import TargetScaler
+
+if TYPE_CHECKING:
+    from .learner import ChunkResult
+
+__all__ = ["Prequential"]
+
+_EPS = 1e-15
+
+#: A chunk's training batch: (targets, weights, the rows kept, in increasing order).
+Targets = tuple[torch.Tensor, torch.Tensor, list[int]]
+
+
+class Prequential:
+    """Scores a chunk before it is learned and returns its training targets (module docstring).
+
+    ``counts`` is the learner's own tally, shared: this part bumps
+    ``labeled``, ``late``, ``pseudo`` and ``pseudo_skipped`` in it.
+    """
+
+    def __init__(
+        self,
+        class_index: Mapping[str, int],
+        *,
+        regression: bool,
+        judge: DriftJudge,
+        target: TargetScaler,
+        counts: dict[str, int],
+        metrics_window: int,
+        pseudo_memory: int,
+        pseudo_enabled: bool,
+        pseudo_threshold: float,
+        pseudo_weight: float,
+    ) -> None:
+        self.class_index = class_index
+        self.regression = regression
+        self.judge = judge
+        self.target = target
+        self.counts = counts
+        self.metrics_window = metrics_window
+        self.pseudo_enabled = pseudo_enabled
+        self.pseudo_threshold = pseudo_threshold
+        self.pseudo_weight = pseudo_weight
+        self.served = ServedClasses(class_index)
+        names = (
+            ["mae", "rmse_sq", "served_mae", "served_rmse_sq"]
+            if regression
+            else ["accuracy", "log_loss", "served_accuracy", "served_log_loss", "pseudo_precision"]
+        )
+        self.scores = Scoreboard(names, metrics_window)
+        self.challenger_scores = Scoreboard(["accuracy"], metrics_window)
+        self.champion_scores = Scoreboard(["accuracy"], metrics_window)
+        self.pseudo = PseudoLabels(pseudo_memory)
+
+    def start_challenger(self) -> None:
+        """A challenger starts: its accuracy and the champion's are compared from now on."""
+        self.challenger_scores = Scoreboard(["accuracy"], self.metrics_window)
+        self.champion_scores = Scoreboard(["accuracy"], self.metrics_window)
+
+    def challenger_better(self) -> bool:
+        """True if the challenger scored better than the champion on the examples since it started."""
+        ch, champ = self.challenger_scores.means["accuracy"], self.champion_scores.means["accuracy"]
+        return ch.n > 0 and ch.cumulative > champ.cumulative
+
+    def score_regression(
+        self, rows: list[ExampleEvent], predictor: Predictor, out: torch.Tensor, result: ChunkResult, base: int
+    ) -> Targets:
+        """Prequential scoring and the loss signal, then the standardized targets of the chunk."""
+        mean, std = self.target.mean_std()
+        preds = predictor.values(out)
+        keep: list[int] = []
+        ys: list[float] = []
+        losses: list[float] = []
+        scores = self.scores
+        for i, ex in enumerate(rows):
+            if ex.kind == "unlabeled":
+                self.counts["pseudo_skipped"] += 1  # no confidence for a regression value
+                continue
+            y = float(ex.label)  # type: ignore[arg-type]
+            err = preds[i] - y
+            scores.update("mae", abs(err))
+            scores.update("rmse_sq", err * err)
+            if isinstance(ex.prediction, float):
+                scores.update("served_mae", abs(ex.prediction - y))
+                scores.update("served_rmse_sq", (ex.prediction - y) ** 2)
+            losses.append(err * err)
+            self.counts["late" if ex.kind == "late" else "labeled"] += 1
+            keep.append(i)
+            ys.append(y)
+        result.findings.extend(self.judge.observe([("loss", losses, keep)], base))
+        self.target.update(ys)
+        ys_std = [(y - mean) / std for y in ys]
+        return torch.tensor(ys_std, dtype=torch.float32), torch.ones(len(ys), dtype=torch.float32), keep
+
+    def score_classes(
+        self,
+        rows: list[ExampleEvent],
+        predictor: Predictor,
+        out: torch.Tensor,
+        challenger_out: torch.Tensor | None,
+        result: ChunkResult,
+        base: int,
+    ) -> Targets:
+        """Prequential scoring and drift signals, pseudo-labels, then the training targets of the chunk."""
+        keep: list[int] = []
+        ys: list[int] = []
+        ws: list[float] = []
+        probs = predictor.probabilities(out)
+        conf, arg = probs.max(dim=1)
+        conf_l, arg_l = conf.tolist(), arg.tolist()
+        challenger_arg = challenger_out.argmax(dim=1).tolist() if challenger_out is not None else None
+        result.confidences.extend(conf_l)
+        # One pass in row order for what depends on order across rows (the pseudo-label map,
+        # the training targets); the scores and the drift signals are then computed per chunk
+        # and fed in row order: the same values, in the same order, as one example at a time.
+        class_index, pseudo = self.class_index, self.pseudo
+        pseudo_on, threshold, pseudo_weight = self.pseudo_enabled, self.pseudo_threshold, self.pseudo_weight
+        lab_rows: list[int] = []
+        lab_y: list[int] = []
+        pseudo_hits: list[float] = []
+        n_pseudo = n_skipped = n_late = 0
+        for i, ex in enumerate(rows):
+            kind = ex.kind
+            if kind == "unlabeled":
+                if pseudo_on and conf_l[i] >= threshold:
+                    a = arg_l[i]
+                    keep.append(i)
+                    ys.append(a)
+                    ws.append(pseudo_weight)
+                    pseudo.remember(ex.prediction_event_id, a)
+                    n_pseudo += 1
+                else:
+                    n_skipped += 1
+                continue
+            y = class_index[class_name(ex.label)]  # type: ignore[arg-type]
+            lab_rows.append(i)
+            lab_y.append(y)
+            if kind == "late":
+                n_late += 1
+                was = pseudo.take(ex.prediction_event_id)
+                if was is not None:
+                    pseudo_hits.append(1.0 if was == y else 0.0)
+            keep.append(i)
+            ys.append(y)
+            ws.append(1.0)
+        counts = self.counts
+        counts["pseudo"] += n_pseudo
+        counts["pseudo_skipped"] += n_skipped
+        counts["late"] += n_late
+        counts["labeled"] += len(lab_rows) - n_late
+        signals: list[SignalValues] = [("confidence", conf_l, list(range(len(rows))))]
+        if lab_rows:
+            # Indexing copies the probabilities exactly: the same floats as float(probs[i, y]).
+            p_y = probs[torch.tensor(lab_rows), torch.tensor(lab_y)].tolist()
+            accuracy = [1.0 if arg_l[i] == y else 0.0 for i, y in zip(lab_rows, lab_y)]
+            log = math.log
+            losses = [-log(max(p, _EPS)) for p in p_y]
+            scores = self.scores
+            scores.update_many("accuracy", accuracy)
+            scores.update_many("log_loss", losses)
+            served_acc: list[float] = []
+            served_loss: list[float] = []
+            served_of = self.served.of
+            for i, y in zip(lab_rows, lab_y):
+                served = served_of(rows[i].prediction)
+                if served is not None:
+                    served_acc.append(1.0 if served[0] == y else 0.0)
+                    served_loss.append(-log(max(served[1].get(y, 0.0), _EPS)))
+            scores.update_many("served_accuracy", served_acc)
+            scores.update_many("served_log_loss", served_loss)
+            scores.update_many("pseudo_precision", pseudo_hits)
+            if challenger_arg is not None:
+                self.challenger_scores.update_many(
+                    "accuracy", [1.0 if challenger_arg[i] == y else 0.0 for i, y in zip(lab_rows, lab_y)]
+                )
+                self.champion_scores.update_many("accuracy", accuracy)
+            signals.append(("error", [0.0 if a == 1.0 else 1.0 for a in accuracy], lab_rows))
+            signals.append(("loss", losses, lab_rows))
+        result.findings.extend(self.judge.observe(signals, base))
+        return torch.tensor(ys, dtype=torch.long), torch.tensor(ws, dtype=torch.float32), keep
+
+    def save(self, tensors: Tensors) -> dict[str, Any]:
+        """The scoreboards' JSON-able state, and the pseudo-labels (into ``tensors``, their meta here)."""
+        return {
+            "scores": self.scores.state(),
+            "challenger_scores": self.challenger_scores.state(),
+            "champion_scores": self.champion_scores.state(),
+            "pseudo": self.pseudo.save(tensors),
+        }
+
+    def load(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+        """Restore what :meth:`save` wrote."""
+        self.scores.restore(meta["scores"])
+        self.challenger_scores.restore(meta["challenger_scores"])
+        self.champion_scores.restore(meta["champion_scores"])
+        self.pseudo.load(tensors, meta["pseudo"])

@@ -1,0 +1,121 @@
+"""The learner's last stage: one guarded optimizer step on a chunk's training batch.
+
+The step is skipped when the loss or a gradient is not finite, and refused
+when the :class:`~stream_learner.learn.parts.SpikeGuard` judges the loss of
+the truly labeled examples a spike: the model and its optimizer go back to
+the last good state (:meth:`~stream_learner.learn.trainable.Trainable.rollback`).
+Gradients are clipped to ``clip_norm``; the
+:class:`~stream_learner.learn.parts.LrSchedule` runs a drift policy's
+learning-rate boost down. The guard and the schedule are this part's state,
+saved and restored by it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .featurizer import ModelInput, move_input
+from .parts import LrSchedule, SpikeGuard, Tensors
+from .predictor import set_training
+from .trainable import Trainable
+
+__all__ = ["Stepper"]
+
+
+class Stepper:
+    """Steps a model on a batch, guarded (module docstring).
+
+    ``counts`` is the learner's own tally, shared: this part bumps
+    ``batches``, ``skipped_non_finite`` and ``rollbacks`` in it.
+    """
+
+    def __init__(
+        self,
+        *,
+        regression: bool,
+        clip_norm: float,
+        lr: float,
+        spike_factor: float,
+        spike_warmup_batches: int,
+        spike_patience: int,
+        counts: dict[str, int],
+    ) -> None:
+        self.regression = regression
+        self.clip_norm = clip_norm
+        self.counts = counts
+        self.guard = SpikeGuard(spike_factor, spike_warmup_batches, spike_patience)
+        self.lr = LrSchedule(lr)
+
+    def step(
+        self,
+        t: Trainable,
+        x: ModelInput,
+        y: torch.Tensor,
+        w: torch.Tensor,
+        *,
+        count: bool,
+        truth: list[int] | None = None,
+    ) -> float:
+        """One optimizer step; returns the batch loss (NaN when skipped). Only the main model
+        (``count``) is counted, guarded against spikes (on the per-example losses of the rows at
+        ``truth``, the truly labeled ones) and scheduled."""
+        set_training(t.model, True)
+        if t.device.type != "cpu":
+            x, y, w = move_input(x, t.device), y.to(t.device), w.to(t.device)
+        out = t.model(x)
+        if self.regression:
+            per = (out[:, 0] - y) ** 2
+        else:
+            per = nn.functional.cross_entropy(out, y, reduction="none")
+        loss = (per * w).sum() / w.sum()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            if count:
+                self.counts["skipped_non_finite"] += 1
+            return math.nan
+        labeled: list[float] = []
+        if count:
+            labeled = (per if truth is None or len(truth) == len(per) else per[truth]).detach().tolist()
+        if count and self.guard.check(labeled) == "rollback":
+            # The current weights produce an abnormal loss: go back to the last
+            # weights that did not, and do not learn from this batch.
+            if t.rollback():
+                self.counts["rollbacks"] += 1
+            return math.nan
+        t.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = t.learning()
+        grads = [p.grad for p in params if p.grad is not None]
+        # A finite total norm means every gradient is finite: one check instead of one per
+        # tensor, and the norm is the one clipping needs (clip_grad_norm_ is exactly
+        # get_total_norm then clip_grads_with_norm_). Only a non-finite norm (which finite but
+        # huge gradients can also give) needs the per-tensor check.
+        norm = nn.utils.get_total_norm(grads) if self.clip_norm > 0 and grads else None
+        if (norm is None or not math.isfinite(float(norm))) and not all(bool(torch.isfinite(g).all()) for g in grads):
+            t.optimizer.zero_grad(set_to_none=True)
+            if count:
+                self.counts["skipped_non_finite"] += 1
+            return math.nan
+        if norm is not None:
+            nn.utils.clip_grads_with_norm_(params, self.clip_norm, norm)
+        t.remember_good()
+        t.optimizer.step()
+        if count:
+            self.counts["batches"] += 1
+            self.guard.learned(labeled)
+            self.lr.stepped(t.optimizer)
+        return value
+
+    def save(self, tensors: Tensors) -> dict[str, Any]:
+        """The guard's recent losses (into ``tensors``), and the JSON-able rest of the guard and the schedule."""
+        return {**self.guard.save(tensors), **self.lr.save()}
+
+    def load(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+        """Restore what :meth:`save` wrote."""
+        self.guard.load(tensors, meta)
+        self.lr.load(meta)
