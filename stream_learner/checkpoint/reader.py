@@ -77,28 +77,17 @@ from ..bus import make_consumer
 from ..config import Settings
 from ..events import CheckpointManifest
 from .assemble import LoadLimits, load_weights
-from .errors import CheckpointNotFoundError, ReadTimeoutError
-from .fetch import STALL_S, RecordReader, Skipped, probe, record_bytes, record_header
+from .errors import CheckpointNotFoundError
+from .fetch import RecordReader, Skipped, record_header
 from .publish import H_MODEL, H_TYPE, H_VERSION, TYPE_MANIFEST
 from .verify import PublicKeys, key_list, verify_record
 
-# The reading API, with the names its callers pass or catch (limits, the prober, the record
-# helpers); those live in the modules that use them and are re-exported here.
 __all__ = [
-    "STALL_S",
-    "LoadLimits",
     "LoadedCheckpoint",
-    "PublicKeys",
-    "ReadTimeoutError",
-    "Skipped",
-    "key_list",
     "load_manifest_record",
     "make_reader_consumer",
-    "probe",
     "read_latest",
     "read_version",
-    "record_bytes",
-    "record_header",
 ]
 
 

@@ -48,16 +48,11 @@ from kafka import TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import InvalidReceiveError
 
+from ..checkpoint.assemble import LoadLimits
 from ..checkpoint.errors import CheckpointError, CheckpointNotFoundError
+from ..checkpoint.fetch import STALL_S, Skipped, probe, record_header
 from ..checkpoint.publish import H_MODEL, H_TYPE, TYPE_CHUNK, TYPE_MANIFEST
-from ..checkpoint.reader import (
-    STALL_S,
-    LoadLimits,
-    Skipped,
-    load_manifest_record,
-    probe,
-    record_header,
-)
+from ..checkpoint.reader import load_manifest_record
 from ..checkpoint.registry import TYPE_REGISTRY
 from ..checkpoint.scan import ScanLimits
 from ..metrics import Metrics

@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from kafka import TopicPartition
 
+from ..checkpoint.assemble import LoadLimits
 from ..checkpoint.errors import CheckpointError
-from ..checkpoint.reader import LoadLimits
 from ..checkpoint.registry import REGISTRY_PARTITION
 from ..checkpoint.scan import LatestScan, ScanLimits
 from .clients import ReaderClients

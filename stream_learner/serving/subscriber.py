@@ -37,8 +37,9 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..checkpoint.errors import CheckpointError, CheckpointNotFoundError
-from ..checkpoint.reader import PublicKeys, key_list, read_version
+from ..checkpoint.reader import read_version
 from ..checkpoint.scan import ScanLimits
+from ..checkpoint.verify import PublicKeys, key_list
 from ..config import Settings
 from ..errors import ConfigError
 from ..metrics import Metrics

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from ..checkpoint.reader import LoadLimits
+from ..checkpoint.assemble import LoadLimits
 from ..checkpoint.signing import load_public_key
 from ..config import Settings
 from ..errors import ConfigError

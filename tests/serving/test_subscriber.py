@@ -462,7 +462,7 @@ def test_chunks_outside_the_window_are_fetched_by_offset(settings: Settings, pro
 def test_a_broker_error_while_loading_retries_the_same_manifest(
     settings: Settings, producer, keypair, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from stream_learner.checkpoint.reader import ReadTimeoutError
+    from stream_learner.checkpoint.errors import ReadTimeoutError
     from stream_learner.serving import follower
 
     topic = settings.topic_models

@@ -287,7 +287,7 @@ def test_the_start_scan_makes_progress_across_broker_errors(
     settings: Settings, producer: Any, keypair: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from stream_learner.checkpoint import fetch
-    from stream_learner.checkpoint.reader import ReadTimeoutError
+    from stream_learner.checkpoint.errors import ReadTimeoutError
 
     publish(producer, settings.topic_models, keypair[0], 1)
     junk = raw_producer(settings)

@@ -6,8 +6,8 @@ from typing import NamedTuple
 
 import pytest
 
+from stream_learner.checkpoint.fetch import record_bytes
 from stream_learner.checkpoint.publish import H_CHUNK_COUNT, H_CHUNK_INDEX, H_VERSION
-from stream_learner.checkpoint.reader import record_bytes
 from stream_learner.serving.window import ChunkWindow, header_version
 
 
