@@ -104,7 +104,8 @@ from stream_learner.config import Settings
 from stream_learner.events import EXAMPLE, LABEL, PREDICTION, LabelEvent, PredictionEvent, Source, encode
 from stream_learner.join.examples import encode_example
 from stream_learner.join.joiner import Joiner
-from stream_learner.join.store import Emission, RedisJoinStore, StoredLabel, StoredPrediction
+from stream_learner.join.records import Emission, StoredLabel, StoredPrediction
+from stream_learner.join.store import RedisJoinStore
 from stream_learner.local import LocalServers
 from stream_learner.logging import configure_logging
 from stream_learner.redis_conn import redis_options

@@ -11,7 +11,7 @@ import hashlib
 import msgspec
 
 from ..events import ExampleEvent, Features, Prediction, Source
-from .store import Emission
+from .records import Emission
 
 
 def example_id(kind: str, prediction_event_id: str, label_event_id: str | None) -> str:

@@ -62,16 +62,8 @@ from ..metrics import Metrics
 from ..redis_conn import make_redis
 from ..util.retry import Retry, is_transient
 from .examples import encode_example
-from .store import (
-    Emission,
-    JoinInput,
-    PartitionProgress,
-    RedisJoinStore,
-    StepResult,
-    pack_label,
-    pack_prediction,
-    wall_ms,
-)
+from .records import Emission, pack_label, pack_prediction
+from .store import JoinInput, PartitionProgress, RedisJoinStore, StepResult, wall_ms
 
 log = structlog.get_logger(__name__)
 

@@ -22,7 +22,8 @@ from ..config import Settings
 from ..errors import EventError
 from ..events import LABEL, PREDICTION, Codec, ExampleEvent, Source
 from ..join.examples import build_example
-from ..join.store import PartitionProgress, RedisJoinStore, pack_label, pack_prediction
+from ..join.records import pack_label, pack_prediction
+from ..join.store import PartitionProgress, RedisJoinStore
 from ..redis_conn import make_redis
 from .merge import MergedReader
 

@@ -20,14 +20,8 @@ import redis
 from stream_learner.config import Settings
 from stream_learner.events import ExampleEvent, LabelEvent, PredictionEvent, Source, encode
 from stream_learner.join.examples import build_example, encode_example, example_id
-from stream_learner.join.store import (
-    JoinInput,
-    PartitionProgress,
-    RedisJoinStore,
-    StepResult,
-    pack_label,
-    pack_prediction,
-)
+from stream_learner.join.records import pack_label, pack_prediction
+from stream_learner.join.store import JoinInput, PartitionProgress, RedisJoinStore, StepResult
 from stream_learner.local import LocalServers
 
 T0 = 1_767_225_600_000
