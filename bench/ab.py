@@ -21,7 +21,9 @@ Usage::
     .venv/bin/python bench/ab.py --old 5c4df92 --bench quality --rounds 1 -- --streams agrawal,sea --no-ablation
 
 Arguments after ``--`` go to both sides' benchmark unchanged, so use options
-both commits' scripts know. ``--new REV`` compares two commits instead of the
+both commits' scripts know; ``--old-args`` and ``--new-args`` go to one side
+only (e.g. ``--new-args "--phases main"`` where the new script has phases the
+old one ran unasked). ``--new REV`` compares two commits instead of the
 working tree. Results go to ``bench/results/ab-<bench>.json``.
 """
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -118,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new", default=None, help="a commit (default: the working tree)")
     ap.add_argument("--bench", choices=sorted(BENCHES), required=True)
     ap.add_argument("--rounds", type=int, default=2, help="runs per side (default 2)")
+    ap.add_argument("--old-args", default="", help="arguments for the old side's script alone (a newer option)")
+    ap.add_argument("--new-args", default="", help="arguments for the new side's script alone")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     script, extract = BENCHES[args.bench]
@@ -139,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             for r, side, tree in _sides(old, new, args.rounds):
                 res = work / f"{side}-{r}.json"
                 env = {**os.environ, "PYTHONPATH": str(tree)}
-                cmd = [sys.executable, str(tree / script), "--out", str(res), *extra]
+                own = shlex.split(args.old_args if side == "old" else args.new_args)
+                cmd = [sys.executable, str(tree / script), "--out", str(res), *extra, *own]
                 print(f"\n== round {r + 1}/{args.rounds}, {side} ({commits[side]}): {' '.join(cmd)}", flush=True)
                 t0 = time.perf_counter()
                 subprocess.run(cmd, cwd=tree, env=env, check=True, stdout=subprocess.DEVNULL)
