@@ -33,6 +33,7 @@ Writes ``bench/results/freshness.json``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -69,12 +70,20 @@ def quantile(values: list[float], q: float) -> float:
     return ordered[max(0, min(len(ordered) - 1, int(q * len(ordered) + 0.999999) - 1))]
 
 
-def freshness(rate: float, seconds: float) -> dict[str, Any]:
-    """One run of the main job's loop at ``rate`` requests/s, no drift; its freshness numbers."""
+def freshness(
+    rate: float, seconds: float, base: Settings | None = None, variants: tuple[str, ...] | None = None
+) -> dict[str, Any]:
+    """One run of the main job's loop at ``rate`` requests/s, no drift; its freshness numbers.
+
+    ``base`` carries settings the demo does not set itself (another architecture, a frozen base:
+    ``bench_large.py``); ``variants`` replaces the demo's list of serving variants.
+    """
     out = Path(tempfile.mkdtemp(prefix="bench-freshness-"))
     config = DemoConfig(rate=rate, seconds=seconds, drift_at=1.0, out=out)
+    if variants is not None:
+        config = dataclasses.replace(config, variants=variants)
     t = time.monotonic()
-    summary = run_demo(Settings(), config, progress=False)
+    summary = run_demo(base or Settings(), config, progress=False)
     wall = time.monotonic() - t
     requests, labels = summary["requests"], summary["labels"]
     if requests["failed"] or not summary["complete"]:
@@ -89,6 +98,8 @@ def freshness(rate: float, seconds: float) -> dict[str, Any]:
         "p99_s": summary["freshness_s"]["p99"],
         "checkpoints": summary["checkpoints"]["published"],
         "baseline_checkpoint_interval_s": 1.0,
+        "request_latency_ms": summary["latency_ms"],
+        "logs": str(out),  # run.log and serve.log: what bench_large.py reads the stages from
     }
 
 

@@ -21,10 +21,19 @@ In one process:
    prediction. p50/p99 of that, and the process's RSS before, after the first swaps and at the
    end (flat means the base is shared, not copied, per version). A few full swaps for comparison.
    Fetching the chunks from the broker is not included (see bench_freshness.py for a topic).
+   Memory is flat if the RSS after the last swap is within 1 % (or 10 MB) of the RSS after 10.
+3. **Label -> served freshness** through the real pipeline, with LoRA deltas (deltas only:
+   ``trainer_full_checkpoint_every=0``): ``bench_freshness.freshness`` (the main job's loop, no
+   drift: Tansu, Valkey, a ``stream-learner run`` process, a ``stream-learner serve`` node given the
+   base, the application sending ``--rate`` requests/s over HTTP and labels through the SDK,
+   checkpoint every second) once for the large model and, as the baseline in the same run, once for
+   the same pipeline with a small ``token_encoder`` (vocab 1000 x 32, two blocks; LoRA on the same
+   layers of its blocks) on its own base. Per label: the time from the application sending it to
+   the node serving a version trained on its example; p50/p99.
 
 Run::
 
-    .venv/bin/python bench/bench_large.py [--swaps 200] [--chunks 6]
+    .venv/bin/python bench/bench_large.py [--swaps 500] [--chunks 6] [--rate 20] [--freshness-seconds 60]
 
 Results go to ``bench/results/large.json``. On 2 shared cores, read the ratios; the milliseconds
 move with the neighbours.
@@ -33,6 +42,7 @@ move with the neighbours.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -40,6 +50,7 @@ import statistics
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +65,16 @@ from stream_learner.learn.models import ModelSpec, build_model, parameter_count
 from stream_learner.serving.model import BuildPolicy, load_served_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_freshness import freshness
+
+from stream_learner.config import Settings
 from tests.learn.streams import AGRAWAL_FEATURES, agrawal_examples
 
 ARCH = "stream_learner.learn.encoder:token_encoder_large"
 LORA = tuple(f"blocks.{i}.{m}" for i in range(6) for m in ("q", "k", "v", "o"))
+#: The freshness baseline: the same factory family at its small default size (two blocks).
+SMALL = "stream_learner.learn.encoder:token_encoder"
+SMALL_LORA = tuple(f"blocks.{i}.{m}" for i in range(2) for m in ("q", "k", "v", "o"))
 
 
 def rss_mb() -> float:
@@ -87,10 +104,102 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def lora_settings(arch: str, base_path: Path, layers: tuple[str, ...]) -> Settings:
+    """The trainer's and the node's settings for ``arch`` learning LoRA deltas on ``base_path``."""
+    return Settings(
+        trainer_architecture=arch,
+        trainer_base_weights=str(base_path),
+        trainer_trainable="lora",
+        trainer_lora_layers=list(layers),
+        trainer_head_modules=["head"],
+        trainer_full_checkpoint_every=0,  # deltas only: a 256 MB full version every 10 s is another bench
+        serving_base_weights=str(base_path),
+        serving_allowed_architectures=[arch],
+        serving_max_parameters=100_000_000,
+    )
+
+
+def freshness_side_by_side(base_path: Path, tmp: Path, rate: float, seconds: float) -> dict[str, Any]:
+    """Label -> served freshness for the large model and the small baseline, one after the other."""
+    small = ModelSpec(kind=SMALL, task="binary", features=AGRAWAL_FEATURES, classes=["0", "1"])
+    state = build_model(small).state_dict()
+    small_base = tmp / "small-base.safetensors"
+    small_base.write_bytes(encode_tensors({k: v for k, v in state.items() if not k.startswith("head.")}))
+    out: dict[str, Any] = {}
+    for name, arch, path, layers in (
+        ("small", SMALL, small_base, SMALL_LORA),
+        ("large", ARCH, base_path, LORA),
+    ):
+        row = freshness(rate, seconds, lora_settings(arch, path, layers), variants=())
+        row["parameters"] = sum(t.numel() for t in build_model(spec_for(arch, layers)).state_dict().values())
+        row["stages"] = stages(Path(row["logs"]))
+        out[name] = row
+        st, lat = row["stages"], row["request_latency_ms"]
+        print(
+            f"  {name:6} {row['parameters'] / 1e6:6.2f}M parameters: {row['labels']} labels, "
+            f"p50 {row['p50_s']} s, p99 {row['p99_s']} s, {row['checkpoints']} checkpoints "
+            f"({row['events_per_s']} events/s, {row['wall_s']} s wall)\n"
+            f"         checkpoint interval p50 {st['checkpoint_interval_p50_s']} s, "
+            f"p99 {st['checkpoint_interval_p99_s']} s; "
+            f"publish -> swapped p50 {st['publish_to_swap_p50_s']} s, p99 {st['publish_to_swap_p99_s']} s; "
+            f"request p50 {lat['p50']} ms, p99 {lat['p99']} ms",
+            flush=True,
+        )
+    return out
+
+
+def stages(logs: Path) -> dict[str, float]:
+    """Where a run's freshness goes, from its logs: the trainer's interval between checkpoints
+    (``checkpoint_published``) and each version's publish -> swapped at the node (``model_swapped``,
+    whose ``seconds`` is the node's own load: verify, compose with the base, build, smoke test)."""
+
+    def events(name: str, event: str) -> list[dict[str, Any]]:
+        out = []
+        for line in (logs / name).read_text().splitlines():
+            try:
+                e = json.loads(line)
+            except ValueError:
+                continue
+            if e.get("event") == event:
+                e["t"] = datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp()
+                out.append(e)
+        return out
+
+    published = {e["version"]: e["t"] for e in events("run.log", "checkpoint_published") if "size" in e}
+    swapped = {e["version"]: e for e in events("serve.log", "model_swapped")}
+    versions = sorted(published)
+    gaps = [published[b] - published[a] for a, b in itertools.pairwise(versions)]
+    lag = [swapped[v]["t"] - published[v] for v in versions if v in swapped]
+    load = [swapped[v]["seconds"] for v in versions if v in swapped]
+    return {
+        "checkpoint_interval_p50_s": round(pct(gaps, 0.5), 3),
+        "checkpoint_interval_p99_s": round(pct(gaps, 0.99), 3),
+        "publish_to_swap_p50_s": round(pct(lag, 0.5), 3),
+        "publish_to_swap_p99_s": round(pct(lag, 0.99), 3),
+        "node_load_p50_s": round(pct(load, 0.5), 3),
+        "node_load_p99_s": round(pct(load, 0.99), 3),
+    }
+
+
+def spec_for(arch: str, layers: tuple[str, ...]) -> ModelSpec:
+    """``arch`` with rank-8 adapters on ``layers``, on the meta device's terms (only counted)."""
+    return ModelSpec(
+        kind=arch,
+        task="binary",
+        features=AGRAWAL_FEATURES,
+        classes=["0", "1"],
+        lora_layers=layers,
+        lora_rank=8,
+        lora_alpha=16.0,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--swaps", type=int, default=200)
+    parser.add_argument("--swaps", type=int, default=500, help="delta swaps at the node (the issue: 500)")
     parser.add_argument("--chunks", type=int, default=6, help="chunks learned per selection (one delta each)")
+    parser.add_argument("--rate", type=float, default=20.0, help="requests/s of the freshness runs")
+    parser.add_argument("--freshness-seconds", type=float, default=60.0, help="seconds of traffic per run; 0: skip")
     args = parser.parse_args()
     torch.set_num_threads(1)  # as trainer_torch_threads and a serving node default to
     out: dict[str, Any] = {"model": ARCH, "load_average_at_start": list(os.getloadavg())}
@@ -194,6 +303,7 @@ def main() -> None:
             swap_cpu.append(time.thread_time() - c)
             current.predict(rows)
             rss.append(rss_mb())
+        del current
         full_s: list[float] = []
         assert full_lora is not None
         for _ in range(5):
@@ -216,8 +326,14 @@ def main() -> None:
             "rss_mb_after_10": round(rss[min(9, len(rss) - 1)], 1),
             "rss_mb_end": round(rss[-1], 1),
             "rss_mb_max_during_delta_swaps": round(max(rss), 1),
+            "rss_mb_every_100": [round(r, 1) for r in rss[99::100]],
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }
+        growth = rss[-1] - rss[min(9, len(rss) - 1)]
+        out["swaps"]["rss_growth_mb_after_10"] = round(growth, 1)
+        # Flat: within 1 % or 10 MB, the noise of the allocator's arenas; a copy of the base per
+        # version would grow by 255 MB a swap.
+        out["swaps"]["rss_flat"] = growth <= max(10.0, 0.01 * rss[min(9, len(rss) - 1)])
         out["load_average_at_end"] = list(os.getloadavg())
         s = out["swaps"]
         print(f"\nnode: {args.swaps} LoRA delta swaps ({s['delta_bytes']:,} bytes each) on the held base")
@@ -226,8 +342,14 @@ def main() -> None:
         print(f"  full swap ({s['full_bytes']:,} bytes) p50 {s['full_p50_ms']} ms")
         print(
             f"  RSS {s['rss_mb_before']} MB before, {s['rss_mb_after_10']} MB after 10 swaps, {s['rss_mb_end']} MB "
-            f"after {args.swaps} (max {s['rss_mb_max_during_delta_swaps']} MB during the delta swaps)"
+            f"after {args.swaps} (max {s['rss_mb_max_during_delta_swaps']} MB during the delta swaps): "
+            f"{'flat' if s['rss_flat'] else 'NOT flat'} ({s['rss_growth_mb_after_10']:+} MB after the 10th)"
         )
+        del node_base, policy, full_lora, deltas
+        if args.freshness_seconds > 0:
+            print(f"\nlabel -> served freshness at {args.rate:g} requests/s, LoRA deltas (the real pipeline)")
+            out["freshness"] = freshness_side_by_side(base_path, Path(tmp), args.rate, args.freshness_seconds)
+            out["load_average_at_end"] = list(os.getloadavg())
     results = Path(__file__).resolve().parent / "results" / "large.json"
     results.write_text(json.dumps(out, indent=2) + "\n")
     print(f"\n-> {results}")

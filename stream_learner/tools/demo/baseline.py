@@ -62,9 +62,16 @@ def load_version(settings: Settings, version: int, model: str = MODEL) -> Served
     """Version ``version`` of ``model`` (a variant: its lineage) read back from the model topic,
     verified and built as a node loads it; version 0 of the model is the cold-start model."""
     from ...checkpoint.reader import read_version
+    from ...learn.frozen import load_base
     from ...serving import cold_start_model, load_served_model, public_keys_from_settings
+    from ...serving.model import BuildPolicy
 
     if version == 0 and model == MODEL:  # the cold-start model served it: the trainer's untrained starting point
         return cold_start_model(settings)
     checkpoint = read_version(settings, settings.topic_models, public_keys_from_settings(settings), version, model)
-    return load_served_model(checkpoint)
+    # Built as the node builds it: its allowed factories and limits, and its base for a delta version.
+    bases = (
+        [load_base(settings.serving_base_weights, what="serving_base_weights")] if settings.serving_base_weights else []
+    )
+    policy = BuildPolicy.of(settings.serving_allowed_architectures, settings.serving_max_parameters, bases=bases)
+    return load_served_model(checkpoint, policy)
