@@ -76,7 +76,7 @@ def _produce(settings: Any, topic: str, n: int) -> None:
     producer.close()
 
 
-def _drive_trainer(warmup: int, examples: int) -> None:
+def _drive_trainer(warmup: int, examples: int, out: Path) -> None:
     """Runs inside valgrind with the side's PYTHONPATH: step a trainer, counting only the measured span."""
     from stream_learner.config import load_settings
 
@@ -102,7 +102,7 @@ def _drive_trainer(warmup: int, examples: int) -> None:
     while applied() < start + examples:
         trainer.step()
     toggle(False)
-    print(json.dumps({"applied": applied() - start}), flush=True)
+    out.write_text(json.dumps({"applied": applied() - start}))  # stdout carries the trainer's logs
     trainer.close()
 
 
@@ -141,10 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2000, help="examples applied before counting")
     ap.add_argument("--what", default="trainer,replay")
     ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--drive-trainer", nargs=2, type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--drive-trainer", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.drive_trainer:
-        _drive_trainer(*args.drive_trainer)
+        warmup, examples, out = args.drive_trainer
+        _drive_trainer(int(warmup), int(examples), Path(out))
         return 0
     if shutil.which("valgrind") is None:
         print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
@@ -208,8 +209,11 @@ def main(argv: list[str] | None = None) -> int:
                     t0 = time.perf_counter()
                     if what == "trainer":
                         cmd = [sys.executable, str(Path(__file__).resolve()), "--old", "-", "--drive-trainer"]
-                        count, out = _callgrind([*cmd, str(args.warmup), str(args.examples)], env, tree, at_start=False)
-                        applied = json.loads(out.strip().splitlines()[-1])["applied"]
+                        done = work / tag / "applied.json"
+                        done.parent.mkdir(parents=True, exist_ok=True)
+                        drive = [*cmd, str(args.warmup), str(args.examples), str(done)]
+                        count, _ = _callgrind(drive, env, tree, at_start=False)
+                        applied = json.loads(done.read_text())["applied"]
                         per = count / applied
                         rows.setdefault(what, {})[side] = {
                             "instructions": count,
