@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from stream_learner.cli import VERB_SETTINGS, build_parser, main, verb_fields
+from stream_learner.cli import build_parser, main
+from stream_learner.cli_settings import VERB_SETTINGS, verb_fields
 from stream_learner.config import FIELDS, default_of, field_docs, flag_name
 
 

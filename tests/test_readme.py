@@ -19,12 +19,12 @@ def test_every_setting_is_in_the_configuration_table() -> None:
 
 
 def test_the_settings_reference_is_generated_from_the_field_docs() -> None:
-    from stream_learner.cli import settings_reference
+    from stream_learner.cli_settings import settings_reference
 
     block = README.split("tests/test_readme.py checks it -->\n", 1)[1].split("<!-- end of the settings reference", 1)[0]
     assert block == settings_reference(), (
         "README's settings reference is stale: paste the output of "
-        "python -c 'from stream_learner.cli import settings_reference; print(settings_reference(), end=\"\")'"
+        "python -c 'from stream_learner.cli_settings import settings_reference; print(settings_reference(), end=\"\")'"
     )
 
 
