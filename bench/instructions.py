@@ -106,12 +106,15 @@ def _drive_trainer(warmup: int, examples: int, out: Path) -> None:
     trainer.close()
 
 
-def _callgrind(cmd: list[str], env: dict[str, str], cwd: Path, *, at_start: bool) -> tuple[int, str]:
+def _callgrind(
+    cmd: list[str], env: dict[str, str], cwd: Path, *, at_start: bool, profile: Path | None = None
+) -> tuple[int, str]:
     full = [
         "valgrind",
         "--tool=callgrind",
-        "--callgrind-out-file=/dev/null",
-        f"--collect-atstart={'yes' if at_start else 'no'}",
+        f"--callgrind-out-file={profile or '/dev/null'}",
+        # Off: the process runs uninstrumented (and uncounted) until ``callgrind_control -i on``.
+        f"--instr-atstart={'yes' if at_start else 'no'}",
         *cmd,
     ]
     p = subprocess.run(full, env=env, cwd=cwd, capture_output=True, text=True, check=False)
@@ -141,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2000, help="examples applied before counting")
     ap.add_argument("--what", default="trainer,replay")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument(
+        "--profiles", type=Path, default=None, help="keep the trainer runs' callgrind files here (callgrind_annotate)"
+    )
     ap.add_argument("--drive-trainer", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.drive_trainer:
@@ -212,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                         done = work / tag / "applied.json"
                         done.parent.mkdir(parents=True, exist_ok=True)
                         drive = [*cmd, str(args.warmup), str(args.examples), str(done)]
-                        count, _ = _callgrind(drive, env, tree, at_start=False)
+                        profile = args.profiles / f"callgrind.{side}-trainer" if args.profiles else None
+                        count, _ = _callgrind(drive, env, tree, at_start=False, profile=profile)
                         applied = json.loads(done.read_text())["applied"]
                         per = count / applied
                         rows.setdefault(what, {})[side] = {
