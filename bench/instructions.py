@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
-        json.dumps({"commits": commits, "args": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=1) + "\n"
+        json.dumps({"commits": commits, "args": vars(args), "rows": rows}, indent=1, default=str) + "\n"
     )
     print(f"wrote {args.out}")
     return 0
