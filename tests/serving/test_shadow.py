@@ -19,10 +19,12 @@ import msgspec
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from stream_learner.checkpoint.catalog import catalog
 from stream_learner.checkpoint.errors import CheckpointNotFoundError
 from stream_learner.checkpoint.reader import read_latest, read_version
 from stream_learner.checkpoint.signing import load_public_key
 from stream_learner.config import Settings, settings_env
+from stream_learner.drift import DriftFinding, Signal
 from stream_learner.learn.predictor import Predictor
 from stream_learner.learn.trainer import Trainer
 from stream_learner.local import free_port
@@ -319,6 +321,11 @@ def tsettings(settings: Settings, keys: tuple[Path, Path], tmp_path: Path) -> Se
         trainer_max_wait_ms=200,
         trainer_group_id=f"{settings.topic_examples}-trainer",
         serving_public_keys=[str(keys[1])],
+        # The policy starts the challenger at a warning and settles it at a drift; the findings are the
+        # test's (as in tests/learn/test_drift_policy.py), so they come exactly where it wants them.
+        trainer_drift_challenger_on_warning=True,
+        trainer_drift_enabled=False,
+        trainer_drift_on_drift=["promote_challenger_if_better"],
     )
 
 
@@ -347,13 +354,15 @@ def test_a_trainers_challenger_is_published_scored_and_shadowed_until_it_is_drop
     try:
         run_until(trainer, 1000)  # v1 (at 1024 examples): no challenger
         assert trainer.version == 1 and challenge_gauges(metrics)["examples"] == 0
-        assert trainer.learner.start_challenger()  # what the drift policy does at a warning
+        trainer.session.answer(DriftFinding("adwin_error", "error", Signal.WARNING, 1.0, 1280), 1)
+        assert trainer.learner.challenger is not None
         run_until(trainer, 3000)  # v2 (at 2048), then v3 at the end of the stream, each with its challenger
         trainer.checkpoint()
         assert trainer.version == 3
         assert [m.version for m in trainer.challenger.published] == [2, 3]
         with pytest.raises(CheckpointNotFoundError):
             read_version(tsettings, tsettings.topic_models, public, 1, CHALLENGER, timeout_s=5)
+        assert catalog(tsettings, [public]).variants(MODEL) == {"challenger": [2, 3]}  # what `models show` lists
 
         learner = trainer.learner
         latest = read_latest(tsettings, tsettings.topic_models, public, CHALLENGER)  # verified: signature, digest
@@ -401,7 +410,8 @@ def test_a_trainers_challenger_is_published_scored_and_shadowed_until_it_is_drop
         assert shadowed.model()["shadow"]["challenger_metrics"] == m.metrics
 
         # A drift promotes it or drops it: either way none runs; the next chunks and v4 have none.
-        learner.promote_challenger_if_better()
+        trainer.session.answer(DriftFinding("adwin_error", "error", Signal.DRIFT, 1.0, 3000), 2)
+        assert trainer.learner.challenger is None
         produce_examples(tsettings, agrawal_examples(64, seed=9))
         run_until(trainer, 3064)
         trainer.checkpoint()
