@@ -318,7 +318,7 @@ class Metrics:
         # Shadow traffic (serving_shadow; stream_learner.serving.shadow).
         self.serving_shadow_version = Gauge(
             "stream_learner_serving_shadow_version",
-            "Version of the challenger a node shadows (0: it shadows none now).",
+            "Version of the challenger a node shadowed at its last request (0: none).",
             registry=s,
         )
         self.serving_shadow_predictions = Counter(

@@ -304,7 +304,7 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     serving_variant_max_lag: Annotated[int, Meta(ge=0)] = 1
     """Serve the parent once the newest variant is more than this many versions behind it."""
     serving_shadow: Literal["challenger"] | None = None
-    """Also predict every request with the trainer's running challenger (<model>#challenger) and log it (unset: no)."""
+    """Also predict each request with the trainer's challenger (lineage model#challenger) and log it (unset: no)."""
     serving_public_keys: list[str] = []
     """PEM files of the trainer public keys a serving node trusts (comma-separated; required)."""
     serving_pin_version: Annotated[int, Meta(ge=1)] | None = None
