@@ -22,8 +22,14 @@ worker thread predicts with the challenger afterwards. A full queue drops
 the shadow prediction (counted ``dropped``), a challenger that raises is
 counted ``failed``; neither touches the answer. A shadow lineage absent,
 refused (a bad signature) or not loaded yet means no shadow line, nothing
-else. (The worker still shares the process's CPU and GIL with requests: the
-shadow costs throughput, not the champion's answer or its wait.)
+else. The worker gathers requests for up to :data:`LINGER_S` (at most
+:data:`MAX_ROWS` rows) and predicts them in one call, since each call
+holds the GIL the requests need (its answers may differ from one-row
+predictions in float32 rounding, about 1e-7); a batch the challenger
+refuses is retried request by request, so one bad request fails alone. It
+still shares the process's CPU and GIL with the requests: no answer waits
+for it, but requests are slower while it runs (``bench/bench_shadow.py``, 2
+shared cores, sequential requests: p50 0.45 -> 0.59 ms, p99 0.69 -> 1.69 ms).
 
 **Which challenger is shadowed.** The newest challenger loaded, while its
 version is at least the champion's served version; otherwise none: the
@@ -40,8 +46,10 @@ it has, however old the champion it serves.)
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -57,10 +65,13 @@ from .telemetry import LogLimiter
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["QUEUE_BATCHES", "Shadow", "agreement"]
+__all__ = ["LINGER_S", "MAX_ROWS", "QUEUE_BATCHES", "Shadow", "agreement"]
 
 #: Request batches waiting for the shadow worker, at most (beyond: dropped, counted).
 QUEUE_BATCHES = 1024
+#: How long the worker gathers requests before predicting them in one call (seconds), and at most how many rows.
+LINGER_S = 0.05
+MAX_ROWS = 1024
 
 ShadowRecord = dict[str, Any]
 _Item = tuple[ServedModel, ServedModel, list[str], list[Mapping[str, Any]], list[Answer]]
@@ -96,6 +107,8 @@ class Shadow:
         name: str = "challenger",
         metrics: Metrics | None = None,
         queue_batches: int = QUEUE_BATCHES,
+        linger_s: float = LINGER_S,
+        max_rows: int = MAX_ROWS,
         on_record: Callable[[ShadowRecord], None] | None = None,
         poll_timeout_ms: int = 200,
     ) -> None:
@@ -104,6 +117,8 @@ class Shadow:
         self.lineage = f"{self.model}#{name}"
         self.metrics = metrics or Metrics(roles=["serving"])
         self.on_record = on_record
+        self.linger_s = linger_s
+        self.max_rows = max_rows
         self.subscriber = CheckpointSubscriber(
             settings,
             public_keys,
@@ -212,52 +227,82 @@ class Shadow:
         self.metrics.serving_shadow_predictions.labels(outcome=outcome).inc(n)
 
     def _work(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
                 return
+            batch, rows = [first], len(first[2])
+            # Linger to predict many requests in one call: per row, one forward pass of a batch costs a
+            # small share of one of its own, and each call holds the GIL the requests need.
+            deadline = time.monotonic() + self.linger_s
+            while rows < self.max_rows and (left := deadline - time.monotonic()) > 0:
+                try:
+                    item = self._queue.get(timeout=left)
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True  # what was queued before the stop is still shadowed
+                    break
+                batch.append(item)
+                rows += len(item[2])
             try:
-                self._shadow(*item)
+                self._shadow(batch)
             except Exception:  # a sink that raises: logged, the worker goes on
                 log.exception("shadow_record_failed", model=self.lineage)
 
-    def _shadow(
-        self,
-        champion: ServedModel,
-        challenger: ServedModel,
-        request_ids: list[str],
-        features: list[Mapping[str, Any]],
-        predictions: list[Answer],
+    def _shadow(self, batch: list[_Item]) -> None:
+        """Predict a batch of requests, one call per challenger, and log each instance."""
+        for _, group in itertools.groupby(batch, key=lambda item: id(item[1])):
+            items = list(group)
+            challenger = items[0][1]
+            rows = [row for item in items for row in item[3]]
+            try:
+                answers = challenger.predict(rows)
+            except Exception as exc:  # noqa: BLE001 - the challenger's failure is counted, never the request's
+                if len(items) > 1:  # one request's rows may be what it refuses: the others are shadowed
+                    for item in items:
+                        self._shadow([item])
+                    continue
+                self._failed(challenger, len(rows), exc)
+                continue
+            at = 0
+            for champion, _, request_ids, _, predictions in items:
+                for request_id, mine in zip(request_ids, predictions, strict=True):
+                    self._record(champion, challenger, request_id, mine, answers[at])
+                    at += 1
+
+    def _failed(self, challenger: ServedModel, n: int, exc: BaseException) -> None:
+        self._count("failed", n)
+        suppressed = self._log_limiter.allow("predict")
+        if suppressed is not None:
+            log.warning(
+                "shadow_failed",
+                model=self.lineage,
+                version=challenger.version,
+                error=f"{type(exc).__name__}: {exc}",
+                suppressed=suppressed,
+            )
+
+    def _record(
+        self, champion: ServedModel, challenger: ServedModel, request_id: str, mine: Answer, theirs: Answer
     ) -> None:
-        try:
-            answers = challenger.predict(features)
-        except Exception as exc:  # noqa: BLE001 - the challenger's failure is counted, never the request's
-            self._count("failed", len(request_ids))
-            suppressed = self._log_limiter.allow("predict")
-            if suppressed is not None:
-                log.warning(
-                    "shadow_failed",
-                    model=self.lineage,
-                    version=challenger.version,
-                    error=f"{type(exc).__name__}: {exc}",
-                    suppressed=suppressed,
-                )
-            return
-        for request_id, mine, theirs in zip(request_ids, predictions, answers, strict=True):
-            agree = agreement(mine, theirs)
-            self._count("compared" if agree is None else "agree" if agree else "disagree")
-            record: ShadowRecord = {
-                "request_id": request_id,
-                "model": champion.model,
-                "champion_version": champion.version,
-                "champion_prediction": mine,
-                "challenger_version": challenger.version,
-                "challenger_prediction": theirs,
-                "agree": agree,
-            }
-            log.info("shadow_prediction", **record)
-            if self.on_record is not None:
-                self.on_record(record)
+        agree = agreement(mine, theirs)
+        self._count("compared" if agree is None else "agree" if agree else "disagree")
+        record: ShadowRecord = {
+            "request_id": request_id,
+            "model": champion.model,
+            "champion_version": champion.version,
+            "champion_prediction": mine,
+            "challenger_version": challenger.version,
+            "challenger_prediction": theirs,
+            "agree": agree,
+        }
+        log.info("shadow_prediction", **record)
+        if self.on_record is not None:
+            self.on_record(record)
+        # Release the GIL between two lines: measured, it shortens a waiting request's p99 (bench_shadow.py).
+        time.sleep(0)
 
     def status(self, champion: ServedModel | None) -> dict[str, Any]:
         """The ``shadow`` section of ``GET /model``."""

@@ -218,7 +218,8 @@ def test_a_slow_or_failing_challenger_never_delays_or_fails_the_champions_answer
 ) -> None:
     metrics = Metrics(roles=["serving"])
     slow = _Slow(version=1, delay_s=30.0)
-    shadow = Shadow(node_settings, keypair[1], metrics=metrics, queue_batches=2)
+    # No linger: each request is predicted alone, so the queue's bound is what is tested.
+    shadow = Shadow(node_settings, keypair[1], metrics=metrics, queue_batches=2, linger_s=0.0)
     shadow.subscriber.stop()  # never started: its consumers are opened on first use
     shadow.subscriber = _Source(slow)  # type: ignore[assignment]
     node = ServingNode(_Source(_Champion()), metrics=metrics, shadow=shadow)
@@ -329,6 +330,39 @@ def tsettings(settings: Settings, keys: tuple[Path, Path], tmp_path: Path) -> Se
     )
 
 
+def test_the_shadow_predicts_the_requests_it_gathered_in_one_call_and_isolates_one_that_fails(
+    node_settings: Settings, keypair: Any
+) -> None:
+    class Counting(_Slow):
+        def __init__(self, version: int) -> None:
+            super().__init__(version)
+            self.calls: list[int] = []
+
+        def predict(self, rows: list[Any]) -> list[float]:
+            self.calls.append(len(rows))
+            if any(row.get("bad") for row in rows):
+                raise ValueError("a value the challenger refuses")
+            return [float(row["a"]) for row in rows]
+
+    records: list[dict[str, Any]] = []
+    shadow = Shadow(node_settings, keypair[1], on_record=records.append, linger_s=0.1)
+    shadow.subscriber.stop()
+    challenger = Counting(version=1)
+    shadow.subscriber = _Source(challenger)  # type: ignore[assignment]
+    shadow.start()
+    try:
+        champion = _Champion()
+        for i in range(3):
+            shadow.observe(champion, [f"r-{i}"], [{"a": float(i), "bad": i == 1}], [12.0])  # type: ignore[arg-type]
+        wait_for(lambda: len(records) == 2, what="the two good records")
+        # One call for the three, then each alone to find the one refused.
+        assert challenger.calls == [3, 1, 1, 1], challenger.calls
+        assert [(r["request_id"], r["challenger_prediction"]) for r in records] == [("r-0", 0.0), ("r-2", 2.0)]
+        assert shadow.status(champion)["predictions"] == {"compared": 2, "failed": 1}  # type: ignore[arg-type]
+    finally:
+        shadow.stop()
+
+
 def challenge_gauges(metrics: Metrics) -> dict[str, float | None]:
     value = metrics.registry.get_sample_value
     return {
@@ -403,7 +437,10 @@ def test_a_trainers_challenger_is_published_scored_and_shadowed_until_it_is_drop
         for record, row in zip(shadowed.records, rows, strict=True):
             assert record["champion_version"] == record["challenger_version"] == 3
             assert record["champion_prediction"] == champions.predict_one(row)
-            assert record["challenger_prediction"] == own.predict_one(row) == trainers.predict([row])[0]
+            # The shadow predicts the requests it gathered as one batch: equal up to float32 rounding.
+            shadow_p, own_p = record["challenger_prediction"], own.predict_one(row)
+            assert own_p == trainers.predict([row])[0] and shadow_p.keys() == own_p.keys()
+            assert all(abs(shadow_p[k] - own_p[k]) < 1e-6 for k in own_p), (shadow_p, own_p)
             mine, theirs = record["champion_prediction"], record["challenger_prediction"]
             assert record["agree"] == (max(mine, key=mine.get) == max(theirs, key=theirs.get))
         assert any(r["challenger_prediction"] != r["champion_prediction"] for r in shadowed.records)
