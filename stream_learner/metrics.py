@@ -216,9 +216,32 @@ class Metrics:
             key: Gauge(f"stream_learner_trainer_rolling_{name}", doc, ["model"], registry=t)
             for key, (name, doc) in ROLLING.items()
         }
+        # The champion and the running challenger, scored on the same labels (stream_learner.optimize.challenger).
+        self.trainer_challenge_accuracy = Gauge(
+            "stream_learner_trainer_challenge_accuracy",
+            "Rolling accuracy (the last trainer_metrics_window labeled examples) of the champion (model=<model>) "
+            "and of the running challenger (model=<model>#challenger), each scored on the same labeled examples "
+            "since the challenger started; absent while no challenger runs.",
+            ["model"],
+            registry=t,
+        )
+        self.trainer_challenge_accuracy_cumulative = Gauge(
+            "stream_learner_trainer_challenge_accuracy_cumulative",
+            "Accuracy of the champion and of the challenger over every labeled example since the challenger "
+            "started (what promotion at a drift compares); absent while no challenger runs.",
+            ["model"],
+            registry=t,
+        )
+        self.trainer_challenge_examples = Gauge(
+            "stream_learner_trainer_challenge_examples",
+            "Labeled examples the champion and the challenger were both scored on since it started (0: none runs).",
+            registry=t,
+        )
         #: The rolling gauges are set at most this often (0: at every chunk).
         self.rolling_every_s = ROLLING_EVERY_S
         self._rolling_at: float | None = None
+        self._challenge_at: float | None = None
+        self._challenged: tuple[str, ...] = ()  # the model labels the challenge gauges hold now
 
         s = of("serving")
         self.serving_version = Gauge(
@@ -292,6 +315,20 @@ class Metrics:
             "Parent version of the variant a node serves (0: it serves no variant).",
             registry=s,
         )
+        # Shadow traffic (serving_shadow; stream_learner.serving.shadow).
+        self.serving_shadow_version = Gauge(
+            "stream_learner_serving_shadow_version",
+            "Version of the challenger a node shadowed at its last request (0: none).",
+            registry=s,
+        )
+        self.serving_shadow_predictions = Counter(
+            "stream_learner_serving_shadow_predictions_total",
+            "Shadow predictions by outcome: agree / disagree (the challenger's top class is / is not the "
+            "champion's), compared (regression), failed (the challenger raised), dropped (the shadow queue "
+            "was full: the champion's answer never waits for the shadow).",
+            ["outcome"],
+            registry=s,
+        )
 
     def trainer_scores(self, model: str, summary: Callable[[], Mapping[str, float]]) -> None:
         """Set the rolling gauges of ``model`` from the learner's ``summary``, at most once a second."""
@@ -302,6 +339,30 @@ class Metrics:
         for key, value in summary().items():
             if key in self.trainer_rolling:
                 self.trainer_rolling[key].labels(model=model).set(value)
+
+    def trainer_challenge(self, model: str, scores: Callable[[], Mapping[str, float] | None]) -> None:
+        """Set the challenge gauges from ``scores()`` (``None``: no challenger runs, the series are removed),
+        at most once a second (``rolling_every_s``)."""
+        now = time.monotonic()
+        if self._challenge_at is not None and now - self._challenge_at < self.rolling_every_s:
+            return
+        self._challenge_at = now
+        values = scores()
+        if values is None:
+            for label in self._challenged:
+                self.trainer_challenge_accuracy.remove(label)
+                self.trainer_challenge_accuracy_cumulative.remove(label)
+            self._challenged = ()
+            self.trainer_challenge_examples.set(0)
+            return
+        labels = {"champion": model, "challenger": f"{model}#challenger"}
+        for side, label in labels.items():
+            if f"{side}_accuracy" in values:
+                self.trainer_challenge_accuracy.labels(model=label).set(values[f"{side}_accuracy_rolling"])
+                self.trainer_challenge_accuracy_cumulative.labels(model=label).set(values[f"{side}_accuracy"])
+        if "champion_accuracy" in values:
+            self._challenged = tuple(labels.values())
+        self.trainer_challenge_examples.set(values.get("examples", 0.0))
 
     def observe_consumer(self, role: str, consumer: Any) -> int:
         """One cycle of ``role``'s loop done: report its progress and set its consumer-lag gauge; the lag."""

@@ -303,6 +303,8 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Serve this variant of the model; the parent where a version has no passing variant (unset: the parent)."""
     serving_variant_max_lag: Annotated[int, Meta(ge=0)] = 1
     """Serve the parent once the newest variant is more than this many versions behind it."""
+    serving_shadow: Literal["challenger"] | None = None
+    """Also predict each request with the trainer's challenger (lineage model#challenger) and log it (unset: no)."""
     serving_public_keys: list[str] = []
     """PEM files of the trainer public keys a serving node trusts (comma-separated; required)."""
     serving_pin_version: Annotated[int, Meta(ge=1)] | None = None

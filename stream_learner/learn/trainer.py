@@ -44,6 +44,7 @@ from ..drift import Action, DriftFinding, drift_event
 from ..errors import ConfigError, EventError
 from ..events import CheckpointManifest, encode
 from ..metrics import Metrics
+from ..optimize.challenger import SessionChallenger, challenge_scores
 from ..optimize.hook import SessionVariants
 from ..util.retry import Retry, Stopped
 from .build import build_learner, state_store
@@ -202,6 +203,14 @@ class Trainer:
         )
         if self.variants is not None:
             self.variants.attach(self.session)
+        # While a challenger runs, each version's challenger as <model>#challenger (shadow traffic).
+        self.challenger = SessionChallenger(
+            metrics=self.metrics,
+            chunk_bytes=settings.trainer_chunk_bytes,
+            output_for=lambda name: TopicOutput(
+                settings, name, private_key, producer=self.producer, retry=self._publish_retry()
+            ),
+        ).attach(self.session)
         self._restore()
         # torch (and torch._dynamo, which Adam imports) leave ~370k long-lived
         # objects; moved out of the collector's way, full collections stop
@@ -235,6 +244,7 @@ class Trainer:
         meta = self.session.restore(legacy_topic=self.topic)
         if self.variants is not None:
             self.variants.restored(meta)
+        self.challenger.restored(meta)
         position = self.session.position
         for tp in parts:
             name = f"{tp.topic}:{tp.partition}"
@@ -328,6 +338,7 @@ class Trainer:
         if not math.isnan(result.loss):
             self.metrics.trainer_loss.set(result.loss)
         self.metrics.trainer_scores(self.settings.trainer_model, self.learner.summary)
+        self.metrics.trainer_challenge(self.settings.trainer_model, lambda: challenge_scores(self.learner))
 
     # -- checkpoints ---------------------------------------------------------------------
 
@@ -356,6 +367,7 @@ class Trainer:
             log.warning("trainer_close_abandoned", reason=str(exc))  # are sent again by the next run
         if self.variants is not None:
             self.variants.close()
+        self.challenger.close()
         self.consumer.close(autocommit=False)
         self.producer.close()
         log.info("trainer_stopped", version=self.version, counts=self.learner.counts)

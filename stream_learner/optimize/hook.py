@@ -52,7 +52,16 @@ from .window import Window
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["Outcome", "SessionVariants", "derive", "gate_config", "lineage", "recipes", "variant_manifest"]
+__all__ = [
+    "LineagePublisher",
+    "Outcome",
+    "SessionVariants",
+    "derive",
+    "gate_config",
+    "lineage",
+    "recipes",
+    "variant_manifest",
+]
 
 
 def lineage(model: str, variant: str) -> str:
@@ -201,6 +210,44 @@ def count(metrics: Metrics | None, outcome: Outcome) -> None:
         )
 
 
+class LineagePublisher:
+    """Publishes versions of derived lineages (``<model>#<name>``), each version at most once.
+
+    The one publishing path of what a session derives from its versions: the
+    serving variants (:class:`SessionVariants`) and the challenger
+    (:mod:`~stream_learner.optimize.challenger`). ``output_for(lineage)``
+    gives the output a lineage publishes to (opened on first use; its newest
+    version read then).
+    """
+
+    def __init__(self, output_for: Callable[[str], Output]) -> None:
+        self.output_for = output_for
+        self.outputs: dict[str, Output] = {}
+        self.latest: dict[str, int] = {}  # per lineage, the newest version its output holds
+
+    def publish(
+        self, name: str, version: int, build: Callable[[], tuple[CheckpointManifest, bytes]]
+    ) -> CheckpointManifest | None:
+        """Sign and publish version ``version`` of lineage ``name`` (``build()`` makes its unsigned manifest
+        and weights); ``None`` when the output holds that version already (derived again after a restart)."""
+        output = self.outputs.get(name)
+        if output is None:
+            output = self.outputs[name] = self.output_for(name)
+            self.latest[name] = output.latest_version()
+        if version <= self.latest[name]:
+            return None
+        manifest, weights = build()
+        signed = output.publish(manifest, weights)
+        self.latest[name] = version
+        return signed
+
+    def close(self) -> None:
+        """Release the outputs."""
+        for output in self.outputs.values():
+            output.close()
+        self.outputs.clear()
+
+
 @dataclass
 class _Pending:
     manifest: CheckpointManifest
@@ -229,12 +276,10 @@ class SessionVariants:
     ) -> None:
         self.recipes = list(recipe_list)
         self.gate = gate
-        self.output_for = output_for
         self.chunk_bytes = chunk_bytes
         self.metrics = metrics
         self.on_outcome = on_outcome
-        self.outputs: dict[str, Output] = {}
-        self.latest: dict[str, int] = {}  # per variant lineage, the newest version its output holds
+        self.publisher = LineagePublisher(output_for)
         self.pending: _Pending | None = None
         self.outcomes: list[Outcome] = []
         self.session: Any = None
@@ -328,22 +373,16 @@ class SessionVariants:
         return outcomes
 
     def _publish(self, parent_manifest: CheckpointManifest, outcome: Outcome) -> CheckpointManifest | None:
-        name = lineage(parent_manifest.model, outcome.name)
-        output = self.outputs.get(name)
-        if output is None:
-            output = self.outputs[name] = self.output_for(name)
-            self.latest[name] = output.latest_version()
-        if outcome.version <= self.latest[name]:
+        signed = self.publisher.publish(
+            lineage(parent_manifest.model, outcome.name),
+            outcome.version,
+            lambda: variant_manifest(parent_manifest, outcome, self.chunk_bytes),
+        )
+        if signed is None:
             # Derived again after a restart: that version is out already (never published twice).
             log.info("variant_already_published", variant=outcome.name, version=outcome.version)
-            return None
-        manifest, weights = variant_manifest(parent_manifest, outcome, self.chunk_bytes)
-        signed = output.publish(manifest, weights)
-        self.latest[name] = outcome.version
         return signed
 
     def close(self) -> None:
         """Release the variant outputs."""
-        for output in self.outputs.values():
-            output.close()
-        self.outputs.clear()
+        self.publisher.close()

@@ -24,7 +24,9 @@ Endpoints (JSON):
   v12``, ``registry pin v9``, ``local pin v7``), ``problem``, the
   subscriber's status (with the registry's state), the manifest's version,
   parent, metrics, counts, weights digest and layout (precision, base
-  digest, delta or full), and the history of swaps (version, time).
+  digest, delta or full), the history of swaps (version, time), and with
+  ``serving_shadow`` the ``shadow`` section (which challenger is shadowed,
+  or why none; its counts: :mod:`stream_learner.serving.shadow`).
 * ``GET /metrics`` — Prometheus text.
 
 A bad request is the caller's to fix and is answered synchronously, so it
@@ -64,6 +66,7 @@ from ..metrics import Metrics
 from ..sdk import PredictionLogger
 from .http import MAX_BATCH, HttpFront, NodeLimits, _Connection
 from .model import BuildPolicy, ServedModel, load_served_model
+from .shadow import Shadow
 from .subscriber import CheckpointSubscriber
 from .telemetry import serving_metrics
 from .trust import public_keys_from_settings
@@ -112,7 +115,10 @@ class ServingNode(HttpFront):
     (or any :class:`ModelSource`); ``sdk`` logs predictions
     (``None``: not logged). ``port=0`` binds a free port (see :attr:`url`).
     ``fallback`` serves until the subscriber has a model (see ``--cold-start``).
-    ``limits``: see :class:`NodeLimits`.
+    ``limits``: see :class:`NodeLimits`. ``shadow``, a started
+    :class:`~stream_learner.serving.shadow.Shadow`, sees what each request was
+    answered, after the answer is made (``serving_shadow``; the node never
+    waits for it).
 
     The server is asyncio's (the standard library): one event loop thread
     holds every connection, reads requests, answers small ones and writes
@@ -131,8 +137,10 @@ class ServingNode(HttpFront):
         port: int = 0,
         fallback: ServedModel | None = None,
         limits: NodeLimits | None = None,
+        shadow: Shadow | None = None,
     ) -> None:
         self.subscriber = subscriber
+        self.shadow = shadow
         self.fallback = fallback
         self.sdk = sdk
         self.metrics = metrics or Metrics()
@@ -213,8 +221,10 @@ class ServingNode(HttpFront):
         predictions = served.predict([r.features for r in requests])
         version = str(served.version)
         out = []
+        ids: list[str] = []
         for request, prediction in zip(requests, predictions, strict=True):
             request_id = request.request_id or self._request_id()
+            ids.append(request_id)
             if self.sdk is not None:
                 self.sdk.log_prediction(
                     request_id, request.features, prediction, model=served.model, model_version=version
@@ -223,6 +233,8 @@ class ServingNode(HttpFront):
                 {"request_id": request_id, "model": served.model, "model_version": version, "prediction": prediction}
             )
         self.metrics.serving_predictions.inc(len(out))
+        if self.shadow is not None:  # after the answer is made; observe never blocks nor raises
+            self.shadow.observe(served, ids, [r.features for r in requests], predictions)
         return out
 
     def model_info(self) -> dict[str, Any]:
@@ -238,6 +250,8 @@ class ServingNode(HttpFront):
             "swaps": [{"version": v, "at": t} for v, t in list(self.swaps)],
             "http": {"connections": len(self._connections), "inflight": self._inflight + self._inflight_light},
         }
+        if self.shadow is not None:
+            info["shadow"] = self.shadow.status(served)
         if served is not None:
             m = served.manifest
             info.update(
@@ -413,6 +427,7 @@ def run_node(settings: Settings, metrics: Metrics, *, stop: threading.Event, col
 
     # serving_pin_version, if set, is applied by the subscriber itself.
     subscriber = CheckpointSubscriber(settings, keys, on_swap=on_swap, metrics=metrics)
+    shadow = Shadow.from_settings(settings, keys, metrics=metrics)  # serving_shadow, if set
     fallback = cold_start_model(settings) if cold_start else None
     node = ServingNode(
         subscriber,
@@ -422,14 +437,19 @@ def run_node(settings: Settings, metrics: Metrics, *, stop: threading.Event, col
         port=settings.serving_port,
         fallback=fallback,
         limits=NodeLimits.from_settings(settings),
+        shadow=shadow,
     )
     metrics.health.add_check("serving", lambda: _has_model(node))
     subscriber.start(wait_s=None)
+    if shadow is not None:
+        shadow.start()
     node.start()
     try:
         stop.wait()
     finally:
         node.stop()
+        if shadow is not None:
+            shadow.stop()
         subscriber.stop()
         sdk.close()
 
