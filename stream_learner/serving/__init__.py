@@ -94,7 +94,10 @@ The README's Security section is the threat model.
 * :mod:`.registry` — the model registry as a subscriber follows it: aliases, a fleet-wide pin;
 * :mod:`.telemetry` — the serving side's own metrics, a limit on repeated log lines;
 * :mod:`.subscriber` — :class:`CheckpointSubscriber`: the loop, its thread, swaps and ``status()``;
-* :mod:`.node` — :class:`ServingNode`, the HTTP service behind ``stream-learner serve``.
+* :mod:`.node` — :class:`ServingNode`, the HTTP service behind ``stream-learner serve``;
+* :mod:`.http` — the asyncio HTTP front and ``NodeLimits``, what bounds a client;
+* :mod:`.requests` — a ``POST /predict`` body, the work it asks for, its total parser;
+* :mod:`.shadow` — the challenger answered off the request path and logged (``serving_shadow``).
 """
 
 from .failures import ModelLoadError, failure_reason

@@ -40,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import re
 import socket
 import threading
 import time
@@ -57,15 +56,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ..checkpoint.reader import LoadedCheckpoint
 from ..config import Settings
 from ..errors import EventError
-from ..events import CheckpointManifest, Codec, Features, Ident, WeightsInfo, WeightsLayout, now_ms
+from ..events import CheckpointManifest, WeightsInfo, WeightsLayout, now_ms
 from ..learn.build import learner_config
 from ..learn.featurizer import RowsRefused
 from ..learn.learner import OnlineLearner
 from ..learn.manifest import servable_weights
 from ..metrics import Metrics
 from ..sdk import PredictionLogger
-from .http import MAX_BATCH, HttpFront, NodeLimits, _Connection
+from .http import HttpFront, NodeLimits, _Connection
 from .model import BuildPolicy, ServedModel, load_served_model
+from .requests import PredictRequest, parse, work_of
 from .shadow import Shadow
 from .subscriber import CheckpointSubscriber
 from .telemetry import serving_metrics
@@ -75,24 +75,6 @@ log = structlog.get_logger(__name__)
 
 #: After a large body, its worker pauses this many times as long as it took (see ServingNode._answer_heavy).
 HEAVY_PAUSE = 1.0
-
-
-class PredictRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """One prediction request: the features, and the caller's request id if it has one."""
-
-    features: Features
-    request_id: Ident | None = None
-
-
-class Body(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A ``POST /predict`` body: one request, or ``instances`` served by one model version."""
-
-    features: Features | None = None
-    request_id: Ident | None = None
-    instances: list[PredictRequest] | None = None
-
-
-_BODY: Codec[Body] = Codec(Body, 1 << 62)  # the node checks the size itself, before reading the body
 
 
 class ModelSource(Protocol):
@@ -296,9 +278,9 @@ class ServingNode(HttpFront):
                 "field": "$",
             }
         try:
-            batch, requests = _parse(body, self.limits.max_batch)
+            batch, requests = parse(body, self.limits.max_batch)
             served = self.current
-            work = _work(requests, len(served.spec.features) if served is not None else 0)
+            work = work_of(requests, len(served.spec.features) if served is not None else 0)
             if work > self.limits.max_batch_values:
                 self.telemetry.http_refused.labels(reason="work").inc()
                 return HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {
@@ -348,66 +330,6 @@ class ServingNode(HttpFront):
         if path == "/metrics":
             return HTTPStatus.OK, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST
         return HTTPStatus.NOT_FOUND, {"error": f"no such path {path}"}, "application/json"
-
-
-def _work(requests: Sequence[PredictRequest], n_features: int) -> int:
-    """What a request asks for: the feature values it sends, or the model's features per instance if more."""
-    sent = sum(len(r.features) for r in requests)
-    return max(sent, len(requests) * n_features)
-
-
-_PATH = re.compile(r" - at `(\$[^`]*)`$")
-
-
-def _parse(body: bytes, max_batch: int = MAX_BATCH) -> tuple[bool, list[PredictRequest]]:
-    """A request body as (is it a batch, its requests); EventError naming the problem.
-
-    Total: whatever the bytes are, it returns or raises :class:`EventError`
-    (the event decoder refuses deep nesting as ``too_deep``; should anything
-    in it still raise ``RecursionError``, the problem is named from
-    msgspec's own message).
-
-    >>> _parse(b'{"features": {"x": 1.5}, "request_id": "r1"}')
-    (False, [PredictRequest(features={'x': 1.5}, request_id='r1')])
-    >>> _parse(b'{"features": {"x": true}}')
-    Traceback (most recent call last):
-    ...
-    stream_learner.errors.EventError: $.features.x: expected `float | str | array | null`, got `bool`
-    >>> _parse(b'{"features": {"x": ' + b"[" * 10_000 + b"]" * 10_000 + b"}}")
-    Traceback (most recent call last):
-    ...
-    stream_learner.errors.EventError: $: arrays and objects nest deeper than 64 levels
-    """
-    try:
-        parsed = _BODY.decode(body)
-    except RecursionError:
-        raise _too_deep(body) from None
-    except EventError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - anything else the decoder raises is still the body's fault
-        raise EventError("malformed_json", "$", f"cannot decode the body: {type(exc).__name__}") from None
-    if parsed.instances is not None:
-        if parsed.features is not None or parsed.request_id is not None:
-            raise EventError("invalid_value", "$", "give `instances`, or `features` (and `request_id`), not both")
-        if len(parsed.instances) > max_batch:
-            raise EventError("invalid_value", "$.instances", f"a batch holds at most {max_batch} instances")
-        return True, parsed.instances
-    if parsed.features is None:
-        raise EventError("missing_field", "$.features", "missing required field")
-    return False, [PredictRequest(features=parsed.features, request_id=parsed.request_id)]
-
-
-def _too_deep(body: bytes) -> EventError:
-    """The error of a body the event decoder's error path cannot explain for its depth: msgspec's own."""
-    try:
-        msgspec.json.decode(body, type=Body)
-    except msgspec.ValidationError as exc:
-        m = _PATH.search(str(exc))
-        text = str(exc)[: m.start()] if m else str(exc)
-        return EventError("wrong_type", m.group(1) if m else "$", f"nests too deeply: {text}")
-    except (msgspec.DecodeError, RecursionError):
-        pass
-    return EventError("malformed_json", "$", "the body nests too deeply")
 
 
 def run_node(settings: Settings, metrics: Metrics, *, stop: threading.Event, cold_start: bool = False) -> None:
