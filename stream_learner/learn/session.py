@@ -50,7 +50,6 @@ session numbers its first version after the newest one the output holds.
 
 from __future__ import annotations
 
-import base64
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -75,6 +74,7 @@ from ..drift import (
 from ..errors import EventError
 from ..events import EXAMPLE, CheckpointManifest, Codec, ExampleEvent, Source, encode
 from .frozen import Dtype
+from .items import Item, Record, pack_item, unpack_item
 from .learner import ChunkResult, OnlineLearner
 from .manifest import build_manifest, layout_for, weights_bytes
 
@@ -82,38 +82,6 @@ log = structlog.get_logger(__name__)
 
 #: Written into every session snapshot.
 FORMAT = "stream-learner-session/1"
-
-
-class Record(Protocol):
-    """What the session needs of a consumed example record (a kafka-python ``ConsumerRecord`` is one)."""
-
-    @property
-    def topic(self) -> str: ...
-    @property
-    def partition(self) -> int: ...
-    @property
-    def offset(self) -> int: ...
-    @property
-    def key(self) -> bytes | None: ...
-    @property
-    def value(self) -> bytes | None: ...
-
-
-@dataclass(frozen=True)
-class StoredRecord:
-    """A record read but not learned yet, as it comes back from a snapshot."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: tuple[tuple[str, bytes], ...] = ()
-
-
-#: What a session learns from: records of the examples topic, or examples already decoded (a
-#: replay's join step emits those).
-Item = Record | ExampleEvent
 
 
 class Sinks(Protocol):
@@ -280,7 +248,7 @@ class LearningSession:
         self.learner.load_state_dict(snapshot.tensors, meta["learner"])
         self.version = int(meta["version"])
         self.position = {str(k): int(v) for k, v in meta["position"].items()}
-        self.pending = [_unpack(x) for x in meta["pending"]]
+        self.pending = [unpack_item(x) for x in meta["pending"]]
         self.since_checkpoint = int(meta["since_checkpoint"])
         self.force_checkpoint = bool(meta["force_checkpoint"])
         if meta.get("manifest") is not None and self.output.latest_version() < self.version:
@@ -435,7 +403,7 @@ class LearningSession:
                 "session": FORMAT,
                 "version": self.version,
                 "position": dict(self.position),
-                "pending": [_pack(x) for x in self.pending],
+                "pending": [pack_item(x) for x in self.pending],
                 "since_checkpoint": self.since_checkpoint,
                 "force_checkpoint": self.force_checkpoint,
                 "manifest": None if manifest is None else msgspec.json.decode(encode(manifest)),
@@ -448,26 +416,6 @@ class LearningSession:
         """Flush the sinks and release the output (the state is saved at checkpoints only)."""
         self.sinks.flush()
         self.output.close()
-
-
-def _b64(data: bytes | None) -> str | None:
-    return None if data is None else base64.b64encode(data).decode()
-
-
-def _unb64(text: str | None) -> bytes | None:
-    return None if text is None else base64.b64decode(text)
-
-
-def _pack(item: Item) -> list[Any]:
-    if isinstance(item, ExampleEvent):
-        return ["e", _b64(encode(item))]
-    return ["r", item.topic, item.partition, item.offset, _b64(item.key), _b64(item.value)]
-
-
-def _unpack(data: list[Any]) -> Item:
-    if data[0] == "e":
-        return EXAMPLE.decode(_unb64(data[1]) or b"")
-    return StoredRecord(str(data[1]), int(data[2]), int(data[3]), _unb64(data[4]), _unb64(data[5]))
 
 
 def _upgrade(meta: dict[str, Any], topic: str) -> dict[str, Any]:

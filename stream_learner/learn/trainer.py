@@ -48,8 +48,9 @@ from ..optimize.challenger import SessionChallenger, challenge_scores
 from ..optimize.hook import SessionVariants
 from ..util.retry import Retry, Stopped
 from .build import build_learner, state_store
+from .items import Item, Record
 from .learner import ChunkResult, OnlineLearner
-from .session import Item, LearningSession, Record
+from .session import LearningSession
 
 log = structlog.get_logger(__name__)
 
