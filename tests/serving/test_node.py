@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import re
@@ -42,6 +43,45 @@ def call(url: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
             return resp.status, raw.decode()
     finally:
         conn.close()
+
+
+class ServeProcess:
+    """A ``stream-learner serve`` process and its URL; ``out`` is its output once it has stopped."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], url: str) -> None:
+        self.proc, self.url, self.out = proc, url, ""
+
+    def get(self, path: str) -> tuple[int, Any] | None:
+        """``GET path``, or None while the node is not listening yet (the process must still run)."""
+        try:
+            return call(self.url, "GET", path)
+        except OSError:
+            assert self.proc.poll() is None, self.proc.stdout.read().decode() if self.proc.stdout else ""
+            return None
+
+
+@contextlib.contextmanager
+def serve_process(settings: Settings, keypair: Any, tmp_path: Path, **overrides: Any) -> Iterator[ServeProcess]:
+    """Run ``stream-learner serve`` trusting ``keypair``'s public key; SIGTERM at the end, which it must obey."""
+    pub = tmp_path / "signing.pub.pem"
+    pub.write_bytes(
+        keypair[1].public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    port = free_port()
+    s = msgspec.structs.replace(settings, serving_public_keys=[str(pub)], serving_port=port, **overrides)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stream_learner.cli", "serve"],
+        env=settings_env(s),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    served = ServeProcess(proc, f"http://127.0.0.1:{port}")
+    try:
+        yield served
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        served.out = proc.communicate(timeout=30)[0].decode()
+    assert proc.returncode in (0, 130), served.out[-2000:]
 
 
 def raw_status(url: str, request: str) -> int:
@@ -169,32 +209,14 @@ def test_without_a_model_the_node_answers_503(settings: Settings, keypair: Any) 
 def test_the_serve_command_runs_a_node_until_sigterm(
     node_settings: Settings, producer: Any, keypair: Any, tmp_path: Path
 ) -> None:
-    pub = tmp_path / "signing.pub.pem"
-    pub.write_bytes(
-        keypair[1].public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    )
     publish(producer, node_settings.topic_models, keypair[0], 5)
-    port = free_port()
-    env = settings_env(msgspec.structs.replace(node_settings, serving_public_keys=[str(pub)], serving_port=port))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "stream_learner.cli", "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-
-        def ready() -> bool:
-            try:
-                return call(url, "GET", "/health")[1].get("model_version") == "5"
-            except OSError:
-                assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-                return False
-
-        wait_for(ready, timeout_s=60, what="the serve process to serve v5")
-        assert call(url, "POST", "/predict", {"features": ROW})[1]["prediction"] == 20.0
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        out = proc.communicate(timeout=30)[0].decode()
-    assert proc.returncode in (0, 130), out[-2000:]
+    with serve_process(node_settings, keypair, tmp_path) as node:
+        wait_for(
+            lambda: (r := node.get("/health")) is not None and r[1].get("model_version") == "5",
+            timeout_s=60,
+            what="the serve process to serve v5",
+        )
+        assert call(node.url, "POST", "/predict", {"features": ROW})[1]["prediction"] == 20.0
 
 
 @pytest.mark.slow
@@ -240,33 +262,16 @@ def test_health_and_predict_give_the_model_version_alike_and_requests_are_timed(
 def test_the_serve_process_exports_serving_metrics_only_and_its_health(
     node_settings: Settings, producer: Any, keypair: Any, tmp_path: Path
 ) -> None:
-    pub = tmp_path / "signing.pub.pem"
-    pub.write_bytes(
-        keypair[1].public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    )
     publish(producer, node_settings.topic_models, keypair[0], 5)
-    port, metrics_port = free_port(), free_port()
-    env = settings_env(
-        msgspec.structs.replace(
-            node_settings, serving_public_keys=[str(pub)], serving_port=port, metrics_port=metrics_port
+    metrics_port = free_port()
+    with serve_process(node_settings, keypair, tmp_path, metrics_port=metrics_port) as node:
+        wait_for(
+            lambda: (r := node.get("/health")) is not None and r[0] == 200,
+            timeout_s=60,
+            what="the serve process to serve v5",
         )
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "stream_learner.cli", "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-
-        def ready() -> bool:
-            try:
-                return call(url, "GET", "/health")[0] == 200
-            except OSError:
-                assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-                return False
-
-        wait_for(ready, timeout_s=60, what="the serve process to serve v5")
-        assert call(url, "POST", "/predict", {"features": ROW})[0] == 200
-        for where in (url, f"http://127.0.0.1:{metrics_port}"):
+        assert call(node.url, "POST", "/predict", {"features": ROW})[0] == 200
+        for where in (node.url, f"http://127.0.0.1:{metrics_port}"):
             text = call(where, "GET", "/metrics")[1]
             names = set(re.findall(r"^# TYPE (\S+)", text, re.M))
             assert not {
@@ -284,10 +289,6 @@ def test_the_serve_process_exports_serving_metrics_only_and_its_health(
             assert 'stream_learner_serving_request_seconds_count{code="200"} 1.0' in text
         status, health = call(f"http://127.0.0.1:{metrics_port}", "GET", "/health")
         assert status == 200 and health["roles"]["serving"] == {"healthy": True, "detail": f"serving {MODEL} v5"}
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        out = proc.communicate(timeout=30)[0].decode()
-    assert proc.returncode in (0, 130), out[-2000:]
 
 
 def test_stop_finishes_the_request_in_flight_closes_idle_connections_and_stops_accepting(node: ServingNode) -> None:

@@ -4,9 +4,6 @@ both; a node with ``serving_shadow`` answers with the champion and logs the chal
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 import threading
 import time
 import types
@@ -17,17 +14,15 @@ from typing import Any
 
 import msgspec
 import pytest
-from cryptography.hazmat.primitives import serialization
 
 from stream_learner.checkpoint.catalog import catalog
 from stream_learner.checkpoint.errors import CheckpointNotFoundError
 from stream_learner.checkpoint.reader import read_latest, read_version
 from stream_learner.checkpoint.signing import load_public_key
-from stream_learner.config import Settings, settings_env
+from stream_learner.config import Settings
 from stream_learner.drift import DriftFinding, Signal
 from stream_learner.learn.predictor import Predictor
 from stream_learner.learn.trainer import Trainer
-from stream_learner.local import free_port
 from stream_learner.metrics import Metrics
 from stream_learner.optimize.challenger import SessionChallenger
 from stream_learner.serving import CheckpointSubscriber, ServingNode
@@ -37,7 +32,7 @@ from stream_learner.serving.shadow import Shadow
 from ..learn.streams import AGRAWAL_FEATURES, agrawal_examples
 from ..learn.test_trainer import produce_examples, run_until
 from .conftest import FEATURES, MODEL, ROW, SPEC, identifiable, manifest, publish, wait_for
-from .test_node import call
+from .test_node import call, serve_process
 
 CHALLENGER = f"{MODEL}#challenger"
 
@@ -259,38 +254,17 @@ def test_a_slow_or_failing_challenger_never_delays_or_fails_the_champions_answer
 def test_the_serve_command_with_serving_shadow_logs_a_json_line_per_shadow_prediction(
     node_settings: Settings, producer: Any, keypair: Any, tmp_path: Path
 ) -> None:
-    pub = tmp_path / "signing.pub.pem"
-    pub.write_bytes(
-        keypair[1].public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    )
     publish(producer, node_settings.topic_models, keypair[0], 5)
     publish(producer, node_settings.topic_models, keypair[0], 5, model=CHALLENGER, tensors=identifiable(6))
-    port = free_port()
-    env = settings_env(
-        msgspec.structs.replace(
-            node_settings, serving_public_keys=[str(pub)], serving_port=port, serving_shadow="challenger"
+    with serve_process(node_settings, keypair, tmp_path, serving_shadow="challenger") as node:
+        wait_for(
+            lambda: (r := node.get("/model")) is not None and bool(r[1].get("shadow", {}).get("shadowing")),
+            timeout_s=60,
+            what="the serve process to shadow m#challenger v5",
         )
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "stream_learner.cli", "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-
-        def shadowing() -> bool:
-            try:
-                return bool(call(url, "GET", "/model")[1].get("shadow", {}).get("shadowing"))
-            except OSError:
-                assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-                return False
-
-        wait_for(shadowing, timeout_s=60, what="the serve process to shadow m#challenger v5")
-        assert call(url, "POST", "/predict", {"request_id": "r-9", "features": ROW})[1]["prediction"] == 20.0
-        wait_for(lambda: call(url, "GET", "/model")[1]["shadow"]["predictions"], what="the shadow prediction")
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        out = proc.communicate(timeout=30)[0].decode()
-    assert proc.returncode in (0, 130), out[-2000:]
+        assert call(node.url, "POST", "/predict", {"request_id": "r-9", "features": ROW})[1]["prediction"] == 20.0
+        wait_for(lambda: call(node.url, "GET", "/model")[1]["shadow"]["predictions"], what="the shadow prediction")
+    out = node.out
     lines = [json.loads(line) for line in out.splitlines() if line.startswith("{") and "shadow_prediction" in line]
     assert len(lines) == 1, out[-3000:]
     line = lines[0]
