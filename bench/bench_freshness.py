@@ -71,7 +71,11 @@ def quantile(values: list[float], q: float) -> float:
 
 
 def freshness(
-    rate: float, seconds: float, base: Settings | None = None, variants: tuple[str, ...] | None = None
+    rate: float,
+    seconds: float,
+    base: Settings | None = None,
+    variants: tuple[str, ...] | None = None,
+    checkpoint_every_s: float = 1.0,
 ) -> dict[str, Any]:
     """One run of the main job's loop at ``rate`` requests/s, no drift; its freshness numbers.
 
@@ -79,7 +83,7 @@ def freshness(
     ``bench_large.py``); ``variants`` replaces the demo's list of serving variants.
     """
     out = Path(tempfile.mkdtemp(prefix="bench-freshness-"))
-    config = DemoConfig(rate=rate, seconds=seconds, drift_at=1.0, out=out)
+    config = DemoConfig(rate=rate, seconds=seconds, drift_at=1.0, out=out, checkpoint_every_s=checkpoint_every_s)
     if variants is not None:
         config = dataclasses.replace(config, variants=variants)
     t = time.monotonic()
@@ -97,7 +101,7 @@ def freshness(
         "p50_s": summary["freshness_s"]["p50"],
         "p99_s": summary["freshness_s"]["p99"],
         "checkpoints": summary["checkpoints"]["published"],
-        "baseline_checkpoint_interval_s": 1.0,
+        "baseline_checkpoint_interval_s": checkpoint_every_s,
         "request_latency_ms": summary["latency_ms"],
         "logs": str(out),  # run.log and serve.log: what bench_large.py reads the stages from
     }

@@ -119,7 +119,9 @@ def lora_settings(arch: str, base_path: Path, layers: tuple[str, ...]) -> Settin
     )
 
 
-def freshness_side_by_side(base_path: Path, tmp: Path, rate: float, seconds: float) -> dict[str, Any]:
+def freshness_side_by_side(
+    base_path: Path, tmp: Path, rate: float, seconds: float, checkpoint_every_s: float = 1.0
+) -> dict[str, Any]:
     """Label -> served freshness for the large model and the small baseline, one after the other."""
     small = ModelSpec(kind=SMALL, task="binary", features=AGRAWAL_FEATURES, classes=["0", "1"])
     state = build_model(small).state_dict()
@@ -130,7 +132,7 @@ def freshness_side_by_side(base_path: Path, tmp: Path, rate: float, seconds: flo
         ("small", SMALL, small_base, SMALL_LORA),
         ("large", ARCH, base_path, LORA),
     ):
-        row = freshness(rate, seconds, lora_settings(arch, path, layers), variants=())
+        row = freshness(rate, seconds, lora_settings(arch, path, layers), (), checkpoint_every_s)
         row["parameters"] = sum(t.numel() for t in build_model(spec_for(arch, layers)).state_dict().values())
         row["stages"] = stages(Path(row["logs"]))
         out[name] = row
@@ -200,6 +202,10 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=6, help="chunks learned per selection (one delta each)")
     parser.add_argument("--rate", type=float, default=20.0, help="requests/s of the freshness runs")
     parser.add_argument("--freshness-seconds", type=float, default=60.0, help="seconds of traffic per run; 0: skip")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "large.json")
+    parser.add_argument(
+        "--checkpoint-every-s", type=float, default=1.0, help="the trainer's checkpoint interval in the freshness runs"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)  # as trainer_torch_threads and a serving node default to
     out: dict[str, Any] = {"model": ARCH, "load_average_at_start": list(os.getloadavg())}
@@ -348,9 +354,11 @@ def main() -> None:
         del node_base, policy, full_lora, deltas
         if args.freshness_seconds > 0:
             print(f"\nlabel -> served freshness at {args.rate:g} requests/s, LoRA deltas (the real pipeline)")
-            out["freshness"] = freshness_side_by_side(base_path, Path(tmp), args.rate, args.freshness_seconds)
+            out["freshness"] = freshness_side_by_side(
+                base_path, Path(tmp), args.rate, args.freshness_seconds, args.checkpoint_every_s
+            )
             out["load_average_at_end"] = list(os.getloadavg())
-    results = Path(__file__).resolve().parent / "results" / "large.json"
+    results = args.out
     results.write_text(json.dumps(out, indent=2) + "\n")
     print(f"\n-> {results}")
 

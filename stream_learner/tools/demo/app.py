@@ -40,6 +40,7 @@ class DemoConfig:
     label_late: float = 0.05  # labeled after the join window closed
     label_delay_s: tuple[float, float] = (0.05, 1.2)  # the others' delay, uniform
     window_ms: int = 2000  # the joiner's label window
+    checkpoint_every_s: float = 1.0  # the trainer's; freshness waits for the next checkpoint
     clients: int = 2  # concurrent application threads
     seed: int = 7
     out: Path = Path("demo-report")

@@ -53,8 +53,8 @@ def run_demo(base: Settings, config: DemoConfig | None = None, *, progress: bool
         trainer_model=MODEL,
         trainer_features=FEATURES,
         trainer_classes=["0", "1"],
-        # Freshness: a checkpoint a second (small model), partial batches after 100 ms.
-        trainer_checkpoint_every_s=1.0,
+        # Freshness: a checkpoint a second by default, partial batches after 100 ms.
+        trainer_checkpoint_every_s=config.checkpoint_every_s,
         trainer_max_wait_ms=100,
         serving_model=MODEL,
         log_format="json",  # also what the report reads the trainer's gate decisions from (run.log)
