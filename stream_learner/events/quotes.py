@@ -72,6 +72,20 @@ def example_quotes(ev: ExampleEvent, data: bytes | bytearray) -> int:
         and ev.label_time is not None
     ):  # a labeled example, as joined: nothing optional is missing
         return n + 2 * _SOURCE_QUOTES + 4 + 2
+    if ev.label_event_id is None and ev.label_time is None and ev.label_source is None:
+        # Unlabeled, as this package writes it: the null fields in a row, found at once (each is
+        # then written as null, which is what the per-field finds below would conclude).
+        if (
+            "label_event_id" not in features
+            and "label_time" not in features
+            and "label_source" not in features
+            and "prediction_source" not in features
+        ):
+            if ev.prediction_source is not None:
+                if _LABEL_NULLS in data:
+                    return n + _SOURCE_QUOTES + 6
+            elif _ALL_NULLS in data:
+                return n + 8
     optional = (
         _SOURCE_QUOTES if ev.prediction_source is not None else _null(data, _PREDICTION_SOURCE, features),
         4 if ev.label_event_id is not None else _null(data, _LABEL_EVENT_ID, features),
@@ -83,6 +97,8 @@ def example_quotes(ev: ExampleEvent, data: bytes | bytearray) -> int:
 
 _PREDICTION_SOURCE, _LABEL_EVENT_ID = _nulls("prediction_source"), _nulls("label_event_id")
 _LABEL_TIME, _LABEL_SOURCE = _nulls("label_time"), _nulls("label_source")
+_LABEL_NULLS = b'"label_event_id":null,"label_time":null,"label_source":null'
+_ALL_NULLS = b'"prediction_source":null,' + _LABEL_NULLS
 
 
 def string_values(ev: PredictionEvent | ExampleEvent) -> int:
