@@ -14,6 +14,10 @@ two models' scores on the labeled examples both were scored on since the
 challenger started (:func:`challenge_scores`), so both sides of the
 comparison travel signed with the weights.
 
+A model on a frozen base publishes no challenger (it would be a whole model
+every version, where the champion publishes a delta); it is still trained
+and scored, and the gauges show both scores.
+
 No challenger running, no ``<model>#challenger`` version: a node that shadows
 it sees the lineage fall behind the champion and stops shadowing
 (:mod:`stream_learner.serving.shadow`). Versions are the champion's, so they
@@ -98,6 +102,7 @@ class SessionChallenger:
         self.chunk_bytes = chunk_bytes
         self.metrics = metrics
         self.published: list[CheckpointManifest] = []  # the challenger versions this process published
+        self.refused_frozen = False  # logged once: a frozen base's challenger is not published
         self.session: Any = None
 
     def attach(self, session: Any) -> SessionChallenger:
@@ -127,6 +132,13 @@ class SessionChallenger:
         if learner.challenger is None:
             return None
         name = lineage(parent.model, CHALLENGER)
+        if learner.main.frozen:
+            # A challenger on a frozen base would go out as a whole model every version (256 MB for the
+            # 64M bench model, where the champion's delta is 0.8 MB): not published; it is still scored.
+            if not self.refused_frozen:
+                log.warning("challenger_not_published", model=name, reason="frozen_base")
+                self.refused_frozen = True
+            return None
         signed = self.publisher.publish(
             name, parent.version, lambda: challenger_manifest(learner, parent, self.chunk_bytes)
         )

@@ -288,3 +288,24 @@ def test_all_learns_from_the_base_as_a_start_and_publishes_full_versions(tmp_pat
     manifest, data = checkpoint(learner, 1)
     assert manifest.layout.base_sha256 == base.sha256 and not manifest.layout.delta
     assert "model.embed.weight" in decode_tensors(data)[0]
+
+
+@pytest.mark.slow
+def test_a_challenger_on_a_frozen_base_is_trained_but_not_published(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from stream_learner.optimize.challenger import SessionChallenger
+
+    learner = OnlineLearner(lora_config(write_base(tmp_path / "base.safetensors")))
+    assert learner.start_challenger()
+    for chunk in chunks(agrawal_examples(128)):
+        learner.process(chunk)
+    assert learner.challenger is not None and learner.challenger.frozen  # it learns on the base too
+
+    def output_for(name: str) -> object:
+        raise AssertionError(f"nothing may be published, asked for an output of {name}")
+
+    hook = SessionChallenger(output_for=output_for, chunk_bytes=1 << 20)
+    hook.session = SimpleNamespace(learner=learner)
+    parent, _ = checkpoint(learner, 1)
+    assert hook.publish(parent) is None and hook.refused_frozen and not hook.published
