@@ -139,7 +139,7 @@ def _runs() -> list[str]:
     return [args for instr, args in _dockerfile_instructions() if instr == "RUN"]
 
 
-_PIP_INSTALL_PROJECT = re.compile(r"\bpip3? install\b(?:\s+-\S+(?:\s+[^-.\s]\S*)?)*\s+\.(?=\s|$|&|;)")
+_PIP_INSTALL_PROJECT = re.compile(r"\bpip3? install\b(?:\s+-\S+(?:\s+[^-.\s]\S*)?)*\s+\.(?:\[[^\]\s]*\])?(?=\s|$|&|;)")
 
 
 # --- services ----------------------------------------------------------------
@@ -397,7 +397,8 @@ def test_pip_install_project_pattern():
     # The Dockerfile checks above rely on this matcher; keep it honest.
     assert _PIP_INSTALL_PROJECT.search("pip install .")
     assert _PIP_INSTALL_PROJECT.search("pip install --no-deps . && rm -rf build")
-    assert not _PIP_INSTALL_PROJECT.search("pip install .[dev]")
+    assert _PIP_INSTALL_PROJECT.search("pip install .[text] && rm -rf build")
+    assert not _PIP_INSTALL_PROJECT.search("pip install .venv/x.whl")
     assert not _PIP_INSTALL_PROJECT.search("pip install ./wheels/x.whl")
 
 
