@@ -91,7 +91,8 @@ BENCHES: dict[str, tuple[str, Callable[[dict[str, Any]], Metrics]]] = {
 }
 
 
-def _worktree(rev: str, parent: Path) -> Path:
+def worktree(rev: str, parent: Path) -> Path:
+    """Check ``rev`` out, detached, into a new git worktree under ``parent``; its path."""
     path = parent / rev.replace("/", "_")
     subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(path), rev], check=True)
     return path
@@ -103,7 +104,8 @@ def _sides(old: Path, new: Path, rounds: int) -> Iterator[tuple[int, str, Path]]
         yield from ((r, name, tree) for name, tree in (pair if r % 2 == 0 else pair[::-1]))
 
 
-def _commit(tree: Path) -> str:
+def short_commit(tree: Path) -> str:
+    """The short hash of what ``tree`` has checked out."""
     return subprocess.run(
         ["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], check=True, capture_output=True, text=True
     ).stdout.strip()
@@ -132,14 +134,14 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         made: list[Path] = []
         try:
-            old = _worktree(args.old, work)
+            old = worktree(args.old, work)
             made.append(old)
             if args.new:
-                new = _worktree(args.new, work)
+                new = worktree(args.new, work)
                 made.append(new)
             else:
                 new = REPO
-            commits = {"old": _commit(old), "new": _commit(new) + ("" if args.new else " (working tree)")}
+            commits = {"old": short_commit(old), "new": short_commit(new) + ("" if args.new else " (working tree)")}
             runs: dict[str, list[Metrics]] = {"old": [], "new": []}
             for r, side, tree in _sides(old, new, args.rounds):
                 res = work / f"{side}-{r}.json"

@@ -43,6 +43,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ab import short_commit, worktree  # bench/ is this script's directory, first on sys.path
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "instructions.json"
 FEATURES = [f"f{i}" for i in range(16)]
@@ -124,17 +126,6 @@ def _callgrind(
     return int(found[-1]), p.stdout
 
 
-def _worktree(rev: str, parent: Path) -> Path:
-    path = parent / rev.replace("/", "_")
-    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(path), rev], check=True)
-    return path
-
-
-def _commit(tree: Path) -> str:
-    out = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return out.stdout.strip()
-
-
 def main(argv: list[str] | None = None) -> int:
     """Measure instructions per example of the trainer and of replay on both sides and print the ratios."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -158,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import msgspec
 
+    from stream_learner.bus import ensure_topics
     from stream_learner.checkpoint.signing import generate_keypair
     from stream_learner.config import Settings, settings_env
     from stream_learner.local import LocalServers
@@ -183,21 +175,21 @@ def main(argv: list[str] | None = None) -> int:
             trainer_checkpoint_every_examples=4000,
             consumer_fetch_max_wait_ms=50,
         )
-        from stream_learner.bus import ensure_topics
-
         ensure_topics(base)
         # A margin past what the trainer counts: it cuts a partial chunk only when caught up.
         _produce(base, topic, total + 2000)
         made: list[Path] = []
         try:
-            sides = {"old": _worktree(args.old, work)}
+            sides = {"old": worktree(args.old, work)}
             made.append(sides["old"])
             if args.new:
-                sides["new"] = _worktree(args.new, work)
+                sides["new"] = worktree(args.new, work)
                 made.append(sides["new"])
             else:
                 sides["new"] = REPO
-            commits = {k: _commit(v) + ("" if k == "old" or args.new else " (working tree)") for k, v in sides.items()}
+            commits = {
+                k: short_commit(v) + ("" if k == "old" or args.new else " (working tree)") for k, v in sides.items()
+            }
             for side, tree in sides.items():
                 for what in whats:
                     tag = f"{side}-{what}-{int(time.time() * 1000)}"
