@@ -23,7 +23,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from stream_learner.checkpoint.signing import generate_keypair, load_public_key
 from stream_learner.config import Settings
@@ -32,25 +31,9 @@ from stream_learner.metrics import Metrics
 from stream_learner.serving import ServingNode, cold_start_model
 from stream_learner.serving.model import ServedModel
 from stream_learner.serving.shadow import Shadow
+from tests.serving.stand_ins import FixedSource  # run with PYTHONPATH=. (the docstring's command)
 
 FEATURES = [f"f{i}" for i in range(9)]
-
-
-class Source:
-    """A model source serving one fixed model (no broker)."""
-
-    def __init__(self, current: ServedModel) -> None:
-        self.current = current
-        self.problem = None
-
-    def status(self) -> dict[str, Any]:
-        return {"swaps": 0, "failures": 0, "failures_by_reason": {}, "last_error": None}
-
-    def start(self, wait_s: float | None = None) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
 
 
 def run(settings: Settings, champion: ServedModel, challenger: ServedModel | None, n: int) -> tuple[float, float]:
@@ -59,9 +42,9 @@ def run(settings: Settings, champion: ServedModel, challenger: ServedModel | Non
     shadow = None
     if challenger is not None:
         shadow = Shadow(settings, load_public_key(generate_keypair()[1]), metrics=metrics)
-        shadow.subscriber = Source(challenger)  # type: ignore[assignment]
+        shadow.subscriber = FixedSource(challenger)  # type: ignore[assignment]
         shadow.start()
-    node = ServingNode(Source(champion), metrics=metrics, shadow=shadow).start()
+    node = ServingNode(FixedSource(champion), metrics=metrics, shadow=shadow).start()
     host, port = node.url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port))
     body = json.dumps({"features": dict.fromkeys(FEATURES, 1.0)}).encode()

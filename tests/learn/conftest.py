@@ -12,9 +12,9 @@ from stream_learner.config import Settings
 from .streams import AGRAWAL_FEATURES
 
 
-@pytest.fixture
-def tsettings(settings: Settings, keys, tmp_path: Path) -> Settings:
-    return msgspec.structs.replace(
+def agrawal_trainer(settings: Settings, keys, tmp_path: Path, **overrides) -> Settings:
+    """A trainer of a small MLP on the Agrawal features (``tests.learn.streams``), on ``settings``' topics."""
+    trainer = msgspec.structs.replace(
         settings,
         trainer_model="m",
         trainer_features=AGRAWAL_FEATURES,
@@ -26,6 +26,11 @@ def tsettings(settings: Settings, keys, tmp_path: Path) -> Settings:
         trainer_checkpoint_every_s=3600,
         trainer_max_wait_ms=200,
         trainer_group_id=f"{settings.topic_examples}-trainer",
-        # Off by default (issue 14); on here, so that the pseudo-label state is killed and restored too.
-        trainer_pseudo_enabled=True,
     )
+    return msgspec.structs.replace(trainer, **overrides)
+
+
+@pytest.fixture
+def tsettings(settings: Settings, keys, tmp_path: Path) -> Settings:
+    # Off by default (issue 14); on here, so that the pseudo-label state is killed and restored too.
+    return agrawal_trainer(settings, keys, tmp_path, trainer_pseudo_enabled=True)

@@ -29,9 +29,11 @@ from stream_learner.serving import CheckpointSubscriber, ServingNode
 from stream_learner.serving.model import load_served_model
 from stream_learner.serving.shadow import Shadow
 
-from ..learn.streams import AGRAWAL_FEATURES, agrawal_examples
+from ..learn.conftest import agrawal_trainer
+from ..learn.streams import agrawal_examples
 from ..learn.test_trainer import produce_examples, run_until
 from .conftest import FEATURES, MODEL, ROW, SPEC, identifiable, manifest, publish, wait_for
+from .stand_ins import FixedSource
 from .test_node import call, serve_process
 
 CHALLENGER = f"{MODEL}#challenger"
@@ -191,23 +193,6 @@ class _Champion:
         return [12.0 for _ in rows]
 
 
-class _Source:
-    """A stand-in subscriber: what it serves, nothing else."""
-
-    def __init__(self, current: Any) -> None:
-        self.current = current
-        self.problem = None
-
-    def status(self) -> dict[str, Any]:
-        return {"swaps": 0, "failures": 0, "failures_by_reason": {}, "last_error": None}
-
-    def start(self, wait_s: float | None = None) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
-
-
 def test_a_slow_or_failing_challenger_never_delays_or_fails_the_champions_answer(
     node_settings: Settings, keypair: Any
 ) -> None:
@@ -216,8 +201,8 @@ def test_a_slow_or_failing_challenger_never_delays_or_fails_the_champions_answer
     # No linger: each request is predicted alone, so the queue's bound is what is tested.
     shadow = Shadow(node_settings, keypair[1], metrics=metrics, queue_batches=2, linger_s=0.0)
     shadow.subscriber.stop()  # never started: its consumers are opened on first use
-    shadow.subscriber = _Source(slow)  # type: ignore[assignment]
-    node = ServingNode(_Source(_Champion()), metrics=metrics, shadow=shadow)
+    shadow.subscriber = FixedSource(slow)  # type: ignore[assignment]
+    node = ServingNode(FixedSource(_Champion()), metrics=metrics, shadow=shadow)
     shadow.start()
     node.start()
     value = metrics.registry.get_sample_value
@@ -239,7 +224,7 @@ def test_a_slow_or_failing_challenger_never_delays_or_fails_the_champions_answer
         slow.release.set()
         wait_for(lambda: value("stream_learner_serving_shadow_predictions_total", {"outcome": "compared"}) == 3)
 
-        shadow.subscriber = _Source(_Slow(version=1, fail=True))  # type: ignore[assignment]
+        shadow.subscriber = FixedSource(_Slow(version=1, fail=True))  # type: ignore[assignment]
         status, reply = ask("r-f")
         assert status == 200 and reply["prediction"] == expected
         wait_for(lambda: value("stream_learner_serving_shadow_predictions_total", {"outcome": "failed"}) == 1)
@@ -283,18 +268,11 @@ def test_the_serve_command_with_serving_shadow_logs_a_json_line_per_shadow_predi
 
 @pytest.fixture
 def tsettings(settings: Settings, keys: tuple[Path, Path], tmp_path: Path) -> Settings:
-    return msgspec.structs.replace(
+    return agrawal_trainer(
         settings,
+        keys,
+        tmp_path,
         trainer_model=MODEL,
-        trainer_features=AGRAWAL_FEATURES,
-        trainer_classes=["0", "1"],
-        trainer_hidden=[16],
-        trainer_signing_key=str(keys[0]),
-        trainer_state_dir=str(tmp_path / "state"),
-        trainer_checkpoint_every_examples=1000,
-        trainer_checkpoint_every_s=3600,
-        trainer_max_wait_ms=200,
-        trainer_group_id=f"{settings.topic_examples}-trainer",
         serving_public_keys=[str(keys[1])],
         # The policy starts the challenger at a warning and settles it at a drift; the findings are the
         # test's (as in tests/learn/test_drift_policy.py), so they come exactly where it wants them.
@@ -322,7 +300,7 @@ def test_the_shadow_predicts_the_requests_it_gathered_in_one_call_and_isolates_o
     shadow = Shadow(node_settings, keypair[1], on_record=records.append, linger_s=0.1)
     shadow.subscriber.stop()
     challenger = Counting(version=1)
-    shadow.subscriber = _Source(challenger)  # type: ignore[assignment]
+    shadow.subscriber = FixedSource(challenger)  # type: ignore[assignment]
     shadow.start()
     try:
         champion = _Champion()
