@@ -232,6 +232,7 @@ VERB_METRICS: dict[str, tuple[str, ...]] = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``stream-learner`` console script."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a trainer's launcher gives its ranks
     try:
         settings, args.origins = load_settings_with_origins(
             config_file=getattr(args, "config", None), flags={f: getattr(args, f, None) for f in FIELDS}
@@ -245,9 +246,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = Metrics(roles=VERB_METRICS.get(args.command), health=Health(settings.health_stall_s))
     for role in set(VERB_METRICS.get(args.command, ())) - {"sdk"}:
         metrics.health.expect(role)  # /health: 503 "starting" until the role reports
-    if settings.metrics_port is not None and args.command not in ONE_SHOT_VERBS:
-        metrics.serve(settings.metrics_port)
-        log.info("metrics_listening", port=settings.metrics_port, paths=["/metrics", "/health"])
+    port = settings.metrics_port
+    if args.command == "trainer":  # the ranks of a data-parallel trainer serve on port + rank
+        from .learn.ranks import rank_metrics_port
+
+        port = rank_metrics_port(port, settings.trainer_dist_world_size)
+    if port is not None and args.command not in ONE_SHOT_VERBS:
+        metrics.serve(port)
+        log.info("metrics_listening", port=port, paths=["/metrics", "/health"])
     # SIGTERM (docker stop) takes the same clean path as Ctrl-C.
     signal.signal(signal.SIGTERM, _interrupt)
     func: Callable[[argparse.Namespace, Settings, Metrics], int] = args.func

@@ -92,7 +92,7 @@ _ROLE_GROUPS = {
 #: ones the verb sets itself: its flags and ``--help`` offer exactly these.
 VERB_SETTINGS: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
     "joiner": (_ROLE_GROUPS["joiner"], frozenset()),
-    "trainer": (_ROLE_GROUPS["trainer"], frozenset()),
+    "trainer": ((*_ROLE_GROUPS["trainer"], "scale"), frozenset()),
     "run": (tuple(dict.fromkeys(_ROLE_GROUPS["joiner"] + _ROLE_GROUPS["trainer"])), frozenset()),
     "serve": (
         ("kafka", "consumer", "topics", "topic_setup", "model", "large", "serving", "metrics", "logs"),

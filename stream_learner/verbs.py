@@ -118,21 +118,53 @@ def cmd_joiner(args: argparse.Namespace, settings: Settings, metrics: Metrics) -
 
 
 def cmd_trainer(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> int:
-    """Run the trainer until SIGTERM or Ctrl-C (a trainer started while its state store is down waits for it)."""
+    """Run the trainer until SIGTERM or Ctrl-C (a trainer started while its state store is down waits for it).
+
+    With ``trainer_dist_world_size`` above 1 (and not already a rank: torchrun sets ``WORLD_SIZE``) this
+    process is the launcher of that many rank processes (stream_learner.learn.ranks).
+    """
+    from .errors import ConfigError
+    from .learn.ranks import RankGroup, check_world, launch, launches_ranks, watch_parent
     from .learn.trainer import Trainer
     from .util.retry import Stopped
 
     _check_topics("trainer", settings)
+    if launches_ranks(settings.trainer_dist_world_size):
+        # Permanent errors fail here, once, not in every rank and every restart of the group.
+        if not settings.trainer_signing_key:
+            raise ConfigError("trainer_signing_key is not set: the trainer signs every checkpoint")
+        check_world(
+            settings.trainer_dist_world_size, _partitions(settings, settings.topic_examples), settings.topic_examples
+        )
+        return launch(settings.trainer_dist_world_size, settings.trainer_dist_max_restarts, args.argv)
     stop = _stop_on_signals()
+    group = RankGroup.from_env(device=settings.trainer_device, timeout_s=settings.trainer_dist_timeout_s)
+    if group is not None:
+        watch_parent(stop)
     try:
-        trainer = Trainer(settings, metrics=metrics, stop=stop)
-    except Stopped:
-        log.info("trainer_stopped_before_start")
-        return 0
-    # SIGUSR1: the next checkpoint is a full one (a model on a frozen base publishes deltas otherwise).
-    signal.signal(signal.SIGUSR1, lambda *_: trainer.session.request_full())
-    trainer.run(stop)
+        try:
+            trainer = Trainer(settings, metrics=metrics, stop=stop, group=group)
+        except Stopped:
+            log.info("trainer_stopped_before_start")
+            return 0
+        # SIGUSR1: the next checkpoint is a full one (a model on a frozen base publishes deltas otherwise).
+        signal.signal(signal.SIGUSR1, lambda *_: trainer.session.request_full())
+        trainer.run(stop)
+    finally:
+        if group is not None:
+            group.close()
     return 0
+
+
+def _partitions(settings: Settings, topic: str) -> int:
+    """How many partitions ``topic`` has (0 if the broker does not know it)."""
+    from .bus import make_consumer
+
+    consumer = make_consumer(settings, group_id=None)
+    try:
+        return len(consumer.partitions_for_topic(topic) or ())
+    finally:
+        consumer.close()
 
 
 def cmd_optimize(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> int:

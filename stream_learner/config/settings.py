@@ -190,6 +190,14 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # Small models run faster (and reproducibly) on one thread.
     trainer_torch_threads: Positive = 1
     """Torch CPU threads."""
+    # The data-parallel trainer (stream_learner.learn.ranks; docs/architecture.md, "Scale-out").
+    trainer_dist_world_size: Positive = 1
+    """Ranks learning the one model (above 1: the trainer starts them with torch's elastic launcher, each reading
+    the partitions p % N == rank; torchrun's WORLD_SIZE, when set, takes precedence)."""
+    trainer_dist_max_restarts: Annotated[int, Meta(ge=0)] = 100
+    """Times the launcher restarts the whole group from the last snapshot after a rank fails."""
+    trainer_dist_timeout_s: Annotated[float, Meta(gt=0)] = 1800.0
+    """A collective that waits longer for a rank fails the group (rank 0 may wait this long for its state store)."""
     trainer_pseudo_enabled: bool = False
     """Learn confident unlabeled examples from their own prediction (zero-distance pseudo-labels); off by default:
     at 10 % labels no recipe tried raised accuracy (bench/README.md, "Pseudo-labels")."""

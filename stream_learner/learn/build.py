@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ..checkpoint.state import DirectoryStateStore, RedisStateStore, RetryingStateStore, StateStore
 from ..config import Settings
@@ -21,6 +22,9 @@ from .frozen import check_device, load_base
 from .inputs import load_tokenizers, parse_inputs
 from .learner import LearnerConfig, OnlineLearner
 from .models import ModelSpec
+
+if TYPE_CHECKING:
+    from .ranks import RankGroup
 
 
 def learner_config(settings: Settings) -> LearnerConfig:
@@ -95,11 +99,12 @@ def learner_config(settings: Settings) -> LearnerConfig:
     )
 
 
-def build_learner(settings: Settings) -> tuple[OnlineLearner, DriftPolicy]:
-    """The learner the settings describe, with its drift detectors (if on), and the drift policy."""
+def build_learner(settings: Settings, group: RankGroup | None = None) -> tuple[OnlineLearner, DriftPolicy]:
+    """The learner the settings describe, with its drift detectors (if on), and the drift policy; in a
+    data-parallel ``group``, one rank's learner."""
     monitor, policy = drift_from_settings(settings)
     try:
-        return OnlineLearner(learner_config(settings), drift=monitor), policy
+        return OnlineLearner(learner_config(settings), drift=monitor, group=group), policy
     except ValueError as exc:  # a base or a selection that does not fit the architecture
         raise ConfigError(f"invalid model settings: {exc}") from None
 

@@ -61,6 +61,7 @@ from .trainable import Trainable
 
 if TYPE_CHECKING:
     from ..drift import DriftWatch
+    from .ranks import RankGroup
 
 
 @dataclass(frozen=True)
@@ -134,12 +135,19 @@ def take_rows(x: ModelInput, index: torch.Tensor) -> ModelInput:
 
 
 class OnlineLearner:
-    """Learns one model from a stream of joined examples, chunk by chunk."""
+    """Learns one model from a stream of joined examples, chunk by chunk.
 
-    def __init__(self, config: LearnerConfig, *, drift: DriftWatch | None = None) -> None:
+    In a data-parallel ``group`` every rank's learner processes the same
+    chunks; only the optimizer step is shared (:mod:`~stream_learner.learn.stepper`).
+    """
+
+    def __init__(
+        self, config: LearnerConfig, *, drift: DriftWatch | None = None, group: RankGroup | None = None
+    ) -> None:
         self.config = config
         self.spec = config.spec
         self.drift = drift
+        self.group = group
         self._reset()
 
     def _reset(self) -> None:
@@ -194,6 +202,7 @@ class OnlineLearner:
             spike_warmup_batches=c.spike_warmup_batches,
             spike_patience=c.spike_patience,
             counts=self.counts,
+            group=self.group,
         )
         # The serving variants' parts (stream_learner.optimize), when the settings ask for them.
         self.recent = (

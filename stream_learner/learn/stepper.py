@@ -8,13 +8,19 @@ Gradients are clipped to ``clip_norm``; the
 :class:`~stream_learner.learn.parts.LrSchedule` runs a drift policy's
 learning-rate boost down. The guard and the schedule are this part's state,
 saved and restored by it.
+
+In a data-parallel group (:class:`~stream_learner.learn.ranks.RankGroup`)
+every rank holds the whole batch but computes the gradient of its slice of
+the rows only; one all-reduce sums the gradients and gathers the
+per-example losses, and the rest of the step (the finite checks, the guard,
+clipping, the update) runs on every rank on the same numbers.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -23,6 +29,9 @@ from .featurizer import ModelInput, move_input
 from .parts import LrSchedule, SpikeGuard, Tensors
 from .predictor import set_training
 from .trainable import Trainable
+
+if TYPE_CHECKING:
+    from .ranks import RankGroup
 
 __all__ = ["Stepper"]
 
@@ -44,8 +53,10 @@ class Stepper:
         spike_warmup_batches: int,
         spike_patience: int,
         counts: dict[str, int],
+        group: RankGroup | None = None,
     ) -> None:
         self.regression = regression
+        self.group = group if group is not None and group.world > 1 else None
         self.clip_norm = clip_norm
         self.counts = counts
         self.guard = SpikeGuard(spike_factor, spike_warmup_batches, spike_patience)
@@ -67,11 +78,10 @@ class Stepper:
         set_training(t.model, True)
         if t.device.type != "cpu":
             x, y, w = move_input(x, t.device), y.to(t.device), w.to(t.device)
-        out = t.model(x)
-        if self.regression:
-            per = (out[:, 0] - y) ** 2
+        if self.group is None:
+            per = self._per_example(t.model(x), y)
         else:
-            per = nn.functional.cross_entropy(out, y, reduction="none")
+            per = self._shared_backward(t, x, y, w, self.group)  # the gradients are set, summed
         loss = (per * w).sum() / w.sum()
         value = float(loss.detach())
         if not math.isfinite(value):
@@ -87,8 +97,9 @@ class Stepper:
             if t.rollback():
                 self.counts["rollbacks"] += 1
             return math.nan
-        t.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.group is None:
+            t.optimizer.zero_grad(set_to_none=True)
+            torch.autograd.backward(loss)
         params = t.learning()
         grads = [p.grad for p in params if p.grad is not None]
         # A finite total norm means every gradient is finite: one check instead of one per
@@ -110,6 +121,45 @@ class Stepper:
             self.guard.learned(labeled)
             self.lr.stepped(t.optimizer)
         return value
+
+    def _per_example(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.regression:
+            return (out[:, 0] - y) ** 2
+        return nn.functional.cross_entropy(out, y, reduction="none")
+
+    def _shared_backward(
+        self, t: Trainable, x: ModelInput, y: torch.Tensor, w: torch.Tensor, group: RankGroup
+    ) -> torch.Tensor:
+        """This rank's slice forward and backward, then one all-reduce of [gradients, losses, which
+        parameters have a gradient]: the summed gradients are set, the batch's losses returned.
+
+        A row's loss is scaled by the whole batch's weight, so the sum over the ranks is the
+        gradient of the batch loss; a parameter no rank's slice reached keeps no gradient, as it
+        would in one process (the optimizer then leaves it alone)."""
+        n = len(y)
+        lo, hi = group.rows(n)
+        params = t.learning()
+        t.optimizer.zero_grad(set_to_none=True)
+        per_all = torch.zeros(n, dtype=torch.float32, device=t.device)
+        if hi > lo:
+            rows = slice(lo, hi)
+            xs = x[rows] if isinstance(x, torch.Tensor) else {k: v[rows] for k, v in x.items()}
+            per = self._per_example(t.model(xs), y[rows])
+            torch.autograd.backward((per * w[rows]).sum() / w.sum())
+            per_all[rows] = per.detach().float()
+        has = [p.grad is not None for p in params]
+        flat = [
+            p.grad.reshape(-1).float() if p.grad is not None else torch.zeros(p.numel(), device=t.device)
+            for p in params
+        ]
+        buffer = torch.cat([*flat, per_all, torch.tensor(has, dtype=torch.float32, device=t.device)])
+        group.all_reduce(buffer)
+        at = 0
+        for p, flag in zip(params, buffer[buffer.numel() - len(params) :].tolist(), strict=True):
+            size = p.numel()
+            p.grad = buffer[at : at + size].view_as(p).to(p.dtype) if flag > 0 else None
+            at += size
+        return buffer[at : at + n]
 
     def save(self, tensors: Tensors) -> dict[str, Any]:
         """The guard's recent losses (into ``tensors``), and the JSON-able rest of the guard and the schedule."""

@@ -18,6 +18,12 @@ it injects:
 
 Duplicate examples (the joiner is at least once) are dropped by example id
 in the learner.
+
+Given a :class:`~stream_learner.learn.ranks.RankGroup` the trainer is one
+rank of a data-parallel group: it reads only its partitions, moves in
+lockstep with the other ranks (:meth:`Trainer.step` becomes one round of
+the group) and, unless it is rank 0, writes nothing (see
+:mod:`~stream_learner.learn.ranks`).
 """
 
 from __future__ import annotations
@@ -36,9 +42,9 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from ..bus import RECORD_HEADROOM_BYTES, DeadLetter, DeadLetters, make_consumer, make_producer
-from ..checkpoint.output import TopicOutput, publish_transient
+from ..checkpoint.output import Output, TopicOutput, publish_transient
 from ..checkpoint.signing import load_private_key
-from ..checkpoint.state import StateStore
+from ..checkpoint.state import Snapshot, StateStore
 from ..config import Settings
 from ..drift import Action, DriftFinding, drift_event
 from ..errors import ConfigError, EventError
@@ -50,7 +56,8 @@ from ..util.retry import Retry, Stopped
 from .build import build_learner, state_store
 from .items import Item, Record
 from .learner import ChunkResult, OnlineLearner
-from .session import LearningSession
+from .ranks import RankGroup, assigned, check_world, pack_records, plan_steps, shares, unpack_records
+from .session import CountingSinks, LearningSession, Sinks
 
 log = structlog.get_logger(__name__)
 
@@ -133,6 +140,7 @@ class Trainer:
     letters): they raise :class:`~stream_learner.util.retry.Stopped`, which
     :meth:`run` takes as the end (the event :meth:`run` is given ends them
     too); a start abandoned that way raises it from the constructor.
+    ``group`` makes it one rank of a data-parallel group (module docstring).
     """
 
     def __init__(
@@ -145,6 +153,7 @@ class Trainer:
         on_checkpoint: Callable[[CheckpointManifest], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         stop: threading.Event | None = None,
+        group: RankGroup | None = None,
     ) -> None:
         if not settings.trainer_signing_key:
             raise ConfigError(
@@ -156,31 +165,45 @@ class Trainer:
         self.stop = stop or threading.Event()
         torch.set_num_threads(settings.trainer_torch_threads)
         private_key = load_private_key(settings.trainer_signing_key)
-        learner, policy = build_learner(settings)
+        self.group = group if group is not None and group.world > 1 else None
+        lead = self.group is None or self.group.lead  # the one process that writes
+        learner, policy = build_learner(settings, self.group)
         self.poll_timeout_ms = poll_timeout_ms
         self.on_checkpoint = on_checkpoint
         self.clock = clock
         self.topic = settings.topic_examples
         self.consumer = make_consumer(settings, group_id=settings.trainer_group_id)
         # One producer for checkpoint chunks and dead letters: room for the larger of the two.
-        self.producer = make_producer(
-            settings,
-            max_request_size=max(settings.trainer_chunk_bytes, settings.max_event_bytes) + RECORD_HEADROOM_BYTES,
+        self.producer = (
+            make_producer(
+                settings,
+                max_request_size=max(settings.trainer_chunk_bytes, settings.max_event_bytes) + RECORD_HEADROOM_BYTES,
+            )
+            if lead
+            else None
         )
-        self.session = LearningSession(
-            learner,
-            policy,
-            model=settings.trainer_model,
-            output=TopicOutput(
+        output: Output = RankOutput()
+        sinks: Sinks = CountingSinks()
+        if self.producer is not None:
+            output = TopicOutput(
                 settings, settings.trainer_model, private_key, producer=self.producer, retry=self._publish_retry()
-            ),
-            store=store or state_store(settings, stop=self.stop, on_retry=self._retrying("redis")),
-            sinks=KafkaSinks(
+            )
+            sinks = KafkaSinks(
                 settings,
                 self.producer,
                 self.metrics,
                 Retry("kafka (dead letters)", stop=self.stop, on_retry=self._retrying("kafka")),
-            ),
+            )
+            store = store or state_store(settings, stop=self.stop, on_retry=self._retrying("redis"))
+        else:
+            store = RankStore()  # another rank's state is rank 0's: only rank 0 saves
+        self.session = LearningSession(
+            learner,
+            policy,
+            model=settings.trainer_model,
+            output=output,
+            store=store,
+            sinks=sinks,
             chunk_size=settings.trainer_batch_size,
             checkpoint_every_examples=settings.trainer_checkpoint_every_examples,
             checkpoint_every_s=settings.trainer_checkpoint_every_s,
@@ -194,24 +217,23 @@ class Trainer:
         )
         self.published: list[CheckpointManifest] = []
         self.pending_since = 0.0  # when the oldest pending record arrived
-        # Serving variants of every version (trainer_variants; stream_learner.optimize), if asked for.
-        self.variants = SessionVariants.from_settings(
-            settings,
-            metrics=self.metrics,
-            output_for=lambda name: TopicOutput(
-                settings, name, private_key, producer=self.producer, retry=self._publish_retry()
-            ),
-        )
-        if self.variants is not None:
-            self.variants.attach(self.session)
-        # While a challenger runs, each version's challenger as <model>#challenger (shadow traffic).
-        self.challenger = SessionChallenger(
-            metrics=self.metrics,
-            chunk_bytes=settings.trainer_chunk_bytes,
-            output_for=lambda name: TopicOutput(
-                settings, name, private_key, producer=self.producer, retry=self._publish_retry()
-            ),
-        ).attach(self.session)
+        self.held: list[Record] = []  # a rank's records read, not yet given to a global chunk
+        self.variants: SessionVariants | None = None
+        self.challenger: SessionChallenger | None = None
+        if self.producer is not None:
+            producer = self.producer
+
+            def output_for(name: str) -> TopicOutput:
+                return TopicOutput(settings, name, private_key, producer=producer, retry=self._publish_retry())
+
+            # Serving variants of every version (trainer_variants; stream_learner.optimize), if asked for.
+            self.variants = SessionVariants.from_settings(settings, metrics=self.metrics, output_for=output_for)
+            if self.variants is not None:
+                self.variants.attach(self.session)
+            # While a challenger runs, each version's challenger as <model>#challenger (shadow traffic).
+            self.challenger = SessionChallenger(
+                metrics=self.metrics, chunk_bytes=settings.trainer_chunk_bytes, output_for=output_for
+            ).attach(self.session)
         self._restore()
         # torch (and torch._dynamo, which Adam imports) leave ~370k long-lived
         # objects; moved out of the collector's way, full collections stop
@@ -240,12 +262,27 @@ class Trainer:
         return {int(n[len(prefix) :]): o for n, o in self.session.applied_offsets().items() if n.startswith(prefix)}
 
     def _restore(self) -> None:
-        parts = [TopicPartition(self.topic, p) for p in sorted(self.consumer.partitions_for_topic(self.topic) or [0])]
+        partitions = sorted(self.consumer.partitions_for_topic(self.topic) or [0])
+        group = self.group
+        if group is not None:
+            check_world(group.world, len(partitions), self.topic)
+            partitions = assigned(partitions, group.rank, group.world)
+        parts = [TopicPartition(self.topic, p) for p in partitions]
         self.consumer.assign(parts)
-        meta = self.session.restore(legacy_topic=self.topic)
+        if group is None:
+            meta = self.session.restore(legacy_topic=self.topic)
+        else:
+            # Rank 0 reads the one snapshot (and the newest version published); every rank restores it.
+            lead = self.session
+            found = (lead.store.load(), lead.output.latest_version()) if group.lead else None
+            snapshot, latest = group.broadcast(found)
+            if isinstance(lead.output, RankOutput):
+                lead.output.latest = latest
+            meta = self.session.restore(snapshot=snapshot, legacy_topic=self.topic)
         if self.variants is not None:
             self.variants.restored(meta)
-        self.challenger.restored(meta)
+        if self.challenger is not None:
+            self.challenger.restored(meta)
         position = self.session.position
         for tp in parts:
             name = f"{tp.topic}:{tp.partition}"
@@ -253,7 +290,14 @@ class Trainer:
                 self.consumer.seek(tp, position[name])
             else:
                 self.consumer.seek_to_beginning(tp)
-        log.info("trainer_restored", version=self.version, position=position, pending=len(self.buffer))
+        log.info(
+            "trainer_restored",
+            version=self.version,
+            position=position,
+            pending=len(self.buffer),
+            rank=None if group is None else group.rank,
+            partitions=partitions,
+        )
 
     # -- the loop --------------------------------------------------------------------
 
@@ -273,8 +317,12 @@ class Trainer:
             threading.Thread(target=relay, name="trainer-stop", daemon=True).start()
         log.info("trainer_started", model=self.settings.trainer_model, version=self.version)
         try:
-            while not self.stop.is_set():
-                self.step()
+            if self.group is None:
+                while not self.stop.is_set():
+                    self.step()
+            else:
+                while self._round():  # every rank leaves at the same round
+                    pass
         except Stopped as exc:
             log.warning("trainer_stopped_waiting", reason=str(exc))
         finally:
@@ -324,6 +372,50 @@ class Trainer:
         self.metrics.observe_consumer("trainer", self.consumer)  # the lag gauge; progress for /health
         return n
 
+    def _round(self) -> bool:
+        """One round of a data-parallel group (stream_learner.learn.ranks); False once a rank stops.
+
+        Poll, say in one all-gather what this rank holds, plan the same steps as every rank, gather
+        their records, and learn each global chunk whole.
+        """
+        group, session, settings = self.group, self.session, self.settings
+        assert group is not None
+        size = settings.trainer_batch_size
+        share = shares(size, group.world)
+        if len(self.held) < 10 * size:  # bounded: a rank far ahead of the others stops reading
+            batch = self.consumer.poll(timeout_ms=self.poll_timeout_ms, max_records=10 * size)
+            for tp in sorted(batch, key=lambda t: t.partition):
+                if batch[tp] and not self.held:
+                    self.pending_since = self.clock()
+                self.held.extend(batch[tp])
+        waited = (self.clock() - self.pending_since) * 1000 >= settings.trainer_max_wait_ms
+        dry = self._caught_up() and (not self.held or waited)
+        every = settings.trainer_checkpoint_every_s
+        due = group.lead and every is not None and self.clock() - session.last_checkpoint >= every
+        told = group.gather_ints([len(self.held), dry, self.stop.is_set(), due])
+        if any(t[2] for t in told):
+            self.stop.set()
+            return False
+        steps = plan_steps([t[0] for t in told], share, [bool(t[1]) for t in told])
+        if steps:
+            mine = sum(step[group.rank] for step in steps)
+            given, self.held = self.held[:mine], self.held[mine:]
+            if self.held:
+                self.pending_since = self.clock()  # a bound on when the oldest held record arrived
+            records = [unpack_records(b) for b in group.gather_bytes(pack_records(given))]
+            at = [0] * group.world
+            for step in steps:
+                chunk: list[Record] = []
+                for r, n in enumerate(step):
+                    chunk.extend(records[r][at[r] : at[r] + n])
+                    at[r] += n
+                session.add(chunk, {f"{x.topic}:{x.partition}": x.offset + 1 for x in chunk})
+                session.learn(partial=True)  # exactly this chunk: the ranks' shares
+        if told[0][3] and session.since_checkpoint:
+            session.checkpoint()
+        self.metrics.observe_consumer("trainer", self.consumer)
+        return True
+
     def _caught_up(self) -> bool:
         """True when the broker holds nothing we have not read. An empty poll
         alone is not enough: a slow fetch would then cut a partial chunk mid
@@ -351,12 +443,13 @@ class Trainer:
         self.published.append(signed)
         self.metrics.trainer_checkpoints.inc()
         self.metrics.trainer_version.set(signed.version)
-        try:
-            self.consumer.commit(
-                {TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1) for p, o in self.offsets.items()}
-            )
-        except Exception as exc:  # noqa: BLE001 - monitoring only; the state is what counts
-            log.warning("trainer_commit_failed", error=str(exc))
+        if self.producer is not None:  # rank 0 commits every partition's offsets; other ranks write nothing
+            try:
+                self.consumer.commit(
+                    {TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1) for p, o in self.offsets.items()}
+                )
+            except Exception as exc:  # noqa: BLE001 - monitoring only; the state is what counts
+                log.warning("trainer_commit_failed", error=str(exc))
         if self.on_checkpoint is not None:
             self.on_checkpoint(signed)
 
@@ -368,7 +461,39 @@ class Trainer:
             log.warning("trainer_close_abandoned", reason=str(exc))  # are sent again by the next run
         if self.variants is not None:
             self.variants.close()
-        self.challenger.close()
+        if self.challenger is not None:
+            self.challenger.close()
         self.consumer.close(autocommit=False)
-        self.producer.close()
+        if self.producer is not None:
+            self.producer.close()
         log.info("trainer_stopped", version=self.version, counts=self.learner.counts)
+
+
+class RankOutput:
+    """The output of a rank other than 0: rank 0 publishes, this one only follows the version number."""
+
+    def __init__(self) -> None:
+        self.latest = 0
+
+    def latest_version(self) -> int:
+        """The newest version, as rank 0 found it at start and the group has checkpointed since."""
+        return self.latest
+
+    def publish(self, manifest: CheckpointManifest, weights: bytes) -> CheckpointManifest:
+        """Nothing is written: rank 0 publishes the same version."""
+        self.latest = manifest.version
+        return manifest
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+class RankStore:
+    """The state store of a rank other than 0: rank 0 saves the group's one snapshot."""
+
+    def save(self, snapshot: Snapshot) -> None:
+        """Nothing is written (every rank's state equals rank 0's)."""
+
+    def load(self) -> Snapshot | None:
+        """Never read: rank 0 broadcasts what it loads."""
+        raise RuntimeError("a rank other than 0 reads no snapshot of its own")
