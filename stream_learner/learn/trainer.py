@@ -466,7 +466,11 @@ class Trainer:
         self.consumer.close(autocommit=False)
         if self.producer is not None:
             self.producer.close()
-        log.info("trainer_stopped", version=self.version, counts=self.learner.counts)
+        group = self.group
+        shared = (
+            {} if group is None else {"rank": group.rank, "all_reduces": group.reduces, "all_reduce_s": group.reduce_s}
+        )
+        log.info("trainer_stopped", version=self.version, counts=self.learner.counts, **shared)
 
 
 class RankOutput:
