@@ -12,7 +12,10 @@ second learn the same chunks with the same global batch:
 * a 2-rank trainer SIGKILLed ten times (rank 0, rank 1, both) ends
   bit-identical to an unkilled 2-rank run (the all-reduce of two ranks is one
   addition, which commutes), every example trained once (counts exact), and
-  its versions have no gaps and no repeats.
+  its versions have no gaps and no repeats;
+* a partition that runs dry does not stall the other rank, SIGTERM stops the
+  group cleanly, and more ranks than partitions fail at once, before any rank
+  starts.
 """
 
 from __future__ import annotations
@@ -246,3 +249,41 @@ def test_a_two_rank_trainer_killed_ten_times_ends_bit_identical_to_an_unkilled_o
     print(f"\nkilled run: {KILLS} kills, versions 1..{versions[-1]}; unkilled: 1..{want.manifest.version}")
     print(f"examples in the saved state at each kill: {learned} of {total}")
     assert learned[-1] < total and learned == sorted(learned), "the kills were not all mid-stream"
+
+
+@pytest.mark.slow
+def test_a_partition_that_runs_dry_does_not_stall_the_other_and_sigterm_stops_the_group(
+    tsettings: Settings, keys, tmp_path: Path
+) -> None:
+    s = on_topic(tsettings, tmp_path, "dry", 2)
+    examples = agrawal_examples(3_200, seed=SEED)
+    producer = make_producer(s)
+    for i, ex in enumerate(examples):  # partition 1 holds 200, partition 0 the rest
+        producer.send(s.topic_examples, key=ex.request_id.encode(), value=encode(ex), partition=int(i >= 3_000))
+    producer.flush()
+    producer.close()
+    log_path = tmp_path / "dry.log"
+    with log_path.open("w") as log:
+        proc = launch(s, log)
+        latest = wait_for_all(s, len(examples), load_public_key(keys[1]), proc)
+        began = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        status = proc.wait(60)
+    stopped = time.monotonic() - began
+    offsets = {x.partition: x.offset for x in latest.manifest.input_offsets}
+    assert offsets == {0: 3_000, 1: 200}
+    assert latest.manifest.counts["labeled"] == len(examples)
+    assert status == 0, log_path.read_text()[-3000:]
+    assert log_path.read_text().count('"event": "trainer_stopped"') == 2  # both ranks closed, not killed
+    print(f"\nstopped in {stopped:.1f} s")
+
+
+@pytest.mark.slow
+def test_more_ranks_than_partitions_fail_at_once_with_a_clear_error(tsettings: Settings, tmp_path: Path) -> None:
+    s = on_topic(tsettings, tmp_path, "few", 2)
+    env = {**settings_env(s), "STREAM_LEARNER_TRAINER_DIST_WORLD_SIZE": "3"}
+    done = subprocess.run(
+        [sys.executable, "-m", "stream_learner.cli", "trainer"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode != 0
+    assert "3 trainer ranks for 2 partitions" in done.stdout + done.stderr
