@@ -14,6 +14,20 @@ answering (a failover). The error itself is raised, and is transient: the
 role's retry sends the step again to the new owner (a join step sent twice
 has no second effect). The pipelining, ``WAITAOF`` after each step and the
 outbox work as on one node, since they all talk to that one primary.
+
+**Redis Sentinel** (``redis_sentinel_master``): ``redis_url`` names the
+Sentinels; the client is redis-py's own ``Sentinel.master_for``, whose
+connections ask the Sentinels for the master on connect and again after a
+failure or a ``READONLY`` reply (the old master demoted). The error of the
+step that met the failover is a connection error, transient, so the role's
+retry sends it again to the new master.
+
+**Replicas** (``redis_wait_replicas``): replication is asynchronous, so a
+write the old primary acknowledged but had not yet sent on is lost in a
+failover (Sentinel or Cluster alike). With ``redis_wait_replicas = n`` every
+join step and state save waits (``WAITAOF 1 n``, at most a second) until
+``n`` replicas wrote it to their own AOF too; fewer is a transient error,
+and the write is sent again.
 """
 
 from __future__ import annotations
@@ -56,6 +70,8 @@ def make_redis(settings: Settings, key: str | None = None) -> redis.Redis:
     slot (see the module docstring); every key it is used for must share
     that slot.
     """
+    if settings.redis_sentinel_master:
+        return _sentinel_master(settings, settings.redis_sentinel_master)
     if not settings.redis_cluster:
         return redis.Redis.from_url(settings.redis_url, **redis_options(settings))
     if key is None:
@@ -72,6 +88,61 @@ def make_redis(settings: Settings, key: str | None = None) -> redis.Redis:
     router = SlotRouter([seed], key_slot(key.encode()), node)
     pool = redis.ConnectionPool(connection_class=_slot_connection_class(base), router=router, **kwargs)
     return redis.Redis(connection_pool=pool)
+
+
+#: How long a WAITAOF that needs replicas waits for them before the write is retried (ms).
+REPLICA_WAIT_MS = 1000
+
+
+def waitaof(replicas: int) -> tuple[str, int, int, int]:
+    """The ``WAITAOF`` after a write: the primary's own AOF, and ``replicas`` replicas' (bounded wait).
+
+    >>> waitaof(0), waitaof(1)
+    (('WAITAOF', 1, 0, 0), ('WAITAOF', 1, 1, 1000))
+    """
+    return ("WAITAOF", 1, replicas, REPLICA_WAIT_MS if replicas else 0)
+
+
+def check_waitaof(reply: Any, replicas: int) -> None:
+    """Raise a transient error (the write is retried) if fewer than ``replicas`` replicas confirmed.
+
+    >>> check_waitaof([1, 0], 1)
+    Traceback (most recent call last):
+    ...
+    redis.exceptions.ConnectionError: WAITAOF: 0 of 1 replicas wrote the step to their AOF within 1000 ms
+    """
+    if replicas and isinstance(reply, list) and len(reply) == 2 and int(reply[1]) < replicas:
+        raise redis.ConnectionError(
+            f"WAITAOF: {int(reply[1])} of {replicas} replicas wrote the step to their AOF within {REPLICA_WAIT_MS} ms"
+        )
+
+
+def sentinels_of(url: str) -> list[tuple[str, int]]:
+    """The Sentinels a ``redis://`` URL names (several hosts, comma-separated; port 26379 by default).
+
+    >>> sentinels_of("redis://u:p@s1:26379,s2,[::1]:26380/0")
+    [('s1', 26379), ('s2', 26379), ('::1', 26380)]
+    """
+    netloc = urlsplit(url).netloc.rpartition("@")[2]
+    out = []
+    for node in netloc.split(","):
+        host, _, port = node.rpartition(":") if node.rfind(":") > node.rfind("]") else (node, "", "")
+        out.append((host.strip("[]"), int(port or 26379)))
+    return out
+
+
+def _sentinel_master(settings: Settings, name: str) -> redis.Redis:
+    """A client of the master the Sentinels of ``redis_url`` name ``name`` (the module docstring)."""
+    from redis.sentinel import Sentinel
+
+    options = redis_options(settings)
+    path = urlsplit(settings.redis_url).path.strip("/")
+    timeouts = {k: options[k] for k in ("socket_timeout", "socket_connect_timeout")}
+    # The Sentinels get the timeouts only: their own AUTH and TLS, if any, are not the master's.
+    sentinel = Sentinel(sentinels_of(settings.redis_url), sentinel_kwargs=timeouts, **options)  # type: ignore[no-untyped-call]
+    tls = {"ssl": True} if settings.redis_url.startswith("rediss://") else {}
+    client: redis.Redis = sentinel.master_for(name, db=int(path or 0), **tls)  # type: ignore[no-untyped-call]
+    return client
 
 
 #: The options a short-lived client asking a node for the slot map needs.

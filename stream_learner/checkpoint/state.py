@@ -49,6 +49,7 @@ import redis
 import structlog
 import torch
 
+from ..redis_conn import check_waitaof, waitaof
 from ..util.files import atomic_write, remove_leftovers
 from .codec import decode_tensors, encode_tensors
 from .errors import CheckpointError
@@ -150,17 +151,19 @@ class RedisStateStore:
     ``decode_responses``). A Redis string holds at most 512 MB.
     """
 
-    def __init__(self, client: redis.Redis, key: str, *, wait_aof: bool = True) -> None:
+    def __init__(self, client: redis.Redis, key: str, *, wait_aof: bool = True, replicas: int = 0) -> None:
         self.client = client
         self.key = key
         self.wait_aof = wait_aof
+        self.replicas = replicas  # redis_wait_replicas
 
     def save(self, snapshot: Snapshot) -> None:
         """Replace the snapshot atomically; durable (AOF) when this returns."""
         self.client.set(self.key, encode_snapshot(snapshot))
         if self.wait_aof:
             try:
-                self.client.execute_command("WAITAOF", 1, 0, 0)  # type: ignore[no-untyped-call]
+                reply = self.client.execute_command(*waitaof(self.replicas))  # type: ignore[no-untyped-call]
+                check_waitaof(reply, self.replicas)
             except redis.ResponseError as exc:
                 log.warning("state_store_not_durable", key=self.key, reason=str(exc))
                 self.wait_aof = False

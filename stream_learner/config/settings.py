@@ -89,6 +89,13 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Private key (PEM) of redis_ssl_certfile."""
     redis_cluster: bool = False
     """redis_url names a node of a Redis Cluster: each role talks to the primary owning its keys' slot."""
+    redis_wait_replicas: Annotated[int, Meta(ge=0)] = 0
+    """Replicas that must have written a join step or a trainer state to their append-only file before it
+    counts as durable (WAITAOF numreplicas; 0: the primary's own file). Above 0 a failover loses nothing
+    acknowledged; while fewer replicas confirm within a second, the write is retried."""
+    redis_sentinel_master: str | None = None
+    """The master a Redis Sentinel watches, by name: redis_url then names the Sentinels
+    (redis://host1:26379,host2:26379/0) and each role follows the master they name across failovers."""
 
     # Topics (docs/architecture.md, "Topics").
     topic_predictions: TopicName = "sl.predictions"
@@ -383,6 +390,8 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
                 raise ValueError("sasl_username and sasl_password are required for SASL")
         if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
             raise ValueError("ssl_certfile and ssl_keyfile must be set together")
+        if self.redis_cluster and self.redis_sentinel_master:
+            raise ValueError("redis_cluster and redis_sentinel_master exclude each other (a cluster fails over itself)")
         if self.redis_cluster and not _has_hash_tag(self.joiner_redis_prefix):
             # Without one the join's keys spread over slots and its atomic script cannot run.
             raise ValueError("joiner_redis_prefix needs a hash tag ({...}) when redis_cluster is set")

@@ -42,6 +42,7 @@ import redis
 import structlog
 
 from ..config import Settings
+from ..redis_conn import check_waitaof, waitaof
 from .records import Emission, decode_emissions
 
 log = structlog.get_logger(__name__)
@@ -117,6 +118,7 @@ class RedisJoinStore:
         self.client = client
         self.settings = settings
         self._aof_wait = settings.joiner_wait_aof
+        self._replicas = settings.redis_wait_replicas
         self._conns: list[Any] = [None, None]
         # A received step's WAITAOF reply not read yet, per connection.
         self._unconfirmed = [False, False]
@@ -281,7 +283,7 @@ class RedisJoinStore:
 
     def _confirm(self, index: int) -> None:
         try:
-            self._live(index).read_response()
+            check_waitaof(self._live(index).read_response(), self._replicas)
         except redis.ResponseError as exc:
             log.info("joiner_waitaof_unavailable", error=str(exc))  # no AOF: waiting is moot
             self._aof_wait = False
@@ -294,7 +296,7 @@ class RedisJoinStore:
         conn = self._conns[sent.conn]
         if conn is None:
             conn = self._conns[sent.conn] = self.client.connection_pool.get_connection()
-        commands = [sent.args, ("WAITAOF", 1, 0, 0)] if sent.wait else [sent.args]
+        commands = [sent.args, waitaof(self._replicas)] if sent.wait else [sent.args]
         try:
             # One write, so a health check cannot come between the two commands.
             conn.send_packed_command(conn.pack_commands(commands))

@@ -124,7 +124,11 @@ def state_store(
     """
     if settings.trainer_state_store == "redis":
         return RetryingStateStore(
-            RedisStateStore(make_redis(settings, key := f"sl:trainer:{settings.trainer_model}:state"), key),
+            RedisStateStore(
+                make_redis(settings, key := f"sl:trainer:{settings.trainer_model}:state"),
+                key,
+                replicas=settings.redis_wait_replicas,
+            ),
             Retry("redis (trainer state)", stop=stop, on_retry=on_retry),
         )
     return DirectoryStateStore(settings.trainer_state_dir)
