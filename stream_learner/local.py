@@ -285,22 +285,25 @@ class LocalValkeyCluster:
         return redis.Redis(port=self.ports[index], socket_timeout=5)
 
     def start(self, timeout_s: float = 30.0) -> LocalValkeyCluster:
-        """Start the nodes, give each its share of the slots, join them and wait for ``cluster_state:ok``."""
-        for i in range(self.size):
-            self.procs.append(self._start_node(i, timeout_s))
-        share = self.SLOTS // self.size
-        for i in range(self.size):
-            c = self.client(i)
-            try:
-                hi = self.SLOTS - 1 if i == self.size - 1 else (i + 1) * share - 1
-                c.execute_command("CLUSTER", "ADDSLOTSRANGE", i * share, hi)
-                if i:
-                    c.execute_command("CLUSTER", "MEET", "127.0.0.1", self.ports[0], self.bus_ports[0])
-            finally:
-                c.close()
+        """Start the nodes, give each its share of the slots, join them and wait for ``cluster_state:ok``.
+
+        If any of it fails, the nodes already started are stopped.
+        """
         try:
+            for i in range(self.size):
+                self.procs.append(self._start_node(i, timeout_s))
+            share = self.SLOTS // self.size
+            for i in range(self.size):
+                c = self.client(i)
+                try:
+                    hi = self.SLOTS - 1 if i == self.size - 1 else (i + 1) * share - 1
+                    c.execute_command("CLUSTER", "ADDSLOTSRANGE", i * share, hi)
+                    if i:
+                        c.execute_command("CLUSTER", "MEET", "127.0.0.1", self.ports[0], self.bus_ports[0])
+                finally:
+                    c.close()
             self.wait_ok(timeout_s)
-        except LocalServerError:
+        except BaseException:
             self.stop()
             raise
         return self
