@@ -211,7 +211,7 @@ def produce_stream(producer: Any, settings: Settings, stream: Iterator[tuple[str
     return counts
 
 
-def advance_watermark(settings: Settings, t: int, tag: str) -> int:
+def advance_watermark(settings: Settings, t: int, tag: str, partitions: int = PARTITIONS) -> int:
     """One prediction and its label at event time ``t`` on every input partition, explicitly.
 
     The watermark is the minimum over all input partitions, so this moves it
@@ -220,7 +220,7 @@ def advance_watermark(settings: Settings, t: int, tag: str) -> int:
     """
     producer = make_producer(settings)
     try:
-        for p in range(PARTITIONS):
+        for p in range(partitions):
             rid = f"{tag}-watermark-{p}"
             producer.send(
                 settings.topic_predictions,
@@ -247,7 +247,7 @@ def advance_watermark(settings: Settings, t: int, tag: str) -> int:
         producer.flush()
     finally:
         producer.close()
-    return PARTITIONS
+    return partitions
 
 
 def read_examples(settings: Settings, expect: int, timeout_s: float = 60.0) -> dict[str, Any]:
@@ -292,7 +292,9 @@ def read_examples(settings: Settings, expect: int, timeout_s: float = 60.0) -> d
 # -- phase 2: raw consume -----------------------------------------------------
 
 
-def phase_raw_consume(settings: Settings, n: int, max_poll_records: int) -> dict[str, float]:
+def phase_raw_consume(
+    settings: Settings, n: int, max_poll_records: int, partitions: int = PARTITIONS
+) -> dict[str, float]:
     """A group-less consumer on all input partitions, values not decoded.
 
     Timed like the joiner: from the return of the first non-empty poll, over
@@ -301,7 +303,7 @@ def phase_raw_consume(settings: Settings, n: int, max_poll_records: int) -> dict
     consumer = make_consumer(settings, None, max_poll_records=max_poll_records)
     try:
         tps = [
-            TopicPartition(t, p) for t in (settings.topic_predictions, settings.topic_labels) for p in range(PARTITIONS)
+            TopicPartition(t, p) for t in (settings.topic_predictions, settings.topic_labels) for p in range(partitions)
         ]
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)

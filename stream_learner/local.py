@@ -259,7 +259,8 @@ class LocalValkeyCluster:
     For tests of the roles on Redis Cluster: :attr:`url` names one node
     (a role finds the others), :meth:`owner` says which node holds a key's
     slot, :meth:`move_slot` moves a slot and its keys to another node as an
-    operator resharding would, and :meth:`kill` stops one node.
+    operator resharding would, :meth:`kill` stops one node and :meth:`restart`
+    starts it again as the same node (its ``nodes.conf`` and append-only file).
     """
 
     SLOTS = 16384
@@ -270,6 +271,7 @@ class LocalValkeyCluster:
         self.ports = [free_port() for _ in range(size)]
         self.bus_ports = [free_port() for _ in range(size)]  # the default, port + 10000, may be taken or too high
         self.procs: list[subprocess.Popen[bytes] | None] = []
+        self._ids: dict[int, str] = {}  # node ids, as first asked (a node keeps its id in nodes.conf)
 
     @property
     def url(self) -> str:
@@ -283,41 +285,52 @@ class LocalValkeyCluster:
         return redis.Redis(port=self.ports[index], socket_timeout=5)
 
     def start(self, timeout_s: float = 30.0) -> LocalValkeyCluster:
-        """Start the nodes, give each its share of the slots, join them and wait for ``cluster_state:ok``."""
-        for i, port in enumerate(self.ports):
-            extra = (
-                *("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
-                *("--cluster-node-timeout", "2000", "--cluster-port", str(self.bus_ports[i])),
-            )
-            self.procs.append(
-                _start_valkey(port, self.workdir / f"node{i}", self.workdir / f"node{i}.log", timeout_s, extra)
-            )
-        share = self.SLOTS // self.size
-        for i in range(self.size):
-            c = self.client(i)
-            try:
-                hi = self.SLOTS - 1 if i == self.size - 1 else (i + 1) * share - 1
-                c.execute_command("CLUSTER", "ADDSLOTSRANGE", i * share, hi)
-                if i:
-                    c.execute_command("CLUSTER", "MEET", "127.0.0.1", self.ports[0], self.bus_ports[0])
-            finally:
-                c.close()
-        deadline = time.monotonic() + timeout_s
-        while not all(self._ok(i) for i in range(self.size)):
-            if time.monotonic() > deadline:
-                self.stop()
-                raise LocalServerError(
-                    f"the Valkey cluster did not form within {timeout_s:g} s (logs in {self.workdir})"
-                )
-            time.sleep(0.1)
+        """Start the nodes, give each its share of the slots, join them and wait for ``cluster_state:ok``.
+
+        If any of it fails, the nodes already started are stopped.
+        """
+        try:
+            for i in range(self.size):
+                self.procs.append(self._start_node(i, timeout_s))
+            share = self.SLOTS // self.size
+            for i in range(self.size):
+                c = self.client(i)
+                try:
+                    hi = self.SLOTS - 1 if i == self.size - 1 else (i + 1) * share - 1
+                    c.execute_command("CLUSTER", "ADDSLOTSRANGE", i * share, hi)
+                    if i:
+                        c.execute_command("CLUSTER", "MEET", "127.0.0.1", self.ports[0], self.bus_ports[0])
+                finally:
+                    c.close()
+            self.wait_ok(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
         return self
+
+    def _start_node(self, index: int, timeout_s: float) -> subprocess.Popen[bytes]:
+        """Node ``index`` on its port, bus port and data directory (``nodes.conf`` and the AOF are there)."""
+        extra = (
+            *("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
+            *("--cluster-node-timeout", "2000", "--cluster-port", str(self.bus_ports[index])),
+        )
+        node = self.workdir / f"node{index}"
+        return _start_valkey(self.ports[index], node, self.workdir / f"node{index}.log", timeout_s, extra)
+
+    def wait_ok(self, timeout_s: float = 30.0) -> None:
+        """Wait until every running node reports ``cluster_state:ok`` and knows every node."""
+        deadline = time.monotonic() + timeout_s
+        while not all(self._ok(i) for i in self.live()):
+            if time.monotonic() > deadline:
+                raise LocalServerError(f"the Valkey cluster was not ok within {timeout_s:g} s (logs in {self.workdir})")
+            time.sleep(0.1)
 
     def _ok(self, index: int) -> bool:
         c = self.client(index)
         try:
             info = c.execute_command("CLUSTER", "INFO")
             text = info.decode() if isinstance(info, bytes) else str(info)
-            return "cluster_state:ok" in text and f"cluster_known_nodes:{self.size}" in text
+            return "cluster_state:ok" in text and f"cluster_known_nodes:{len(self.ports)}" in text
         finally:
             c.close()
 
@@ -326,13 +339,15 @@ class LocalValkeyCluster:
         return [i for i, p in enumerate(self.procs) if p is not None and p.poll() is None]
 
     def node_id(self, index: int) -> str:
-        """The cluster id of node ``index``."""
-        c = self.client(index)
-        try:
-            raw = c.execute_command("CLUSTER", "MYID")
-            return raw.decode() if isinstance(raw, bytes) else str(raw)
-        finally:
-            c.close()
+        """The cluster id of node ``index`` (asked once: a node keeps it across restarts)."""
+        if index not in self._ids:
+            c = self.client(index)
+            try:
+                raw = c.execute_command("CLUSTER", "MYID")
+                self._ids[index] = raw.decode() if isinstance(raw, bytes) else str(raw)
+            finally:
+                c.close()
+        return self._ids[index]
 
     def owner(self, key: str) -> int:
         """The index of the node that owns ``key``'s slot."""
@@ -381,13 +396,7 @@ class LocalValkeyCluster:
         i = len(self.ports)
         self.ports.append(free_port())
         self.bus_ports.append(free_port())
-        extra = (
-            *("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
-            *("--cluster-node-timeout", "2000", "--cluster-port", str(self.bus_ports[i])),
-        )
-        self.procs.append(
-            _start_valkey(self.ports[i], self.workdir / f"node{i}", self.workdir / f"node{i}.log", 30, extra)
-        )
+        self.procs.append(self._start_node(i, 30))
         c = self.client(i)
         try:
             c.execute_command("CLUSTER", "MEET", "127.0.0.1", self.ports[0], self.bus_ports[0])
@@ -413,9 +422,26 @@ class LocalValkeyCluster:
         """SIGKILL node ``index`` (a crash: its replica, if any, takes over after the node timeout)."""
         proc = self.procs[index]
         if proc is not None and proc.poll() is None:
+            self.node_id(index)  # remembered, for restart() to check
             proc.kill()
             proc.wait(10)
         self.procs[index] = None
+
+    def restart(self, index: int, timeout_s: float = 30.0) -> None:
+        """Start a stopped node ``index`` again on its port, bus port and data directory.
+
+        It loads its ``nodes.conf`` (the same node id, its slots, its peers)
+        and its append-only file, and the cluster takes it back: this
+        returns once every running node reports ``cluster_state:ok``.
+        """
+        proc = self.procs[index]
+        if proc is not None and proc.poll() is None:
+            raise LocalServerError(f"node {index} is running; kill() it first")
+        self.procs[index] = self._start_node(index, timeout_s)
+        before = self._ids.pop(index, None)
+        if before is not None and self.node_id(index) != before:
+            raise LocalServerError(f"node {index} came back as {self.node_id(index)}, not {before}")
+        self.wait_ok(timeout_s)
 
     def stop(self) -> None:
         """Stop every node."""

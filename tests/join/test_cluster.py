@@ -4,7 +4,9 @@ The roles are given the URL of a node that does *not* own their slot; the
 joiner's slot is then resharded to another node (``SETSLOT``/``MIGRATE``,
 as an operator would) while it works. The examples topic, deduplicated by
 example id, must equal the offline oracle, and the trainer's state must
-read back as saved.
+read back as saved. Two joiners in one consumer group (the scale-out
+shape) must also lose nothing when the primary that owns their slot is
+SIGKILLed mid-stream and started again from its append-only file.
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ from stream_learner.learn.build import state_store
 from stream_learner.local import LocalValkeyCluster
 from stream_learner.redis_conn import make_redis
 
-from .helpers import RunningJoiner, advance_all
+from ..procs import read_topic
+from .helpers import RunningJoiner, advance_all, wait_until
 from .oracle import expected_examples, mismatches
 from .test_crash import ExampleReader, produce_raw
-from .test_redis_restart import TICK_TAG, W, generate
+from .test_redis_restart import TICK_TAG, W, generate, trickle
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +104,107 @@ def test_the_joiner_on_a_cluster_loses_nothing_while_its_slot_moves(
     assert not problems, "\n".join(problems)
     assert Counter(x.kind for x in unique.values()) == oracle.counts()
     assert joiner.counts.dead_letters == 0
+
+
+@pytest.mark.slow
+def test_two_joiners_in_one_group_lose_nothing_when_their_primary_is_killed_and_restarted(
+    settings: Settings, tmp_path
+) -> None:
+    """Two joiners share the input partitions and one slot; its primary (AOF, fsync every second,
+    the joiners' ``WAITAOF``) is SIGKILLed while they work and restarted as the same node."""
+    started = time.monotonic()
+    assert settings.partitions_input >= 2, "two joiners need two input partitions or more to share"
+    with LocalValkeyCluster(3, tmp_path / "cluster") as cluster:
+        prefix = "{" + settings.topic_predictions + "}:"
+        s = msgspec.structs.replace(
+            settings,
+            redis_url=elsewhere(cluster, prefix),
+            redis_cluster=True,
+            joiner_redis_prefix=prefix,
+            joiner_window_ms=W,
+            joiner_late_retention_ms=10**9,
+            joiner_orphan_retention_ms=60_000,
+            joiner_state_ttl_ms=2 * 10**9,
+            joiner_idle_advance=False,
+            consumer_session_timeout_ms=6000,
+            consumer_max_poll_interval_ms=3000,
+            joiner_group_id=f"{settings.topic_predictions}-cluster-pair",
+        )
+        for i in range(cluster.size):  # the joiners' durability rests on these
+            c = cluster.client(i)
+            try:
+                assert c.config_get("appendonly") == {"appendonly": "yes"}
+                assert c.config_get("appendfsync")["appendfsync"] in ("everysec", "always")
+            finally:
+                c.close()
+        stream = generate(20_000, 4_517)
+        oracle = expected_examples(stream, W)
+        half = len(stream) // 2
+        produce_raw(s, stream[:half])
+        reader = ExampleReader(s)
+        owner = cluster.owner(prefix)
+        owner_id = cluster.node_id(owner)
+        producer = threading.Thread(target=trickle, args=(s, stream[half:]), daemon=True)
+        with RunningJoiner(s) as a, RunningJoiner(s) as b:
+            pair = (a, b)
+
+            def both_working() -> bool:
+                reader.poll(100)
+                return all(sum(j.counts.events.values()) > 0 for j in pair)
+
+            wait_until(both_working, 60, "both joiners to consume (one group, the partitions shared)")
+            producer.start()
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and len(reader.ids) < len(oracle.examples) // 4:
+                reader.poll(100)
+            seen_at_kill = len(reader.ids)
+            consumed_at_kill = [sum(j.counts.events.values()) for j in pair]
+            killed = time.monotonic()
+            cluster.kill(owner)
+            for _ in range(20):  # down ~2 s while both joiners keep trying
+                reader.poll(100)
+            cluster.restart(owner)  # same port, nodes.conf and AOF; returns at cluster_state:ok
+            downtime = time.monotonic() - killed
+            states = []
+            for i in cluster.live():
+                c = cluster.client(i)
+                try:
+                    states.append(c.execute_command("CLUSTER", "INFO").decode())
+                finally:
+                    c.close()
+            producer.join(60)
+            assert not producer.is_alive(), "producing the second half hung"
+            advance_all(s, max(ev.event_time for ev in stream) + 10 * W, partitions=s.partitions_input, tag=TICK_TAG)
+            reader.read_until(oracle.examples.keys(), 90, linger_s=1)
+        reader.drain()
+        reader.close()
+        owner_after = cluster.owner(prefix)
+        id_after = cluster.node_id(owner)
+
+    examples: list[ExampleEvent] = [x for x in reader.records if not x.request_id.startswith(f"req-{TICK_TAG}-")]
+    unique = {x.example_id: x for x in examples}
+    retries = [
+        j.metrics.registry.get_sample_value("stream_learner_joiner_retries_total", {"dependency": "redis"}) or 0
+        for j in pair
+    ]
+    print(
+        f"\ncluster pair: {len(stream)} input events, {len(oracle.examples)} expected {dict(oracle.counts())}; "
+        f"{seen_at_kill} examples before node {owner} (the slot's primary) was SIGKILLed, the joiners had "
+        f"consumed {consumed_at_kill}; down {downtime:.1f}s; topic held {len(examples)} "
+        f"({len(examples) - len(unique)} duplicates); events consumed {[dict(j.counts.events) for j in pair]}; "
+        f"redis retries {retries}; total {time.monotonic() - started:.1f}s"
+    )
+    assert all("cluster_state:ok" in info for info in states), states
+    assert owner_after == owner and id_after == owner_id, "the restarted node is not the slot's owner it was"
+    assert 0 < seen_at_kill < len(oracle.examples), "the primary was not killed mid-stream"
+    assert all(n > 0 for n in consumed_at_kill), "both joiners were not working when the primary was killed"
+    problems = mismatches(examples, oracle)
+    assert not problems, "\n".join(problems)
+    assert {(x.example_id, x.kind, x.request_id) for x in unique.values()} == oracle.keys()
+    assert Counter(x.kind for x in unique.values()) == oracle.counts()
+    assert sum(retries) > 0, "neither joiner retried Redis: the kill was not felt"
+    assert all(j.counts.dead_letters == 0 for j in pair)
+    assert read_topic(s, s.topic_dlq) == [], "dead letters were produced"
 
 
 @pytest.mark.slow

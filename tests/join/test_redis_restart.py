@@ -50,6 +50,14 @@ def generate(n: int, seed: int) -> list[PredictionEvent | LabelEvent]:
     return [ev for _, _, ev in timed]
 
 
+def trickle(settings: Settings, events: list[PredictionEvent | LabelEvent], chunks: int = 40) -> None:
+    """Produce ``events`` in ``chunks`` pieces, 0.15 s apart (a few seconds in all)."""
+    step = -(-len(events) // chunks)
+    for k in range(0, len(events), step):
+        produce_raw(settings, events[k : k + step])
+        time.sleep(0.15)
+
+
 def redis_running(servers: LocalServers) -> bool:
     return servers.redis is not None and servers.redis.poll() is None
 
@@ -87,14 +95,8 @@ def test_valkey_restart_mid_stream_loses_nothing(settings: Settings, servers: Lo
     first, second = stream[:half], stream[half:]
     produce_raw(s, first)
 
-    def trickle() -> None:  # the second half, while the joiner works and Valkey restarts
-        chunks = 40
-        step = -(-len(second) // chunks)
-        for k in range(0, len(second), step):
-            produce_raw(s, second[k : k + step])
-            time.sleep(0.15)
-
-    producer = threading.Thread(target=trickle, daemon=True)
+    # The second half, while the joiner works and Valkey restarts.
+    producer = threading.Thread(target=trickle, args=(s, second), daemon=True)
     reader = ExampleReader(s)
     downtime = 0.0
     seen_at_stop = -1
