@@ -32,23 +32,23 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kafka.errors import KafkaError
-
 #: A named check: (healthy, what it says).
 Check = Callable[[], tuple[bool, str]]
 
 
 def consumer_lag(consumer: Any) -> tuple[int, int]:
-    """(records unread, sum of positions) over a kafka-python consumer's assigned partitions.
+    """(records unread, sum of positions) over a :class:`~stream_learner.bus.Consumer`'s assigned partitions.
 
     Uses only what the consumer already knows (the last fetch's high
     watermarks, its positions): no request to the broker.
     """
+    from .bus import KAFKA_ERRORS  # here: the bus imports the metrics, which import this module
+
     lag = positions = 0
     for tp in consumer.assignment():
         try:
             position = consumer.position(tp, timeout_ms=0)
-        except KafkaError:
+        except KAFKA_ERRORS:
             continue  # not known yet (just assigned)
         if position is None:
             continue
@@ -60,9 +60,8 @@ def consumer_lag(consumer: Any) -> tuple[int, int]:
 
 
 def connected(consumer: Any) -> bool:
-    """True when a kafka-python consumer holds at least one live broker connection."""
-    count = consumer.metrics().get("consumer-metrics", {}).get("connection-count")
-    return bool(count)
+    """True when a :class:`~stream_learner.bus.Consumer` holds at least one live broker connection."""
+    return bool(consumer.connected())
 
 
 class RoleProgress:

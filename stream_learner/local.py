@@ -153,15 +153,11 @@ class LocalServers:
         )
 
         def check() -> None:
-            from kafka import KafkaAdminClient
+            from .bus import list_topics
 
-            # A plain connect first, so kafka-python does not log refusals while Tansu boots.
+            # A plain connect first, so the client does not log refusals while Tansu boots.
             socket.create_connection(("127.0.0.1", self.kafka_port), timeout=1).close()
-            admin = KafkaAdminClient(bootstrap_servers=self.bootstrap_servers, request_timeout_ms=2000)
-            try:
-                admin.list_topics()
-            finally:
-                admin.close()
+            list_topics(Settings(bootstrap_servers=self.bootstrap_servers), timeout_s=2.0)
 
         _wait(check, "Tansu", self.kafka, log_path, timeout_s)
 

@@ -36,9 +36,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import structlog
-from kafka import KafkaProducer
 
-from .bus import make_producer
+from .bus import Producer, make_producer
 from .config import Settings
 from .events import LABEL, PREDICTION, FeatureValue, encode, now_ms
 from .metrics import Metrics
@@ -107,7 +106,7 @@ class PredictionLogger:
         self._producer_options = dict(producer_options or {})
         # Created by the background thread: kafka-python bootstraps in its
         # constructor, and an application must start even when Kafka is down.
-        self._producer: KafkaProducer | None = None
+        self._producer: Producer | None = None
         self._thread = threading.Thread(target=self._run, name="stream-learner-sdk", daemon=True)
         self._thread.start()
 
@@ -243,7 +242,7 @@ class PredictionLogger:
             self.metrics.sdk_events.labels(type=kind, outcome="sent" if ok else "failed").inc()
             self.metrics.sdk_buffered_bytes.set(self._buffered_bytes)
 
-    def _connect(self) -> KafkaProducer | None:
+    def _connect(self) -> Producer | None:
         """Create the producer, retrying with backoff until it works or we close."""
         backoff = Backoff(0.1, 5.0)
         while not self._closing:

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from kafka import TopicPartition
 
+from ..bus import TopicPartition
 from .codec import MAX_HEADER_BYTES, decode_tensors, header_length, sha256_hex
 from .errors import DigestError, IncompleteCheckpointError, LimitError
 from .fetch import Overflow, RecordReader, record_header

@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from kafka import TopicPartition
 
-from ..bus import make_producer
+from ..bus import TopicPartition, make_producer
 from ..config import Settings
 from ..events import CheckpointManifest
 from .errors import CheckpointError, CheckpointNotFoundError

@@ -17,9 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kafka import TopicPartition
-from kafka.errors import InvalidReceiveError
-
+from ..bus import RECEIVE_TOO_LARGE, TopicPartition
 from .errors import CheckpointError, ReadTimeoutError
 
 #: Backward windows start at one record and double up to this many records
@@ -101,7 +99,7 @@ def probe(
             return out, position
         try:
             batch = prober.poll(timeout_ms=int(min(deadline - now, 0.5) * 1000) + 1, max_records=1000)
-        except InvalidReceiveError:
+        except RECEIVE_TOO_LARGE:
             return out, position  # this batch alone is larger than the receive limit
         records = [r for r in batch.get(tp, ()) if position <= r.offset < hi]
         if records:
@@ -178,7 +176,7 @@ class RecordReader:
                 continue
             try:
                 batch = consumer.poll(timeout_ms=int(min(remaining, 1.0) * 1000) + 1, max_records=max(1, hi - position))
-            except InvalidReceiveError:
+            except RECEIVE_TOO_LARGE:
                 if self.prober is None:
                     raise
                 last_progress = 0.0  # a response too large to receive: probe at once

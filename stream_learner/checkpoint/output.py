@@ -21,9 +21,8 @@ from typing import Protocol
 import msgspec
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from kafka import KafkaProducer
 
-from ..bus import make_producer
+from ..bus import Producer, make_producer
 from ..config import Settings
 from ..events import MANIFEST, CheckpointManifest, encode
 from ..util.files import atomic_write
@@ -59,13 +58,14 @@ def publish_transient(exc: BaseException) -> bool:
     A refused record, a missing ACL, a record too large, weights that do not
     match their manifest: not transient, raised at once.
 
-    >>> from kafka.errors import KafkaTimeoutError, TopicAuthorizationFailedError
+    >>> from stream_learner.bus.kafka_python import errors
     >>> def failed(cause):
     ...     try:
     ...         raise CheckpointError("checkpoint m v1: chunk 0 not acknowledged") from cause
     ...     except CheckpointError as exc:
     ...         return exc
-    >>> publish_transient(failed(KafkaTimeoutError())), publish_transient(failed(TopicAuthorizationFailedError()))
+    >>> timeout, acl = errors.KafkaTimeoutError(), errors.TopicAuthorizationFailedError()
+    >>> publish_transient(failed(timeout)), publish_transient(failed(acl))
     (True, False)
     """
     if isinstance(exc, DigestError):
@@ -95,7 +95,7 @@ class TopicOutput:
         lineage: str,
         private_key: Ed25519PrivateKey,
         *,
-        producer: KafkaProducer | None = None,
+        producer: Producer | None = None,
         retry: Retry | None = None,
     ) -> None:
         self.settings = settings

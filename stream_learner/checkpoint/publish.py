@@ -45,8 +45,8 @@ from typing import Any, Protocol
 import msgspec
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from kafka.errors import KafkaError
 
+from ..bus import KAFKA_ERRORS
 from ..events import CheckpointManifest, WeightsInfo, encode
 from .digest import sha256_hex
 from .errors import CheckpointError, DigestError
@@ -158,13 +158,13 @@ def publish_checkpoint(
     def send(value: bytes, headers: list[tuple[str, bytes]], partition: int | None) -> Any:
         try:
             return producer.send(topic, key=key, value=value, headers=headers, partition=partition)
-        except KafkaError as exc:
+        except KAFKA_ERRORS as exc:
             raise CheckpointError(f"{what}: the producer refused a record: {exc}") from exc
 
     def acked(future: Any, label: str) -> Any:
         try:
             return future.get(timeout=timeout_s)
-        except KafkaError as exc:
+        except KAFKA_ERRORS as exc:
             raise CheckpointError(f"{what}: {label} not acknowledged: {exc}") from exc
 
     view = memoryview(weights)

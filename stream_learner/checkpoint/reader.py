@@ -71,9 +71,8 @@ from typing import Any
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from kafka import KafkaConsumer
 
-from ..bus import make_consumer
+from ..bus import Consumer, make_consumer
 from ..config import Settings
 from ..events import CheckpointManifest
 from .assemble import LoadLimits, load_weights
@@ -107,7 +106,7 @@ class LoadedCheckpoint:
     offset: int
 
 
-def make_reader_consumer(settings: Settings, **overrides: Any) -> KafkaConsumer:
+def make_reader_consumer(settings: Settings, **overrides: Any) -> Consumer:
     """A consumer for the readers: no group, no commits, modest fetch sizes.
 
     A fetch still returns a record larger than ``max_partition_fetch_bytes``
@@ -119,7 +118,7 @@ def make_reader_consumer(settings: Settings, **overrides: Any) -> KafkaConsumer:
 
 
 def read_latest(
-    source: Settings | KafkaConsumer,
+    source: Settings | Consumer,
     topic: str,
     public_key: PublicKeys,
     model: str | None = None,
@@ -138,7 +137,7 @@ def read_latest(
 
 
 def read_version(
-    source: Settings | KafkaConsumer,
+    source: Settings | Consumer,
     topic: str,
     public_key: PublicKeys,
     version: int,
@@ -158,7 +157,7 @@ def read_version(
 
 
 def load_manifest_record(
-    consumer: KafkaConsumer,
+    consumer: Consumer,
     record: Any,
     public_key: PublicKeys,
     *,
@@ -199,7 +198,7 @@ def load_manifest_record(
 
 
 def _read(
-    source: Settings | KafkaConsumer,
+    source: Settings | Consumer,
     topic: str,
     public_key: PublicKeys,
     model: str | None,

@@ -48,9 +48,8 @@ from typing import Any
 import msgspec
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import KafkaError
 
+from ..bus import KAFKA_ERRORS, Consumer, Producer, TopicPartition
 from ..errors import EventError
 from ..events import REGISTRY, REGISTRY_HISTORY_MAX, RegistryRecord, encode, now_ms
 from .errors import CheckpointError, SignatureError
@@ -366,7 +365,7 @@ class RegistryScan:
 
 
 def scan_registry(
-    consumer: KafkaConsumer, topic: str, keys: PublicKeys, model: str, *, limits: ScanLimits | None = None
+    consumer: Consumer, topic: str, keys: PublicKeys, model: str, *, limits: ScanLimits | None = None
 ) -> tuple[RegistryScan, int]:
     """The finished scan for ``model``'s registry state from the end of partition 0, and that end offset."""
     tp = TopicPartition(topic, REGISTRY_PARTITION)
@@ -390,8 +389,8 @@ Change = Callable[[RegistryRecord | None], tuple[dict[str, int], int | None, dic
 
 
 def write_registry(
-    consumer: KafkaConsumer,
-    producer: KafkaProducer,
+    consumer: Consumer,
+    producer: Producer,
     topic: str,
     private_key: Ed25519PrivateKey,
     model: str,
@@ -437,7 +436,7 @@ def write_registry(
             headers=registry_headers(record),
             partition=REGISTRY_PARTITION,
         ).get(timeout=timeout_s)
-    except KafkaError as exc:
+    except KAFKA_ERRORS as exc:
         raise CheckpointError(f"registry record {model} seq {record.seq} not acknowledged: {exc}") from exc
     # Another writer may have read the same state: whatever lies between the end this writer read
     # and its own record decides which came first.

@@ -17,8 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kafka import KafkaConsumer, TopicPartition
-
+from ..bus import Consumer, TopicPartition
 from .assemble import LoadLimits, load_weights
 from .errors import CheckpointError, ReadTimeoutError, SignatureError
 from .fetch import Overflow, RecordReader, Skipped, record_bytes, record_header
@@ -28,7 +27,7 @@ from .verify import Candidate, PublicKeys, key_list, verify_record
 
 
 def newest_version(
-    consumer: KafkaConsumer,
+    consumer: Consumer,
     topic: str,
     public_key: PublicKeys,
     model: str,

@@ -44,17 +44,17 @@ from typing import Any
 
 import redis
 import structlog
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import (
-    CommitFailedError,
-    IllegalGenerationError,
-    KafkaError,
-    RebalanceInProgressError,
-    UnknownMemberIdError,
-)
-from kafka.structs import OffsetAndMetadata
 
-from ..bus import DeadLetters, make_consumer, make_producer
+from ..bus import (
+    KAFKA_ERRORS,
+    REBALANCED,
+    Consumer,
+    DeadLetters,
+    Producer,
+    TopicPartition,
+    make_consumer,
+    make_producer,
+)
 from ..config import Settings
 from ..errors import EventError
 from ..events import LABEL, PREDICTION, Codec, Source
@@ -68,9 +68,8 @@ from .store import JoinInput, PartitionProgress, RedisJoinStore, StepResult, wal
 log = structlog.get_logger(__name__)
 
 
-#: A commit the group refuses because it is rebalancing or has moved on without us: not an
-#: error of ours (kafka-python raises any of these, depending on when the rebalance is seen).
-REBALANCED = (CommitFailedError, RebalanceInProgressError, IllegalGenerationError, UnknownMemberIdError)
+# REBALANCED (from the bus): a commit the group refuses because it is rebalancing or has moved on
+# without us; not an error of ours (either client raises one, depending on when the rebalance is seen).
 
 
 @dataclass
@@ -149,13 +148,13 @@ class Joiner:
             settings.topic_predictions: Codec(PREDICTION.event_type, settings.max_event_bytes),
             settings.topic_labels: Codec(LABEL.event_type, settings.max_event_bytes),
         }
-        self.consumer: KafkaConsumer = make_consumer(
+        self.consumer: Consumer = make_consumer(
             settings,
             group_id=settings.joiner_group_id,
             max_poll_records=settings.joiner_max_poll_records,
         )
         self.consumer.subscribe(list(self.topics))
-        self.producer: KafkaProducer = make_producer(settings)
+        self.producer: Producer = make_producer(settings)
         self.dead_letters = DeadLetters(self.producer, settings.topic_dlq, stage="joiner", metrics=self.metrics)
         # Outbox tokens whose examples the broker has: acknowledged by the next Redis call.
         self._acks: list[str] = []
@@ -243,10 +242,10 @@ class Joiner:
                 self._acks = []
                 self._account(result)
                 self._output = _Output(result.emissions, result.tokens, [], {})
-        except (redis.RedisError, KafkaError) as exc:
+        except (redis.RedisError, *KAFKA_ERRORS) as exc:  # type: ignore[misc]
             log.warning("joiner_final_ack_failed", error=str(exc))  # the outbox re-emits them
         self.store.close()
-        self.consumer.close(autocommit=False)
+        self.consumer.close()
         self.producer.close(timeout=5)  # what it still holds is in the outbox: emitted again
         log.info("joiner_stopped", counts=self.counts.__dict__)
 
@@ -290,7 +289,7 @@ class Joiner:
             highwater = self.consumer.highwater(tp)
             try:
                 position = self.consumer.position(tp, timeout_ms=0)
-            except KafkaError:
+            except KAFKA_ERRORS:
                 position = None
             # Caught up only once this process has read to the end it last fetched: a restarted
             # joiner (highwater unknown until its first fetch) starts with every partition active.
@@ -423,7 +422,7 @@ class Joiner:
         start = time.perf_counter()
 
         def commit() -> None:
-            self.consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()})
+            self.consumer.commit(offsets)
 
         try:
             if retry:

@@ -37,11 +37,17 @@ from typing import Any
 
 import structlog
 import torch
-from kafka import KafkaProducer, TopicPartition
-from kafka.errors import KafkaError
-from kafka.structs import OffsetAndMetadata
 
-from ..bus import RECORD_HEADROOM_BYTES, DeadLetter, DeadLetters, make_consumer, make_producer
+from ..bus import (
+    KAFKA_ERRORS,
+    RECORD_HEADROOM_BYTES,
+    DeadLetter,
+    DeadLetters,
+    Producer,
+    TopicPartition,
+    make_consumer,
+    make_producer,
+)
 from ..checkpoint.output import Output, TopicOutput, publish_transient
 from ..checkpoint.signing import load_private_key
 from ..checkpoint.state import Snapshot, StateStore
@@ -69,9 +75,7 @@ class KafkaSinks:
     (``retry``), so a checkpoint waits for it rather than failing.
     """
 
-    def __init__(
-        self, settings: Settings, producer: KafkaProducer, metrics: Metrics, retry: Retry | None = None
-    ) -> None:
+    def __init__(self, settings: Settings, producer: Producer, metrics: Metrics, retry: Retry | None = None) -> None:
         self.settings = settings
         self.producer = producer
         self.metrics = metrics
@@ -116,7 +120,7 @@ class KafkaSinks:
             for i, (key, value, future) in enumerate(self.drifts):
                 try:
                     future.get(timeout=60)
-                except KafkaError:
+                except KAFKA_ERRORS:
                     # Sent again; the retry awaits the new send (a transient error) or raises (a permanent one).
                     self.drifts[i] = (key, value, self.producer.send(self.settings.topic_drift, key=key, value=value))
                     raise
@@ -445,9 +449,7 @@ class Trainer:
         self.metrics.trainer_version.set(signed.version)
         if self.producer is not None:  # rank 0 commits every partition's offsets; other ranks write nothing
             try:
-                self.consumer.commit(
-                    {TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1) for p, o in self.offsets.items()}
-                )
+                self.consumer.commit({TopicPartition(self.topic, p): o for p, o in self.offsets.items()})
             except Exception as exc:  # noqa: BLE001 - monitoring only; the state is what counts
                 log.warning("trainer_commit_failed", error=str(exc))
         if self.on_checkpoint is not None:
@@ -463,7 +465,7 @@ class Trainer:
             self.variants.close()
         if self.challenger is not None:
             self.challenger.close()
-        self.consumer.close(autocommit=False)
+        self.consumer.close()  # never commits on close
         if self.producer is not None:
             self.producer.close()
         group = self.group

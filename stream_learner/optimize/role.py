@@ -29,9 +29,8 @@ from typing import Any
 
 import numpy as np
 import structlog
-from kafka import TopicPartition
 
-from ..bus import make_consumer
+from ..bus import TopicPartition, make_consumer
 from ..checkpoint.fetch import record_header
 from ..checkpoint.output import TopicOutput
 from ..checkpoint.publish import H_MODEL, H_TYPE, TYPE_MANIFEST

@@ -21,8 +21,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from kafka import KafkaConsumer
-
+from ..bus import Consumer
 from .errors import ReplayError
 from .ranges import tp_from_name, tp_name
 
@@ -42,7 +41,7 @@ class MergedReader:
 
     def __init__(
         self,
-        consumer: KafkaConsumer,
+        consumer: Consumer,
         ranges: dict[str, tuple[int, int]],
         decode: Decode,
         *,

@@ -32,9 +32,8 @@ from datetime import datetime
 from typing import Any, Literal
 
 import structlog
-from kafka import KafkaConsumer, TopicPartition
-from kafka.errors import KafkaError
 
+from ..bus import KAFKA_ERRORS, Consumer, TopicPartition
 from ..errors import ConfigError
 from .errors import ReplayError
 
@@ -131,7 +130,7 @@ class Ranges:
         return cls({k: (int(v[0]), int(v[1])) for k, v in data["ranges"].items()}, data.get("times", {}))
 
 
-def resolve_ranges(consumer: KafkaConsumer, topics: list[str], start: Bound, end: Bound) -> Ranges:
+def resolve_ranges(consumer: Consumer, topics: list[str], start: Bound, end: Bound) -> Ranges:
     """Resolve ``[start, end)`` on every partition of ``topics`` (see the module docstring).
 
     ``consumer`` has no group; it is reassigned here (give it one of its own).
@@ -156,9 +155,7 @@ def resolve_ranges(consumer: KafkaConsumer, topics: list[str], start: Bound, end
     return out
 
 
-def end_offsets(
-    consumer: KafkaConsumer, tps: list[TopicPartition], timeout_s: float = 30.0
-) -> dict[TopicPartition, int]:
+def end_offsets(consumer: Consumer, tps: list[TopicPartition], timeout_s: float = 30.0) -> dict[TopicPartition, int]:
     """The end offset of every partition: the broker's ``ListOffsets`` answer, checked against a fetch.
 
     A fetch response carries the partition's high-water mark, which is what a
@@ -182,7 +179,7 @@ def end_offsets(
         consumer.poll(timeout_ms=100, max_records=1)
     out = {}
     for tp in tps:
-        mark = int(consumer.highwater(tp))
+        mark = int(consumer.highwater(tp) or 0)  # known: the loop above waited for it
         if mark != listed[tp]:
             log.warning("replay_end_offset_disagrees", partition=tp_name(tp), list_offsets=listed[tp], highwater=mark)
         out[tp] = max(mark, listed[tp])
@@ -190,7 +187,7 @@ def end_offsets(
 
 
 def _resolve(
-    consumer: KafkaConsumer, tp: TopicPartition, bound: Bound, lo: int, hi: int, edge: int
+    consumer: Consumer, tp: TopicPartition, bound: Bound, lo: int, hi: int, edge: int
 ) -> tuple[int, TimeAnswer | None]:
     if bound.kind == "edge":
         return edge, None
@@ -203,7 +200,7 @@ def _resolve(
     return answer.offset, answer
 
 
-def offset_for_time(consumer: KafkaConsumer, tp: TopicPartition, time_ms: int, lo: int, hi: int) -> TimeAnswer:
+def offset_for_time(consumer: Consumer, tp: TopicPartition, time_ms: int, lo: int, hi: int) -> TimeAnswer:
     """The earliest offset in ``[lo, hi)`` whose record timestamp is >= ``time_ms`` (``hi`` if none).
 
     Asks the broker (``offsets_for_times``), verifies its answer against the
@@ -213,8 +210,8 @@ def offset_for_time(consumer: KafkaConsumer, tp: TopicPartition, time_ms: int, l
     try:
         answer = consumer.offsets_for_times({tp: time_ms}, timeout_ms=30_000).get(tp)
         # None: no record with a timestamp >= time_ms (or no timestamps): the end.
-        broker = hi if answer is None else int(answer.offset)
-    except (KafkaError, ValueError) as exc:
+        broker = hi if answer is None else int(answer)
+    except (*KAFKA_ERRORS, ValueError) as exc:  # type: ignore[misc]
         log.warning("replay_offsets_for_times_failed", partition=tp_name(tp), error=str(exc))
         broker = None
     if broker is not None and _consistent(consumer, tp, time_ms, broker, lo, hi):
@@ -230,7 +227,7 @@ def offset_for_time(consumer: KafkaConsumer, tp: TopicPartition, time_ms: int, l
     return TimeAnswer(time_ms, found, broker, False)
 
 
-def _records_from(consumer: KafkaConsumer, tp: TopicPartition, offset: int, hi: int, limit: int) -> list[Any]:
+def _records_from(consumer: Consumer, tp: TopicPartition, offset: int, hi: int, limit: int) -> list[Any]:
     """Up to ``limit`` records of ``tp`` from ``offset`` (stopping before ``hi``)."""
     consumer.assign([tp])
     consumer.seek(tp, offset)
@@ -245,7 +242,7 @@ def _records_from(consumer: KafkaConsumer, tp: TopicPartition, offset: int, hi: 
     return out
 
 
-def _consistent(consumer: KafkaConsumer, tp: TopicPartition, time_ms: int, offset: int, lo: int, hi: int) -> bool:
+def _consistent(consumer: Consumer, tp: TopicPartition, time_ms: int, offset: int, lo: int, hi: int) -> bool:
     """Whether ``offset`` can be the earliest offset with a timestamp >= ``time_ms``, judged by its neighbours."""
     if not lo <= offset <= hi:
         return False
@@ -261,7 +258,7 @@ def _consistent(consumer: KafkaConsumer, tp: TopicPartition, time_ms: int, offse
     return True
 
 
-def _scan(consumer: KafkaConsumer, tp: TopicPartition, time_ms: int, lo: int, hi: int) -> int:
+def _scan(consumer: Consumer, tp: TopicPartition, time_ms: int, lo: int, hi: int) -> int:
     """Read ``tp`` from ``lo``: the first offset with a timestamp >= ``time_ms``, else ``hi``."""
     consumer.assign([tp])
     consumer.seek(tp, lo)

@@ -17,8 +17,8 @@ from __future__ import annotations
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from kafka import TopicPartition
 
+from ..bus import TopicPartition
 from ..checkpoint.errors import SignatureError
 from ..checkpoint.reader import make_reader_consumer
 from ..checkpoint.signing import verify_manifest

@@ -32,9 +32,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import structlog
-from kafka import KafkaConsumer, TopicPartition
-from kafka.consumer.fetcher import ConsumerRecord
 
+from ..bus import Consumer, Record, TopicPartition
 from ..checkpoint.reader import make_reader_consumer
 from ..config import Settings
 
@@ -49,15 +48,13 @@ __all__ = ["CountingConsumer", "ReaderClients"]
 class CountingConsumer:
     """A consumer proxy that counts the records its polls return."""
 
-    def __init__(self, inner: KafkaConsumer) -> None:
+    def __init__(self, inner: Consumer) -> None:
         self.inner = inner
         self.records = 0
 
-    def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[TopicPartition, list[ConsumerRecord]]:
+    def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[TopicPartition, list[Record]]:
         """``KafkaConsumer.poll``, counted."""
-        batch: dict[TopicPartition, list[ConsumerRecord]] = self.inner.poll(
-            timeout_ms=timeout_ms, max_records=max_records
-        )
+        batch: dict[TopicPartition, list[Record]] = self.inner.poll(timeout_ms=timeout_ms, max_records=max_records)
         self.records += sum(len(records) for records in batch.values())
         return batch
 

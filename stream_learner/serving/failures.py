@@ -19,8 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from kafka.errors import KafkaError
-
+from ..bus import KAFKA_ERRORS
 from ..checkpoint.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -85,7 +84,7 @@ def failure_reason(exc: BaseException) -> str:
         return "broker"
     if isinstance(exc, CheckpointError):
         return "invalid"  # an undecodable manifest, headers that lie, weights that are not safetensors
-    if isinstance(exc, (KafkaError, OSError)):
+    if isinstance(exc, (*KAFKA_ERRORS, OSError)):
         return "broker"
     return "error"
 

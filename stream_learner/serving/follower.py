@@ -44,10 +44,8 @@ from typing import Any, Protocol
 
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from kafka import TopicPartition
-from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import InvalidReceiveError
 
+from ..bus import RECEIVE_TOO_LARGE, Record, TopicPartition
 from ..checkpoint.assemble import LoadLimits
 from ..checkpoint.errors import CheckpointError, CheckpointNotFoundError
 from ..checkpoint.fetch import STALL_S, Skipped, probe, record_header
@@ -218,7 +216,7 @@ class TopicFollower:
             self._refresh_partitions(follower)
         try:
             batch = follower.poll(timeout_ms=self.options.poll_timeout_ms)
-        except InvalidReceiveError:
+        except RECEIVE_TOO_LARGE:
             # A response too large to receive: some partition is stuck on a huge record.
             self._last_progress = 0.0
             self._progress = dict.fromkeys(self.positions, 0.0)
@@ -254,7 +252,7 @@ class TopicFollower:
         follower.seek(tp, offset)
         self.positions[tp] = offset
 
-    def _handle(self, record: ConsumerRecord, read_at: float) -> bool:
+    def _handle(self, record: Record, read_at: float) -> bool:
         if record_header(record, H_MODEL) != self._model_b:
             return False
         kind = record_header(record, H_TYPE)
@@ -321,7 +319,7 @@ class TopicFollower:
                 self.positions[tp] = begin.get(tp, 0)
             log.info("subscriber_partitions_added", model=self.options.model, partitions=[tp.partition for tp in added])
 
-    def _on_manifest(self, record: ConsumerRecord, read_at: float) -> bool:
+    def _on_manifest(self, record: Record, read_at: float) -> bool:
         o = self.options
         version, followed = header_version(record), self._followed_version()
         floor = self.scan.floor
@@ -416,7 +414,7 @@ class TopicFollower:
             self.telemetry.window_records.set(len(self.window))
             self.telemetry.window_bytes.set(self.window.size)
 
-    def _forget(self, manifest: ConsumerRecord, version: int | None) -> None:
+    def _forget(self, manifest: Record, version: int | None) -> None:
         """The window's chunks before a handled manifest that no manifest to come needs."""
         self.window.forget(
             manifest.partition, before=manifest.offset, version=version, followed=self._followed_version()

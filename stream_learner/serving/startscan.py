@@ -36,8 +36,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from kafka import TopicPartition
 
+from ..bus import TopicPartition
 from ..checkpoint.assemble import LoadLimits
 from ..checkpoint.errors import CheckpointError
 from ..checkpoint.registry import REGISTRY_PARTITION

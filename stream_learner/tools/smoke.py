@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from kafka import TopicPartition
 
-from ..bus import DeadLetters, make_consumer, make_producer
+from ..bus import DeadLetters, TopicPartition, make_consumer, make_producer
 from ..config import Settings
 from ..errors import EventError
 from ..events import LABEL, PREDICTION, Codec, now_ms

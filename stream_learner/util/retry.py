@@ -4,12 +4,12 @@ An error is *transient* when waiting can cure it: the server is down,
 restarting, loading its data, failing over, or too slow to answer. It is
 *permanent* when only a person can: wrong credentials, missing permissions,
 a TLS certificate or protocol that does not match, a request the server will
-never accept. :func:`is_transient` tells them apart for redis-py,
-kafka-python and the standard library; :class:`Retry` runs an action until it
-succeeds, waiting with a :class:`~stream_learner.util.backoff.Backoff`
-between tries, re-raising permanent errors at once and raising
-:class:`Stopped` as soon as a stop event is set (a SIGTERM never waits for a
-dependency to come back).
+never accept. :func:`is_transient` tells them apart for redis-py, both
+Kafka transports (:func:`stream_learner.bus.kafka_error_kind`) and the
+standard library; :class:`Retry` runs an action until it succeeds,
+waiting with a :class:`~stream_learner.util.backoff.Backoff` between tries,
+re-raising permanent errors at once and raising :class:`Stopped` as soon as
+a stop event is set (a SIGTERM never waits for a dependency to come back).
 
 >>> import threading
 >>> attempts = []
@@ -42,7 +42,6 @@ from urllib.parse import urlsplit
 
 import redis
 import structlog
-from kafka import errors as kafka_errors
 
 from ..config import Settings, mask_secrets
 from ..errors import StreamLearnerError
@@ -69,8 +68,6 @@ _REDIS_PERMANENT: tuple[type[BaseException], ...] = (
     redis.exceptions.AuthenticationWrongNumberOfArgsError,
     redis.exceptions.NoPermissionError,  # NOPERM: an ACL forbids the command
 )
-#: Kafka errors kafka-python does not mark retriable, but a wait cures.
-_KAFKA_TRANSIENT: tuple[type[BaseException], ...] = (kafka_errors.BrokerNotAvailableError,)
 #: TLS errors that mean "the connection dropped", not "the configuration is wrong".
 _SSL_TRANSIENT: tuple[type[BaseException], ...] = (
     ssl.SSLEOFError,
@@ -99,8 +96,9 @@ def is_transient(exc: BaseException) -> bool:
     """True if waiting may cure ``exc`` (retry it), False if only a person can (raise it).
 
     Transient: connection refused, reset or timed out, a server loading its
-    data or failing over, a broker without a leader, kafka-python's
-    ``retriable`` errors. Permanent: authentication and authorization
+    data or failing over, a broker without a leader, the Kafka
+    client's retriable errors (kafka-python's ``retriable``, librdkafka's
+    ``retriable()``). Permanent: authentication and authorization
     failures, TLS certificate or protocol mismatches (anywhere in the
     exception's chain, since redis-py wraps them in ``ConnectionError``),
     a request the server refuses as such (a message too large, a script
@@ -108,11 +106,14 @@ def is_transient(exc: BaseException) -> bool:
 
     >>> is_transient(redis.ConnectionError("Connection refused")), is_transient(redis.AuthenticationError("WRONGPASS"))
     (True, False)
+    >>> from stream_learner.bus.kafka_python import errors as kafka_errors
     >>> is_transient(kafka_errors.KafkaTimeoutError()), is_transient(kafka_errors.TopicAuthorizationFailedError())
     (True, False)
     >>> is_transient(kafka_errors.MessageSizeTooLargeError()), is_transient(ValueError("bad"))
     (False, False)
     """
+    from ..bus import kafka_error_kind  # the transport's classification, for either Kafka client
+
     chain = _chain(exc)
     for link in chain:
         if isinstance(link, ssl.SSLError) and not isinstance(link, _SSL_TRANSIENT):
@@ -121,8 +122,9 @@ def is_transient(exc: BaseException) -> bool:
         return False
     if isinstance(exc, _REDIS_TRANSIENT):
         return True
-    if isinstance(exc, kafka_errors.KafkaError):
-        return bool(getattr(exc, "retriable", False)) or isinstance(exc, _KAFKA_TRANSIENT)
+    kind = kafka_error_kind(exc)
+    if kind is not None:
+        return kind == "transient"
     # The standard library's own: a socket that was refused, reset or timed out.
     return isinstance(exc, (ConnectionError, TimeoutError))
 
@@ -136,6 +138,8 @@ def dependency_failure(exc: BaseException, settings: Settings) -> str | None:
     >>> dependency_failure(ValueError("x"), Settings()) is None
     True
     """
+    from ..bus import kafka_error_kind
+
     text = f"{type(exc).__name__}: {mask_secrets(str(exc))}"
     redis_at = _host_port(settings.redis_url)
     kafka_at = settings.bootstrap_servers
@@ -148,13 +152,14 @@ def dependency_failure(exc: BaseException, settings: Settings) -> str | None:
         if tls is not None:
             return f"TLS with Redis at {redis_at} failed: {text}"
         return f"Redis at {redis_at} refused the role for good: {text}"
-    if isinstance(exc, (kafka_errors.SaslAuthenticationFailedError, kafka_errors.UnsupportedSaslMechanismError)):
+    kind = kafka_error_kind(exc)
+    if kind == "authentication":
         return f"cannot authenticate to Kafka at {kafka_at}: {text}"
-    if isinstance(exc, kafka_errors.AuthorizationError):
+    if kind == "authorization":
         return f"Kafka at {kafka_at} refuses what the role needs (ACL): {text}"
     if tls is not None:
         return f"TLS with Kafka at {kafka_at} failed: {text}"
-    if isinstance(exc, kafka_errors.KafkaError):
+    if kind is not None:
         return f"Kafka at {kafka_at} refused the role for good: {text}"
     return None
 

@@ -49,7 +49,6 @@ class WrongBroker:
 
     def offsets_for_times(self, timestamps: dict, timeout_ms: int | None = None) -> dict:
         from kafka.errors import UnsupportedVersionError
-        from kafka.structs import OffsetAndTimestamp
 
         if self._answer == "fails":
             raise UnsupportedVersionError("no ListOffsets v1")
@@ -58,7 +57,7 @@ class WrongBroker:
         for tp, t in timestamps.items():
             right = truth(t)
             wrong = {"zero": 0, "one_late": right + 1, "one_early": right - 1, "none": None}[self._answer]
-            out[tp] = None if wrong is None else OffsetAndTimestamp(max(0, wrong), t, -1)
+            out[tp] = None if wrong is None else max(0, wrong)
         assert set(real) == set(out)
         return out
 

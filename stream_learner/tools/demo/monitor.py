@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from kafka import TopicPartition
 
-from ...bus import make_consumer
+from ...bus import TopicPartition, make_consumer
 from ...checkpoint.publish import H_TYPE, TYPE_MANIFEST
 from ...config import Settings
 from ...errors import EventError

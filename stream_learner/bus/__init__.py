@@ -1,32 +1,176 @@
-"""Kafka clients built from :class:`~stream_learner.config.Settings`, topic setup, dead letters.
+"""The Kafka transport: one small interface every role, the SDK, serving and replay use.
 
-Every role gets its producers and consumers here, so security settings
-(SSL, SASL PLAIN/SCRAM) apply everywhere without code changes.
+Every role gets its producers, consumers and topic admin here, so security
+settings (SSL, SASL PLAIN/SCRAM) apply everywhere without code changes, and
+so the client library is a setting: ``kafka_client = "kafka-python"`` (the
+default, :mod:`stream_learner.bus.kafka_python`) or ``"confluent"``
+(librdkafka through confluent-kafka, the ``[confluent]`` extra,
+:mod:`stream_learner.bus.confluent`). Nothing else in ``stream_learner``
+imports a Kafka client.
+
+The interface is the subset of kafka-python's API the roles use (so the
+default backend is a thin wrapper): :class:`Consumer` (``assign``/
+``subscribe``, ``poll`` -> ``{TopicPartition: [Record]}``, ``seek*``,
+``position``, ``highwater``, ``commit`` of next-to-read offsets,
+``committed``, ``end_offsets``/``beginning_offsets``,
+``partitions_for_topic``, ``pause``/``resume``, ``close``),
+:class:`Producer` (``send`` -> a future with ``get(timeout)``,
+``add_callback``, ``add_errback``; ``flush``; ``close``) and admin
+(:func:`list_topics`, :func:`ensure_topics`). Errors keep a backend's own
+types, grouped here: :data:`KAFKA_ERRORS` (any Kafka error),
+:data:`REBALANCED`, :data:`RECEIVE_TOO_LARGE`, :data:`RECORD_TOO_LARGE`;
+:func:`kafka_error_kind` gives both backends the same transient/permanent
+split (:mod:`stream_learner.util.retry` uses it). Options passed to
+:func:`make_consumer`/:func:`make_producer` use kafka-python's names; the
+confluent backend maps them to librdkafka's.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple, Protocol
 
 import structlog
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
-from kafka.admin import NewTopic
-from kafka.errors import (
-    InvalidRecordError,
-    KafkaError,
-    MessageSizeTooLargeError,
-    RecordListTooLargeError,
-    TopicAlreadyExistsError,
-)
 
-from .config import Settings
-from .errors import EventError, MissingTopicError, StreamLearnerError
-from .metrics import Metrics
-from .util.retry import is_transient
+from ..config import Settings
+from ..errors import EventError, MissingTopicError, StreamLearnerError
+from ..metrics import Metrics
+from ..util.retry import is_transient
+from . import kafka_python as _kp
 
 log = structlog.get_logger(__name__)
+
+
+class TopicPartition(NamedTuple):
+    """A partition of a topic (equal to, and hashed as, kafka-python's and any ``(topic, partition)`` tuple)."""
+
+    topic: str
+    partition: int
+
+
+class Record(NamedTuple):
+    """One consumed record, as every backend gives it (kafka-python's ``ConsumerRecord`` has these fields).
+
+    ``headers`` is a list of ``(str, bytes)``; ``timestamp`` is in ms since the epoch.
+    """
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+    timestamp: int
+
+
+class Consumer(Protocol):
+    """What a role may do with a consumer (see the module docstring); no backend auto-commits."""
+
+    client: str
+
+    def subscribe(
+        self,
+        topics: list[str],
+        on_assign: Callable[[list[Any]], None] | None = None,
+        on_revoke: Callable[[list[Any]], None] | None = None,
+    ) -> None: ...
+    def assign(self, partitions: Iterable[Any]) -> None: ...
+    def assignment(self) -> set[Any]: ...
+    def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[Any, list[Any]]: ...
+    def seek(self, partition: Any, offset: int) -> None: ...
+    def seek_to_beginning(self, *partitions: Any) -> None: ...
+    def seek_to_end(self, *partitions: Any) -> None: ...
+    def position(self, partition: Any, timeout_ms: int | None = None) -> int: ...
+    def highwater(self, partition: Any) -> int | None: ...
+    def commit(self, offsets: Mapping[Any, int]) -> None: ...
+    def committed(self, partition: Any) -> int | None: ...
+    def end_offsets(self, partitions: Iterable[Any]) -> dict[Any, int]: ...
+    def beginning_offsets(self, partitions: Iterable[Any]) -> dict[Any, int]: ...
+    def offsets_for_times(self, timestamps: Mapping[Any, int], timeout_ms: int = 30_000) -> dict[Any, int | None]: ...
+    def partitions_for_topic(self, topic: str) -> set[int] | None: ...
+    def pause(self, *partitions: Any) -> None: ...
+    def resume(self, *partitions: Any) -> None: ...
+    def paused(self) -> set[Any]: ...
+    def connected(self) -> bool: ...
+    def close(self) -> None: ...
+
+
+class Producer(Protocol):
+    """What a role may do with a producer: idempotent, acks=all on every backend."""
+
+    client: str
+    max_request_size: int
+
+    def send(
+        self,
+        topic: str,
+        value: bytes | None = None,
+        key: bytes | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
+        partition: int | None = None,
+        timestamp_ms: int | None = None,
+    ) -> Any: ...
+    def partitions_for(self, topic: str) -> set[int]: ...
+    def flush(self, timeout: float | None = None) -> None: ...
+    def close(self, timeout: float | None = None) -> None: ...
+
+
+class TransportError(StreamLearnerError):
+    """An error of the confluent backend (kafka-python's keep their own types).
+
+    ``kind`` is ``transient``, ``authentication``, ``authorization`` or
+    ``permanent``; ``code`` librdkafka's error name.
+    """
+
+    def __init__(self, message: str, *, kind: str = "permanent", code: str = "") -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.code = code
+        self.retriable = kind == "transient"
+
+
+class RebalancedError(TransportError):
+    """A commit refused because the group moved on (the partitions went to another member)."""
+
+
+class ReceiveTooLargeError(TransportError):
+    """A fetch response larger than the consumer's receive limit."""
+
+
+class RecordTooLargeError(TransportError):
+    """A record the producer or the broker refuses as too large."""
+
+
+class KafkaTimeoutError(TransportError):
+    """A request that did not complete in time (transient)."""
+
+
+#: Any Kafka error of either backend; the groups below are parts of it.
+KAFKA_ERRORS: tuple[type[Exception], ...] = (_kp.KAFKA_ERROR, TransportError)
+#: A commit refused after a rebalance: the next owner re-reads those inputs.
+REBALANCED: tuple[type[Exception], ...] = (*_kp.REBALANCED, RebalancedError)
+#: A fetch response over the receive limit (a partition stuck on a huge record).
+RECEIVE_TOO_LARGE: tuple[type[Exception], ...] = (*_kp.RECEIVE_TOO_LARGE, ReceiveTooLargeError)
+#: A record refused as too large (by the producer or by the broker).
+RECORD_TOO_LARGE: tuple[type[Exception], ...] = (*_kp.RECORD_TOO_LARGE, RecordTooLargeError)
+#: A request that timed out.
+TIMEOUT: tuple[type[Exception], ...] = (*_kp.TIMEOUT, KafkaTimeoutError)
+
+
+def kafka_error_kind(exc: BaseException) -> str | None:
+    """``transient``, ``authentication``, ``authorization`` or ``permanent`` for a Kafka error; None otherwise.
+
+    >>> from kafka import errors
+    >>> kafka_error_kind(errors.KafkaTimeoutError()), kafka_error_kind(errors.TopicAuthorizationFailedError())
+    ('transient', 'authorization')
+    >>> kafka_error_kind(RebalancedError("x")), kafka_error_kind(ValueError("x")) is None
+    ('permanent', True)
+    """
+    if isinstance(exc, TransportError):
+        return exc.kind
+    return _kp.error_kind(exc)
+
 
 #: Dead-letter headers: where the record came from and why it was refused.
 H_SOURCE_TOPIC = "sl-source-topic"
@@ -39,30 +183,16 @@ H_STAGE = "sl-stage"
 
 
 def kafka_options(settings: Settings) -> dict[str, Any]:
-    """Connection and security options shared by every kafka-python client.
+    """Connection and security options shared by every client, in kafka-python's names.
+
+    They are the interface's option names: the confluent backend maps them to librdkafka's.
 
     >>> opts = kafka_options(Settings(security_protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512",
     ...                               sasl_username="u", sasl_password="p"))
     >>> opts["security_protocol"], opts["sasl_mechanism"], opts["sasl_plain_username"]
     ('SASL_SSL', 'SCRAM-SHA-512', 'u')
     """
-    opts: dict[str, Any] = {
-        "bootstrap_servers": settings.bootstrap_servers.split(","),
-        "client_id": settings.client_id,
-        "security_protocol": settings.security_protocol,
-    }
-    if settings.sasl_mechanism:
-        opts.update(
-            sasl_mechanism=settings.sasl_mechanism,
-            sasl_plain_username=settings.sasl_username,
-            sasl_plain_password=settings.sasl_password,
-        )
-    if settings.security_protocol in ("SSL", "SASL_SSL"):
-        opts["ssl_check_hostname"] = settings.ssl_check_hostname
-        for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_password"):
-            if getattr(settings, key):
-                opts[key] = getattr(settings, key)
-    return opts
+    return _kp.options(settings)
 
 
 #: Room above ``max_event_bytes`` in a producer's ``max_request_size``: an event at the limit, as a
@@ -70,12 +200,13 @@ def kafka_options(settings: Settings) -> dict[str, Any]:
 RECORD_HEADROOM_BYTES = 64 * 1024
 
 
-def make_producer(settings: Settings, **overrides: Any) -> KafkaProducer:
+def make_producer(settings: Settings, **overrides: Any) -> Producer:
     """An idempotent, acks=all producer: retries never duplicate or reorder a partition.
 
     Its ``max_request_size`` is ``max_event_bytes`` plus :data:`RECORD_HEADROOM_BYTES`:
     what a role produces is at most an event and some lineage or headers. A
     larger dead letter is sent truncated (:class:`DeadLetters`).
+    ``overrides`` are kafka-python option names (mapped for librdkafka).
     """
     opts = {
         "acks": "all",
@@ -86,11 +217,18 @@ def make_producer(settings: Settings, **overrides: Any) -> KafkaProducer:
         **kafka_options(settings),
         **overrides,
     }
-    return KafkaProducer(**opts)
+    if getattr(settings, "kafka_client", "kafka-python") == "confluent":
+        from .confluent import Producer as ConfluentProducer
+
+        return ConfluentProducer(settings, opts)
+    return _kp.Producer(opts)
 
 
-def make_consumer(settings: Settings, group_id: str | None, **overrides: Any) -> KafkaConsumer:
-    """A consumer that never auto-commits: each role commits after its output is durable."""
+def make_consumer(settings: Settings, group_id: str | None, **overrides: Any) -> Consumer:
+    """A consumer that never auto-commits: each role commits after its output is durable.
+
+    ``overrides`` are kafka-python option names (mapped for librdkafka).
+    """
     opts = {
         "group_id": group_id,
         "enable_auto_commit": False,
@@ -105,14 +243,45 @@ def make_consumer(settings: Settings, group_id: str | None, **overrides: Any) ->
         **kafka_options(settings),
         **overrides,
     }
-    return KafkaConsumer(**opts)
+    if getattr(settings, "kafka_client", "kafka-python") == "confluent":
+        from .confluent import Consumer as ConfluentConsumer
+
+        return ConfluentConsumer(settings, opts)
+    return _kp.Consumer(opts)
 
 
-def _admin(settings: Settings, timeout_s: float) -> KafkaAdminClient:
+class Admin(Protocol):
+    """Topic admin: list and create."""
+
+    def list_topics(self) -> set[str]: ...
+    def create_topics(self, topics: list[tuple[str, int, int, dict[str, str] | None]], timeout_s: float) -> None: ...
+    def close(self) -> None: ...
+
+
+def make_admin(settings: Settings, timeout_s: float = 30.0) -> Admin:
+    """An admin client of the configured backend (raises a Kafka error if the brokers cannot be reached)."""
+    if getattr(settings, "kafka_client", "kafka-python") == "confluent":
+        from .confluent import Admin as ConfluentAdmin
+
+        admin: Admin = ConfluentAdmin(settings, timeout_s)
+        return admin
+    return _kp.Admin(_kp.options(settings), timeout_s)
+
+
+def _admin(settings: Settings, timeout_s: float) -> Admin:
     try:
-        return KafkaAdminClient(request_timeout_ms=int(timeout_s * 1000), **kafka_options(settings))
-    except KafkaError as exc:
+        return make_admin(settings, timeout_s)
+    except KAFKA_ERRORS as exc:
         raise StreamLearnerError(f"cannot reach Kafka at {settings.bootstrap_servers}: {exc!r}") from None
+
+
+def list_topics(settings: Settings, timeout_s: float = 30.0) -> set[str]:
+    """The names of the topics the brokers have (raises a Kafka error if they cannot be reached)."""
+    admin = make_admin(settings, timeout_s)
+    try:
+        return admin.list_topics()
+    finally:
+        admin.close()
 
 
 def ensure_topics(settings: Settings, *, roles: Iterable[str] | None = None, timeout_s: float = 30.0) -> list[str]:
@@ -137,18 +306,15 @@ def ensure_topics(settings: Settings, *, roles: Iterable[str] | None = None, tim
     configs = {"predictions": large, "labels": large, "examples": large, "dlq": large}
     admin = _admin(settings, timeout_s)
     try:
-        existing = set(admin.list_topics())
+        existing = admin.list_topics()
         wanted = [
-            NewTopic(name, partitions.get(role, 1), settings.replication_factor, topic_configs=configs.get(role))
+            (name, partitions.get(role, 1), settings.replication_factor, configs.get(role))
             for role, name in settings.topics.items()
             if role in wanted_roles and name not in existing
         ]
         if wanted:
-            try:
-                admin.create_topics(wanted, timeout_ms=int(timeout_s * 1000))
-            except TopicAlreadyExistsError:
-                pass  # another process won the race; the topic is there either way
-        return [t.name for t in wanted]
+            admin.create_topics(wanted, timeout_s)
+        return [name for name, *_ in wanted]
     finally:
         admin.close()
 
@@ -171,7 +337,7 @@ def check_topics(settings: Settings, roles: Iterable[str], *, who: str, timeout_
         return created
     admin = _admin(settings, timeout_s)
     try:
-        existing = set(admin.list_topics())
+        existing = admin.list_topics()
     finally:
         admin.close()
     missing = [f"{name} ({role})" for role, name in settings.topics.items() if role in roles and name not in existing]
@@ -221,7 +387,7 @@ DEAD_LETTER_KEY_BYTES = 1024
 _FRAMING_BYTES = 512
 
 # A broker that refuses a record as too large (its message.max.bytes, the topic's max.message.bytes).
-_TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError, InvalidRecordError)
+_TOO_LARGE = RECORD_TOO_LARGE
 
 
 def _record_bytes(key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]) -> int:
@@ -349,16 +515,19 @@ class DeadLetters:
     headers).
     """
 
-    def __init__(self, producer: KafkaProducer, topic: str, stage: str, metrics: Metrics | None = None) -> None:
+    def __init__(self, producer: Producer | Any, topic: str, stage: str, metrics: Metrics | None = None) -> None:
         self.producer = producer
         self.topic = topic
         self.stage = stage
         self.metrics = metrics
-        config = getattr(producer, "config", None)
-        self.max_record_bytes = int(config["max_request_size"]) if isinstance(config, dict) else 1 << 62
+        limit = getattr(producer, "max_request_size", None)
+        config = getattr(producer, "config", None)  # a bare kafka-python producer (or a fake of one)
+        if not isinstance(limit, int):
+            limit = int(config["max_request_size"]) if isinstance(config, dict) else 1 << 62
+        self.max_record_bytes = limit
 
     def send(self, record: Any, error: Exception) -> DeadLetter:
-        """Dead-letter one consumed ``ConsumerRecord``; never raises (see :class:`DeadLetter`)."""
+        """Dead-letter one consumed :class:`Record`; never raises (see :class:`DeadLetter`)."""
         log.warning(
             "dead_letter",
             stage=self.stage,
