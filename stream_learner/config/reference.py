@@ -84,7 +84,7 @@ def default_of(field: str) -> str:
 SETTING_GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
     "kafka": (
         "Kafka connection and security",
-        ("bootstrap_servers", "client_id", "security_protocol", "sasl_", "ssl_"),
+        ("bootstrap_servers", "kafka_client", "client_id", "security_protocol", "sasl_", "ssl_"),
     ),
     "consumer": ("Kafka consumers", ("consumer_",)),
     "redis": ("Redis", ("redis_",)),

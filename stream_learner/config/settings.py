@@ -42,6 +42,8 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # Kafka connection; security settings are passed to kafka-python as they are.
     bootstrap_servers: Annotated[str, Meta(min_length=1)] = "127.0.0.1:9092"
     """Kafka brokers, comma-separated host:port."""
+    kafka_client: Literal["kafka-python", "confluent"] = "kafka-python"
+    """Kafka client library: kafka-python, or confluent (librdkafka; install the [confluent] extra)."""
     client_id: str = "stream-learner"
     """Kafka client id (broker logs and quotas)."""
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
