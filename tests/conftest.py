@@ -6,6 +6,7 @@ Each test that needs topics gets its own fresh, uniquely named set through the
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,12 +28,35 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServers]:
         yield srv
 
 
+#: The Kafka clients a test marked ``both_transports`` runs with (each once).
+TRANSPORTS = ("kafka-python", "confluent")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "both_transports: run the test with every kafka_client (see TRANSPORTS)")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "kafka_client" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_transports"):
+        metafunc.parametrize("kafka_client", TRANSPORTS, scope="function")
+
+
 @pytest.fixture
-def settings(servers: LocalServers) -> Settings:
+def kafka_client() -> str:
+    """The Kafka client of the ``settings`` fixture: STREAM_LEARNER_TEST_KAFKA_CLIENT, or kafka-python.
+
+    Tests marked ``both_transports`` get each of :data:`TRANSPORTS` instead.
+    """
+    return os.environ.get("STREAM_LEARNER_TEST_KAFKA_CLIENT", "kafka-python")
+
+
+@pytest.fixture
+def settings(servers: LocalServers, kafka_client: str) -> Settings:
     """Settings pointing at the local servers, with a fresh set of topics for this test."""
     prefix = f"t{uuid.uuid4().hex[:10]}"
     fresh = msgspec.structs.replace(
         servers.settings,
+        kafka_client=kafka_client,
         **{f"topic_{role}": f"{prefix}.{role}" for role in servers.settings.topics},
     )
     ensure_topics(fresh)

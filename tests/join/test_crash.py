@@ -38,6 +38,9 @@ from ..procs import settings_env
 from .helpers import advance_all, label, prediction
 from .oracle import OracleResult, expected_examples, mismatches
 
+#: Run with both Kafka clients (tests/conftest.py).
+pytestmark = pytest.mark.both_transports
+
 T0 = 1_767_225_600_000
 W = 5_000  # window, ms of event time
 ORPHAN_RETENTION = 60_000

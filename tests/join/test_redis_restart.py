@@ -27,6 +27,9 @@ from .helpers import RunningJoiner, advance_all, label, prediction
 from .oracle import expected_examples, mismatches
 from .test_crash import ExampleReader, produce_raw
 
+#: Run with both Kafka clients (tests/conftest.py).
+pytestmark = pytest.mark.both_transports
+
 T0 = 1_767_225_600_000
 W = 2_000
 N = 20_000

@@ -31,6 +31,9 @@ from ..procs import read_topic, settings_env, train_uninterrupted
 from .streams import agrawal_examples
 from .test_trainer import produce_examples
 
+#: Run with both Kafka clients (tests/conftest.py).
+pytestmark = pytest.mark.both_transports
+
 N = 100_000
 KILLS = 10
 SEED = 7

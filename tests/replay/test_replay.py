@@ -24,6 +24,9 @@ from ..join.test_crash import generate, produce_raw
 from ..learn.streams import AGRAWAL_FEATURES, agrawal_examples
 from ..learn.test_trainer import produce_examples
 
+#: Run with both Kafka clients (tests/conftest.py).
+pytestmark = pytest.mark.both_transports
+
 N_REQUESTS = 1500
 
 

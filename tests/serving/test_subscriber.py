@@ -23,6 +23,9 @@ from stream_learner.serving import CheckpointSubscriber
 from ..checkpoint.conftest import Acked, TamperingProducer
 from .conftest import MODEL, ROW, SPEC, identifiable, publish, step_until, wait_for
 
+#: Run with both Kafka clients (tests/conftest.py).
+pytestmark = pytest.mark.both_transports
+
 
 def subscriber(settings: Settings, keypair: Any, **kwargs: Any) -> CheckpointSubscriber:
     return CheckpointSubscriber(settings, [keypair[1]], model=MODEL, **kwargs)
