@@ -419,7 +419,13 @@ class Consumer:
     def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[Any, list[Any]]:
         limit = max(1, min(max_records or self.max_poll_records, self.max_poll_records))
         try:
-            messages = self.inner.consume(num_messages=limit, timeout=max(0, timeout_ms) / 1000)
+            # As kafka-python's poll: return as soon as records are there (librdkafka's consume
+            # alone waits until the batch is full or the timeout is over).
+            messages = self.inner.consume(num_messages=limit, timeout=0)
+            if not messages and timeout_ms > 0:
+                messages = self.inner.consume(num_messages=1, timeout=timeout_ms / 1000)
+                if messages and limit > 1:
+                    messages += self.inner.consume(num_messages=limit - 1, timeout=0)
         except KafkaException as exc:
             raise error(exc, "poll") from None
         out: dict[Any, list[Any]] = {}
