@@ -26,7 +26,7 @@ from stream_learner.config import Settings
 from stream_learner.learn.build import state_store
 from stream_learner.local import _start_valkey, free_port, valkey_binary
 
-from .helpers import RunningJoiner, advance_all
+from .helpers import RunningJoiner, advance_all, oracle_joiner
 from .oracle import expected_examples, mismatches
 from .test_crash import ExampleReader, produce_raw
 from .test_redis_restart import TICK_TAG, W, generate
@@ -140,17 +140,13 @@ def test_the_trainer_state_survives_a_sentinel_failover(settings: Settings, sent
 
 @pytest.mark.slow
 def test_a_joiner_on_sentinel_loses_nothing_when_the_master_dies(settings: Settings, sentinel: Sentinel) -> None:
-    s = msgspec.structs.replace(
+    s = oracle_joiner(
         settings,
+        W,
+        "sentinel-joiner",
         redis_url=sentinel.url,
         redis_sentinel_master=MASTER,
         redis_wait_replicas=1,  # acknowledged means on the replica's disk too: the failover loses nothing
-        joiner_window_ms=W,
-        joiner_late_retention_ms=10**9,
-        joiner_orphan_retention_ms=60_000,
-        joiner_state_ttl_ms=2 * 10**9,
-        joiner_idle_advance=False,
-        joiner_group_id=f"{settings.topic_predictions}-sentinel-joiner",
     )
     stream = generate(6_000, 9_115)
     oracle = expected_examples(stream, W)
