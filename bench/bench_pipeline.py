@@ -25,6 +25,8 @@ rotated order:
                     trainer, turned into input events/s by the input's
                     events per example (the trainer half is the pipeline's
                     end, and it cannot run ahead of its joiner half);
+* ``run-threads`` -- ``run`` with ``run_joiner_process = false``: both roles
+                    threads of one process (one interpreter lock);
 * ``naive``      -- the loop one writes first: one consumer, one Redis
                     round trip per event (SET the prediction, GET it for a
                     label), one SGD step of a torch logistic regression per
@@ -303,6 +305,19 @@ def one_repeat(base: Settings, r: int, total_in: int, examples: int, transports:
         )
         ensure_topics(u)
         out[f"run/{transport}"] = case_run(u, examples, total_in, tmp)
+        # The other way to host run's roles: the joiner a thread of the trainer's process (one GIL).
+        v = msgspec.structs.replace(
+            u,
+            run_joiner_process=False,
+            joiner_group_id=f"bench-run1-{tag}",
+            joiner_redis_prefix=f"{{bench-run1-{tag}}}:",
+            topic_examples=f"bench.examples.run1.{tag}",
+            topic_models=f"bench.models.run1.{tag}",
+            trainer_group_id=f"bench-run1-trainer-{tag}",
+            trainer_state_dir=str(tmp / f"run1.{tag}"),
+        )
+        ensure_topics(v)
+        out[f"run-threads/{transport}"] = case_run(v, examples, total_in, tmp)
     return out
 
 
@@ -363,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         }
     naive = statistics.median(res["naive"]["events_per_s"] for res in rounds)
     for name in summary:
-        if name.startswith("run/"):
+        if name.startswith("run"):
             summary[name]["vs_naive"] = summary[name]["rate"]["median"] / naive
     print(f"\n{total_in:,} input events, {examples:,} examples, {PARTITIONS} partitions, {args.repeats} repeat(s)")
     print(f"{'case':<22} {'unit':<11} {'median':>9} {'min':>9} {'max':>9} {'vs R':>6} {'peak RSS':>9}")
