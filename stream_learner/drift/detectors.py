@@ -125,7 +125,8 @@ def page_hinkley_many(det: river_drift.PageHinkley, xs: list[float], estimates: 
     drift = det._drift_detected
     m = det._x_mean
     n, mean = m.n, m._mean
-    si, sd, lo, hi = det._sum_increase, det._sum_decrease, det._min_increase, det._max_decrease
+    si, sd, lo = det._sum_increase, det._sum_decrease, det._min_increase
+    hi: float = det._max_decrease  # River starts it at the int -1: it compares the same
     for j, x in enumerate(xs):
         if drift:
             det._reset()  # type: ignore[no-untyped-call]  # River's own reset: a fresh Mean and sums
@@ -144,15 +145,19 @@ def page_hinkley_many(det: river_drift.PageHinkley, xs: list[float], estimates: 
             hi = sd
         if n >= min_n:
             increase, decrease = si - lo, hi - sd
-            drift = increase > threshold if up else decrease > threshold if down else (
-                increase > threshold or decrease > threshold
-            )
+            if up:
+                drift = increase > threshold
+            elif down:
+                drift = decrease > threshold
+            else:
+                drift = increase > threshold or decrease > threshold
             if drift:
                 positions.append(j)
         if record is not None:
             record(mean)
     m.n, m._mean = n, mean
-    det._sum_increase, det._sum_decrease, det._min_increase, det._max_decrease = si, sd, lo, hi
+    det._sum_increase, det._sum_decrease, det._min_increase = si, sd, lo
+    det._max_decrease = hi  # type: ignore[assignment]  # River infers int from its -1
     det._drift_detected = drift
     return positions
 
