@@ -11,7 +11,8 @@ pseudo-labeled (trained with ``pseudo_weight``) and remembered, so that its
 late label can score the pseudo-label's precision.
 
 The scoreboards and the pseudo-label memory are this part's state, saved
-and restored by it.
+and restored by it. A chunk is scored on arrays (its kinds, labels,
+confidences), with the values, in the same order, of one example at a time.
 """
 
 from __future__ import annotations
