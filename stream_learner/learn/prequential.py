@@ -38,6 +38,10 @@ __all__ = ["Prequential"]
 
 _EPS = 1e-15
 
+#: An example's kind as a code of the chunk's kind array.
+_KIND = {"labeled": 0, "late": 1, "unlabeled": 2}
+_LATE, _UNLABELED = 1, 2
+
 #: A chunk's training batch: (targets, weights, the rows kept, in increasing order).
 Targets = tuple[torch.Tensor, torch.Tensor, list[int]]
 
@@ -73,6 +77,7 @@ class Prequential:
         self.pseudo_threshold = pseudo_threshold
         self.pseudo_weight = pseudo_weight
         self.served = ServedClasses(class_index)
+        self._class_names = tuple(sorted(class_index, key=class_index.__getitem__))  # in class order
         names = (
             ["mae", "rmse_sq", "served_mae", "served_rmse_sq"]
             if regression
@@ -147,18 +152,18 @@ class Prequential:
         arg_np = arg.numpy()
         result.confidences.extend(conf_l)
         class_index, pseudo = self.class_index, self.pseudo
-        kinds = [ex.kind for ex in rows]
-        unlabeled = np.fromiter((k == "unlabeled" for k in kinds), dtype=bool, count=n)
-        late = np.fromiter((k == "late" for k in kinds), dtype=bool, count=n)
+        codes = np.array([_KIND[ex.kind] for ex in rows], dtype=np.int8)
+        unlabeled, late = codes == _UNLABELED, codes == _LATE
         # The class index of each label (-1: unlabeled); a label is a class name as given, or a
         # number naming one (the intake checked it is one of the model's classes).
-        y = np.fromiter(
-            (
-                -1 if k == "unlabeled" else class_index[ex.label if type(ex.label) is str else class_name(ex.label)]  # type: ignore[arg-type]
-                for ex, k in zip(rows, kinds)
-            ),
+        y = np.array(
+            [
+                -1
+                if ex.kind == "unlabeled"
+                else class_index[ex.label if type(ex.label) is str else class_name(ex.label)]  # type: ignore[arg-type]
+                for ex in rows
+            ],
             dtype=np.int64,
-            count=n,
         )
         if self.pseudo_enabled:
             pseudo_rows = unlabeled & (conf.numpy() >= self.pseudo_threshold)
@@ -178,7 +183,8 @@ class Prequential:
                     if was is not None:
                         pseudo_hits.append(1.0 if was == y[i] else 0.0)
         labeled = ~unlabeled
-        n_pseudo, n_late, n_labeled = int(pseudo_rows.sum()), int(late.sum()), int(labeled.sum())
+        n_pseudo, n_late = int(np.count_nonzero(pseudo_rows)), int(np.count_nonzero(late))
+        n_labeled = int(np.count_nonzero(labeled))
         counts = self.counts
         counts["pseudo"] += n_pseudo
         counts["pseudo_skipped"] += n - n_labeled - n_pseudo
@@ -198,14 +204,7 @@ class Prequential:
             scores = self.scores
             scores.update_many("accuracy", accuracy)
             scores.update_many("log_loss", losses)
-            served_acc: list[float] = []
-            served_loss: list[float] = []
-            served_of = self.served.of
-            for i, yi in zip(lab_rows, lab_y.tolist()):
-                served = served_of(rows[i].prediction)
-                if served is not None:
-                    served_acc.append(1.0 if served[0] == yi else 0.0)
-                    served_loss.append(-log(max(served[1].get(yi, 0.0), _EPS)))
+            served_acc, served_loss = self._served_scores([rows[i].prediction for i in lab_rows], lab_y)
             scores.update_many("served_accuracy", served_acc)
             scores.update_many("served_log_loss", served_loss)
             scores.update_many("pseudo_precision", pseudo_hits)
@@ -221,6 +220,30 @@ class Prequential:
         ys = np.where(pseudo_kept, arg_np[keep], y[keep])
         ws = np.where(pseudo_kept, np.float32(self.pseudo_weight), np.float32(1.0)).astype(np.float32)
         return torch.from_numpy(ys), torch.from_numpy(ws), keep.tolist()
+
+    def _served_scores(self, predictions: list[Any], y: np.ndarray) -> tuple[list[float], list[float]]:
+        """The served accuracy and log loss of labeled examples (their served predictions, their classes).
+
+        When every prediction is ``{class: probability}`` with the model's classes in class order
+        (what an application serving this model sends), one matrix: the served class is its
+        first most probable one, as :meth:`ServedClasses.of` picks it. Otherwise, prediction by
+        prediction (another order, other keys, a value); either way the same values.
+        """
+        names = self._class_names
+        if predictions and all(type(p) is dict and tuple(p) == names for p in predictions):
+            matrix = np.array([list(p.values()) for p in predictions], dtype=np.float64)
+            accuracy = (matrix.argmax(axis=1) == y).astype(np.float64).tolist()
+            log = math.log
+            return accuracy, [-log(max(p, _EPS)) for p in matrix[np.arange(len(y)), y].tolist()]
+        served_acc: list[float] = []
+        served_loss: list[float] = []
+        served_of = self.served.of
+        for prediction, yi in zip(predictions, y.tolist()):
+            served = served_of(prediction)
+            if served is not None:
+                served_acc.append(1.0 if served[0] == yi else 0.0)
+                served_loss.append(-math.log(max(served[1].get(yi, 0.0), _EPS)))
+        return served_acc, served_loss
 
     def save(self, tensors: Tensors) -> dict[str, Any]:
         """The scoreboards' JSON-able state, and the pseudo-labels (into ``tensors``, their meta here)."""
