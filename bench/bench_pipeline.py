@@ -266,12 +266,22 @@ def case_naive(s: Settings, n: int) -> dict[str, Any]:
     return {"events_per_s": seen / (time.perf_counter() - t0)}
 
 
-def one_repeat(base: Settings, r: int, total_in: int, examples: int, transports: list[str], naive_n: int, tmp: Path):
-    """Every case once; returns name -> result."""
+def one_repeat(
+    base: Settings,
+    r: int,
+    total_in: int,
+    examples: int,
+    transports: list[str],
+    naive_n: int,
+    tmp: Path,
+    run_only: bool = False,
+) -> dict[str, Any]:
+    """Every case once (``run_only``: R and the two ways of hosting ``run``); returns name -> result."""
     out: dict[str, Any] = {"raw": phase_raw_consume(base, total_in, 5000, PARTITIONS)}
     if (lib := case_librdkafka(base, total_in)) is not None:
         out["librdkafka"] = lib
-    out["naive"] = case_naive(base, naive_n)
+    if not run_only:
+        out["naive"] = case_naive(base, naive_n)
     for transport in transports:
         extra = {} if transport == "kafka-python" else {"kafka_client": transport}
         tag = f"{transport}.{r}"
@@ -284,7 +294,8 @@ def one_repeat(base: Settings, r: int, total_in: int, examples: int, transports:
             **extra,
         )
         ensure_topics(j)
-        out[f"joiner/{transport}"] = case_joiner(j, total_in, tmp)
+        if not run_only:
+            out[f"joiner/{transport}"] = case_joiner(j, total_in, tmp)
         t = msgspec.structs.replace(
             j,
             topic_models=f"bench.models.{tag}",
@@ -293,7 +304,8 @@ def one_repeat(base: Settings, r: int, total_in: int, examples: int, transports:
             trainer_state_dir=str(tmp / f"trainer.{tag}"),
         )
         ensure_topics(t)
-        out[f"trainer/{transport}"] = case_trainer(t, examples, tmp)
+        if not run_only:
+            out[f"trainer/{transport}"] = case_trainer(t, examples, tmp)
         u = msgspec.structs.replace(
             t,
             joiner_group_id=f"bench-run-{tag}",
@@ -304,7 +316,6 @@ def one_repeat(base: Settings, r: int, total_in: int, examples: int, transports:
             trainer_state_dir=str(tmp / f"run.{tag}"),
         )
         ensure_topics(u)
-        out[f"run/{transport}"] = case_run(u, examples, total_in, tmp)
         # The other way to host run's roles: the joiner a thread of the trainer's process (one GIL).
         v = msgspec.structs.replace(
             u,
@@ -317,7 +328,9 @@ def one_repeat(base: Settings, r: int, total_in: int, examples: int, transports:
             trainer_state_dir=str(tmp / f"run1.{tag}"),
         )
         ensure_topics(v)
-        out[f"run-threads/{transport}"] = case_run(v, examples, total_in, tmp)
+        # Paired, the order swapped every repeat.
+        for name, cs in (("run", u), ("run-threads", v))[:: 1 if r % 2 == 0 else -1]:
+            out[f"{name}/{transport}"] = case_run(cs, examples, total_in, tmp)
     return out
 
 
@@ -328,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--naive-events", type=int, default=20_000)
     ap.add_argument("--transports", default="kafka-python", help="comma-separated: kafka-python, confluent")
+    ap.add_argument("--run-only", action="store_true", help="only R and the two ways of hosting run")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     transports = args.transports.split(",")
@@ -359,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
             examples = counts["prediction"] + sentinels
             rounds = []
             for r in range(args.repeats):
-                res = one_repeat(base, r, total_in, examples, transports, args.naive_events, tmp)
+                res = one_repeat(base, r, total_in, examples, transports, args.naive_events, tmp, args.run_only)
                 rounds.append(res)
                 print(json.dumps({"repeat": r, **res}), flush=True)
     summary: dict[str, Any] = {}
@@ -376,10 +390,10 @@ def main(argv: list[str] | None = None) -> int:
             "peak_rss_mib": max((res[name].get("peak_rss_mib") or 0) for res in rounds) or None,
             "unit": "examples/s" if name.startswith("trainer") else "events/s",
         }
-    naive = statistics.median(res["naive"]["events_per_s"] for res in rounds)
-    for name in summary:
-        if name.startswith("run"):
-            summary[name]["vs_naive"] = summary[name]["rate"]["median"] / naive
+    if "naive" in summary:
+        for name in summary:
+            if name.startswith("run"):
+                summary[name]["vs_naive"] = summary[name]["rate"]["median"] / summary["naive"]["rate"]["median"]
     print(f"\n{total_in:,} input events, {examples:,} examples, {PARTITIONS} partitions, {args.repeats} repeat(s)")
     print(f"{'case':<22} {'unit':<11} {'median':>9} {'min':>9} {'max':>9} {'vs R':>6} {'peak RSS':>9}")
     for name, row in summary.items():
