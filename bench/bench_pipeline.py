@@ -69,11 +69,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_foundation import machine_info
 from bench_joiner import MODEL, N_FEATURES, T0, advance_watermark, event_stream, phase_raw_consume, produce_stream
+from scale_trainer import manifests
 
 from stream_learner.bus import ensure_topics, kafka_options, make_consumer, make_producer
 from stream_learner.checkpoint.signing import generate_keypair
 from stream_learner.config import Settings, settings_env
-from stream_learner.events import LABEL, MANIFEST, PREDICTION
+from stream_learner.events import LABEL, PREDICTION
 from stream_learner.local import LocalServers
 
 PARTITIONS = 4
@@ -126,26 +127,6 @@ def committed(admin: KafkaAdminClient, group: str) -> int:
     """The sum of a group's committed offsets (0 before its first commit)."""
     offsets = admin.list_group_offsets({group: None}).get(group) or {}
     return sum(o.offset for o in offsets.values() if o.offset > 0)
-
-
-def manifests(settings: Settings) -> list[tuple[int, int]]:
-    """(record timestamp ms, examples read) of every manifest on the models topic so far."""
-    consumer = make_consumer(settings, group_id=None)
-    tp = TopicPartition(settings.topic_models, 0)
-    try:
-        consumer.assign([tp])
-        consumer.seek_to_beginning(tp)
-        end = consumer.end_offsets([tp])[tp]
-        out = []
-        while consumer.position(tp) < end:
-            for batch in consumer.poll(1000).values():
-                for r in batch:
-                    if dict(r.headers).get("sl-type") == b"manifest":
-                        m = MANIFEST.decode(r.value)
-                        out.append((r.timestamp, sum(x.offset for x in m.input_offsets)))
-        return out
-    finally:
-        consumer.close()
 
 
 def examples_rate(marks: list[tuple[int, int]], examples: int) -> float:

@@ -22,7 +22,7 @@ from stream_learner.config import Settings
 from stream_learner.local import free_port
 
 from .join.helpers import advance_all, label, oracle_joiner, prediction, produce
-from .procs import settings_env
+from .procs import children, settings_env
 
 N = 600
 T0 = 1_767_225_600_000
@@ -64,19 +64,6 @@ def start(s: Settings, log: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "stream_learner.cli", "run"], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT
     )
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry))
-    return out
 
 
 def alive(pid: int) -> bool:
