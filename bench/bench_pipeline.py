@@ -133,7 +133,8 @@ def examples_rate(marks: list[tuple[int, int]], examples: int) -> float:
     """Examples/s between the first checkpoint and the last one before the input ran out (the one that
     holds every example may be a clock checkpoint, after idle time)."""
     before = [m for m in marks if m[1] < examples]
-    (t0, n0), (t1, n1) = (before if len(before) >= 2 else marks)[0], (before if len(before) >= 2 else marks)[-1]
+    span = before if len(before) >= 2 else marks
+    (t0, n0), (t1, n1) = span[0], span[-1]
     return (n1 - n0) / max((t1 - t0) / 1000, 1e-9)
 
 
