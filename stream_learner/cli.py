@@ -243,8 +243,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_level, settings.log_format)
     from .health import Health
 
-    metrics = Metrics(roles=VERB_METRICS.get(args.command), health=Health(settings.health_stall_s))
-    for role in set(VERB_METRICS.get(args.command, ())) - {"sdk"}:
+    roles = VERB_METRICS.get(args.command)
+    if args.command == "run" and settings.run_joiner_process:
+        roles = ("trainer",)  # the joiner's families are its own process's (metrics_port + 1)
+    metrics = Metrics(roles=roles, health=Health(settings.health_stall_s))
+    for role in set(roles or ()) - {"sdk"}:
         metrics.health.expect(role)  # /health: 503 "starting" until the role reports
     port = settings.metrics_port
     if args.command == "trainer":  # the ranks of a data-parallel trainer serve on port + rank

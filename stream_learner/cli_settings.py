@@ -93,7 +93,7 @@ _ROLE_GROUPS = {
 VERB_SETTINGS: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
     "joiner": (_ROLE_GROUPS["joiner"], frozenset()),
     "trainer": ((*_ROLE_GROUPS["trainer"], "scale"), frozenset()),
-    "run": (tuple(dict.fromkeys(_ROLE_GROUPS["joiner"] + _ROLE_GROUPS["trainer"])), frozenset()),
+    "run": ((*dict.fromkeys(_ROLE_GROUPS["joiner"] + _ROLE_GROUPS["trainer"]), "run"), frozenset()),
     "serve": (
         ("kafka", "consumer", "topics", "topic_setup", "model", "large", "serving", "metrics", "logs"),
         frozenset(),

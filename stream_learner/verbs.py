@@ -12,7 +12,9 @@ import json
 import signal
 import sys
 import threading
+from multiprocessing.process import BaseProcess
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import structlog
@@ -124,8 +126,9 @@ def cmd_trainer(args: argparse.Namespace, settings: Settings, metrics: Metrics) 
     process is the launcher of that many rank processes (stream_learner.learn.ranks).
     """
     from .errors import ConfigError
-    from .learn.ranks import RankGroup, check_world, launch, launches_ranks, watch_parent
+    from .learn.ranks import RankGroup, check_world, launch, launches_ranks
     from .learn.trainer import Trainer
+    from .util.parent import watch_parent
     from .util.retry import Stopped
 
     _check_topics("trainer", settings)
@@ -177,44 +180,113 @@ def cmd_optimize(args: argparse.Namespace, settings: Settings, metrics: Metrics)
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> int:
-    """Joiner and trainer in one process, each in its own thread, stopped together."""
-    from .join.joiner import Joiner
+    """Joiner and trainer together, stopped together: the joiner in a child process of its own
+    (``run_joiner_process``, the default: two interpreter locks, two cores) or a thread of this one."""
     from .learn.trainer import Trainer
     from .util.retry import Stopped
 
     _check_topics("run", settings)
     stop = _stop_on_signals()
+    child = _start_joiner_process(settings, metrics) if settings.run_joiner_process else None
     try:
-        trainer = Trainer(settings, metrics=metrics, stop=stop)
-    except Stopped:
-        log.info("trainer_stopped_before_start")
-        return 0
-    joiner = Joiner(settings, metrics=metrics)
-    failures: list[BaseException] = []
-
-    def run_role(role: Joiner | Trainer) -> None:
         try:
-            role.run(stop)
+            trainer = Trainer(settings, metrics=metrics, stop=stop)
         except Stopped:
-            pass
-        except BaseException as exc:
-            failures.append(exc)
-            raise
+            log.info("trainer_stopped_before_start")
+            return 0
+        roles: list[Any] = [trainer]
+        if child is None:
+            from .join.joiner import Joiner
 
-    threads = [
-        threading.Thread(target=run_role, args=(role,), name=name)
-        for name, role in (("joiner", joiner), ("trainer", trainer))
-    ]
-    for t in threads:
-        t.start()
-    while any(t.is_alive() for t in threads):
+            roles.append(Joiner(settings, metrics=metrics))
+        failures: list[BaseException] = []
+
+        def run_role(role: Any) -> None:
+            try:
+                role.run(stop)
+            except Stopped:
+                pass
+            except BaseException as exc:
+                failures.append(exc)
+                raise
+
+        threads = [threading.Thread(target=run_role, args=(r,), name=type(r).__name__.lower()) for r in roles]
         for t in threads:
-            t.join(0.5)
-        if not all(t.is_alive() for t in threads):
-            stop.set()  # one role died: stop the other rather than run half a pipeline
-    if failures:
-        raise failures[0]  # reported by main(), exit non-zero
+            t.start()
+        while any(t.is_alive() for t in threads):
+            for t in threads:
+                t.join(0.5)
+            if not all(t.is_alive() for t in threads) or (child is not None and not child.is_alive()):
+                stop.set()  # one role died: stop the other rather than run half a pipeline
+        if failures:
+            raise failures[0]  # reported by main(), exit non-zero
+    finally:
+        if child is not None:
+            _stop_process(child)
+    if child is not None and child.exitcode not in (0, -signal.SIGTERM):
+        log.error("joiner_process_failed", exitcode=child.exitcode)
+        return 1
     return 0
+
+
+def _start_joiner_process(settings: Settings, metrics: Metrics) -> BaseProcess:
+    """``run``'s joiner as a spawned child process; this process's /health follows whether it lives."""
+    import multiprocessing
+
+    port = None if settings.metrics_port is None else settings.metrics_port + 1
+    child = multiprocessing.get_context("spawn").Process(
+        target=joiner_process, args=(settings, port), name="stream-learner-joiner"
+    )
+    child.start()
+    log.info("joiner_process_started", pid=child.pid, metrics_port=port)
+    metrics.health.add_check(
+        "joiner", lambda: (child.is_alive(), f"process {child.pid}" + ("" if child.is_alive() else " exited"))
+    )
+    return child
+
+
+def _stop_process(child: BaseProcess, timeout_s: float = 30.0) -> None:
+    """SIGTERM (the joiner finishes its cycle), SIGKILL after ``timeout_s`` (always safe for a joiner)."""
+    if child.is_alive():
+        child.terminate()
+    child.join(timeout_s)
+    if child.is_alive():
+        child.kill()
+        child.join(10)
+
+
+def joiner_process(settings: Settings, port: int | None) -> None:
+    """The body of ``run``'s joiner process: logs as the parent does, serves the joiner's metrics and
+    /health on ``port``, stops on SIGTERM, Ctrl-C or its parent's death; a failure exits 1 with one line."""
+    import sys
+
+    from .errors import StreamLearnerError
+    from .health import Health
+    from .join.joiner import Joiner
+    from .logging import configure_logging
+    from .util.parent import watch_parent
+    from .util.retry import Stopped, dependency_failure
+
+    configure_logging(settings.log_level, settings.log_format)
+    metrics = Metrics(roles=("joiner",), health=Health(settings.health_stall_s))
+    metrics.health.expect("joiner")
+    if port is not None:
+        metrics.serve(port)
+    stop = _stop_on_signals()
+    watch_parent(stop)
+    try:
+        Joiner(settings, metrics=metrics).run(stop)
+    except Stopped:
+        log.info("joiner_stopped_while_waiting")
+    except StreamLearnerError as exc:
+        log.error("failed", role="joiner", error=str(exc))
+        sys.exit(1)
+    except Exception as exc:
+        what = dependency_failure(exc, settings)
+        if what is None:
+            raise
+        log.error("permanent_error", role="joiner", error=what)
+        sys.exit(1)
 
 
 def cmd_keys(args: argparse.Namespace, settings: Settings, metrics: Metrics) -> int:

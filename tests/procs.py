@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from stream_learner.config import Settings, settings_env
 
-__all__ = ["read_topic", "settings_env"]
+__all__ = ["children", "read_topic", "settings_env"]
 
 
 def read_topic(settings: Settings, topic: str, *, partition: int = 0) -> list:
@@ -38,3 +38,20 @@ def train_uninterrupted(settings: Settings, n: int) -> None:
         ref.checkpoint()
     finally:
         ref.close()
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    import os
+    from pathlib import Path
+
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry))
+    return out

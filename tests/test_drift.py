@@ -775,6 +775,31 @@ def test_detector_update_many_is_update_one_by_one(case: Case, seed: int) -> Non
     assert got == expected and expected
 
 
+@pytest.mark.parametrize("mode", ["up", "down", "both"])
+@pytest.mark.parametrize("alpha", [1.0, 0.999])
+def test_page_hinkley_many_is_rivers_update_one_by_one(mode: str, alpha: float) -> None:
+    # The batched port against River's own PageHinkley.update: positions, means and sums, bit for bit.
+    from stream_learner.drift.detectors import page_hinkley_many
+    from stream_learner.drift.state import save_page_hinkley
+
+    rng = random.Random(11)
+    values = stream(loss, 4, n=6000, changes=(1500, 3000, 4500))
+    values = [v if i < 3000 else 1.0 - min(v, 1.0) for i, v in enumerate(values)]  # a fall too, for "down"
+    one = river_drift.PageHinkley(min_instances=30, delta=0.05, threshold=20.0, alpha=alpha, mode=mode)
+    many = copy.deepcopy(one)
+    detected, means, got, got_means = [], [], [], []
+    for a, b in random_batches(rng, len(values)):
+        for i in range(a, b):
+            one.update(values[i])
+            if one.drift_detected:
+                detected.append(i)
+            means.append(one._x_mean.get())
+        got += [a + j for j in page_hinkley_many(many, values[a:b], got_means)]
+        assert save_page_hinkley(many) == save_page_hinkley(one), f"after {b} values"
+    assert got == detected and detected
+    assert got_means == means
+
+
 @pytest.mark.slow
 def test_monitor_observe_many_is_observe_one_by_one() -> None:
     # Two detectors on one signal: findings come by position, then in detector order.

@@ -125,6 +125,7 @@ SETTING_GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
     "drift": ("Drift", ("trainer_drift_",)),
     "variants": ("Serving variants", ("trainer_variants", "trainer_student_", "variant_")),
+    "run": ("The run verb (joiner and trainer together)", ("run_",)),
     "scale": ("Data-parallel trainer", ("trainer_dist_",)),
     "learning": ("Learning", ("trainer_",)),
     "replay": ("Replay", ("replay_",)),

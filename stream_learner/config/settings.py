@@ -199,6 +199,10 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # Small models run faster (and reproducibly) on one thread.
     trainer_torch_threads: Positive = 1
     """Torch CPU threads."""
+    run_joiner_process: bool = True
+    """`run`: host the joiner in a process of its own (its own interpreter lock: the two roles use two
+    cores) rather than a thread of the trainer's process. Its metrics and /health are then on
+    metrics_port + 1."""
     # The data-parallel trainer (stream_learner.learn.ranks; docs/architecture.md, "Scale-out").
     trainer_dist_world_size: Positive = 1
     """Ranks learning the one model (above 1: the trainer starts them with torch's elastic launcher, each reading

@@ -290,19 +290,22 @@ class ADWIN(river_base.DriftDetector):
         mean_variance = self._variance / width
         two_thirds_delta_prime = 2.0 / 3.0 * delta_prime
         sqrt, nan = math.sqrt, math.nan
-        for row in range(len(self._totals) - 1, -1, -1):
+        # n0 - mwl + 1.0 is n0 - (mwl - 1.0) exactly: whole numbers far below 2**53.
+        below = mwl - 1.0
+        rows = self._totals
+        for row in range(len(rows) - 1, -1, -1):
             size = float(1 << row)
-            totals = self._totals[row]
-            last = len(totals) - 1
-            for k, t in enumerate(totals):
+            # Row 0's newest bucket is never a cut point (nothing would be left after it).
+            totals = rows[row] if row else rows[0][:-1]
+            for t in totals:
                 n0 += size
                 n1 -= size
                 u0 += t
                 u1 -= t
-                if row == 0 and k == last:
-                    return False
-                if n1 >= mwl and n0 >= mwl:
-                    m_recip = 1.0 / (n0 - mwl + 1.0) + 1.0 / (n1 - mwl + 1.0)
+                if n1 < mwl:
+                    return False  # n1 only shrinks from here: no later cut point has mwl values after it
+                if n0 >= mwl:
+                    m_recip = 1.0 / (n0 - below) + 1.0 / (n1 - below)
                     gap = abs(u0 / n0 - u1 / n1)
                     floor = two_thirds_delta_prime * m_recip
                     # epsilon = sqrt(x) + floor >= floor (rounding is monotonic), so a gap within

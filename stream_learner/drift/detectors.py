@@ -100,10 +100,74 @@ def _check_signal(signal: str) -> None:
         raise ValueError(f"signal must be 'error', 'loss', 'confidence' or 'feature:<name>', got {signal!r}")
 
 
+def page_hinkley_many(det: river_drift.PageHinkley, xs: list[float], estimates: list[float] | None = None) -> list[int]:
+    """``det.update(x)`` for each value in turn, bit for bit (River 0.26's arithmetic, in the same
+    order, on local variables); the positions after which ``drift_detected`` was true.
+    ``estimates``, if given, gets the running mean after each value.
+
+    River's ``update`` costs ~3 us per value in attribute reads and writes and a ``Mean`` call;
+    the loss signal feeds it every labeled example.
+
+    >>> a, b = river_drift.PageHinkley(mode="up"), river_drift.PageHinkley(mode="up")
+    >>> xs = [0.1] * 200 + [3.0] * 40
+    >>> hits = []
+    >>> for j, x in enumerate(xs):
+    ...     a.update(x)
+    ...     if a.drift_detected:
+    ...         hits.append(j)
+    >>> page_hinkley_many(b, xs) == hits and save_page_hinkley(a) == save_page_hinkley(b)
+    True
+    """
+    positions: list[int] = []
+    mode, alpha, delta, threshold, min_n = det.mode, det.alpha, det.delta, det.threshold, det.min_instances
+    up, down = mode == "up", mode == "down"
+    record = estimates.append if estimates is not None else None
+    drift = det._drift_detected
+    m = det._x_mean
+    n, mean = m.n, m._mean
+    si, sd, lo = det._sum_increase, det._sum_decrease, det._min_increase
+    hi: float = det._max_decrease  # River starts it at the int -1: it compares the same
+    for j, x in enumerate(xs):
+        if drift:
+            det._reset()  # type: ignore[no-untyped-call]  # River's own reset: a fresh Mean and sums
+            m = det._x_mean
+            n, mean = m.n, m._mean
+            si, sd, lo, hi = det._sum_increase, det._sum_decrease, det._min_increase, det._max_decrease
+            drift = False
+        n += 1.0  # stats.Mean.update(x) with w=1.0
+        mean += (1.0 / n) * (x - mean)
+        dev = x - mean
+        si = alpha * si + dev - delta
+        sd = alpha * sd + dev + delta
+        if si < lo:
+            lo = si
+        if sd > hi:
+            hi = sd
+        if n >= min_n:
+            increase, decrease = si - lo, hi - sd
+            if up:
+                drift = increase > threshold
+            elif down:
+                drift = decrease > threshold
+            else:
+                drift = increase > threshold or decrease > threshold
+            if drift:
+                positions.append(j)
+        if record is not None:
+            record(mean)
+    m.n, m._mean = n, mean
+    det._sum_increase, det._sum_decrease, det._min_increase = si, sd, lo
+    det._max_decrease = hi  # type: ignore[assignment]  # River infers int from its -1
+    det._drift_detected = drift
+    return positions
+
+
 def _feed(det: river_base.DriftDetector, xs: list[float]) -> list[int]:
     """Feed values to a River-style detector; the positions after which it detected a drift."""
     if isinstance(det, ADWIN):
         return det.update_many(xs)
+    if type(det) is river_drift.PageHinkley:
+        return page_hinkley_many(det, xs)
     positions = []
     for j, x in enumerate(xs):
         det.update(x)
@@ -414,15 +478,8 @@ class PageHinkleyDetector(_TwinDetector):
         self._drift, self._warning = drift, warning
 
     def _feed_drift(self, xs: list[float], estimates: list[float]) -> list[int]:
-        positions = []
-        det = self._drift
-        update, record = det.update, estimates.append
-        for j, x in enumerate(xs):
-            update(x)  # type: ignore[no-untyped-call]  # River's PageHinkley.update is unannotated
-            if det._drift_detected:
-                positions.append(j)
-            record(det._x_mean._mean)  # what estimation returns (_x_mean.get()); a reset replaces _x_mean
-        return positions
+        # estimation is _x_mean.get(), the running mean after each value (a reset replaces _x_mean).
+        return page_hinkley_many(self._drift, xs, estimates)
 
     @property
     def estimation(self) -> float:

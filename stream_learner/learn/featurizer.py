@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import operator
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -149,6 +150,10 @@ class Featurizer:
                 offsets.append(at)
             at += i.width
         self._numeric_columns = np.array(offsets, dtype=np.intp)
+        # Every numeric feature of a row in one call (a tuple: two names at least), when the spec is numbers alone.
+        self._getter = (
+            operator.itemgetter(*self.numeric) if len(self.numeric) >= 2 and self.numeric == self.names else None
+        )
         self._vocab = {i.name: {v: k for k, v in enumerate(i.vocab)} for i in inputs if i.vocab}
         self._tokenizers: dict[str, Any] = {
             t.name: parse_tokenizer(t.tokenizer_json, t.name) for t in self.texts if t.tokenizer_json
@@ -189,13 +194,21 @@ class Featurizer:
     def _raw(self, rows: Rows) -> tuple[np.ndarray, dict[str, int]]:
         """:meth:`raw_matrix` without counting: the matrix and what it would count."""
         names, name_set = self.numeric, self._name_set
-        # numpy turns None into NaN for a float dtype: missing and null alike. One flat list
-        # (map over the names, in C) and a subset test per row: half the time of a nested
-        # comprehension and a set difference per row.
+        # numpy turns None into NaN for a float dtype: missing and null alike. One flat list.
+        # A row holding exactly the spec's features (the usual one) is one itemgetter call, in
+        # C, and has no unknown feature (as many keys as names, every name among them): a
+        # quarter of the time of a map of row.get and a subset test per row, which the others take.
         flat: list[Any] = []
         extend = flat.extend
         unknown = 0
+        getter, width = self._getter, len(self.names)
         for row in rows:
+            if getter is not None and len(row) == width:
+                try:
+                    extend(getter(row))
+                    continue
+                except KeyError:  # a name is missing and another key is there instead
+                    pass
             extend(map(row.get, names))
             if not row.keys() <= name_set:
                 unknown += len(row.keys() - name_set)

@@ -55,12 +55,14 @@ class Intake:
         rows: list[ExampleEvent] = []
         where: list[int] = []  # each row's index in the chunk
         refused: list[Refusal] = []
-        blake2b, remember, model_name = hashlib.blake2b, self.seen.add, self.model_name
+        blake2b, model_name = hashlib.blake2b, self.model_name
         # A label that is one of the class names as given is fine: no need to ask label_problem.
         known = self.class_index if not self.regression else {}
         counts = self.counts
+        # Every example is remembered, in chunk order (those of other models and refused ones too).
+        fresh = self.seen.add_many([blake2b(ex.example_id.encode(), digest_size=16).digest() for ex in chunk])
         for i, ex in enumerate(chunk):
-            if not remember(blake2b(ex.example_id.encode(), digest_size=16).digest()):
+            if not fresh[i]:
                 counts["duplicates"] += 1
                 continue
             if ex.model != model_name:

@@ -13,6 +13,8 @@ chunk loop that drives them; its ``state_dict`` is the union.
 [True, True, False, True]
 >>> w.add(b"a" * 16)                    # evicted by c: remembered again
 True
+>>> w.add_many([b"d" * 16, b"d" * 16, b"c" * 16])   # add of each in turn: d evicts c
+[True, False, True]
 >>> g = SpikeGuard(factor=5.0, warmup=2, patience=1)
 >>> for losses in ([1.0, 0.5, 0.5], [0.5, 1.0, 0.5]):
 ...     g.check(losses); g.learned(losses)
@@ -70,6 +72,28 @@ class DedupWindow:
         self.members.add(digest)
         self.next = self.next + 1 if self.next + 1 < self.size else 0
         return True
+
+    def add_many(self, digests: Sequence[bytes]) -> list[bool]:
+        """:meth:`add` of each digest in turn (a duplicate within ``digests`` too), on local variables."""
+        members, ring, size = self.members, self.ring, self.size
+        at, count = self.next, self.count
+        fresh: list[bool] = []
+        record = fresh.append
+        for digest in digests:
+            if digest in members:
+                record(False)
+                continue
+            start = 16 * at
+            if count == size:
+                members.discard(bytes(ring[start : start + 16]))
+            else:
+                count += 1
+            ring[start : start + 16] = digest
+            members.add(digest)
+            at = at + 1 if at + 1 < size else 0
+            record(True)
+        self.next, self.count = at, count
+        return fresh
 
     def snapshot(self) -> bytes:
         """The digests, oldest first, concatenated."""

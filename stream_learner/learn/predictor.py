@@ -34,9 +34,23 @@ Rows = Sequence[Mapping[str, Any]]
 
 
 def set_training(model: nn.Module, mode: bool) -> None:
-    """``model.train(mode)`` unless it is in that mode already (the call walks every submodule)."""
-    if model.training is not mode:
+    """``model.train(mode)`` unless it is in that mode already.
+
+    ``train`` walks every submodule (and ``nn.Module.__setattr__`` is slow): the learner switches
+    its model twice a chunk, so when no module overrides ``train`` the flag is set directly on
+    each, which is all ``nn.Module.train`` does.
+    """
+    if model.training is mode:
+        return
+    modules = list(model.modules())
+    if all(type(m).train is _MODULE_TRAIN for m in modules):
+        for m in modules:
+            object.__setattr__(m, "training", mode)  # a plain attribute: what Module.__setattr__ ends in
+    else:
         model.train(mode)
+
+
+_MODULE_TRAIN = nn.Module.train
 
 
 def _device(network: nn.Module) -> torch.device | None:

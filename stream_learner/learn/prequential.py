@@ -11,7 +11,8 @@ pseudo-labeled (trained with ``pseudo_weight``) and remembered, so that its
 late label can score the pseudo-label's precision.
 
 The scoreboards and the pseudo-label memory are this part's state, saved
-and restored by it.
+and restored by it. A chunk is scored on arrays (its kinds, labels,
+confidences), with the values, in the same order, of one example at a time.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from ..events import ExampleEvent, class_name
@@ -35,6 +37,10 @@ if TYPE_CHECKING:
 __all__ = ["Prequential"]
 
 _EPS = 1e-15
+
+#: An example's kind as a code of the chunk's kind array.
+_KIND = {"labeled": 0, "late": 1, "unlabeled": 2}
+_LATE, _UNLABELED = 1, 2
 
 #: A chunk's training batch: (targets, weights, the rows kept, in increasing order).
 Targets = tuple[torch.Tensor, torch.Tensor, list[int]]
@@ -71,6 +77,7 @@ class Prequential:
         self.pseudo_threshold = pseudo_threshold
         self.pseudo_weight = pseudo_weight
         self.served = ServedClasses(class_index)
+        self._class_names = tuple(sorted(class_index, key=class_index.__getitem__))  # in class order
         names = (
             ["mae", "rmse_sq", "served_mae", "served_rmse_sq"]
             if regression
@@ -130,83 +137,113 @@ class Prequential:
         result: ChunkResult,
         base: int,
     ) -> Targets:
-        """Prequential scoring and drift signals, pseudo-labels, then the training targets of the chunk."""
-        keep: list[int] = []
-        ys: list[int] = []
-        ws: list[float] = []
+        """Prequential scoring and drift signals, pseudo-labels, then the training targets of the chunk.
+
+        Columnar: the chunk's kinds and labels become arrays once, and the scores, the signals and
+        the targets are computed on them. Only what depends on order across rows (the pseudo-label
+        memory: an unlabeled example remembered, its late label taking it back, maybe in the same
+        chunk) is a loop, in row order, over the rows it concerns. The values, and their order, are
+        those of scoring one example at a time.
+        """
+        n = len(rows)
         probs = predictor.probabilities(out)
         conf, arg = probs.max(dim=1)
-        conf_l, arg_l = conf.tolist(), arg.tolist()
-        challenger_arg = challenger_out.argmax(dim=1).tolist() if challenger_out is not None else None
+        conf_l = conf.tolist()
+        arg_np = arg.numpy()
         result.confidences.extend(conf_l)
-        # One pass in row order for what depends on order across rows (the pseudo-label map,
-        # the training targets); the scores and the drift signals are then computed per chunk
-        # and fed in row order: the same values, in the same order, as one example at a time.
         class_index, pseudo = self.class_index, self.pseudo
-        pseudo_on, threshold, pseudo_weight = self.pseudo_enabled, self.pseudo_threshold, self.pseudo_weight
-        lab_rows: list[int] = []
-        lab_y: list[int] = []
+        codes = np.array([_KIND[ex.kind] for ex in rows], dtype=np.int8)
+        unlabeled, late = codes == _UNLABELED, codes == _LATE
+        # The class index of each label (-1: unlabeled); a label is a class name as given, or a
+        # number naming one (the intake checked it is one of the model's classes).
+        y = np.array(
+            [
+                -1
+                if ex.kind == "unlabeled"
+                else class_index[ex.label if type(ex.label) is str else class_name(ex.label)]  # type: ignore[arg-type]
+                for ex in rows
+            ],
+            dtype=np.int64,
+        )
+        if self.pseudo_enabled:
+            pseudo_rows = unlabeled & (conf.numpy() >= self.pseudo_threshold)
+        else:
+            pseudo_rows = np.zeros(n, dtype=bool)
+        # The pseudo-label memory, in row order: remember an unlabeled example's class, take a late one's.
         pseudo_hits: list[float] = []
-        n_pseudo = n_skipped = n_late = 0
-        for i, ex in enumerate(rows):
-            kind = ex.kind
-            if kind == "unlabeled":
-                if pseudo_on and conf_l[i] >= threshold:
-                    a = arg_l[i]
-                    keep.append(i)
-                    ys.append(a)
-                    ws.append(pseudo_weight)
-                    pseudo.remember(ex.prediction_event_id, a)
-                    n_pseudo += 1
+        touched = np.flatnonzero(pseudo_rows | late)
+        if len(touched):
+            arg_l = arg.tolist()
+            for i in touched.tolist():
+                ex = rows[i]
+                if pseudo_rows[i]:
+                    pseudo.remember(ex.prediction_event_id, arg_l[i])
                 else:
-                    n_skipped += 1
-                continue
-            y = class_index[class_name(ex.label)]  # type: ignore[arg-type]
-            lab_rows.append(i)
-            lab_y.append(y)
-            if kind == "late":
-                n_late += 1
-                was = pseudo.take(ex.prediction_event_id)
-                if was is not None:
-                    pseudo_hits.append(1.0 if was == y else 0.0)
-            keep.append(i)
-            ys.append(y)
-            ws.append(1.0)
+                    was = pseudo.take(ex.prediction_event_id)
+                    if was is not None:
+                        pseudo_hits.append(1.0 if was == y[i] else 0.0)
+        labeled = ~unlabeled
+        n_pseudo, n_late = int(np.count_nonzero(pseudo_rows)), int(np.count_nonzero(late))
+        n_labeled = int(np.count_nonzero(labeled))
         counts = self.counts
         counts["pseudo"] += n_pseudo
-        counts["pseudo_skipped"] += n_skipped
+        counts["pseudo_skipped"] += n - n_labeled - n_pseudo
         counts["late"] += n_late
-        counts["labeled"] += len(lab_rows) - n_late
-        signals: list[SignalValues] = [("confidence", conf_l, list(range(len(rows))))]
-        if lab_rows:
+        counts["labeled"] += n_labeled - n_late
+        signals: list[SignalValues] = [("confidence", conf_l, list(range(n)))]
+        if n_labeled:
+            lab = np.flatnonzero(labeled)
+            lab_y = y[lab]
+            lab_rows = lab.tolist()
             # Indexing copies the probabilities exactly: the same floats as float(probs[i, y]).
-            p_y = probs[torch.tensor(lab_rows), torch.tensor(lab_y)].tolist()
-            accuracy = [1.0 if arg_l[i] == y else 0.0 for i, y in zip(lab_rows, lab_y)]
+            p_y = probs.numpy()[lab, lab_y].tolist()
+            hit = arg_np[lab] == lab_y
+            accuracy = hit.astype(np.float64).tolist()
             log = math.log
             losses = [-log(max(p, _EPS)) for p in p_y]
             scores = self.scores
             scores.update_many("accuracy", accuracy)
             scores.update_many("log_loss", losses)
-            served_acc: list[float] = []
-            served_loss: list[float] = []
-            served_of = self.served.of
-            for i, y in zip(lab_rows, lab_y):
-                served = served_of(rows[i].prediction)
-                if served is not None:
-                    served_acc.append(1.0 if served[0] == y else 0.0)
-                    served_loss.append(-log(max(served[1].get(y, 0.0), _EPS)))
+            served_acc, served_loss = self._served_scores([rows[i].prediction for i in lab_rows], lab_y)
             scores.update_many("served_accuracy", served_acc)
             scores.update_many("served_log_loss", served_loss)
             scores.update_many("pseudo_precision", pseudo_hits)
-            if challenger_arg is not None:
-                self.challenger_scores.update_many(
-                    "accuracy", [1.0 if challenger_arg[i] == y else 0.0 for i, y in zip(lab_rows, lab_y)]
-                )
+            if challenger_out is not None:
+                challenger_hit = challenger_out.argmax(dim=1).numpy()[lab] == lab_y
+                self.challenger_scores.update_many("accuracy", challenger_hit.astype(np.float64).tolist())
                 self.champion_scores.update_many("accuracy", accuracy)
-            signals.append(("error", [0.0 if a == 1.0 else 1.0 for a in accuracy], lab_rows))
+            signals.append(("error", (~hit).astype(np.float64).tolist(), lab_rows))
             signals.append(("loss", losses, lab_rows))
         result.findings.extend(self.judge.observe(signals, base))
-        return torch.tensor(ys, dtype=torch.long), torch.tensor(ws, dtype=torch.float32), keep
+        keep = np.flatnonzero(labeled | pseudo_rows)
+        pseudo_kept = unlabeled[keep]
+        ys = np.where(pseudo_kept, arg_np[keep], y[keep])
+        ws = np.where(pseudo_kept, np.float32(self.pseudo_weight), np.float32(1.0)).astype(np.float32)
+        return torch.from_numpy(ys), torch.from_numpy(ws), keep.tolist()
+
+    def _served_scores(self, predictions: list[Any], y: np.ndarray) -> tuple[list[float], list[float]]:
+        """The served accuracy and log loss of labeled examples (their served predictions, their classes).
+
+        When every prediction is ``{class: probability}`` with the model's classes in class order
+        (what an application serving this model sends), one matrix: the served class is its
+        first most probable one, as :meth:`ServedClasses.of` picks it. Otherwise, prediction by
+        prediction (another order, other keys, a value); either way the same values.
+        """
+        names = self._class_names
+        if predictions and all(type(p) is dict and tuple(p) == names for p in predictions):
+            matrix = np.array([list(p.values()) for p in predictions], dtype=np.float64)
+            accuracy = (matrix.argmax(axis=1) == y).astype(np.float64).tolist()
+            log = math.log
+            return accuracy, [-log(max(p, _EPS)) for p in matrix[np.arange(len(y)), y].tolist()]
+        served_acc: list[float] = []
+        served_loss: list[float] = []
+        served_of = self.served.of
+        for prediction, yi in zip(predictions, y.tolist()):
+            served = served_of(prediction)
+            if served is not None:
+                served_acc.append(1.0 if served[0] == yi else 0.0)
+                served_loss.append(-math.log(max(served[1].get(yi, 0.0), _EPS)))
+        return served_acc, served_loss
 
     def save(self, tensors: Tensors) -> dict[str, Any]:
         """The scoreboards' JSON-able state, and the pseudo-labels (into ``tensors``, their meta here)."""

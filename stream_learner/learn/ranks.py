@@ -284,20 +284,3 @@ def launch(world: int, max_restarts: int, argv: Sequence[str]) -> int:
     except (SignalException, KeyboardInterrupt):
         return 0  # the agent stopped the ranks (SIGTERM or Ctrl-C)
     return 0
-
-
-def watch_parent(stop: Any, grace_s: float = 30.0) -> None:
-    """Stop this rank when its launcher dies (a SIGKILLed agent leaves its ranks behind otherwise):
-    ``stop`` is set at once, and the process exits ``grace_s`` later if it has not ended by then."""
-    import threading
-
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        stop.set()
-        time.sleep(grace_s)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="rank-parent", daemon=True).start()

@@ -53,7 +53,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 import msgspec
 import structlog
@@ -294,19 +294,28 @@ class LearningSession:
 
     def _learn_chunk(self, items: list[Item]) -> None:
         began = time.perf_counter()
-        examples: list[ExampleEvent] = []
-        kept: list[Record | None] = []
         decode, sinks = self.decode, self.sinks
-        for item in items:
-            if isinstance(item, ExampleEvent):
-                examples.append(item)
-                kept.append(None)
-                continue
+        examples: list[ExampleEvent] | None = None
+        kept: list[Record | None] = []
+        if not any(isinstance(item, ExampleEvent) for item in items):
+            # The live trainer's chunk: records alone, all of them decodable (the usual case), in one pass.
             try:
-                examples.append(decode(item.value))
-                kept.append(item)
-            except EventError as exc:
-                sinks.dead_letter(item, exc)
+                examples = [decode(item.value) for item in cast("list[Record]", items)]
+                kept = list(cast("list[Record]", items))
+            except EventError:
+                examples = None  # one is refused: the loop below sends it to the dead-letter sink
+        if examples is None:
+            examples, kept = [], []
+            for item in items:
+                if isinstance(item, ExampleEvent):
+                    examples.append(item)
+                    kept.append(None)
+                    continue
+                try:
+                    examples.append(decode(item.value))
+                    kept.append(item)
+                except EventError as exc:
+                    sinks.dead_letter(item, exc)
         result = self.learner.process(examples)
         for rejected in result.rejected:
             sinks.dead_letter(kept[rejected.index], EventError(rejected.kind, rejected.field, rejected.reason))

@@ -35,6 +35,24 @@ def label(i: int | str, t: int, value: str = "a", **kw: object) -> LabelEvent:
     return LabelEvent(**fields)  # type: ignore[arg-type]
 
 
+def oracle_joiner(settings: Settings, window_ms: int, name: str, **overrides: object) -> Settings:
+    """Joiner settings under which the oracle (tests/join/oracle.py) holds: no state collected before
+    the stream ends, the watermark moved by events only; group ``<predictions topic>-<name>`` and one
+    hash tag per test's topics (so it runs on a cluster too)."""
+    import msgspec
+
+    base: dict[str, object] = dict(
+        joiner_window_ms=window_ms,
+        joiner_late_retention_ms=10**9,
+        joiner_orphan_retention_ms=60_000,
+        joiner_state_ttl_ms=2 * 10**9,
+        joiner_idle_advance=False,
+        joiner_group_id=f"{settings.topic_predictions}-{name}",
+        joiner_redis_prefix="{" + settings.topic_predictions + "}:",
+    )
+    return msgspec.structs.replace(settings, **{**base, **overrides})
+
+
 def produce(settings: Settings, events: Iterable[PredictionEvent | LabelEvent | tuple[str, bytes]]) -> None:
     """Send events in order (a ``(topic, raw bytes)`` pair sends raw bytes)."""
     producer = make_producer(settings)

@@ -28,7 +28,7 @@ from stream_learner.local import LocalValkeyCluster
 from stream_learner.redis_conn import make_redis
 
 from ..procs import read_topic
-from .helpers import RunningJoiner, advance_all, wait_until
+from .helpers import RunningJoiner, advance_all, oracle_joiner, wait_until
 from .oracle import expected_examples, mismatches
 from .test_crash import ExampleReader, produce_raw
 from .test_redis_restart import TICK_TAG, W, generate, trickle
@@ -59,18 +59,9 @@ def test_the_joiner_on_a_cluster_loses_nothing_while_its_slot_moves(
     settings: Settings, cluster: LocalValkeyCluster
 ) -> None:
     prefix = "{" + settings.topic_predictions + "}:"
-    s = msgspec.structs.replace(
-        settings,
-        redis_url=elsewhere(cluster, prefix),
-        redis_cluster=True,
-        joiner_redis_prefix=prefix,
-        joiner_window_ms=W,
-        joiner_late_retention_ms=10**9,
-        joiner_orphan_retention_ms=60_000,
-        joiner_state_ttl_ms=2 * 10**9,
-        joiner_idle_advance=False,
-        joiner_group_id=f"{settings.topic_predictions}-cluster-joiner",
-    )
+    s = oracle_joiner(
+        settings, W, "cluster-joiner", redis_url=elsewhere(cluster, prefix), redis_cluster=True
+    )  # the prefix is oracle_joiner's: the one slot
     stream = generate(6_000, 9_113)
     oracle = expected_examples(stream, W)
     half = len(stream) // 2
@@ -116,19 +107,14 @@ def test_two_joiners_in_one_group_lose_nothing_when_their_primary_is_killed_and_
     assert settings.partitions_input >= 2, "two joiners need two input partitions or more to share"
     with LocalValkeyCluster(3, tmp_path / "cluster") as cluster:
         prefix = "{" + settings.topic_predictions + "}:"
-        s = msgspec.structs.replace(
+        s = oracle_joiner(
             settings,
+            W,
+            "cluster-pair",
             redis_url=elsewhere(cluster, prefix),
             redis_cluster=True,
-            joiner_redis_prefix=prefix,
-            joiner_window_ms=W,
-            joiner_late_retention_ms=10**9,
-            joiner_orphan_retention_ms=60_000,
-            joiner_state_ttl_ms=2 * 10**9,
-            joiner_idle_advance=False,
             consumer_session_timeout_ms=6000,
             consumer_max_poll_interval_ms=3000,
-            joiner_group_id=f"{settings.topic_predictions}-cluster-pair",
         )
         for i in range(cluster.size):  # the joiners' durability rests on these
             c = cluster.client(i)

@@ -35,7 +35,7 @@ from stream_learner.config import Settings, load_settings
 from stream_learner.events import EXAMPLE, ExampleEvent, LabelEvent, PredictionEvent, encode
 
 from ..procs import settings_env
-from .helpers import advance_all, label, prediction
+from .helpers import advance_all, label, oracle_joiner, prediction
 from .oracle import OracleResult, expected_examples, mismatches
 
 #: Run with both Kafka clients (tests/conftest.py).
@@ -51,17 +51,13 @@ TICK_TAG = "tick"
 
 
 def joiner_settings(settings: Settings) -> Settings:
-    return msgspec.structs.replace(
+    return oracle_joiner(
         settings,
-        joiner_window_ms=W,
-        joiner_late_retention_ms=10**9,
+        W,
+        "crash-joiner",
         joiner_orphan_retention_ms=ORPHAN_RETENTION,
-        joiner_state_ttl_ms=2 * 10**9,
-        joiner_idle_advance=False,
         consumer_session_timeout_ms=6000,
         consumer_max_poll_interval_ms=3000,
-        joiner_group_id=f"{settings.topic_predictions}-crash-joiner",
-        joiner_redis_prefix="{" + settings.topic_predictions + "}:",
         log_format="json",
     )
 

@@ -16,14 +16,13 @@ import threading
 import time
 from collections import Counter
 
-import msgspec
 import pytest
 
 from stream_learner.config import Settings
 from stream_learner.events import ExampleEvent, LabelEvent, PredictionEvent
 from stream_learner.local import LocalServers
 
-from .helpers import RunningJoiner, advance_all, label, prediction
+from .helpers import RunningJoiner, advance_all, label, oracle_joiner, prediction
 from .oracle import expected_examples, mismatches
 from .test_crash import ExampleReader, produce_raw
 
@@ -80,17 +79,8 @@ def stop_valkey(servers: LocalServers, how: str) -> None:
 @pytest.mark.parametrize("how", ["sigterm", "sigkill"])
 def test_valkey_restart_mid_stream_loses_nothing(settings: Settings, servers: LocalServers, how: str) -> None:
     started = time.monotonic()
-    s = msgspec.structs.replace(
-        settings,
-        joiner_window_ms=W,
-        joiner_late_retention_ms=10**9,
-        joiner_orphan_retention_ms=60_000,
-        joiner_state_ttl_ms=2 * 10**9,
-        joiner_idle_advance=False,
-        consumer_session_timeout_ms=6000,
-        consumer_max_poll_interval_ms=3000,
-        joiner_group_id=f"{settings.topic_predictions}-restart-joiner",
-        joiner_redis_prefix="{" + settings.topic_predictions + "}:",
+    s = oracle_joiner(
+        settings, W, "restart-joiner", consumer_session_timeout_ms=6000, consumer_max_poll_interval_ms=3000
     )
     stream = generate(N, SEED)
     oracle = expected_examples(stream, W)

@@ -39,7 +39,7 @@ from stream_learner.config import Settings
 from stream_learner.events import encode
 from stream_learner.learn.build import state_store
 
-from ..procs import settings_env, train_uninterrupted
+from ..procs import children, settings_env, train_uninterrupted
 from .streams import agrawal_examples
 from .test_trainer_crash import applied_once, manifests
 
@@ -85,20 +85,6 @@ def on_topic(tsettings: Settings, tmp_path: Path, name: str, partitions: int, **
     )
     ensure_topics(s)
     return s
-
-
-def children(pid: int) -> list[int]:
-    """The processes whose parent is ``pid``."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry))
-    return out
 
 
 def rank_of(pid: int) -> int | None:

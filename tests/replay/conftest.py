@@ -9,11 +9,13 @@ import pytest
 
 from stream_learner.config import Settings
 
+from ..join.helpers import oracle_joiner
+
 
 @pytest.fixture
 def rsettings(settings: Settings, keys, tmp_path: Path) -> Settings:
     """Settings for a joiner, a trainer and replays of model ``m`` (features ``x``, classes ``a``/``b``)."""
-    return msgspec.structs.replace(
+    trainer = msgspec.structs.replace(
         settings,
         trainer_model="m",
         trainer_features=["x"],
@@ -27,13 +29,7 @@ def rsettings(settings: Settings, keys, tmp_path: Path) -> Settings:
         trainer_group_id=f"{settings.topic_examples}-trainer",
         replay_state_dir=str(tmp_path / "replay"),
         replay_join_step_events=400,
-        joiner_window_ms=5_000,
-        joiner_late_retention_ms=10**9,
-        joiner_orphan_retention_ms=60_000,
-        joiner_state_ttl_ms=2 * 10**9,
-        joiner_idle_advance=False,
         consumer_session_timeout_ms=6000,
         consumer_max_poll_interval_ms=3000,
-        joiner_group_id=f"{settings.topic_predictions}-joiner",
-        joiner_redis_prefix="{" + settings.topic_predictions + "}:",
     )
+    return oracle_joiner(trainer, 5_000, "joiner")
