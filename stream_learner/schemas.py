@@ -20,7 +20,15 @@ from typing import Any
 import msgspec
 
 from . import events_v1
-from .events import CheckpointManifest, DriftEvent, ExampleEvent, LabelEvent, PredictionEvent, RegistryRecord
+from .events import (
+    CheckpointManifest,
+    DriftEvent,
+    ExampleBatch,
+    ExampleEvent,
+    LabelEvent,
+    PredictionEvent,
+    RegistryRecord,
+)
 
 #: Schema name (file stem) -> the struct it describes. A breaking change gets
 #: a new version in the name; the old file stays.
@@ -30,6 +38,7 @@ SCHEMAS: dict[str, type[msgspec.Struct]] = {
     "label.v1": LabelEvent,
     "example.v1": events_v1.ExampleEvent,
     "example.v2": ExampleEvent,
+    "example-batch.v1": ExampleBatch,
     "manifest.v1": CheckpointManifest,
     "drift.v1": DriftEvent,
     "registry.v1": RegistryRecord,

@@ -104,6 +104,26 @@ class ExampleEvent(Struct, frozen=True, kw_only=True):
     label_source: Source | None = None
 
 
+#: The ``format`` of an example batch (schema ``example-batch.v1``, :mod:`stream_learner.events.batch`).
+EXAMPLE_BATCH_FORMAT = "stream-learner.example-batch"
+
+
+class ExampleBatch(Struct, frozen=True, kw_only=True):
+    """Several joined examples in one record of the examples topic (schema ``example-batch.v1``).
+
+    The joiner writes these with ``examples_format = "batch"``: one record per
+    examples-topic partition and cycle, its examples in the order the JSON
+    format would have sent them, each exactly the ``example.v2`` object a
+    one-example record holds. The record carries the header
+    ``sl-format: stream-learner.example-batch/1`` so readers tell it from a
+    one-example record without parsing it (:mod:`stream_learner.events.batch`).
+    """
+
+    format: Literal["stream-learner.example-batch"]
+    version: Literal[1]
+    examples: list[ExampleEvent]
+
+
 class WeightsInfo(Struct, frozen=True, kw_only=True):
     """How a checkpoint's safetensors bytes are laid out on the model topic.
 
