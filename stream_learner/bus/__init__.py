@@ -176,6 +176,8 @@ def kafka_error_kind(exc: BaseException) -> str | None:
 H_SOURCE_TOPIC = "sl-source-topic"
 H_SOURCE_PARTITION = "sl-source-partition"
 H_SOURCE_OFFSET = "sl-source-offset"
+#: The example's index inside its source record, for one example of an example batch dead-lettered alone.
+H_SOURCE_INDEX = "sl-source-index"
 H_ERROR_KIND = "sl-error-kind"
 H_ERROR_FIELD = "sl-error-field"
 H_ERROR_MESSAGE = "sl-error-message"
@@ -193,6 +195,20 @@ def kafka_options(settings: Settings) -> dict[str, Any]:
     ('SASL_SSL', 'SCRAM-SHA-512', 'u')
     """
     return _kp.options(settings)
+
+
+def key_partition(key: bytes, partitions: Iterable[int]) -> int:
+    """The partition Kafka's Java client (and kafka-python) give ``key`` among ``partitions``: murmur2.
+
+    A rule of the data, not of the client: librdkafka's default partitioner hashes otherwise, so a
+    writer that must place records by key on either backend (the joiner's example batches) names
+    the partition this gives.
+
+    >>> key_partition(b"req-1", {0}), [key_partition(f"req-{i}".encode(), range(3)) for i in range(6)]
+    (0, [0, 2, 2, 2, 0, 1])
+    """
+    ordered = sorted(partitions)
+    return ordered[(int(_kp.murmur2(key)) & 0x7FFFFFFF) % len(ordered)]
 
 
 #: Room above ``max_event_bytes`` in a producer's ``max_request_size``: an event at the limit, as a
@@ -351,9 +367,12 @@ def check_topics(settings: Settings, roles: Iterable[str], *, who: str, timeout_
 
 
 def dead_letter_headers(
-    error: EventError | Exception, *, topic: str, partition: int, offset: int, stage: str
+    error: EventError | Exception, *, topic: str, partition: int, offset: int, stage: str, index: int | None = None
 ) -> list[tuple[str, bytes]]:
     """The headers that say where a dead letter came from and why it was refused.
+
+    ``index`` is the example's place inside its source record when that record is an example batch
+    and this example alone is refused (``sl-source-index``).
 
     >>> from stream_learner.errors import EventError
     >>> dict(dead_letter_headers(EventError("wrong_type", "$.features.x", "expected number"),
@@ -363,7 +382,7 @@ def dead_letter_headers(
     kind = getattr(error, "kind", type(error).__name__)
     field = getattr(error, "field", "$")
     message = getattr(error, "reason", str(error))
-    return [
+    headers = [
         (H_SOURCE_TOPIC, topic.encode()),
         (H_SOURCE_PARTITION, str(partition).encode()),
         (H_SOURCE_OFFSET, str(offset).encode()),
@@ -372,6 +391,9 @@ def dead_letter_headers(
         (H_ERROR_MESSAGE, message.encode()[:4096]),
         (H_STAGE, stage.encode()),
     ]
+    if index is not None:
+        headers.insert(3, (H_SOURCE_INDEX, str(index).encode()))
+    return headers
 
 
 #: Headers added when a dead letter's value had to be cut (see :class:`DeadLetters`).
@@ -414,7 +436,12 @@ class DeadLetter:
         self.owner = owner
         self.record = record
         self.headers = dead_letter_headers(
-            error, topic=record.topic, partition=record.partition, offset=record.offset, stage=owner.stage
+            error,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            stage=owner.stage,
+            index=getattr(record, "batch_index", None),  # one example of a batch (learn.items.BatchedExample)
         )
         self.key: bytes | None = record.key
         self.value: bytes | None = record.value

@@ -18,6 +18,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka import TopicPartition as _TP
 from kafka import errors as kafka_errors
 from kafka.admin import NewTopic
+from kafka.partitioner.default import murmur2 as murmur2
 from kafka.structs import OffsetAndMetadata
 
 from ..config import Settings

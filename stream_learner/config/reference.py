@@ -90,7 +90,7 @@ SETTING_GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
     "redis": ("Redis", ("redis_",)),
     "topics": ("Topics", ("topic_", "max_event_bytes")),
     "topic_setup": ("Topic creation", ("create_topics", "partitions_", "replication_factor")),
-    "joiner": ("Joiner", ("joiner_",)),
+    "joiner": ("Joiner", ("joiner_", "examples_format")),
     "model": (
         "The model (what the trainer learns; a cold-start node's untrained model)",
         (

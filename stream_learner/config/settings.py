@@ -153,6 +153,10 @@ class Settings(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """WAITAOF (Redis fsynced the step) before committing input offsets; skipped if Redis has no AOF."""
     joiner_redis_prefix: Annotated[str, Meta(min_length=1)] = "sl:{j}:"
     """Prefix of every join key; keep one {hash tag} (Redis Cluster)."""
+    examples_format: Literal["json", "batch"] = "json"
+    """How the joiner writes the examples topic: json (one example.v2 record per example, keyed by request id)
+    or batch (per cycle, one example-batch.v1 record per partition holding its examples). Every reader reads
+    both, whatever this says."""
 
     # Trainer (README, "The trainer"): the model, then how it learns.
     trainer_model: Annotated[str, Meta(min_length=1)] = "default"

@@ -48,16 +48,19 @@ import structlog
 from ..bus import (
     KAFKA_ERRORS,
     REBALANCED,
+    RECORD_HEADROOM_BYTES,
     Consumer,
     DeadLetters,
     Producer,
     TopicPartition,
+    key_partition,
     make_consumer,
     make_producer,
 )
 from ..config import Settings
 from ..errors import EventError
 from ..events import LABEL, PREDICTION, Codec, Source
+from ..events.batch import BATCH_HEADERS, BATCH_TARGET_BYTES, split_batches
 from ..metrics import Metrics
 from ..redis_conn import make_redis
 from ..util.retry import Retry, is_transient
@@ -117,6 +120,9 @@ class _Output:
         return bool(self.emissions or self.tokens or self.dead or self.offsets)
 
 
+#: What a batch record takes beyond its value: the record's framing and the sl-format header, with room.
+_BATCH_MARGIN = 1024
+
 #: Longest slice of a wait for a dependency: a stop is honoured within it.
 WAIT_SLICE_S = 0.5
 
@@ -156,6 +162,9 @@ class Joiner:
         self.consumer.subscribe(list(self.topics))
         self.producer: Producer = make_producer(settings)
         self.dead_letters = DeadLetters(self.producer, settings.topic_dlq, stage="joiner", metrics=self.metrics)
+        # A batch record stays under the producer's and the topic's limit (an event and its room, less
+        # the record's framing and headers) and under the target size.
+        self.batch_bytes = min(BATCH_TARGET_BYTES, settings.max_event_bytes + RECORD_HEADROOM_BYTES - _BATCH_MARGIN)
         # Outbox tokens whose examples the broker has: acknowledged by the next Redis call.
         self._acks: list[str] = []
         # The last cycle's output: produced and committed while the next Redis call runs.
@@ -405,18 +414,40 @@ class Joiner:
 
     def _produce(self, examples: list[tuple[bytes, bytes]], dead: list[Any]) -> None:
         topic = self.settings.topic_examples
-        partition = None
-        if examples:
-            # The default partitioner maps every key to the only partition of a
-            # one-partition topic: name it, and skip the key hashing.
-            partitions = self.producer.partitions_for(topic)
-            if len(partitions) == 1:
-                partition = next(iter(partitions))
         send = self.producer.send
-        futures = [send(topic, key=key, value=value, partition=partition) for key, value in examples]
+        futures: list[Any] = []
+        if examples:
+            partitions = self.producer.partitions_for(topic)
+            if self.settings.examples_format == "batch":
+                futures = [
+                    send(topic, value=value, partition=partition, headers=BATCH_HEADERS)
+                    for partition, value in self._batches(examples, partitions)
+                ]
+            else:
+                # The default partitioner maps every key to the only partition of a
+                # one-partition topic: name it, and skip the key hashing.
+                only = next(iter(partitions)) if len(partitions) == 1 else None
+                futures = [send(topic, key=key, value=value, partition=only) for key, value in examples]
         self.producer.flush()
         for future in futures + dead:
             future.get(timeout=60)  # raises if the broker refused: retried, nothing committed
+
+    def _batches(self, examples: list[tuple[bytes, bytes]], partitions: set[int]) -> list[tuple[int, bytes]]:
+        """(partition, value) of the example-batch records that carry ``examples`` (stream_learner.events.batch).
+
+        A request's examples go to the partition Kafka's default partitioner
+        gives its request id (:func:`~stream_learner.bus.key_partition`, murmur2,
+        whichever client writes), in emission order; each partition's examples
+        are split into records of at most :attr:`batch_bytes`.
+        """
+        if len(partitions) == 1:
+            groups = {next(iter(partitions)): [value for _, value in examples]}
+        else:
+            ordered = sorted(partitions)
+            groups = {}
+            for key, value in examples:
+                groups.setdefault(key_partition(key, ordered), []).append(value)
+        return [(p, batch) for p, values in groups.items() for batch in split_batches(values, self.batch_bytes)]
 
     def _commit(self, offsets: dict[TopicPartition, int], retry: bool = True) -> None:
         start = time.perf_counter()

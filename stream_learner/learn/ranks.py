@@ -48,8 +48,8 @@ import msgspec
 import torch
 import torch.distributed as dist
 
-from ..errors import ConfigError
-from .items import Record, StoredRecord
+from ..errors import ConfigError, EventError
+from .items import BatchedExample, CorruptBatch, Record, StoredRecord
 
 __all__ = ["RankGroup", "assigned", "pack_records", "plan_steps", "shares", "unpack_records"]
 
@@ -111,27 +111,47 @@ def plan_steps(held: Sequence[int], share: Sequence[int], dry: Sequence[bool]) -
 
 
 _RECORDS = msgspec.msgpack.Encoder()
-_RECORDS_OF = msgspec.msgpack.Decoder(list[tuple[str, int, int, bytes | None, bytes | None, list[tuple[str, bytes]]]])
+#: (topic, partition, offset, key, value, headers, batch index, batch size, error): the index is -1 but for
+#: one example of a batch record; the error (kind, field, reason) is that of a batch that does not parse.
+_Packed = tuple[
+    str, int, int, bytes | None, bytes | None, list[tuple[str, bytes]], int, int, tuple[str, str, str] | None
+]
+_RECORDS_OF = msgspec.msgpack.Decoder(list[_Packed])
+
+
+def _pack(r: Any) -> tuple[Any, ...]:
+    if isinstance(r, BatchedExample):
+        return (r.topic, r.partition, r.offset, r.key, r.value, [], r.batch_index, r.batch_size, None)
+    if isinstance(r, CorruptBatch):
+        e = (r.error.kind, r.error.field, r.error.reason)
+        return (r.topic, r.partition, r.offset, r.key, r.value, [], -1, 0, e)
+    headers = [tuple(h) for h in getattr(r, "headers", None) or ()]
+    return (r.topic, r.partition, r.offset, r.key, r.value, headers, -1, 0, None)
 
 
 def pack_records(records: Sequence[Record]) -> bytes:
-    """Records as bytes, for the all-gather (what a dead letter needs of each, headers too).
+    """Items (records, examples of batch records, batches that do not parse) as bytes, for the all-gather
+    (what a dead letter needs of each, headers too).
 
     >>> r = StoredRecord("t", 1, 7, b"k", b"v", (("h", b"x"),))
-    >>> unpack_records(pack_records([r])) == [r]
+    >>> b = BatchedExample("t", 1, 8, 0, 2, b"{}")
+    >>> unpack_records(pack_records([r, b])) == [r, b]
     True
     """
-    return _RECORDS.encode(
-        [
-            (r.topic, r.partition, r.offset, r.key, r.value, [tuple(h) for h in getattr(r, "headers", None) or ()])
-            for r in records
-        ]
-    )
+    return _RECORDS.encode([_pack(r) for r in records])
 
 
-def unpack_records(data: bytes) -> list[StoredRecord]:
-    """The records of :func:`pack_records`."""
-    return [StoredRecord(t, p, o, k, v, tuple(h)) for t, p, o, k, v, h in _RECORDS_OF.decode(data)]
+def unpack_records(data: bytes) -> list[Record]:
+    """The items of :func:`pack_records`."""
+    out: list[Record] = []
+    for t, p, o, k, v, h, index, size, error in _RECORDS_OF.decode(data):
+        if index >= 0:
+            out.append(BatchedExample(t, p, o, index, size, v or b"", k))
+        elif error is not None:
+            out.append(CorruptBatch(t, p, o, k, v, EventError(*error)))
+        else:
+            out.append(StoredRecord(t, p, o, k, v, tuple(h)))
+    return out
 
 
 def _attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> Any:

@@ -74,7 +74,7 @@ from ..drift import (
 from ..errors import EventError
 from ..events import EXAMPLE, CheckpointManifest, Codec, ExampleEvent, Source, encode
 from .frozen import Dtype
-from .items import Item, Record, pack_item, unpack_item
+from .items import CorruptBatch, Item, Record, pack_item, unpack_item
 from .learner import ChunkResult, OnlineLearner
 from .manifest import build_manifest, layout_for, weights_bytes
 
@@ -219,6 +219,9 @@ class LearningSession:
         self.decode = Codec(EXAMPLE.event_type, max_event_bytes).decode
         self.version = 0
         self.position: dict[str, int] = {}  # topic:partition -> next offset to read
+        # topic:partition -> examples of the record at its position already read: a batch record read in
+        # part (a chunk, and so a checkpoint, may end inside one). Absent: none.
+        self.inside: dict[str, int] = {}
         self.pending: list[Item] = []  # read, not learned yet
         self.since_checkpoint = 0
         self.force_checkpoint = False
@@ -248,6 +251,7 @@ class LearningSession:
         self.learner.load_state_dict(snapshot.tensors, meta["learner"])
         self.version = int(meta["version"])
         self.position = {str(k): int(v) for k, v in meta["position"].items()}
+        self.inside = {str(k): int(v) for k, v in meta.get("inside", {}).items()}
         self.pending = [unpack_item(x) for x in meta["pending"]]
         self.since_checkpoint = int(meta["since_checkpoint"])
         self.force_checkpoint = bool(meta["force_checkpoint"])
@@ -268,11 +272,20 @@ class LearningSession:
 
     # -- learning ------------------------------------------------------------------
 
-    def add(self, items: Iterable[Item], position: Mapping[str, int] | None = None) -> None:
-        """Take items in stream order; ``position`` is where reading goes on after them."""
+    def add(
+        self, items: Iterable[Item], position: Mapping[str, int] | None = None, inside: Mapping[str, int] | None = None
+    ) -> None:
+        """Take items in stream order; ``position`` is where reading goes on after them: per partition, the
+        record to read next, of which ``inside`` says how many examples were read (none if absent)."""
         self.pending.extend(items)
         if position:
             self.position.update(position)
+            for name in position:
+                read = inside.get(name, 0) if inside else 0
+                if read:
+                    self.inside[name] = read
+                else:
+                    self.inside.pop(name, None)
 
     def learn(self, *, partial: bool = False) -> int:
         """Learn every full chunk pending (and, with ``partial``, the rest); the items learned."""
@@ -297,8 +310,8 @@ class LearningSession:
         decode, sinks = self.decode, self.sinks
         examples: list[ExampleEvent] | None = None
         kept: list[Record | None] = []
-        if not any(isinstance(item, ExampleEvent) for item in items):
-            # The live trainer's chunk: records alone, all of them decodable (the usual case), in one pass.
+        if not any(isinstance(item, (ExampleEvent, CorruptBatch)) for item in items):
+            # The live trainer's chunk: examples' records alone, all of them decodable (the usual case), in one pass.
             try:
                 examples = [decode(item.value) for item in cast("list[Record]", items)]
                 kept = list(cast("list[Record]", items))
@@ -310,6 +323,9 @@ class LearningSession:
                 if isinstance(item, ExampleEvent):
                     examples.append(item)
                     kept.append(None)
+                    continue
+                if isinstance(item, CorruptBatch):  # a batch record that does not parse: dead-lettered whole
+                    sinks.dead_letter(item, item.error)
                     continue
                 try:
                     examples.append(decode(item.value))
@@ -412,6 +428,7 @@ class LearningSession:
                 "session": FORMAT,
                 "version": self.version,
                 "position": dict(self.position),
+                "inside": dict(self.inside),
                 "pending": [pack_item(x) for x in self.pending],
                 "since_checkpoint": self.since_checkpoint,
                 "force_checkpoint": self.force_checkpoint,

@@ -60,7 +60,7 @@ from ..optimize.challenger import SessionChallenger, challenge_scores
 from ..optimize.hook import SessionVariants
 from ..util.retry import Retry, Stopped
 from .build import build_learner, state_store
-from .items import Item, Record
+from .items import Item, Record, after, expand
 from .learner import ChunkResult, OnlineLearner
 from .ranks import RankGroup, assigned, check_world, pack_records, plan_steps, shares, unpack_records
 from .session import CountingSinks, LearningSession, Sinks
@@ -221,7 +221,9 @@ class Trainer:
         )
         self.published: list[CheckpointManifest] = []
         self.pending_since = 0.0  # when the oldest pending record arrived
-        self.held: list[Record] = []  # a rank's records read, not yet given to a global chunk
+        self.held: list[Record] = []  # a rank's items read, not yet given to a global chunk
+        # Per partition, (offset, examples of it read) of a batch record a restart resumes inside.
+        self.resume: dict[TopicPartition, tuple[int, int]] = {}
         self.variants: SessionVariants | None = None
         self.challenger: SessionChallenger | None = None
         if self.producer is not None:
@@ -287,11 +289,13 @@ class Trainer:
             self.variants.restored(meta)
         if self.challenger is not None:
             self.challenger.restored(meta)
-        position = self.session.position
+        position, inside = self.session.position, self.session.inside
         for tp in parts:
             name = f"{tp.topic}:{tp.partition}"
             if name in position:
                 self.consumer.seek(tp, position[name])
+                if inside.get(name):  # a batch record learned in part: its first examples are not read again
+                    self.resume[tp] = (position[name], inside[name])
             else:
                 self.consumer.seek_to_beginning(tp)
         log.info(
@@ -358,14 +362,17 @@ class Trainer:
         for tp in sorted(batch, key=lambda t: t.partition):
             records = batch[tp]
             name = f"{tp.topic}:{tp.partition}"
+            items = self._items(tp, records)
             # Slices that fill the pending chunk exactly (a per-record loop cost ~0.2 us per example):
-            # a checkpoint after a chunk then saves no records of this poll, only the position.
+            # a checkpoint after a chunk then saves no records of this poll, only the position (inside
+            # a batch record, if the chunk ends there).
             start = 0
-            while start < len(records):
+            while start < len(items):
                 if not session.pending:
                     self.pending_since = self.clock()
-                part = records[start : start + size - len(session.pending)]
-                session.add(part, {name: part[-1].offset + 1})
+                part = items[start : start + size - len(session.pending)]
+                offset, read = after(part[-1])
+                session.add(part, {name: offset}, {name: read} if read else None)
                 session.learn()
                 start += len(part)
             n += len(records)
@@ -375,6 +382,20 @@ class Trainer:
         session.tick()
         self.metrics.observe_consumer("trainer", self.consumer)  # the lag gauge; progress for /health
         return n
+
+    def _items(self, tp: TopicPartition, records: list[Any]) -> list[Any]:
+        """The items (one per example) of one partition's polled records: a batch record's examples
+        (stream_learner.learn.items.expand), less those of the first record a restart read already."""
+        if not records:
+            return records
+        skip = self.resume.pop(tp, None) if self.resume else None
+        if skip is not None and records[0].offset != skip[0]:
+            # The record is gone (retention): its successor is read whole. Never for a record before it:
+            # the consumer was seeked there.
+            skip = None
+        if skip is None and not any(r.headers for r in records):
+            return records  # one example per record (the json format): as they are
+        return expand(records, skip[1] if skip is not None else 0)
 
     def _round(self) -> bool:
         """One round of a data-parallel group (stream_learner.learn.ranks); False once a rank stops.
@@ -391,7 +412,7 @@ class Trainer:
             for tp in sorted(batch, key=lambda t: t.partition):
                 if batch[tp] and not self.held:
                     self.pending_since = self.clock()
-                self.held.extend(batch[tp])
+                self.held.extend(self._items(tp, batch[tp]))
         waited = (self.clock() - self.pending_since) * 1000 >= settings.trainer_max_wait_ms
         dry = self._caught_up() and (not self.held or waited)
         every = settings.trainer_checkpoint_every_s
@@ -413,7 +434,10 @@ class Trainer:
                 for r, n in enumerate(step):
                     chunk.extend(records[r][at[r] : at[r] + n])
                     at[r] += n
-                session.add(chunk, {f"{x.topic}:{x.partition}": x.offset + 1 for x in chunk})
+                # Where each partition goes on after the chunk (its last item there; inside a batch
+                # record when the chunk ends in one).
+                ends = {f"{x.topic}:{x.partition}": after(x) for x in chunk}
+                session.add(chunk, {n: o for n, (o, _) in ends.items()}, {n: i for n, (_, i) in ends.items() if i})
                 session.learn(partial=True)  # exactly this chunk: the ranks' shares
         if told[0][3] and session.since_checkpoint:
             session.checkpoint()

@@ -39,6 +39,7 @@ from ..checkpoint.signing import load_private_key, load_public_key
 from ..config import Settings
 from ..errors import ConfigError, EventError
 from ..events import EXAMPLE, CheckpointManifest, ExampleEvent, class_name
+from ..events.batch import record_values
 from ..metrics import Metrics
 from .hook import Outcome, count, derive, gate_config, lineage, recipes, variant_manifest
 from .variants import Parent, Servable
@@ -159,13 +160,18 @@ class Optimizer:
         for tp in sorted(bounds, key=lambda t: t.partition):
             for record in self._read(tp, *bounds[tp]):
                 try:
-                    ex = EXAMPLE.decode(record.value)
+                    values = record_values(record)  # either format: one example, or a batch's
                 except EventError:
                     continue
-                if ex.model != self.model or ex.example_id in seen or self._label(ex) is None:
-                    continue
-                seen.add(ex.example_id)
-                out.append(ex)
+                for value in values:
+                    try:
+                        ex = EXAMPLE.decode(value)
+                    except EventError:
+                        continue
+                    if ex.model != self.model or ex.example_id in seen or self._label(ex) is None:
+                        continue
+                    seen.add(ex.example_id)
+                    out.append(ex)
         return out
 
     def _label(self, ex: ExampleEvent) -> float | None:

@@ -48,6 +48,7 @@ from ..config import Settings
 from ..errors import ConfigError
 from ..events import ExampleEvent
 from ..learn.build import build_learner
+from ..learn.items import expand
 from ..learn.learner import ChunkResult, OnlineLearner
 from ..learn.manifest import weights_bytes
 from ..learn.session import FORMAT as SESSION_FORMAT
@@ -238,7 +239,13 @@ class Replay:
         progress = self._progress()
         batch, pending = self.settings.trainer_batch_size, session.pending
         for _, _, record in reader.read():
-            pending.append(record)
+            # One item per example (a batch record's examples, stream_learner.learn.items): a chunk may end
+            # inside a batch record, whose other examples then wait in the snapshot's pending items, the
+            # position being past the record.
+            if record.headers:
+                pending.extend(expand([record]))
+            else:
+                pending.append(record)
             if len(pending) >= batch:
                 session.add((), reader.positions)
                 session.learn()

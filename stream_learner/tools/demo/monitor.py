@@ -22,7 +22,8 @@ from ...bus import TopicPartition, make_consumer
 from ...checkpoint.publish import H_TYPE, TYPE_MANIFEST
 from ...config import Settings
 from ...errors import EventError
-from ...events import DRIFT, EXAMPLE, MANIFEST
+from ...events import DRIFT, MANIFEST, ExampleEvent
+from ...events.batch import record_examples
 from .app import MODEL, PROBE, DemoConfig, Served
 
 log = structlog.get_logger(__name__)
@@ -81,19 +82,9 @@ class Monitor(threading.Thread):
         s, seen = self.settings, self.seen
         try:
             if topic == s.topic_examples:
-                ex = EXAMPLE.decode(record.value)
                 seen.examples_end[record.partition] = record.offset + 1
-                if ex.model == PROBE:
-                    seen.probed = True
-                    return
-                # At-least-once: a re-emitted example (same id) counts once, and apart.
-                if ex.example_id in seen.example_ids:
-                    seen.duplicates += 1
-                    return
-                seen.example_ids.add(ex.example_id)
-                seen.examples[ex.kind] += 1
-                if ex.label_event_id is not None:
-                    seen.example_at[ex.label_event_id] = (record.partition, record.offset)
+                for ex in record_examples(record):  # either format: one example, or a batch's
+                    self._example(ex, record)
             elif topic == s.topic_models:
                 if dict(record.headers or ()).get(H_TYPE) == TYPE_MANIFEST:
                     m = MANIFEST.decode(record.value)
@@ -106,6 +97,20 @@ class Monitor(threading.Thread):
                 seen.drift.append(DRIFT.decode(record.value))
         except EventError as exc:  # the pipeline's own topics: would be a bug, so say it
             log.error("demo_monitor_bad_record", topic=topic, offset=record.offset, error=str(exc))
+
+    def _example(self, ex: ExampleEvent, record: Any) -> None:
+        seen = self.seen
+        if ex.model == PROBE:
+            seen.probed = True
+            return
+        # At-least-once: a re-emitted example (same id) counts once, and apart.
+        if ex.example_id in seen.example_ids:
+            seen.duplicates += 1
+            return
+        seen.example_ids.add(ex.example_id)
+        seen.examples[ex.kind] += 1
+        if ex.label_event_id is not None:
+            seen.example_at[ex.label_event_id] = (record.partition, record.offset)
 
 
 class Progress(threading.Thread):
