@@ -30,15 +30,30 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServers]:
 
 #: The Kafka clients a test marked ``both_transports`` runs with (each once).
 TRANSPORTS = ("kafka-python", "confluent")
+#: The examples_format values a test marked ``both_formats`` runs with (each once).
+FORMATS = ("json", "batch")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "both_transports: run the test with every kafka_client (see TRANSPORTS)")
+    config.addinivalue_line(
+        "markers",
+        "both_formats: run the test with every examples_format (see FORMATS); with both_transports too, "
+        "the batch format runs on kafka-python only (the format and the client are independent layers)",
+    )
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "kafka_client" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_transports"):
+    transports = "kafka_client" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_transports")
+    formats = "examples_format" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_formats")
+    if transports and formats:
+        # Every client with the json format, and the batch format once: three runs, not four.
+        pairs = [(client, FORMATS[0]) for client in TRANSPORTS] + [(TRANSPORTS[0], f) for f in FORMATS[1:]]
+        metafunc.parametrize(("kafka_client", "examples_format"), pairs, scope="function")
+    elif transports:
         metafunc.parametrize("kafka_client", TRANSPORTS, scope="function")
+    elif formats:
+        metafunc.parametrize("examples_format", FORMATS, scope="function")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -62,12 +77,23 @@ def kafka_client() -> str:
 
 
 @pytest.fixture
-def settings(servers: LocalServers, kafka_client: str) -> Settings:
+def examples_format() -> str:
+    """The examples_format of the ``settings`` fixture: STREAM_LEARNER_TEST_EXAMPLES_FORMAT, or json.
+
+    Tests marked ``both_formats`` get each of :data:`FORMATS` instead. The joiner writes in it, and the
+    tests' own example producers (tests/learn/test_trainer.py ``produce_examples``) too.
+    """
+    return os.environ.get("STREAM_LEARNER_TEST_EXAMPLES_FORMAT", "json")
+
+
+@pytest.fixture
+def settings(servers: LocalServers, kafka_client: str, examples_format: str) -> Settings:
     """Settings pointing at the local servers, with a fresh set of topics for this test."""
     prefix = f"t{uuid.uuid4().hex[:10]}"
     fresh = msgspec.structs.replace(
         servers.settings,
         kafka_client=kafka_client,
+        examples_format=examples_format,
         **{f"topic_{role}": f"{prefix}.{role}" for role in servers.settings.topics},
     )
     ensure_topics(fresh)

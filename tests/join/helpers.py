@@ -10,7 +10,8 @@ from kafka import TopicPartition
 
 from stream_learner.bus import make_consumer, make_producer
 from stream_learner.config import Settings
-from stream_learner.events import EXAMPLE, ExampleEvent, LabelEvent, PredictionEvent, encode
+from stream_learner.events import ExampleEvent, LabelEvent, PredictionEvent, encode
+from stream_learner.events.batch import record_examples
 from stream_learner.join.joiner import Joiner
 
 
@@ -106,7 +107,8 @@ def read_examples(
 
     while time.monotonic() < deadline and not done():
         for records in consumer.poll(200).values():
-            out.extend(EXAMPLE.decode(r.value) for r in records)
+            for r in records:
+                out.extend(record_examples(r))  # either format (stream_learner.events.batch)
     consumer.close()
     return out
 

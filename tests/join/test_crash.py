@@ -32,7 +32,8 @@ from kafka import KafkaConsumer, TopicPartition
 
 from stream_learner.bus import make_consumer, make_producer
 from stream_learner.config import Settings, load_settings
-from stream_learner.events import EXAMPLE, ExampleEvent, LabelEvent, PredictionEvent, encode
+from stream_learner.events import ExampleEvent, LabelEvent, PredictionEvent, encode
+from stream_learner.events.batch import record_examples
 
 from ..procs import settings_env
 from .helpers import advance_all, label, oracle_joiner, prediction
@@ -127,10 +128,10 @@ class ExampleReader:
         got = 0
         for records in self.consumer.poll(timeout_ms).values():
             for r in records:
-                x = EXAMPLE.decode(r.value)
-                self.records.append(x)
-                self.ids.add(x.example_id)
-                got += 1
+                for x in record_examples(r):  # either format (stream_learner.events.batch)
+                    self.records.append(x)
+                    self.ids.add(x.example_id)
+                    got += 1
         return got
 
     def read_until(

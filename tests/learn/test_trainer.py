@@ -2,24 +2,48 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
-from stream_learner.bus import make_producer
+from stream_learner.bus import key_partition, make_producer
 from stream_learner.checkpoint.reader import read_latest
 from stream_learner.checkpoint.signing import load_public_key
 from stream_learner.config import Settings
 from stream_learner.events import encode
+from stream_learner.events.batch import BATCH_HEADERS, encode_batch
 from stream_learner.learn.trainer import Trainer
 
 from .streams import AGRAWAL_FEATURES, agrawal_examples
 
 
-def produce_examples(settings: Settings, examples) -> None:
+def produce_examples(settings: Settings, examples, *, seed: int = 0) -> int:
+    """Write ``examples`` to the examples topic in ``settings.examples_format``; return the records written.
+
+    The batch format puts each partition's examples (murmur2 of the request id, as the joiner) in records
+    of 1 to 300 examples (seeded), so chunks and checkpoints fall inside batch records.
+    """
     producer = make_producer(settings)
-    for ex in examples:
-        producer.send(settings.topic_examples, key=ex.request_id.encode(), value=encode(ex))
+    topic, records = settings.topic_examples, 0
+    if settings.examples_format == "batch":
+        rng = random.Random(seed)
+        partitions = sorted(producer.partitions_for(topic))
+        by_partition: dict[int, list[bytes]] = {}
+        for ex in examples:
+            by_partition.setdefault(key_partition(ex.request_id.encode(), partitions), []).append(encode(ex))
+        for partition, values in by_partition.items():
+            start = 0
+            while start < len(values):
+                end = start + rng.randint(1, 300)
+                producer.send(topic, value=encode_batch(values[start:end]), partition=partition, headers=BATCH_HEADERS)
+                start, records = end, records + 1
+    else:
+        for ex in examples:
+            producer.send(topic, key=ex.request_id.encode(), value=encode(ex))
+            records += 1
     producer.flush()
     producer.close()
+    return records
 
 
 def run_until(trainer: Trainer, applied: int, max_steps: int = 10_000) -> None:
