@@ -106,7 +106,7 @@ def compare(summary: dict[str, Any], live: list[CheckpointManifest], examples_to
         "metrics": chosen.metrics,
         "counts": chosen.counts,
         "input_offsets": [[s.topic, s.partition, s.offset] for s in chosen.input_offsets],
-        "examples_applied": live_applied,
+        "records_applied": live_applied,
     }
     report["inputs_match"] = inputs_match
     report["reason"] = reason
@@ -126,7 +126,8 @@ def compare(summary: dict[str, Any], live: list[CheckpointManifest], examples_to
         "batches": lc["batches"],
     }
     report["counts"] = {k: {"replay": replay_counts.get(k), "live": chosen.counts.get(k)} for k in _COUNTS}
-    report["examples_applied"] = {"replay": summary["counts"]["examples"], "live": live_applied}
+    # Records of the examples topic (offsets), not examples: a batch record holds many (events.batch).
+    report["records_applied"] = {"replay": summary["records_read"], "live": live_applied}
     return report
 
 
@@ -150,8 +151,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"- inputs match: **{report['inputs_match']}** ({report['reason']})",
         f"- digest equal: **{report['digest_equal']}**",
         (
-            f"- examples applied: replay {report['examples_applied']['replay']}, "
-            f"live {report['examples_applied']['live']}"
+            f"- records applied: replay {report['records_applied']['replay']}, "
+            f"live {report['records_applied']['live']}"
         ),
         "",
         "| metric | replay | live |",

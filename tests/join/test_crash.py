@@ -39,8 +39,8 @@ from ..procs import settings_env
 from .helpers import advance_all, label, oracle_joiner, prediction
 from .oracle import OracleResult, expected_examples, mismatches
 
-#: Run with both Kafka clients (tests/conftest.py).
-pytestmark = pytest.mark.both_transports
+#: Run with both Kafka clients, and the batch examples format on kafka-python (tests/conftest.py).
+pytestmark = [pytest.mark.both_transports, pytest.mark.both_formats]
 
 T0 = 1_767_225_600_000
 W = 5_000  # window, ms of event time

@@ -26,8 +26,8 @@ from .helpers import RunningJoiner, advance_all, label, oracle_joiner, predictio
 from .oracle import expected_examples, mismatches
 from .test_crash import ExampleReader, produce_raw
 
-#: Run with both Kafka clients (tests/conftest.py).
-pytestmark = pytest.mark.both_transports
+#: Run with both Kafka clients, and the batch examples format on kafka-python (tests/conftest.py).
+pytestmark = [pytest.mark.both_transports, pytest.mark.both_formats]
 
 T0 = 1_767_225_600_000
 W = 2_000

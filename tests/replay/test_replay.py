@@ -24,7 +24,8 @@ from ..join.test_crash import generate, produce_raw
 from ..learn.streams import AGRAWAL_FEATURES, agrawal_examples
 from ..learn.test_trainer import produce_examples
 
-#: Run with both Kafka clients (tests/conftest.py).
+#: Run with both Kafka clients (tests/conftest.py); the tests that read the examples topic with both
+#: examples formats too (both_formats).
 pytestmark = pytest.mark.both_transports
 
 N_REQUESTS = 1500
@@ -86,12 +87,13 @@ def test_two_replays_of_the_same_range_have_identical_digests_whatever_the_fetch
 
 
 @pytest.mark.slow
+@pytest.mark.both_formats
 def test_examples_replay_equals_the_live_trainer_bit_for_bit(rsettings: Settings) -> None:
     s = msgspec.structs.replace(rsettings, trainer_features=AGRAWAL_FEATURES, trainer_classes=["0", "1"])
-    produce_examples(s, agrawal_examples(3_000, unlabeled=0.2, seed=3))
+    records = produce_examples(s, agrawal_examples(3_000, unlabeled=0.2, seed=3))
     live = Trainer(s)  # the CLI's construction, drift detectors included
     try:
-        while sum(live.offsets.values()) < 3_000 or live.buffer:
+        while sum(live.offsets.values()) < records or live.buffer:
             live.step()
         live.checkpoint()
     finally:
@@ -109,11 +111,13 @@ def test_examples_replay_equals_the_live_trainer_bit_for_bit(rsettings: Settings
 
     report = compare(got, live_manifests(s, "m", public), s.topic_examples)
     assert report["inputs_match"] and report["digest_equal"]
-    assert report["examples_applied"] == {"replay": 3_000, "live": 3_000}
+    assert report["records_applied"] == {"replay": records, "live": records}
+    assert got["counts"]["examples"] == 3_000
     assert all(v["replay"] == v["live"] for v in report["metrics"].values())
 
 
 @pytest.mark.slow
+@pytest.mark.both_formats
 def test_events_replay_joins_what_the_live_joiner_joined(rsettings: Settings, events) -> None:
     """Over a closed range with no crash, the replay's examples are the live joiner's, id for id and kind
     for kind (the live joiner's windows left open at the end stay open in the replay too)."""
@@ -182,6 +186,7 @@ def test_resuming_with_other_settings_is_refused(rsettings: Settings, events, tm
 
 
 @pytest.mark.slow
+@pytest.mark.both_formats
 def test_interrupted_examples_replay_resumes_to_the_same_digests(rsettings: Settings, tmp_path: Path) -> None:
     s = msgspec.structs.replace(
         rsettings, trainer_features=AGRAWAL_FEATURES, trainer_classes=["0", "1"], trainer_checkpoint_every_examples=300
