@@ -37,6 +37,7 @@ from stream_learner.checkpoint.reader import LoadedCheckpoint, read_latest
 from stream_learner.checkpoint.signing import load_public_key
 from stream_learner.config import Settings
 from stream_learner.events import encode
+from stream_learner.events.batch import BATCH_HEADERS, encode_batch
 from stream_learner.learn.build import state_store
 
 from ..procs import children, settings_env, train_uninterrupted
@@ -59,16 +60,33 @@ def stream(n: int) -> list:
     return out[: len(out) // BATCH * BATCH]
 
 
-def produce(settings: Settings, examples: list, partitions: int) -> None:
-    """Chunk by chunk, share ``r`` of each chunk of ``BATCH`` to partition ``r``."""
+def produce(settings: Settings, examples: list, partitions: int) -> int:
+    """Chunk by chunk, share ``r`` of each chunk of ``BATCH`` to partition ``r``; the records written.
+
+    In the batch examples format each partition's examples go in records of 1 to 300 (seeded), so a
+    rank's share of a global chunk often ends inside a batch record.
+    """
     producer = make_producer(settings)
     share = BATCH // partitions
-    for i, ex in enumerate(examples):
-        producer.send(
-            settings.topic_examples, key=ex.request_id.encode(), value=encode(ex), partition=i % BATCH // share
-        )
+    if settings.examples_format == "batch":
+        rng, records = random.Random(SEED), 0
+        for p in range(partitions):
+            values = [encode(ex) for i, ex in enumerate(examples) if i % BATCH // share == p]
+            start = 0
+            while start < len(values):
+                end = start + rng.randint(1, 300)
+                batch = encode_batch(values[start:end])
+                producer.send(settings.topic_examples, value=batch, partition=p, headers=BATCH_HEADERS)
+                start, records = end, records + 1
+    else:
+        for i, ex in enumerate(examples):
+            producer.send(
+                settings.topic_examples, key=ex.request_id.encode(), value=encode(ex), partition=i % BATCH // share
+            )
+        records = len(examples)
     producer.flush()
     producer.close()
+    return records
 
 
 def on_topic(tsettings: Settings, tmp_path: Path, name: str, partitions: int, **overrides) -> Settings:
@@ -159,23 +177,30 @@ def two_ranks(s: Settings, total: int, keys, log_path: Path) -> LoadedCheckpoint
 
 def lay_out(tsettings: Settings, tmp_path: Path, n: int, partitions: tuple[int, ...]) -> tuple[list, list[Settings]]:
     """The stream of about ``n`` examples on topics of each number of ``partitions`` (one share each)."""
+    examples, counted = lay_out_counted(tsettings, tmp_path, n, partitions)
+    return examples, [s for s, _ in counted]
+
+
+def lay_out_counted(
+    tsettings: Settings, tmp_path: Path, n: int, partitions: tuple[int, ...]
+) -> tuple[list, list[tuple[Settings, int]]]:
+    """:func:`lay_out`, with the records each topic holds."""
     examples = stream(n)
     topics = [on_topic(tsettings, tmp_path, f"p{p}", p) for p in partitions]
-    for s, p in zip(topics, partitions, strict=True):
-        produce(s, examples, p)
-    return examples, topics
+    return examples, [(s, produce(s, examples, p)) for s, p in zip(topics, partitions, strict=True)]
 
 
 @pytest.mark.slow
+@pytest.mark.both_formats
 def test_two_ranks_learn_what_one_process_learns_from_the_same_global_batches(
     tsettings: Settings, keys, tmp_path: Path
 ) -> None:
-    examples, (one, two) = lay_out(tsettings, tmp_path, 40_000, (1, 2))
+    examples, ((one, records_one), (two, records_two)) = lay_out_counted(tsettings, tmp_path, 40_000, (1, 2))
     total = len(examples)
-    train_uninterrupted(one, total)
+    train_uninterrupted(one, records_one)
     public = load_public_key(keys[1])
     want = read_latest(one, one.topic_models, public, "m")
-    got = two_ranks(two, total, keys, tmp_path / "two.log")
+    got = two_ranks(two, records_two, keys, tmp_path / "two.log")
     assert got.manifest.counts == want.manifest.counts
     assert want.manifest.counts["duplicates"] == total - len({ex.example_id for ex in examples})
     assert set(got.tensors) == set(want.tensors)
