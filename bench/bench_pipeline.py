@@ -35,7 +35,10 @@ rotated order:
 Every role runs at its defaults apart from what it must be told: servers,
 topics, group ids, prefixes, the model's name, features and classes, and a
 signing key. With ``--transports kafka-python,confluent`` the roles run
-again with ``kafka_client = "confluent"`` (when the setting exists). The
+again with ``kafka_client = "confluent"`` (when the setting exists); with
+``--examples-format json,batch`` again with ``examples_format = "batch"``
+(cases ``joiner/kafka-python/batch``, ...). The trainer's examples are
+counted from its manifests' learner counts (a batch record holds many). The
 peak RSS of each role process is sampled from ``/proc``.
 
 What it can show on the 2-core machine: ratios to R of the same repeat (a
@@ -45,6 +48,7 @@ to itself and Tansu the other). Not shown: a real Kafka cluster, network.
 Run::
 
     .venv/bin/python bench/bench_pipeline.py [--predictions 100000] [--repeats 3] [--transports kafka-python]
+        [--examples-format json,batch]
 """
 
 from __future__ import annotations
@@ -69,12 +73,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_foundation import machine_info
 from bench_joiner import MODEL, N_FEATURES, T0, advance_watermark, event_stream, phase_raw_consume, produce_stream
-from scale_trainer import manifests
 
 from stream_learner.bus import ensure_topics, kafka_options, make_consumer, make_producer
 from stream_learner.checkpoint.signing import generate_keypair
 from stream_learner.config import Settings, settings_env
-from stream_learner.events import LABEL, PREDICTION
+from stream_learner.events import LABEL, MANIFEST, PREDICTION
 from stream_learner.local import LocalServers
 
 PARTITIONS = 4
@@ -121,6 +124,34 @@ class Role:
             self.proc.kill()
             self.proc.wait(10)
         self._out.close()
+
+
+#: The learner counts that together count every example a checkpoint covers (each example is one of them).
+_EXAMPLE_COUNTS = ("labeled", "late", "pseudo", "pseudo_skipped", "duplicates", "other_model", "rejected")
+
+
+def manifests(settings: Settings) -> list[tuple[int, int]]:
+    """(record timestamp ms, examples learned) of every manifest on the models topic so far.
+
+    Examples, from the manifest's counts: its input offsets count records, and a batch record
+    (examples_format = "batch") holds many examples.
+    """
+    consumer = make_consumer(settings, group_id=None)
+    tp = TopicPartition(settings.topic_models, 0)
+    try:
+        consumer.assign([tp])
+        consumer.seek_to_beginning(tp)
+        end = consumer.end_offsets([tp])[tp]
+        out = []
+        while consumer.position(tp) < end:
+            for batch in consumer.poll(1000).values():
+                for r in batch:
+                    if dict(r.headers).get("sl-type") == b"manifest":
+                        counts = MANIFEST.decode(r.value).counts
+                        out.append((r.timestamp, sum(counts.get(k, 0) for k in _EXAMPLE_COUNTS)))
+        return out
+    finally:
+        consumer.close()
 
 
 def committed(admin: KafkaAdminClient, group: str) -> int:
@@ -257,16 +288,24 @@ def one_repeat(
     naive_n: int,
     tmp: Path,
     run_only: bool = False,
+    formats: tuple[str, ...] = ("json",),
 ) -> dict[str, Any]:
-    """Every case once (``run_only``: R and the two ways of hosting ``run``); returns name -> result."""
+    """Every case once (``run_only``: R and the two ways of hosting ``run``); returns name -> result.
+
+    Each role case runs once per transport and examples format (``joiner/kafka-python`` for json,
+    ``joiner/kafka-python/batch`` for batch).
+    """
     out: dict[str, Any] = {"raw": phase_raw_consume(base, total_in, 5000, PARTITIONS)}
     if (lib := case_librdkafka(base, total_in)) is not None:
         out["librdkafka"] = lib
     if not run_only:
         out["naive"] = case_naive(base, naive_n)
-    for transport in transports:
-        extra = {} if transport == "kafka-python" else {"kafka_client": transport}
-        tag = f"{transport}.{r}"
+    for transport, fmt in [(t, f) for t in transports for f in formats]:
+        extra: dict[str, Any] = {} if transport == "kafka-python" else {"kafka_client": transport}
+        if fmt != "json":
+            extra["examples_format"] = fmt
+        tag = f"{transport}.{r}" if fmt == "json" else f"{transport}.{fmt}.{r}"
+        transport = transport if fmt == "json" else f"{transport}/{fmt}"  # the cases' names
         j = msgspec.structs.replace(
             base,
             joiner_group_id=f"bench-joiner-{tag}",
@@ -324,9 +363,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--naive-events", type=int, default=20_000)
     ap.add_argument("--transports", default="kafka-python", help="comma-separated: kafka-python, confluent")
     ap.add_argument("--run-only", action="store_true", help="only R and the two ways of hosting run")
+    ap.add_argument("--examples-format", default="json", help="comma-separated examples_format values: json, batch")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     transports = args.transports.split(",")
+    formats = tuple(args.examples_format.split(","))
     if "confluent" in transports and "kafka_client" not in Settings.__struct_fields__:
         raise SystemExit("this tree has no kafka_client setting: --transports kafka-python")
     began = time.monotonic()
@@ -355,7 +396,9 @@ def main(argv: list[str] | None = None) -> int:
             examples = counts["prediction"] + sentinels
             rounds = []
             for r in range(args.repeats):
-                res = one_repeat(base, r, total_in, examples, transports, args.naive_events, tmp, args.run_only)
+                res = one_repeat(
+                    base, r, total_in, examples, transports, args.naive_events, tmp, args.run_only, formats
+                )
                 rounds.append(res)
                 print(json.dumps({"repeat": r, **res}), flush=True)
     summary: dict[str, Any] = {}
