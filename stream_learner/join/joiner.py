@@ -13,7 +13,9 @@ Each cycle of :meth:`Joiner.step`, in this order:
 4. while Redis runs it, finish the *previous* cycle: wait until its Redis
    call is durable (read its ``WAITAOF`` reply; if that reply is lost, run
    the call again, durably), build its examples (deterministic example ids)
-   and produce them with the idempotent producer, wait until the broker has
+   and produce them with the idempotent producer (one record each, or with
+   ``examples_format = "batch"`` one example-batch record per examples
+   partition, :mod:`stream_learner.events.batch`), wait until the broker has
    all of them and the dead letters, then commit that cycle's input offsets;
 5. read this call's reply: its emissions are produced in the next cycle, and
    its outbox entry is acknowledged by the call after that.

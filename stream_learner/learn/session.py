@@ -39,6 +39,11 @@ policy asked for one; :meth:`~LearningSession.tick` also takes one every
 5. ``on_published`` runs (the live trainer commits the applied offsets to
    Kafka, for monitoring only).
 
+The position is, per partition, the record to read next and (``inside``) how
+many of its examples were read already: a batch record
+(:mod:`stream_learner.events.batch`) is many items, and a chunk may end in
+one (:mod:`~stream_learner.learn.items`).
+
 On start (:meth:`~LearningSession.restore`) the session loads the state,
 republishes ``v`` if the output does not hold it yet (a crash between 3 and
 4), and hands the driver the position to resume reading from; the items read

@@ -17,7 +17,10 @@ it injects:
 * the **wall clock** for ``trainer_checkpoint_every_s``.
 
 Duplicate examples (the joiner is at least once) are dropped by example id
-in the learner.
+in the learner. Records of either layout of the examples topic are read (one
+example each, or an example batch: one item per example, and a position that
+may stop inside the record, resumed there on restart; see
+:mod:`~stream_learner.learn.items`).
 
 Given a :class:`~stream_learner.learn.ranks.RankGroup` the trainer is one
 rank of a data-parallel group: it reads only its partitions, moves in

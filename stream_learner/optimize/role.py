@@ -16,7 +16,10 @@ partition (the default): the window and the held-out examples are then the
 very examples the trainer learned, in its order (duplicates the joiner
 delivered are dropped by example id within what the role reads). With
 several partitions, examples are taken in (partition, offset) order, which
-may differ from the order the trainer interleaved them. The ``student``
+may differ from the order the trainer interleaved them. On batch records (``examples_format = "batch"``) a version's
+``input_offsets`` name the first record it did not wholly learn, so its
+held-out examples may begin with up to one record's examples the version
+learned. The ``student``
 needs the teacher's whole stream: it is the trainer's (and replay's) only.
 """
 

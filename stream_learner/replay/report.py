@@ -150,10 +150,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"- live `{live['model']}` v{live['version']}, weights sha256 `{live['sha256']}`",
         f"- inputs match: **{report['inputs_match']}** ({report['reason']})",
         f"- digest equal: **{report['digest_equal']}**",
-        (
-            f"- records applied: replay {report['records_applied']['replay']}, "
-            f"live {report['records_applied']['live']}"
-        ),
+        "- records applied: replay {replay}, live {live}".format(**report["records_applied"]),
         "",
         "| metric | replay | live |",
         "|---|---|---|",
