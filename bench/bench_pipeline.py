@@ -126,8 +126,9 @@ class Role:
         self._out.close()
 
 
-#: The learner counts that together count every example a checkpoint covers (each example is one of them).
-_EXAMPLE_COUNTS = ("labeled", "late", "pseudo", "pseudo_skipped", "duplicates", "other_model", "rejected")
+#: The manifest counts that together count every example a checkpoint covers (skipped: duplicates, other
+#: models, refused labels, unlabeled examples not learned).
+_EXAMPLE_COUNTS = ("labeled", "late", "pseudo", "skipped")
 
 
 def manifests(settings: Settings) -> list[tuple[int, int]]:
