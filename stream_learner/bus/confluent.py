@@ -86,7 +86,7 @@ _NAMES = {
     "isolation_level": "isolation.level",
 }
 #: kafka-python options handled here, not passed on.
-_HANDLED = {"bootstrap_servers", "ssl_check_hostname", "max_request_size", "max_poll_records"}
+_HANDLED = {"bootstrap_servers", "ssl_check_hostname", "max_request_size", "max_poll_records", "bootstrap_timeout_ms"}
 
 _TOO_LARGE = {"MSG_SIZE_TOO_LARGE", "RECORD_LIST_TOO_LARGE", "INVALID_RECORD", "_MSG_SIZE_TOO_LARGE"}
 _REBALANCED = {
@@ -363,6 +363,18 @@ class Consumer:
             self.inner = _Consumer(conf)
         except KafkaException as exc:
             raise error(exc, "creating a consumer") from None
+        if "bootstrap_timeout_ms" in opts:
+            # As kafka-python's constructor: no broker within the time is an error now (transient),
+            # where librdkafka alone would go on retrying inside and every poll would be empty.
+            timeout_s = max(int(opts["bootstrap_timeout_ms"]), 1) / 1000
+            try:
+                self.inner.list_topics(timeout=timeout_s)
+            except KafkaException as exc:
+                self.inner.close()
+                raise TransportError(
+                    f"no broker of {conf['bootstrap.servers']} answered within {timeout_s:g} s: {exc}",
+                    kind="transient",
+                ) from None
         self._assigned: set[TopicPartition] = set()
         self._paused: set[TopicPartition] = set()
         self._pos: dict[TopicPartition, int] = {}
@@ -400,6 +412,8 @@ class Consumer:
     def assign(self, partitions: Iterable[Any]) -> None:
         tps = [_tp(p) for p in partitions]
         with self._lock:
+            if set(tps) == self._assigned:
+                return  # as it is: a new assign would restart librdkafka's fetchers (~100s of ms)
             self._assigned = set(tps)
             self._paused &= self._assigned
             self._pos = {tp: off for tp, off in self._pos.items() if tp in self._assigned}
