@@ -322,11 +322,18 @@ class Producer:
             raise KafkaTimeoutError(f"{left} records not acknowledged within {timeout} s", kind="transient")
 
     def close(self, timeout: float | None = None) -> None:
+        if self._closed.is_set():
+            return  # closed already: librdkafka's handle is gone
         try:
             self.inner.flush(-1 if timeout is None else timeout)
         finally:
             self._closed.set()
             self._reports.join(timeout=1.0)
+            # What the broker did not take in time fails now (as kafka-python's close): its futures
+            # get the purge error, and the handle stops, not reconnecting in the background forever.
+            self.inner.purge()
+            self.inner.poll(0)
+            self.inner.close()
 
 
 def _tp(tp: Any) -> TopicPartition:
@@ -379,6 +386,7 @@ class Consumer:
         self._paused: set[TopicPartition] = set()
         self._pos: dict[TopicPartition, int] = {}
         self._lock = threading.RLock()
+        self._closed = False
 
     # -- assignment ------------------------------------------------------------------------
 
@@ -596,7 +604,9 @@ class Consumer:
         return True
 
     def close(self) -> None:
-        self.inner.close()
+        if not self._closed:  # a second close is a no-op, as kafka-python's
+            self._closed = True
+            self.inner.close()
 
 
 class Admin:
