@@ -24,6 +24,7 @@ and the error code), the same transient/permanent split as kafka-python's.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -52,6 +53,7 @@ from . import (
 )
 
 log = structlog.get_logger(__name__)
+_LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
 
 #: kafka-python option names -> librdkafka's (values as they are).
 _NAMES = {
@@ -168,6 +170,8 @@ def options(settings: Settings, opts: Mapping[str, Any] | None = None) -> dict[s
     conf: dict[str, Any] = {
         "bootstrap.servers": ",".join(servers) if isinstance(servers, list | tuple) else str(servers),
         "log_level": 3,  # errors only: librdkafka's own retries are not news
+        # Through the process's logging (structlog's format), not librdkafka's own lines on stderr.
+        "logger": _LIBRDKAFKA_LOG,
     }
     if "ssl_check_hostname" in opts:
         conf["ssl.endpoint.identification.algorithm"] = "https" if opts["ssl_check_hostname"] else "none"
