@@ -36,7 +36,9 @@ Every role runs at its defaults apart from what it must be told: servers,
 topics, group ids, prefixes, the model's name, features and classes, and a
 signing key. With ``--transports kafka-python,confluent`` the roles run
 again with ``kafka_client = "confluent"`` (when the setting exists). The
-peak RSS of each role process is sampled from ``/proc``.
+RSS of each role process and its children is sampled from ``/proc`` every
+0.25 s: the peak, and the growth (the last tenth of the run against the
+second tenth; ``--predictions 526000`` is about a million input events).
 
 What it can show on the 2-core machine: ratios to R of the same repeat (a
 role process, Tansu and Valkey share two cores; R's consumer has one core
@@ -83,12 +85,27 @@ TIMEOUT_S = 900.0
 FEATURES = [f"f{j}" for j in range(N_FEATURES)]
 
 
+def tree_rss(pid: int) -> int:
+    """Bytes resident in ``pid`` and its descendants (``run`` hosts its joiner in a child)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+            todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        except OSError:
+            continue
+    return total
+
+
 class Role:
-    """A CLI role as a subprocess, its peak RSS sampled, stopped with SIGTERM."""
+    """A CLI role as a subprocess, its RSS (with its children) sampled over time, stopped with SIGTERM."""
 
     def __init__(self, verb: str, settings: Settings, log: Path) -> None:
         self.log = log
-        self.peak_rss = 0
+        self.rss: list[int] = []  # every 0.25 s
         self._out = log.open("w")
         env = {**settings_env(settings), "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
@@ -98,13 +115,26 @@ class Role:
         threading.Thread(target=self._sample, daemon=True).start()
 
     def _sample(self) -> None:
-        while not self._done.wait(0.25):
-            try:
-                for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        self.peak_rss = max(self.peak_rss, int(line.split()[1]) * 1024)
-            except OSError:
-                return
+        while not self._done.wait(0.25) and self.proc.poll() is None:
+            self.rss.append(tree_rss(self.proc.pid))
+
+    @property
+    def peak_rss(self) -> int:
+        """The largest RSS sampled."""
+        return max(self.rss, default=0)
+
+    def rss_growth(self) -> float | None:
+        """RSS over the last tenth of the run against the second tenth (after start-up): 1.0 is flat."""
+        n = len(self.rss)
+        if n < 20:
+            return None
+        first = sorted(self.rss[n // 10 : n // 5])[n // 20]
+        last = sorted(self.rss[-(n // 10) :])[n // 20]
+        return last / first
+
+    def memory(self) -> dict[str, Any]:
+        """Peak RSS in MiB and its growth over the run."""
+        return {"peak_rss_mib": self.peak_rss / 2**20, "rss_growth": self.rss_growth()}
 
     def check(self) -> None:
         """Raise if the process ended on its own."""
@@ -164,7 +194,7 @@ def case_joiner(s: Settings, total_in: int, tmp: Path) -> dict[str, Any]:
         admin.close()
     moved = [(t, n) for t, n in samples if n > 0]
     (t0, n0), (t1, n1) = moved[0], moved[-1]
-    return {"events_per_s": (n1 - n0) / max(t1 - t0, 1e-9), "peak_rss_mib": role.peak_rss / 2**20}
+    return {"events_per_s": (n1 - n0) / max(t1 - t0, 1e-9), **role.memory()}
 
 
 def case_trainer(s: Settings, examples: int, tmp: Path) -> dict[str, Any]:
@@ -174,7 +204,7 @@ def case_trainer(s: Settings, examples: int, tmp: Path) -> dict[str, Any]:
     finally:
         role.stop()
     rate = examples_rate(manifests(s), examples)
-    return {"examples_per_s": rate, "peak_rss_mib": role.peak_rss / 2**20}
+    return {"examples_per_s": rate, **role.memory()}
 
 
 def case_run(s: Settings, examples: int, total_in: int, tmp: Path) -> dict[str, Any]:
@@ -184,7 +214,7 @@ def case_run(s: Settings, examples: int, total_in: int, tmp: Path) -> dict[str, 
     finally:
         role.stop()
     rate = examples_rate(manifests(s), examples)
-    return {"events_per_s": rate * total_in / examples, "examples_per_s": rate, "peak_rss_mib": role.peak_rss / 2**20}
+    return {"events_per_s": rate * total_in / examples, "examples_per_s": rate, **role.memory()}
 
 
 def case_librdkafka(s: Settings, total_in: int) -> dict[str, Any] | None:
@@ -370,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
             "rate": {"min": min(rates), "median": statistics.median(rates), "max": max(rates)},
             "vs_R": {"min": min(ratios), "median": statistics.median(ratios), "max": max(ratios)},
             "peak_rss_mib": max((res[name].get("peak_rss_mib") or 0) for res in rounds) or None,
+            "rss_growth": max((g for res in rounds if (g := res[name].get("rss_growth"))), default=None),
             "unit": "examples/s" if name.startswith("trainer") else "events/s",
         }
     if "naive" in summary:
@@ -377,12 +408,13 @@ def main(argv: list[str] | None = None) -> int:
             if name.startswith("run"):
                 summary[name]["vs_naive"] = summary[name]["rate"]["median"] / summary["naive"]["rate"]["median"]
     print(f"\n{total_in:,} input events, {examples:,} examples, {PARTITIONS} partitions, {args.repeats} repeat(s)")
-    print(f"{'case':<22} {'unit':<11} {'median':>9} {'min':>9} {'max':>9} {'vs R':>6} {'peak RSS':>9}")
+    print(f"{'case':<22} {'unit':<11} {'median':>9} {'min':>9} {'max':>9} {'vs R':>6} {'peak RSS':>9} {'growth':>6}")
     for name, row in summary.items():
         rss = f"{row['peak_rss_mib']:.0f} MiB" if row["peak_rss_mib"] else ""
+        growth = f"{row['rss_growth']:.2f}" if row["rss_growth"] else ""
         print(
             f"{name:<22} {row['unit']:<11} {row['rate']['median']:>9,.0f} {row['rate']['min']:>9,.0f} "
-            f"{row['rate']['max']:>9,.0f} {row['vs_R']['median']:>6.3f} {rss:>9}"
+            f"{row['rate']['max']:>9,.0f} {row['vs_R']['median']:>6.3f} {rss:>9} {growth:>6}"
         )
     for name, row in summary.items():
         if "vs_naive" in row:
