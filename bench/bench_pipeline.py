@@ -103,6 +103,9 @@ def tree_rss(pid: int) -> int:
 class Role:
     """A CLI role as a subprocess, its RSS (with its children) sampled over time, stopped with SIGTERM."""
 
+    #: With a directory, py-spy samples each role (250 Hz) into ``<dir>/<log name>.txt`` (``--profile``).
+    profile_dir: Path | None = None
+
     def __init__(self, verb: str, settings: Settings, log: Path) -> None:
         self.log = log
         self.rss: list[int] = []  # every 0.25 s
@@ -111,6 +114,13 @@ class Role:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "stream_learner", verb], env=env, stdout=self._out, stderr=self._out
         )
+        self.spy: subprocess.Popen[bytes] | None = None
+        if self.profile_dir is not None:
+            self.profile = self.profile_dir / f"{log.stem}.txt"
+            spy = [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(self.proc.pid)]
+            opts = ["--rate", "250", "--format", "raw", "--threads", "--subprocesses", "--nonblocking"]
+            opts += ["-o", str(self.profile)]
+            self.spy = subprocess.Popen([*spy, *opts], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self._done = threading.Event()
         threading.Thread(target=self._sample, daemon=True).start()
 
@@ -151,6 +161,56 @@ class Role:
             self.proc.kill()
             self.proc.wait(10)
         self._out.close()
+        if self.spy is not None:
+            self.spy.wait(60)  # writes its file once the role has exited
+            print(f"{self.log.stem}: where the time goes (py-spy samples)\n{profile_table(self.profile)}", flush=True)
+
+
+#: Where a sample's innermost frame is, by path: the package it is spent in.
+PACKAGES = (
+    ("/kafka/", "kafka-python"),
+    ("/confluent_kafka/", "confluent-kafka"),
+    ("/redis/", "redis-py"),
+    ("/torch/", "torch"),
+    ("/river/", "river"),
+    ("/msgspec/", "msgspec"),
+    ("/structlog/", "structlog"),
+    ("/prometheus_client/", "prometheus"),
+)
+
+
+def where(frame: str) -> str:
+    """The package (or stream_learner module) of one py-spy raw frame, ``name (path:line)``."""
+    path = frame.rsplit(" (", 1)[-1]
+    if "/stream_learner/" in path:
+        module = path.split("/stream_learner/", 1)[1].split(":", 1)[0].removesuffix(".py")
+        return "stream_learner." + module.replace("/", ".")
+    for marker, name in PACKAGES:
+        if marker in path:
+            return name
+    return "python (stdlib, C calls)" if path else "idle or native"
+
+
+def profile_table(path: Path, top: int = 14) -> str:
+    """Samples per place (the innermost frame's package; C work counts where Python called it), by thread."""
+    by_thread: dict[str, dict[str, int]] = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")  # process N:"cmd";thread (id): name;frame;...
+        proc = frames[0].split(":", 1)[0] if frames[0].startswith("process ") else ""
+        thread = next((f.split("): ", 1)[-1] for f in frames if f.startswith("thread (")), "?")
+        thread = f"{proc} {thread}".strip()
+        calls = [f for f in frames if not f.startswith(("process ", "thread ("))]
+        inner = calls[-1] if calls else ""
+        places = by_thread.setdefault(thread, {})
+        places[where(inner)] = places.get(where(inner), 0) + int(count)
+    lines = []
+    for thread, places in sorted(by_thread.items(), key=lambda kv: -sum(kv[1].values())):
+        total = sum(places.values())
+        lines.append(f"  {thread}: {total} samples")
+        for place, n in sorted(places.items(), key=lambda kv: -kv[1])[:top]:
+            lines.append(f"    {100 * n / total:5.1f} %  {place}")
+    return "\n".join(lines) or "  (no samples)"
 
 
 def committed(admin: KafkaAdminClient, group: str) -> int:
@@ -355,7 +415,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--transports", default="kafka-python", help="comma-separated: kafka-python, confluent")
     ap.add_argument("--run-only", action="store_true", help="only R and the two ways of hosting run")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--profile", type=Path, help="a directory: py-spy profiles of every role process, summarised")
     args = ap.parse_args(argv)
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        Role.profile_dir = args.profile
     transports = args.transports.split(",")
     if "confluent" in transports and "kafka_client" not in Settings.__struct_fields__:
         raise SystemExit("this tree has no kafka_client setting: --transports kafka-python")
