@@ -39,7 +39,9 @@ again with ``kafka_client = "confluent"`` (when the setting exists); with
 ``--examples-format json,batch`` again with ``examples_format = "batch"``
 (cases ``joiner/kafka-python/batch``, ...). The trainer's examples are
 counted from its manifests' learner counts (a batch record holds many). The
-peak RSS of each role process is sampled from ``/proc``.
+RSS of each role process and its children is sampled from ``/proc`` every
+0.25 s: the peak, and the growth (the last tenth of the run against the
+second tenth; ``--predictions 526000`` is about a million input events).
 
 What it can show on the 2-core machine: ratios to R of the same repeat (a
 role process, Tansu and Valkey share two cores; R's consumer has one core
@@ -86,28 +88,66 @@ TIMEOUT_S = 900.0
 FEATURES = [f"f{j}" for j in range(N_FEATURES)]
 
 
+def tree_rss(pid: int) -> int:
+    """Bytes resident in ``pid`` and its descendants (``run`` hosts its joiner in a child)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+            todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        except OSError:
+            continue
+    return total
+
+
 class Role:
-    """A CLI role as a subprocess, its peak RSS sampled, stopped with SIGTERM."""
+    """A CLI role as a subprocess, its RSS (with its children) sampled over time, stopped with SIGTERM."""
+
+    #: With a directory, py-spy samples each role (250 Hz) into ``<dir>/<log name>.txt`` (``--profile``).
+    profile_dir: Path | None = None
 
     def __init__(self, verb: str, settings: Settings, log: Path) -> None:
         self.log = log
-        self.peak_rss = 0
+        self.rss: list[int] = []  # every 0.25 s
         self._out = log.open("w")
         env = {**settings_env(settings), "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "stream_learner", verb], env=env, stdout=self._out, stderr=self._out
         )
+        self.spy: subprocess.Popen[bytes] | None = None
+        if self.profile_dir is not None:
+            self.profile = self.profile_dir / f"{log.stem}.txt"
+            spy = [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(self.proc.pid)]
+            opts = ["--rate", "250", "--format", "raw", "--threads", "--subprocesses", "--nonblocking"]
+            opts += ["-o", str(self.profile)]
+            self.spy = subprocess.Popen([*spy, *opts], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self._done = threading.Event()
         threading.Thread(target=self._sample, daemon=True).start()
 
     def _sample(self) -> None:
-        while not self._done.wait(0.25):
-            try:
-                for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        self.peak_rss = max(self.peak_rss, int(line.split()[1]) * 1024)
-            except OSError:
-                return
+        while not self._done.wait(0.25) and self.proc.poll() is None:
+            self.rss.append(tree_rss(self.proc.pid))
+
+    @property
+    def peak_rss(self) -> int:
+        """The largest RSS sampled."""
+        return max(self.rss, default=0)
+
+    def rss_growth(self) -> float | None:
+        """RSS over the last tenth of the run against the second tenth (after start-up): 1.0 is flat."""
+        n = len(self.rss)
+        if n < 20:
+            return None
+        first = sorted(self.rss[n // 10 : n // 5])[n // 20]
+        last = sorted(self.rss[-(n // 10) :])[n // 20]
+        return last / first
+
+    def memory(self) -> dict[str, Any]:
+        """Peak RSS in MiB and its growth over the run."""
+        return {"peak_rss_mib": self.peak_rss / 2**20, "rss_growth": self.rss_growth()}
 
     def check(self) -> None:
         """Raise if the process ended on its own."""
@@ -124,6 +164,56 @@ class Role:
             self.proc.kill()
             self.proc.wait(10)
         self._out.close()
+        if self.spy is not None:
+            self.spy.wait(60)  # writes its file once the role has exited
+            print(f"{self.log.stem}: where the time goes (py-spy samples)\n{profile_table(self.profile)}", flush=True)
+
+
+#: Where a sample's innermost frame is, by path: the package it is spent in.
+PACKAGES = (
+    ("/kafka/", "kafka-python"),
+    ("/confluent_kafka/", "confluent-kafka"),
+    ("/redis/", "redis-py"),
+    ("/torch/", "torch"),
+    ("/river/", "river"),
+    ("/msgspec/", "msgspec"),
+    ("/structlog/", "structlog"),
+    ("/prometheus_client/", "prometheus"),
+)
+
+
+def where(frame: str) -> str:
+    """The package (or stream_learner module) of one py-spy raw frame, ``name (path:line)``."""
+    path = frame.rsplit(" (", 1)[-1]
+    if "/stream_learner/" in path:
+        module = path.split("/stream_learner/", 1)[1].split(":", 1)[0].removesuffix(".py")
+        return "stream_learner." + module.replace("/", ".")
+    for marker, name in PACKAGES:
+        if marker in path:
+            return name
+    return "python (stdlib, C calls)" if path else "idle or native"
+
+
+def profile_table(path: Path, top: int = 14) -> str:
+    """Samples per place (the innermost frame's package; C work counts where Python called it), by thread."""
+    by_thread: dict[str, dict[str, int]] = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")  # process N:"cmd";thread (id): name;frame;...
+        proc = frames[0].split(":", 1)[0] if frames[0].startswith("process ") else ""
+        thread = next((f.split("): ", 1)[-1] for f in frames if f.startswith("thread (")), "?")
+        thread = f"{proc} {thread}".strip()
+        calls = [f for f in frames if not f.startswith(("process ", "thread ("))]
+        inner = calls[-1] if calls else ""
+        places = by_thread.setdefault(thread, {})
+        places[where(inner)] = places.get(where(inner), 0) + int(count)
+    lines = []
+    for thread, places in sorted(by_thread.items(), key=lambda kv: -sum(kv[1].values())):
+        total = sum(places.values())
+        lines.append(f"  {thread}: {total} samples")
+        for place, n in sorted(places.items(), key=lambda kv: -kv[1])[:top]:
+            lines.append(f"    {100 * n / total:5.1f} %  {place}")
+    return "\n".join(lines) or "  (no samples)"
 
 
 #: The manifest counts that together count every example a checkpoint covers (skipped: duplicates, other
@@ -196,7 +286,7 @@ def case_joiner(s: Settings, total_in: int, tmp: Path) -> dict[str, Any]:
         admin.close()
     moved = [(t, n) for t, n in samples if n > 0]
     (t0, n0), (t1, n1) = moved[0], moved[-1]
-    return {"events_per_s": (n1 - n0) / max(t1 - t0, 1e-9), "peak_rss_mib": role.peak_rss / 2**20}
+    return {"events_per_s": (n1 - n0) / max(t1 - t0, 1e-9), **role.memory()}
 
 
 def case_trainer(s: Settings, examples: int, tmp: Path) -> dict[str, Any]:
@@ -206,7 +296,7 @@ def case_trainer(s: Settings, examples: int, tmp: Path) -> dict[str, Any]:
     finally:
         role.stop()
     rate = examples_rate(manifests(s), examples)
-    return {"examples_per_s": rate, "peak_rss_mib": role.peak_rss / 2**20}
+    return {"examples_per_s": rate, **role.memory()}
 
 
 def case_run(s: Settings, examples: int, total_in: int, tmp: Path) -> dict[str, Any]:
@@ -216,7 +306,7 @@ def case_run(s: Settings, examples: int, total_in: int, tmp: Path) -> dict[str, 
     finally:
         role.stop()
     rate = examples_rate(manifests(s), examples)
-    return {"events_per_s": rate * total_in / examples, "examples_per_s": rate, "peak_rss_mib": role.peak_rss / 2**20}
+    return {"events_per_s": rate * total_in / examples, "examples_per_s": rate, **role.memory()}
 
 
 def case_librdkafka(s: Settings, total_in: int) -> dict[str, Any] | None:
@@ -366,7 +456,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-only", action="store_true", help="only R and the two ways of hosting run")
     ap.add_argument("--examples-format", default="json", help="comma-separated examples_format values: json, batch")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--profile", type=Path, help="a directory: py-spy profiles of every role process, summarised")
     args = ap.parse_args(argv)
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        Role.profile_dir = args.profile
     transports = args.transports.split(",")
     formats = tuple(args.examples_format.split(","))
     if "confluent" in transports and "kafka_client" not in Settings.__struct_fields__:
@@ -414,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
             "rate": {"min": min(rates), "median": statistics.median(rates), "max": max(rates)},
             "vs_R": {"min": min(ratios), "median": statistics.median(ratios), "max": max(ratios)},
             "peak_rss_mib": max((res[name].get("peak_rss_mib") or 0) for res in rounds) or None,
+            "rss_growth": max((g for res in rounds if (g := res[name].get("rss_growth"))), default=None),
             "unit": "examples/s" if name.startswith("trainer") else "events/s",
         }
     if "naive" in summary:
@@ -421,12 +516,13 @@ def main(argv: list[str] | None = None) -> int:
             if name.startswith("run"):
                 summary[name]["vs_naive"] = summary[name]["rate"]["median"] / summary["naive"]["rate"]["median"]
     print(f"\n{total_in:,} input events, {examples:,} examples, {PARTITIONS} partitions, {args.repeats} repeat(s)")
-    print(f"{'case':<22} {'unit':<11} {'median':>9} {'min':>9} {'max':>9} {'vs R':>6} {'peak RSS':>9}")
+    print(f"{'case':<28} {'unit':<11} {'median':>9} {'min':>9} {'max':>9} {'vs R':>6} {'peak RSS':>9} {'growth':>6}")
     for name, row in summary.items():
         rss = f"{row['peak_rss_mib']:.0f} MiB" if row["peak_rss_mib"] else ""
+        growth = f"{row['rss_growth']:.2f}" if row["rss_growth"] else ""
         print(
-            f"{name:<22} {row['unit']:<11} {row['rate']['median']:>9,.0f} {row['rate']['min']:>9,.0f} "
-            f"{row['rate']['max']:>9,.0f} {row['vs_R']['median']:>6.3f} {rss:>9}"
+            f"{name:<28} {row['unit']:<11} {row['rate']['median']:>9,.0f} {row['rate']['min']:>9,.0f} "
+            f"{row['rate']['max']:>9,.0f} {row['vs_R']['median']:>6.3f} {rss:>9} {growth:>6}"
         )
     for name, row in summary.items():
         if "vs_naive" in row:

@@ -56,17 +56,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("examples_format", FORMATS, scope="function")
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # A module's CONFLUENT_OPEN (test name -> reason): known open failures on the confluent client.
-    for item in items:
-        callspec = getattr(item, "callspec", None)
-        if callspec is None or callspec.params.get("kafka_client") != "confluent":
-            continue
-        reason = getattr(item.module, "CONFLUENT_OPEN", {}).get(getattr(item, "originalname", ""))
-        if reason:
-            item.add_marker(pytest.mark.xfail(reason=reason, strict=False))
-
-
 @pytest.fixture
 def kafka_client() -> str:
     """The Kafka client of the ``settings`` fixture: STREAM_LEARNER_TEST_KAFKA_CLIENT, or kafka-python.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import msgspec
 import pytest
 
 from stream_learner.config import Settings
@@ -12,6 +13,9 @@ from stream_learner.local import free_port
 from stream_learner.metrics import Metrics
 from stream_learner.sdk import PredictionLogger
 from stream_learner.tools.smoke import decode_topics
+
+#: Run with both Kafka clients (tests/conftest.py).
+pytestmark = pytest.mark.both_transports
 
 N = 100_000
 
@@ -58,9 +62,10 @@ def unreachable() -> Settings:
 
 
 @pytest.mark.slow
-def test_starts_without_a_broker_then_drops_when_full_without_blocking() -> None:
+def test_starts_without_a_broker_then_drops_when_full_without_blocking(kafka_client: str) -> None:
     start = time.monotonic()
-    sdk = PredictionLogger(settings=unreachable(), model="m", model_version="1", buffer_bytes=1000)
+    down = msgspec.structs.replace(unreachable(), kafka_client=kafka_client)
+    sdk = PredictionLogger(settings=down, model="m", model_version="1", buffer_bytes=1000)
     # No broker answers, so nothing is acknowledged and the buffer stays full.
     results = [sdk.log_prediction(f"r{i}", {"a": 1.0}, 0.5) for i in range(100)]
     assert time.monotonic() - start < 1.0  # neither start-up nor logging waited on the broker

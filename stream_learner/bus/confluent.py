@@ -24,6 +24,7 @@ and the error code), the same transient/permanent split as kafka-python's.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -52,6 +53,7 @@ from . import (
 )
 
 log = structlog.get_logger(__name__)
+_LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
 
 #: kafka-python option names -> librdkafka's (values as they are).
 _NAMES = {
@@ -86,7 +88,7 @@ _NAMES = {
     "isolation_level": "isolation.level",
 }
 #: kafka-python options handled here, not passed on.
-_HANDLED = {"bootstrap_servers", "ssl_check_hostname", "max_request_size", "max_poll_records"}
+_HANDLED = {"bootstrap_servers", "ssl_check_hostname", "max_request_size", "max_poll_records", "bootstrap_timeout_ms"}
 
 _TOO_LARGE = {"MSG_SIZE_TOO_LARGE", "RECORD_LIST_TOO_LARGE", "INVALID_RECORD", "_MSG_SIZE_TOO_LARGE"}
 _REBALANCED = {
@@ -168,6 +170,8 @@ def options(settings: Settings, opts: Mapping[str, Any] | None = None) -> dict[s
     conf: dict[str, Any] = {
         "bootstrap.servers": ",".join(servers) if isinstance(servers, list | tuple) else str(servers),
         "log_level": 3,  # errors only: librdkafka's own retries are not news
+        # Through the process's logging (structlog's format), not librdkafka's own lines on stderr.
+        "logger": _LIBRDKAFKA_LOG,
     }
     if "ssl_check_hostname" in opts:
         conf["ssl.endpoint.identification.algorithm"] = "https" if opts["ssl_check_hostname"] else "none"
@@ -322,11 +326,18 @@ class Producer:
             raise KafkaTimeoutError(f"{left} records not acknowledged within {timeout} s", kind="transient")
 
     def close(self, timeout: float | None = None) -> None:
+        if self._closed.is_set():
+            return  # closed already: librdkafka's handle is gone
         try:
             self.inner.flush(-1 if timeout is None else timeout)
         finally:
             self._closed.set()
             self._reports.join(timeout=1.0)
+            # What the broker did not take in time fails now (as kafka-python's close): its futures
+            # get the purge error, and the handle stops, not reconnecting in the background forever.
+            self.inner.purge()
+            self.inner.poll(0)
+            self.inner.close()
 
 
 def _tp(tp: Any) -> TopicPartition:
@@ -363,10 +374,23 @@ class Consumer:
             self.inner = _Consumer(conf)
         except KafkaException as exc:
             raise error(exc, "creating a consumer") from None
+        if "bootstrap_timeout_ms" in opts:
+            # As kafka-python's constructor: no broker within the time is an error now (transient),
+            # where librdkafka alone would go on retrying inside and every poll would be empty.
+            timeout_s = max(int(opts["bootstrap_timeout_ms"]), 1) / 1000
+            try:
+                self.inner.list_topics(timeout=timeout_s)
+            except KafkaException as exc:
+                self.inner.close()
+                raise TransportError(
+                    f"no broker of {conf['bootstrap.servers']} answered within {timeout_s:g} s: {exc}",
+                    kind="transient",
+                ) from None
         self._assigned: set[TopicPartition] = set()
         self._paused: set[TopicPartition] = set()
         self._pos: dict[TopicPartition, int] = {}
         self._lock = threading.RLock()
+        self._closed = False
 
     # -- assignment ------------------------------------------------------------------------
 
@@ -400,6 +424,8 @@ class Consumer:
     def assign(self, partitions: Iterable[Any]) -> None:
         tps = [_tp(p) for p in partitions]
         with self._lock:
+            if set(tps) == self._assigned:
+                return  # as it is: a new assign would restart librdkafka's fetchers (~100s of ms)
             self._assigned = set(tps)
             self._paused &= self._assigned
             self._pos = {tp: off for tp, off in self._pos.items() if tp in self._assigned}
@@ -582,7 +608,9 @@ class Consumer:
         return True
 
     def close(self) -> None:
-        self.inner.close()
+        if not self._closed:  # a second close is a no-op, as kafka-python's
+            self._closed = True
+            self.inner.close()
 
 
 class Admin:

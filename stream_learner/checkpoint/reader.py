@@ -111,9 +111,16 @@ def make_reader_consumer(settings: Settings, **overrides: Any) -> Consumer:
 
     A fetch still returns a record larger than ``max_partition_fetch_bytes``
     (the broker always sends the first batch whole), so this only bounds
-    how far past a window the consumer reads ahead.
+    how far past a window the consumer reads ahead. The broker holds a fetch
+    at the end of the log at most 50 ms: a reader that seeks back (the start
+    scan's windows) waits for the fetch in flight before its next one
+    (librdkafka does), so the hold is paid once per window.
     """
-    opts: dict[str, Any] = {"max_partition_fetch_bytes": 2 * 1024 * 1024, **overrides}
+    opts: dict[str, Any] = {
+        "max_partition_fetch_bytes": 2 * 1024 * 1024,
+        "fetch_max_wait_ms": min(settings.consumer_fetch_max_wait_ms, 50),
+        **overrides,
+    }
     return make_consumer(settings, None, **opts)
 
 

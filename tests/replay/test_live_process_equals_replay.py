@@ -34,6 +34,7 @@ N = 5 * 512
 
 
 @pytest.mark.slow
+@pytest.mark.both_transports
 def test_a_trainer_process_and_an_examples_replay_publish_the_same_versions(rsettings: Settings) -> None:
     s = msgspec.structs.replace(
         rsettings,

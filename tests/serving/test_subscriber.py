@@ -25,17 +25,6 @@ from .conftest import MODEL, ROW, SPEC, identifiable, publish, step_until, wait_
 
 #: Run with both Kafka clients (tests/conftest.py).
 pytestmark = pytest.mark.both_transports
-#: Open on kafka_client=confluent (issue 16 item 3): still to be found and fixed, not Tansu gaps as far as known.
-CONFLUENT_OPEN = {
-    "test_catch_up_after_50_versions_reads_the_newest_only_then_follows_forward": "first poll_once loads nothing",
-    "test_a_pinned_version_in_the_settings_is_served_at_start": "followed_version lags at start (2, not 3)",
-    "test_a_failing_callback_and_an_unreachable_broker_do_not_kill_the_thread": (
-        "an unreachable broker raises no failure within 30 s (librdkafka retries inside)"
-    ),
-    "test_a_forged_newest_manifest_at_start_is_passed_over_and_the_last_good_version_served": (
-        "first poll_once loads nothing"
-    ),
-}
 
 
 def subscriber(settings: Settings, keypair: Any, **kwargs: Any) -> CheckpointSubscriber:
