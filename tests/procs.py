@@ -2,9 +2,31 @@
 
 from __future__ import annotations
 
+import random
+import socket
+
 from stream_learner.config import Settings, settings_env
 
-__all__ = ["children", "read_topic", "settings_env"]
+__all__ = ["children", "free_port_pair", "read_topic", "settings_env"]
+
+
+def free_port_pair() -> int:
+    """A port P on 127.0.0.1 with P and P + 1 free, below the ephemeral range: a role serves on
+    ``metrics_port + 1`` too (run's joiner process, a trainer's rank 1), and P + 1 taken from that
+    range could meanwhile be any outgoing connection's."""
+    for _ in range(200):
+        port = random.randrange(20_000, 32_000)
+        socks = [socket.socket() for _ in range(2)]
+        try:
+            for i, sock in enumerate(socks):
+                sock.bind(("127.0.0.1", port + i))
+            return port
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError("no two consecutive free ports in 20000..32000")
 
 
 def read_topic(settings: Settings, topic: str, *, partition: int = 0) -> list:

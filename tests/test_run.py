@@ -19,10 +19,9 @@ import pytest
 from stream_learner.checkpoint.reader import read_latest
 from stream_learner.checkpoint.signing import load_public_key
 from stream_learner.config import Settings
-from stream_learner.local import free_port
 
 from .join.helpers import advance_all, label, oracle_joiner, prediction, produce
-from .procs import children, settings_env
+from .procs import children, free_port_pair, settings_env
 
 N = 600
 T0 = 1_767_225_600_000
@@ -41,7 +40,7 @@ def run_settings(settings: Settings, keys, tmp_path: Path, **overrides) -> Setti
             trainer_checkpoint_every_examples=200,
             trainer_checkpoint_every_s=2.0,
             trainer_group_id=f"{settings.topic_examples}-trainer",
-            metrics_port=free_port(),
+            metrics_port=free_port_pair(),
             log_format="json",
         ),
         1_000,
