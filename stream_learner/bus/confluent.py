@@ -87,6 +87,9 @@ _NAMES = {
     "receive_message_max_bytes": "receive.message.max.bytes",
     "isolation_level": "isolation.level",
 }
+#: How long a producer keeps a topic's partitions before asking the broker again (seconds).
+PARTITIONS_MAX_AGE_S = 30.0
+
 #: kafka-python options handled here, not passed on.
 _HANDLED = {"bootstrap_servers", "ssl_check_hostname", "max_request_size", "max_poll_records", "bootstrap_timeout_ms"}
 
@@ -273,6 +276,7 @@ class Producer:
             raise error(exc, "creating a producer") from None
         # librdkafka runs delivery reports in the thread that polls: poll in the background, so a
         # future's callbacks fire without the caller polling (as kafka-python's I/O thread does).
+        self._partitions: dict[str, tuple[float, set[int]]] = {}  # topic -> (when asked, partitions)
         self._closed = threading.Event()
         self._reports = threading.Thread(target=self._serve, name="confluent-delivery-reports", daemon=True)
         self._reports.start()
@@ -312,12 +316,19 @@ class Producer:
         return future
 
     def partitions_for(self, topic: str) -> set[int]:
+        # Kept for PARTITIONS_MAX_AGE_S, as kafka-python answers from its metadata cache: asked of
+        # the broker every time, this one request cost the joiner (once per cycle) half its speed.
+        now = time.monotonic()
+        cached = self._partitions.get(topic)
+        if cached is not None and now - cached[0] < PARTITIONS_MAX_AGE_S:
+            return set(cached[1])
         try:
             meta = self.inner.list_topics(topic, timeout=30.0).topics.get(topic)
         except KafkaException as exc:
             raise error(exc, f"metadata of {topic}") from None
         if meta is None or meta.error is not None:
             raise error(None if meta is None else meta.error, f"metadata of {topic}")
+        self._partitions[topic] = (now, set(meta.partitions))
         return set(meta.partitions)
 
     def flush(self, timeout: float | None = None) -> None:
